@@ -1,0 +1,115 @@
+//! Conversions between domain types and their protobuf forms, and from domain errors to
+//! `tonic::Status`. The one place where both kinds of type meet.
+
+use prost_types::Timestamp;
+use time::OffsetDateTime;
+use tonic::Status;
+
+use crate::model::{Event, EventKind, ExitInfo, ExitStatus, PluginState, PluginStatus};
+use crate::pb;
+use crate::supervisor::SupervisorError;
+
+/// A protobuf timestamp.
+pub fn timestamp(t: OffsetDateTime) -> Timestamp {
+    Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: t.nanosecond() as i32,
+    }
+}
+
+/// The protobuf state.
+pub fn state(s: PluginState) -> pb::PluginState {
+    match s {
+        PluginState::Stopped => pb::PluginState::Stopped,
+        PluginState::Starting => pb::PluginState::Starting,
+        PluginState::Running => pb::PluginState::Running,
+        PluginState::Stopping => pb::PluginState::Stopping,
+        PluginState::Backoff => pb::PluginState::Backoff,
+        PluginState::Crashed => pb::PluginState::Crashed,
+        PluginState::Disabled => pb::PluginState::Disabled,
+    }
+}
+
+fn event_kind(k: EventKind) -> pb::EventKind {
+    match k {
+        EventKind::StateChanged => pb::EventKind::StateChanged,
+        EventKind::HealthChanged => pb::EventKind::HealthChanged,
+        EventKind::PluginAdded => pb::EventKind::PluginAdded,
+        EventKind::PluginRemoved => pb::EventKind::PluginRemoved,
+        EventKind::PluginSkipped => pb::EventKind::PluginSkipped,
+        EventKind::PluginUpdated => pb::EventKind::PluginUpdated,
+    }
+}
+
+/// The protobuf exit record.
+pub fn exit_info(e: &ExitInfo) -> pb::ExitInfo {
+    pb::ExitInfo {
+        status: Some(match e.status {
+            ExitStatus::Code(c) => pb::exit_info::Status::Code(c),
+            ExitStatus::Signal(s) => pb::exit_info::Status::Signal(s),
+        }),
+        time: Some(timestamp(e.time)),
+        stderr_tail: e.stderr_tail.clone(),
+    }
+}
+
+/// The protobuf plugin resource.
+pub fn plugin(s: &PluginStatus) -> pb::Plugin {
+    let m = &s.spec.metadata;
+    pb::Plugin {
+        id: m.id.clone(),
+        name: m.name.clone(),
+        version: m.version.clone(),
+        author: m.author.clone().unwrap_or_default(),
+        description: m.description.clone().unwrap_or_default(),
+        icon: m.icon.clone(),
+        route: m.route.clone(),
+        binary_path: s.spec.binary_path.to_string_lossy().into_owned(),
+        enabled: s.enabled,
+        state: state(s.state) as i32,
+        healthy: s.healthy,
+        pid: s.pid.map_or(0, |p| p as i32),
+        started_at: s.started_at.map(timestamp),
+        restart_count: s.restart_count,
+        consecutive_failures: s.consecutive_failures,
+        next_restart_at: s.next_restart_at.map(timestamp),
+        last_exit: s.last_exit.as_ref().map(exit_info),
+        last_error: s.last_error.clone().unwrap_or_default(),
+        protocol_version: m.protocol_version,
+    }
+}
+
+/// The protobuf event.
+pub fn event(e: &Event) -> pb::Event {
+    let b = &e.body;
+    pb::Event {
+        seq: e.seq,
+        plugin_id: b.plugin_id.clone(),
+        time: Some(timestamp(e.time)),
+        kind: event_kind(b.kind) as i32,
+        from_state: b.from_state.map_or(0, |s| state(s) as i32),
+        to_state: b.to_state.map_or(0, |s| state(s) as i32),
+        reason: b.reason.clone(),
+        details: b.details.clone().into_iter().collect(),
+        exit: b.exit.as_ref().map(exit_info),
+        next_restart_at: b.next_restart_at.map(timestamp),
+        healthy: b.healthy,
+    }
+}
+
+impl From<SupervisorError> for Status {
+    fn from(e: SupervisorError) -> Status {
+        let msg = e.to_string();
+        match e {
+            SupervisorError::InvalidId(_) => Status::invalid_argument(format!("plugin_id: {msg}")),
+            SupervisorError::NotFound(_) => Status::not_found(msg),
+            SupervisorError::NotEnabled(_) => Status::failed_precondition(msg),
+            SupervisorError::StartFailed { .. } | SupervisorError::Interrupted(..) => {
+                Status::unavailable(msg)
+            }
+            SupervisorError::ShuttingDown => Status::unavailable(msg),
+            SupervisorError::PluginsDir { .. } => Status::failed_precondition(msg),
+            SupervisorError::State(_) | SupervisorError::Internal(_) => Status::internal(msg),
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The gRPC adapter: `toru.v1.PluginService` on top of the [`Supervisor`], plus the
+//! `grpc.health.v1` bridge.
+//!
+//! Architecture invariant: this is the only module that knows protobuf types; requests are
+//! validated and converted here, domain errors become `tonic::Status` in one place
+//! (`convert.rs`), and no supervision logic lives here.
+
+pub mod convert;
+pub mod health;
+
+use std::pin::Pin;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::pb;
+use crate::pb::plugin_service_server::PluginService;
+use crate::supervisor::{Supervisor, SupervisorError};
+
+/// Default and largest `page_size` of `ListPlugins`.
+const DEFAULT_PAGE_SIZE: usize = 100;
+const MAX_PAGE_SIZE: i32 = 1000;
+/// Events buffered per `WatchEvents` stream before the producer waits for the client.
+const WATCH_BUFFER: usize = 256;
+
+/// The `PluginService` implementation.
+pub struct PluginApi {
+    supervisor: Supervisor,
+    /// Cancelled when the daemon shuts down, ending open streams.
+    stop: CancellationToken,
+}
+
+impl PluginApi {
+    /// A service over `supervisor`; streams end when `stop` is cancelled.
+    pub fn new(supervisor: Supervisor, stop: CancellationToken) -> Self {
+        PluginApi { supervisor, stop }
+    }
+}
+
+fn checked_id(id: &str) -> Result<&str, Status> {
+    if toru_plugin_sdk::metadata::is_valid_id(id) {
+        Ok(id)
+    } else {
+        Err(SupervisorError::InvalidId(truncate(id)).into())
+    }
+}
+
+/// A bounded copy of a caller's string, for error messages.
+fn truncate(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+fn decode_page_token(token: &str) -> Result<Option<String>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let malformed =
+        || Status::invalid_argument("page_token is malformed: pass next_page_token back unchanged");
+    let bytes = hex::decode(token).map_err(|_| malformed())?;
+    let id = String::from_utf8(bytes).map_err(|_| malformed())?;
+    if !toru_plugin_sdk::metadata::is_valid_id(&id) {
+        return Err(malformed());
+    }
+    Ok(Some(id))
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PluginService for PluginApi {
+    async fn list_plugins(
+        &self,
+        request: Request<pb::ListPluginsRequest>,
+    ) -> Result<Response<pb::ListPluginsResponse>, Status> {
+        let req = request.into_inner();
+        if !(0..=MAX_PAGE_SIZE).contains(&req.page_size) {
+            return Err(Status::invalid_argument(format!(
+                "page_size must be between 0 and {MAX_PAGE_SIZE}, got {}",
+                req.page_size
+            )));
+        }
+        let size = if req.page_size == 0 {
+            DEFAULT_PAGE_SIZE
+        } else {
+            req.page_size as usize
+        };
+        let after = decode_page_token(&req.page_token)?;
+        let all = self.supervisor.list();
+        let mut page: Vec<pb::Plugin> = all
+            .iter()
+            .filter(|p| after.as_deref().is_none_or(|a| p.id() > a))
+            .take(size + 1)
+            .map(convert::plugin)
+            .collect();
+        let next_page_token = if page.len() > size {
+            page.truncate(size);
+            hex::encode(&page[size - 1].id)
+        } else {
+            String::new()
+        };
+        let skipped = if after.is_none() {
+            self.supervisor
+                .skipped()
+                .into_iter()
+                .map(|s| pb::SkippedPlugin {
+                    path: s.path.to_string_lossy().into_owned(),
+                    reason: s.reason,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(pb::ListPluginsResponse {
+            plugins: page,
+            next_page_token,
+            skipped,
+        }))
+    }
+
+    async fn get_plugin(
+        &self,
+        request: Request<pb::GetPluginRequest>,
+    ) -> Result<Response<pb::GetPluginResponse>, Status> {
+        let id = checked_id(&request.get_ref().plugin_id)?;
+        let status = self.supervisor.get(id)?;
+        Ok(Response::new(pb::GetPluginResponse {
+            plugin: Some(convert::plugin(&status)),
+        }))
+    }
+
+    async fn enable_plugin(
+        &self,
+        request: Request<pb::EnablePluginRequest>,
+    ) -> Result<Response<pb::EnablePluginResponse>, Status> {
+        let id = checked_id(&request.get_ref().plugin_id)?;
+        let status = self.supervisor.enable(id).await?;
+        Ok(Response::new(pb::EnablePluginResponse {
+            plugin: Some(convert::plugin(&status)),
+        }))
+    }
+
+    async fn disable_plugin(
+        &self,
+        request: Request<pb::DisablePluginRequest>,
+    ) -> Result<Response<pb::DisablePluginResponse>, Status> {
+        let id = checked_id(&request.get_ref().plugin_id)?;
+        let status = self.supervisor.disable(id).await?;
+        Ok(Response::new(pb::DisablePluginResponse {
+            plugin: Some(convert::plugin(&status)),
+        }))
+    }
+
+    async fn restart_plugin(
+        &self,
+        request: Request<pb::RestartPluginRequest>,
+    ) -> Result<Response<pb::RestartPluginResponse>, Status> {
+        let id = checked_id(&request.get_ref().plugin_id)?;
+        let status = self.supervisor.restart(id).await?;
+        Ok(Response::new(pb::RestartPluginResponse {
+            plugin: Some(convert::plugin(&status)),
+        }))
+    }
+
+    async fn rescan_plugins(
+        &self,
+        _request: Request<pb::RescanPluginsRequest>,
+    ) -> Result<Response<pb::RescanPluginsResponse>, Status> {
+        let report = self.supervisor.rescan().await?;
+        Ok(Response::new(pb::RescanPluginsResponse {
+            added: report.added,
+            removed: report.removed,
+            updated: report.updated,
+            skipped: report
+                .skipped
+                .into_iter()
+                .map(|s| pb::SkippedPlugin {
+                    path: s.path.to_string_lossy().into_owned(),
+                    reason: s.reason,
+                })
+                .collect(),
+        }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let req = request.into_inner();
+        for id in &req.plugin_ids {
+            if !toru_plugin_sdk::metadata::is_valid_id(id) {
+                return Err(Status::invalid_argument(format!(
+                    "plugin_ids: {:?} is not a plugin id (1 to 64 ASCII letters, digits and '-')",
+                    truncate(id)
+                )));
+            }
+        }
+        let mut follower = self
+            .supervisor
+            .events()
+            .follow(req.after_seq)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let filter = req.plugin_ids;
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = follower.next() => next,
+                    _ = stop.cancelled() => break,
+                    _ = tx.closed() => break,
+                };
+                let item = match next {
+                    None => break,
+                    Some(Err(e)) => Err(Status::internal(e.to_string())),
+                    Some(Ok(event)) => {
+                        if !filter.is_empty() && !filter.contains(&event.body.plugin_id) {
+                            continue;
+                        }
+                        Ok(pb::WatchEventsResponse {
+                            event: Some(convert::event(&event)),
+                        })
+                    }
+                };
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,158 @@
+//! The daemon's configuration as the rest of the code sees it: paths, timings and limits.
+//! Parsing flags and environment variables is `main.rs`'s job; this module only holds the
+//! values and derives the data directory's layout from them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Everything `torud serve` can be told.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// TCP address of the gRPC control plane (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Directory scanned for `*.binary` plugin executables.
+    pub plugins_dir: PathBuf,
+    /// Directory for state, events, logs, sockets and plugin data.
+    pub data_dir: PathBuf,
+    /// Enable plugins seen for the first time (no saved enabled/disabled state).
+    pub enable_new_plugins: bool,
+    /// Timings of supervision.
+    pub timing: Timing,
+    /// Environment variables passed through to plugins (beyond the `TORU_*` ones).
+    pub plugin_env_allowlist: Vec<String>,
+}
+
+/// How long the supervisor waits for things, and how it backs off.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// Longest a plugin may take to answer `--metadata`.
+    pub metadata_timeout: Duration,
+    /// Longest a plugin may take from spawn to ready.
+    pub start_timeout: Duration,
+    /// First restart delay after a failure; doubles per consecutive failure.
+    pub backoff_base: Duration,
+    /// Largest restart delay.
+    pub backoff_max: Duration,
+    /// Consecutive failed runs after which the plugin is disabled ("crash loop").
+    pub max_failures: u32,
+    /// A run that stays up this long resets the consecutive failure count.
+    pub stable_window: Duration,
+    /// Wait after the `shutdown` message before SIGTERM.
+    pub stop_grace: Duration,
+    /// Wait after SIGTERM before SIGKILL.
+    pub kill_grace: Duration,
+    /// How often the socket of a running v1 plugin is checked.
+    pub health_interval: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            metadata_timeout: Duration::from_secs(5),
+            start_timeout: Duration::from_secs(10),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(16),
+            max_failures: 10,
+            stable_window: Duration::from_secs(60),
+            stop_grace: Duration::from_secs(5),
+            kill_grace: Duration::from_secs(2),
+            health_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Timing {
+    /// Restart delay after `failures` consecutive failures (1 → base, 2 → 2×base, …, capped).
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(31);
+        self.backoff_base
+            .saturating_mul(1u32 << doublings)
+            .min(self.backoff_max)
+    }
+}
+
+/// Environment variables plugins get by default, beyond the `TORU_*` ones. Nothing else of
+/// the daemon's environment (tokens, keys) reaches a plugin.
+pub const DEFAULT_PLUGIN_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "PYENV_ROOT",
+    "PYENV_VERSION",
+    "VIRTUAL_ENV",
+    "RUST_BACKTRACE",
+];
+
+impl Config {
+    /// A configuration with the documented defaults.
+    pub fn new(plugins_dir: PathBuf, data_dir: PathBuf) -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            plugins_dir,
+            data_dir,
+            enable_new_plugins: false,
+            timing: Timing::default(),
+            plugin_env_allowlist: DEFAULT_PLUGIN_ENV.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Private directory (0700) holding the plugins' sockets.
+    pub fn run_dir(&self) -> PathBuf {
+        self.data_dir.join("run")
+    }
+
+    /// The socket a plugin listens on.
+    pub fn socket_path(&self, id: &str) -> PathBuf {
+        self.run_dir().join(format!("{id}.sock"))
+    }
+
+    /// The writable directory private to one plugin (`TORU_DATA_DIR`).
+    pub fn plugin_data_dir(&self, id: &str) -> PathBuf {
+        self.data_dir.join("plugins").join(id)
+    }
+
+    /// The log file of one plugin (rotated as `<id>.log.1` … `<id>.log.4`).
+    pub fn log_path(&self, id: &str) -> PathBuf {
+        self.data_dir
+            .join("logs")
+            .join("plugins")
+            .join(format!("{id}.log"))
+    }
+
+    /// The persisted enabled/disabled state.
+    pub fn state_path(&self) -> PathBuf {
+        self.data_dir.join("state.json")
+    }
+
+    /// The persisted event log.
+    pub fn events_path(&self) -> PathBuf {
+        self.data_dir.join("events.jsonl")
+    }
+}
+
+/// Makes a directory (and parents) and sets its mode.
+pub fn create_dir_with_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let t = Timing::default();
+        let secs: Vec<u64> = (1..=7).map(|f| t.backoff(f).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 16, 16]);
+        assert_eq!(t.backoff(u32::MAX), Duration::from_secs(16));
+    }
+}

@@ -1,0 +1,168 @@
+//! Connections to a plugin's socket: waiting for the socket to accept, the persistent framed
+//! connection of protocol-2 plugins, and Toru's one-message-per-connection discipline for
+//! v1 plugins. Supervision code sends envelopes and receives frames; it never sees bytes.
+//! This module knows nothing of processes or states.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio_util::codec::Framed;
+use toru_plugin_sdk::codec::encode_frame;
+use toru_plugin_sdk::{Envelope, FrameCodec, FrameError};
+
+/// First wait between connection attempts; doubles up to [`MAX_RETRY_DELAY`].
+const FIRST_RETRY_DELAY: Duration = Duration::from_micros(50);
+/// Longest wait between connection attempts.
+const MAX_RETRY_DELAY: Duration = Duration::from_millis(2);
+
+/// Errors reaching a plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The socket did not accept a connection before the deadline.
+    #[error("socket {path} did not accept a connection within {waited:?} ({last_error})")]
+    Timeout {
+        /// The socket.
+        path: PathBuf,
+        /// How long we tried.
+        waited: Duration,
+        /// The last connect error.
+        last_error: String,
+    },
+    /// Connecting failed in a way retrying cannot fix.
+    #[error("cannot connect to {path}: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// Sending failed.
+    #[error("sending to the plugin failed: {0}")]
+    Send(#[from] FrameError),
+}
+
+/// Connects to `path`, retrying while the socket does not exist or refuses, until
+/// `timeout`. The attempts run on a blocking thread with sub-millisecond sleeps (tokio's
+/// timer has millisecond resolution), and stop when the returned future is dropped.
+pub async fn connect_with_retry(
+    path: &Path,
+    timeout: Duration,
+) -> Result<UnixStream, ConnectError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_drop = StopOnDrop(stop.clone());
+    let path = path.to_owned();
+    let task = tokio::task::spawn_blocking(move || connect_blocking(&path, timeout, &stop));
+    let std_stream = task.await.expect("connect task panicked")?;
+    std_stream
+        .set_nonblocking(true)
+        .and_then(|()| UnixStream::from_std(std_stream))
+        .map_err(|source| ConnectError::Io {
+            path: PathBuf::new(),
+            source,
+        })
+}
+
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn connect_blocking(
+    path: &Path,
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> Result<std::os::unix::net::UnixStream, ConnectError> {
+    let start = Instant::now();
+    let mut delay = FIRST_RETRY_DELAY;
+    loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(stream) => return Ok(stream),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                let waited = start.elapsed();
+                if waited >= timeout || stop.load(Ordering::Relaxed) {
+                    return Err(ConnectError::Timeout {
+                        path: path.to_owned(),
+                        waited,
+                        last_error: e.to_string(),
+                    });
+                }
+                std::thread::sleep(delay.min(timeout - waited));
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+            Err(source) => {
+                return Err(ConnectError::Io {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Toru's v1 discipline: one message on its own connection, then close.
+pub async fn send_one(path: &Path, envelope: &Envelope) -> Result<(), ConnectError> {
+    let io = |source| ConnectError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).await.map_err(io)?;
+    send_one_on(&mut stream, envelope).await.map_err(io)
+}
+
+/// Writes one framed message on `stream` and closes the writing half.
+pub async fn send_one_on(stream: &mut UnixStream, envelope: &Envelope) -> std::io::Result<()> {
+    stream.write_all(&encode_frame(&envelope.to_vec())).await?;
+    stream.shutdown().await
+}
+
+/// The persistent framed connection to a protocol-2 plugin.
+pub struct PluginConnection {
+    framed: Framed<UnixStream, FrameCodec>,
+}
+
+impl PluginConnection {
+    /// Wraps a connected stream.
+    pub fn new(stream: UnixStream, max_frame: usize) -> Self {
+        PluginConnection {
+            framed: Framed::new(stream, FrameCodec::new(max_frame)),
+        }
+    }
+
+    /// Sends one message.
+    pub async fn send(&mut self, envelope: &Envelope) -> Result<(), FrameError> {
+        self.framed.send(envelope.to_vec()).await
+    }
+
+    /// The next frame from the plugin; `None` when it closed the connection.
+    pub async fn next_frame(&mut self) -> Option<Result<Bytes, FrameError>> {
+        self.framed.next().await
+    }
+}
+
+/// Whether a Unix socket bound at `path` is listening, read from `/proc/net/unix`, so a
+/// health check never opens a connection that a v1 plugin would have to handle.
+pub fn socket_listening(path: &Path) -> std::io::Result<bool> {
+    const SO_ACCEPTCON: u32 = 0x0001_0000;
+    let wanted = path.to_string_lossy();
+    let table = std::fs::read_to_string("/proc/net/unix")?;
+    Ok(table.lines().skip(1).any(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        cols.len() >= 8
+            && cols[7] == wanted
+            && u32::from_str_radix(cols[3], 16).is_ok_and(|flags| flags & SO_ACCEPTCON != 0)
+    }))
+}

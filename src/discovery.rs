@@ -1,0 +1,188 @@
+//! Plugin discovery by the Toru rules: `*.binary` executables in the plugins directory, each
+//! run once with `--metadata` (with a timeout and an output cap), the metadata validated.
+//!
+//! Every file is probed concurrently and reported as soon as its probe ends, so a plugin
+//! that hangs on `--metadata` delays nobody else. Files that resolve outside the plugins
+//! directory, are not executable, or misbehave are reported as skipped with a reason.
+//! This module knows nothing of supervision or of gRPC.
+
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+use toru_plugin_sdk::Metadata;
+
+use crate::model::PluginSpec;
+use crate::process::{plugin_command, signal_group};
+
+/// Largest `--metadata` output accepted.
+pub const MAX_METADATA_BYTES: usize = 64 * 1024;
+/// Stderr kept from a failed `--metadata` run, for the reason.
+const MAX_METADATA_STDERR: usize = 2048;
+/// Suffix of plugin executables.
+pub const PLUGIN_SUFFIX: &str = ".binary";
+
+/// A file in the plugins directory that was not loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The file.
+    pub path: PathBuf,
+    /// Why, and what to do.
+    pub reason: String,
+}
+
+/// The outcome of probing one file.
+pub type Probe = Result<PluginSpec, Skipped>;
+
+/// How to probe.
+#[derive(Debug, Clone)]
+pub struct ProbeOptions {
+    /// Longest a `--metadata` run may take.
+    pub timeout: Duration,
+    /// Environment variables passed through.
+    pub env_allowlist: Vec<String>,
+}
+
+/// Lists the candidate files of `dir`, sorted by name.
+pub fn candidates(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(PLUGIN_SUFFIX) && n.len() > PLUGIN_SUFFIX.len())
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Probes every candidate of `dir` concurrently, sending each outcome as soon as it is known.
+/// The channel closes when all are done.
+pub fn scan(dir: &Path, opts: ProbeOptions) -> std::io::Result<mpsc::UnboundedReceiver<Probe>> {
+    let canonical_dir = dir.canonicalize()?;
+    let files = candidates(&canonical_dir)?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut probes: FuturesUnordered<_> = files
+            .into_iter()
+            .map(|path| probe(canonical_dir.clone(), path, opts.clone()))
+            .collect();
+        while let Some(outcome) = probes.next().await {
+            if tx.send(outcome).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Checks one file and runs it with `--metadata`.
+pub async fn probe(dir: PathBuf, path: PathBuf, opts: ProbeOptions) -> Probe {
+    let skip = |reason: String| Skipped {
+        path: path.clone(),
+        reason,
+    };
+    let real = path
+        .canonicalize()
+        .map_err(|e| skip(format!("cannot resolve the file: {e}")))?;
+    if !real.starts_with(&dir) {
+        return Err(skip(format!(
+            "it resolves to {}, outside the plugins directory; copy the executable into the directory instead of linking to it",
+            real.display()
+        )));
+    }
+    let meta = std::fs::metadata(&real).map_err(|e| skip(format!("cannot stat the file: {e}")))?;
+    if !meta.is_file() {
+        return Err(skip("it is not a regular file".into()));
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(skip(format!(
+            "it is not executable; run chmod +x {}",
+            path.display()
+        )));
+    }
+    let stdout = run_metadata(&path, &opts).await.map_err(skip)?;
+    let metadata = Metadata::parse(&stdout).map_err(|e| skip(format!("invalid metadata: {e}")))?;
+    Ok(PluginSpec {
+        metadata,
+        binary_path: path,
+    })
+}
+
+/// Runs `path --metadata` and returns its stdout, or why it failed.
+async fn run_metadata(path: &Path, opts: &ProbeOptions) -> Result<Vec<u8>, String> {
+    let mut cmd = plugin_command(path, &opts.env_allowlist, &[] as &[(&str, OsString)]);
+    cmd.arg("--metadata")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run it with --metadata: {e}"))?;
+    let pid = child.id().unwrap_or(0);
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let work = async {
+        let (out, err, status) = tokio::join!(
+            read_capped(&mut stdout, MAX_METADATA_BYTES),
+            read_capped(&mut stderr, MAX_METADATA_STDERR),
+            child.wait()
+        );
+        (out, err, status)
+    };
+    let outcome = tokio::time::timeout(opts.timeout, work).await;
+    signal_group(pid, libc::SIGKILL);
+    let (out, err, status) = match outcome {
+        Ok(done) => done,
+        Err(_) => {
+            return Err(format!(
+                "it did not answer --metadata within {:?}; it must print its metadata and exit",
+                opts.timeout
+            ))
+        }
+    };
+    let status = status.map_err(|e| format!("waiting for --metadata failed: {e}"))?;
+    let stderr_text = String::from_utf8_lossy(&err.0).trim().to_owned();
+    if !status.success() {
+        return Err(format!(
+            "--metadata {}{}",
+            crate::model::ExitStatus::from_std(status),
+            if stderr_text.is_empty() {
+                String::new()
+            } else {
+                format!("; stderr: {stderr_text}")
+            }
+        ));
+    }
+    let (bytes, overflow) = out;
+    if overflow {
+        return Err(format!(
+            "--metadata printed more than {MAX_METADATA_BYTES} bytes"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Reads to the end, keeping at most `cap` bytes; reports whether more came.
+async fn read_capped<R: AsyncRead + Unpin>(reader: &mut R, cap: usize) -> (Vec<u8>, bool) {
+    let mut kept = Vec::new();
+    let mut overflow = false;
+    let mut buf = [0u8; 8192];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = cap.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+                overflow |= n > room;
+            }
+        }
+    }
+    (kept, overflow)
+}

@@ -1,0 +1,23 @@
+//! `torud`: a per-host daemon that runs plugins and fronts them with a gRPC control plane.
+//! See `ARCHITECTURE.md` for the map of the modules.
+
+pub mod api;
+pub mod capture;
+pub mod config;
+pub mod connection;
+pub mod discovery;
+pub mod events;
+pub mod model;
+pub mod process;
+pub mod server;
+pub mod state;
+pub mod supervisor;
+
+/// Code generated from `proto/toru/v1/*.proto`. Only `api/` (and clients) use it.
+pub mod pb {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("toru.v1");
+
+    /// Encoded file descriptor set of the `toru.v1` protos, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("toru_descriptor");
+}

@@ -1,0 +1,164 @@
+//! The `torud` binary: parses flags (each with a `TORUD_*` environment equivalent), sets up
+//! logging and signals, and hands over to [`torud::server::run`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use torud::config::{Config, Timing, DEFAULT_PLUGIN_ENV};
+
+#[derive(Parser)]
+#[command(
+    name = "torud",
+    version,
+    about = "Runs plugins and fronts them with a gRPC control plane"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address of the gRPC control plane (port 0 picks a free port).
+    #[arg(long, env = "TORUD_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Directory scanned for `*.binary` plugin executables (created if missing).
+    #[arg(long, env = "TORUD_PLUGINS_DIR", default_value = "./plugins")]
+    plugins_dir: PathBuf,
+    /// Directory for state, events, logs, sockets and plugin data (created if missing).
+    #[arg(long, env = "TORUD_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// Enable plugins that have no saved enabled/disabled state yet (first discovery).
+    #[arg(long, env = "TORUD_ENABLE_NEW_PLUGINS")]
+    enable_new_plugins: bool,
+    /// Longest a plugin may take to answer `--metadata`.
+    #[arg(long, env = "TORUD_METADATA_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    metadata_timeout: Duration,
+    /// Longest a plugin may take from spawn to ready (socket accepting, init sent).
+    #[arg(long, env = "TORUD_START_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    start_timeout: Duration,
+    /// First restart delay after a failure; doubles with each consecutive failure.
+    #[arg(long, env = "TORUD_BACKOFF_BASE", default_value = "1s", value_parser = humantime::parse_duration)]
+    backoff_base: Duration,
+    /// Largest restart delay.
+    #[arg(long, env = "TORUD_BACKOFF_MAX", default_value = "16s", value_parser = humantime::parse_duration)]
+    backoff_max: Duration,
+    /// Consecutive failed runs after which a plugin is disabled ("crash loop").
+    #[arg(long, env = "TORUD_MAX_FAILURES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    max_failures: u32,
+    /// A run that stays up this long resets the consecutive failure count.
+    #[arg(long, env = "TORUD_STABLE_WINDOW", default_value = "60s", value_parser = humantime::parse_duration)]
+    stable_window: Duration,
+    /// Wait after the shutdown message before SIGTERM.
+    #[arg(long, env = "TORUD_STOP_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    stop_grace: Duration,
+    /// Wait after SIGTERM before SIGKILL.
+    #[arg(long, env = "TORUD_KILL_GRACE", default_value = "2s", value_parser = humantime::parse_duration)]
+    kill_grace: Duration,
+    /// How often the socket of a running v1 plugin is checked for health.
+    #[arg(long, env = "TORUD_HEALTH_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    health_interval: Duration,
+    /// Extra environment variables passed to plugins (comma-separated names), beyond the
+    /// default allowlist and the TORU_* variables.
+    #[arg(long, env = "TORUD_PLUGIN_ENV", value_delimiter = ',')]
+    plugin_env: Vec<String>,
+    /// Log filter for the daemon's own logs (stderr), e.g. `info` or `torud=debug`.
+    #[arg(long, env = "TORUD_LOG", default_value = "info")]
+    log: String,
+}
+
+fn absolute_dir(path: &Path) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(path)?;
+    path.canonicalize()
+}
+
+fn main() -> ExitCode {
+    let Command::Serve(args) = Cli::parse().command;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let dirs = absolute_dir(&args.plugins_dir)
+        .map_err(|e| format!("plugins directory {}: {e}", args.plugins_dir.display()))
+        .and_then(|p| {
+            absolute_dir(&args.data_dir)
+                .map(|d| (p, d))
+                .map_err(|e| format!("data directory {}: {e}", args.data_dir.display()))
+        });
+    let (plugins_dir, data_dir) = match dirs {
+        Ok(dirs) => dirs,
+        Err(e) => {
+            eprintln!("torud: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut config = Config::new(plugins_dir, data_dir);
+    config.listen = args.listen;
+    config.enable_new_plugins = args.enable_new_plugins;
+    config.timing = Timing {
+        metadata_timeout: args.metadata_timeout,
+        start_timeout: args.start_timeout,
+        backoff_base: args.backoff_base,
+        backoff_max: args.backoff_max,
+        max_failures: args.max_failures,
+        stable_window: args.stable_window,
+        stop_grace: args.stop_grace,
+        kill_grace: args.kill_grace,
+        health_interval: args.health_interval.max(Duration::from_millis(10)),
+    };
+    config.plugin_env_allowlist = DEFAULT_PLUGIN_ENV
+        .iter()
+        .map(|s| s.to_string())
+        .chain(args.plugin_env.into_iter().filter(|s| !s.is_empty()))
+        .collect();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("torud: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!("cannot install signal handlers; stop the daemon with SIGKILL");
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        };
+        torud::server::run(config, shutdown, |addr| {
+            println!("torud listening on {addr}");
+        })
+        .await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("torud: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

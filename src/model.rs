@@ -1,0 +1,243 @@
+//! Domain types shared by the supervisor, the event log and the API adapter: plugin states,
+//! exit records, plugin status snapshots and events. Plain Rust with serde for the on-disk
+//! formats; the protobuf forms live only in `api/`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use toru_plugin_sdk::Metadata;
+
+/// The supervisor's state machine for one plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PluginState {
+    /// Not enabled; no process.
+    Stopped,
+    /// Spawned, waiting for the socket and init.
+    Starting,
+    /// Ready.
+    Running,
+    /// Being stopped.
+    Stopping,
+    /// Waiting to restart.
+    Backoff,
+    /// Ended unexpectedly; a restart (or a crash-loop disable) follows.
+    Crashed,
+    /// Turned off by the supervisor, with a reason.
+    Disabled,
+}
+
+impl PluginState {
+    /// Lower-case name, as in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginState::Stopped => "stopped",
+            PluginState::Starting => "starting",
+            PluginState::Running => "running",
+            PluginState::Stopping => "stopping",
+            PluginState::Backoff => "backoff",
+            PluginState::Crashed => "crashed",
+            PluginState::Disabled => "disabled",
+        }
+    }
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// From the standard library's exit status.
+    pub fn from_std(status: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => ExitStatus::Code(code),
+            (None, Some(sig)) => ExitStatus::Signal(sig),
+            (None, None) => ExitStatus::Code(-1),
+        }
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exited with code {c}"),
+            ExitStatus::Signal(s) => write!(f, "killed by signal {s} ({})", signal_name(*s)),
+        }
+    }
+}
+
+/// Conventional name of a signal number.
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGTERM => "SIGTERM",
+        _ => "signal",
+    }
+}
+
+/// The record of one process ending.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Exit code or signal.
+    pub status: ExitStatus,
+    /// When the supervisor saw it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    /// The last stderr lines, oldest first.
+    pub stderr_tail: Vec<String>,
+}
+
+/// What the supervisor knows of a plugin's executable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginSpec {
+    /// Validated metadata.
+    pub metadata: Metadata,
+    /// Path of the executable.
+    pub binary_path: PathBuf,
+}
+
+/// A snapshot of one plugin, as published by its actor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginStatus {
+    /// Metadata and executable.
+    pub spec: PluginSpec,
+    /// Whether it should run.
+    pub enabled: bool,
+    /// Current state.
+    pub state: PluginState,
+    /// Running and reachable.
+    pub healthy: bool,
+    /// Pid of the current process.
+    pub pid: Option<u32>,
+    /// Spawn time of the current process.
+    pub started_at: Option<OffsetDateTime>,
+    /// Restarts after failures since the daemon started.
+    pub restart_count: u32,
+    /// Failed runs in a row.
+    pub consecutive_failures: u32,
+    /// Next restart, in BACKOFF.
+    pub next_restart_at: Option<OffsetDateTime>,
+    /// How the last process ended.
+    pub last_exit: Option<ExitInfo>,
+    /// Why it last failed or was disabled.
+    pub last_error: Option<String>,
+}
+
+impl PluginStatus {
+    /// The plugin's id.
+    pub fn id(&self) -> &str {
+        &self.spec.metadata.id
+    }
+}
+
+/// What an event records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A state transition.
+    StateChanged,
+    /// Health changed without a state change.
+    HealthChanged,
+    /// A plugin was discovered.
+    PluginAdded,
+    /// A plugin's file disappeared.
+    PluginRemoved,
+    /// A file was not loaded.
+    PluginSkipped,
+    /// A known plugin's metadata changed.
+    PluginUpdated,
+}
+
+/// An event before the log numbers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventDraft {
+    /// The plugin it is about ("" when none).
+    pub plugin_id: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// State before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_state: Option<PluginState>,
+    /// State after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_state: Option<PluginState>,
+    /// Human-readable reason.
+    #[serde(default)]
+    pub reason: String,
+    /// Structured details.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub details: BTreeMap<String, String>,
+    /// Exit record, on transitions after a process ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitInfo>,
+    /// Next restart time, on transitions to BACKOFF.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub next_restart_at: Option<OffsetDateTime>,
+    /// Health after the event.
+    #[serde(default)]
+    pub healthy: bool,
+}
+
+impl EventDraft {
+    /// A draft of `kind` about `plugin_id` with everything else empty.
+    pub fn new(plugin_id: &str, kind: EventKind) -> Self {
+        EventDraft {
+            plugin_id: plugin_id.to_owned(),
+            kind,
+            from_state: None,
+            to_state: None,
+            reason: String::new(),
+            details: BTreeMap::new(),
+            exit: None,
+            next_restart_at: None,
+            healthy: false,
+        }
+    }
+
+    /// Sets the reason.
+    pub fn reason(mut self, reason: impl Into<String>) -> Self {
+        self.reason = reason.into();
+        self
+    }
+
+    /// Adds a detail.
+    pub fn detail(mut self, key: &str, value: impl ToString) -> Self {
+        self.details.insert(key.to_owned(), value.to_string());
+        self
+    }
+}
+
+/// A numbered, persisted event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Daemon-wide sequence number.
+    pub seq: u64,
+    /// When it happened.
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    /// The rest.
+    #[serde(flatten)]
+    pub body: EventDraft,
+}

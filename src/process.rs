@@ -1,0 +1,182 @@
+//! Plugin processes: how they are spawned (own process group, parent-death signal, a clean
+//! environment), signalled and reaped.
+//!
+//! Architecture invariant: every plugin process — the long-running one and the short
+//! `--metadata` one — is its own process-group leader with `PR_SET_PDEATHSIG = SIGKILL`, so
+//! signalling the group reaches its descendants and the plugin dies with the daemon even
+//! when the daemon is SIGKILLed. The parent-death signal fires when the *thread* that
+//! spawned the child exits, so children are only spawned from async tasks (tokio's worker
+//! threads live as long as the runtime), never from `spawn_blocking` threads.
+//! This module knows nothing of sockets, states or events.
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+
+use crate::capture::{drain_lines, LogSink, OutputStream, StderrTail};
+use crate::model::ExitStatus;
+
+/// Builds a command for a plugin executable with only the allowlisted environment, its own
+/// process group and the parent-death signal.
+pub fn plugin_command(
+    binary: &Path,
+    allowlist: &[String],
+    extra_env: &[(&str, OsString)],
+) -> Command {
+    let mut cmd = Command::new(binary);
+    cmd.env_clear();
+    for name in allowlist {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
+    for (name, value) in extra_env {
+        cmd.env(name, value);
+    }
+    cmd.stdin(Stdio::null()).process_group(0).kill_on_drop(true);
+    let daemon_pid = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // async-signal-safe functions (prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The daemon may have died between fork and prctl: then nobody would kill us.
+            if libc::getppid() != daemon_pid {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Sends `sig` to every process in the group led by `pgid`. A group that is already gone
+/// is not an error.
+pub fn signal_group(pgid: u32, sig: i32) {
+    if pgid == 0 {
+        return;
+    }
+    // SAFETY: plain syscall; a negative pid addresses the process group.
+    unsafe {
+        libc::kill(-(pgid as libc::pid_t), sig);
+    }
+}
+
+/// Whether a process with this pid exists (and is not a zombie we could still reap).
+pub fn pid_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+/// A running plugin process with its output being drained into its log.
+pub struct PluginProcess {
+    child: Child,
+    pid: u32,
+    exit: Option<ExitStatus>,
+    drains: Vec<JoinHandle<()>>,
+    stderr_tail: StderrTail,
+}
+
+impl PluginProcess {
+    /// Spawns the plugin with stdout and stderr drained line by line into `sink`.
+    pub fn spawn(mut cmd: Command, sink: LogSink) -> std::io::Result<Self> {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        let pid = child.id().unwrap_or(0);
+        let stderr_tail = StderrTail::default();
+        let mut drains = Vec::with_capacity(2);
+        if let Some(out) = child.stdout.take() {
+            drains.push(tokio::spawn(drain_lines(
+                out,
+                OutputStream::Stdout,
+                sink.clone(),
+                None,
+            )));
+        }
+        if let Some(err) = child.stderr.take() {
+            drains.push(tokio::spawn(drain_lines(
+                err,
+                OutputStream::Stderr,
+                sink,
+                Some(stderr_tail.clone()),
+            )));
+        }
+        Ok(PluginProcess {
+            child,
+            pid,
+            exit: None,
+            drains,
+            stderr_tail,
+        })
+    }
+
+    /// The process id (also its process group id).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits for the process to exit. Cancel-safe; returns at once once it has exited.
+    pub async fn wait(&mut self) -> ExitStatus {
+        if let Some(status) = self.exit {
+            return status;
+        }
+        let status = match self.child.wait().await {
+            Ok(status) => ExitStatus::from_std(status),
+            Err(e) => {
+                tracing::error!(pid = self.pid, error = %e, "waiting for a plugin failed");
+                ExitStatus::Code(-1)
+            }
+        };
+        self.exit = Some(status);
+        status
+    }
+
+    /// The exit status, if the process has been reaped.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.exit
+    }
+
+    /// Signals the whole process group.
+    pub fn signal_group(&self, sig: i32) {
+        signal_group(self.pid, sig);
+    }
+
+    /// After the process exited: kills what is left of its group (grandchildren holding the
+    /// pipes), waits (bounded) for the output to be drained, and returns the stderr tail.
+    pub async fn finish(&mut self, drain_timeout: Duration) -> Vec<String> {
+        self.signal_group(libc::SIGKILL);
+        let drains = std::mem::take(&mut self.drains);
+        let all = futures::future::join_all(drains);
+        if tokio::time::timeout(drain_timeout, all).await.is_err() {
+            tracing::warn!(
+                pid = self.pid,
+                "plugin output still open after exit; left unread"
+            );
+        }
+        self.stderr_tail.lines()
+    }
+}
+
+impl Drop for PluginProcess {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            self.signal_group(libc::SIGKILL);
+        }
+        for drain in &self.drains {
+            drain.abort();
+        }
+    }
+}

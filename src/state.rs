@@ -1,0 +1,168 @@
+//! The persisted enabled/disabled state of plugins, by id.
+//!
+//! Written atomically (temporary file, fsync, rename, fsync of the directory), so a crash
+//! leaves either the old or the new file. A corrupt file is an error naming the file, never
+//! silently replaced. An id absent from the file has never been decided by an operator.
+//! This module knows nothing of processes.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors loading or saving the state file.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading or writing failed.
+    #[error("state file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("state file {path} is corrupt ({reason}); fix or remove it (removing it disables every plugin)")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    /// Plugin id → enabled.
+    plugins: BTreeMap<String, bool>,
+}
+
+/// Handle to the persisted state; clones share it.
+#[derive(Clone)]
+pub struct EnabledStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    /// The current state. Held only to read or update the map, never across I/O.
+    state: Mutex<BTreeMap<String, bool>>,
+    /// Serialises file writes so that the last write carries the newest state. Held across
+    /// blocking file I/O on a blocking thread, never across `.await`.
+    write: Mutex<()>,
+}
+
+impl EnabledStore {
+    /// Loads the state file; a missing file is an empty state.
+    pub fn load(path: &Path) -> Result<Self, StateError> {
+        let plugins = match std::fs::read(path) {
+            Ok(bytes) => {
+                let file: StateFile =
+                    serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+                        path: path.to_owned(),
+                        reason: e.to_string(),
+                    })?;
+                file.plugins
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        Ok(EnabledStore {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                state: Mutex::new(plugins),
+                write: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The saved decision for `id`: `None` when no operator ever enabled or disabled it.
+    pub fn get(&self, id: &str) -> Option<bool> {
+        self.inner
+            .state
+            .lock()
+            .expect("state lock poisoned")
+            .get(id)
+            .copied()
+    }
+
+    /// Records a decision and writes the file durably before returning.
+    pub async fn set(&self, id: &str, enabled: bool) -> Result<(), StateError> {
+        {
+            let mut state = self.inner.state.lock().expect("state lock poisoned");
+            if state.get(id) == Some(&enabled) {
+                return Ok(());
+            }
+            state.insert(id.to_owned(), enabled);
+        }
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.write_file())
+            .await
+            .expect("state writer panicked")
+    }
+}
+
+impl Inner {
+    fn write_file(&self) -> Result<(), StateError> {
+        let _guard = self.write.lock().expect("state write lock poisoned");
+        let file = StateFile {
+            version: 1,
+            plugins: self.state.lock().expect("state lock poisoned").clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&file).expect("state serialises");
+        write_atomically(&self.path, &bytes).map_err(|source| StateError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file, fsync and rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn survives_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let store = EnabledStore::load(&path).unwrap();
+        assert_eq!(store.get("a"), None);
+        store.set("a", true).await.unwrap();
+        store.set("b", false).await.unwrap();
+        let again = EnabledStore::load(&path).unwrap();
+        assert_eq!((again.get("a"), again.get("b")), (Some(true), Some(false)));
+    }
+
+    #[test]
+    fn corrupt_file_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, b"{not json").unwrap();
+        let err = EnabledStore::load(&path).err().unwrap().to_string();
+        assert!(
+            err.contains("state.json") && err.contains("corrupt"),
+            "{err}"
+        );
+    }
+}

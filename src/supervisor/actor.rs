@@ -1,0 +1,635 @@
+//! One actor per plugin: a task that owns the plugin's process, its connection and its
+//! state, and moves through the state machine (stopped, starting, running, stopping,
+//! backoff, crashed, disabled) by `select!`ing over a closed set of inputs: a command, the
+//! child's exit, a frame or the end of the connection, a timer, and daemon shutdown.
+//!
+//! Architecture invariant: nothing else touches a plugin's process or connection. Other
+//! code sends [`Command`]s and reads the [`PluginStatus`] the actor publishes on a `watch`
+//! channel; every transition is also appended to the event log.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
+use toru_plugin_sdk::wire::InitParams;
+use toru_plugin_sdk::{Envelope, DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION};
+
+use super::{Context, SupervisorError};
+use crate::capture::LogSink;
+use crate::config::create_dir_with_mode;
+use crate::connection::PluginConnection;
+use crate::connection::{connect_with_retry, send_one, send_one_on, socket_listening};
+use crate::model::{EventDraft, EventKind, ExitInfo, PluginSpec, PluginState, PluginStatus};
+use crate::process::{plugin_command, PluginProcess};
+use crate::state::StateError;
+
+/// Reply channel of a command that returns the plugin's status.
+pub(super) type Reply = oneshot::Sender<Result<PluginStatus, SupervisorError>>;
+
+/// What other code may ask of an actor.
+pub(super) enum Command {
+    /// Enable (persisted) and start; reply once ready or failed.
+    Enable(Reply),
+    /// Disable (persisted) and stop; reply once the process is gone.
+    Disable(Reply),
+    /// Stop and start again; reply once ready or failed.
+    Restart(Reply),
+    /// New metadata from a rescan; applies from the next start.
+    Update(PluginSpec),
+    /// The file is gone: stop and end the actor.
+    Remove(oneshot::Sender<()>),
+}
+
+/// Longest wait for a dead plugin's output pipes to reach their end.
+const DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
+/// After the connection ends, how long to wait for the process to exit on its own before
+/// calling it a lost connection.
+const EXIT_AFTER_EOF: Duration = Duration::from_millis(100);
+/// Unix socket paths longer than this do not fit in `sockaddr_un`.
+const MAX_SOCKET_PATH: usize = 107;
+/// Log rotation: size of one file and files kept.
+const LOG_FILE_BYTES: u64 = 10 * 1024 * 1024;
+const LOG_FILES: usize = 5;
+
+enum Next {
+    Idle,
+    Start,
+    Backoff(Instant),
+    Run(Box<Run>),
+    Exit,
+}
+
+struct Run {
+    process: PluginProcess,
+    /// The persistent connection, for protocol-2 plugins.
+    conn: Option<PluginConnection>,
+    since: Instant,
+}
+
+pub(super) struct Actor {
+    ctx: Arc<Context>,
+    id: String,
+    status: watch::Sender<PluginStatus>,
+    commands: mpsc::Receiver<Command>,
+    cancel: CancellationToken,
+    /// Enable and restart callers waiting for the current start to end.
+    waiters: Vec<Reply>,
+    /// A write of the enabled state still in flight; awaited before answering waiters.
+    persisting: Option<JoinHandle<Result<(), StateError>>>,
+}
+
+impl Actor {
+    pub(super) fn new(
+        ctx: Arc<Context>,
+        status: watch::Sender<PluginStatus>,
+        commands: mpsc::Receiver<Command>,
+        cancel: CancellationToken,
+    ) -> Self {
+        let id = status.borrow().id().to_owned();
+        Actor {
+            ctx,
+            id,
+            status,
+            commands,
+            cancel,
+            waiters: Vec::new(),
+            persisting: None,
+        }
+    }
+
+    /// Runs the state machine until the plugin is removed or the daemon shuts down.
+    pub(super) async fn run(mut self) {
+        let mut next = if self.status.borrow().enabled {
+            Next::Start
+        } else {
+            Next::Idle
+        };
+        loop {
+            next = match next {
+                Next::Idle => self.idle().await,
+                Next::Start => self.start().await,
+                Next::Backoff(at) => self.backoff(at).await,
+                Next::Run(run) => self.running(*run).await,
+                Next::Exit => break,
+            };
+        }
+        let reason = if self.cancel.is_cancelled() {
+            SupervisorError::ShuttingDown
+        } else {
+            SupervisorError::NotFound(self.id.clone())
+        };
+        self.answer_waiters(Err(reason)).await;
+    }
+
+    fn snapshot(&self) -> PluginStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Moves to `to`, publishes the new status and appends the event.
+    fn transition(
+        &self,
+        to: PluginState,
+        reason: impl Into<String>,
+        exit: Option<ExitInfo>,
+        edit: impl FnOnce(&mut PluginStatus),
+    ) {
+        let mut draft = EventDraft::new(&self.id, EventKind::StateChanged).reason(reason);
+        self.status.send_modify(|s| {
+            draft.from_state = Some(s.state);
+            s.state = to;
+            s.healthy = to == PluginState::Running;
+            if to != PluginState::Backoff {
+                s.next_restart_at = None;
+            }
+            if !matches!(
+                to,
+                PluginState::Starting | PluginState::Running | PluginState::Stopping
+            ) {
+                s.pid = None;
+                s.started_at = None;
+            }
+            if let Some(exit) = &exit {
+                s.last_exit = Some(exit.clone());
+            }
+            edit(s);
+            draft.to_state = Some(to);
+            draft.healthy = s.healthy;
+            draft.next_restart_at = s.next_restart_at;
+            if let Some(pid) = s.pid {
+                draft.details.insert("pid".into(), pid.to_string());
+            }
+        });
+        draft.exit = exit;
+        tracing::info!(plugin = %self.id, from = ?draft.from_state.map(PluginState::as_str),
+            to = to.as_str(), reason = %draft.reason, "plugin state");
+        self.ctx.events.append(draft);
+    }
+
+    fn set_health(&self, healthy: bool, reason: &str) {
+        if self.status.borrow().healthy == healthy {
+            return;
+        }
+        self.status.send_modify(|s| s.healthy = healthy);
+        let mut draft = EventDraft::new(&self.id, EventKind::HealthChanged).reason(reason);
+        draft.healthy = healthy;
+        self.ctx.events.append(draft);
+    }
+
+    /// Records the enabled flag now and persists it in the background; the write is
+    /// awaited before any waiter is answered.
+    fn set_enabled(&mut self, enabled: bool) {
+        self.status.send_modify(|s| s.enabled = enabled);
+        let state = self.ctx.state.clone();
+        let id = self.id.clone();
+        let previous = self.persisting.take();
+        self.persisting = Some(tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            state.set(&id, enabled).await
+        }));
+    }
+
+    async fn persisted(&mut self) -> Result<(), SupervisorError> {
+        match self.persisting.take() {
+            Some(write) => match write.await {
+                Ok(result) => result.map_err(SupervisorError::from),
+                Err(e) => Err(SupervisorError::Internal(format!("state writer: {e}"))),
+            },
+            None => Ok(()),
+        }
+    }
+
+    async fn reply(&mut self, reply: Reply) {
+        let result = self.persisted().await.map(|()| self.snapshot());
+        let _ = reply.send(result);
+    }
+
+    async fn answer_waiters(&mut self, result: Result<PluginStatus, SupervisorError>) {
+        let persisted = self.persisted().await;
+        let result = persisted.and(result);
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(result.clone());
+        }
+    }
+
+    fn update_spec(&self, spec: PluginSpec) {
+        self.status.send_modify(|s| s.spec = spec);
+    }
+
+    async fn idle(&mut self) -> Next {
+        loop {
+            let cmd = tokio::select! {
+                cmd = self.commands.recv() => cmd,
+                _ = self.cancel.cancelled() => return Next::Exit,
+            };
+            match cmd {
+                None => return Next::Exit,
+                Some(Command::Enable(reply)) => {
+                    self.set_enabled(true);
+                    self.status.send_modify(|s| s.consecutive_failures = 0);
+                    self.waiters.push(reply);
+                    return Next::Start;
+                }
+                Some(Command::Disable(reply)) => {
+                    self.set_enabled(false);
+                    if self.status.borrow().state != PluginState::Stopped {
+                        self.transition(PluginState::Stopped, "disabled by operator", None, |_| {});
+                    }
+                    self.reply(reply).await;
+                }
+                Some(Command::Restart(reply)) => {
+                    let _ = reply.send(Err(SupervisorError::NotEnabled(self.id.clone())));
+                }
+                Some(Command::Update(spec)) => self.update_spec(spec),
+                Some(Command::Remove(done)) => {
+                    let _ = done.send(());
+                    return Next::Exit;
+                }
+            }
+        }
+    }
+
+    async fn backoff(&mut self, at: Instant) -> Next {
+        loop {
+            let cmd = tokio::select! {
+                _ = sleep_until(at) => {
+                    self.status.send_modify(|s| s.restart_count += 1);
+                    return Next::Start;
+                }
+                cmd = self.commands.recv() => cmd,
+                _ = self.cancel.cancelled() => return Next::Exit,
+            };
+            match cmd {
+                None => return Next::Exit,
+                Some(Command::Enable(reply)) | Some(Command::Restart(reply)) => {
+                    self.waiters.push(reply);
+                    self.status.send_modify(|s| s.restart_count += 1);
+                    return Next::Start;
+                }
+                Some(Command::Disable(reply)) => {
+                    self.set_enabled(false);
+                    self.transition(PluginState::Stopped, "disabled by operator", None, |_| {});
+                    self.reply(reply).await;
+                    return Next::Idle;
+                }
+                Some(Command::Update(spec)) => self.update_spec(spec),
+                Some(Command::Remove(done)) => {
+                    let _ = done.send(());
+                    return Next::Exit;
+                }
+            }
+        }
+    }
+
+    async fn start(&mut self) -> Next {
+        let spec = self.status.borrow().spec.clone();
+        let cfg = self.ctx.config.clone();
+        let socket = cfg.socket_path(&self.id);
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            let reason = format!(
+                "socket path {} is {} bytes, over the {MAX_SOCKET_PATH}-byte Unix socket limit; use a shorter --data-dir",
+                socket.display(),
+                socket.as_os_str().len()
+            );
+            return self.disable_for(reason).await;
+        }
+        let _ = std::fs::remove_file(&socket);
+        let data_dir = cfg.plugin_data_dir(&self.id);
+        let log_path = cfg.log_path(&self.id);
+        let prepared = create_dir_with_mode(&data_dir, 0o700)
+            .and_then(|()| LogSink::open(log_path.clone(), LOG_FILE_BYTES, LOG_FILES));
+        let sink = match prepared {
+            Ok(sink) => sink,
+            Err(e) => {
+                return self
+                    .failed_run(None, format!("cannot prepare its directories: {e}"))
+                    .await
+            }
+        };
+        let instance_id = uuid::Uuid::new_v4().to_string();
+        let env = [
+            (
+                toru_plugin_sdk::ENV_PLUGIN_SOCKET,
+                socket.clone().into_os_string(),
+            ),
+            (toru_plugin_sdk::ENV_PLUGIN_ID, self.id.clone().into()),
+            (toru_plugin_sdk::ENV_INSTANCE_ID, instance_id.clone().into()),
+            (toru_plugin_sdk::ENV_DATA_DIR, data_dir.into_os_string()),
+        ];
+        let cmd = plugin_command(&spec.binary_path, &cfg.plugin_env_allowlist, &env);
+        let mut process = match PluginProcess::spawn(cmd, sink) {
+            Ok(process) => process,
+            Err(e) => {
+                let reason = format!("cannot spawn {}: {e}", spec.binary_path.display());
+                return self.failed_run(None, reason).await;
+            }
+        };
+        let pid = process.pid();
+        self.transition(PluginState::Starting, "spawned", None, |s| {
+            s.pid = Some(pid);
+            s.started_at = Some(OffsetDateTime::now_utc());
+        });
+
+        let init = InitParams {
+            instance_id,
+            plugin_socket: socket.to_string_lossy().into_owned(),
+            log_path: log_path.to_string_lossy().into_owned(),
+            host_protocol_version: PROTOCOL_VERSION,
+        };
+        let start_timeout = cfg.timing.start_timeout;
+        let ready = make_ready(socket, init, spec.metadata.protocol_version, start_timeout);
+        tokio::pin!(ready);
+        loop {
+            tokio::select! {
+                result = &mut ready => match result {
+                    Ok(conn) => {
+                        self.transition(PluginState::Running, "ready", None, |_| {});
+                        let snapshot = self.snapshot();
+                        self.answer_waiters(Ok(snapshot)).await;
+                        return Next::Run(Box::new(Run { process, conn, since: Instant::now() }));
+                    }
+                    Err(reason) => return self.failed_run(Some(process), reason).await,
+                },
+                status = process.wait() => {
+                    let reason = format!("{status} before it was ready");
+                    return self.failed_run(Some(process), reason).await;
+                }
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Enable(reply)) | Some(Command::Restart(reply)) => self.waiters.push(reply),
+                    Some(Command::Update(spec)) => self.update_spec(spec),
+                    Some(Command::Disable(reply)) => {
+                        self.stop_and_disable(Run { process, conn: None, since: Instant::now() }, reply).await;
+                        return Next::Idle;
+                    }
+                    Some(Command::Remove(done)) => {
+                        self.stop(Run { process, conn: None, since: Instant::now() }, "plugin file removed").await;
+                        let _ = done.send(());
+                        return Next::Exit;
+                    }
+                    None => {
+                        self.stop(Run { process, conn: None, since: Instant::now() }, "supervisor gone").await;
+                        return Next::Exit;
+                    }
+                },
+                _ = self.cancel.cancelled() => {
+                    self.stop(Run { process, conn: None, since: Instant::now() }, "daemon shutting down").await;
+                    return Next::Exit;
+                }
+            }
+        }
+    }
+
+    async fn running(&mut self, mut run: Run) -> Next {
+        let timing = self.ctx.config.timing.clone();
+        let stable_at = run.since + timing.stable_window;
+        let mut stable = self.status.borrow().consecutive_failures == 0;
+        let check_socket = run.conn.is_none();
+        let socket = self.ctx.config.socket_path(&self.id);
+        let mut health = tokio::time::interval_at(
+            Instant::now() + timing.health_interval,
+            timing.health_interval,
+        );
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                status = run.process.wait() => {
+                    let reason = format!("{status} unexpectedly");
+                    return self.failed_run(Some(run.process), reason).await;
+                }
+                frame = next_frame(&mut run.conn) => match frame {
+                    Some(Ok(_)) => {
+                        // Messages on the persistent connection belong to the bridge.
+                    }
+                    ended => {
+                        let why = match ended {
+                            Some(Err(e)) => format!("its connection failed: {e}"),
+                            _ => "it closed its connection".to_owned(),
+                        };
+                        run.conn = None;
+                        let reason = match timeout(EXIT_AFTER_EOF, run.process.wait()).await {
+                            Ok(status) => format!("{status} unexpectedly"),
+                            Err(_) => format!("{why} while its process was still running"),
+                        };
+                        return self.failed_run(Some(run.process), reason).await;
+                    }
+                },
+                _ = sleep_until(stable_at), if !stable => {
+                    stable = true;
+                    self.status.send_modify(|s| s.consecutive_failures = 0);
+                }
+                _ = health.tick(), if check_socket => {
+                    let path = socket.clone();
+                    if let Ok(Ok(listening)) = tokio::task::spawn_blocking(move || socket_listening(&path)).await {
+                        let reason = if listening { "socket accepting again" } else { "socket not listening" };
+                        self.set_health(listening, reason);
+                    }
+                }
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Enable(reply)) => self.reply(reply).await,
+                    Some(Command::Update(spec)) => self.update_spec(spec),
+                    Some(Command::Disable(reply)) => {
+                        self.stop_and_disable(run, reply).await;
+                        return Next::Idle;
+                    }
+                    Some(Command::Restart(reply)) => {
+                        let exit = self.stop(run, "restart requested").await;
+                        self.transition(PluginState::Stopped, "stopped for restart", Some(exit), |_| {});
+                        self.waiters.push(reply);
+                        return Next::Start;
+                    }
+                    Some(Command::Remove(done)) => {
+                        self.stop(run, "plugin file removed").await;
+                        let _ = done.send(());
+                        return Next::Exit;
+                    }
+                    None => {
+                        self.stop(run, "supervisor gone").await;
+                        return Next::Exit;
+                    }
+                },
+                _ = self.cancel.cancelled() => {
+                    let exit = self.stop(run, "daemon shutting down").await;
+                    self.transition(PluginState::Stopped, "daemon shut down", Some(exit), |_| {});
+                    return Next::Exit;
+                }
+            }
+        }
+    }
+
+    async fn stop_and_disable(&mut self, run: Run, reply: Reply) {
+        self.set_enabled(false);
+        let exit = self.stop(run, "disabled by operator").await;
+        self.transition(
+            PluginState::Stopped,
+            "disabled by operator",
+            Some(exit),
+            |_| {},
+        );
+        self.reply(reply).await;
+        self.answer_waiters(Err(SupervisorError::Interrupted(
+            self.id.clone(),
+            "it was disabled".into(),
+        )))
+        .await;
+    }
+
+    /// Stops a process by escalation: `shutdown` message, grace, SIGTERM to the group,
+    /// grace, SIGKILL. Returns how it ended.
+    async fn stop(&mut self, mut run: Run, reason: &str) -> ExitInfo {
+        self.transition(PluginState::Stopping, reason, None, |_| {});
+        let timing = &self.ctx.config.timing;
+        let socket = self.ctx.config.socket_path(&self.id);
+        if run.process.exit_status().is_none() {
+            let deadline = Instant::now() + timing.stop_grace;
+            let shutdown = Envelope::shutdown(uuid::Uuid::new_v4().to_string());
+            let asked = match run.conn.as_mut() {
+                Some(conn) => {
+                    timeout_at(deadline, async { conn.send(&shutdown).await.is_ok() }).await
+                }
+                None => {
+                    timeout_at(deadline, async {
+                        send_one(&socket, &shutdown).await.is_ok()
+                    })
+                    .await
+                }
+            };
+            if !matches!(asked, Ok(true)) {
+                tracing::debug!(plugin = %self.id, "shutdown message not delivered");
+            }
+            if timeout_at(deadline, run.process.wait()).await.is_err() {
+                tracing::warn!(plugin = %self.id, "no exit after the shutdown message; sending SIGTERM");
+                run.process.signal_group(libc::SIGTERM);
+                if timeout(timing.kill_grace, run.process.wait())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(plugin = %self.id, "no exit after SIGTERM; sending SIGKILL");
+                    run.process.signal_group(libc::SIGKILL);
+                }
+            }
+        }
+        let status = run.process.wait().await;
+        drop(run.conn.take());
+        let stderr_tail = run.process.finish(DRAIN_TIMEOUT).await;
+        let _ = std::fs::remove_file(&socket);
+        ExitInfo {
+            status,
+            time: OffsetDateTime::now_utc(),
+            stderr_tail,
+        }
+    }
+
+    /// Records a failed run (crash, failed start) and decides what follows: backoff, or
+    /// disabled after too many failures in a row.
+    async fn failed_run(&mut self, process: Option<PluginProcess>, reason: String) -> Next {
+        let exit = match process {
+            Some(mut process) => {
+                if process.exit_status().is_none() {
+                    process.signal_group(libc::SIGKILL);
+                }
+                let status = process.wait().await;
+                let stderr_tail = process.finish(DRAIN_TIMEOUT).await;
+                Some(ExitInfo {
+                    status,
+                    time: OffsetDateTime::now_utc(),
+                    stderr_tail,
+                })
+            }
+            None => None,
+        };
+        let _ = std::fs::remove_file(self.ctx.config.socket_path(&self.id));
+        let failures = self.status.borrow().consecutive_failures + 1;
+        let timing = self.ctx.config.timing.clone();
+        self.transition(PluginState::Crashed, reason.clone(), exit, |s| {
+            s.consecutive_failures = failures;
+            s.last_error = Some(reason.clone());
+        });
+        if failures >= timing.max_failures {
+            let why = format!("crash loop: {failures} consecutive failed runs; last: {reason}");
+            return self.disable_for(why).await;
+        }
+        let delay = timing.backoff(failures);
+        let at = Instant::now() + delay;
+        let wall = OffsetDateTime::now_utc() + delay;
+        self.transition(
+            PluginState::Backoff,
+            format!("restarting in {}", humantime::format_duration(delay)),
+            None,
+            |s| s.next_restart_at = Some(wall),
+        );
+        let id = self.id.clone();
+        self.answer_waiters(Err(SupervisorError::StartFailed {
+            id,
+            reason,
+            next_restart_at: Some(wall),
+        }))
+        .await;
+        Next::Backoff(at)
+    }
+
+    /// Turns the plugin off for a reason an operator must act on.
+    async fn disable_for(&mut self, reason: String) -> Next {
+        self.set_enabled(false);
+        self.transition(PluginState::Disabled, reason.clone(), None, |s| {
+            s.last_error = Some(reason.clone());
+        });
+        let id = self.id.clone();
+        self.answer_waiters(Err(SupervisorError::StartFailed {
+            id,
+            reason,
+            next_restart_at: None,
+        }))
+        .await;
+        Next::Idle
+    }
+}
+
+/// Connects to the plugin's socket and sends `init`: on the connection that stays open for
+/// protocol 2 or later, on a connection of its own for v1.
+async fn make_ready(
+    socket: PathBuf,
+    init: InitParams,
+    protocol_version: u32,
+    limit: Duration,
+) -> Result<Option<PluginConnection>, String> {
+    let work = async {
+        let mut stream = connect_with_retry(&socket, limit)
+            .await
+            .map_err(|e| e.to_string())?;
+        let message = Envelope::init(uuid::Uuid::new_v4().to_string(), &init);
+        if protocol_version >= 2 {
+            let mut conn = PluginConnection::new(stream, DEFAULT_MAX_FRAME_LEN);
+            conn.send(&message)
+                .await
+                .map_err(|e| format!("sending init failed: {e}"))?;
+            Ok(Some(conn))
+        } else {
+            send_one_on(&mut stream, &message)
+                .await
+                .map_err(|e| format!("sending init failed: {e}"))?;
+            Ok(None)
+        }
+    };
+    match timeout(limit, work).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "not ready within {}",
+            humantime::format_duration(limit)
+        )),
+    }
+}
+
+async fn next_frame(
+    conn: &mut Option<PluginConnection>,
+) -> Option<Result<bytes::Bytes, toru_plugin_sdk::FrameError>> {
+    match conn {
+        Some(conn) => conn.next_frame().await,
+        None => std::future::pending().await,
+    }
+}

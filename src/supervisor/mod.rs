@@ -1,0 +1,413 @@
+//! The supervisor: discovers plugins, runs one [`actor`] per plugin, and routes commands to
+//! them. [`Supervisor`] is a cheap cloneable handle; the API layer holds one.
+//!
+//! Architecture invariant: the plugin table is a `std` lock taken only to look up, insert or
+//! remove a handle, never across `.await`; a slow or stuck plugin only ever blocks its own
+//! actor. Only rescans are serialised (by their own async mutex).
+
+mod actor;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{create_dir_with_mode, Config};
+use crate::discovery::{self, ProbeOptions, Skipped};
+use crate::events::{EventLog, EventLogError};
+use crate::model::{EventDraft, EventKind, PluginSpec, PluginState, PluginStatus};
+use crate::state::{EnabledStore, StateError};
+use actor::{Actor, Command};
+
+/// Commands queued per plugin before senders wait.
+const COMMAND_QUEUE: usize = 64;
+
+/// Errors of supervisor operations, as callers see them.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SupervisorError {
+    /// The id cannot be a plugin id.
+    #[error("invalid plugin id {0:?}: ids are 1 to 64 ASCII letters, digits and '-'")]
+    InvalidId(String),
+    /// No plugin has this id.
+    #[error("no plugin with id {0:?}: ListPlugins shows the known plugins, RescanPlugins picks up new files")]
+    NotFound(String),
+    /// The operation needs an enabled plugin.
+    #[error("plugin {0:?} is not enabled: enable it first")]
+    NotEnabled(String),
+    /// A start did not reach ready.
+    #[error(
+        "plugin {id:?} failed to start: {reason}{}",
+        retry_note(next_restart_at)
+    )]
+    StartFailed {
+        /// The plugin.
+        id: String,
+        /// Why.
+        reason: String,
+        /// When it is retried; `None` when it was disabled instead.
+        next_restart_at: Option<OffsetDateTime>,
+    },
+    /// The start was abandoned.
+    #[error("plugin {0:?} did not become ready: {1}")]
+    Interrupted(String, String),
+    /// The enabled state could not be saved.
+    #[error("could not save the enabled state: {0}")]
+    State(String),
+    /// The daemon is stopping.
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    /// The plugins directory could not be read.
+    #[error("cannot read the plugins directory {path}: {reason}")]
+    PluginsDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A bug.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn retry_note(at: &Option<OffsetDateTime>) -> String {
+    match at {
+        Some(at) => format!(
+            "; it stays enabled and is retried at {}",
+            at.format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        ),
+        None => "; it was disabled: fix it, then enable it again".to_owned(),
+    }
+}
+
+impl From<StateError> for SupervisorError {
+    fn from(e: StateError) -> Self {
+        SupervisorError::State(e.to_string())
+    }
+}
+
+/// Errors starting the supervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// A directory could not be made.
+    #[error("cannot create {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The event log could not be opened.
+    #[error(transparent)]
+    Events(#[from] EventLogError),
+    /// The state file could not be loaded.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// What a rescan changed.
+#[derive(Debug, Default, Clone)]
+pub struct RescanReport {
+    /// Ids seen for the first time.
+    pub added: Vec<String>,
+    /// Ids whose files are gone.
+    pub removed: Vec<String>,
+    /// Ids whose metadata changed.
+    pub updated: Vec<String>,
+    /// Files not loaded.
+    pub skipped: Vec<Skipped>,
+}
+
+/// State shared by all actors.
+pub(crate) struct Context {
+    pub config: Arc<Config>,
+    pub events: EventLog,
+    pub state: EnabledStore,
+}
+
+#[derive(Clone)]
+struct PluginHandle {
+    commands: mpsc::Sender<Command>,
+    status: watch::Receiver<PluginStatus>,
+}
+
+/// Handle to the supervisor; clones share it.
+#[derive(Clone)]
+pub struct Supervisor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ctx: Arc<Context>,
+    /// Plugin handles by id; locked only to look up, insert or remove.
+    plugins: RwLock<BTreeMap<String, PluginHandle>>,
+    /// Files the last scan skipped; locked only to copy or replace.
+    skipped: Mutex<Vec<Skipped>>,
+    /// Serialises rescans (held across the directory probe; nothing else takes it).
+    rescan: tokio::sync::Mutex<()>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Supervisor {
+    /// Prepares the data directory, opens the event log and state, and starts the first
+    /// scan in the background (plugins are added and started as their probes finish).
+    pub fn start(config: Config) -> Result<Self, StartupError> {
+        let dirs = [
+            (config.data_dir.clone(), 0o700),
+            (config.run_dir(), 0o700),
+            (config.data_dir.join("plugins"), 0o700),
+            (config.data_dir.join("logs").join("plugins"), 0o700),
+        ];
+        for (path, mode) in dirs {
+            create_dir_with_mode(&path, mode)
+                .map_err(|source| StartupError::Dir { path, source })?;
+        }
+        let events = EventLog::open(&config.events_path())?;
+        let state = EnabledStore::load(&config.state_path())?;
+        let supervisor = Supervisor {
+            inner: Arc::new(Inner {
+                ctx: Arc::new(Context {
+                    config: Arc::new(config),
+                    events,
+                    state,
+                }),
+                plugins: RwLock::new(BTreeMap::new()),
+                skipped: Mutex::new(Vec::new()),
+                rescan: tokio::sync::Mutex::new(()),
+                tracker: TaskTracker::new(),
+                cancel: CancellationToken::new(),
+            }),
+        };
+        let first = supervisor.clone();
+        supervisor.inner.tracker.spawn(async move {
+            if let Err(e) = first.rescan().await {
+                tracing::error!(error = %e, "initial plugin scan failed");
+            }
+        });
+        Ok(supervisor)
+    }
+
+    /// The event log.
+    pub fn events(&self) -> &EventLog {
+        &self.inner.ctx.events
+    }
+
+    /// A token cancelled when the supervisor shuts down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.cancel.clone()
+    }
+
+    /// Every known plugin, ordered by id.
+    pub fn list(&self) -> Vec<PluginStatus> {
+        let plugins = self.inner.plugins.read().expect("plugin table poisoned");
+        plugins
+            .values()
+            .map(|h| h.status.borrow().clone())
+            .collect()
+    }
+
+    /// Files skipped by the last scan.
+    pub fn skipped(&self) -> Vec<Skipped> {
+        self.inner
+            .skipped
+            .lock()
+            .expect("skipped list poisoned")
+            .clone()
+    }
+
+    /// One plugin.
+    pub fn get(&self, id: &str) -> Result<PluginStatus, SupervisorError> {
+        Ok(self.handle(id)?.status.borrow().clone())
+    }
+
+    /// A receiver of one plugin's status, updated on every change.
+    pub fn watch(&self, id: &str) -> Result<watch::Receiver<PluginStatus>, SupervisorError> {
+        Ok(self.handle(id)?.status)
+    }
+
+    /// Enables and starts a plugin; returns once it is ready or has failed.
+    pub async fn enable(&self, id: &str) -> Result<PluginStatus, SupervisorError> {
+        self.command(id, Command::Enable).await
+    }
+
+    /// Disables and stops a plugin; returns once its process is gone.
+    pub async fn disable(&self, id: &str) -> Result<PluginStatus, SupervisorError> {
+        self.command(id, Command::Disable).await
+    }
+
+    /// Restarts an enabled plugin; returns once it is ready again or has failed.
+    pub async fn restart(&self, id: &str) -> Result<PluginStatus, SupervisorError> {
+        self.command(id, Command::Restart).await
+    }
+
+    fn handle(&self, id: &str) -> Result<PluginHandle, SupervisorError> {
+        if !toru_plugin_sdk::metadata::is_valid_id(id) {
+            return Err(SupervisorError::InvalidId(id.to_owned()));
+        }
+        let plugins = self.inner.plugins.read().expect("plugin table poisoned");
+        plugins
+            .get(id)
+            .cloned()
+            .ok_or_else(|| SupervisorError::NotFound(id.to_owned()))
+    }
+
+    async fn command(
+        &self,
+        id: &str,
+        make: impl FnOnce(actor::Reply) -> Command,
+    ) -> Result<PluginStatus, SupervisorError> {
+        if self.inner.cancel.is_cancelled() {
+            return Err(SupervisorError::ShuttingDown);
+        }
+        let handle = self.handle(id)?;
+        let (tx, rx) = oneshot::channel();
+        let gone = || SupervisorError::NotFound(id.to_owned());
+        handle.commands.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Reads the plugins directory again: adds new plugins (starting the enabled ones as soon
+    /// as each is probed), updates changed metadata, stops and forgets removed ones.
+    pub async fn rescan(&self) -> Result<RescanReport, SupervisorError> {
+        let _serial = self.inner.rescan.lock().await;
+        let ctx = &self.inner.ctx;
+        let dir = ctx.config.plugins_dir.clone();
+        let opts = ProbeOptions {
+            timeout: ctx.config.timing.metadata_timeout,
+            env_allowlist: ctx.config.plugin_env_allowlist.clone(),
+        };
+        let mut probes = discovery::scan(&dir, opts).map_err(|e| SupervisorError::PluginsDir {
+            path: dir.clone(),
+            reason: e.to_string(),
+        })?;
+        let previous_skips = self.skipped();
+        let mut report = RescanReport::default();
+        let mut seen: HashMap<String, PathBuf> = HashMap::new();
+        while let Some(outcome) = probes.recv().await {
+            let outcome = outcome.and_then(|spec| match seen.get(&spec.metadata.id) {
+                Some(first) => Err(Skipped {
+                    reason: format!(
+                        "duplicate id {:?}: {} already provides it; give one of them another id",
+                        spec.metadata.id,
+                        first.display()
+                    ),
+                    path: spec.binary_path,
+                }),
+                None => Ok(spec),
+            });
+            match outcome {
+                Ok(spec) => {
+                    let id = spec.metadata.id.clone();
+                    seen.insert(id.clone(), spec.binary_path.clone());
+                    self.add_or_update(spec, &mut report);
+                    let _ = id;
+                }
+                Err(skipped) => {
+                    tracing::warn!(path = %skipped.path.display(), reason = %skipped.reason, "plugin skipped");
+                    if !previous_skips.contains(&skipped) {
+                        let draft = EventDraft::new("", EventKind::PluginSkipped)
+                            .reason(skipped.reason.clone())
+                            .detail("path", skipped.path.display());
+                        ctx.events.append(draft);
+                    }
+                    report.skipped.push(skipped);
+                }
+            }
+        }
+        let gone: Vec<(String, PluginHandle)> = {
+            let mut plugins = self.inner.plugins.write().expect("plugin table poisoned");
+            let ids: Vec<String> = plugins
+                .keys()
+                .filter(|id| !seen.contains_key(*id))
+                .cloned()
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| plugins.remove(&id).map(|h| (id, h)))
+                .collect()
+        };
+        for (id, handle) in gone {
+            let (tx, rx) = oneshot::channel();
+            if handle.commands.send(Command::Remove(tx)).await.is_ok() {
+                let _ = rx.await;
+            }
+            ctx.events.append(
+                EventDraft::new(&id, EventKind::PluginRemoved)
+                    .reason("its file is gone from the plugins directory"),
+            );
+            report.removed.push(id);
+        }
+        report.skipped.sort_by(|a, b| a.path.cmp(&b.path));
+        *self.inner.skipped.lock().expect("skipped list poisoned") = report.skipped.clone();
+        Ok(report)
+    }
+
+    fn add_or_update(&self, spec: PluginSpec, report: &mut RescanReport) {
+        let ctx = &self.inner.ctx;
+        let id = spec.metadata.id.clone();
+        let mut plugins = self.inner.plugins.write().expect("plugin table poisoned");
+        if let Some(existing) = plugins.get(&id) {
+            if existing.status.borrow().spec != spec {
+                let _ = existing.commands.try_send(Command::Update(spec.clone()));
+                ctx.events.append(
+                    EventDraft::new(&id, EventKind::PluginUpdated)
+                        .reason("metadata changed; applies from the next start")
+                        .detail("version", &spec.metadata.version),
+                );
+                report.updated.push(id);
+            }
+            return;
+        }
+        let enabled = ctx.state.get(&id).unwrap_or(ctx.config.enable_new_plugins);
+        ctx.events.append(
+            EventDraft::new(&id, EventKind::PluginAdded)
+                .reason("discovered in the plugins directory")
+                .detail("path", spec.binary_path.display())
+                .detail("version", &spec.metadata.version),
+        );
+        let status = PluginStatus {
+            spec,
+            enabled,
+            state: PluginState::Stopped,
+            healthy: false,
+            pid: None,
+            started_at: None,
+            restart_count: 0,
+            consecutive_failures: 0,
+            next_restart_at: None,
+            last_exit: None,
+            last_error: None,
+        };
+        let (status_tx, status_rx) = watch::channel(status);
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+        let actor = Actor::new(
+            ctx.clone(),
+            status_tx,
+            cmd_rx,
+            self.inner.cancel.child_token(),
+        );
+        self.inner.tracker.spawn(actor.run());
+        plugins.insert(
+            id.clone(),
+            PluginHandle {
+                commands: cmd_tx,
+                status: status_rx,
+            },
+        );
+        report.added.push(id);
+    }
+
+    /// Stops every plugin (in parallel, each by escalation) and waits for all actors.
+    pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+        if let Err(e) = self.inner.ctx.events.sync() {
+            tracing::warn!(error = %e, "could not sync the event log");
+        }
+    }
+}
