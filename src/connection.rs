@@ -25,12 +25,12 @@ const MAX_RETRY_DELAY: Duration = Duration::from_millis(2);
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// The socket did not accept a connection before the deadline.
-    #[error("socket {path} did not accept a connection within {waited:?} ({last_error})")]
+    #[error("not ready within {}: socket {path} did not accept a connection ({last_error})", humantime::format_duration(*limit))]
     Timeout {
         /// The socket.
         path: PathBuf,
-        /// How long we tried.
-        waited: Duration,
+        /// How long we were allowed to try.
+        limit: Duration,
         /// The last connect error.
         last_error: String,
     },
@@ -96,7 +96,7 @@ fn connect_blocking(
                 if waited >= timeout || stop.load(Ordering::Relaxed) {
                     return Err(ConnectError::Timeout {
                         path: path.to_owned(),
-                        waited,
+                        limit: timeout,
                         last_error: e.to_string(),
                     });
                 }

@@ -26,7 +26,9 @@ enum Command {
     Serve(ServeArgs),
 }
 
+/// Flags of `torud serve`; a flag given twice takes its last value.
 #[derive(Args)]
+#[command(args_override_self = true)]
 struct ServeArgs {
     /// Address of the gRPC control plane (port 0 picks a free port).
     #[arg(long, env = "TORUD_LISTEN", default_value = "127.0.0.1:50051")]

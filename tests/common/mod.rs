@@ -1,0 +1,318 @@
+//! Test harness: a real `torud` process in a temporary directory, real plugin executables
+//! (the Rust example and the Python fixture), a gRPC client, and waiting on events with
+//! deadlines instead of sleeping.
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+use torud::pb;
+use torud::pb::plugin_service_client::PluginServiceClient;
+
+pub const TORUD: &str = env!("CARGO_BIN_EXE_torud");
+pub const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/fixture_plugin.py"
+);
+pub const PY_ECHO: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/examples/python/py-echo.binary"
+);
+
+/// The Rust example plugin, built by `cargo test` next to the daemon.
+pub fn hello_plugin_path() -> PathBuf {
+    let path = Path::new(TORUD)
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("hello-plugin");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --examples`",
+        path.display()
+    );
+    path
+}
+
+/// A daemon under test.
+pub struct Daemon {
+    pub root: tempfile::TempDir,
+    pub plugins_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub args: Vec<String>,
+    pub addr: String,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// A daemon (not started) with fast timings for tests; `args` override them.
+    pub fn new(args: &[&str]) -> Self {
+        let root = tempfile::Builder::new().prefix("torud-").tempdir().unwrap();
+        let plugins_dir = root.path().join("plugins");
+        let data_dir = root.path().join("data");
+        std::fs::create_dir_all(&plugins_dir).unwrap();
+        let mut all: Vec<String> = [
+            "--backoff-base",
+            "200ms",
+            "--stop-grace",
+            "2s",
+            "--kill-grace",
+            "1s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        all.extend(args.iter().map(|s| s.to_string()));
+        Daemon {
+            root,
+            plugins_dir,
+            data_dir,
+            args: all,
+            addr: String::new(),
+            child: None,
+        }
+    }
+
+    /// Starts the daemon and waits (with a deadline) for its "listening" line.
+    pub async fn start(&mut self) {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join("daemon.stderr"))
+            .unwrap();
+        let mut child = Command::new(TORUD)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--plugins-dir")
+            .arg(&self.plugins_dir)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--log", "torud=debug"])
+            .args(&self.args)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("daemon did not report listening within 20 s")
+            .unwrap()
+            .expect("daemon exited before listening");
+        self.addr = line
+            .strip_prefix("torud listening on ")
+            .expect(&line)
+            .to_owned();
+        // Keep draining stdout so the daemon never blocks on it.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id().unwrap()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn client(&self) -> PluginServiceClient<Channel> {
+        PluginServiceClient::new(self.channel().await)
+    }
+
+    /// SIGTERM, then waits for the exit; returns its status.
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon not running");
+        signal(child.id().unwrap(), libc::SIGTERM);
+        tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("daemon did not exit within 30 s of SIGTERM")
+            .unwrap()
+    }
+
+    /// SIGKILL, then reaps it.
+    pub async fn kill9(&mut self) {
+        let mut child = self.child.take().expect("daemon not running");
+        signal(child.id().unwrap(), libc::SIGKILL);
+        child.wait().await.unwrap();
+    }
+
+    /// Installs the Rust example plugin as `<name>.binary`.
+    pub fn install_hello(&self, name: &str) -> PathBuf {
+        let dest = self.plugins_dir.join(format!("{name}.binary"));
+        std::fs::copy(hello_plugin_path(), &dest).unwrap();
+        dest
+    }
+
+    /// Installs the Python fixture as `<id>.binary` in `mode`, with extra arguments.
+    pub fn install_fixture(&self, id: &str, mode: &str, extra: &[&str]) -> PathBuf {
+        let dest = self.plugins_dir.join(format!("{id}.binary"));
+        let script = format!(
+            "#!/bin/sh\nexec python3 {FIXTURE} --id {id} --mode {mode} {} \"$@\"\n",
+            extra.join(" ")
+        );
+        write_executable(&dest, &script);
+        dest
+    }
+
+    pub fn log_text(&self, id: &str) -> String {
+        std::fs::read_to_string(self.data_dir.join("logs/plugins").join(format!("{id}.log")))
+            .unwrap_or_default()
+    }
+
+    pub fn daemon_stderr(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("daemon.stderr")).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- daemon stderr ----\n{}", self.daemon_stderr());
+        }
+        if let Some(child) = self.child.as_mut() {
+            if let Some(pid) = child.id() {
+                signal(pid, libc::SIGTERM);
+            }
+        }
+    }
+}
+
+pub fn write_executable(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// True when the process is gone or a zombie.
+pub fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+/// Waits until `cond` holds, checking every 10 ms, failing after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A `WatchEvents` subscription with the events seen so far.
+pub struct Events {
+    stream: tonic::Streaming<pb::WatchEventsResponse>,
+    pub seen: Vec<pb::Event>,
+}
+
+impl Events {
+    pub async fn watch(client: &mut PluginServiceClient<Channel>, after_seq: Option<u64>) -> Self {
+        let req = pb::WatchEventsRequest {
+            after_seq,
+            plugin_ids: vec![],
+        };
+        let stream = client.watch_events(req).await.unwrap().into_inner();
+        Events {
+            stream,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next event, or `None` if none comes within `limit`.
+    pub async fn next_within(&mut self, limit: Duration) -> Option<pb::Event> {
+        match tokio::time::timeout(limit, self.stream.message()).await {
+            Ok(Ok(Some(resp))) => {
+                let event = resp.event.unwrap();
+                self.seen.push(event.clone());
+                Some(event)
+            }
+            Ok(other) => panic!("event stream ended: {other:?}"),
+            Err(_) => None,
+        }
+    }
+
+    /// Waits for the first event matching `pred`, failing after `limit`.
+    pub async fn wait_for(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&pb::Event) -> bool,
+    ) -> pb::Event {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_within(left).await {
+                Some(e) if pred(&e) => return e,
+                Some(_) => {}
+                None => panic!(
+                    "timed out after {limit:?} waiting for {what}; seen: {:#?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// Waits until every id in `ids` has been discovered.
+    pub async fn wait_added(&mut self, ids: &[&str]) {
+        let mut missing: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        for e in &self.seen {
+            if e.kind == pb::EventKind::PluginAdded as i32 {
+                missing.retain(|id| *id != e.plugin_id);
+            }
+        }
+        while !missing.is_empty() {
+            let what = format!("{missing:?} to be discovered");
+            let e = self
+                .wait_for(&what, SECS10, |e| {
+                    e.kind == pb::EventKind::PluginAdded as i32
+                })
+                .await;
+            missing.retain(|id| *id != e.plugin_id);
+        }
+    }
+
+    /// Waits for `id` to reach `state`.
+    pub async fn wait_state(
+        &mut self,
+        id: &str,
+        state: pb::PluginState,
+        limit: Duration,
+    ) -> pb::Event {
+        let what = format!("{id} to reach {state:?}");
+        self.wait_for(&what, limit, |e| {
+            e.plugin_id == id && e.to_state == state as i32
+        })
+        .await
+    }
+}
+
+pub fn state_of(p: &pb::Plugin) -> pb::PluginState {
+    pb::PluginState::try_from(p.state).unwrap()
+}
+
+pub const SECS10: Duration = Duration::from_secs(10);

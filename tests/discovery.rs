@@ -1,0 +1,136 @@
+//! Discovery through the real daemon: bad metadata is skipped with a reason while the others
+//! load, and rescans pick up added and removed files.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use torud::pb;
+use torud::pb::PluginState;
+
+#[tokio::test]
+async fn misbehaving_metadata_is_skipped_and_never_delays_the_others() {
+    let mut d = Daemon::new(&["--metadata-timeout", "3s"]);
+    d.install_fixture("hangs", "hang-metadata", &[]);
+    d.install_fixture("bad", "bad-metadata", &[]);
+    d.install_fixture("garbage", "garbage-metadata", &[]);
+    d.install_fixture("good", "normal", &[]);
+    d.install_fixture("twin", "normal", &[]);
+    common::write_executable(
+        &d.plugins_dir.join("zz-twin.binary"),
+        &std::fs::read_to_string(d.plugins_dir.join("twin.binary")).unwrap(),
+    );
+    let outside = d.root.path().join("outside.binary");
+    d.install_hello("hello");
+    std::fs::rename(d.plugins_dir.join("hello.binary"), &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, d.plugins_dir.join("linked.binary")).unwrap();
+    common::write_executable(
+        &d.plugins_dir.join("not-a-plugin.txt"),
+        "#!/bin/sh\nexit 1\n",
+    );
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events
+        .wait_for("good added", SECS10, |e| {
+            e.plugin_id == "good" && e.kind == pb::EventKind::PluginAdded as i32
+        })
+        .await;
+    let hang_skip = events
+        .wait_for("hanging plugin skipped", SECS10, |e| {
+            e.kind == pb::EventKind::PluginSkipped as i32
+                && e.details["path"].ends_with("hangs.binary")
+        })
+        .await;
+    assert!(
+        hang_skip
+            .reason
+            .contains("did not answer --metadata within 3s"),
+        "{}",
+        hang_skip.reason
+    );
+
+    let list = client
+        .list_plugins(pb::ListPluginsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = list.plugins.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["good", "twin"]);
+    let reason_for = |file: &str| {
+        list.skipped
+            .iter()
+            .find(|s| s.path.ends_with(file))
+            .unwrap_or_else(|| panic!("{file} not reported as skipped: {:?}", list.skipped))
+            .reason
+            .clone()
+    };
+    assert!(reason_for("bad.binary").contains("id \"bad id!\" is invalid"));
+    assert!(reason_for("garbage.binary").contains("not valid JSON"));
+    assert!(reason_for("linked.binary").contains("outside the plugins directory"));
+    let twin = reason_for("twin.binary");
+    assert!(twin.contains("duplicate id \"twin\""), "{twin}");
+    assert_eq!(list.skipped.len(), 5, "{:?}", list.skipped);
+}
+
+#[tokio::test]
+async fn rescan_picks_up_a_new_plugin_and_forgets_a_removed_one() {
+    let mut d = Daemon::new(&[]);
+    d.start().await;
+    let mut client = d.client().await;
+    let report = client
+        .rescan_plugins(pb::RescanPluginsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.added.is_empty() && report.removed.is_empty());
+
+    let file = d.install_fixture("late", "normal", &[]);
+    let report = client
+        .rescan_plugins(pb::RescanPluginsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.added, ["late"]);
+    let plugin = client
+        .enable_plugin(pb::EnablePluginRequest {
+            plugin_id: "late".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plugin
+        .unwrap();
+    assert_eq!(common::state_of(&plugin), PluginState::Running);
+    let pid = plugin.pid as u32;
+    let report = client
+        .rescan_plugins(pb::RescanPluginsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.added.is_empty() && report.removed.is_empty() && report.updated.is_empty());
+
+    std::fs::remove_file(file).unwrap();
+    let report = client
+        .rescan_plugins(pb::RescanPluginsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.removed, ["late"]);
+    assert!(process_gone(pid), "a removed plugin must be stopped");
+    let err = client
+        .get_plugin(pb::GetPluginRequest {
+            plugin_id: "late".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let list = client
+        .list_plugins(pb::ListPluginsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.plugins.is_empty());
+    let _ = Duration::ZERO;
+}

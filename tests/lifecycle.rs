@@ -1,0 +1,442 @@
+//! Lifecycle through the real daemon: enable, disable, persistence, crash and backoff,
+//! crash loop, process cleanup, escalation.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use torud::pb;
+use torud::pb::PluginState;
+
+fn id_req(id: &str) -> pb::EnablePluginRequest {
+    pb::EnablePluginRequest {
+        plugin_id: id.into(),
+    }
+}
+
+async fn enable(
+    client: &mut pb::plugin_service_client::PluginServiceClient<tonic::transport::Channel>,
+    id: &str,
+) -> pb::Plugin {
+    client
+        .enable_plugin(id_req(id))
+        .await
+        .unwrap()
+        .into_inner()
+        .plugin
+        .unwrap()
+}
+
+async fn disable(
+    client: &mut pb::plugin_service_client::PluginServiceClient<tonic::transport::Channel>,
+    id: &str,
+) -> pb::Plugin {
+    let req = pb::DisablePluginRequest {
+        plugin_id: id.into(),
+    };
+    client
+        .disable_plugin(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .plugin
+        .unwrap()
+}
+
+#[tokio::test]
+async fn enable_spawns_and_becomes_ready_then_disable_sends_shutdown() {
+    let mut d = Daemon::new(&[]);
+    d.install_hello("hello");
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["hello"]).await;
+
+    let plugin = enable(&mut client, "hello").await;
+    assert_eq!(state_of(&plugin), PluginState::Running);
+    assert!(plugin.healthy && plugin.enabled);
+    assert_eq!(plugin.protocol_version, 2);
+    let pid = plugin.pid as u32;
+    assert!(pid > 0 && !process_gone(pid));
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
+    let check = |service: &str| tonic_health::pb::HealthCheckRequest {
+        service: service.into(),
+    };
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    assert_eq!(
+        health
+            .check(check("toru.plugin.hello"))
+            .await
+            .unwrap()
+            .into_inner()
+            .status,
+        serving
+    );
+    assert_eq!(
+        health.check(check("")).await.unwrap().into_inner().status,
+        serving
+    );
+
+    let plugin = disable(&mut client, "hello").await;
+    assert_eq!(state_of(&plugin), PluginState::Stopped);
+    assert!(!plugin.enabled && !plugin.healthy && plugin.pid == 0);
+    assert!(
+        process_gone(pid),
+        "pid {pid} still alive after DisablePlugin returned"
+    );
+    let exit = plugin.last_exit.unwrap();
+    assert_eq!(
+        exit.status,
+        Some(pb::exit_info::Status::Code(0)),
+        "it should exit on the shutdown message"
+    );
+    assert!(d
+        .log_text("hello")
+        .contains("shutdown requested by the host"));
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    let status = health
+        .check(check("toru.plugin.hello"))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, not_serving);
+    assert_eq!(d.stop().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn enabled_state_persists_across_daemon_restart() {
+    let mut d = Daemon::new(&[]);
+    d.install_fixture("keep", "normal", &[]);
+    d.install_fixture("off", "normal", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["keep", "off"]).await;
+    let pid = enable(&mut client, "keep").await.pid as u32;
+    let status = d.stop().await;
+    assert_eq!(status.code(), Some(0));
+    assert!(process_gone(pid), "plugin outlived a SIGTERMed daemon");
+
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    // The previous run's events replay first; wait for the new run's ready.
+    let stopped = events
+        .wait_state("keep", PluginState::Stopped, SECS10)
+        .await;
+    let ready = events
+        .wait_state("keep", PluginState::Running, SECS10)
+        .await;
+    assert!(ready.seq > stopped.seq);
+    let list = client
+        .list_plugins(pb::ListPluginsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let states: Vec<(String, bool)> = list
+        .plugins
+        .iter()
+        .map(|p| (p.id.clone(), p.enabled))
+        .collect();
+    assert_eq!(
+        states,
+        [("keep".to_string(), true), ("off".to_string(), false)]
+    );
+}
+
+#[tokio::test]
+async fn sigkill_of_a_plugin_is_a_crash_then_a_restart_after_the_backoff() {
+    let mut d = Daemon::new(&["--backoff-base", "300ms"]);
+    d.install_hello("hello");
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["hello"]).await;
+    let old_pid = enable(&mut client, "hello").await.pid as u32;
+
+    signal(old_pid, libc::SIGKILL);
+    let crashed = events
+        .wait_state("hello", PluginState::Crashed, SECS10)
+        .await;
+    let exit = crashed.exit.expect("crash carries the exit");
+    assert_eq!(exit.status, Some(pb::exit_info::Status::Signal(9)));
+    assert!(crashed.reason.contains("signal 9"), "{}", crashed.reason);
+    let backoff = events
+        .wait_state("hello", PluginState::Backoff, SECS10)
+        .await;
+    let crash_time = crashed.time.unwrap();
+    let retry = backoff.next_restart_at.unwrap();
+    let delay_ms = (retry.seconds - crash_time.seconds) * 1000
+        + (retry.nanos - crash_time.nanos) as i64 / 1_000_000;
+    assert!(
+        (280..=400).contains(&delay_ms),
+        "next restart {delay_ms} ms after the crash"
+    );
+    let waited = Instant::now();
+    let starting = events
+        .wait_state("hello", PluginState::Starting, SECS10)
+        .await;
+    events
+        .wait_state("hello", PluginState::Running, SECS10)
+        .await;
+    assert!(waited.elapsed() < Duration::from_secs(3));
+    let start_time = starting.time.unwrap();
+    let gap_ms = (start_time.seconds - crash_time.seconds) * 1000
+        + (start_time.nanos - crash_time.nanos) as i64 / 1_000_000;
+    assert!(gap_ms >= 280, "restarted only {gap_ms} ms after the crash");
+
+    let plugin = client
+        .get_plugin(pb::GetPluginRequest {
+            plugin_id: "hello".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plugin
+        .unwrap();
+    assert_eq!(state_of(&plugin), PluginState::Running);
+    assert!(plugin.healthy);
+    assert_ne!(plugin.pid as u32, old_pid);
+    assert_eq!((plugin.restart_count, plugin.consecutive_failures), (1, 1));
+    assert_eq!(
+        plugin.last_exit.unwrap().status,
+        Some(pb::exit_info::Status::Signal(9))
+    );
+}
+
+#[tokio::test]
+async fn always_failing_plugin_walks_the_backoff_and_ends_disabled() {
+    let mut d = Daemon::new(&["--backoff-base", "10ms", "--backoff-max", "40ms"]);
+    d.install_fixture("doomed", "crash", &["--ms", "0"]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["doomed"]).await;
+
+    let err = client.enable_plugin(id_req("doomed")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(
+        err.message().contains("failed to start") && err.message().contains("code 3"),
+        "{}",
+        err.message()
+    );
+
+    let disabled = events
+        .wait_state("doomed", PluginState::Disabled, Duration::from_secs(60))
+        .await;
+    assert!(
+        disabled.reason.contains("crash loop"),
+        "{}",
+        disabled.reason
+    );
+    let transitions: Vec<PluginState> = events
+        .seen
+        .iter()
+        .filter(|e| e.plugin_id == "doomed" && e.kind == pb::EventKind::StateChanged as i32)
+        .map(|e| PluginState::try_from(e.to_state).unwrap())
+        .collect();
+    let mut expected = Vec::new();
+    for run in 1..=10 {
+        expected.extend([PluginState::Starting, PluginState::Crashed]);
+        expected.push(if run < 10 {
+            PluginState::Backoff
+        } else {
+            PluginState::Disabled
+        });
+    }
+    assert_eq!(transitions, expected);
+    let delays: Vec<i64> = events
+        .seen
+        .iter()
+        .filter(|e| e.to_state == PluginState::Backoff as i32)
+        .map(|e| {
+            let (t, n) = (e.time.unwrap(), e.next_restart_at.unwrap());
+            ((n.seconds - t.seconds) * 1000 + (n.nanos - t.nanos) as i64 / 1_000_000 + 2) / 10 * 10
+        })
+        .collect();
+    assert_eq!(delays, [10, 20, 40, 40, 40, 40, 40, 40, 40]);
+    let crashed = events
+        .seen
+        .iter()
+        .find(|e| e.to_state == PluginState::Crashed as i32)
+        .unwrap();
+    let tail = &crashed.exit.as_ref().unwrap().stderr_tail;
+    assert!(
+        tail.iter().any(|l| l.contains("crashing before binding")),
+        "{tail:?}"
+    );
+
+    let plugin = client
+        .get_plugin(pb::GetPluginRequest {
+            plugin_id: "doomed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plugin
+        .unwrap();
+    assert_eq!(state_of(&plugin), PluginState::Disabled);
+    assert!(!plugin.enabled && plugin.last_error.contains("crash loop"));
+    assert_eq!(plugin.consecutive_failures, 10);
+}
+
+#[tokio::test]
+async fn sigkill_of_the_daemon_leaves_no_plugin_alive() {
+    let mut d = Daemon::new(&["--enable-new-plugins"]);
+    d.install_hello("hello");
+    d.install_fixture("py", "normal", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    let a = events
+        .wait_state("hello", PluginState::Running, SECS10)
+        .await;
+    let b = events.wait_state("py", PluginState::Running, SECS10).await;
+    let pids: Vec<u32> = [a, b]
+        .iter()
+        .map(|e| e.details["pid"].parse().unwrap())
+        .collect();
+    d.kill9().await;
+    wait_until(
+        "plugins to die with the daemon",
+        Duration::from_secs(5),
+        || pids.iter().all(|p| process_gone(*p)),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_ten_megabyte_stdout_flood_does_not_block_the_plugin() {
+    let mut d = Daemon::new(&[]);
+    d.install_fixture("flood", "flood", &["--bytes", "10485760"]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["flood"]).await;
+    let plugin = enable(&mut client, "flood").await;
+    assert_eq!(state_of(&plugin), PluginState::Running);
+    let logs = d.data_dir.join("logs/plugins");
+    let total = || -> u64 {
+        std::fs::read_dir(&logs)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("flood.log"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum()
+    };
+    wait_until("10 MB of stdout in the log", SECS10, || {
+        total() >= 10 * 1024 * 1024
+    })
+    .await;
+    assert!(
+        logs.join("flood.log.1").exists(),
+        "the log should have rotated at 10 MB"
+    );
+}
+
+#[tokio::test]
+async fn a_plugin_ignoring_sigterm_is_killed_after_the_grace() {
+    let mut d = Daemon::new(&["--stop-grace", "300ms", "--kill-grace", "300ms"]);
+    d.install_fixture("stubborn", "ignore-term", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["stubborn"]).await;
+    let pid = enable(&mut client, "stubborn").await.pid as u32;
+    let began = Instant::now();
+    let plugin = disable(&mut client, "stubborn").await;
+    assert!(
+        began.elapsed() >= Duration::from_millis(600),
+        "escalated too early: {:?}",
+        began.elapsed()
+    );
+    assert_eq!(
+        plugin.last_exit.unwrap().status,
+        Some(pb::exit_info::Status::Signal(9))
+    );
+    assert!(process_gone(pid));
+    assert!(
+        d.log_text("stubborn")
+            .contains("received lifecycle shutdown"),
+        "the shutdown message comes first"
+    );
+}
+
+#[tokio::test]
+async fn a_forked_grandchild_dies_with_its_plugin() {
+    let mut d = Daemon::new(&[]);
+    d.install_fixture("forker", "fork-grandchild", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["forker"]).await;
+    enable(&mut client, "forker").await;
+    let pid_file = d.data_dir.join("plugins/forker/grandchild.pid");
+    let grandchild: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!process_gone(grandchild));
+    disable(&mut client, "forker").await;
+    wait_until("the grandchild to die", Duration::from_secs(5), || {
+        process_gone(grandchild)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_start_slower_than_the_start_timeout_fails_with_that_reason() {
+    let mut d = Daemon::new(&["--start-timeout", "500ms", "--backoff-base", "1h"]);
+    d.install_fixture("sleepy", "slow-start", &["--ms", "5000"]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["sleepy"]).await;
+    let err = client.enable_plugin(id_req("sleepy")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(
+        err.message().contains("not ready within 500ms"),
+        "{}",
+        err.message()
+    );
+    let plugin = client
+        .get_plugin(pb::GetPluginRequest {
+            plugin_id: "sleepy".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plugin
+        .unwrap();
+    assert_eq!(state_of(&plugin), PluginState::Backoff);
+    assert!(plugin.enabled && plugin.next_restart_at.is_some());
+}
+
+#[tokio::test]
+async fn unknown_and_invalid_ids_are_clear_errors() {
+    let mut d = Daemon::new(&[]);
+    d.start().await;
+    let mut client = d.client().await;
+    let err = client
+        .get_plugin(pb::GetPluginRequest {
+            plugin_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("\"nope\""), "{}", err.message());
+    let err = client.enable_plugin(id_req("../etc")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("plugin_id"), "{}", err.message());
+    let req = pb::RestartPluginRequest {
+        plugin_id: "nope".into(),
+    };
+    assert_eq!(
+        client.restart_plugin(req).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+}
