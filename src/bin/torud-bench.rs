@@ -1,1 +1,348 @@
-fn main() {}
+//! `torud-bench`: benchmarks of the daemon, each figure printed beside a baseline measured in
+//! the same run, so the ratio means something on a noisy machine.
+//!
+//! `torud-bench lifecycle` measures, alternating daemon and baseline iterations:
+//! - enable→ready: `EnablePlugin` round trip for the Rust example plugin, against spawning
+//!   the same binary directly, connecting to its socket (same retry loop) and sending init;
+//! - SIGKILL→crashed event: from `kill -9` of the plugin to the CRASHED event on a
+//!   `WatchEvents` stream, against SIGKILL→`wait` of a bare child.
+//!
+//! Run from a release build: `cargo build --release --bins --examples`, then
+//! `target/release/torud-bench lifecycle [--iterations N] [--json PATH]`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use futures::SinkExt;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_util::codec::Framed;
+use toru_plugin_sdk::wire::InitParams;
+use toru_plugin_sdk::{Envelope, FrameCodec};
+use torud::connection::connect_with_retry;
+use torud::pb;
+use torud::pb::plugin_service_client::PluginServiceClient;
+
+#[derive(Parser)]
+#[command(
+    name = "torud-bench",
+    about = "Benchmarks of torud against same-run baselines"
+)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Enable→ready and SIGKILL→crashed-event latency.
+    Lifecycle {
+        /// Measured iterations of each figure (after 10 warm-up rounds).
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+#[derive(Debug, Clone, Copy)]
+struct Summary {
+    p50: f64,
+    p99: f64,
+    mean: f64,
+}
+
+fn summarize(samples: &mut [Duration]) -> Summary {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let at = |q: f64| {
+        ms(samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1])
+    };
+    let mean = samples.iter().map(|d| ms(*d)).sum::<f64>() / samples.len() as f64;
+    Summary {
+        p50: at(0.50),
+        p99: at(0.99),
+        mean,
+    }
+}
+
+fn summary_json(s: Summary) -> serde_json::Value {
+    json!({ "p50_ms": s.p50, "p99_ms": s.p99, "mean_ms": s.mean })
+}
+
+fn sibling(name: &str) -> BenchResult<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().ok_or("no parent directory")?;
+    let path = if name == "torud" {
+        dir.join(name)
+    } else {
+        dir.join("examples").join(name)
+    };
+    if !path.exists() {
+        return Err(format!(
+            "{} is missing: build it first with `cargo build --release --bins --examples`",
+            path.display()
+        )
+        .into());
+    }
+    Ok(path)
+}
+
+/// The daemon under measurement, as a separate process.
+struct Daemon {
+    _child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    async fn start(torud: &Path, plugin: &Path) -> BenchResult<Self> {
+        let dir = tempfile::tempdir()?;
+        let plugins = dir.path().join("plugins");
+        std::fs::create_dir_all(&plugins)?;
+        std::fs::copy(plugin, plugins.join("hello.binary"))?;
+        let mut child = Command::new(torud)
+            .args(["serve", "--listen", "127.0.0.1:0", "--log", "warn"])
+            .arg("--plugins-dir")
+            .arg(&plugins)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args([
+                "--backoff-base",
+                "1ms",
+                "--backoff-max",
+                "1ms",
+                "--max-failures",
+                "1000000",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        let line = lines
+            .next_line()
+            .await?
+            .ok_or("torud exited before listening")?;
+        let addr = line
+            .strip_prefix("torud listening on ")
+            .ok_or("unexpected first line")?
+            .to_owned();
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Daemon {
+            _child: child,
+            addr,
+            _dir: dir,
+        })
+    }
+}
+
+async fn wait_added(
+    client: &mut PluginServiceClient<tonic::transport::Channel>,
+) -> BenchResult<()> {
+    let req = pb::WatchEventsRequest {
+        after_seq: Some(0),
+        plugin_ids: vec!["hello".into()],
+    };
+    let mut events = client.watch_events(req).await?.into_inner();
+    while let Some(resp) = events.message().await? {
+        if resp
+            .event
+            .is_some_and(|e| e.kind == pb::EventKind::PluginAdded as i32)
+        {
+            return Ok(());
+        }
+    }
+    Err("event stream ended before the plugin was discovered".into())
+}
+
+/// Baseline: spawn the plugin directly, connect with the daemon's retry loop, send init.
+async fn baseline_ready(plugin: &Path, socket: &Path) -> BenchResult<(Duration, Child)> {
+    let _ = std::fs::remove_file(socket);
+    let began = Instant::now();
+    let child = Command::new(plugin)
+        .env(toru_plugin_sdk::ENV_PLUGIN_SOCKET, socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stream = connect_with_retry(socket, Duration::from_secs(10)).await?;
+    let mut framed = Framed::new(stream, FrameCodec::default());
+    let init = InitParams {
+        instance_id: "bench".into(),
+        plugin_socket: socket.to_string_lossy().into_owned(),
+        log_path: String::new(),
+        host_protocol_version: toru_plugin_sdk::PROTOCOL_VERSION,
+    };
+    framed
+        .send(Envelope::init("bench".into(), &init).to_vec())
+        .await?;
+    let took = began.elapsed();
+    drop(framed);
+    Ok((took, child))
+}
+
+async fn lifecycle(iterations: usize, json_path: Option<PathBuf>) -> BenchResult<()> {
+    let torud = sibling("torud")?;
+    let plugin = sibling("hello-plugin")?;
+    let daemon = Daemon::start(&torud, &plugin).await?;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", daemon.addr))?
+        .connect()
+        .await?;
+    let mut client = PluginServiceClient::new(channel);
+    wait_added(&mut client).await?;
+    let scratch = tempfile::tempdir()?;
+    let socket = scratch.path().join("bench.sock");
+    let enable_req = || pb::EnablePluginRequest {
+        plugin_id: "hello".into(),
+    };
+    let disable_req = || pb::DisablePluginRequest {
+        plugin_id: "hello".into(),
+    };
+
+    let warmup = 10;
+    let (mut enable_d, mut enable_b) = (Vec::new(), Vec::new());
+    for i in 0..iterations + warmup {
+        let began = Instant::now();
+        let plugin_resp = client.enable_plugin(enable_req()).await?.into_inner();
+        let took = began.elapsed();
+        if plugin_resp.plugin.map(|p| p.state) != Some(pb::PluginState::Running as i32) {
+            return Err("EnablePlugin did not return a running plugin".into());
+        }
+        client.disable_plugin(disable_req()).await?;
+        let (base, mut child) = baseline_ready(&plugin, &socket).await?;
+        child.kill().await?;
+        if i >= warmup {
+            enable_d.push(took);
+            enable_b.push(base);
+        }
+    }
+
+    client.enable_plugin(enable_req()).await?;
+    let watch = pb::WatchEventsRequest {
+        after_seq: None,
+        plugin_ids: vec!["hello".into()],
+    };
+    let mut events = client.watch_events(watch).await?.into_inner();
+    let (mut crash_d, mut crash_b) = (Vec::new(), Vec::new());
+    let mut pid = client
+        .get_plugin(pb::GetPluginRequest {
+            plugin_id: "hello".into(),
+        })
+        .await?
+        .into_inner()
+        .plugin
+        .ok_or("no plugin")?
+        .pid;
+    for i in 0..iterations + warmup {
+        let began = Instant::now();
+        // SAFETY: plain syscall on a pid the daemon reported for its running plugin.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let took = loop {
+            let event = events
+                .message()
+                .await?
+                .ok_or("event stream ended")?
+                .event
+                .ok_or("empty event")?;
+            if event.to_state == pb::PluginState::Crashed as i32 {
+                break began.elapsed();
+            }
+        };
+        loop {
+            let event = events
+                .message()
+                .await?
+                .ok_or("event stream ended")?
+                .event
+                .ok_or("empty event")?;
+            if event.to_state == pb::PluginState::Running as i32 {
+                pid = event.details.get("pid").ok_or("no pid")?.parse()?;
+                break;
+            }
+        }
+        let (_, mut child) = baseline_ready(&plugin, &socket).await?;
+        let bare = child.id().ok_or("no pid")? as i32;
+        let began = Instant::now();
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(bare, libc::SIGKILL) };
+        child.wait().await?;
+        let base = began.elapsed();
+        if i >= warmup {
+            crash_d.push(took);
+            crash_b.push(base);
+        }
+    }
+    drop(daemon);
+
+    let (ed, eb) = (summarize(&mut enable_d), summarize(&mut enable_b));
+    let (cd, cb) = (summarize(&mut crash_d), summarize(&mut crash_b));
+    println!(
+        "torud-bench lifecycle: {iterations} iterations each (after {warmup} warm-up), {} cores",
+        num_cpus()
+    );
+    println!(
+        "{:<28} {:>10} {:>10} {:>10}",
+        "figure", "p50 ms", "p99 ms", "mean ms"
+    );
+    for (name, s) in [
+        ("enable→ready (daemon)", ed),
+        ("enable→ready (baseline)", eb),
+        ("SIGKILL→crashed (daemon)", cd),
+        ("SIGKILL→wait (baseline)", cb),
+    ] {
+        println!(
+            "{name:<28} {:>10.3} {:>10.3} {:>10.3}",
+            s.p50, s.p99, s.mean
+        );
+    }
+    let enable_delta = ed.p50 - eb.p50;
+    let crash_delta = cd.p50 - cb.p50;
+    println!("enable p50 delta: {enable_delta:+.3} ms (target ≤ 1 ms)");
+    println!("crash p50 delta:  {crash_delta:+.3} ms (target ≤ 0.5 ms)");
+    if let Some(path) = json_path {
+        let doc = json!({
+            "benchmark": "lifecycle",
+            "iterations": iterations,
+            "cores": num_cpus(),
+            "enable_ready": { "daemon": summary_json(ed), "baseline": summary_json(eb) },
+            "crash_event": { "daemon": summary_json(cd), "baseline": summary_json(cb) },
+            "enable_p50_delta_ms": enable_delta,
+            "crash_p50_delta_ms": crash_delta,
+            "targets": { "enable_p50_delta_ms": 1.0, "crash_p50_delta_ms": 0.5 },
+        });
+        std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.bench {
+            Bench::Lifecycle { iterations, json } => lifecycle(iterations.max(1), json).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("torud-bench: error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
