@@ -440,3 +440,76 @@ async fn unknown_and_invalid_ids_are_clear_errors() {
         tonic::Code::NotFound
     );
 }
+
+#[tokio::test]
+async fn enable_is_bounded_by_the_callers_deadline() {
+    let mut d = Daemon::new(&[]);
+    d.install_fixture("sleepy", "slow-start", &["--ms", "3000"]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["sleepy"]).await;
+    let mut req = tonic::Request::new(id_req("sleepy"));
+    req.set_timeout(Duration::from_millis(300));
+    let began = Instant::now();
+    let err = client.enable_plugin(req).await.unwrap_err();
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "answered after {:?}",
+        began.elapsed()
+    );
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{err:?}"
+    );
+    // The start goes on: the plugin still becomes ready.
+    events
+        .wait_state("sleepy", PluginState::Running, SECS10)
+        .await;
+}
+
+#[tokio::test]
+async fn a_v1_plugin_whose_socket_stops_listening_turns_unhealthy() {
+    let mut d = Daemon::new(&["--health-interval", "50ms"]);
+    d.install_fixture("deaf", "close-listener", &["--ms", "300"]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["deaf"]).await;
+    let plugin = enable(&mut client, "deaf").await;
+    assert!(plugin.healthy);
+    let change = events
+        .wait_for("health change", SECS10, |e| {
+            e.kind == pb::EventKind::HealthChanged as i32
+        })
+        .await;
+    assert!(
+        !change.healthy && change.reason.contains("not listening"),
+        "{change:?}"
+    );
+    let plugin = client
+        .get_plugin(pb::GetPluginRequest {
+            plugin_id: "deaf".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plugin
+        .unwrap();
+    assert_eq!(
+        (state_of(&plugin), plugin.healthy),
+        (PluginState::Running, false)
+    );
+    let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
+    let req = tonic_health::pb::HealthCheckRequest {
+        service: "toru.plugin.deaf".into(),
+    };
+    let status = health.check(req).await.unwrap().into_inner().status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+}
