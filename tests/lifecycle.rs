@@ -513,3 +513,84 @@ async fn a_v1_plugin_whose_socket_stops_listening_turns_unhealthy() {
         tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
     );
 }
+
+#[tokio::test]
+async fn a_protocol_2_plugin_closing_its_connection_is_a_failed_run() {
+    let mut d = Daemon::new(&["--backoff-base", "1h"]);
+    d.install_fixture("dropper", "v2-drop", &["--ms", "200"]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["dropper"]).await;
+    let plugin = enable(&mut client, "dropper").await;
+    assert_eq!(plugin.protocol_version, 2);
+    let pid = plugin.pid as u32;
+    let crashed = events
+        .wait_state("dropper", PluginState::Crashed, SECS10)
+        .await;
+    assert!(
+        crashed
+            .reason
+            .contains("closed its connection while its process was still running"),
+        "{}",
+        crashed.reason
+    );
+    assert_eq!(
+        crashed.exit.unwrap().status,
+        Some(pb::exit_info::Status::Signal(9)),
+        "the daemon kills it"
+    );
+    assert!(process_gone(pid));
+    events
+        .wait_state("dropper", PluginState::Backoff, SECS10)
+        .await;
+}
+
+#[tokio::test]
+async fn a_stable_run_resets_the_failure_count() {
+    let mut d = Daemon::new(&["--backoff-base", "10ms", "--stable-window", "500ms"]);
+    d.install_hello("hello");
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["hello"]).await;
+    let pid = enable(&mut client, "hello").await.pid as u32;
+    signal(pid, libc::SIGKILL);
+    events
+        .wait_state("hello", PluginState::Crashed, SECS10)
+        .await;
+    events
+        .wait_state("hello", PluginState::Running, SECS10)
+        .await;
+    let get = || pb::GetPluginRequest {
+        plugin_id: "hello".into(),
+    };
+    let failures = client
+        .get_plugin(get())
+        .await
+        .unwrap()
+        .into_inner()
+        .plugin
+        .unwrap()
+        .consecutive_failures;
+    assert_eq!(failures, 1);
+    let deadline = Instant::now() + SECS10;
+    loop {
+        let plugin = client
+            .get_plugin(get())
+            .await
+            .unwrap()
+            .into_inner()
+            .plugin
+            .unwrap();
+        if plugin.consecutive_failures == 0 {
+            assert_eq!(plugin.restart_count, 1);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the failure count was never reset"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -399,7 +399,7 @@ impl Actor {
         loop {
             tokio::select! {
                 status = run.process.wait() => {
-                    let reason = format!("{status} unexpectedly");
+                    let reason = format!("unexpected exit: {status}");
                     return self.failed_run(Some(run.process), reason).await;
                 }
                 frame = next_frame(&mut run.conn) => match frame {
@@ -413,7 +413,7 @@ impl Actor {
                         };
                         run.conn = None;
                         let reason = match timeout(EXIT_AFTER_EOF, run.process.wait()).await {
-                            Ok(status) => format!("{status} unexpectedly"),
+                            Ok(status) => format!("unexpected exit: {status}"),
                             Err(_) => format!("{why} while its process was still running"),
                         };
                         return self.failed_run(Some(run.process), reason).await;
