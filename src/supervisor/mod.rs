@@ -302,13 +302,18 @@ impl Supervisor {
             });
             match outcome {
                 Ok(spec) => {
-                    let id = spec.metadata.id.clone();
-                    seen.insert(id.clone(), spec.binary_path.clone());
+                    seen.insert(spec.metadata.id.clone(), spec.binary_path.clone());
                     self.add_or_update(spec, &mut report);
-                    let _ = id;
                 }
                 Err(skipped) => {
                     tracing::warn!(path = %skipped.path.display(), reason = %skipped.reason, "plugin skipped");
+                    // Visible in ListPlugins before its event is out; stale entries of the
+                    // previous scan are dropped when this scan ends.
+                    {
+                        let mut list = self.inner.skipped.lock().expect("skipped list poisoned");
+                        list.retain(|s| s.path != skipped.path);
+                        list.push(skipped.clone());
+                    }
                     if !previous_skips.contains(&skipped) {
                         let draft = EventDraft::new("", EventKind::PluginSkipped)
                             .reason(skipped.reason.clone())
