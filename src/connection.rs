@@ -16,8 +16,15 @@ use tokio_util::codec::Framed;
 use toru_plugin_sdk::codec::encode_frame;
 use toru_plugin_sdk::{Envelope, FrameCodec, FrameError};
 
-/// First wait between connection attempts; doubles up to [`MAX_RETRY_DELAY`].
+/// First wait between connection attempts; doubles up to [`FAST_RETRY_CAP`] while the
+/// plugin is young, then up to [`MAX_RETRY_DELAY`]. Most plugins bind within a few
+/// milliseconds, and a failed `connect` on a missing socket costs a few microseconds, so
+/// polling finely at first costs little and adds at most 0.2 ms to readiness.
 const FIRST_RETRY_DELAY: Duration = Duration::from_micros(50);
+/// Cap of the wait during the first [`FAST_RETRY_PERIOD`].
+const FAST_RETRY_CAP: Duration = Duration::from_micros(200);
+/// How long to poll finely.
+const FAST_RETRY_PERIOD: Duration = Duration::from_millis(50);
 /// Longest wait between connection attempts.
 const MAX_RETRY_DELAY: Duration = Duration::from_millis(2);
 
@@ -101,7 +108,12 @@ fn connect_blocking(
                     });
                 }
                 std::thread::sleep(delay.min(timeout - waited));
-                delay = (delay * 2).min(MAX_RETRY_DELAY);
+                let cap = if waited < FAST_RETRY_PERIOD {
+                    FAST_RETRY_CAP
+                } else {
+                    MAX_RETRY_DELAY
+                };
+                delay = (delay * 2).min(cap);
             }
             Err(source) => {
                 return Err(ConnectError::Io {
