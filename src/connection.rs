@@ -168,13 +168,47 @@ impl PluginConnection {
 /// Whether a Unix socket bound at `path` is listening, read from `/proc/net/unix`, so a
 /// health check never opens a connection that a v1 plugin would have to handle.
 pub fn socket_listening(path: &Path) -> std::io::Result<bool> {
-    const SO_ACCEPTCON: u32 = 0x0001_0000;
-    let wanted = path.to_string_lossy();
     let table = std::fs::read_to_string("/proc/net/unix")?;
-    Ok(table.lines().skip(1).any(|line| {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        cols.len() >= 8
-            && cols[7] == wanted
-            && u32::from_str_radix(cols[3], 16).is_ok_and(|flags| flags & SO_ACCEPTCON != 0)
-    }))
+    Ok(listening_in(&table, &path.to_string_lossy()))
+}
+
+/// Whether the `/proc/net/unix` text lists a listening socket bound at `path`. Columns:
+/// `Num RefCount Protocol Flags Type St Inode Path`; the path is the rest of the line and
+/// may contain spaces.
+fn listening_in(table: &str, path: &str) -> bool {
+    const SO_ACCEPTCON: u32 = 0x0001_0000;
+    table.lines().skip(1).any(|line| {
+        let mut rest = line.trim_start();
+        let mut fields = Vec::with_capacity(7);
+        for _ in 0..7 {
+            let Some(end) = rest.find(' ') else {
+                return false;
+            };
+            fields.push(&rest[..end]);
+            rest = rest[end..].trim_start();
+        }
+        rest == path
+            && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & SO_ACCEPTCON != 0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &str = "Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 4242 /srv/my data/run/a.sock
+0000000000000000: 00000003 00000000 00000000 0001 03 4343 /srv/data/run/b.sock
+0000000000000000: 00000002 00000000 00010000 0001 01 4444
+";
+
+    #[test]
+    fn finds_listening_sockets_even_with_spaces_in_the_path() {
+        assert!(listening_in(TABLE, "/srv/my data/run/a.sock"));
+        assert!(
+            !listening_in(TABLE, "/srv/data/run/b.sock"),
+            "connected, not listening"
+        );
+        assert!(!listening_in(TABLE, "/srv/my"));
+    }
 }

@@ -64,10 +64,14 @@ pub fn candidates(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Probes every candidate of `dir` concurrently, sending each outcome as soon as it is known.
-/// The channel closes when all are done.
-pub fn scan(dir: &Path, opts: ProbeOptions) -> std::io::Result<mpsc::UnboundedReceiver<Probe>> {
+/// Returns the candidate files and the channel of outcomes, which closes when all are done.
+pub fn scan(
+    dir: &Path,
+    opts: ProbeOptions,
+) -> std::io::Result<(Vec<PathBuf>, mpsc::UnboundedReceiver<Probe>)> {
     let canonical_dir = dir.canonicalize()?;
     let files = candidates(&canonical_dir)?;
+    let listed = files.clone();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut probes: FuturesUnordered<_> = files
@@ -80,7 +84,7 @@ pub fn scan(dir: &Path, opts: ProbeOptions) -> std::io::Result<mpsc::UnboundedRe
             }
         }
     });
-    Ok(rx)
+    Ok((listed, rx))
 }
 
 /// Checks one file and runs it with `--metadata`.

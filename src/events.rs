@@ -53,6 +53,8 @@ struct Inner {
 
 struct Writer {
     file: File,
+    /// Length of the file's whole lines; a failed write is cut back to it.
+    len: u64,
     next_seq: u64,
 }
 
@@ -82,6 +84,7 @@ impl EventLog {
                 path: path.to_owned(),
                 writer: Mutex::new(Writer {
                     file,
+                    len: good_len,
                     next_seq: last_seq + 1,
                 }),
                 tx,
@@ -100,8 +103,13 @@ impl EventLog {
         w.next_seq += 1;
         let mut line = serde_json::to_vec(&*event).expect("events always serialise");
         line.push(b'\n');
-        if let Err(e) = w.file.write_all(&line) {
-            tracing::error!(seq = event.seq, error = %e, "could not persist an event; it is delivered live only");
+        match w.file.write_all(&line) {
+            Ok(()) => w.len += line.len() as u64,
+            Err(e) => {
+                // Never leave half a line for the next event to be glued onto.
+                let _ = w.file.set_len(w.len);
+                tracing::error!(seq = event.seq, error = %e, "could not persist an event; it is delivered live only");
+            }
         }
         let _ = self.inner.tx.send(event.clone());
         drop(w);
@@ -132,7 +140,7 @@ impl EventLog {
 
     /// Starts following the log: events with seq > `after` first (from the file), then live
     /// ones. `None` follows only events appended from now on.
-    pub fn follow(&self, after: Option<u64>) -> Result<Follower, EventLogError> {
+    pub async fn follow(&self, after: Option<u64>) -> Result<Follower, EventLogError> {
         let (rx, current) = {
             let w = self.inner.writer.lock().expect("event log lock poisoned");
             (self.inner.tx.subscribe(), w.next_seq - 1)
@@ -144,13 +152,20 @@ impl EventLog {
             last: current,
         };
         if let Some(after) = after {
-            follower.pending = self.read_range(after, current)?.into();
+            follower.pending = self.read_range(after, current).await?.into();
         }
         Ok(follower)
     }
 
-    /// Events with `after < seq <= upto`, from the file.
-    fn read_range(&self, after: u64, upto: u64) -> Result<Vec<Arc<Event>>, EventLogError> {
+    /// Events with `after < seq <= upto`, from the file, read on a blocking thread.
+    async fn read_range(&self, after: u64, upto: u64) -> Result<Vec<Arc<Event>>, EventLogError> {
+        let log = self.clone();
+        tokio::task::spawn_blocking(move || log.read_range_blocking(after, upto))
+            .await
+            .expect("event log reader panicked")
+    }
+
+    fn read_range_blocking(&self, after: u64, upto: u64) -> Result<Vec<Arc<Event>>, EventLogError> {
         if after >= upto {
             return Ok(Vec::new());
         }
@@ -176,7 +191,9 @@ impl EventLog {
     }
 }
 
-/// Reads the whole file: the last whole event's seq and the length up to its line's end.
+/// Reads the whole file: the highest seq and the length up to the end of the last whole,
+/// valid line. A damaged line in the middle is skipped (readers skip it too); only what
+/// follows the last valid line is treated as torn.
 fn scan(file: &mut File) -> std::io::Result<(u64, u64)> {
     file.seek(SeekFrom::Start(0))?;
     let mut reader = BufReader::new(&*file);
@@ -192,12 +209,9 @@ fn scan(file: &mut File) -> std::io::Result<(u64, u64)> {
         if line.last() != Some(&b'\n') {
             break;
         }
-        match serde_json::from_slice::<Event>(&line) {
-            Ok(event) => {
-                last_seq = last_seq.max(event.seq);
-                good_len = offset;
-            }
-            Err(_) => break,
+        if let Ok(event) = serde_json::from_slice::<Event>(&line) {
+            last_seq = last_seq.max(event.seq);
+            good_len = offset;
         }
     }
     Ok((last_seq, good_len))
@@ -227,7 +241,7 @@ impl Follower {
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     let upto = self.log.last_seq();
-                    match self.log.read_range(self.last, upto) {
+                    match self.log.read_range(self.last, upto).await {
                         Ok(events) => {
                             self.pending = events.into();
                             self.last = upto;
@@ -257,7 +271,7 @@ mod tests {
         for i in 0..5 {
             log.append(draft(&format!("p{i}")));
         }
-        let mut f = log.follow(Some(2)).unwrap();
+        let mut f = log.follow(Some(2)).await.unwrap();
         log.append(draft("live"));
         let mut seqs = Vec::new();
         for _ in 0..4 {
@@ -280,12 +294,40 @@ mod tests {
         let log = EventLog::open(&path).unwrap();
         assert_eq!(log.last_seq(), 2);
         assert_eq!(log.append(draft("c")).seq, 3);
-        let mut f = log.follow(Some(0)).unwrap();
-        let ids: Vec<String> = [0, 1, 2]
-            .iter()
-            .map(|_| futures::executor::block_on(f.next()).unwrap().unwrap())
-            .map(|e| e.body.plugin_id.clone())
-            .collect();
+        let mut f = log.follow(Some(0)).await.unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(f.next().await.unwrap().unwrap().body.plugin_id.clone());
+        }
+        assert_eq!(ids, ["a", "b", "c"]);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_line_in_the_middle_loses_nothing_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.jsonl");
+        let first = EventLog::open(&path).unwrap().append(draft("a"));
+        let mut later = (*first).clone();
+        later.seq = 2;
+        later.body.plugin_id = "b".into();
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"{\"seq\":2,\"ti\n").unwrap();
+        file.write_all(&serde_json::to_vec(&later).unwrap())
+            .unwrap();
+        file.write_all(b"\n").unwrap();
+        drop(file);
+        let log = EventLog::open(&path).unwrap();
+        assert_eq!(
+            log.last_seq(),
+            2,
+            "the event after the damaged line survives"
+        );
+        assert_eq!(log.append(draft("c")).seq, 3);
+        let mut f = log.follow(Some(0)).await.unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(f.next().await.unwrap().unwrap().body.plugin_id.clone());
+        }
         assert_eq!(ids, ["a", "b", "c"]);
     }
 
@@ -293,7 +335,7 @@ mod tests {
     async fn lagging_follower_catches_up_from_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let log = EventLog::open(&dir.path().join("e.jsonl")).unwrap();
-        let mut f = log.follow(None).unwrap();
+        let mut f = log.follow(None).await.unwrap();
         let total = BROADCAST_CAPACITY as u64 + 100;
         for i in 0..total {
             log.append(draft(&format!("p{i}")));

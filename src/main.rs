@@ -137,15 +137,16 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let shutdown = async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                tracing::error!("cannot install signal handlers; stop the daemon with SIGKILL");
-                return std::future::pending().await;
-            };
+        use tokio::signal::unix::{signal, SignalKind};
+        // Installed before anything listens, so a SIGTERM right after start-up still
+        // stops the daemon gracefully.
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return Err(torud::server::ServeError::Signals);
+        };
+        let shutdown = async move {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM received"),
                 _ = int.recv() => tracing::info!("SIGINT received"),

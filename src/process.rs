@@ -63,16 +63,60 @@ pub fn plugin_command(
     cmd
 }
 
-/// Sends `sig` to every process in the group led by `pgid`. A group that is already gone
-/// is not an error.
+/// Sends `sig` to every process in the group led by `pgid`, and to the leader itself (a
+/// plugin that moved itself into another group is still reached). A group that is already
+/// gone is not an error.
 pub fn signal_group(pgid: u32, sig: i32) {
     if pgid == 0 {
         return;
     }
-    // SAFETY: plain syscall; a negative pid addresses the process group.
+    // SAFETY: plain syscalls; a negative pid addresses the process group.
     unsafe {
         libc::kill(-(pgid as libc::pid_t), sig);
+        libc::kill(pgid as libc::pid_t, sig);
     }
+}
+
+/// SIGKILLs every process left over from an earlier run of a daemon using `run_dir`: any
+/// process whose environment names a plugin socket inside it. A daemon that was SIGKILLed
+/// takes its plugins' direct children with it (parent-death signal), but not processes
+/// those forked; this finds them by the `TORU_PLUGIN_SOCKET` they inherited. Returns the
+/// pids killed.
+pub fn kill_leftovers(run_dir: &Path) -> Vec<u32> {
+    let mut marker = format!("{}=", toru_plugin_sdk::ENV_PLUGIN_SOCKET).into_bytes();
+    marker.extend_from_slice(run_dir.as_os_str().as_encoded_bytes());
+    marker.push(b'/');
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut killed = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|&b| b == 0)
+            .any(|var| var.starts_with(&marker))
+        {
+            // SAFETY: plain syscall on a process that carries our socket directory.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+            killed.push(pid);
+        }
+    }
+    killed
 }
 
 /// Whether a process with this pid exists (and is not a zombie we could still reap).
@@ -126,6 +170,24 @@ impl PluginProcess {
     /// The process id (also its process group id).
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// SIGKILLs the group and waits for the exit, at most `limit` (a process stuck in the
+    /// kernel may outlive SIGKILL for a while; it is then reaped in the background).
+    pub async fn kill_and_wait(&mut self, limit: Duration) -> ExitStatus {
+        if self.exit.is_none() {
+            self.signal_group(libc::SIGKILL);
+        }
+        match tokio::time::timeout(limit, self.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                tracing::error!(
+                    pid = self.pid,
+                    "plugin still not reaped {limit:?} after SIGKILL"
+                );
+                ExitStatus::Signal(libc::SIGKILL)
+            }
+        }
     }
 
     /// Waits for the process to exit. Cancel-safe; returns at once once it has exited.

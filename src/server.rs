@@ -36,6 +36,9 @@ pub enum ServeError {
     /// Reflection could not be built.
     #[error("cannot build server reflection: {0}")]
     Reflection(String),
+    /// SIGTERM/SIGINT handlers could not be installed.
+    #[error("cannot install the SIGTERM and SIGINT handlers")]
+    Signals,
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(String),

@@ -94,19 +94,30 @@ impl EnabledStore {
             .copied()
     }
 
-    /// Records a decision and writes the file durably before returning.
+    /// Records a decision and writes the file durably before returning. When the write
+    /// fails, the decision is taken back, so the map never claims what the disk lacks.
     pub async fn set(&self, id: &str, enabled: bool) -> Result<(), StateError> {
-        {
+        let previous = {
             let mut state = self.inner.state.lock().expect("state lock poisoned");
             if state.get(id) == Some(&enabled) {
                 return Ok(());
             }
-            state.insert(id.to_owned(), enabled);
-        }
+            state.insert(id.to_owned(), enabled)
+        };
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.write_file())
+        let result = tokio::task::spawn_blocking(move || inner.write_file())
             .await
-            .expect("state writer panicked")
+            .expect("state writer panicked");
+        if result.is_err() {
+            let mut state = self.inner.state.lock().expect("state lock poisoned");
+            if state.get(id) == Some(&enabled) {
+                match previous {
+                    Some(value) => state.insert(id.to_owned(), value),
+                    None => state.remove(id),
+                };
+            }
+        }
+        result
     }
 }
 
@@ -152,6 +163,27 @@ mod tests {
         store.set("b", false).await.unwrap();
         let again = EnabledStore::load(&path).unwrap();
         assert_eq!((again.get("a"), again.get("b")), (Some(true), Some(false)));
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_takes_the_decision_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let store = EnabledStore::load(&data.join("state.json")).unwrap();
+        // Writes now fail: the directory became a file.
+        std::fs::remove_dir(&data).unwrap();
+        std::fs::write(&data, b"").unwrap();
+        assert!(store.set("a", true).await.is_err());
+        assert_eq!(
+            store.get("a"),
+            None,
+            "an unsaved decision must not look saved"
+        );
+        assert!(
+            store.set("a", true).await.is_err(),
+            "a retry must write again"
+        );
     }
 
     #[test]

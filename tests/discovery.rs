@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use torud::pb;
 use torud::pb::PluginState;
@@ -132,5 +130,89 @@ async fn rescan_picks_up_a_new_plugin_and_forgets_a_removed_one() {
         .unwrap()
         .into_inner();
     assert!(list.plugins.is_empty());
-    let _ = Duration::ZERO;
+}
+
+#[tokio::test]
+async fn new_metadata_leaves_a_running_plugin_healthy() {
+    let mut d = Daemon::new(&[]);
+    d.install_fixture("steady", "normal", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["steady"]).await;
+    let plugin = client
+        .enable_plugin(pb::EnablePluginRequest {
+            plugin_id: "steady".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plugin
+        .unwrap();
+
+    // A new version: the plugin is updated, and its health is untouched.
+    d.install_fixture("steady", "normal", &["--version", "0.2"]);
+    let report = client
+        .rescan_plugins(pb::RescanPluginsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.updated, ["steady"]);
+    assert!(plugin.healthy);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
+    let check = tonic_health::pb::HealthCheckRequest {
+        service: "toru.plugin.steady".into(),
+    };
+    let status = health.check(check).await.unwrap().into_inner().status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
+#[tokio::test]
+async fn a_failing_probe_of_a_known_plugin_keeps_it_running() {
+    let mut d = Daemon::new(&[]);
+    d.install_fixture("steady", "normal", &["--version", "0.2"]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["steady"]).await;
+    let pid = client
+        .enable_plugin(pb::EnablePluginRequest {
+            plugin_id: "steady".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plugin
+        .unwrap()
+        .pid as u32;
+
+    // Its file now answers --metadata with garbage: skipped, but not removed.
+    d.install_fixture("steady", "garbage-metadata", &[]);
+    let report = client
+        .rescan_plugins(pb::RescanPluginsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.removed.is_empty(), "{report:?}");
+    assert_eq!(report.skipped.len(), 1);
+    assert!(
+        !process_gone(pid),
+        "a plugin whose file is still there must keep running"
+    );
+    let plugin = client
+        .get_plugin(pb::GetPluginRequest {
+            plugin_id: "steady".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plugin
+        .unwrap();
+    assert_eq!(
+        (common::state_of(&plugin), plugin.version.as_str()),
+        (PluginState::Running, "0.2")
+    );
 }

@@ -594,3 +594,76 @@ async fn a_stable_run_resets_the_failure_count() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_plugin_that_leaves_its_process_group_is_still_stopped() {
+    let mut d = Daemon::new(&["--stop-grace", "200ms", "--kill-grace", "200ms"]);
+    d.install_fixture("escaper", "escape-group", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["escaper"]).await;
+    let pid = enable(&mut client, "escaper").await.pid as u32;
+    let req = pb::DisablePluginRequest {
+        plugin_id: "escaper".into(),
+    };
+    let plugin = tokio::time::timeout(SECS10, client.disable_plugin(req))
+        .await
+        .expect("DisablePlugin hung on a plugin outside its group")
+        .unwrap()
+        .into_inner()
+        .plugin
+        .unwrap();
+    assert_eq!(
+        plugin.last_exit.unwrap().status,
+        Some(pb::exit_info::Status::Signal(9))
+    );
+    assert!(process_gone(pid));
+}
+
+#[tokio::test]
+async fn leftovers_of_a_sigkilled_daemon_are_killed_at_the_next_start() {
+    let mut d = Daemon::new(&["--enable-new-plugins"]);
+    d.install_fixture_behind_shell("wrapped", "normal");
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    let ready = events
+        .wait_state("wrapped", PluginState::Running, SECS10)
+        .await;
+    let shell: u32 = ready.details["pid"].parse().unwrap();
+    let python = children(shell);
+    assert_eq!(python.len(), 1, "the shell runs python as a child");
+    d.kill9().await;
+    wait_until(
+        "the shell to die with the daemon",
+        Duration::from_secs(5),
+        || process_gone(shell),
+    )
+    .await;
+    assert!(
+        !process_gone(python[0]),
+        "python outlives the daemon's death (parent-death signal is per process)"
+    );
+    d.start().await;
+    wait_until("the leftover to be killed", Duration::from_secs(5), || {
+        process_gone(python[0])
+    })
+    .await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, None).await;
+    let state = match client
+        .get_plugin(pb::GetPluginRequest {
+            plugin_id: "wrapped".into(),
+        })
+        .await
+    {
+        Ok(resp) => resp.into_inner().plugin.unwrap().state,
+        Err(_) => 0,
+    };
+    if state != PluginState::Running as i32 {
+        events
+            .wait_state("wrapped", PluginState::Running, SECS10)
+            .await;
+    }
+}

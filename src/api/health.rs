@@ -25,7 +25,7 @@ fn serving(healthy: bool) -> ServingStatus {
 /// Keeps the reporter in step with the plugins until the event log closes or the
 /// supervisor shuts down.
 pub async fn bridge(mut reporter: HealthReporter, supervisor: Supervisor) {
-    let Ok(mut follower) = supervisor.events().follow(None) else {
+    let Ok(mut follower) = supervisor.events().follow(None).await else {
         tracing::error!("health bridge cannot follow the event log");
         return;
     };
@@ -53,12 +53,13 @@ pub async fn bridge(mut reporter: HealthReporter, supervisor: Supervisor) {
         }
         match event.body.kind {
             EventKind::PluginRemoved => reporter.clear_service_status(&service_name(id)).await,
-            EventKind::PluginSkipped => {}
-            _ => {
+            EventKind::StateChanged | EventKind::HealthChanged | EventKind::PluginAdded => {
                 reporter
                     .set_service_status(service_name(id), serving(event.body.healthy))
                     .await
             }
+            // These say nothing about health.
+            EventKind::PluginSkipped | EventKind::PluginUpdated => {}
         }
     }
 }

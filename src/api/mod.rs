@@ -203,6 +203,7 @@ impl PluginService for PluginApi {
             .supervisor
             .events()
             .follow(req.after_seq)
+            .await
             .map_err(|e| Status::internal(e.to_string()))?;
         let filter = req.plugin_ids;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);

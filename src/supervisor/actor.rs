@@ -50,6 +50,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
 /// After the connection ends, how long to wait for the process to exit on its own before
 /// calling it a lost connection.
 const EXIT_AFTER_EOF: Duration = Duration::from_millis(100);
+/// Longest wait for a SIGKILLed process to be reaped.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Unix socket paths longer than this do not fit in `sockaddr_un`.
 const MAX_SOCKET_PATH: usize = 107;
 /// Log rotation: size of one file and files kept.
@@ -288,6 +290,9 @@ impl Actor {
     }
 
     async fn start(&mut self) -> Next {
+        if self.cancel.is_cancelled() {
+            return Next::Exit;
+        }
         let spec = self.status.borrow().spec.clone();
         let cfg = self.ctx.config.clone();
         let socket = cfg.socket_path(&self.id);
@@ -438,8 +443,7 @@ impl Actor {
                         return Next::Idle;
                     }
                     Some(Command::Restart(reply)) => {
-                        let exit = self.stop(run, "restart requested").await;
-                        self.transition(PluginState::Stopped, "stopped for restart", Some(exit), |_| {});
+                        self.stop(run, "restart requested").await;
                         self.waiters.push(reply);
                         return Next::Start;
                     }
@@ -454,8 +458,7 @@ impl Actor {
                     }
                 },
                 _ = self.cancel.cancelled() => {
-                    let exit = self.stop(run, "daemon shutting down").await;
-                    self.transition(PluginState::Stopped, "daemon shut down", Some(exit), |_| {});
+                    self.stop(run, "daemon shutting down").await;
                     return Next::Exit;
                 }
             }
@@ -464,13 +467,7 @@ impl Actor {
 
     async fn stop_and_disable(&mut self, run: Run, reply: Reply) {
         self.set_enabled(false);
-        let exit = self.stop(run, "disabled by operator").await;
-        self.transition(
-            PluginState::Stopped,
-            "disabled by operator",
-            Some(exit),
-            |_| {},
-        );
+        self.stop(run, "disabled by operator").await;
         self.reply(reply).await;
         self.answer_waiters(Err(SupervisorError::Interrupted(
             self.id.clone(),
@@ -479,9 +476,9 @@ impl Actor {
         .await;
     }
 
-    /// Stops a process by escalation: `shutdown` message, grace, SIGTERM to the group,
-    /// grace, SIGKILL. Returns how it ended.
-    async fn stop(&mut self, mut run: Run, reason: &str) -> ExitInfo {
+    /// Stops a process by escalation (`shutdown` message, grace, SIGTERM to the group,
+    /// grace, SIGKILL), through STOPPING to STOPPED.
+    async fn stop(&mut self, mut run: Run, reason: &str) {
         self.transition(PluginState::Stopping, reason, None, |_| {});
         let timing = &self.ctx.config.timing;
         let socket = self.ctx.config.socket_path(&self.id);
@@ -510,19 +507,19 @@ impl Actor {
                     .is_err()
                 {
                     tracing::warn!(plugin = %self.id, "no exit after SIGTERM; sending SIGKILL");
-                    run.process.signal_group(libc::SIGKILL);
                 }
             }
         }
-        let status = run.process.wait().await;
+        let status = run.process.kill_and_wait(REAP_TIMEOUT).await;
         drop(run.conn.take());
         let stderr_tail = run.process.finish(DRAIN_TIMEOUT).await;
         let _ = std::fs::remove_file(&socket);
-        ExitInfo {
+        let exit = ExitInfo {
             status,
             time: OffsetDateTime::now_utc(),
             stderr_tail,
-        }
+        };
+        self.transition(PluginState::Stopped, reason, Some(exit), |_| {});
     }
 
     /// Records a failed run (crash, failed start) and decides what follows: backoff, or
@@ -530,10 +527,7 @@ impl Actor {
     async fn failed_run(&mut self, process: Option<PluginProcess>, reason: String) -> Next {
         let exit = match process {
             Some(mut process) => {
-                if process.exit_status().is_none() {
-                    process.signal_group(libc::SIGKILL);
-                }
-                let status = process.wait().await;
+                let status = process.kill_and_wait(REAP_TIMEOUT).await;
                 let stderr_tail = process.finish(DRAIN_TIMEOUT).await;
                 Some(ExitInfo {
                     status,

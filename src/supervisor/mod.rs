@@ -7,7 +7,7 @@
 
 mod actor;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -167,6 +167,10 @@ impl Supervisor {
             create_dir_with_mode(&path, mode)
                 .map_err(|source| StartupError::Dir { path, source })?;
         }
+        let leftovers = crate::process::kill_leftovers(&config.run_dir());
+        if !leftovers.is_empty() {
+            tracing::warn!(pids = ?leftovers, "killed plugin processes left over from an earlier run");
+        }
         let events = EventLog::open(&config.events_path())?;
         let state = EnabledStore::load(&config.state_path())?;
         let supervisor = Supervisor {
@@ -266,39 +270,60 @@ impl Supervisor {
         }
         let handle = self.handle(id)?;
         let (tx, rx) = oneshot::channel();
-        let gone = || SupervisorError::NotFound(id.to_owned());
+        let gone = || {
+            if self.inner.cancel.is_cancelled() {
+                SupervisorError::ShuttingDown
+            } else {
+                SupervisorError::NotFound(id.to_owned())
+            }
+        };
         handle.commands.send(make(tx)).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 
     /// Reads the plugins directory again: adds new plugins (starting the enabled ones as soon
-    /// as each is probed), updates changed metadata, stops and forgets removed ones.
+    /// as each is probed), updates changed metadata, stops and forgets plugins whose file is
+    /// gone. A known plugin whose file is still there but fails its probe (bad metadata, a
+    /// timeout under load, a binary half-copied) is reported as skipped and keeps running
+    /// with its previous metadata. Of two files declaring one id, a known plugin's own file
+    /// wins; otherwise the first probed.
     pub async fn rescan(&self) -> Result<RescanReport, SupervisorError> {
         let _serial = self.inner.rescan.lock().await;
+        if self.inner.cancel.is_cancelled() {
+            return Err(SupervisorError::ShuttingDown);
+        }
         let ctx = &self.inner.ctx;
         let dir = ctx.config.plugins_dir.clone();
         let opts = ProbeOptions {
             timeout: ctx.config.timing.metadata_timeout,
             env_allowlist: ctx.config.plugin_env_allowlist.clone(),
         };
-        let mut probes = discovery::scan(&dir, opts).map_err(|e| SupervisorError::PluginsDir {
-            path: dir.clone(),
-            reason: e.to_string(),
-        })?;
+        let (candidates, mut probes) =
+            discovery::scan(&dir, opts).map_err(|e| SupervisorError::PluginsDir {
+                path: dir.clone(),
+                reason: e.to_string(),
+            })?;
+        let candidates: HashSet<PathBuf> = candidates.into_iter().collect();
         let previous_skips = self.skipped();
         let mut report = RescanReport::default();
         let mut seen: HashMap<String, PathBuf> = HashMap::new();
+        let mut failed: HashSet<PathBuf> = HashSet::new();
         while let Some(outcome) = probes.recv().await {
-            let outcome = outcome.and_then(|spec| match seen.get(&spec.metadata.id) {
-                Some(first) => Err(Skipped {
-                    reason: format!(
-                        "duplicate id {:?}: {} already provides it; give one of them another id",
-                        spec.metadata.id,
-                        first.display()
-                    ),
-                    path: spec.binary_path,
-                }),
-                None => Ok(spec),
+            let outcome = outcome.and_then(|spec| {
+                let id = &spec.metadata.id;
+                let known = self.known_path(id).filter(|known| {
+                    *known != spec.binary_path && candidates.contains(known)
+                });
+                match seen.get(id).cloned().or(known) {
+                    Some(first) => Err(Skipped {
+                        reason: format!(
+                            "duplicate id {id:?}: {} already provides it; give one of them another id",
+                            first.display()
+                        ),
+                        path: spec.binary_path,
+                    }),
+                    None => Ok(spec),
+                }
             });
             match outcome {
                 Ok(spec) => {
@@ -307,6 +332,7 @@ impl Supervisor {
                 }
                 Err(skipped) => {
                     tracing::warn!(path = %skipped.path.display(), reason = %skipped.reason, "plugin skipped");
+                    failed.insert(skipped.path.clone());
                     // Visible in ListPlugins before its event is out; stale entries of the
                     // previous scan are dropped when this scan ends.
                     {
@@ -327,9 +353,11 @@ impl Supervisor {
         let gone: Vec<(String, PluginHandle)> = {
             let mut plugins = self.inner.plugins.write().expect("plugin table poisoned");
             let ids: Vec<String> = plugins
-                .keys()
-                .filter(|id| !seen.contains_key(*id))
-                .cloned()
+                .iter()
+                .filter(|(id, h)| {
+                    !seen.contains_key(*id) && !failed.contains(&h.status.borrow().spec.binary_path)
+                })
+                .map(|(id, _)| id.clone())
                 .collect();
             ids.into_iter()
                 .filter_map(|id| plugins.remove(&id).map(|h| (id, h)))
@@ -349,6 +377,14 @@ impl Supervisor {
         report.skipped.sort_by(|a, b| a.path.cmp(&b.path));
         *self.inner.skipped.lock().expect("skipped list poisoned") = report.skipped.clone();
         Ok(report)
+    }
+
+    /// The executable of a known plugin.
+    fn known_path(&self, id: &str) -> Option<PathBuf> {
+        let plugins = self.inner.plugins.read().expect("plugin table poisoned");
+        plugins
+            .get(id)
+            .map(|h| h.status.borrow().spec.binary_path.clone())
     }
 
     fn add_or_update(&self, spec: PluginSpec, report: &mut RescanReport) {

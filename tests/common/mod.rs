@@ -166,6 +166,15 @@ impl Daemon {
         dest
     }
 
+    /// Installs the Python fixture behind a shell that does not `exec` it, so the plugin's
+    /// pid is the shell's and the Python process is its child.
+    pub fn install_fixture_behind_shell(&self, id: &str, mode: &str) -> PathBuf {
+        let dest = self.plugins_dir.join(format!("{id}.binary"));
+        let script = format!("#!/bin/sh\npython3 {FIXTURE} --id {id} --mode {mode} \"$@\"\n");
+        write_executable(&dest, &script);
+        dest
+    }
+
     pub fn log_text(&self, id: &str) -> String {
         std::fs::read_to_string(self.data_dir.join("logs/plugins").join(format!("{id}.log")))
             .unwrap_or_default()
@@ -210,6 +219,15 @@ pub fn process_gone(pid: u32) -> bool {
             .and_then(|rest| rest.split_whitespace().next())
             .is_some_and(|state| state == "Z" || state == "X"),
     }
+}
+
+/// The children of a process.
+pub fn children(pid: u32) -> Vec<u32> {
+    let text =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    text.split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 /// Waits until `cond` holds, checking every 10 ms, failing after `limit`.
