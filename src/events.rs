@@ -264,6 +264,16 @@ mod tests {
         EventDraft::new(id, EventKind::PluginAdded)
     }
 
+    /// The plugin ids of every event, replayed from the start.
+    async fn replayed_ids(log: &EventLog) -> Vec<String> {
+        let mut f = log.follow(Some(0)).await.unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..log.last_seq() {
+            ids.push(f.next().await.unwrap().unwrap().body.plugin_id.clone());
+        }
+        ids
+    }
+
     #[tokio::test]
     async fn replay_then_live_without_gap_or_duplicate() {
         let dir = tempfile::tempdir().unwrap();
@@ -294,12 +304,7 @@ mod tests {
         let log = EventLog::open(&path).unwrap();
         assert_eq!(log.last_seq(), 2);
         assert_eq!(log.append(draft("c")).seq, 3);
-        let mut f = log.follow(Some(0)).await.unwrap();
-        let mut ids = Vec::new();
-        for _ in 0..3 {
-            ids.push(f.next().await.unwrap().unwrap().body.plugin_id.clone());
-        }
-        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(replayed_ids(&log).await, ["a", "b", "c"]);
     }
 
     #[tokio::test]
@@ -323,12 +328,7 @@ mod tests {
             "the event after the damaged line survives"
         );
         assert_eq!(log.append(draft("c")).seq, 3);
-        let mut f = log.follow(Some(0)).await.unwrap();
-        let mut ids = Vec::new();
-        for _ in 0..3 {
-            ids.push(f.next().await.unwrap().unwrap().body.plugin_id.clone());
-        }
-        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(replayed_ids(&log).await, ["a", "b", "c"]);
     }
 
     #[tokio::test]

@@ -5,7 +5,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use torud::pb;
 
 /// Regression: the listener was served without TCP_NODELAY, so every unary response waited
 /// for a delayed ACK (about 40 ms on Linux loopback). A median under 20 ms cannot happen
@@ -22,19 +21,9 @@ async fn unary_calls_are_not_held_back_by_nagle() {
         .await;
     let mut took = Vec::new();
     for _ in 0..11 {
-        client
-            .enable_plugin(pb::EnablePluginRequest {
-                plugin_id: "hello".into(),
-            })
-            .await
-            .unwrap();
+        enable(&mut client, "hello").await;
         let began = Instant::now();
-        client
-            .disable_plugin(pb::DisablePluginRequest {
-                plugin_id: "hello".into(),
-            })
-            .await
-            .unwrap();
+        disable(&mut client, "hello").await;
         took.push(began.elapsed());
     }
     took.sort();

@@ -77,44 +77,20 @@ async fn rescan_picks_up_a_new_plugin_and_forgets_a_removed_one() {
     let mut d = Daemon::new(&[]);
     d.start().await;
     let mut client = d.client().await;
-    let report = client
-        .rescan_plugins(pb::RescanPluginsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let report = rescan(&mut client).await;
     assert!(report.added.is_empty() && report.removed.is_empty());
 
     let file = d.install_fixture("late", "normal", &[]);
-    let report = client
-        .rescan_plugins(pb::RescanPluginsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let report = rescan(&mut client).await;
     assert_eq!(report.added, ["late"]);
-    let plugin = client
-        .enable_plugin(pb::EnablePluginRequest {
-            plugin_id: "late".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .plugin
-        .unwrap();
-    assert_eq!(common::state_of(&plugin), PluginState::Running);
+    let plugin = enable(&mut client, "late").await;
+    assert_eq!(state_of(&plugin), PluginState::Running);
     let pid = plugin.pid as u32;
-    let report = client
-        .rescan_plugins(pb::RescanPluginsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let report = rescan(&mut client).await;
     assert!(report.added.is_empty() && report.removed.is_empty() && report.updated.is_empty());
 
     std::fs::remove_file(file).unwrap();
-    let report = client
-        .rescan_plugins(pb::RescanPluginsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let report = rescan(&mut client).await;
     assert_eq!(report.removed, ["late"]);
     assert!(process_gone(pid), "a removed plugin must be stopped");
     let err = client
@@ -140,23 +116,11 @@ async fn new_metadata_leaves_a_running_plugin_healthy() {
     let mut client = d.client().await;
     let mut events = Events::watch(&mut client, Some(0)).await;
     events.wait_added(&["steady"]).await;
-    let plugin = client
-        .enable_plugin(pb::EnablePluginRequest {
-            plugin_id: "steady".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .plugin
-        .unwrap();
+    let plugin = enable(&mut client, "steady").await;
 
     // A new version: the plugin is updated, and its health is untouched.
     d.install_fixture("steady", "normal", &["--version", "0.2"]);
-    let report = client
-        .rescan_plugins(pb::RescanPluginsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let report = rescan(&mut client).await;
     assert_eq!(report.updated, ["steady"]);
     assert!(plugin.healthy);
     let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
@@ -178,41 +142,20 @@ async fn a_failing_probe_of_a_known_plugin_keeps_it_running() {
     let mut client = d.client().await;
     let mut events = Events::watch(&mut client, Some(0)).await;
     events.wait_added(&["steady"]).await;
-    let pid = client
-        .enable_plugin(pb::EnablePluginRequest {
-            plugin_id: "steady".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .plugin
-        .unwrap()
-        .pid as u32;
+    let pid = enable(&mut client, "steady").await.pid as u32;
 
     // Its file now answers --metadata with garbage: skipped, but not removed.
     d.install_fixture("steady", "garbage-metadata", &[]);
-    let report = client
-        .rescan_plugins(pb::RescanPluginsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let report = rescan(&mut client).await;
     assert!(report.removed.is_empty(), "{report:?}");
     assert_eq!(report.skipped.len(), 1);
     assert!(
         !process_gone(pid),
         "a plugin whose file is still there must keep running"
     );
-    let plugin = client
-        .get_plugin(pb::GetPluginRequest {
-            plugin_id: "steady".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .plugin
-        .unwrap();
+    let plugin = get(&mut client, "steady").await;
     assert_eq!(
-        (common::state_of(&plugin), plugin.version.as_str()),
+        (state_of(&plugin), plugin.version.as_str()),
         (PluginState::Running, "0.2")
     );
 }

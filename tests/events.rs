@@ -18,18 +18,8 @@ async fn watch_after_seq_returns_exactly_the_missed_events_then_live_ones() {
     let mut all = Events::watch(&mut client, Some(0)).await;
     all.wait_added(&["hello"]).await;
     for _ in 0..2 {
-        client
-            .enable_plugin(pb::EnablePluginRequest {
-                plugin_id: "hello".into(),
-            })
-            .await
-            .unwrap();
-        client
-            .disable_plugin(pb::DisablePluginRequest {
-                plugin_id: "hello".into(),
-            })
-            .await
-            .unwrap();
+        enable(&mut client, "hello").await;
+        disable(&mut client, "hello").await;
     }
     // Everything so far: added + 2 × (starting, running, stopping, stopped).
     while all.seen.len() < 9 {
@@ -53,12 +43,7 @@ async fn watch_after_seq_returns_exactly_the_missed_events_then_live_ones() {
             .is_none(),
         "nothing beyond the replay yet"
     );
-    client
-        .enable_plugin(pb::EnablePluginRequest {
-            plugin_id: "hello".into(),
-        })
-        .await
-        .unwrap();
+    enable(&mut client, "hello").await;
     let live = resumed.next_within(SECS10).await.expect("a live event");
     assert_eq!(live.seq, 10);
     assert_eq!(live.to_state, PluginState::Starting as i32);
@@ -101,18 +86,8 @@ async fn watch_filters_by_plugin() {
     let mut stream = client.watch_events(req).await.unwrap().into_inner();
     let mut all = Events::watch(&mut client, Some(0)).await;
     all.wait_added(&["hello", "other"]).await;
-    client
-        .enable_plugin(pb::EnablePluginRequest {
-            plugin_id: "hello".into(),
-        })
-        .await
-        .unwrap();
-    client
-        .enable_plugin(pb::EnablePluginRequest {
-            plugin_id: "other".into(),
-        })
-        .await
-        .unwrap();
+    enable(&mut client, "hello").await;
+    enable(&mut client, "other").await;
     let mut ids = Vec::new();
     while ids.len() < 3 {
         let event = tokio::time::timeout(SECS10, stream.message())

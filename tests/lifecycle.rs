@@ -15,35 +15,6 @@ fn id_req(id: &str) -> pb::EnablePluginRequest {
     }
 }
 
-async fn enable(
-    client: &mut pb::plugin_service_client::PluginServiceClient<tonic::transport::Channel>,
-    id: &str,
-) -> pb::Plugin {
-    client
-        .enable_plugin(id_req(id))
-        .await
-        .unwrap()
-        .into_inner()
-        .plugin
-        .unwrap()
-}
-
-async fn disable(
-    client: &mut pb::plugin_service_client::PluginServiceClient<tonic::transport::Channel>,
-    id: &str,
-) -> pb::Plugin {
-    let req = pb::DisablePluginRequest {
-        plugin_id: id.into(),
-    };
-    client
-        .disable_plugin(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .plugin
-        .unwrap()
-}
-
 #[tokio::test]
 async fn enable_spawns_and_becomes_ready_then_disable_sends_shutdown() {
     let mut d = Daemon::new(&[]);
@@ -188,15 +159,7 @@ async fn sigkill_of_a_plugin_is_a_crash_then_a_restart_after_the_backoff() {
         + (start_time.nanos - crash_time.nanos) as i64 / 1_000_000;
     assert!(gap_ms >= 280, "restarted only {gap_ms} ms after the crash");
 
-    let plugin = client
-        .get_plugin(pb::GetPluginRequest {
-            plugin_id: "hello".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .plugin
-        .unwrap();
+    let plugin = get(&mut client, "hello").await;
     assert_eq!(state_of(&plugin), PluginState::Running);
     assert!(plugin.healthy);
     assert_ne!(plugin.pid as u32, old_pid);
@@ -269,15 +232,7 @@ async fn always_failing_plugin_walks_the_backoff_and_ends_disabled() {
         "{tail:?}"
     );
 
-    let plugin = client
-        .get_plugin(pb::GetPluginRequest {
-            plugin_id: "doomed".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .plugin
-        .unwrap();
+    let plugin = get(&mut client, "doomed").await;
     assert_eq!(state_of(&plugin), PluginState::Disabled);
     assert!(!plugin.enabled && plugin.last_error.contains("crash loop"));
     assert_eq!(plugin.consecutive_failures, 10);
@@ -403,15 +358,7 @@ async fn a_start_slower_than_the_start_timeout_fails_with_that_reason() {
         "{}",
         err.message()
     );
-    let plugin = client
-        .get_plugin(pb::GetPluginRequest {
-            plugin_id: "sleepy".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .plugin
-        .unwrap();
+    let plugin = get(&mut client, "sleepy").await;
     assert_eq!(state_of(&plugin), PluginState::Backoff);
     assert!(plugin.enabled && plugin.next_restart_at.is_some());
 }
@@ -490,15 +437,7 @@ async fn a_v1_plugin_whose_socket_stops_listening_turns_unhealthy() {
         !change.healthy && change.reason.contains("not listening"),
         "{change:?}"
     );
-    let plugin = client
-        .get_plugin(pb::GetPluginRequest {
-            plugin_id: "deaf".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .plugin
-        .unwrap();
+    let plugin = get(&mut client, "deaf").await;
     assert_eq!(
         (state_of(&plugin), plugin.healthy),
         (PluginState::Running, false)

@@ -245,23 +245,13 @@ async fn lifecycle(iterations: usize, json_path: Option<PathBuf>) -> BenchResult
         // SAFETY: plain syscall on a pid the daemon reported for its running plugin.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         let took = loop {
-            let event = events
-                .message()
-                .await?
-                .ok_or("event stream ended")?
-                .event
-                .ok_or("empty event")?;
+            let event = next_event(&mut events).await?;
             if event.to_state == pb::PluginState::Crashed as i32 {
                 break began.elapsed();
             }
         };
         loop {
-            let event = events
-                .message()
-                .await?
-                .ok_or("event stream ended")?
-                .event
-                .ok_or("empty event")?;
+            let event = next_event(&mut events).await?;
             if event.to_state == pb::PluginState::Running as i32 {
                 pid = event.details.get("pid").ok_or("no pid")?.parse()?;
                 break;
@@ -321,6 +311,13 @@ async fn lifecycle(iterations: usize, json_path: Option<PathBuf>) -> BenchResult
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+async fn next_event(
+    events: &mut tonic::Streaming<pb::WatchEventsResponse>,
+) -> BenchResult<pb::Event> {
+    let resp = events.message().await?.ok_or("event stream ended")?;
+    Ok(resp.event.ok_or("empty event")?)
 }
 
 fn num_cpus() -> usize {

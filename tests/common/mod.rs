@@ -329,6 +329,60 @@ impl Events {
     }
 }
 
+/// The client type the tests use.
+pub type Client = PluginServiceClient<Channel>;
+
+/// `EnablePlugin`, expecting success.
+pub async fn enable(client: &mut Client, id: &str) -> pb::Plugin {
+    let req = pb::EnablePluginRequest {
+        plugin_id: id.into(),
+    };
+    client
+        .enable_plugin(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .plugin
+        .unwrap()
+}
+
+/// `DisablePlugin`, expecting success.
+pub async fn disable(client: &mut Client, id: &str) -> pb::Plugin {
+    let req = pb::DisablePluginRequest {
+        plugin_id: id.into(),
+    };
+    client
+        .disable_plugin(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .plugin
+        .unwrap()
+}
+
+/// `GetPlugin`, expecting success.
+pub async fn get(client: &mut Client, id: &str) -> pb::Plugin {
+    let req = pb::GetPluginRequest {
+        plugin_id: id.into(),
+    };
+    client
+        .get_plugin(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .plugin
+        .unwrap()
+}
+
+/// `RescanPlugins`, expecting success.
+pub async fn rescan(client: &mut Client) -> pb::RescanPluginsResponse {
+    client
+        .rescan_plugins(pb::RescanPluginsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 pub fn state_of(p: &pb::Plugin) -> pb::PluginState {
     pb::PluginState::try_from(p.state).unwrap()
 }
