@@ -190,9 +190,15 @@ impl Drop for Daemon {
         if std::thread::panicking() {
             eprintln!("---- daemon stderr ----\n{}", self.daemon_stderr());
         }
+        // Stop the daemon gracefully and wait, so it stops its plugins; dropping the child
+        // would SIGKILL it and orphan what the plugins forked.
         if let Some(child) = self.child.as_mut() {
             if let Some(pid) = child.id() {
                 signal(pid, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
     }
