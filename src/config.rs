@@ -19,6 +19,8 @@ pub struct Config {
     pub enable_new_plugins: bool,
     /// Timings of supervision.
     pub timing: Timing,
+    /// Timeouts and limits of requests forwarded to plugins.
+    pub bridge: BridgeConfig,
     /// Environment variables passed through to plugins (beyond the `TORU_*` ones).
     pub plugin_env_allowlist: Vec<String>,
 }
@@ -72,6 +74,36 @@ impl Timing {
     }
 }
 
+/// Timeouts and limits of forwarded requests.
+#[derive(Debug, Clone)]
+pub struct BridgeConfig {
+    /// Longest a KV operation may wait for its answer (the caller's deadline may be shorter).
+    pub kv_timeout: Duration,
+    /// Longest a call may wait for its answer (the caller's deadline may be shorter).
+    pub call_timeout: Duration,
+    /// Largest frame accepted from (and sent to) a plugin.
+    pub max_frame: usize,
+    /// Requests in flight to one plugin at once.
+    pub max_in_flight: usize,
+    /// Longest KV key, in bytes.
+    pub max_key: usize,
+    /// Longest KV value, in bytes.
+    pub max_value: usize,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        BridgeConfig {
+            kv_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(30),
+            max_frame: toru_plugin_sdk::DEFAULT_MAX_FRAME_LEN,
+            max_in_flight: 1024,
+            max_key: 512,
+            max_value: 1024 * 1024,
+        }
+    }
+}
+
 /// Environment variables plugins get by default, beyond the `TORU_*` ones. Nothing else of
 /// the daemon's environment (tokens, keys) reaches a plugin.
 pub const DEFAULT_PLUGIN_ENV: &[&str] = &[
@@ -99,6 +131,7 @@ impl Config {
             data_dir,
             enable_new_plugins: false,
             timing: Timing::default(),
+            bridge: BridgeConfig::default(),
             plugin_env_allowlist: DEFAULT_PLUGIN_ENV.iter().map(|s| s.to_string()).collect(),
         }
     }

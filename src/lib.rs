@@ -2,6 +2,7 @@
 //! See `ARCHITECTURE.md` for the map of the modules.
 
 pub mod api;
+pub mod bridge;
 pub mod capture;
 pub mod config;
 pub mod connection;

@@ -69,6 +69,19 @@ struct ServeArgs {
     /// How often the socket of a running v1 plugin is checked for health.
     #[arg(long, env = "TORUD_HEALTH_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     health_interval: Duration,
+    /// Longest a forwarded KV operation waits for the plugin (the caller's deadline may be
+    /// shorter).
+    #[arg(long, env = "TORUD_KV_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    kv_timeout: Duration,
+    /// Longest a forwarded call waits for the plugin (the caller's deadline may be shorter).
+    #[arg(long, env = "TORUD_CALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    call_timeout: Duration,
+    /// Largest frame accepted from a plugin, in bytes; a larger one resets its connection.
+    #[arg(long, env = "TORUD_MAX_FRAME_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(1024..))]
+    max_frame_bytes: u32,
+    /// Requests in flight to one plugin at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TORUD_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_in_flight: u32,
     /// Extra environment variables passed to plugins (comma-separated names), beyond the
     /// default allowlist and the TORU_* variables.
     #[arg(long, env = "TORUD_PLUGIN_ENV", value_delimiter = ',')]
@@ -120,6 +133,10 @@ fn main() -> ExitCode {
         kill_grace: args.kill_grace,
         health_interval: args.health_interval.max(Duration::from_millis(10)),
     };
+    config.bridge.kv_timeout = args.kv_timeout;
+    config.bridge.call_timeout = args.call_timeout;
+    config.bridge.max_frame = args.max_frame_bytes as usize;
+    config.bridge.max_in_flight = args.max_in_flight as usize;
     config.plugin_env_allowlist = DEFAULT_PLUGIN_ENV
         .iter()
         .map(|s| s.to_string())

@@ -164,4 +164,55 @@ mod tests {
         assert!(codec.encode(b"abcd", &mut buf).is_err());
         assert!(buf.is_empty());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever the bytes, decoding never panics, never yields a frame above the
+            /// limit, and never grows the buffer much beyond the limit.
+            #[test]
+            fn arbitrary_bytes_never_panic_or_overallocate(
+                data in proptest::collection::vec(any::<u8>(), 0..4096),
+                max in 0usize..1024,
+            ) {
+                let mut codec = FrameCodec::new(max);
+                let mut buf = BytesMut::from(&data[..]);
+                let bound = 2 * buf.capacity().max(max + PREFIX_LEN);
+                loop {
+                    match codec.decode(&mut buf) {
+                        Ok(Some(frame)) => prop_assert!(frame.len() <= max),
+                        Ok(None) | Err(_) => break,
+                    }
+                    prop_assert!(buf.capacity() <= bound);
+                }
+                prop_assert!(buf.capacity() <= bound);
+            }
+
+            /// Frames survive encoding and decoding, however the bytes are split.
+            #[test]
+            fn frames_round_trip_across_any_split(
+                frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..20),
+                cut in any::<proptest::sample::Index>(),
+            ) {
+                let mut codec = FrameCodec::new(300);
+                let mut wire = BytesMut::new();
+                for f in &frames {
+                    codec.encode(f, &mut wire).unwrap();
+                }
+                let at = if wire.is_empty() { 0 } else { cut.index(wire.len() + 1) };
+                let mut buf = BytesMut::from(&wire[..at]);
+                let mut out = Vec::new();
+                while let Some(f) = codec.decode(&mut buf).unwrap() {
+                    out.push(f.to_vec());
+                }
+                buf.extend_from_slice(&wire[at..]);
+                while let Some(f) = codec.decode(&mut buf).unwrap() {
+                    out.push(f.to_vec());
+                }
+                prop_assert_eq!(out, frames);
+            }
+        }
+    }
 }

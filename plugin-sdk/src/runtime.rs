@@ -13,9 +13,10 @@ use std::sync::{Arc, Mutex};
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Notify;
-use tokio_util::codec::Framed;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::codec::FrameCodec;
 use crate::metadata::Metadata;
@@ -125,13 +126,19 @@ async fn serve<P: Plugin>(plugin: P, socket: std::path::PathBuf) -> std::io::Res
 }
 
 async fn handle_connection<P: Plugin>(shared: Arc<Shared<P>>, stream: UnixStream) {
-    let mut framed = Framed::new(stream, FrameCodec::default());
-    while let Some(frame) = framed.next().await {
+    let (read, write) = stream.into_split();
+    let mut frames = FramedRead::new(read, FrameCodec::default());
+    let (tx, rx) = mpsc::unbounded_channel::<Envelope>();
+    let writer = tokio::spawn(write_answers(
+        FramedWrite::new(write, FrameCodec::default()),
+        rx,
+    ));
+    while let Some(frame) = frames.next().await {
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
                 log("warn", &format!("connection dropped: {e}"));
-                return;
+                break;
             }
         };
         let env = match Envelope::from_slice(&frame) {
@@ -144,26 +151,60 @@ async fn handle_connection<P: Plugin>(shared: Arc<Shared<P>>, stream: UnixStream
                 continue;
             }
         };
+        let id = || env.request_id.clone().unwrap_or_default();
         let answer = match env.kind {
-            MessageType::Lifecycle => {
-                match env.lifecycle_action() {
-                    Some("init") => log("info", "initialised by the host"),
-                    Some("shutdown") => shared.shutdown.notify_one(),
-                    other => log("warn", &format!("unknown lifecycle action {other:?}")),
+            MessageType::Lifecycle => match env.lifecycle_action() {
+                Some("init") => {
+                    log("info", "initialised by the host");
+                    Some(Envelope::bare(MessageType::Ready, id()))
                 }
-                None
-            }
+                Some("shutdown") => {
+                    shared.shutdown.notify_one();
+                    None
+                }
+                other => {
+                    log("warn", &format!("unknown lifecycle action {other:?}"));
+                    None
+                }
+            },
             MessageType::Http => Some(answer_http(&shared.plugin, &env)),
             MessageType::Kv => Some(answer_kv(&shared.kv, &env)),
-            MessageType::Unknown => {
-                log("warn", "ignoring a message of unknown type");
+            MessageType::Ping => Some(Envelope::bare(MessageType::Pong, id())),
+            // Requests are answered as they arrive, so there is nothing left to cancel.
+            MessageType::Cancel => None,
+            MessageType::Ready | MessageType::Pong | MessageType::Unknown => {
+                log(
+                    "warn",
+                    &format!("ignoring a message of type {}", env.kind.as_str()),
+                );
                 None
             }
         };
         if let Some(answer) = answer {
-            if framed.send(answer.to_vec()).await.is_err() {
+            if tx.send(answer).is_err() {
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// Writes answers, flushing only when no more are queued, so a burst goes out in few writes.
+async fn write_answers(
+    mut out: FramedWrite<OwnedWriteHalf, FrameCodec>,
+    mut rx: mpsc::UnboundedReceiver<Envelope>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(answer) = next {
+            if out.feed(answer.to_vec()).await.is_err() {
                 return;
             }
+            next = rx.try_recv().ok();
+        }
+        if SinkExt::<Vec<u8>>::flush(&mut out).await.is_err() {
+            return;
         }
     }
 }

@@ -7,6 +7,7 @@
 //! by every known plugin, so one shape serves all of them.
 //! This module knows nothing of sockets or framing.
 
+use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
@@ -22,6 +23,14 @@ pub enum MessageType {
     Http,
     /// A key-value operation and its answer.
     Kv,
+    /// Protocol 2: plugin → host, once, after `init`: ready to serve.
+    Ready,
+    /// Protocol 2: host → plugin heartbeat; answered by `pong` with the same `request_id`.
+    Ping,
+    /// Protocol 2: the answer to `ping`.
+    Pong,
+    /// Protocol 2: host → plugin: the caller of `request_id` is gone; drop the work.
+    Cancel,
     /// Any type this version does not know; kept so the caller can report it.
     #[serde(other)]
     Unknown,
@@ -34,6 +43,10 @@ impl MessageType {
             MessageType::Lifecycle => "lifecycle",
             MessageType::Http => "http",
             MessageType::Kv => "kv",
+            MessageType::Ready => "ready",
+            MessageType::Ping => "ping",
+            MessageType::Pong => "pong",
+            MessageType::Cancel => "cancel",
             MessageType::Unknown => "unknown",
         }
     }
@@ -115,6 +128,80 @@ impl Envelope {
         )
     }
 
+    /// A `kv` request. The operation sits both in `payload` and in `payload.payload`, so
+    /// plugins that read either place find it.
+    pub fn kv_request(request_id: String, action: &str, key: &str, value: Option<&str>) -> Self {
+        let mut op = json!({ "action": action, "key": key });
+        if let Some(value) = value {
+            op["value"] = Value::String(value.to_owned());
+        }
+        let mut fields = op.clone();
+        fields["payload"] = op;
+        Self::new(MessageType::Kv, request_id, fields)
+    }
+
+    /// An `http` request, in `payload.payload`.
+    pub fn http_request(request_id: String, call: &HttpCall) -> Self {
+        let headers: Map<String, Value> =
+            call.headers
+                .iter()
+                .fold(Map::new(), |mut map, (name, value)| {
+                    let joined = match map.get(name).and_then(Value::as_str) {
+                        Some(previous) => format!("{previous}, {value}"),
+                        None => value.clone(),
+                    };
+                    map.insert(name.clone(), Value::String(joined));
+                    map
+                });
+        let header_list: Vec<[&str; 2]> = call
+            .headers
+            .iter()
+            .map(|(n, v)| [n.as_str(), v.as_str()])
+            .collect();
+        let mut inner = json!({
+            "method": call.method,
+            "path": call.path,
+            "headers": headers,
+            "header_list": header_list,
+        });
+        encode_body(&mut inner, call.body.as_deref());
+        Self::new(MessageType::Http, request_id, json!({ "payload": inner }))
+    }
+
+    /// A protocol-2 message with nothing but its type and id (`ready`, `ping`, `pong`,
+    /// `cancel`).
+    pub fn bare(kind: MessageType, request_id: String) -> Self {
+        Self::new(kind, request_id, json!({}))
+    }
+
+    /// The answer's fields, whichever accepted shape it came in: in `payload`, in
+    /// `payload.payload`, or as a JSON text in the `body` of either (Toru's Rust crate
+    /// answers everything that way). `None` when no shape carries `status` or `value`.
+    pub fn answer_fields(&self) -> Option<&Map<String, Value>> {
+        let is_answer =
+            |m: &Map<String, Value>| m.contains_key("status") || m.contains_key("value");
+        let outer = self.payload.as_object()?;
+        let nested = outer.get("payload").and_then(Value::as_object);
+        [Some(outer), nested]
+            .into_iter()
+            .flatten()
+            .find(|m| is_answer(m))
+    }
+
+    /// The answer's fields in any accepted shape. A `body` that is itself a whole answer
+    /// as JSON text (Toru's Rust crate answers everything that way, in `payload.payload`)
+    /// is unwrapped: an integer `status` with nothing but answer keys, or a lone `value`.
+    pub fn answer(&self) -> Option<Map<String, Value>> {
+        let outer = self.payload.as_object()?;
+        let nested = outer.get("payload").and_then(Value::as_object);
+        let found = self.answer_fields();
+        [found, nested, Some(outer)]
+            .into_iter()
+            .flatten()
+            .find_map(wrapped_answer)
+            .or_else(|| found.cloned())
+    }
+
     /// The lifecycle action (`init`, `shutdown`), when this is a lifecycle message.
     pub fn lifecycle_action(&self) -> Option<&str> {
         if self.kind != MessageType::Lifecycle {
@@ -131,6 +218,146 @@ impl Envelope {
     /// Parses a message from the payload of one frame.
     pub fn from_slice(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
+    }
+}
+
+/// The answer carried as JSON text in `fields.body`, if that is what the body is.
+fn wrapped_answer(fields: &Map<String, Value>) -> Option<Map<String, Value>> {
+    const HTTP_KEYS: [&str; 5] = ["status", "headers", "body", "header_list", "body_encoding"];
+    let text = fields.get("body")?.as_str()?;
+    let Ok(Value::Object(inner)) = serde_json::from_str::<Value>(text) else {
+        return None;
+    };
+    let http = inner.get("status").is_some_and(Value::is_i64)
+        && inner.keys().all(|k| HTTP_KEYS.contains(&k.as_str()));
+    let kv = inner.len() == 1 && inner.contains_key("value");
+    (http || kv).then_some(inner)
+}
+
+/// An HTTP-style call as the host forwards it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HttpCall {
+    /// Method, for example `GET`.
+    pub method: String,
+    /// Path with the query string.
+    pub path: String,
+    /// Header fields in order; names may repeat.
+    pub headers: Vec<(String, String)>,
+    /// The body, when there is one.
+    pub body: Option<Vec<u8>>,
+}
+
+/// A plugin's answer to an [`HttpCall`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HttpAnswer {
+    /// Status code.
+    pub status: i32,
+    /// Header fields in order.
+    pub headers: Vec<(String, String)>,
+    /// The body (empty when the plugin sent null).
+    pub body: Vec<u8>,
+}
+
+/// Why an answer could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnswerError {
+    /// No accepted shape carried the answer.
+    #[error("the answer carries no status or value in any accepted shape")]
+    Shape,
+    /// A field has the wrong type or encoding.
+    #[error("the answer's {0} is invalid")]
+    Field(&'static str),
+}
+
+impl HttpAnswer {
+    /// Reads an http answer from its fields (see [`Envelope::answer`]). Headers may be an
+    /// object of strings or string arrays, or a `header_list` of pairs.
+    pub fn from_fields(fields: &Map<String, Value>) -> Result<Self, AnswerError> {
+        let status = fields
+            .get("status")
+            .and_then(Value::as_i64)
+            .and_then(|s| i32::try_from(s).ok())
+            .ok_or(AnswerError::Field("status"))?;
+        let mut headers = Vec::new();
+        if let Some(list) = fields.get("header_list").and_then(Value::as_array) {
+            for pair in list {
+                match pair.as_array().map(Vec::as_slice) {
+                    Some([Value::String(n), Value::String(v)]) => {
+                        headers.push((n.clone(), v.clone()))
+                    }
+                    _ => return Err(AnswerError::Field("header_list")),
+                }
+            }
+        } else if let Some(map) = fields.get("headers").and_then(Value::as_object) {
+            for (name, value) in map {
+                match value {
+                    Value::String(v) => headers.push((name.clone(), v.clone())),
+                    Value::Array(values) => {
+                        for v in values {
+                            let v = v.as_str().ok_or(AnswerError::Field("headers"))?;
+                            headers.push((name.clone(), v.to_owned()));
+                        }
+                    }
+                    _ => return Err(AnswerError::Field("headers")),
+                }
+            }
+        }
+        let body = decode_body(fields)?.unwrap_or_default();
+        Ok(HttpAnswer {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// The answer's fields as a plugin sends them.
+    pub fn to_fields(&self) -> Value {
+        let header_list: Vec<[&str; 2]> = self
+            .headers
+            .iter()
+            .map(|(n, v)| [n.as_str(), v.as_str()])
+            .collect();
+        let headers: Map<String, Value> = self
+            .headers
+            .iter()
+            .map(|(n, v)| (n.clone(), Value::String(v.clone())))
+            .collect();
+        let mut fields =
+            json!({"status": self.status, "headers": headers, "header_list": header_list});
+        encode_body(&mut fields, Some(&self.body));
+        fields
+    }
+}
+
+/// Writes `body` into `fields`: as text when it is UTF-8, else as base64 with
+/// `"body_encoding": "base64"`; `null` when absent.
+pub fn encode_body(fields: &mut Value, body: Option<&[u8]>) {
+    fields["body"] = match body {
+        None => Value::Null,
+        Some(bytes) => match std::str::from_utf8(bytes) {
+            Ok(text) => Value::String(text.to_owned()),
+            Err(_) => {
+                fields["body_encoding"] = Value::String("base64".into());
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            }
+        },
+    };
+}
+
+/// Reads `body` (and `body_encoding`) from `fields`; `None` for null or absent.
+pub fn decode_body(fields: &Map<String, Value>) -> Result<Option<Vec<u8>>, AnswerError> {
+    let text = match fields.get("body") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(text)) => text,
+        Some(_) => return Err(AnswerError::Field("body")),
+    };
+    match fields.get("body_encoding").and_then(Value::as_str) {
+        None | Some("utf-8") => Ok(Some(text.clone().into_bytes())),
+        Some("base64") => base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map(Some)
+            .map_err(|_| AnswerError::Field("body (base64)")),
+        Some(_) => Err(AnswerError::Field("body_encoding")),
     }
 }
 
@@ -167,8 +394,100 @@ mod tests {
     }
 
     #[test]
+    fn kv_request_is_readable_flat_and_nested() {
+        let env = Envelope::kv_request("r".into(), "set", "k", Some("v"));
+        let v: Value = serde_json::from_slice(&env.to_vec()).unwrap();
+        for op in [&v["payload"], &v["payload"]["payload"]] {
+            assert_eq!(
+                (op["action"].as_str(), op["key"].as_str()),
+                (Some("set"), Some("k"))
+            );
+            assert_eq!(op["value"], "v");
+        }
+        assert_eq!(v["payload"]["type"], "kv");
+    }
+
+    #[test]
+    fn answers_are_found_in_every_accepted_shape() {
+        let shapes = [
+            json!({"status": 201, "headers": {"a": "1"}, "body": "x"}),
+            json!({"payload": {"status": 201, "headers": {"a": "1"}, "body": "x"}}),
+            json!({"payload": {"body": "{\"status\":201,\"headers\":{\"a\":\"1\"},\"body\":\"x\"}"}}),
+            json!({"payload": {"status": 200, "headers": {}, "body": "{\"status\":201,\"headers\":{\"a\":\"1\"},\"body\":\"x\"}"}}),
+        ];
+        for payload in shapes {
+            let env = Envelope {
+                kind: MessageType::Http,
+                timestamp: String::new(),
+                request_id: None,
+                payload,
+            };
+            let answer = HttpAnswer::from_fields(&env.answer().unwrap()).unwrap();
+            assert_eq!(answer.status, 201);
+            assert_eq!(answer.headers, [("a".to_owned(), "1".to_owned())]);
+            assert_eq!(answer.body, b"x");
+        }
+    }
+
+    #[test]
+    fn a_json_body_that_is_not_an_answer_stays_a_body() {
+        let payload =
+            json!({"status": 200, "headers": {}, "body": "{\"status\":\"ok\",\"items\":[]}"});
+        let env = Envelope {
+            kind: MessageType::Http,
+            timestamp: String::new(),
+            request_id: None,
+            payload,
+        };
+        let answer = HttpAnswer::from_fields(&env.answer().unwrap()).unwrap();
+        assert_eq!(
+            (answer.status, answer.body),
+            (200, br#"{"status":"ok","items":[]}"#.to_vec())
+        );
+        let kv = json!({"payload": {"body": "{\"value\":null}"}});
+        let env = Envelope {
+            kind: MessageType::Http,
+            timestamp: String::new(),
+            request_id: None,
+            payload: kv,
+        };
+        assert_eq!(env.answer().unwrap().get("value"), Some(&Value::Null));
+    }
+
+    #[test]
+    fn binary_bodies_survive_as_base64() {
+        let body = vec![0u8, 159, 146, 150, 255];
+        let call = HttpCall {
+            method: "POST".into(),
+            path: "/".into(),
+            headers: vec![],
+            body: Some(body.clone()),
+        };
+        let env = Envelope::http_request("r".into(), &call);
+        let inner = env.payload["payload"].as_object().unwrap();
+        assert_eq!(inner["body_encoding"], "base64");
+        assert_eq!(decode_body(inner).unwrap(), Some(body));
+    }
+
+    #[test]
+    fn repeated_headers_are_kept_in_order() {
+        let call = HttpCall {
+            method: "GET".into(),
+            path: "/".into(),
+            headers: vec![("a".into(), "1".into()), ("a".into(), "2".into())],
+            body: None,
+        };
+        let env = Envelope::http_request("r".into(), &call);
+        assert_eq!(env.payload["payload"]["headers"]["a"], "1, 2");
+        assert_eq!(
+            env.payload["payload"]["header_list"],
+            json!([["a", "1"], ["a", "2"]])
+        );
+    }
+
+    #[test]
     fn unknown_type_parses_as_unknown() {
-        let env = Envelope::from_slice(br#"{"type":"ping","payload":{}}"#).unwrap();
+        let env = Envelope::from_slice(br#"{"type":"gossip","payload":{}}"#).unwrap();
         assert_eq!(env.kind, MessageType::Unknown);
     }
 }

@@ -5,6 +5,7 @@ use prost_types::Timestamp;
 use time::OffsetDateTime;
 use tonic::Status;
 
+use crate::bridge::BridgeError;
 use crate::model::{Event, EventKind, ExitInfo, ExitStatus, PluginState, PluginStatus};
 use crate::pb;
 use crate::supervisor::SupervisorError;
@@ -109,7 +110,61 @@ impl From<SupervisorError> for Status {
             }
             SupervisorError::ShuttingDown => Status::unavailable(msg),
             SupervisorError::PluginsDir { .. } => Status::failed_precondition(msg),
+            SupervisorError::NotRunning { .. } => Status::unavailable(msg),
+            SupervisorError::Bridge(_, ref b) => match b {
+                BridgeError::Unavailable(_) => Status::unavailable(msg),
+                BridgeError::Timeout(_) => Status::deadline_exceeded(msg),
+                BridgeError::Busy(_) => Status::resource_exhausted(msg),
+                BridgeError::BadAnswer(_) => Status::unknown(msg),
+                BridgeError::Unsupported(_) => Status::invalid_argument(msg),
+            },
             SupervisorError::State(_) | SupervisorError::Internal(_) => Status::internal(msg),
         }
+    }
+}
+
+/// The caller's deadline, from the `grpc-timeout` header (`<digits><unit>`, units H M S m u n).
+pub fn caller_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    if text.len() < 2 || text.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_grpc_timeout() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        assert_eq!(caller_deadline(&md), None);
+        for (text, want) in [
+            ("250m", 250_000u64),
+            ("3S", 3_000_000),
+            ("1M", 60_000_000),
+            ("7u", 7),
+        ] {
+            md.insert("grpc-timeout", text.parse().unwrap());
+            assert_eq!(
+                caller_deadline(&md).map(|d| d.as_micros() as u64),
+                Some(want),
+                "{text}"
+            );
+        }
+        md.insert("grpc-timeout", "12x".parse().unwrap());
+        assert_eq!(caller_deadline(&md), None);
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod convert;
 pub mod health;
+pub mod kv;
 
 use std::pin::Pin;
 
@@ -15,6 +16,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+
+use toru_plugin_sdk::wire::HttpCall;
 
 use crate::pb;
 use crate::pb::plugin_service_server::PluginService;
@@ -40,7 +43,8 @@ impl PluginApi {
     }
 }
 
-fn checked_id(id: &str) -> Result<&str, Status> {
+/// The id if it can be a plugin id, else INVALID_ARGUMENT naming the field.
+pub(crate) fn checked_id(id: &str) -> Result<&str, Status> {
     if toru_plugin_sdk::metadata::is_valid_id(id) {
         Ok(id)
     } else {
@@ -181,6 +185,43 @@ impl PluginService for PluginApi {
                     reason: s.reason,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn call_plugin(
+        &self,
+        request: Request<pb::CallPluginRequest>,
+    ) -> Result<Response<pb::CallPluginResponse>, Status> {
+        let deadline = convert::caller_deadline(request.metadata());
+        let req = request.into_inner();
+        let id = checked_id(&req.plugin_id)?;
+        if req.method.is_empty() || !req.method.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return Err(Status::invalid_argument(format!(
+                "method: {:?} is not an HTTP method (letters only, e.g. GET)",
+                truncate(&req.method)
+            )));
+        }
+        if !req.path.starts_with('/') {
+            return Err(Status::invalid_argument(format!(
+                "path: {:?} must start with '/'",
+                truncate(&req.path)
+            )));
+        }
+        let call = HttpCall {
+            method: req.method,
+            path: req.path,
+            headers: req.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+            body: (!req.body.is_empty()).then_some(req.body),
+        };
+        let answer = self.supervisor.call(id, &call, deadline).await?;
+        Ok(Response::new(pb::CallPluginResponse {
+            status: answer.status,
+            headers: answer
+                .headers
+                .into_iter()
+                .map(|(name, value)| pb::Header { name, value })
+                .collect(),
+            body: answer.body,
         }))
     }
 

@@ -7,7 +7,9 @@
 //! code sends [`Command`]s and reads the [`PluginStatus`] the actor publishes on a `watch`
 //! channel; every transition is also appended to the event log.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,12 +19,12 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use toru_plugin_sdk::wire::InitParams;
-use toru_plugin_sdk::{Envelope, DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION};
+use toru_plugin_sdk::{Envelope, MessageType, PROTOCOL_VERSION};
 
 use super::{Context, SupervisorError};
+use crate::bridge::{BridgeError, Link, LinkLimits};
 use crate::capture::LogSink;
 use crate::config::create_dir_with_mode;
-use crate::connection::PluginConnection;
 use crate::connection::{connect_with_retry, send_one, send_one_on, socket_listening};
 use crate::model::{EventDraft, EventKind, ExitInfo, PluginSpec, PluginState, PluginStatus};
 use crate::process::{plugin_command, PluginProcess};
@@ -58,6 +60,9 @@ const MAX_SOCKET_PATH: usize = 107;
 const LOG_FILE_BYTES: u64 = 10 * 1024 * 1024;
 const LOG_FILES: usize = 5;
 
+/// A heartbeat in flight.
+type Heartbeat = Pin<Box<dyn Future<Output = Result<(), BridgeError>> + Send>>;
+
 enum Next {
     Idle,
     Start,
@@ -68,8 +73,8 @@ enum Next {
 
 struct Run {
     process: PluginProcess,
-    /// The persistent connection, for protocol-2 plugins.
-    conn: Option<PluginConnection>,
+    /// The way requests reach the plugin; `None` until it is ready.
+    link: Option<Link>,
     since: Instant,
 }
 
@@ -77,6 +82,8 @@ pub(super) struct Actor {
     ctx: Arc<Context>,
     id: String,
     status: watch::Sender<PluginStatus>,
+    /// The running plugin's link, published for the request path; `None` unless RUNNING.
+    link: watch::Sender<Option<Link>>,
     commands: mpsc::Receiver<Command>,
     cancel: CancellationToken,
     /// Enable and restart callers waiting for the current start to end.
@@ -89,6 +96,7 @@ impl Actor {
     pub(super) fn new(
         ctx: Arc<Context>,
         status: watch::Sender<PluginStatus>,
+        link: watch::Sender<Option<Link>>,
         commands: mpsc::Receiver<Command>,
         cancel: CancellationToken,
     ) -> Self {
@@ -97,6 +105,7 @@ impl Actor {
             ctx,
             id,
             status,
+            link,
             commands,
             cancel,
             waiters: Vec::new(),
@@ -313,7 +322,7 @@ impl Actor {
             Ok(sink) => sink,
             Err(e) => {
                 return self
-                    .failed_run(None, format!("cannot prepare its directories: {e}"))
+                    .failed_run(None, None, format!("cannot prepare its directories: {e}"))
                     .await
             }
         };
@@ -332,7 +341,7 @@ impl Actor {
             Ok(process) => process,
             Err(e) => {
                 let reason = format!("cannot spawn {}: {e}", spec.binary_path.display());
-                return self.failed_run(None, reason).await;
+                return self.failed_run(None, None, reason).await;
             }
         };
         let pid = process.pid();
@@ -348,42 +357,53 @@ impl Actor {
             host_protocol_version: PROTOCOL_VERSION,
         };
         let start_timeout = cfg.timing.start_timeout;
-        let ready = make_ready(socket, init, spec.metadata.protocol_version, start_timeout);
+        let limits = LinkLimits {
+            max_frame: cfg.bridge.max_frame,
+            max_in_flight: cfg.bridge.max_in_flight,
+        };
+        let ready = make_ready(
+            socket,
+            init,
+            spec.metadata.protocol_version,
+            start_timeout,
+            limits,
+        );
         tokio::pin!(ready);
         loop {
             tokio::select! {
                 result = &mut ready => match result {
-                    Ok(conn) => {
+                    Ok(link) => {
+                        self.link.send_replace(Some(link.clone()));
                         self.transition(PluginState::Running, "ready", None, |_| {});
                         let snapshot = self.snapshot();
                         self.answer_waiters(Ok(snapshot)).await;
-                        return Next::Run(Box::new(Run { process, conn, since: Instant::now() }));
+                        return Next::Run(Box::new(Run { process, link: Some(link), since: Instant::now() }));
                     }
-                    Err(reason) => return self.failed_run(Some(process), reason).await,
+                    Err(reason) => return self.failed_run(Some(process), None, reason).await,
                 },
                 status = process.wait() => {
                     let reason = format!("{status} before it was ready");
-                    return self.failed_run(Some(process), reason).await;
+                    return self.failed_run(Some(process), None, reason).await;
                 }
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Enable(reply)) | Some(Command::Restart(reply)) => self.waiters.push(reply),
                     Some(Command::Update(spec)) => self.update_spec(spec),
                     Some(Command::Disable(reply)) => {
-                        self.stop_and_disable(Run { process, conn: None, since: Instant::now() }, reply).await;
+                        self.stop_and_disable(Run { process, link: None, since: Instant::now() }, reply).await;
                         return Next::Idle;
                     }
                     Some(Command::Remove(done)) => {
-                        self.stop(Run { process, conn: None, since: Instant::now() }, "plugin file removed").await;
+                        self.stop(Run { process, link: None, since: Instant::now() }, "plugin file removed").await;
                         let _ = done.send(());
                         return Next::Exit;
                     }
                     None => {
-                        self.stop(Run { process, conn: None, since: Instant::now() }, "supervisor gone").await;
+                        self.stop(Run { process, link: None, since: Instant::now() }, "supervisor gone").await;
                         return Next::Exit;
                     }
                 },
                 _ = self.cancel.cancelled() => {
-                    self.stop(Run { process, conn: None, since: Instant::now() }, "daemon shutting down").await;
+                    self.stop(Run { process, link: None, since: Instant::now() }, "daemon shutting down").await;
                     return Next::Exit;
                 }
             }
@@ -394,45 +414,60 @@ impl Actor {
         let timing = self.ctx.config.timing.clone();
         let stable_at = run.since + timing.stable_window;
         let mut stable = self.status.borrow().consecutive_failures == 0;
-        let check_socket = run.conn.is_none();
+        let link = run.link.clone().expect("a running plugin has a link");
+        let persistent = link.protocol() >= 2;
         let socket = self.ctx.config.socket_path(&self.id);
         let mut health = tokio::time::interval_at(
             Instant::now() + timing.health_interval,
             timing.health_interval,
         );
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ping: Option<Heartbeat> = None;
+        let closed = async {
+            if persistent {
+                link.closed().await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::pin!(closed);
         loop {
             tokio::select! {
                 status = run.process.wait() => {
                     let reason = format!("unexpected exit: {status}");
-                    return self.failed_run(Some(run.process), reason).await;
+                    return self.failed_run(Some(run.process), run.link, reason).await;
                 }
-                frame = next_frame(&mut run.conn) => match frame {
-                    Some(Ok(_)) => {
-                        // Messages on the persistent connection belong to the bridge.
-                    }
-                    ended => {
-                        let why = match ended {
-                            Some(Err(e)) => format!("its connection failed: {e}"),
-                            _ => "it closed its connection".to_owned(),
-                        };
-                        run.conn = None;
-                        let reason = match timeout(EXIT_AFTER_EOF, run.process.wait()).await {
-                            Ok(status) => format!("unexpected exit: {status}"),
-                            Err(_) => format!("{why} while its process was still running"),
-                        };
-                        return self.failed_run(Some(run.process), reason).await;
-                    }
-                },
+                why = &mut closed => {
+                    let reason = match timeout(EXIT_AFTER_EOF, run.process.wait()).await {
+                        Ok(status) => format!("unexpected exit: {status}"),
+                        Err(_) => format!("its connection was reset ({why}) while its process was still running"),
+                    };
+                    return self.failed_run(Some(run.process), run.link, reason).await;
+                }
                 _ = sleep_until(stable_at), if !stable => {
                     stable = true;
                     self.status.send_modify(|s| s.consecutive_failures = 0);
                 }
-                _ = health.tick(), if check_socket => {
-                    let path = socket.clone();
-                    if let Ok(Ok(listening)) = tokio::task::spawn_blocking(move || socket_listening(&path)).await {
-                        let reason = if listening { "socket accepting again" } else { "socket not listening" };
-                        self.set_health(listening, reason);
+                result = async { ping.as_mut().expect("guarded").await }, if ping.is_some() => {
+                    ping = None;
+                    match result {
+                        Ok(()) => self.set_health(true, "heartbeat answered again"),
+                        Err(e) => self.set_health(false, &format!("heartbeat failed: {e}")),
+                    }
+                }
+                _ = health.tick() => {
+                    if persistent {
+                        // A heartbeat answered within the interval keeps the plugin healthy.
+                        if ping.is_none() {
+                            let (link, limit) = (link.clone(), timing.health_interval);
+                            ping = Some(Box::pin(async move { link.ping(limit).await }));
+                        }
+                    } else {
+                        let path = socket.clone();
+                        if let Ok(Ok(listening)) = tokio::task::spawn_blocking(move || socket_listening(&path)).await {
+                            let reason = if listening { "socket accepting again" } else { "socket not listening" };
+                            self.set_health(listening, reason);
+                        }
                     }
                 }
                 cmd = self.commands.recv() => match cmd {
@@ -479,17 +514,18 @@ impl Actor {
     /// Stops a process by escalation (`shutdown` message, grace, SIGTERM to the group,
     /// grace, SIGKILL), through STOPPING to STOPPED.
     async fn stop(&mut self, mut run: Run, reason: &str) {
+        self.link.send_replace(None);
         self.transition(PluginState::Stopping, reason, None, |_| {});
         let timing = &self.ctx.config.timing;
         let socket = self.ctx.config.socket_path(&self.id);
         if run.process.exit_status().is_none() {
             let deadline = Instant::now() + timing.stop_grace;
             let shutdown = Envelope::shutdown(uuid::Uuid::new_v4().to_string());
-            let asked = match run.conn.as_mut() {
-                Some(conn) => {
-                    timeout_at(deadline, async { conn.send(&shutdown).await.is_ok() }).await
+            let asked = match &run.link {
+                Some(link) if link.protocol() >= 2 => {
+                    timeout_at(deadline, async { link.notify(&shutdown).await.is_ok() }).await
                 }
-                None => {
+                _ => {
                     timeout_at(deadline, async {
                         send_one(&socket, &shutdown).await.is_ok()
                     })
@@ -511,7 +547,9 @@ impl Actor {
             }
         }
         let status = run.process.kill_and_wait(REAP_TIMEOUT).await;
-        drop(run.conn.take());
+        if let Some(link) = run.link.take() {
+            link.close("the plugin was stopped");
+        }
         let stderr_tail = run.process.finish(DRAIN_TIMEOUT).await;
         let _ = std::fs::remove_file(&socket);
         let exit = ExitInfo {
@@ -524,7 +562,16 @@ impl Actor {
 
     /// Records a failed run (crash, failed start) and decides what follows: backoff, or
     /// disabled after too many failures in a row.
-    async fn failed_run(&mut self, process: Option<PluginProcess>, reason: String) -> Next {
+    async fn failed_run(
+        &mut self,
+        process: Option<PluginProcess>,
+        link: Option<Link>,
+        reason: String,
+    ) -> Next {
+        self.link.send_replace(None);
+        if let Some(link) = link {
+            link.close(&reason);
+        }
         let exit = match process {
             Some(mut process) => {
                 let status = process.kill_and_wait(REAP_TIMEOUT).await;
@@ -584,30 +631,48 @@ impl Actor {
     }
 }
 
-/// Connects to the plugin's socket and sends `init`: on the connection that stays open for
-/// protocol 2 or later, on a connection of its own for v1.
+/// Connects to the plugin's socket and sends `init`. For protocol 2 or later the connection
+/// stays open as the plugin's link and the plugin is ready when it answers `init` with
+/// `ready`; a v1 plugin gets `init` on a connection of its own and is ready once it is sent.
 async fn make_ready(
     socket: PathBuf,
     init: InitParams,
     protocol_version: u32,
     limit: Duration,
-) -> Result<Option<PluginConnection>, String> {
+    limits: LinkLimits,
+) -> Result<Link, String> {
+    let began = Instant::now();
     let work = async {
         let mut stream = connect_with_retry(&socket, limit)
             .await
             .map_err(|e| e.to_string())?;
-        let message = Envelope::init(uuid::Uuid::new_v4().to_string(), &init);
+        let message = Envelope::init(crate::bridge::new_request_id(), &init);
         if protocol_version >= 2 {
-            let mut conn = PluginConnection::new(stream, DEFAULT_MAX_FRAME_LEN);
-            conn.send(&message)
-                .await
-                .map_err(|e| format!("sending init failed: {e}"))?;
-            Ok(Some(conn))
+            let link = Link::persistent(stream, protocol_version, limits);
+            let left = limit.saturating_sub(began.elapsed());
+            let answer = link.request(message, left).await.map_err(|e| {
+                link.close("start failed");
+                match e {
+                    BridgeError::Timeout(_) => format!(
+                        "not ready within {}: no ready message after init",
+                        humantime::format_duration(limit)
+                    ),
+                    other => format!("no ready message after init: {other}"),
+                }
+            })?;
+            if answer.kind != MessageType::Ready {
+                link.close("start failed");
+                return Err(format!(
+                    "it answered init with {} instead of ready",
+                    answer.kind.as_str()
+                ));
+            }
+            Ok(link)
         } else {
             send_one_on(&mut stream, &message)
                 .await
                 .map_err(|e| format!("sending init failed: {e}"))?;
-            Ok(None)
+            Ok(Link::per_request(socket.clone(), limits))
         }
     };
     match timeout(limit, work).await {
@@ -616,14 +681,5 @@ async fn make_ready(
             "not ready within {}",
             humantime::format_duration(limit)
         )),
-    }
-}
-
-async fn next_frame(
-    conn: &mut Option<PluginConnection>,
-) -> Option<Result<bytes::Bytes, toru_plugin_sdk::FrameError>> {
-    match conn {
-        Some(conn) => conn.next_frame().await,
-        None => std::future::pending().await,
     }
 }

@@ -10,12 +10,15 @@ mod actor;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use toru_plugin_sdk::wire::{HttpAnswer, HttpCall};
 
+use crate::bridge::{BridgeError, Link};
 use crate::config::{create_dir_with_mode, Config};
 use crate::discovery::{self, ProbeOptions, Skipped};
 use crate::events::{EventLog, EventLogError};
@@ -68,9 +71,31 @@ pub enum SupervisorError {
         /// Why.
         reason: String,
     },
+    /// The plugin is enabled but not running now.
+    #[error("plugin {id:?} is not running (state {}){}", state.as_str(), retry_at(next_restart_at))]
+    NotRunning {
+        /// The plugin.
+        id: String,
+        /// Its state.
+        state: PluginState,
+        /// Its next restart, in backoff.
+        next_restart_at: Option<OffsetDateTime>,
+    },
+    /// A forwarded request failed.
+    #[error("plugin {0:?}: {1}")]
+    Bridge(String, BridgeError),
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+fn retry_at(at: &Option<OffsetDateTime>) -> String {
+    at.and_then(|at| {
+        at.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    })
+    .map(|at| format!("; next restart at {at}"))
+    .unwrap_or_default()
 }
 
 fn retry_note(at: &Option<OffsetDateTime>) -> String {
@@ -133,6 +158,8 @@ pub(crate) struct Context {
 struct PluginHandle {
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<PluginStatus>,
+    /// The running plugin's link; requests take it from here without asking the actor.
+    link: watch::Receiver<Option<Link>>,
 }
 
 /// Handle to the supervisor; clones share it.
@@ -247,6 +274,95 @@ impl Supervisor {
     /// Restarts an enabled plugin; returns once it is ready again or has failed.
     pub async fn restart(&self, id: &str) -> Result<PluginStatus, SupervisorError> {
         self.command(id, Command::Restart).await
+    }
+
+    /// The link of a running plugin, or why there is none.
+    fn link(&self, id: &str) -> Result<Link, SupervisorError> {
+        let handle = self.handle(id)?;
+        if let Some(link) = handle.link.borrow().clone() {
+            return Ok(link);
+        }
+        let status = handle.status.borrow().clone();
+        if !status.enabled {
+            return Err(SupervisorError::NotEnabled(id.to_owned()));
+        }
+        Err(SupervisorError::NotRunning {
+            id: id.to_owned(),
+            state: status.state,
+            next_restart_at: status.next_restart_at,
+        })
+    }
+
+    fn bridge_limit(&self, default: Duration, caller: Option<Duration>) -> Duration {
+        caller.map_or(default, |c| c.min(default))
+    }
+
+    /// Reads a key of a plugin's key space; `None` when absent. `deadline` is the caller's.
+    pub async fn kv_get(
+        &self,
+        id: &str,
+        key: &str,
+        deadline: Option<Duration>,
+    ) -> Result<Option<String>, SupervisorError> {
+        self.kv(id, "get", key, None, deadline).await
+    }
+
+    /// Writes a key of a plugin's key space.
+    pub async fn kv_set(
+        &self,
+        id: &str,
+        key: &str,
+        value: &str,
+        deadline: Option<Duration>,
+    ) -> Result<(), SupervisorError> {
+        self.kv(id, "set", key, Some(value), deadline)
+            .await
+            .map(|_| ())
+    }
+
+    /// Deletes a key of a plugin's key space; the plugin's answer (the old value, if it
+    /// says).
+    pub async fn kv_delete(
+        &self,
+        id: &str,
+        key: &str,
+        deadline: Option<Duration>,
+    ) -> Result<Option<String>, SupervisorError> {
+        self.kv(id, "delete", key, None, deadline).await
+    }
+
+    async fn kv(
+        &self,
+        id: &str,
+        action: &str,
+        key: &str,
+        value: Option<&str>,
+        deadline: Option<Duration>,
+    ) -> Result<Option<String>, SupervisorError> {
+        let link = self.link(id)?;
+        let limit = self.bridge_limit(self.inner.ctx.config.bridge.kv_timeout, deadline);
+        link.kv(action, key, value, limit)
+            .await
+            .map_err(|e| SupervisorError::Bridge(id.to_owned(), e))
+    }
+
+    /// Forwards an HTTP-style call.
+    pub async fn call(
+        &self,
+        id: &str,
+        call: &HttpCall,
+        deadline: Option<Duration>,
+    ) -> Result<HttpAnswer, SupervisorError> {
+        let link = self.link(id)?;
+        let limit = self.bridge_limit(self.inner.ctx.config.bridge.call_timeout, deadline);
+        link.call(call, limit)
+            .await
+            .map_err(|e| SupervisorError::Bridge(id.to_owned(), e))
+    }
+
+    /// The configuration's bridge limits.
+    pub fn bridge_config(&self) -> &crate::config::BridgeConfig {
+        &self.inner.ctx.config.bridge
     }
 
     fn handle(&self, id: &str) -> Result<PluginHandle, SupervisorError> {
@@ -425,9 +541,11 @@ impl Supervisor {
         };
         let (status_tx, status_rx) = watch::channel(status);
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (link_tx, link_rx) = watch::channel(None);
         let actor = Actor::new(
             ctx.clone(),
             status_tx,
+            link_tx,
             cmd_rx,
             self.inner.cancel.child_token(),
         );
@@ -437,6 +555,7 @@ impl Supervisor {
             PluginHandle {
                 commands: cmd_tx,
                 status: status_rx,
+                link: link_rx,
             },
         );
         report.added.push(id);

@@ -24,13 +24,14 @@ pub const PY_ECHO: &str = concat!(
     "/examples/python/py-echo.binary"
 );
 
-/// The Rust example plugin, built by `cargo test` next to the daemon.
-pub fn hello_plugin_path() -> PathBuf {
+/// An example binary built by `cargo test` next to the daemon (`hello-plugin`,
+/// `toru-crate-plugin`).
+pub fn example_path(name: &str) -> PathBuf {
     let path = Path::new(TORUD)
         .parent()
         .unwrap()
         .join("examples")
-        .join("hello-plugin");
+        .join(name);
     assert!(
         path.exists(),
         "{} is missing: run `cargo build --examples`",
@@ -151,8 +152,26 @@ impl Daemon {
     /// Installs the Rust example plugin as `<name>.binary`.
     pub fn install_hello(&self, name: &str) -> PathBuf {
         let dest = self.plugins_dir.join(format!("{name}.binary"));
-        std::fs::copy(hello_plugin_path(), &dest).unwrap();
+        std::fs::copy(example_path("hello-plugin"), &dest).unwrap();
         dest
+    }
+
+    /// Installs the Toru-crate-style v1 fixture as `toru-crate.binary`.
+    pub fn install_crate_plugin(&self) -> PathBuf {
+        let dest = self.plugins_dir.join("toru-crate.binary");
+        std::fs::copy(example_path("toru-crate-plugin"), &dest).unwrap();
+        dest
+    }
+
+    /// Installs the Python example plugin (protocol v1) as `py-echo.binary`.
+    pub fn install_py_echo(&self) -> PathBuf {
+        let dest = self.plugins_dir.join("py-echo.binary");
+        std::fs::copy(PY_ECHO, &dest).unwrap();
+        dest
+    }
+
+    pub async fn kv_client(&self) -> torud::pb::kv_service_client::KvServiceClient<Channel> {
+        torud::pb::kv_service_client::KvServiceClient::new(self.channel().await)
     }
 
     /// Installs the Python fixture as `<id>.binary` in `mode`, with extra arguments.

@@ -1,0 +1,85 @@
+//! `toru.v1.KvService`: key-value operations forwarded to a plugin. Validates keys and values
+//! against the configured limits; everything else is the supervisor's and the bridge's.
+
+use tonic::{Request, Response, Status};
+
+use super::{checked_id, convert};
+use crate::pb;
+use crate::pb::kv_service_server::KvService;
+use crate::supervisor::Supervisor;
+
+/// The `KvService` implementation.
+pub struct KvApi {
+    supervisor: Supervisor,
+}
+
+impl KvApi {
+    /// A service over `supervisor`.
+    pub fn new(supervisor: Supervisor) -> Self {
+        KvApi { supervisor }
+    }
+
+    fn check_key(&self, key: &str) -> Result<(), Status> {
+        let max = self.supervisor.bridge_config().max_key;
+        if key.is_empty() || key.len() > max {
+            return Err(Status::invalid_argument(format!(
+                "key: must be 1 to {max} bytes, got {}",
+                key.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl KvService for KvApi {
+    async fn get_value(
+        &self,
+        request: Request<pb::GetValueRequest>,
+    ) -> Result<Response<pb::GetValueResponse>, Status> {
+        let deadline = convert::caller_deadline(request.metadata());
+        let req = request.into_inner();
+        let id = checked_id(&req.plugin_id)?;
+        self.check_key(&req.key)?;
+        let value = self.supervisor.kv_get(id, &req.key, deadline).await?;
+        Ok(Response::new(pb::GetValueResponse {
+            found: value.is_some(),
+            value: value.unwrap_or_default(),
+        }))
+    }
+
+    async fn set_value(
+        &self,
+        request: Request<pb::SetValueRequest>,
+    ) -> Result<Response<pb::SetValueResponse>, Status> {
+        let deadline = convert::caller_deadline(request.metadata());
+        let req = request.into_inner();
+        let id = checked_id(&req.plugin_id)?;
+        self.check_key(&req.key)?;
+        let max = self.supervisor.bridge_config().max_value;
+        if req.value.len() > max {
+            return Err(Status::invalid_argument(format!(
+                "value: at most {max} bytes, got {}",
+                req.value.len()
+            )));
+        }
+        self.supervisor
+            .kv_set(id, &req.key, &req.value, deadline)
+            .await?;
+        Ok(Response::new(pb::SetValueResponse {}))
+    }
+
+    async fn delete_value(
+        &self,
+        request: Request<pb::DeleteValueRequest>,
+    ) -> Result<Response<pb::DeleteValueResponse>, Status> {
+        let deadline = convert::caller_deadline(request.metadata());
+        let req = request.into_inner();
+        let id = checked_id(&req.plugin_id)?;
+        self.check_key(&req.key)?;
+        let old = self.supervisor.kv_delete(id, &req.key, deadline).await?;
+        Ok(Response::new(pb::DeleteValueResponse {
+            existed: old.is_some(),
+        }))
+    }
+}

@@ -1,0 +1,441 @@
+//! The bridge: how requests reach a running plugin and how answers come back.
+//!
+//! A [`Link`] is the way to one running plugin. For protocol 2 or later it owns one
+//! persistent connection, multiplexed: a writer task sends frames (batching whatever is
+//! queued into one flush), a reader task matches answers to waiting callers by
+//! `request_id`, in whatever order they come. For v1 plugins it follows Toru's discipline:
+//! each request on a connection of its own, the answer read before closing.
+//!
+//! Every request is bounded by a timeout and by the in-flight cap; a caller that goes away
+//! (its future dropped) frees its entry at once and, for protocol 2, tells the plugin with
+//! `cancel`. When the connection fails — closed, unreadable, a frame over the limit, or a
+//! frame that is not JSON — the link closes: every pending request fails at once with the
+//! reason, and the supervisor (watching [`Link::closed`]) takes over.
+//!
+//! Architecture invariant: nothing here is shared between plugins, and no lock is held
+//! across `.await`; a stuck plugin delays only requests to itself.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use toru_plugin_sdk::wire::{HttpAnswer, HttpCall};
+use toru_plugin_sdk::{Envelope, FrameCodec, FrameError, MessageType};
+
+use crate::connection::send_one;
+
+/// Limits of one link.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkLimits {
+    /// Largest frame accepted from the plugin.
+    pub max_frame: usize,
+    /// Requests in flight at once; more are refused.
+    pub max_in_flight: usize,
+}
+
+/// Why a request did not get an answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BridgeError {
+    /// The connection is gone (or went while waiting).
+    #[error("the plugin's connection is gone: {0}")]
+    Unavailable(String),
+    /// No answer in time; the plugin keeps running and a late answer is dropped.
+    #[error("no answer within {0}")]
+    Timeout(String),
+    /// Too many requests in flight.
+    #[error("{0} requests are already in flight to this plugin (the limit); retry later")]
+    Busy(usize),
+    /// The plugin answered something that cannot be read.
+    #[error("the plugin's answer is invalid: {0}")]
+    BadAnswer(String),
+    /// The request cannot be expressed to this plugin.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// The way to one running plugin; clones share it.
+#[derive(Clone)]
+pub struct Link {
+    inner: Arc<LinkInner>,
+}
+
+struct LinkInner {
+    transport: Transport,
+    protocol: u32,
+    limits: LinkLimits,
+    pending: Pending,
+    in_flight: AtomicUsize,
+    closed: CancellationToken,
+    /// Why the link closed; set once, before `closed` is cancelled.
+    close_reason: Mutex<Option<String>>,
+}
+
+enum Transport {
+    Persistent { tx: mpsc::Sender<Vec<u8>> },
+    PerRequest { socket: PathBuf },
+}
+
+/// Callers waiting for answers on a persistent connection, by `request_id`. The mutex is
+/// held only to insert, remove or drain entries, never across `.await`.
+#[derive(Default)]
+struct Pending(Mutex<HashMap<String, oneshot::Sender<Envelope>>>);
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Envelope>>> {
+        self.0.lock().expect("pending table poisoned")
+    }
+}
+
+impl Link {
+    /// A link over the persistent connection of a protocol-2 plugin. Spawns its reader and
+    /// writer tasks, which end when the link closes.
+    pub fn persistent(stream: UnixStream, protocol: u32, limits: LinkLimits) -> Link {
+        let (read, write) = stream.into_split();
+        let (tx, rx) = mpsc::channel(limits.max_in_flight + 64);
+        let link = Link::new(Transport::Persistent { tx }, protocol, limits);
+        tokio::spawn(link.clone().write_loop(write, rx));
+        tokio::spawn(link.clone().read_loop(read));
+        link
+    }
+
+    /// A link to a v1 plugin: one connection per request.
+    pub fn per_request(socket: PathBuf, limits: LinkLimits) -> Link {
+        Link::new(Transport::PerRequest { socket }, 1, limits)
+    }
+
+    fn new(transport: Transport, protocol: u32, limits: LinkLimits) -> Link {
+        Link {
+            inner: Arc::new(LinkInner {
+                transport,
+                protocol,
+                limits,
+                pending: Pending::default(),
+                in_flight: AtomicUsize::new(0),
+                closed: CancellationToken::new(),
+                close_reason: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The protocol version the plugin speaks.
+    pub fn protocol(&self) -> u32 {
+        self.inner.protocol
+    }
+
+    /// Resolves with the reason once the link has closed. Never resolves for a v1 link
+    /// unless [`Link::close`] is called.
+    pub async fn closed(&self) -> String {
+        self.inner.closed.cancelled().await;
+        self.close_reason()
+    }
+
+    fn close_reason(&self) -> String {
+        self.inner
+            .close_reason
+            .lock()
+            .expect("close reason poisoned")
+            .clone()
+            .unwrap_or_else(|| "closed".into())
+    }
+
+    /// Closes the link: every pending request fails with `reason`. Idempotent; the first
+    /// reason wins.
+    pub fn close(&self, reason: &str) {
+        {
+            let mut slot = self
+                .inner
+                .close_reason
+                .lock()
+                .expect("close reason poisoned");
+            if slot.is_some() {
+                return;
+            }
+            *slot = Some(reason.to_owned());
+        }
+        self.inner.closed.cancel();
+        // Dropping the senders wakes every waiter, which then reads the reason.
+        self.inner.pending.lock().clear();
+    }
+
+    /// Sends a message that is not answered (lifecycle).
+    pub async fn notify(&self, envelope: &Envelope) -> Result<(), BridgeError> {
+        match &self.inner.transport {
+            Transport::Persistent { tx } => tx
+                .send(envelope.to_vec())
+                .await
+                .map_err(|_| BridgeError::Unavailable(self.close_reason())),
+            Transport::PerRequest { socket } => send_one(socket, envelope)
+                .await
+                .map_err(|e| BridgeError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Sends `envelope` and waits for the answer with its `request_id`, at most `limit`.
+    pub async fn request(
+        &self,
+        envelope: Envelope,
+        limit: Duration,
+    ) -> Result<Envelope, BridgeError> {
+        let _slot = InFlight::acquire(&self.inner)?;
+        let work = async {
+            match &self.inner.transport {
+                Transport::Persistent { tx } => self.request_persistent(tx, envelope).await,
+                Transport::PerRequest { socket } => {
+                    self.request_own_connection(socket, envelope).await
+                }
+            }
+        };
+        match tokio::time::timeout(limit, work).await {
+            Ok(result) => result,
+            Err(_) => Err(BridgeError::Timeout(
+                humantime::format_duration(limit).to_string(),
+            )),
+        }
+    }
+
+    async fn request_persistent(
+        &self,
+        tx: &mpsc::Sender<Vec<u8>>,
+        envelope: Envelope,
+    ) -> Result<Envelope, BridgeError> {
+        let bytes = envelope.to_vec();
+        if bytes.len() > self.inner.limits.max_frame {
+            return Err(BridgeError::Unsupported(format!(
+                "the request is {} bytes, over the {}-byte frame limit",
+                bytes.len(),
+                self.inner.limits.max_frame
+            )));
+        }
+        let id = envelope.request_id.clone().unwrap_or_default();
+        let (answer_tx, answer_rx) = oneshot::channel();
+        self.inner.pending.lock().insert(id.clone(), answer_tx);
+        let mut entry = PendingEntry {
+            link: self,
+            id: Some(id),
+        };
+        if self.inner.closed.is_cancelled() {
+            return Err(BridgeError::Unavailable(self.close_reason()));
+        }
+        tx.send(bytes)
+            .await
+            .map_err(|_| BridgeError::Unavailable(self.close_reason()))?;
+        match answer_rx.await {
+            Ok(answer) => {
+                entry.id = None;
+                Ok(answer)
+            }
+            Err(_) => Err(BridgeError::Unavailable(self.close_reason())),
+        }
+    }
+
+    async fn request_own_connection(
+        &self,
+        socket: &PathBuf,
+        envelope: Envelope,
+    ) -> Result<Envelope, BridgeError> {
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+            BridgeError::Unavailable(format!("{what} {}: {e}", socket.display()))
+        };
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|e| unavailable("cannot connect to", &e))?;
+        let (read, write) = stream.into_split();
+        let mut out = FramedWrite::new(write, FrameCodec::new(self.inner.limits.max_frame));
+        out.send(envelope.to_vec())
+            .await
+            .map_err(|e| unavailable("cannot write to", &e))?;
+        let mut frames = FramedRead::new(read, FrameCodec::new(self.inner.limits.max_frame));
+        let frame = match frames.next().await {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => return Err(BridgeError::BadAnswer(e.to_string())),
+            None => {
+                return Err(BridgeError::Unavailable(
+                    "the plugin closed the connection without answering".into(),
+                ))
+            }
+        };
+        let answer = Envelope::from_slice(&frame)
+            .map_err(|e| BridgeError::BadAnswer(format!("not a JSON envelope: {e}")))?;
+        match (&answer.request_id, &envelope.request_id) {
+            (Some(got), Some(want)) if got != want => Err(BridgeError::BadAnswer(format!(
+                "it answered request_id {got:?} to request {want:?}"
+            ))),
+            _ => Ok(answer),
+        }
+    }
+
+    /// A KV operation; the answer's `value` (`None` for null).
+    pub async fn kv(
+        &self,
+        action: &str,
+        key: &str,
+        value: Option<&str>,
+        limit: Duration,
+    ) -> Result<Option<String>, BridgeError> {
+        let envelope = Envelope::kv_request(new_request_id(), action, key, value);
+        let answer = self.request(envelope, limit).await?;
+        let fields = answer
+            .answer()
+            .ok_or_else(|| BridgeError::BadAnswer("no \"value\" in any accepted shape".into()))?;
+        match fields.get("value") {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(BridgeError::BadAnswer(format!(
+                "\"value\" is {other}, not a string or null"
+            ))),
+        }
+    }
+
+    /// An HTTP-style call.
+    pub async fn call(&self, call: &HttpCall, limit: Duration) -> Result<HttpAnswer, BridgeError> {
+        let binary = call
+            .body
+            .as_deref()
+            .is_some_and(|b| std::str::from_utf8(b).is_err());
+        if binary && self.inner.protocol < 2 {
+            return Err(BridgeError::Unsupported(
+                "the body is not UTF-8, and this plugin speaks protocol 1, which carries only text bodies".into(),
+            ));
+        }
+        let answer = self
+            .request(Envelope::http_request(new_request_id(), call), limit)
+            .await?;
+        let fields = answer
+            .answer()
+            .ok_or_else(|| BridgeError::BadAnswer("no \"status\" in any accepted shape".into()))?;
+        HttpAnswer::from_fields(&fields).map_err(|e| BridgeError::BadAnswer(e.to_string()))
+    }
+
+    /// A heartbeat: `ping`, answered by `pong`.
+    pub async fn ping(&self, limit: Duration) -> Result<(), BridgeError> {
+        let answer = self
+            .request(Envelope::bare(MessageType::Ping, new_request_id()), limit)
+            .await?;
+        match answer.kind {
+            MessageType::Pong => Ok(()),
+            other => Err(BridgeError::BadAnswer(format!(
+                "{} instead of pong",
+                other.as_str()
+            ))),
+        }
+    }
+
+    async fn write_loop(self, write: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
+        let mut out = FramedWrite::new(write, FrameCodec::new(self.inner.limits.max_frame));
+        loop {
+            let first = tokio::select! {
+                msg = rx.recv() => msg,
+                _ = self.inner.closed.cancelled() => return,
+            };
+            let Some(first) = first else { return };
+            let mut next = Some(first);
+            let mut failed = None;
+            while let Some(frame) = next {
+                if let Err(e) = out.feed(frame).await {
+                    failed = Some(e);
+                    break;
+                }
+                next = rx.try_recv().ok();
+            }
+            let flushed = match failed {
+                Some(e) => Err(e),
+                None => SinkExt::<Vec<u8>>::flush(&mut out).await,
+            };
+            if let Err(e) = flushed {
+                self.close(&format!("writing to the plugin failed: {e}"));
+                return;
+            }
+        }
+    }
+
+    async fn read_loop(self, read: OwnedReadHalf) {
+        let mut frames = FramedRead::new(read, FrameCodec::new(self.inner.limits.max_frame));
+        let reason = loop {
+            let frame = tokio::select! {
+                frame = frames.next() => frame,
+                _ = self.inner.closed.cancelled() => return,
+            };
+            let bytes = match frame {
+                Some(Ok(bytes)) => bytes,
+                Some(Err(FrameError::TooLarge { len, max })) => {
+                    break format!(
+                        "the plugin sent a frame of {len} bytes, over the {max}-byte limit"
+                    )
+                }
+                Some(Err(FrameError::Io(e))) => {
+                    break format!("reading from the plugin failed: {e}")
+                }
+                None => break "the plugin closed its connection".to_owned(),
+            };
+            let envelope = match Envelope::from_slice(&bytes) {
+                Ok(envelope) => envelope,
+                Err(e) => {
+                    break format!("the plugin sent a frame that is not a JSON envelope: {e}")
+                }
+            };
+            let id = envelope.request_id.clone().unwrap_or_default();
+            let waiter = self.inner.pending.lock().remove(&id);
+            match waiter {
+                Some(waiter) => {
+                    let _ = waiter.send(envelope);
+                }
+                None => tracing::warn!(request_id = %id, kind = envelope.kind.as_str(),
+                    "dropped a message with an unknown request_id (late, or never asked)"),
+            }
+        };
+        self.close(&reason);
+    }
+}
+
+/// Counts a request in flight while it lives.
+struct InFlight<'a>(&'a LinkInner);
+
+impl<'a> InFlight<'a> {
+    fn acquire(inner: &'a LinkInner) -> Result<Self, BridgeError> {
+        let max = inner.limits.max_in_flight;
+        let before = inner.in_flight.fetch_add(1, Ordering::AcqRel);
+        if before >= max {
+            inner.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(BridgeError::Busy(max));
+        }
+        Ok(InFlight(inner))
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Removes an unanswered entry when its caller goes away (timeout or dropped future) and,
+/// for protocol 2, tells the plugin to drop the work.
+struct PendingEntry<'a> {
+    link: &'a Link,
+    id: Option<String>,
+}
+
+impl Drop for PendingEntry<'_> {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else { return };
+        let removed = self.link.inner.pending.lock().remove(&id).is_some();
+        if removed && !self.link.inner.closed.is_cancelled() {
+            if let Transport::Persistent { tx } = &self.link.inner.transport {
+                let _ = tx.try_send(Envelope::bare(MessageType::Cancel, id).to_vec());
+            }
+        }
+    }
+}
+
+/// A fresh `request_id`.
+pub fn new_request_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
