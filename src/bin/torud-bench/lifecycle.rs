@@ -1,23 +1,15 @@
-//! `torud-bench`: benchmarks of the daemon, each figure printed beside a baseline measured in
-//! the same run, so the ratio means something on a noisy machine.
-//!
-//! `torud-bench lifecycle` measures, alternating daemon and baseline iterations:
+//! `torud-bench lifecycle`, alternating daemon and baseline iterations:
 //! - enable→ready: `EnablePlugin` round trip for the Rust example plugin, against spawning
 //!   the same binary directly, connecting to its socket (same retry loop) and sending init;
 //! - SIGKILL→crashed event: from `kill -9` of the plugin to the CRASHED event on a
 //!   `WatchEvents` stream, against SIGKILL→`wait` of a bare child.
-//!
-//! Run from a release build: `cargo build --release --bins --examples`, then
-//! `target/release/torud-bench lifecycle [--iterations N] [--json PATH]`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
 use futures::SinkExt;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::codec::Framed;
 use toru_plugin_sdk::wire::InitParams;
@@ -26,124 +18,9 @@ use torud::connection::connect_with_retry;
 use torud::pb;
 use torud::pb::plugin_service_client::PluginServiceClient;
 
-#[derive(Parser)]
-#[command(
-    name = "torud-bench",
-    about = "Benchmarks of torud against same-run baselines"
-)]
-struct Cli {
-    #[command(subcommand)]
-    bench: Bench,
-}
+use crate::{num_cpus, sibling, summarize, summary_json, BenchResult, Daemon};
 
-#[derive(Subcommand)]
-enum Bench {
-    /// Enable→ready and SIGKILL→crashed-event latency.
-    Lifecycle {
-        /// Measured iterations of each figure (after 10 warm-up rounds).
-        #[arg(long, default_value_t = 200)]
-        iterations: usize,
-        /// Also write the figures as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
-}
-
-type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
-
-#[derive(Debug, Clone, Copy)]
-struct Summary {
-    p50: f64,
-    p99: f64,
-    mean: f64,
-}
-
-fn summarize(samples: &mut [Duration]) -> Summary {
-    samples.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let at = |q: f64| {
-        ms(samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1])
-    };
-    let mean = samples.iter().map(|d| ms(*d)).sum::<f64>() / samples.len() as f64;
-    Summary {
-        p50: at(0.50),
-        p99: at(0.99),
-        mean,
-    }
-}
-
-fn summary_json(s: Summary) -> serde_json::Value {
-    json!({ "p50_ms": s.p50, "p99_ms": s.p99, "mean_ms": s.mean })
-}
-
-fn sibling(name: &str) -> BenchResult<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().ok_or("no parent directory")?;
-    let path = if name == "torud" {
-        dir.join(name)
-    } else {
-        dir.join("examples").join(name)
-    };
-    if !path.exists() {
-        return Err(format!(
-            "{} is missing: build it first with `cargo build --release --bins --examples`",
-            path.display()
-        )
-        .into());
-    }
-    Ok(path)
-}
-
-/// The daemon under measurement, as a separate process.
-struct Daemon {
-    _child: Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    async fn start(torud: &Path, plugin: &Path) -> BenchResult<Self> {
-        let dir = tempfile::tempdir()?;
-        let plugins = dir.path().join("plugins");
-        std::fs::create_dir_all(&plugins)?;
-        std::fs::copy(plugin, plugins.join("hello.binary"))?;
-        let mut child = Command::new(torud)
-            .args(["serve", "--listen", "127.0.0.1:0", "--log", "warn"])
-            .arg("--plugins-dir")
-            .arg(&plugins)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args([
-                "--backoff-base",
-                "1ms",
-                "--backoff-max",
-                "1ms",
-                "--max-failures",
-                "1000000",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-        let line = lines
-            .next_line()
-            .await?
-            .ok_or("torud exited before listening")?;
-        let addr = line
-            .strip_prefix("torud listening on ")
-            .ok_or("unexpected first line")?
-            .to_owned();
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Daemon {
-            _child: child,
-            addr,
-            _dir: dir,
-        })
-    }
-}
-
-async fn wait_added(
+pub(crate) async fn wait_added(
     client: &mut PluginServiceClient<tonic::transport::Channel>,
 ) -> BenchResult<()> {
     let req = pb::WatchEventsRequest {
@@ -188,10 +65,18 @@ async fn baseline_ready(plugin: &Path, socket: &Path) -> BenchResult<(Duration, 
     Ok((took, child))
 }
 
-async fn lifecycle(iterations: usize, json_path: Option<PathBuf>) -> BenchResult<()> {
+pub(crate) async fn run(iterations: usize, json_path: Option<PathBuf>) -> BenchResult<()> {
     let torud = sibling("torud")?;
     let plugin = sibling("hello-plugin")?;
-    let daemon = Daemon::start(&torud, &plugin).await?;
+    let extra = [
+        "--backoff-base",
+        "1ms",
+        "--backoff-max",
+        "1ms",
+        "--max-failures",
+        "1000000",
+    ];
+    let daemon = Daemon::start(&torud, &plugin, &extra).await?;
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", daemon.addr))?
         .connect()
         .await?;
@@ -318,28 +203,4 @@ async fn next_event(
 ) -> BenchResult<pb::Event> {
     let resp = events.message().await?.ok_or("event stream ended")?;
     Ok(resp.event.ok_or("empty event")?)
-}
-
-fn num_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let result = runtime.block_on(async {
-        match cli.bench {
-            Bench::Lifecycle { iterations, json } => lifecycle(iterations.max(1), json).await,
-        }
-    });
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("torud-bench: error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
 }

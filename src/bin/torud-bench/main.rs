@@ -1,0 +1,184 @@
+//! `torud-bench`: benchmarks of the daemon, each figure printed beside a baseline measured in
+//! the same run, so the ratio means something on a noisy machine.
+//!
+//! - `torud-bench lifecycle`: enable→ready and SIGKILL→crashed-event latency (see
+//!   `lifecycle.rs`).
+//! - `torud-bench forward`: a forwarded `GetValue`, latency and throughput (see
+//!   `forward.rs`).
+//!
+//! Run from a release build: `cargo build --release --bins --examples`, then
+//! `target/release/torud-bench <bench> [--json PATH]`.
+
+mod forward;
+mod lifecycle;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+#[derive(Parser)]
+#[command(
+    name = "torud-bench",
+    about = "Benchmarks of torud against same-run baselines"
+)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Enable→ready and SIGKILL→crashed-event latency.
+    Lifecycle {
+        /// Measured iterations of each figure (after 10 warm-up rounds).
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// A forwarded GetValue: latency at concurrency 1, throughput with 64 in flight.
+    Forward {
+        /// Sequential calls measured for latency, per side.
+        #[arg(long, default_value_t = 5000)]
+        calls: usize,
+        /// Seconds of each throughput run (two runs per side).
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Calls in flight for the throughput runs.
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// (internal) The baseline of `forward`: a bare gRPC server forwarding to the plugin.
+    #[command(hide = true)]
+    BaselineServer {
+        /// The plugin executable to spawn.
+        plugin: PathBuf,
+    },
+}
+
+pub(crate) type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Summary {
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) mean: f64,
+}
+
+pub(crate) fn summarize(samples: &mut [Duration]) -> Summary {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let at = |q: f64| {
+        ms(samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1])
+    };
+    let mean = samples.iter().map(|d| ms(*d)).sum::<f64>() / samples.len() as f64;
+    Summary {
+        p50: at(0.50),
+        p99: at(0.99),
+        mean,
+    }
+}
+
+pub(crate) fn summary_json(s: Summary) -> serde_json::Value {
+    json!({ "p50_ms": s.p50, "p99_ms": s.p99, "mean_ms": s.mean })
+}
+
+pub(crate) fn sibling(name: &str) -> BenchResult<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().ok_or("no parent directory")?;
+    let path = if name == "torud" {
+        dir.join(name)
+    } else {
+        dir.join("examples").join(name)
+    };
+    if !path.exists() {
+        return Err(format!(
+            "{} is missing: build it first with `cargo build --release --bins --examples`",
+            path.display()
+        )
+        .into());
+    }
+    Ok(path)
+}
+
+/// The daemon under measurement, as a separate process.
+pub(crate) struct Daemon {
+    _child: Child,
+    pub(crate) addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    async fn start(torud: &Path, plugin: &Path, extra: &[&str]) -> BenchResult<Self> {
+        let dir = tempfile::tempdir()?;
+        let plugins = dir.path().join("plugins");
+        std::fs::create_dir_all(&plugins)?;
+        std::fs::copy(plugin, plugins.join("hello.binary"))?;
+        let mut child = Command::new(torud)
+            .args(["serve", "--listen", "127.0.0.1:0", "--log", "warn"])
+            .arg("--plugins-dir")
+            .arg(&plugins)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        let line = lines
+            .next_line()
+            .await?
+            .ok_or("torud exited before listening")?;
+        let addr = line
+            .strip_prefix("torud listening on ")
+            .ok_or("unexpected first line")?
+            .to_owned();
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Daemon {
+            _child: child,
+            addr,
+            _dir: dir,
+        })
+    }
+}
+
+pub(crate) fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.bench {
+            Bench::Lifecycle { iterations, json } => lifecycle::run(iterations.max(1), json).await,
+            Bench::Forward {
+                calls,
+                seconds,
+                in_flight,
+                json,
+            } => forward::run(calls.max(1), seconds, in_flight.max(1), json).await,
+            Bench::BaselineServer { plugin } => forward::baseline_server(plugin).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("torud-bench: error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
