@@ -503,3 +503,53 @@ async fn requests_to_plugins_that_cannot_answer_say_why() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn an_abandoned_request_is_cancelled_at_the_plugin() {
+    let (d, _c, mut kv) = running(
+        &[],
+        |d| {
+            d.install_fixture("echo", "v2-echo", &[]);
+        },
+        &["echo"],
+    )
+    .await;
+    let mut req = tonic::Request::new(pb::GetValueRequest {
+        plugin_id: "echo".into(),
+        key: "stall".into(),
+    });
+    req.set_timeout(Duration::from_millis(100));
+    assert!(kv.get_value(req).await.is_err());
+    wait_until("the plugin to log the cancel", SECS10, || {
+        d.log_text("echo").contains("received cancel")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_protocol_2_plugin_that_stops_answering_pings_turns_unhealthy() {
+    let (_d, mut client, mut kv) = running(
+        &["--health-interval", "100ms"],
+        |d| {
+            d.install_fixture("echo", "v2-echo", &[]);
+        },
+        &["echo"],
+    )
+    .await;
+    let mut events = Events::watch(&mut client, None).await;
+    assert_eq!(get(&mut kv, "echo", "mute").await.unwrap().value, "muted");
+    let change = events
+        .wait_for("health change", SECS10, |e| {
+            e.kind == pb::EventKind::HealthChanged as i32
+        })
+        .await;
+    assert!(
+        !change.healthy && change.reason.contains("heartbeat"),
+        "{change:?}"
+    );
+    let plugin = common::get(&mut client, "echo").await;
+    assert_eq!(
+        (state_of(&plugin), plugin.healthy),
+        (PluginState::Running, false)
+    );
+}
