@@ -28,9 +28,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use toru_plugin_sdk::wire::{HttpAnswer, HttpCall};
-use toru_plugin_sdk::{Envelope, FrameCodec, FrameError, MessageType};
+use toru_plugin_sdk::{AnswerKind, Envelope, FrameCodec, FrameError, MessageType};
 
-use crate::connection::send_one;
+use crate::connection::{connect_patiently, send_one};
 
 /// Limits of one link.
 #[derive(Debug, Clone, Copy)]
@@ -79,9 +79,19 @@ struct LinkInner {
 }
 
 enum Transport {
-    Persistent { tx: mpsc::Sender<Vec<u8>> },
-    PerRequest { socket: PathBuf },
+    Persistent {
+        tx: mpsc::Sender<Vec<u8>>,
+    },
+    PerRequest {
+        socket: PathBuf,
+        /// Bounds the connections open to a v1 plugin at once (its listen backlog is
+        /// small, and each one is a file descriptor of the daemon's).
+        connections: tokio::sync::Semaphore,
+    },
 }
+
+/// Connections open at once to one v1 plugin; further requests wait (within their timeout).
+const V1_CONNECTIONS: usize = 32;
 
 /// Callers waiting for answers on a persistent connection, by `request_id`. The mutex is
 /// held only to insert, remove or drain entries, never across `.await`.
@@ -108,7 +118,15 @@ impl Link {
 
     /// A link to a v1 plugin: one connection per request.
     pub fn per_request(socket: PathBuf, limits: LinkLimits) -> Link {
-        Link::new(Transport::PerRequest { socket }, 1, limits)
+        let connections = tokio::sync::Semaphore::new(V1_CONNECTIONS);
+        Link::new(
+            Transport::PerRequest {
+                socket,
+                connections,
+            },
+            1,
+            limits,
+        )
     }
 
     fn new(transport: Transport, protocol: u32, limits: LinkLimits) -> Link {
@@ -172,24 +190,42 @@ impl Link {
                 .send(envelope.to_vec())
                 .await
                 .map_err(|_| BridgeError::Unavailable(self.close_reason())),
-            Transport::PerRequest { socket } => send_one(socket, envelope)
+            Transport::PerRequest { socket, .. } => send_one(socket, envelope)
                 .await
                 .map_err(|e| BridgeError::Unavailable(e.to_string())),
         }
     }
 
     /// Sends `envelope` and waits for the answer with its `request_id`, at most `limit`.
+    /// Counts against the in-flight cap.
     pub async fn request(
         &self,
         envelope: Envelope,
         limit: Duration,
     ) -> Result<Envelope, BridgeError> {
         let _slot = InFlight::acquire(&self.inner)?;
+        self.exchange(envelope, limit).await
+    }
+
+    async fn exchange(&self, envelope: Envelope, limit: Duration) -> Result<Envelope, BridgeError> {
+        let bytes = envelope.to_vec();
+        if bytes.len() > self.inner.limits.max_frame {
+            return Err(BridgeError::Unsupported(format!(
+                "the request is {} bytes, over the {}-byte frame limit",
+                bytes.len(),
+                self.inner.limits.max_frame
+            )));
+        }
+        let id = envelope.request_id.unwrap_or_default();
         let work = async {
             match &self.inner.transport {
-                Transport::Persistent { tx } => self.request_persistent(tx, envelope).await,
-                Transport::PerRequest { socket } => {
-                    self.request_own_connection(socket, envelope).await
+                Transport::Persistent { tx } => self.request_persistent(tx, id, bytes).await,
+                Transport::PerRequest {
+                    socket,
+                    connections,
+                } => {
+                    let _open = connections.acquire().await.expect("never closed");
+                    self.request_own_connection(socket, id, bytes).await
                 }
             }
         };
@@ -204,17 +240,9 @@ impl Link {
     async fn request_persistent(
         &self,
         tx: &mpsc::Sender<Vec<u8>>,
-        envelope: Envelope,
+        id: String,
+        bytes: Vec<u8>,
     ) -> Result<Envelope, BridgeError> {
-        let bytes = envelope.to_vec();
-        if bytes.len() > self.inner.limits.max_frame {
-            return Err(BridgeError::Unsupported(format!(
-                "the request is {} bytes, over the {}-byte frame limit",
-                bytes.len(),
-                self.inner.limits.max_frame
-            )));
-        }
-        let id = envelope.request_id.clone().unwrap_or_default();
         let (answer_tx, answer_rx) = oneshot::channel();
         self.inner.pending.lock().insert(id.clone(), answer_tx);
         let mut entry = PendingEntry {
@@ -238,18 +266,19 @@ impl Link {
 
     async fn request_own_connection(
         &self,
-        socket: &PathBuf,
-        envelope: Envelope,
+        socket: &std::path::Path,
+        id: String,
+        bytes: Vec<u8>,
     ) -> Result<Envelope, BridgeError> {
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
             BridgeError::Unavailable(format!("{what} {}: {e}", socket.display()))
         };
-        let stream = UnixStream::connect(socket)
+        let stream = connect_patiently(socket)
             .await
             .map_err(|e| unavailable("cannot connect to", &e))?;
         let (read, write) = stream.into_split();
         let mut out = FramedWrite::new(write, FrameCodec::new(self.inner.limits.max_frame));
-        out.send(envelope.to_vec())
+        out.send(bytes)
             .await
             .map_err(|e| unavailable("cannot write to", &e))?;
         let mut frames = FramedRead::new(read, FrameCodec::new(self.inner.limits.max_frame));
@@ -264,9 +293,9 @@ impl Link {
         };
         let answer = Envelope::from_slice(&frame)
             .map_err(|e| BridgeError::BadAnswer(format!("not a JSON envelope: {e}")))?;
-        match (&answer.request_id, &envelope.request_id) {
-            (Some(got), Some(want)) if got != want => Err(BridgeError::BadAnswer(format!(
-                "it answered request_id {got:?} to request {want:?}"
+        match &answer.request_id {
+            Some(got) if *got != id => Err(BridgeError::BadAnswer(format!(
+                "it answered request_id {got:?} to request {id:?}"
             ))),
             _ => Ok(answer),
         }
@@ -283,7 +312,7 @@ impl Link {
         let envelope = Envelope::kv_request(new_request_id(), action, key, value);
         let answer = self.request(envelope, limit).await?;
         let fields = answer
-            .answer()
+            .answer(AnswerKind::Kv)
             .ok_or_else(|| BridgeError::BadAnswer("no \"value\" in any accepted shape".into()))?;
         match fields.get("value") {
             None | Some(serde_json::Value::Null) => Ok(None),
@@ -309,16 +338,16 @@ impl Link {
             .request(Envelope::http_request(new_request_id(), call), limit)
             .await?;
         let fields = answer
-            .answer()
+            .answer(AnswerKind::Http)
             .ok_or_else(|| BridgeError::BadAnswer("no \"status\" in any accepted shape".into()))?;
         HttpAnswer::from_fields(&fields).map_err(|e| BridgeError::BadAnswer(e.to_string()))
     }
 
-    /// A heartbeat: `ping`, answered by `pong`.
+    /// A heartbeat: `ping`, answered by `pong`. Not counted against the in-flight cap, so a
+    /// busy plugin is not mistaken for a dead one.
     pub async fn ping(&self, limit: Duration) -> Result<(), BridgeError> {
-        let answer = self
-            .request(Envelope::bare(MessageType::Ping, new_request_id()), limit)
-            .await?;
+        let ping = Envelope::bare(MessageType::Ping, new_request_id());
+        let answer = self.exchange(ping, limit).await?;
         match answer.kind {
             MessageType::Pong => Ok(()),
             other => Err(BridgeError::BadAnswer(format!(

@@ -125,13 +125,28 @@ fn connect_blocking(
     }
 }
 
+/// Connects to a listening socket, waiting while its backlog is full (Linux answers EAGAIN
+/// at once then, rather than blocking). Callers bound it with their own timeout.
+pub async fn connect_patiently(path: &Path) -> std::io::Result<UnixStream> {
+    let mut delay = Duration::from_micros(200);
+    loop {
+        match UnixStream::connect(path).await {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Toru's v1 discipline: one message on its own connection, then close.
 pub async fn send_one(path: &Path, envelope: &Envelope) -> Result<(), ConnectError> {
     let io = |source| ConnectError::Io {
         path: path.to_owned(),
         source,
     };
-    let mut stream = UnixStream::connect(path).await.map_err(io)?;
+    let mut stream = connect_patiently(path).await.map_err(io)?;
     send_one_on(&mut stream, envelope).await.map_err(io)
 }
 

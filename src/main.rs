@@ -91,6 +91,25 @@ struct ServeArgs {
     log: String,
 }
 
+/// Raises the soft open-file limit to the hard one: every plugin holds pipes, sockets and a
+/// log file of the daemon's, and every v1 request a connection.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("could not raise the open-file limit");
+            }
+        }
+    }
+}
+
 fn absolute_dir(path: &Path) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(path)?;
     path.canonicalize()
@@ -143,6 +162,7 @@ fn main() -> ExitCode {
         .chain(args.plugin_env.into_iter().filter(|s| !s.is_empty()))
         .collect();
 
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -61,6 +61,38 @@ async fn running(
     (d, client, kv)
 }
 
+type Stalled = tokio::task::JoinHandle<Result<pb::GetValueResponse, tonic::Status>>;
+
+/// Holds `n` never-answered requests in flight on `echo` (sending again any that lost the
+/// race for a slot) until a probe is refused; returns them and the refusal.
+async fn fill_cap(kv: &Kv, n: usize) -> (Vec<Stalled>, tonic::Status) {
+    let stall = || {
+        let mut kv = kv.clone();
+        tokio::spawn(async move { get(&mut kv, "echo", "stall").await })
+    };
+    let mut stalled: Vec<Stalled> = (0..n).map(|_| stall()).collect();
+    let mut probe = kv.clone();
+    let deadline = Instant::now() + SECS10;
+    loop {
+        for task in stalled.iter_mut().filter(|t| t.is_finished()) {
+            *task = stall();
+        }
+        match get(&mut probe, "echo", "echo:x").await {
+            Err(e)
+                if e.code() == Code::ResourceExhausted
+                    && stalled.iter().all(|t| !t.is_finished()) =>
+            {
+                return (stalled, e)
+            }
+            other => assert!(
+                Instant::now() < deadline,
+                "the cap was never reached: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test]
 async fn kv_round_trip_tells_absent_from_empty() {
     let (_d, _c, mut kv) = running(
@@ -192,32 +224,8 @@ async fn the_in_flight_cap_is_resource_exhausted_and_abandoned_requests_free_the
         &["echo"],
     )
     .await;
-    let stall = || {
-        let mut kv = kv.clone();
-        tokio::spawn(async move { get(&mut kv, "echo", "stall").await })
-    };
-    let mut stalled = vec![stall(), stall()];
+    let (stalled, err) = fill_cap(&kv, 2).await;
     let mut probe = kv.clone();
-    let deadline = Instant::now() + SECS10;
-    let err = loop {
-        // A stalled request that lost the race for a slot to the probe is sent again.
-        for task in stalled.iter_mut().filter(|t| t.is_finished()) {
-            *task = stall();
-        }
-        match get(&mut probe, "echo", "echo:x").await {
-            Err(e)
-                if e.code() == Code::ResourceExhausted
-                    && stalled.iter().all(|t| !t.is_finished()) =>
-            {
-                break e
-            }
-            other => assert!(
-                Instant::now() < deadline,
-                "the cap was never reached: {other:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
     assert!(err.message().contains("2 requests"), "{}", err.message());
     for task in stalled {
         task.abort();
@@ -552,4 +560,78 @@ async fn a_protocol_2_plugin_that_stops_answering_pings_turns_unhealthy() {
         (state_of(&plugin), plugin.healthy),
         (PluginState::Running, false)
     );
+}
+
+#[tokio::test]
+async fn a_burst_of_v1_requests_waits_for_the_plugin_instead_of_failing() {
+    let (_d, _c, kv) = running(
+        &[],
+        |d| {
+            d.install_py_echo();
+        },
+        &["py-echo"],
+    )
+    .await;
+    // py-echo listens with a backlog of 16 and answers one connection at a time.
+    let calls = (0..100).map(|i| {
+        let mut kv = kv.clone();
+        async move { get(&mut kv, "py-echo", &format!("k{i}")).await }
+    });
+    for result in join_all(calls).await {
+        assert!(!result.unwrap().found);
+    }
+}
+
+#[tokio::test]
+async fn sdk_plugins_receive_binary_bodies_as_bytes() {
+    let (_d, mut client, _kv) = running(
+        &[],
+        |d| {
+            d.install_hello("hello");
+        },
+        &["hello"],
+    )
+    .await;
+    let req = pb::CallPluginRequest {
+        plugin_id: "hello".into(),
+        method: "POST".into(),
+        path: "/bin".into(),
+        headers: vec![],
+        body: vec![0xff, 0xfe],
+    };
+    let answer = client.call_plugin(req).await.unwrap().into_inner();
+    assert_eq!(
+        String::from_utf8(answer.body).unwrap(),
+        "hello from POST /bin (2 body bytes)"
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_are_not_refused_by_a_full_in_flight_cap() {
+    let (d, mut client, kv) = running(
+        &[
+            "--max-in-flight",
+            "2",
+            "--kv-timeout",
+            "30s",
+            "--health-interval",
+            "50ms",
+        ],
+        |d| {
+            d.install_fixture("echo", "v2-echo", &[]);
+        },
+        &["echo"],
+    )
+    .await;
+    let (stalled, _) = fill_cap(&kv, 2).await;
+    let pongs = || d.log_text("echo").matches("\"pong\"").count();
+    let before = pongs();
+    wait_until("three heartbeats while the cap is full", SECS10, || {
+        pongs() >= before + 3
+    })
+    .await;
+    assert!(common::get(&mut client, "echo").await.healthy);
+    for t in stalled {
+        t.abort();
+    }
 }

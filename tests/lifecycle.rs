@@ -607,3 +607,40 @@ async fn leftovers_of_a_sigkilled_daemon_are_killed_at_the_next_start() {
             .await;
     }
 }
+
+#[tokio::test]
+async fn disabling_a_protocol_2_plugin_while_it_starts_uses_its_connection() {
+    let mut d = Daemon::new(&["--stop-grace", "5s"]);
+    d.install_fixture("slow", "v2-slow-ready", &["--ms", "3000"]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["slow"]).await;
+    let mut enabling = client.clone();
+    let enable = tokio::spawn(async move {
+        enabling
+            .enable_plugin(pb::EnablePluginRequest {
+                plugin_id: "slow".into(),
+            })
+            .await
+    });
+    events
+        .wait_state("slow", PluginState::Starting, SECS10)
+        .await;
+    wait_until("init to arrive", SECS10, || {
+        d.log_text("slow").contains("received lifecycle init")
+    })
+    .await;
+    let began = Instant::now();
+    let plugin = disable(&mut client, "slow").await;
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "waited {:?}: shutdown did not reach it",
+        began.elapsed()
+    );
+    assert_eq!(
+        plugin.last_exit.unwrap().status,
+        Some(pb::exit_info::Status::Code(0))
+    );
+    assert!(enable.await.unwrap().is_err());
+}

@@ -26,7 +26,15 @@ impl Plugin for Hello {
         HttpResponse {
             status: 200,
             headers: [("content-type".to_owned(), "text/plain".to_owned())].into(),
-            body: Some(format!("hello from {} {}", request.method, request.path)),
+            body: Some(
+                format!(
+                    "hello from {} {} ({} body bytes)",
+                    request.method,
+                    request.path,
+                    request.body.map_or(0, |b| b.len())
+                )
+                .into_bytes(),
+            ),
         }
     }
 }

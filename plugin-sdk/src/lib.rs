@@ -14,7 +14,7 @@ pub mod wire;
 pub use codec::{FrameCodec, FrameError, DEFAULT_MAX_FRAME_LEN};
 pub use metadata::{Metadata, MetadataError};
 pub use runtime::{run, HttpRequest, HttpResponse, Plugin};
-pub use wire::{Envelope, MessageType};
+pub use wire::{AnswerKind, Envelope, MessageType};
 
 /// The newest plugin protocol version this crate speaks. A plugin that declares nothing in
 /// its metadata speaks version 1.

@@ -20,7 +20,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::codec::FrameCodec;
 use crate::metadata::Metadata;
-use crate::wire::{Envelope, MessageType};
+use crate::wire::{decode_body, encode_body, Envelope, MessageType};
 use crate::{ENV_PLUGIN_SOCKET, PROTOCOL_VERSION};
 
 /// An HTTP-style call forwarded by the host.
@@ -30,10 +30,10 @@ pub struct HttpRequest {
     pub method: String,
     /// Path, with the query string if any.
     pub path: String,
-    /// Headers, one value per name.
+    /// Headers, one value per name (repeated fields joined with `, `).
     pub headers: BTreeMap<String, String>,
-    /// Body, when there is one.
-    pub body: Option<String>,
+    /// Body bytes, when there is one (base64 on the wire is already decoded).
+    pub body: Option<Vec<u8>>,
 }
 
 /// The plugin's answer to an [`HttpRequest`].
@@ -43,8 +43,8 @@ pub struct HttpResponse {
     pub status: u16,
     /// Headers, one value per name.
     pub headers: BTreeMap<String, String>,
-    /// Body, when there is one.
-    pub body: Option<String>,
+    /// Body bytes, when there is one (sent as base64 when not UTF-8).
+    pub body: Option<Vec<u8>>,
 }
 
 /// What a plugin implements; [`run`] does the rest.
@@ -240,17 +240,26 @@ fn answer_http<P: Plugin>(plugin: &P, env: &Envelope) -> Envelope {
             .unwrap_or_default()
             .to_owned()
     };
+    let body = match op.as_object().map(decode_body) {
+        Some(Ok(body)) => body,
+        Some(Err(e)) => {
+            return reply(
+                env,
+                json!({"status": 400, "headers": {}, "body": e.to_string()}),
+            )
+        }
+        None => None,
+    };
     let request = HttpRequest {
         method: text("method"),
         path: text("path"),
         headers: string_map(op.get("headers")),
-        body: op.get("body").and_then(Value::as_str).map(str::to_owned),
+        body,
     };
     let response = plugin.call(request);
-    reply(
-        env,
-        json!({"status": response.status, "headers": response.headers, "body": response.body}),
-    )
+    let mut fields = json!({"status": response.status, "headers": response.headers});
+    encode_body(&mut fields, response.body.as_deref());
+    reply(env, fields)
 }
 
 fn answer_kv(kv: &Mutex<HashMap<String, String>>, env: &Envelope) -> Envelope {

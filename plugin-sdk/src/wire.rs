@@ -58,15 +58,32 @@ pub struct Envelope {
     /// The message type.
     #[serde(rename = "type")]
     pub kind: MessageType,
-    /// When the message was made, RFC 3339 UTC.
-    #[serde(default)]
+    /// When the message was made, RFC 3339 UTC (read leniently: null or a number is kept
+    /// as text, never a reason to drop the message).
+    #[serde(default, deserialize_with = "lenient_text")]
     pub timestamp: String,
-    /// Correlates a request with its answer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Correlates a request with its answer (a number is read as its text).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_id"
+    )]
     pub request_id: Option<String>,
     /// The type-specific body.
     #[serde(default)]
     pub payload: Value,
+}
+
+fn lenient_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(lenient_id(d)?.unwrap_or_default())
+}
+
+fn lenient_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Null => None,
+        Value::String(s) => Some(s),
+        other => Some(other.to_string()),
+    })
 }
 
 /// What the host tells a plugin in the `init` lifecycle message.
@@ -174,32 +191,25 @@ impl Envelope {
         Self::new(kind, request_id, json!({}))
     }
 
-    /// The answer's fields, whichever accepted shape it came in: in `payload`, in
-    /// `payload.payload`, or as a JSON text in the `body` of either (Toru's Rust crate
-    /// answers everything that way). `None` when no shape carries `status` or `value`.
-    pub fn answer_fields(&self) -> Option<&Map<String, Value>> {
-        let is_answer =
-            |m: &Map<String, Value>| m.contains_key("status") || m.contains_key("value");
+    /// The answer's fields, in whichever accepted shape it came: in `payload` (documented),
+    /// in `payload.payload` (nested), or — when `payload.payload` has no answer field of its
+    /// own — as the whole answer in JSON text in `payload.payload.body` (Toru's Rust crate
+    /// answers everything that way). `None` when no shape carries the answer `kind` wants:
+    /// `status` for [`AnswerKind::Http`], `value` for [`AnswerKind::Kv`].
+    pub fn answer(&self, kind: AnswerKind) -> Option<Map<String, Value>> {
         let outer = self.payload.as_object()?;
-        let nested = outer.get("payload").and_then(Value::as_object);
-        [Some(outer), nested]
-            .into_iter()
-            .flatten()
-            .find(|m| is_answer(m))
-    }
-
-    /// The answer's fields in any accepted shape. A `body` that is itself a whole answer
-    /// as JSON text (Toru's Rust crate answers everything that way, in `payload.payload`)
-    /// is unwrapped: an integer `status` with nothing but answer keys, or a lone `value`.
-    pub fn answer(&self) -> Option<Map<String, Value>> {
-        let outer = self.payload.as_object()?;
-        let nested = outer.get("payload").and_then(Value::as_object);
-        let found = self.answer_fields();
-        [found, nested, Some(outer)]
-            .into_iter()
-            .flatten()
-            .find_map(wrapped_answer)
-            .or_else(|| found.cloned())
+        if kind.carried_by(outer) {
+            return Some(outer.clone());
+        }
+        let nested = outer.get("payload")?.as_object()?;
+        if kind.carried_by(nested) {
+            return Some(nested.clone());
+        }
+        let text = nested.get("body")?.as_str()?;
+        match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(inner)) if kind.wraps(&inner) => Some(inner),
+            _ => None,
+        }
     }
 
     /// The lifecycle action (`init`, `shutdown`), when this is a lifecycle message.
@@ -221,17 +231,36 @@ impl Envelope {
     }
 }
 
-/// The answer carried as JSON text in `fields.body`, if that is what the body is.
-fn wrapped_answer(fields: &Map<String, Value>) -> Option<Map<String, Value>> {
-    const HTTP_KEYS: [&str; 5] = ["status", "headers", "body", "header_list", "body_encoding"];
-    let text = fields.get("body")?.as_str()?;
-    let Ok(Value::Object(inner)) = serde_json::from_str::<Value>(text) else {
-        return None;
-    };
-    let http = inner.get("status").is_some_and(Value::is_i64)
-        && inner.keys().all(|k| HTTP_KEYS.contains(&k.as_str()));
-    let kv = inner.len() == 1 && inner.contains_key("value");
-    (http || kv).then_some(inner)
+/// Which answer a request expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerKind {
+    /// An http answer: `status`, `headers`, `body`.
+    Http,
+    /// A kv answer: `value`.
+    Kv,
+}
+
+impl AnswerKind {
+    /// Whether `fields` carry this kind of answer directly.
+    fn carried_by(self, fields: &Map<String, Value>) -> bool {
+        match self {
+            AnswerKind::Http => fields.contains_key("status"),
+            AnswerKind::Kv => fields.contains_key("value"),
+        }
+    }
+
+    /// Whether `inner` (parsed from a JSON-text body) is a whole answer of this kind and
+    /// nothing else.
+    fn wraps(self, inner: &Map<String, Value>) -> bool {
+        const HTTP_KEYS: [&str; 5] = ["status", "headers", "body", "header_list", "body_encoding"];
+        match self {
+            AnswerKind::Http => {
+                inner.get("status").is_some_and(Value::is_i64)
+                    && inner.keys().all(|k| HTTP_KEYS.contains(&k.as_str()))
+            }
+            AnswerKind::Kv => inner.len() == 1 && inner.contains_key("value"),
+        }
+    }
 }
 
 /// An HTTP-style call as the host forwards it.
@@ -413,7 +442,6 @@ mod tests {
             json!({"status": 201, "headers": {"a": "1"}, "body": "x"}),
             json!({"payload": {"status": 201, "headers": {"a": "1"}, "body": "x"}}),
             json!({"payload": {"body": "{\"status\":201,\"headers\":{\"a\":\"1\"},\"body\":\"x\"}"}}),
-            json!({"payload": {"status": 200, "headers": {}, "body": "{\"status\":201,\"headers\":{\"a\":\"1\"},\"body\":\"x\"}"}}),
         ];
         for payload in shapes {
             let env = Envelope {
@@ -422,7 +450,7 @@ mod tests {
                 request_id: None,
                 payload,
             };
-            let answer = HttpAnswer::from_fields(&env.answer().unwrap()).unwrap();
+            let answer = HttpAnswer::from_fields(&env.answer(AnswerKind::Http).unwrap()).unwrap();
             assert_eq!(answer.status, 201);
             assert_eq!(answer.headers, [("a".to_owned(), "1".to_owned())]);
             assert_eq!(answer.body, b"x");
@@ -430,28 +458,36 @@ mod tests {
     }
 
     #[test]
-    fn a_json_body_that_is_not_an_answer_stays_a_body() {
-        let payload =
-            json!({"status": 200, "headers": {}, "body": "{\"status\":\"ok\",\"items\":[]}"});
-        let env = Envelope {
+    fn a_json_body_is_unwrapped_only_in_the_crate_shape() {
+        let envelope = |payload| Envelope {
             kind: MessageType::Http,
             timestamp: String::new(),
             request_id: None,
             payload,
         };
-        let answer = HttpAnswer::from_fields(&env.answer().unwrap()).unwrap();
+        // Documented shape: a JSON body is just a body, whatever it holds.
+        for body in [
+            r#"{"status":"ok","items":[]}"#,
+            r#"{"value":42}"#,
+            r#"{"status":503}"#,
+        ] {
+            let env = envelope(json!({"status": 200, "headers": {}, "body": body}));
+            let answer = HttpAnswer::from_fields(&env.answer(AnswerKind::Http).unwrap()).unwrap();
+            assert_eq!(
+                (answer.status, answer.body),
+                (200, body.as_bytes().to_vec())
+            );
+        }
+        // The crate's kv answer, and an http answer is not mistaken for a kv one.
+        let kv = envelope(json!({"payload": {"body": "{\"value\":null}"}}));
         assert_eq!(
-            (answer.status, answer.body),
-            (200, br#"{"status":"ok","items":[]}"#.to_vec())
+            kv.answer(AnswerKind::Kv).unwrap().get("value"),
+            Some(&Value::Null)
         );
-        let kv = json!({"payload": {"body": "{\"value\":null}"}});
-        let env = Envelope {
-            kind: MessageType::Http,
-            timestamp: String::new(),
-            request_id: None,
-            payload: kv,
-        };
-        assert_eq!(env.answer().unwrap().get("value"), Some(&Value::Null));
+        assert!(kv.answer(AnswerKind::Http).is_none());
+        // A kv answer without "value" is no answer.
+        let bad = envelope(json!({"status": 500, "body": "disk full"}));
+        assert!(bad.answer(AnswerKind::Kv).is_none());
     }
 
     #[test]
@@ -482,6 +518,18 @@ mod tests {
         assert_eq!(
             env.payload["payload"]["header_list"],
             json!([["a", "1"], ["a", "2"]])
+        );
+    }
+
+    #[test]
+    fn sloppy_timestamps_and_numeric_ids_are_read() {
+        let env = Envelope::from_slice(
+            br#"{"type":"kv","timestamp":null,"request_id":7,"payload":{"value":"x"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (env.timestamp.as_str(), env.request_id.as_deref()),
+            ("", Some("7"))
         );
     }
 

@@ -361,12 +361,15 @@ impl Actor {
             max_frame: cfg.bridge.max_frame,
             max_in_flight: cfg.bridge.max_in_flight,
         };
+        // The protocol-2 link exists before it is ready; a stop during the start uses it.
+        let early_link = Arc::new(std::sync::Mutex::new(None));
         let ready = make_ready(
             socket,
             init,
             spec.metadata.protocol_version,
             start_timeout,
             limits,
+            early_link.clone(),
         );
         tokio::pin!(ready);
         loop {
@@ -379,31 +382,35 @@ impl Actor {
                         self.answer_waiters(Ok(snapshot)).await;
                         return Next::Run(Box::new(Run { process, link: Some(link), since: Instant::now() }));
                     }
-                    Err(reason) => return self.failed_run(Some(process), None, reason).await,
+                    Err(reason) => {
+                        let link = take_link(&early_link);
+                        return self.failed_run(Some(process), link, reason).await;
+                    }
                 },
                 status = process.wait() => {
                     let reason = format!("{status} before it was ready");
-                    return self.failed_run(Some(process), None, reason).await;
+                    let link = take_link(&early_link);
+                    return self.failed_run(Some(process), link, reason).await;
                 }
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Enable(reply)) | Some(Command::Restart(reply)) => self.waiters.push(reply),
                     Some(Command::Update(spec)) => self.update_spec(spec),
                     Some(Command::Disable(reply)) => {
-                        self.stop_and_disable(Run { process, link: None, since: Instant::now() }, reply).await;
+                        self.stop_and_disable(Run { process, link: take_link(&early_link), since: Instant::now() }, reply).await;
                         return Next::Idle;
                     }
                     Some(Command::Remove(done)) => {
-                        self.stop(Run { process, link: None, since: Instant::now() }, "plugin file removed").await;
+                        self.stop(Run { process, link: take_link(&early_link), since: Instant::now() }, "plugin file removed").await;
                         let _ = done.send(());
                         return Next::Exit;
                     }
                     None => {
-                        self.stop(Run { process, link: None, since: Instant::now() }, "supervisor gone").await;
+                        self.stop(Run { process, link: take_link(&early_link), since: Instant::now() }, "supervisor gone").await;
                         return Next::Exit;
                     }
                 },
                 _ = self.cancel.cancelled() => {
-                    self.stop(Run { process, link: None, since: Instant::now() }, "daemon shutting down").await;
+                    self.stop(Run { process, link: take_link(&early_link), since: Instant::now() }, "daemon shutting down").await;
                     return Next::Exit;
                 }
             }
@@ -631,6 +638,11 @@ impl Actor {
     }
 }
 
+/// The protocol-2 link of a start still in progress, if it got that far.
+fn take_link(slot: &std::sync::Mutex<Option<Link>>) -> Option<Link> {
+    slot.lock().expect("early link poisoned").take()
+}
+
 /// Connects to the plugin's socket and sends `init`. For protocol 2 or later the connection
 /// stays open as the plugin's link and the plugin is ready when it answers `init` with
 /// `ready`; a v1 plugin gets `init` on a connection of its own and is ready once it is sent.
@@ -640,6 +652,7 @@ async fn make_ready(
     protocol_version: u32,
     limit: Duration,
     limits: LinkLimits,
+    early: Arc<std::sync::Mutex<Option<Link>>>,
 ) -> Result<Link, String> {
     let began = Instant::now();
     let work = async {
@@ -649,6 +662,7 @@ async fn make_ready(
         let message = Envelope::init(crate::bridge::new_request_id(), &init);
         if protocol_version >= 2 {
             let link = Link::persistent(stream, protocol_version, limits);
+            *early.lock().expect("early link poisoned") = Some(link.clone());
             let left = limit.saturating_sub(began.elapsed());
             let answer = link.request(message, left).await.map_err(|e| {
                 link.close("start failed");

@@ -249,7 +249,7 @@ impl Forwarder {
             .request(|id| Envelope::kv_request(id, action, key, value))
             .await?;
         let fields = answer
-            .answer()
+            .answer(toru_plugin_sdk::AnswerKind::Kv)
             .ok_or_else(|| Status::unknown("bad answer"))?;
         Ok(fields
             .get("value")
