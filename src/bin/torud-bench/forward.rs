@@ -296,7 +296,9 @@ impl KvService for Forwarder {
 pub(crate) async fn baseline_server(plugin: PathBuf) -> BenchResult<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("plugin.sock");
-    let _child = Command::new(&plugin)
+    // Spawned like the daemon spawns plugins, so it dies with this process (parent-death
+    // signal) when the benchmark kills it.
+    let _child = torud::process::plugin_command(&plugin, &[], &[])
         .env(toru_plugin_sdk::ENV_PLUGIN_SOCKET, &socket)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
