@@ -31,7 +31,7 @@ use torud::pb::kv_service_client::KvServiceClient;
 use torud::pb::kv_service_server::{KvService, KvServiceServer};
 use torud::pb::plugin_service_client::PluginServiceClient;
 
-use crate::{num_cpus, sibling, summarize, summary_json, BenchResult, Daemon};
+use crate::{num_cpus, sibling, summarize, summary_json, wait_for_hello, BenchResult, Daemon};
 
 const KEY: &str = "bench-key";
 
@@ -44,7 +44,12 @@ pub(crate) async fn run(
     let torud = sibling("torud")?;
     let plugin = sibling("hello-plugin")?;
     let daemon = Daemon::start(&torud, &plugin, &["--enable-new-plugins"]).await?;
-    wait_running(&daemon.addr).await?;
+    let channel = Channel::from_shared(format!("http://{}", daemon.addr))?
+        .connect()
+        .await?;
+    let mut plugins = PluginServiceClient::new(channel);
+    let running = |e: &pb::Event| e.to_state == pb::PluginState::Running as i32;
+    wait_for_hello(&mut plugins, "running", running).await?;
     let baseline = BaselineProcess::start(&plugin).await?;
     let sides = [
         ("daemon", kv_client(&daemon.addr).await?),
@@ -170,27 +175,6 @@ async fn throughput(
         total += done?;
     }
     Ok(total as f64 / began.elapsed().as_secs_f64())
-}
-
-async fn wait_running(addr: &str) -> BenchResult<()> {
-    let channel = Channel::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?;
-    let mut client = PluginServiceClient::new(channel);
-    let req = pb::WatchEventsRequest {
-        after_seq: Some(0),
-        plugin_ids: vec!["hello".into()],
-    };
-    let mut events = client.watch_events(req).await?.into_inner();
-    while let Some(resp) = events.message().await? {
-        if resp
-            .event
-            .is_some_and(|e| e.to_state == pb::PluginState::Running as i32)
-        {
-            return Ok(());
-        }
-    }
-    Err("event stream ended before the plugin was running".into())
 }
 
 /// The baseline server, run as a child process (`torud-bench baseline-server PLUGIN`).

@@ -18,26 +18,7 @@ use torud::connection::connect_with_retry;
 use torud::pb;
 use torud::pb::plugin_service_client::PluginServiceClient;
 
-use crate::{num_cpus, sibling, summarize, summary_json, BenchResult, Daemon};
-
-pub(crate) async fn wait_added(
-    client: &mut PluginServiceClient<tonic::transport::Channel>,
-) -> BenchResult<()> {
-    let req = pb::WatchEventsRequest {
-        after_seq: Some(0),
-        plugin_ids: vec!["hello".into()],
-    };
-    let mut events = client.watch_events(req).await?.into_inner();
-    while let Some(resp) = events.message().await? {
-        if resp
-            .event
-            .is_some_and(|e| e.kind == pb::EventKind::PluginAdded as i32)
-        {
-            return Ok(());
-        }
-    }
-    Err("event stream ended before the plugin was discovered".into())
-}
+use crate::{num_cpus, sibling, summarize, summary_json, wait_for_hello, BenchResult, Daemon};
 
 /// Baseline: spawn the plugin directly, connect with the daemon's retry loop, send init.
 async fn baseline_ready(plugin: &Path, socket: &Path) -> BenchResult<(Duration, Child)> {
@@ -81,7 +62,10 @@ pub(crate) async fn run(iterations: usize, json_path: Option<PathBuf>) -> BenchR
         .connect()
         .await?;
     let mut client = PluginServiceClient::new(channel);
-    wait_added(&mut client).await?;
+    wait_for_hello(&mut client, "discovered", |e| {
+        e.kind == pb::EventKind::PluginAdded as i32
+    })
+    .await?;
     let scratch = tempfile::tempdir()?;
     let socket = scratch.path().join("bench.sock");
     let enable_req = || pb::EnablePluginRequest {

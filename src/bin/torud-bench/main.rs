@@ -152,6 +152,26 @@ impl Daemon {
     }
 }
 
+/// Waits for the first event about the `hello` plugin (replayed from the start) that
+/// matches `pred`.
+pub(crate) async fn wait_for_hello(
+    client: &mut torud::pb::plugin_service_client::PluginServiceClient<tonic::transport::Channel>,
+    what: &str,
+    pred: impl Fn(&torud::pb::Event) -> bool,
+) -> BenchResult<()> {
+    let req = torud::pb::WatchEventsRequest {
+        after_seq: Some(0),
+        plugin_ids: vec!["hello".into()],
+    };
+    let mut events = client.watch_events(req).await?.into_inner();
+    while let Some(resp) = events.message().await? {
+        if resp.event.as_ref().is_some_and(&pred) {
+            return Ok(());
+        }
+    }
+    Err(format!("event stream ended before the plugin was {what}").into())
+}
+
 pub(crate) fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
