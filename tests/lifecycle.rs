@@ -644,3 +644,35 @@ async fn disabling_a_protocol_2_plugin_while_it_starts_uses_its_connection() {
     );
     assert!(enable.await.unwrap().is_err());
 }
+
+#[tokio::test]
+async fn a_socket_path_over_the_unix_limit_is_a_clear_error() {
+    let mut d = Daemon::new(&[]);
+    let long = d.root.path().join("d".repeat(100));
+    d.args.extend([
+        "--data-dir".to_string(),
+        long.to_string_lossy().into_owned(),
+    ]);
+    d.data_dir = long;
+    d.install_fixture("fits", "normal", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["fits"])
+        .await;
+    let err = client
+        .enable_plugin(pb::EnablePluginRequest {
+            plugin_id: "fits".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(
+        err.message().contains("Unix socket limit") && err.message().contains("--data-dir"),
+        "{}",
+        err.message()
+    );
+    let plugin = get(&mut client, "fits").await;
+    assert_eq!(state_of(&plugin), PluginState::Disabled);
+}
