@@ -46,6 +46,8 @@ pub struct Daemon {
     pub plugins_dir: PathBuf,
     pub data_dir: PathBuf,
     pub args: Vec<String>,
+    /// Extra environment variables for the daemon process.
+    pub envs: Vec<(String, String)>,
     pub addr: String,
     child: Option<Child>,
 }
@@ -74,6 +76,7 @@ impl Daemon {
             plugins_dir,
             data_dir,
             args: all,
+            envs: Vec::new(),
             addr: String::new(),
             child: None,
         }
@@ -95,6 +98,7 @@ impl Daemon {
             .arg(&self.data_dir)
             .args(["--log", "torud=debug"])
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true)
