@@ -1,6 +1,8 @@
 //! `torud`: a per-host daemon that runs plugins and fronts them with a gRPC control plane.
 //! See `ARCHITECTURE.md` for the map of the modules.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod bridge;
 pub mod capture;

@@ -6,6 +6,8 @@
 //!
 //! This crate does not know about gRPC, the daemon's supervision, or its storage.
 
+#![warn(missing_docs)]
+
 pub mod codec;
 pub mod metadata;
 pub mod runtime;
