@@ -35,6 +35,9 @@ step "buf lint proto/"
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo doc (broken links are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+
 step "cargo test (unit, SDK, integration against the real daemon, doc tests)"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

@@ -1,4 +1,4 @@
-//! The supervisor: discovers plugins, runs one [`actor`] per plugin, and routes commands to
+//! The supervisor: discovers plugins, runs one actor (`actor.rs`) per plugin, and routes commands to
 //! them. [`Supervisor`] is a cheap cloneable handle; the API layer holds one.
 //!
 //! Architecture invariant: the plugin table is a `std` lock taken only to look up, insert or
