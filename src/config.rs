@@ -164,9 +164,9 @@ impl Config {
         self.data_dir.join("state.json")
     }
 
-    /// The persisted event log.
-    pub fn events_path(&self) -> PathBuf {
-        self.data_dir.join("events.jsonl")
+    /// The directory of the persisted event log (`events.<first seq>.jsonl` segments).
+    pub fn events_dir(&self) -> PathBuf {
+        self.data_dir.join("events")
     }
 }
 

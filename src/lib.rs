@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod events;
 pub mod model;
 pub mod process;
+pub mod seqlog;
 pub mod server;
 pub mod state;
 pub mod supervisor;

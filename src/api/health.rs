@@ -25,10 +25,7 @@ fn serving(healthy: bool) -> ServingStatus {
 /// Keeps the reporter in step with the plugins until the event log closes or the
 /// supervisor shuts down.
 pub async fn bridge(mut reporter: HealthReporter, supervisor: Supervisor) {
-    let Ok(mut follower) = supervisor.events().follow(None).await else {
-        tracing::error!("health bridge cannot follow the event log");
-        return;
-    };
+    let mut follower = supervisor.events().follow(None);
     for plugin in supervisor.list() {
         reporter
             .set_service_status(service_name(plugin.id()), serving(plugin.healthy))

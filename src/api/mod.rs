@@ -240,12 +240,7 @@ impl PluginService for PluginApi {
                 )));
             }
         }
-        let mut follower = self
-            .supervisor
-            .events()
-            .follow(req.after_seq)
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let mut follower = self.supervisor.events().follow(req.after_seq);
         let filter = req.plugin_ids;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let stop = self.stop.clone();

@@ -198,7 +198,7 @@ impl Supervisor {
         if !leftovers.is_empty() {
             tracing::warn!(pids = ?leftovers, "killed plugin processes left over from an earlier run");
         }
-        let events = EventLog::open(&config.events_path())?;
+        let events = EventLog::open(&config.events_dir())?;
         let state = EnabledStore::load(&config.state_path())?;
         let supervisor = Supervisor {
             inner: Arc::new(Inner {

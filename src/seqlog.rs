@@ -1,0 +1,745 @@
+//! A sequenced, rotated, indexed append-only log of JSON records: the one storage mechanism
+//! behind the event log (and meant for plugin logs too).
+//!
+//! Records are numbered by a strictly increasing `seq`, written as JSON lines into segment
+//! files `<stem>.<first seq, 20 digits>.jsonl`, and broadcast to live followers after the
+//! write. Each segment has a sparse index `<segment>.idx` (fixed 24-byte entries: seq,
+//! time in Unix nanoseconds, byte offset; one entry every [`SeqLogConfig::index_every`]
+//! bytes), so finding a seq or a time costs a binary search over segments and index
+//! entries plus a short scan, never a scan of everything. Segments rotate at a size and the
+//! oldest are deleted beyond a count; [`SeqLog::first_seq`] tells what is still kept.
+//!
+//! Durability: a record is written to the file (one `write`) before it is broadcast; files
+//! are fsynced on [`SeqLog::sync`] (shutdown), not per record. At open, a torn or damaged
+//! tail of the newest segment is cut off (a damaged line in the middle is skipped by
+//! readers) and numbering continues after the last whole record.
+//! This module knows nothing of what the records mean.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use time::OffsetDateTime;
+use tokio::sync::broadcast;
+
+/// A record the log can store.
+pub trait Sequenced: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// Its sequence number.
+    fn seq(&self) -> u64;
+    /// When it was recorded (used to seek by time).
+    fn time(&self) -> OffsetDateTime;
+}
+
+/// Sizes of a log.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqLogConfig {
+    /// A segment is closed and a new one started once it reaches this many bytes.
+    pub segment_bytes: u64,
+    /// Segments kept; older ones are deleted (0 keeps all).
+    pub max_segments: usize,
+    /// Bytes between two index entries.
+    pub index_every: u64,
+    /// Live records buffered per follower before it falls back to reading the files.
+    pub broadcast_capacity: usize,
+}
+
+impl Default for SeqLogConfig {
+    fn default() -> Self {
+        SeqLogConfig {
+            segment_bytes: 10 * 1024 * 1024,
+            max_segments: 0,
+            index_every: 64 * 1024,
+            broadcast_capacity: 4096,
+        }
+    }
+}
+
+/// Errors opening or reading a log.
+#[derive(Debug, thiserror::Error)]
+#[error("log {path}: {source}")]
+pub struct SeqLogError {
+    /// The file or directory.
+    pub path: PathBuf,
+    /// What failed.
+    #[source]
+    pub source: std::io::Error,
+}
+
+fn err(path: &Path) -> impl FnOnce(std::io::Error) -> SeqLogError + '_ {
+    move |source| SeqLogError {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+const ENTRY: usize = 24;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IndexEntry {
+    seq: u64,
+    time_ns: i64,
+    offset: u64,
+}
+
+impl IndexEntry {
+    fn to_bytes(self) -> [u8; ENTRY] {
+        let mut out = [0u8; ENTRY];
+        out[..8].copy_from_slice(&self.seq.to_le_bytes());
+        out[8..16].copy_from_slice(&self.time_ns.to_le_bytes());
+        out[16..].copy_from_slice(&self.offset.to_le_bytes());
+        out
+    }
+
+    fn from_bytes(b: &[u8]) -> Self {
+        let word = |i: usize| <[u8; 8]>::try_from(&b[i..i + 8]).expect("8 bytes");
+        IndexEntry {
+            seq: u64::from_le_bytes(word(0)),
+            time_ns: i64::from_le_bytes(word(8)),
+            offset: u64::from_le_bytes(word(16)),
+        }
+    }
+}
+
+fn nanos(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos()).unwrap_or(i64::MAX)
+}
+
+#[derive(Debug, Clone)]
+struct Segment {
+    first_seq: u64,
+    path: PathBuf,
+    index: Vec<IndexEntry>,
+}
+
+impl Segment {
+    fn index_path(&self) -> PathBuf {
+        index_path(&self.path)
+    }
+}
+
+fn index_path(segment: &Path) -> PathBuf {
+    let mut p = segment.as_os_str().to_owned();
+    p.push(".idx");
+    PathBuf::from(p)
+}
+
+/// Handle to a log; clones share it.
+pub struct SeqLog<T> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T> Clone for SeqLog<T> {
+    fn clone(&self) -> Self {
+        SeqLog {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<T> {
+    dir: PathBuf,
+    stem: String,
+    config: SeqLogConfig,
+    /// Numbering, the file append, rotation and the broadcast, in one order. Held for one
+    /// write (or one rotation), never across `.await`.
+    writer: Mutex<Writer>,
+    tx: broadcast::Sender<Arc<T>>,
+    _records: PhantomData<fn() -> T>,
+}
+
+struct Writer {
+    /// Kept segments, oldest first; the last is the one being written.
+    segments: Vec<Segment>,
+    file: File,
+    index_file: File,
+    len: u64,
+    since_index: u64,
+    next_seq: u64,
+}
+
+impl<T: Sequenced> SeqLog<T> {
+    /// Opens (or creates) the log `<dir>/<stem>.*`, repairing a torn tail.
+    pub fn open(dir: &Path, stem: &str, config: SeqLogConfig) -> Result<Self, SeqLogError> {
+        std::fs::create_dir_all(dir).map_err(err(dir))?;
+        let mut segments = list_segments(dir, stem).map_err(err(dir))?;
+        for segment in &mut segments {
+            segment.index = load_index(segment).map_err(err(&segment.path))?;
+        }
+        let (next_seq, len) = match segments.last_mut() {
+            Some(last) => repair_tail::<T>(last).map_err(err(&last.path))?,
+            None => (1, 0),
+        };
+        if segments.is_empty() {
+            segments.push(new_segment(dir, stem, next_seq));
+        }
+        let last = segments.last().expect("one segment at least");
+        let file = append_file(&last.path)?;
+        let index_file = append_file(&last.index_path())?;
+        let since_index = match last.index.last() {
+            Some(entry) => len.saturating_sub(entry.offset),
+            None => config.index_every,
+        };
+        let (tx, _) = broadcast::channel(config.broadcast_capacity.max(1));
+        Ok(SeqLog {
+            inner: Arc::new(Inner {
+                dir: dir.to_owned(),
+                stem: stem.to_owned(),
+                config,
+                writer: Mutex::new(Writer {
+                    segments,
+                    file,
+                    index_file,
+                    len,
+                    since_index,
+                    next_seq,
+                }),
+                tx,
+                _records: PhantomData,
+            }),
+        })
+    }
+
+    /// Numbers a record (`make` gets its seq), persists it, broadcasts it, returns it. A
+    /// failed write is cut back so no half line stays; the record is then delivered live only.
+    pub fn append(&self, make: impl FnOnce(u64) -> T) -> Arc<T> {
+        let mut w = self.inner.writer.lock().expect("log writer poisoned");
+        let record = Arc::new(make(w.next_seq));
+        w.next_seq += 1;
+        let mut line = serde_json::to_vec(&*record).expect("records always serialise");
+        line.push(b'\n');
+        match self.write_line(&mut w, &record, &line) {
+            Ok(()) => {}
+            Err(e) => {
+                let len = w.len;
+                let _ = w.file.set_len(len);
+                tracing::error!(log = %self.inner.stem, seq = record.seq(), error = %e,
+                    "could not persist a record; it is delivered live only");
+            }
+        }
+        let _ = self.inner.tx.send(record.clone());
+        record
+    }
+
+    fn write_line(&self, w: &mut Writer, record: &T, line: &[u8]) -> std::io::Result<()> {
+        if w.since_index >= self.inner.config.index_every {
+            let entry = IndexEntry {
+                seq: record.seq(),
+                time_ns: nanos(record.time()),
+                offset: w.len,
+            };
+            w.index_file.write_all(&entry.to_bytes())?;
+            w.segments.last_mut().expect("a segment").index.push(entry);
+            w.since_index = 0;
+        }
+        w.file.write_all(line)?;
+        w.len += line.len() as u64;
+        w.since_index += line.len() as u64;
+        if w.len >= self.inner.config.segment_bytes {
+            self.rotate(w)?;
+        }
+        Ok(())
+    }
+
+    fn rotate(&self, w: &mut Writer) -> std::io::Result<()> {
+        w.file.sync_data()?;
+        let segment = new_segment(&self.inner.dir, &self.inner.stem, w.next_seq);
+        w.file = append_file(&segment.path).map_err(|e| e.source)?;
+        w.index_file = append_file(&segment.index_path()).map_err(|e| e.source)?;
+        w.segments.push(segment);
+        w.len = 0;
+        w.since_index = self.inner.config.index_every;
+        let max = self.inner.config.max_segments;
+        while max > 0 && w.segments.len() > max {
+            let old = w.segments.remove(0);
+            let _ = std::fs::remove_file(&old.path);
+            let _ = std::fs::remove_file(old.index_path());
+        }
+        Ok(())
+    }
+
+    /// The seq of the newest record (0 when there is none).
+    pub fn last_seq(&self) -> u64 {
+        self.inner
+            .writer
+            .lock()
+            .expect("log writer poisoned")
+            .next_seq
+            - 1
+    }
+
+    /// The seq of the oldest record still kept (rotation deletes older ones).
+    pub fn first_seq(&self) -> u64 {
+        let w = self.inner.writer.lock().expect("log writer poisoned");
+        w.segments.first().map_or(w.next_seq, |s| s.first_seq)
+    }
+
+    /// Flushes the current segment and its index to disk.
+    pub fn sync(&self) -> std::io::Result<()> {
+        let w = self.inner.writer.lock().expect("log writer poisoned");
+        w.file.sync_data()?;
+        w.index_file.sync_data()
+    }
+
+    fn segments(&self) -> Vec<Segment> {
+        self.inner
+            .writer
+            .lock()
+            .expect("log writer poisoned")
+            .segments
+            .clone()
+    }
+
+    /// Up to `limit` records with `seq > after`, oldest first, from the files (blocking).
+    pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Arc<T>>, SeqLogError> {
+        let segments = self.segments();
+        let start = segments
+            .partition_point(|s| s.first_seq <= after.saturating_add(1))
+            .saturating_sub(1);
+        let mut out = Vec::new();
+        for segment in &segments[start..] {
+            let offset = segment
+                .index
+                .iter()
+                .take_while(|e| e.seq <= after.saturating_add(1))
+                .last()
+                .map_or(0, |e| e.offset);
+            let done = read_segment(&segment.path, offset, |record: T| {
+                if record.seq() > after {
+                    out.push(Arc::new(record));
+                }
+                out.len() < limit
+            });
+            match done {
+                Ok(true) => {}
+                Ok(false) => break,
+                // A segment rotated away while we read it: what is left is newer.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(err(&segment.path)(e)),
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// The seq of the first kept record at or after `time` (the next seq if none), found
+    /// through the indexes.
+    pub fn seq_at(&self, time: OffsetDateTime) -> Result<u64, SeqLogError> {
+        let want = nanos(time);
+        let segments = self.segments();
+        let entries: Vec<IndexEntry> = segments
+            .iter()
+            .flat_map(|s| s.index.iter().copied())
+            .collect();
+        let before = entries.partition_point(|e| e.time_ns < want);
+        let from = if before == 0 {
+            self.first_seq().saturating_sub(1)
+        } else {
+            entries[before - 1].seq - 1
+        };
+        let mut after = from;
+        loop {
+            let batch = self.read_after(after, 1024)?;
+            let Some(last) = batch.last() else {
+                return Ok(self.last_seq() + 1);
+            };
+            if let Some(hit) = batch.iter().find(|r| nanos(r.time()) >= want) {
+                return Ok(hit.seq());
+            }
+            after = last.seq();
+        }
+    }
+
+    /// Starts following: records with seq > `after` first (from the files), then live ones,
+    /// with no gap and no duplicate. `None` follows only records appended from now on.
+    pub fn follow(&self, after: Option<u64>) -> Follower<T> {
+        let (rx, current) = {
+            let w = self.inner.writer.lock().expect("log writer poisoned");
+            (self.inner.tx.subscribe(), w.next_seq - 1)
+        };
+        Follower {
+            log: self.clone(),
+            rx,
+            pending: VecDeque::new(),
+            cursor: after.unwrap_or(current).min(current),
+            upto: current,
+        }
+    }
+}
+
+/// Replays from the files, then follows live records; see [`SeqLog::follow`].
+pub struct Follower<T> {
+    log: SeqLog<T>,
+    rx: broadcast::Receiver<Arc<T>>,
+    pending: VecDeque<Arc<T>>,
+    /// Highest seq handed out (or skipped as already seen).
+    cursor: u64,
+    /// Records up to this seq come from the files; later ones from the broadcast.
+    upto: u64,
+}
+
+const REPLAY_BATCH: usize = 1024;
+
+impl<T: Sequenced> Follower<T> {
+    /// The next record, waiting for one if needed; `None` when the log is gone.
+    pub async fn next(&mut self) -> Option<Result<Arc<T>, SeqLogError>> {
+        loop {
+            if let Some(record) = self.pending.pop_front() {
+                self.cursor = record.seq();
+                return Some(Ok(record));
+            }
+            if self.cursor < self.upto {
+                let (log, after) = (self.log.clone(), self.cursor);
+                let read = tokio::task::spawn_blocking(move || log.read_after(after, REPLAY_BATCH))
+                    .await
+                    .expect("log reader panicked");
+                match read {
+                    Ok(batch) if batch.is_empty() => self.cursor = self.upto,
+                    Ok(batch) => {
+                        self.pending = batch.into_iter().filter(|r| r.seq() <= self.upto).collect()
+                    }
+                    Err(e) => return Some(Err(e)),
+                }
+                if self.pending.is_empty() {
+                    self.cursor = self.upto;
+                }
+                continue;
+            }
+            match self.rx.recv().await {
+                Ok(record) if record.seq() > self.cursor => {
+                    self.cursor = record.seq();
+                    self.upto = self.upto.max(self.cursor);
+                    return Some(Ok(record));
+                }
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(_)) => self.upto = self.log.last_seq(),
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// The seq of the last record handed out.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+}
+
+fn list_segments(dir: &Path, stem: &str) -> std::io::Result<Vec<Segment>> {
+    let prefix = format!("{stem}.");
+    let mut segments: Vec<Segment> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let digits = name.strip_prefix(&prefix)?.strip_suffix(".jsonl")?;
+            let first_seq = digits.parse().ok()?;
+            Some(Segment {
+                first_seq,
+                path: e.path(),
+                index: Vec::new(),
+            })
+        })
+        .collect();
+    segments.sort_by_key(|s| s.first_seq);
+    Ok(segments)
+}
+
+fn new_segment(dir: &Path, stem: &str, first_seq: u64) -> Segment {
+    Segment {
+        first_seq,
+        path: dir.join(format!("{stem}.{first_seq:020}.jsonl")),
+        index: Vec::new(),
+    }
+}
+
+fn append_file(path: &Path) -> Result<File, SeqLogError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)
+        .map_err(err(path))
+}
+
+fn load_index(segment: &Segment) -> std::io::Result<Vec<IndexEntry>> {
+    let mut bytes = Vec::new();
+    match File::open(segment.index_path()) {
+        Ok(mut f) => {
+            f.read_to_end(&mut bytes)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let whole = bytes.len() / ENTRY * ENTRY;
+    if whole != bytes.len() {
+        OpenOptions::new()
+            .write(true)
+            .open(segment.index_path())?
+            .set_len(whole as u64)?;
+    }
+    let seg_len = std::fs::metadata(&segment.path)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    Ok(bytes[..whole]
+        .chunks(ENTRY)
+        .map(IndexEntry::from_bytes)
+        .take_while(|e| e.offset < seg_len.max(1))
+        .collect())
+}
+
+/// Finds the end of the last whole record of the newest segment, cuts anything after it,
+/// and returns (next seq, segment length).
+fn repair_tail<T: Sequenced>(segment: &mut Segment) -> std::io::Result<(u64, u64)> {
+    // The last index entry names the record at its offset: the one before it has seq - 1.
+    let (start, mut last_seq) = match segment.index.last() {
+        Some(entry) => (entry.offset, entry.seq.saturating_sub(1)),
+        None => (0, segment.first_seq.saturating_sub(1)),
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&segment.path)?;
+    file.seek(SeekFrom::Start(start))?;
+    let mut reader = BufReader::new(&file);
+    let (mut offset, mut good_len) = (start, start);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        offset += n as u64;
+        if line.last() != Some(&b'\n') {
+            break;
+        }
+        if let Ok(record) = serde_json::from_slice::<T>(&line) {
+            last_seq = last_seq.max(record.seq());
+            good_len = offset;
+        }
+    }
+    drop(reader);
+    if good_len < file.metadata()?.len() {
+        tracing::warn!(path = %segment.path.display(), "log ended with a torn or damaged tail; cutting it off");
+        file.set_len(good_len)?;
+    }
+    let kept = segment
+        .index
+        .iter()
+        .take_while(|e| e.offset < good_len)
+        .count();
+    if kept < segment.index.len() {
+        // Entries for records that were cut must not survive to point into new ones.
+        segment.index.truncate(kept);
+        let index = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(segment.index_path())?;
+        index.set_len((kept * ENTRY) as u64)?;
+    }
+    Ok((last_seq + 1, good_len))
+}
+
+/// Reads records from `offset`, calling `each` until it returns false; returns whether the
+/// segment was read to its end.
+fn read_segment<T: Sequenced>(
+    path: &Path,
+    offset: u64,
+    mut each: impl FnMut(T) -> bool,
+) -> std::io::Result<bool> {
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut reader = BufReader::with_capacity(64 * 1024, file);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 || line.last() != Some(&b'\n') {
+            return Ok(true);
+        }
+        if let Ok(record) = serde_json::from_slice::<T>(&line) {
+            if !each(record) {
+                return Ok(false);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Rec {
+        seq: u64,
+        #[serde(with = "time::serde::rfc3339")]
+        time: OffsetDateTime,
+        text: String,
+    }
+
+    impl Sequenced for Rec {
+        fn seq(&self) -> u64 {
+            self.seq
+        }
+        fn time(&self) -> OffsetDateTime {
+            self.time
+        }
+    }
+
+    fn small() -> SeqLogConfig {
+        SeqLogConfig {
+            segment_bytes: 4096,
+            max_segments: 3,
+            index_every: 512,
+            broadcast_capacity: 16,
+        }
+    }
+
+    fn add(log: &SeqLog<Rec>, text: &str) -> u64 {
+        log.append(|seq| Rec {
+            seq,
+            time: OffsetDateTime::now_utc(),
+            text: text.into(),
+        })
+        .seq
+    }
+
+    #[test]
+    fn reads_after_any_seq_across_rotation_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", small()).unwrap();
+        for i in 0..200 {
+            assert_eq!(add(&log, &format!("line {i}")), i + 1);
+        }
+        let first = log.first_seq();
+        assert!(first > 1, "old segments were rotated away");
+        let got = log.read_after(first + 9, 5).unwrap();
+        let seqs: Vec<u64> = got.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (first + 10..first + 15).collect::<Vec<_>>());
+        drop(log);
+        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", small()).unwrap();
+        assert_eq!((log.first_seq(), log.last_seq()), (first, 200));
+        assert_eq!(add(&log, "after reopen"), 201);
+        let tail = log.read_after(198, 10).unwrap();
+        assert_eq!(
+            tail.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [199, 200, 201]
+        );
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_numbering_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", SeqLogConfig::default()).unwrap();
+            add(&log, "a");
+            add(&log, "b");
+        }
+        let seg = list_segments(dir.path(), "p").unwrap().pop().unwrap();
+        OpenOptions::new()
+            .append(true)
+            .open(&seg.path)
+            .unwrap()
+            .write_all(br#"{"seq":3,"ti"#)
+            .unwrap();
+        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", SeqLogConfig::default()).unwrap();
+        assert_eq!(log.last_seq(), 2);
+        assert_eq!(add(&log, "c"), 3);
+        let all: Vec<String> = log
+            .read_after(0, 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.text.clone())
+            .collect();
+        assert_eq!(all, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn index_entries_of_a_cut_record_are_dropped_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let every = SeqLogConfig {
+            index_every: 1,
+            ..SeqLogConfig::default()
+        };
+        {
+            let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", every).unwrap();
+            for i in 0..10 {
+                add(&log, &format!("{i}"));
+            }
+        }
+        // Tear the last record in half: its index entry now points past the good data.
+        let seg = list_segments(dir.path(), "p").unwrap().pop().unwrap();
+        let len = std::fs::metadata(&seg.path).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&seg.path)
+            .unwrap()
+            .set_len(len - 10)
+            .unwrap();
+        {
+            let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", every).unwrap();
+            assert_eq!(log.last_seq(), 9);
+            for i in 10..20 {
+                add(&log, &format!("{i}"));
+            }
+        }
+        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", every).unwrap();
+        for after in 0..19u64 {
+            let got = log.read_after(after, 1).unwrap();
+            assert_eq!(got[0].seq, after + 1, "reading after {after}");
+        }
+    }
+
+    #[test]
+    fn seeks_by_time_through_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: SeqLog<Rec> = SeqLog::open(
+            dir.path(),
+            "p",
+            SeqLogConfig {
+                max_segments: 0,
+                ..small()
+            },
+        )
+        .unwrap();
+        let base = OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000);
+        for i in 0..300u64 {
+            log.append(|seq| Rec {
+                seq,
+                time: base + time::Duration::seconds(i as i64),
+                text: "x".repeat(40),
+            });
+        }
+        assert_eq!(
+            log.seq_at(base + time::Duration::seconds(123)).unwrap(),
+            124
+        );
+        assert_eq!(log.seq_at(base - time::Duration::seconds(5)).unwrap(), 1);
+        assert_eq!(
+            log.seq_at(base + time::Duration::seconds(999)).unwrap(),
+            301
+        );
+    }
+
+    #[tokio::test]
+    async fn followers_replay_then_follow_and_survive_lagging() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", small()).unwrap();
+        for i in 0..50 {
+            add(&log, &format!("{i}"));
+        }
+        let mut f = log.follow(Some(40));
+        for i in 50..150 {
+            add(&log, &format!("{i}"));
+        }
+        let mut seqs = Vec::new();
+        while seqs.len() < 110 {
+            seqs.push(f.next().await.unwrap().unwrap().seq);
+        }
+        assert_eq!(seqs, (41..=150).collect::<Vec<_>>());
+    }
+}
