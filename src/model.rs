@@ -241,3 +241,73 @@ pub struct Event {
     #[serde(flatten)]
     pub body: EventDraft,
 }
+
+/// Where a log record came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    /// The plugin's stdout.
+    Stdout,
+    /// The plugin's stderr.
+    Stderr,
+    /// The supervisor, about the plugin (spawned, ready, crashed, restarting, disabled).
+    Supervisor,
+}
+
+/// Severity of a log record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogLevel {
+    /// Finest detail.
+    Trace,
+    /// Debugging detail.
+    Debug,
+    /// Normal operation (plain lines without a recognised prefix).
+    Info,
+    /// Something to look at.
+    Warn,
+    /// Something failed.
+    Error,
+}
+
+impl LogLevel {
+    /// Reads a level name in any case (`warning` and `err` too).
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "trace" => LogLevel::Trace,
+            "debug" => LogLevel::Debug,
+            "info" => LogLevel::Info,
+            "warn" | "warning" => LogLevel::Warn,
+            "error" | "err" => LogLevel::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// One line of a plugin's output (or one note of the supervisor's), as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// Per-plugin sequence number, increasing across plugin and daemon restarts.
+    pub seq: u64,
+    /// When the daemon received it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    /// The stream it came from.
+    pub stream: LogStream,
+    /// Its level.
+    pub level: LogLevel,
+    /// The message (the whole line, for plain text).
+    pub message: String,
+    /// The plugin's own `timestamp`, for structured lines that had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_time: Option<String>,
+    /// Other fields of a structured line.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    /// Pid of the run it came from (0 for supervisor notes without a process).
+    #[serde(default)]
+    pub pid: u32,
+    /// True when the line was longer than the limit and continues in the next record.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub continued: bool,
+}

@@ -207,25 +207,50 @@ impl<T: Sequenced> SeqLog<T> {
     /// Numbers a record (`make` gets its seq), persists it, broadcasts it, returns it. A
     /// failed write is cut back so no half line stays; the record is then delivered live only.
     pub fn append(&self, make: impl FnOnce(u64) -> T) -> Arc<T> {
-        let mut w = self.inner.writer.lock().expect("log writer poisoned");
-        let record = Arc::new(make(w.next_seq));
-        w.next_seq += 1;
-        let mut line = serde_json::to_vec(&*record).expect("records always serialise");
-        line.push(b'\n');
-        match self.write_line(&mut w, &record, &line) {
-            Ok(()) => {}
-            Err(e) => {
-                let len = w.len;
-                let _ = w.file.set_len(len);
-                tracing::error!(log = %self.inner.stem, seq = record.seq(), error = %e,
-                    "could not persist a record; it is delivered live only");
-            }
-        }
-        let _ = self.inner.tx.send(record.clone());
-        record
+        let mut make = Some(make);
+        let mut records = self.append_all([()], |seq, ()| (make.take().expect("one record"))(seq));
+        records.pop().expect("one record")
     }
 
-    fn write_line(&self, w: &mut Writer, record: &T, line: &[u8]) -> std::io::Result<()> {
+    /// Appends several records under one lock, numbered in order and written with as few
+    /// `write`s as the index and rotation allow, then broadcasts them. Returns them.
+    pub fn append_all<D>(
+        &self,
+        drafts: impl IntoIterator<Item = D>,
+        mut make: impl FnMut(u64, D) -> T,
+    ) -> Vec<Arc<T>> {
+        let mut w = self.inner.writer.lock().expect("log writer poisoned");
+        let mut records = Vec::new();
+        let mut buf = Vec::new();
+        let mut failed = None;
+        for draft in drafts {
+            let record = Arc::new(make(w.next_seq, draft));
+            w.next_seq += 1;
+            if failed.is_none() {
+                if let Err(e) = self.push_line(&mut w, &mut buf, &record) {
+                    failed = Some(e);
+                }
+            }
+            records.push(record);
+        }
+        if failed.is_none() {
+            if let Err(e) = flush(&mut w, &mut buf) {
+                failed = Some(e);
+            }
+        }
+        if let Some(e) = failed {
+            tracing::error!(log = %self.inner.stem, error = %e,
+                "could not persist records; they are delivered live only");
+        }
+        for record in &records {
+            let _ = self.inner.tx.send(record.clone());
+        }
+        records
+    }
+
+    /// Queues one record's line in `buf` (writing an index entry first when one is due, and
+    /// rotating when the segment is full).
+    fn push_line(&self, w: &mut Writer, buf: &mut Vec<u8>, record: &T) -> std::io::Result<()> {
         if w.since_index >= self.inner.config.index_every {
             let entry = IndexEntry {
                 seq: record.seq(),
@@ -236,10 +261,14 @@ impl<T: Sequenced> SeqLog<T> {
             w.segments.last_mut().expect("a segment").index.push(entry);
             w.since_index = 0;
         }
-        w.file.write_all(line)?;
-        w.len += line.len() as u64;
-        w.since_index += line.len() as u64;
+        let before = buf.len();
+        serde_json::to_writer(&mut *buf, record).expect("records always serialise");
+        buf.push(b'\n');
+        let n = (buf.len() - before) as u64;
+        w.len += n;
+        w.since_index += n;
         if w.len >= self.inner.config.segment_bytes {
+            flush(w, buf)?;
             self.rotate(w)?;
         }
         Ok(())
@@ -426,6 +455,22 @@ impl<T: Sequenced> Follower<T> {
     pub fn cursor(&self) -> u64 {
         self.cursor
     }
+}
+
+/// Writes the queued lines; on failure cuts the file back to the last whole line written
+/// before them, so no half line stays.
+fn flush(w: &mut Writer, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let before = w.len - buf.len() as u64;
+    let result = w.file.write_all(buf);
+    buf.clear();
+    if result.is_err() {
+        let _ = w.file.set_len(before);
+        w.len = before;
+    }
+    result
 }
 
 fn list_segments(dir: &Path, stem: &str) -> std::io::Result<Vec<Segment>> {
