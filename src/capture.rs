@@ -1,43 +1,93 @@
-//! Output capture: a plugin's stdout and stderr read line by line (never chunk by chunk),
-//! with a bounded line length, into the plugin's log file with size-based rotation, plus the
-//! last stderr lines kept in memory for crash reports.
+//! Output capture: a plugin's stdout and stderr read line by line (never chunk by chunk) and
+//! stored as structured, sequenced records in the plugin's log, plus the last stderr lines
+//! kept in memory for crash reports.
 //!
-//! Lines are written as `<RFC 3339 receive time> <stream> <line>`. A line longer than
-//! [`MAX_LINE`] is cut into several records, each marked with a trailing `…(continued)` on
-//! all but the last piece; invalid UTF-8 is replaced. This is the foundation's capture;
-//! structured records, sequence numbers and queries belong to the log pipeline.
+//! A line that is a JSON object with a string `message` (and, if present, a string `level`
+//! of trace/debug/info/warn/error in any case) is a structured record: its `timestamp` is
+//! kept as the plugin's time and its other keys as fields. Any other line — plain text, or
+//! JSON whose `level` or `message` has the wrong type — is kept whole as a message, at level
+//! info unless it starts with a recognised prefix (`[WARN]`, `ERROR:`, …). A line longer
+//! than [`MAX_LINE`] is stored as several records, all but the last marked `continued`;
+//! invalid UTF-8 is replaced. Each read's lines are stored with one append.
 //! This module knows nothing of processes' lifecycle or of gRPC.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use time::format_description::well_known::Rfc3339;
+use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+
+use crate::model::{LogLevel, LogRecord, LogStream};
+use crate::seqlog::{SeqLog, SeqLogConfig, SeqLogError, Sequenced};
 
 /// Longest line kept as one record.
 pub const MAX_LINE: usize = 64 * 1024;
 /// Stderr lines kept for crash reports.
 pub const STDERR_TAIL_LINES: usize = 20;
 
-/// Which pipe a line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutputStream {
-    /// The plugin's stdout.
-    Stdout,
-    /// The plugin's stderr.
-    Stderr,
+impl Sequenced for LogRecord {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    fn time(&self) -> OffsetDateTime {
+        self.time
+    }
 }
 
-impl OutputStream {
-    fn as_str(self) -> &'static str {
-        match self {
-            OutputStream::Stdout => "stdout",
-            OutputStream::Stderr => "stderr",
-        }
+/// One plugin's log: a [`SeqLog`] of [`LogRecord`]s in its own directory, rotated at
+/// `segment_bytes` keeping `segments` files. Clones share it.
+#[derive(Clone)]
+pub struct PluginLog {
+    log: SeqLog<LogRecord>,
+}
+
+impl PluginLog {
+    /// Opens (or creates) the log in `dir`.
+    pub fn open(dir: &Path, segment_bytes: u64, segments: usize) -> Result<Self, SeqLogError> {
+        let config = SeqLogConfig {
+            segment_bytes,
+            max_segments: segments.max(1),
+            ..SeqLogConfig::default()
+        };
+        Ok(PluginLog {
+            log: SeqLog::open(dir, "log", config)?,
+        })
+    }
+
+    /// The underlying sequenced log (for readers and followers).
+    pub fn records(&self) -> &SeqLog<LogRecord> {
+        &self.log
+    }
+
+    /// Stores a note of the supervisor's about this plugin.
+    pub fn note(&self, level: LogLevel, message: String, pid: u32) {
+        self.log.append(|seq| LogRecord {
+            seq,
+            time: OffsetDateTime::now_utc(),
+            stream: LogStream::Supervisor,
+            level,
+            message,
+            plugin_time: None,
+            fields: Map::new(),
+            pid,
+            continued: false,
+        });
+    }
+
+    fn store(&self, stream: LogStream, pid: u32, lines: Vec<Line>) {
+        let time = OffsetDateTime::now_utc();
+        self.log.append_all(lines, |seq, line| {
+            let mut record = parse_line(&line.text);
+            record.seq = seq;
+            record.time = time;
+            record.stream = stream;
+            record.pid = pid;
+            record.continued = line.continued;
+            record
+        });
     }
 }
 
@@ -66,113 +116,31 @@ impl StderrTail {
     }
 }
 
-/// One plugin's log file with rotation; clones share it. The mutex is held for one batch
-/// of lines (a buffered write), never across `.await`.
-#[derive(Clone)]
-pub struct LogSink(Arc<Mutex<SinkInner>>);
-
-struct SinkInner {
-    path: PathBuf,
-    out: Option<BufWriter<File>>,
-    size: u64,
-    max_bytes: u64,
-    keep: usize,
+/// One line read from a pipe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Line {
+    text: String,
+    /// The line went on past [`MAX_LINE`]; the next piece follows.
+    continued: bool,
 }
 
-impl LogSink {
-    /// A sink writing to `path`, rotating at `max_bytes` and keeping `keep` files in all.
-    pub fn open(path: PathBuf, max_bytes: u64, keep: usize) -> std::io::Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        let size = file.metadata()?.len();
-        Ok(LogSink(Arc::new(Mutex::new(SinkInner {
-            path,
-            out: Some(BufWriter::with_capacity(64 * 1024, file)),
-            size,
-            max_bytes,
-            keep: keep.max(1),
-        }))))
-    }
-
-    /// Appends lines from one stream, then flushes.
-    fn write_lines(&self, stream: OutputStream, lines: &[String]) {
-        let now = OffsetDateTime::now_utc()
-            .format(&Rfc3339)
-            .unwrap_or_default();
-        let mut inner = self.0.lock().expect("log sink lock poisoned");
-        for line in lines {
-            if let Err(e) = inner.write_line(&now, stream, line) {
-                tracing::warn!(path = %inner.path.display(), error = %e, "plugin log write failed");
-                break;
-            }
-        }
-        if let Some(out) = inner.out.as_mut() {
-            let _ = out.flush();
-        }
-    }
-}
-
-impl SinkInner {
-    fn write_line(&mut self, now: &str, stream: OutputStream, line: &str) -> std::io::Result<()> {
-        let len = (now.len() + stream.as_str().len() + line.len() + 3) as u64;
-        if self.size > 0 && self.size + len > self.max_bytes {
-            self.rotate()?;
-        }
-        let out = match self.out.as_mut() {
-            Some(out) => out,
-            None => return Err(std::io::Error::other("log file is not open")),
-        };
-        writeln!(out, "{now} {} {line}", stream.as_str())?;
-        self.size += len;
-        Ok(())
-    }
-
-    fn rotate(&mut self) -> std::io::Result<()> {
-        if let Some(mut out) = self.out.take() {
-            out.flush()?;
-        }
-        let numbered = |n: usize| PathBuf::from(format!("{}.{n}", self.path.display()));
-        for n in (1..self.keep).rev() {
-            let from = if n == 1 {
-                self.path.clone()
-            } else {
-                numbered(n - 1)
-            };
-            if from.exists() {
-                std::fs::rename(&from, numbered(n))?;
-            }
-        }
-        if self.keep == 1 {
-            std::fs::remove_file(&self.path)?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        self.out = Some(BufWriter::with_capacity(64 * 1024, file));
-        self.size = 0;
-        Ok(())
-    }
-}
-
-/// Reads `reader` to its end, line by line, writing every line to `sink` (and stderr lines
-/// to `tail`). Never stops reading early, so the writer can never block on a full pipe.
+/// Reads `reader` to its end, line by line, storing every line in `log` (and stderr lines in
+/// `tail`). Never stops reading early, so the writer can never block on a full pipe.
 pub async fn drain_lines<R: AsyncRead + Unpin>(
     reader: R,
-    stream: OutputStream,
-    sink: LogSink,
+    stream: LogStream,
+    pid: u32,
+    log: PluginLog,
     tail: Option<StderrTail>,
 ) {
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let mut partial: Vec<u8> = Vec::new();
-    let mut batch: Vec<String> = Vec::new();
+    let mut batch: Vec<Line> = Vec::new();
     loop {
         let chunk = match reader.fill_buf().await {
             Ok(chunk) => chunk,
             Err(e) => {
-                tracing::warn!(stream = stream.as_str(), error = %e, "reading plugin output failed");
+                tracing::warn!(?stream, error = %e, "reading plugin output failed");
                 break;
             }
         };
@@ -183,31 +151,39 @@ pub async fn drain_lines<R: AsyncRead + Unpin>(
         split_lines(chunk, &mut partial, &mut batch);
         reader.consume(used);
         if reader.buffer().is_empty() && !batch.is_empty() {
-            emit(&sink, stream, tail.as_ref(), &mut batch);
+            emit(&log, stream, pid, tail.as_ref(), &mut batch);
         }
     }
     if !partial.is_empty() {
-        batch.push(String::from_utf8_lossy(&partial).into_owned());
+        batch.push(Line {
+            text: String::from_utf8_lossy(&partial).into_owned(),
+            continued: false,
+        });
     }
-    emit(&sink, stream, tail.as_ref(), &mut batch);
+    emit(&log, stream, pid, tail.as_ref(), &mut batch);
 }
 
-fn emit(sink: &LogSink, stream: OutputStream, tail: Option<&StderrTail>, batch: &mut Vec<String>) {
+fn emit(
+    log: &PluginLog,
+    stream: LogStream,
+    pid: u32,
+    tail: Option<&StderrTail>,
+    batch: &mut Vec<Line>,
+) {
     if batch.is_empty() {
         return;
     }
     if let Some(tail) = tail {
         for line in batch.iter().rev().take(STDERR_TAIL_LINES).rev() {
-            tail.push(line);
+            tail.push(&line.text);
         }
     }
-    sink.write_lines(stream, batch);
-    batch.clear();
+    log.store(stream, pid, std::mem::take(batch));
 }
 
 /// Splits `chunk` into complete lines (appended to `out`), carrying an unfinished line in
 /// `partial`; a line reaching [`MAX_LINE`] bytes is emitted as a continued piece.
-fn split_lines(mut chunk: &[u8], partial: &mut Vec<u8>, out: &mut Vec<String>) {
+fn split_lines(mut chunk: &[u8], partial: &mut Vec<u8>, out: &mut Vec<Line>) {
     while !chunk.is_empty() {
         let room = MAX_LINE - partial.len();
         let window = &chunk[..chunk.len().min(room)];
@@ -217,7 +193,10 @@ fn split_lines(mut chunk: &[u8], partial: &mut Vec<u8>, out: &mut Vec<String>) {
                 if partial.last() == Some(&b'\r') {
                     partial.pop();
                 }
-                out.push(String::from_utf8_lossy(partial).into_owned());
+                out.push(Line {
+                    text: String::from_utf8_lossy(partial).into_owned(),
+                    continued: false,
+                });
                 partial.clear();
                 chunk = &chunk[nl + 1..];
             }
@@ -225,13 +204,83 @@ fn split_lines(mut chunk: &[u8], partial: &mut Vec<u8>, out: &mut Vec<String>) {
                 partial.extend_from_slice(window);
                 chunk = &chunk[window.len()..];
                 if partial.len() == MAX_LINE {
-                    let mut piece = String::from_utf8_lossy(partial).into_owned();
-                    piece.push_str("…(continued)");
-                    out.push(piece);
+                    out.push(Line {
+                        text: String::from_utf8_lossy(partial).into_owned(),
+                        continued: true,
+                    });
                     partial.clear();
                 }
             }
         }
+    }
+}
+
+/// A record (seq, time, stream, pid unset) from one line of output.
+fn parse_line(line: &str) -> LogRecord {
+    let mut record = LogRecord {
+        seq: 0,
+        time: OffsetDateTime::UNIX_EPOCH,
+        stream: LogStream::Stdout,
+        level: LogLevel::Info,
+        message: String::new(),
+        plugin_time: None,
+        fields: Map::new(),
+        pid: 0,
+        continued: false,
+    };
+    if line.trim_start().starts_with('{') {
+        if let Ok(Value::Object(mut map)) = serde_json::from_str::<Value>(line) {
+            let level = match map.get("level") {
+                None => Some(LogLevel::Info),
+                Some(Value::String(name)) => LogLevel::parse(name),
+                Some(_) => None,
+            };
+            if let (Some(level), Some(Value::String(_))) = (level, map.get("message")) {
+                let Some(Value::String(message)) = map.remove("message") else {
+                    unreachable!("checked above")
+                };
+                map.remove("level");
+                record.plugin_time = match map.remove("timestamp") {
+                    Some(Value::String(t)) => Some(t),
+                    Some(other) => {
+                        map.insert("timestamp".into(), other);
+                        None
+                    }
+                    None => None,
+                };
+                record.level = level;
+                record.message = message;
+                record.fields = map;
+                return record;
+            }
+        }
+    }
+    record.level = plain_level(line).unwrap_or(LogLevel::Info);
+    record.message = line.to_owned();
+    record
+}
+
+/// The level a plain line announces with a common prefix: `[WARN]`, `WARN:`, `ERROR `, ….
+fn plain_level(line: &str) -> Option<LogLevel> {
+    let head = line.trim_start();
+    let head = head.strip_prefix('[').unwrap_or(head);
+    let word: String = head
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .take(8)
+        .collect();
+    let rest = &head[word.len()..];
+    let delimited = rest.is_empty() || rest.starts_with([']', ':', ' ', '\t']);
+    if !delimited || word.len() < 3 {
+        return None;
+    }
+    match word.to_ascii_uppercase().as_str() {
+        "TRACE" => Some(LogLevel::Trace),
+        "DEBUG" => Some(LogLevel::Debug),
+        "INFO" => Some(LogLevel::Info),
+        "WARN" | "WARNING" => Some(LogLevel::Warn),
+        "ERROR" | "ERR" | "FATAL" => Some(LogLevel::Error),
+        _ => None,
     }
 }
 
@@ -244,32 +293,75 @@ mod tests {
         let (mut partial, mut out) = (Vec::new(), Vec::new());
         split_lines(b"ab\ncd", &mut partial, &mut out);
         split_lines(b"e\r\n\n", &mut partial, &mut out);
-        assert_eq!(out, ["ab", "cde", ""]);
+        let texts: Vec<&str> = out.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(texts, ["ab", "cde", ""]);
         out.clear();
         let long = vec![b'x'; MAX_LINE + 10];
         split_lines(&long, &mut partial, &mut out);
         split_lines(b"\n", &mut partial, &mut out);
         assert_eq!(out.len(), 2);
-        assert!(out[0].ends_with("…(continued)"));
-        assert_eq!(out[1].len(), 10);
+        assert!(out[0].continued && !out[1].continued);
+        assert_eq!((out[0].text.len(), out[1].text.len()), (MAX_LINE, 10));
+    }
+
+    #[test]
+    fn structured_lines_become_fields_and_bad_types_stay_plain() {
+        let r = parse_line(
+            r#"{"timestamp":"2026-01-01T00:00:00Z","level":"WARN","message":"disk low","free":12}"#,
+        );
+        assert_eq!((r.level, r.message.as_str()), (LogLevel::Warn, "disk low"));
+        assert_eq!(r.plugin_time.as_deref(), Some("2026-01-01T00:00:00Z"));
+        assert_eq!(r.fields.get("free"), Some(&Value::from(12)));
+        for bad in [
+            r#"{"level":5,"message":"x"}"#,
+            r#"{"level":"info","message":["x"]}"#,
+            r#"{"level":"loud","message":"x"}"#,
+        ] {
+            let r = parse_line(bad);
+            assert_eq!(
+                (r.level, r.message.as_str()),
+                (LogLevel::Info, bad),
+                "{bad}"
+            );
+        }
+        assert_eq!(parse_line("[WARN] careful").level, LogLevel::Warn);
+        assert_eq!(parse_line("ERROR: broke").level, LogLevel::Error);
+        assert_eq!(parse_line("debug detail").level, LogLevel::Debug);
+        assert_eq!(parse_line("errors are fine").level, LogLevel::Info);
+        assert_eq!(parse_line("plain text").level, LogLevel::Info);
     }
 
     #[tokio::test]
-    async fn drains_everything_and_rotates() {
+    async fn drains_everything_in_order_and_rotates() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("p.log");
-        let sink = LogSink::open(path.clone(), 4096, 3).unwrap();
+        let log = PluginLog::open(dir.path(), 16 * 1024, 100).unwrap();
         let mut text = Vec::new();
         for i in 0..1000 {
             text.extend_from_slice(format!("line {i}\n").as_bytes());
         }
+        text.extend_from_slice(b"bad \xff utf8 \0 nul");
         let tail = StderrTail::default();
-        drain_lines(&text[..], OutputStream::Stderr, sink, Some(tail.clone())).await;
+        drain_lines(
+            &text[..],
+            LogStream::Stderr,
+            7,
+            log.clone(),
+            Some(tail.clone()),
+        )
+        .await;
         assert_eq!(tail.lines().len(), STDERR_TAIL_LINES);
-        assert_eq!(tail.lines().last().unwrap(), "line 999");
-        let current = std::fs::read_to_string(&path).unwrap();
-        assert!(current.trim_end().ends_with("stderr line 999"));
-        assert!(dir.path().join("p.log.2").exists());
-        assert!(!dir.path().join("p.log.3").exists());
+        let records = log.records().read_after(0, 2000).unwrap();
+        assert_eq!(records.len(), 1001);
+        for (i, r) in records.iter().take(1000).enumerate() {
+            assert_eq!(
+                (r.seq, r.message.as_str(), r.pid),
+                (i as u64 + 1, format!("line {i}").as_str(), 7)
+            );
+        }
+        assert_eq!(records[1000].message, "bad \u{fffd} utf8 \0 nul");
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().count() > 2,
+            "the log rotated"
+        );
     }
 }

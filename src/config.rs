@@ -151,12 +151,9 @@ impl Config {
         self.data_dir.join("plugins").join(id)
     }
 
-    /// The log file of one plugin (rotated as `<id>.log.1` … `<id>.log.4`).
-    pub fn log_path(&self, id: &str) -> PathBuf {
-        self.data_dir
-            .join("logs")
-            .join("plugins")
-            .join(format!("{id}.log"))
+    /// The directory of one plugin's log (`log.<first seq>.jsonl` segments and indexes).
+    pub fn log_dir(&self, id: &str) -> PathBuf {
+        self.data_dir.join("logs").join(id)
     }
 
     /// The persisted enabled/disabled state.

@@ -17,8 +17,9 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
-use crate::capture::{drain_lines, LogSink, OutputStream, StderrTail};
+use crate::capture::{drain_lines, PluginLog, StderrTail};
 use crate::model::ExitStatus;
+use crate::model::LogStream;
 
 /// Builds a command for a plugin executable with only the allowlisted environment, its own
 /// process group and the parent-death signal.
@@ -135,8 +136,8 @@ pub struct PluginProcess {
 }
 
 impl PluginProcess {
-    /// Spawns the plugin with stdout and stderr drained line by line into `sink`.
-    pub fn spawn(mut cmd: Command, sink: LogSink) -> std::io::Result<Self> {
+    /// Spawns the plugin with stdout and stderr drained line by line into `log`.
+    pub fn spawn(mut cmd: Command, log: PluginLog) -> std::io::Result<Self> {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn()?;
         let pid = child.id().unwrap_or(0);
@@ -145,16 +146,18 @@ impl PluginProcess {
         if let Some(out) = child.stdout.take() {
             drains.push(tokio::spawn(drain_lines(
                 out,
-                OutputStream::Stdout,
-                sink.clone(),
+                LogStream::Stdout,
+                pid,
+                log.clone(),
                 None,
             )));
         }
         if let Some(err) = child.stderr.take() {
             drains.push(tokio::spawn(drain_lines(
                 err,
-                OutputStream::Stderr,
-                sink,
+                LogStream::Stderr,
+                pid,
+                log,
                 Some(stderr_tail.clone()),
             )));
         }

@@ -23,10 +23,12 @@ use toru_plugin_sdk::{Envelope, MessageType, PROTOCOL_VERSION};
 
 use super::{Context, SupervisorError};
 use crate::bridge::{BridgeError, Link, LinkLimits};
-use crate::capture::LogSink;
+use crate::capture::PluginLog;
 use crate::config::create_dir_with_mode;
 use crate::connection::{connect_with_retry, send_one, send_one_on, socket_listening};
-use crate::model::{EventDraft, EventKind, ExitInfo, PluginSpec, PluginState, PluginStatus};
+use crate::model::{
+    EventDraft, EventKind, ExitInfo, LogLevel, PluginSpec, PluginState, PluginStatus,
+};
 use crate::process::{plugin_command, PluginProcess};
 use crate::state::StateError;
 
@@ -56,9 +58,9 @@ const EXIT_AFTER_EOF: Duration = Duration::from_millis(100);
 const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Unix socket paths longer than this do not fit in `sockaddr_un`.
 const MAX_SOCKET_PATH: usize = 107;
-/// Log rotation: size of one file and files kept.
-const LOG_FILE_BYTES: u64 = 10 * 1024 * 1024;
-const LOG_FILES: usize = 5;
+/// Log rotation: size of one segment and segments kept.
+pub(super) const LOG_FILE_BYTES: u64 = 10 * 1024 * 1024;
+pub(super) const LOG_FILES: usize = 5;
 
 /// A heartbeat in flight.
 type Heartbeat = Pin<Box<dyn Future<Output = Result<(), BridgeError>> + Send>>;
@@ -84,6 +86,8 @@ pub(super) struct Actor {
     status: watch::Sender<PluginStatus>,
     /// The running plugin's link, published for the request path; `None` unless RUNNING.
     link: watch::Sender<Option<Link>>,
+    /// The plugin's log: its output, and the supervisor's notes about it.
+    log: PluginLog,
     commands: mpsc::Receiver<Command>,
     cancel: CancellationToken,
     /// Enable and restart callers waiting for the current start to end.
@@ -97,6 +101,7 @@ impl Actor {
         ctx: Arc<Context>,
         status: watch::Sender<PluginStatus>,
         link: watch::Sender<Option<Link>>,
+        log: PluginLog,
         commands: mpsc::Receiver<Command>,
         cancel: CancellationToken,
     ) -> Self {
@@ -106,6 +111,7 @@ impl Actor {
             id,
             status,
             link,
+            log,
             commands,
             cancel,
             waiters: Vec::new(),
@@ -178,6 +184,14 @@ impl Actor {
         draft.exit = exit;
         tracing::info!(plugin = %self.id, from = ?draft.from_state.map(PluginState::as_str),
             to = to.as_str(), reason = %draft.reason, "plugin state");
+        let level = match to {
+            PluginState::Crashed | PluginState::Disabled => LogLevel::Error,
+            PluginState::Backoff => LogLevel::Warn,
+            _ => LogLevel::Info,
+        };
+        let pid = self.status.borrow().pid.unwrap_or(0);
+        self.log
+            .note(level, format!("{}: {}", to.as_str(), draft.reason), pid);
         self.ctx.events.append(draft);
     }
 
@@ -315,17 +329,12 @@ impl Actor {
         }
         let _ = std::fs::remove_file(&socket);
         let data_dir = cfg.plugin_data_dir(&self.id);
-        let log_path = cfg.log_path(&self.id);
-        let prepared = create_dir_with_mode(&data_dir, 0o700)
-            .and_then(|()| LogSink::open(log_path.clone(), LOG_FILE_BYTES, LOG_FILES));
-        let sink = match prepared {
-            Ok(sink) => sink,
-            Err(e) => {
-                return self
-                    .failed_run(None, None, format!("cannot prepare its directories: {e}"))
-                    .await
-            }
-        };
+        let log_dir = cfg.log_dir(&self.id);
+        if let Err(e) = create_dir_with_mode(&data_dir, 0o700) {
+            return self
+                .failed_run(None, None, format!("cannot prepare its directories: {e}"))
+                .await;
+        }
         let instance_id = uuid::Uuid::new_v4().to_string();
         let env = [
             (
@@ -337,7 +346,7 @@ impl Actor {
             (toru_plugin_sdk::ENV_DATA_DIR, data_dir.into_os_string()),
         ];
         let cmd = plugin_command(&spec.binary_path, &cfg.plugin_env_allowlist, &env);
-        let mut process = match PluginProcess::spawn(cmd, sink) {
+        let mut process = match PluginProcess::spawn(cmd, self.log.clone()) {
             Ok(process) => process,
             Err(e) => {
                 let reason = format!("cannot spawn {}: {e}", spec.binary_path.display());
@@ -353,7 +362,7 @@ impl Actor {
         let init = InitParams {
             instance_id,
             plugin_socket: socket.to_string_lossy().into_owned(),
-            log_path: log_path.to_string_lossy().into_owned(),
+            log_path: log_dir.to_string_lossy().into_owned(),
             host_protocol_version: PROTOCOL_VERSION,
         };
         let start_timeout = cfg.timing.start_timeout;

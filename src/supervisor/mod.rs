@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use toru_plugin_sdk::wire::{HttpAnswer, HttpCall};
 
 use crate::bridge::{BridgeError, Link};
+use crate::capture::PluginLog;
 use crate::config::{create_dir_with_mode, Config};
 use crate::discovery::{self, ProbeOptions, Skipped};
 use crate::events::{EventLog, EventLogError};
@@ -519,6 +520,21 @@ impl Supervisor {
             }
             return;
         }
+        let log = match PluginLog::open(
+            &ctx.config.log_dir(&id),
+            actor::LOG_FILE_BYTES,
+            actor::LOG_FILES,
+        ) {
+            Ok(log) => log,
+            Err(e) => {
+                tracing::error!(plugin = %id, error = %e, "cannot open the plugin's log");
+                report.skipped.push(Skipped {
+                    path: spec.binary_path.clone(),
+                    reason: format!("cannot open its log: {e}"),
+                });
+                return;
+            }
+        };
         let enabled = ctx.state.get(&id).unwrap_or(ctx.config.enable_new_plugins);
         ctx.events.append(
             EventDraft::new(&id, EventKind::PluginAdded)
@@ -546,6 +562,7 @@ impl Supervisor {
             ctx.clone(),
             status_tx,
             link_tx,
+            log,
             cmd_rx,
             self.inner.cancel.child_token(),
         );

@@ -198,9 +198,17 @@ impl Daemon {
         dest
     }
 
+    /// Everything stored in a plugin's log (its JSON-line segments, oldest first).
     pub fn log_text(&self, id: &str) -> String {
-        std::fs::read_to_string(self.data_dir.join("logs/plugins").join(format!("{id}.log")))
-            .unwrap_or_default()
+        let mut segments: Vec<PathBuf> = std::fs::read_dir(self.data_dir.join("logs").join(id))
+            .map(|dir| dir.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        segments.retain(|p| p.extension().is_some_and(|x| x == "jsonl"));
+        segments.sort();
+        segments
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect()
     }
 
     pub fn daemon_stderr(&self) -> String {
