@@ -38,6 +38,7 @@ const KEY: &str = "bench-key";
 pub(crate) async fn run(
     calls: usize,
     seconds: f64,
+    rounds: usize,
     in_flight: usize,
     json_path: Option<PathBuf>,
 ) -> BenchResult<()> {
@@ -81,7 +82,7 @@ pub(crate) async fn run(
         }
     }
     let mut rates = [Vec::new(), Vec::new()];
-    for _ in 0..2 {
+    for _ in 0..rounds {
         for (side, (_, client)) in sides.iter().enumerate() {
             rates[side].push(throughput(client, seconds, in_flight).await?);
         }
@@ -92,12 +93,16 @@ pub(crate) async fn run(
     let [lat_d, lat_b] = latency;
     let (mut lat_d, mut lat_b) = (lat_d, lat_b);
     let (ld, lb) = (summarize(&mut lat_d), summarize(&mut lat_b));
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let (td, tb) = (mean(&rates[0]), mean(&rates[1]));
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (td, tb) = (median(&rates[0]), median(&rates[1]));
     let p50_ratio = ld.p50 / lb.p50;
     let throughput_ratio = td / tb;
     println!(
-        "torud-bench forward: {calls} sequential GetValue per side, then 2 × {seconds} s with {in_flight} in flight, {} cores",
+        "torud-bench forward: {calls} sequential GetValue per side, then {rounds} × {seconds} s with {in_flight} in flight (median), {} cores",
         num_cpus()
     );
     println!(
@@ -119,6 +124,7 @@ pub(crate) async fn run(
             "benchmark": "forward",
             "calls": calls,
             "seconds": seconds,
+            "rounds": rounds,
             "in_flight": in_flight,
             "cores": num_cpus(),
             "latency": { "daemon": summary_json(ld), "baseline": summary_json(lb) },

@@ -47,9 +47,12 @@ enum Bench {
         /// Sequential calls measured for latency, per side.
         #[arg(long, default_value_t = 5000)]
         calls: usize,
-        /// Seconds of each throughput run (two runs per side).
-        #[arg(long, default_value_t = 3.0)]
+        /// Seconds of each throughput run.
+        #[arg(long, default_value_t = 2.0)]
         seconds: f64,
+        /// Throughput runs per side, alternating; the median is reported.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
         /// Calls in flight for the throughput runs.
         #[arg(long, default_value_t = 64)]
         in_flight: usize,
@@ -188,9 +191,10 @@ fn main() -> std::process::ExitCode {
             Bench::Forward {
                 calls,
                 seconds,
+                rounds,
                 in_flight,
                 json,
-            } => forward::run(calls.max(1), seconds, in_flight.max(1), json).await,
+            } => forward::run(calls.max(1), seconds, rounds.max(1), in_flight.max(1), json).await,
             Bench::BaselineServer { plugin } => forward::baseline_server(plugin).await,
         }
     });
