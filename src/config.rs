@@ -21,6 +21,10 @@ pub struct Config {
     pub timing: Timing,
     /// Timeouts and limits of requests forwarded to plugins.
     pub bridge: BridgeConfig,
+    /// Size of one segment of a plugin's log.
+    pub log_segment_bytes: u64,
+    /// Segments of a plugin's log kept; older ones are deleted.
+    pub log_segments: usize,
     /// Environment variables passed through to plugins (beyond the `TORU_*` ones).
     pub plugin_env_allowlist: Vec<String>,
 }
@@ -132,6 +136,8 @@ impl Config {
             enable_new_plugins: false,
             timing: Timing::default(),
             bridge: BridgeConfig::default(),
+            log_segment_bytes: 10 * 1024 * 1024,
+            log_segments: 5,
             plugin_env_allowlist: DEFAULT_PLUGIN_ENV.iter().map(|s| s.to_string()).collect(),
         }
     }

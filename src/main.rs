@@ -82,6 +82,12 @@ struct ServeArgs {
     /// Requests in flight to one plugin at once; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "TORUD_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     max_in_flight: u32,
+    /// Size of one segment of a plugin's log, in bytes.
+    #[arg(long, env = "TORUD_LOG_SEGMENT_BYTES", default_value_t = 10 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(4096..))]
+    log_segment_bytes: u64,
+    /// Segments of a plugin's log kept; older ones are deleted.
+    #[arg(long, env = "TORUD_LOG_SEGMENTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    log_segments: u32,
     /// Extra environment variables passed to plugins (comma-separated names), beyond the
     /// default allowlist and the TORU_* variables.
     #[arg(long, env = "TORUD_PLUGIN_ENV", value_delimiter = ',')]
@@ -152,6 +158,8 @@ fn main() -> ExitCode {
         kill_grace: args.kill_grace,
         health_interval: args.health_interval.max(Duration::from_millis(10)),
     };
+    config.log_segment_bytes = args.log_segment_bytes;
+    config.log_segments = args.log_segments as usize;
     config.bridge.kv_timeout = args.kv_timeout;
     config.bridge.call_timeout = args.call_timeout;
     config.bridge.max_frame = args.max_frame_bytes as usize;

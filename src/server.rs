@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
 use crate::api::kv::KvApi;
+use crate::api::logs::LogApi;
 use crate::api::{health, PluginApi};
 use crate::config::Config;
 use crate::pb;
@@ -83,9 +84,11 @@ pub async fn run(
     let stop = CancellationToken::new();
     let api = PluginApi::new(supervisor.clone(), stop.clone());
     let kv = KvApi::new(supervisor.clone());
+    let logs = LogApi::new(supervisor.clone(), stop.clone());
     let server = tonic::transport::Server::builder()
         .add_service(pb::plugin_service_server::PluginServiceServer::new(api))
         .add_service(pb::kv_service_server::KvServiceServer::new(kv))
+        .add_service(pb::log_service_server::LogServiceServer::new(logs))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -8,6 +8,7 @@
 pub mod convert;
 pub mod health;
 pub mod kv;
+pub mod logs;
 
 use std::pin::Pin;
 

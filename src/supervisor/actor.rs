@@ -58,10 +58,6 @@ const EXIT_AFTER_EOF: Duration = Duration::from_millis(100);
 const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Unix socket paths longer than this do not fit in `sockaddr_un`.
 const MAX_SOCKET_PATH: usize = 107;
-/// Log rotation: size of one segment and segments kept.
-pub(super) const LOG_FILE_BYTES: u64 = 10 * 1024 * 1024;
-pub(super) const LOG_FILES: usize = 5;
-
 /// A heartbeat in flight.
 type Heartbeat = Pin<Box<dyn Future<Output = Result<(), BridgeError>> + Send>>;
 

@@ -161,6 +161,8 @@ struct PluginHandle {
     status: watch::Receiver<PluginStatus>,
     /// The running plugin's link; requests take it from here without asking the actor.
     link: watch::Receiver<Option<Link>>,
+    /// The plugin's log, for readers.
+    log: PluginLog,
 }
 
 /// Handle to the supervisor; clones share it.
@@ -275,6 +277,11 @@ impl Supervisor {
     /// Restarts an enabled plugin; returns once it is ready again or has failed.
     pub async fn restart(&self, id: &str) -> Result<PluginStatus, SupervisorError> {
         self.command(id, Command::Restart).await
+    }
+
+    /// A plugin's log, for readers and followers.
+    pub fn plugin_log(&self, id: &str) -> Result<PluginLog, SupervisorError> {
+        Ok(self.handle(id)?.log)
     }
 
     /// The link of a running plugin, or why there is none.
@@ -522,8 +529,8 @@ impl Supervisor {
         }
         let log = match PluginLog::open(
             &ctx.config.log_dir(&id),
-            actor::LOG_FILE_BYTES,
-            actor::LOG_FILES,
+            ctx.config.log_segment_bytes,
+            ctx.config.log_segments,
         ) {
             Ok(log) => log,
             Err(e) => {
@@ -562,7 +569,7 @@ impl Supervisor {
             ctx.clone(),
             status_tx,
             link_tx,
-            log,
+            log.clone(),
             cmd_rx,
             self.inner.cancel.child_token(),
         );
@@ -573,6 +580,7 @@ impl Supervisor {
                 commands: cmd_tx,
                 status: status_rx,
                 link: link_rx,
+                log,
             },
         );
         report.added.push(id);

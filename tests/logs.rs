@@ -1,0 +1,218 @@
+//! Plugin logs through the real daemon: a burst comes back complete and in order, a cursor
+//! resumes exactly across a daemon restart, rotation shows as a gap, followers see new
+//! records, and filters apply.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tonic::transport::Channel;
+use torud::pb;
+use torud::pb::log_service_client::LogServiceClient;
+use torud::pb::PluginState;
+
+type Logs = LogServiceClient<Channel>;
+
+fn request(
+    id: &str,
+    start: Option<pb::stream_logs_request::Start>,
+    follow: bool,
+    contains: &str,
+) -> pb::StreamLogsRequest {
+    pb::StreamLogsRequest {
+        filter: Some(pb::LogFilter {
+            plugin_ids: vec![id.into()],
+            min_level: 0,
+            contains: contains.into(),
+        }),
+        start,
+        follow,
+    }
+}
+
+fn tail(n: u32) -> Option<pb::stream_logs_request::Start> {
+    Some(pb::stream_logs_request::Start::Tail(n))
+}
+
+/// Every response of a stream that ends by itself.
+async fn collect(logs: &mut Logs, req: pb::StreamLogsRequest) -> Vec<pb::StreamLogsResponse> {
+    let mut stream = logs.stream_logs(req).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    while let Some(resp) = tokio::time::timeout(Duration::from_secs(60), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        out.push(resp);
+    }
+    out
+}
+
+/// The first record of a following stream, within a deadline.
+async fn first_record(logs: &mut Logs, req: pb::StreamLogsRequest) -> pb::LogRecord {
+    let mut stream = logs.stream_logs(req).await.unwrap().into_inner();
+    loop {
+        let resp = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("no record within 30 s")
+            .unwrap()
+            .expect("stream ended");
+        if let Some(r) = resp.records.into_iter().next() {
+            return r;
+        }
+    }
+}
+
+async fn burst_daemon(lines: usize, args: &[&str]) -> (Daemon, Logs) {
+    let mut d = Daemon::new(args);
+    d.install_fixture("burst", "burst", &["--lines", &lines.to_string()]);
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["burst"])
+        .await;
+    enable(&mut client, "burst").await;
+    let mut logs = LogServiceClient::new(d.channel().await);
+    first_record(
+        &mut logs,
+        request("burst", tail(u32::MAX), true, "burst done"),
+    )
+    .await;
+    (d, logs)
+}
+
+#[tokio::test]
+async fn a_burst_comes_back_complete_and_a_cursor_resumes_exactly_across_a_restart() {
+    let (mut d, mut logs) = burst_daemon(100_000, &[]).await;
+    let responses = collect(&mut logs, request("burst", tail(u32::MAX), false, "line ")).await;
+    assert!(responses.iter().all(|r| r.gap.is_none()));
+    assert!(responses.len() > 1, "records come in batches");
+    let records: Vec<pb::LogRecord> = responses.into_iter().flat_map(|r| r.records).collect();
+    assert_eq!(records.len(), 100_000);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r.message, format!("line {i}"));
+        assert_eq!(r.stream, pb::LogStream::Stderr as i32);
+    }
+    // Strictly increasing; the supervisor's notes may sit between the lines.
+    assert!(records.windows(2).all(|w| w[1].seq > w[0].seq));
+    let cursor = records[50_000].cursor.clone();
+
+    // Disabled, so that it does not burst again after the restart.
+    disable(&mut d.client().await, "burst").await;
+    assert_eq!(d.stop().await.code(), Some(0));
+    d.start().await;
+    let mut client = d.client().await;
+    rescan(&mut client).await;
+    let mut logs = LogServiceClient::new(d.channel().await);
+    let start = Some(pb::stream_logs_request::Start::AfterCursors(pb::Cursors {
+        cursors: vec![cursor],
+    }));
+    let rest: Vec<pb::LogRecord> = collect(&mut logs, request("burst", start, false, "line "))
+        .await
+        .into_iter()
+        .flat_map(|r| r.records)
+        .collect();
+    let messages: Vec<&str> = rest.iter().map(|r| r.message.as_str()).collect();
+    let want: Vec<String> = (50_001..100_000).map(|i| format!("line {i}")).collect();
+    assert_eq!(
+        messages,
+        want.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn records_rotated_away_are_reported_as_a_gap() {
+    let (_d, mut logs) = burst_daemon(
+        5000,
+        &["--log-segment-bytes", "65536", "--log-segments", "2"],
+    )
+    .await;
+    let start = Some(pb::stream_logs_request::Start::AfterCursors(pb::Cursors {
+        cursors: vec!["burst:1".into()],
+    }));
+    let responses = collect(&mut logs, request("burst", start, false, "")).await;
+    let gap = responses[0]
+        .gap
+        .clone()
+        .expect("the first response is a gap");
+    assert_eq!((gap.plugin_id.as_str(), gap.from_seq), ("burst", 2));
+    let first = &responses[1].records[0];
+    assert_eq!(first.seq, gap.to_seq + 1);
+    let kept: Vec<u64> = responses[1..]
+        .iter()
+        .flat_map(|r| &r.records)
+        .map(|r| r.seq)
+        .collect();
+    assert!(
+        kept.windows(2).all(|w| w[1] == w[0] + 1),
+        "no other gap, no duplicate"
+    );
+    assert!(responses[1..].iter().all(|r| r.gap.is_none()));
+}
+
+#[tokio::test]
+async fn a_follower_sees_new_records_and_filters_apply() {
+    let mut d = Daemon::new(&["--backoff-base", "50ms"]);
+    d.install_hello("hello");
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["hello"])
+        .await;
+    let pid = enable(&mut client, "hello").await.pid as u32;
+    let mut logs = LogServiceClient::new(d.channel().await);
+
+    // From now on (by time, so that it does not matter when the stream subscribes).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let since = prost_types::Timestamp {
+        seconds: now.as_secs() as i64,
+        nanos: now.subsec_nanos() as i32,
+    };
+    let mut following = logs.clone();
+    let follower = tokio::spawn(async move {
+        let mut req = request(
+            "hello",
+            Some(pb::stream_logs_request::Start::Since(since)),
+            true,
+            "",
+        );
+        req.filter.as_mut().unwrap().min_level = pb::LogLevel::Error as i32;
+        first_record(&mut following, req).await
+    });
+    let mut events = Events::watch(&mut client, None).await;
+    signal(pid, libc::SIGKILL);
+    events
+        .wait_state("hello", PluginState::Running, SECS10)
+        .await;
+    let record = follower.await.unwrap();
+    assert_eq!(record.stream, pb::LogStream::Supervisor as i32);
+    assert_eq!(record.level, pb::LogLevel::Error as i32);
+    assert!(
+        record
+            .message
+            .starts_with("crashed: unexpected exit: killed by signal 9"),
+        "{}",
+        record.message
+    );
+
+    let structured = collect(
+        &mut logs,
+        request("hello", tail(100), false, "initialised by the host"),
+    )
+    .await;
+    let r = structured
+        .iter()
+        .flat_map(|r| &r.records)
+        .next()
+        .expect("the SDK's structured line");
+    assert_eq!(
+        (r.stream, r.level),
+        (pb::LogStream::Stderr as i32, pb::LogLevel::Info as i32)
+    );
+    assert!(!r.plugin_time.is_empty());
+}
