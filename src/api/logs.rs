@@ -230,8 +230,11 @@ async fn produce(
         }
     };
     let mut expected = after + 1;
+    if let Some(upto) = upto {
+        read_until(&id, &records, after, upto, &filter, &tx).await;
+        return;
+    }
     let mut follower = records.follow(Some(after));
-    let done = |expected: u64| upto.is_some_and(|u| expected > u);
     let gap = |from: u64, to: u64| pb::StreamLogsResponse {
         records: Vec::new(),
         gap: Some(pb::LogGap {
@@ -240,7 +243,7 @@ async fn produce(
             to_seq: to,
         }),
     };
-    while !done(expected) {
+    loop {
         let first = tokio::select! {
             next = follower.next() => next,
             _ = stop.cancelled() => return,
@@ -275,7 +278,7 @@ async fn produce(
             if filter.keeps(&record) {
                 batch.push(self::record(&id, &record));
             }
-            if batch.len() >= MAX_BATCH || done(expected) {
+            if batch.len() >= MAX_BATCH {
                 break;
             }
             match follower.next().now_or_never() {
@@ -289,6 +292,77 @@ async fn produce(
                 gap: None,
             };
             if tx.send(Ok(out)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Sends the records after `after` up to `upto` read straight from the files (no live
+/// following), with gaps where records were rotated away.
+async fn read_until(
+    id: &str,
+    records: &crate::seqlog::SeqLog<LogRecord>,
+    after: u64,
+    upto: u64,
+    filter: &Filter,
+    tx: &mpsc::Sender<Result<pb::StreamLogsResponse, Status>>,
+) {
+    let mut expected = after + 1;
+    while expected <= upto {
+        let (log, from) = (records.clone(), expected - 1);
+        let read = tokio::task::spawn_blocking(move || log.read_after(from, MAX_BATCH)).await;
+        let batch = match read {
+            Ok(Ok(batch)) if !batch.is_empty() => batch,
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => {
+                let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                return;
+            }
+        };
+        let mut out = Vec::new();
+        for r in batch.iter().filter(|r| r.seq <= upto) {
+            if r.seq > expected {
+                if !out.is_empty() {
+                    let batch = pb::StreamLogsResponse {
+                        records: std::mem::take(&mut out),
+                        gap: None,
+                    };
+                    if tx.send(Ok(batch)).await.is_err() {
+                        return;
+                    }
+                }
+                let gap = pb::LogGap {
+                    plugin_id: id.to_owned(),
+                    from_seq: expected,
+                    to_seq: r.seq - 1,
+                };
+                let gap = pb::StreamLogsResponse {
+                    records: Vec::new(),
+                    gap: Some(gap),
+                };
+                if tx.send(Ok(gap)).await.is_err() {
+                    return;
+                }
+            }
+            expected = r.seq + 1;
+            if filter.keeps(r) {
+                out.push(record(id, r));
+            }
+        }
+        if batch.last().is_some_and(|r| r.seq > upto) {
+            expected = upto + 1;
+        }
+        if !out.is_empty() {
+            let batch = pb::StreamLogsResponse {
+                records: out,
+                gap: None,
+            };
+            if tx.send(Ok(batch)).await.is_err() {
                 return;
             }
         }
