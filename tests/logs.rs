@@ -216,3 +216,87 @@ async fn a_follower_sees_new_records_and_filters_apply() {
     );
     assert!(!r.plugin_time.is_empty());
 }
+
+fn query(
+    id: &str,
+    contains: &str,
+    page_size: i32,
+    page_token: String,
+    newest_first: bool,
+) -> pb::QueryLogsRequest {
+    pb::QueryLogsRequest {
+        filter: Some(pb::LogFilter {
+            plugin_ids: vec![id.into()],
+            min_level: 0,
+            contains: contains.into(),
+        }),
+        page_size,
+        page_token,
+        newest_first,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn query_logs_pages_both_ways_and_validates_its_input() {
+    let (_d, mut logs) = burst_daemon(3000, &[]).await;
+    let mut token = String::new();
+    let mut lines = Vec::new();
+    loop {
+        let page = logs
+            .query_logs(query("burst", "line ", 1000, token, false))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.records.len() <= 1000);
+        lines.extend(page.records.into_iter().map(|r| r.message));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let want: Vec<String> = (0..3000).map(|i| format!("line {i}")).collect();
+    assert_eq!(lines, want);
+
+    let newest = logs
+        .query_logs(query("burst", "line ", 10, String::new(), true))
+        .await
+        .unwrap()
+        .into_inner();
+    let messages: Vec<&str> = newest.records.iter().map(|r| r.message.as_str()).collect();
+    let want: Vec<String> = (2990..3000).rev().map(|i| format!("line {i}")).collect();
+    assert_eq!(
+        messages,
+        want.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    let next = logs
+        .query_logs(query("burst", "line ", 10, newest.next_page_token, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.records[0].message, "line 2989");
+
+    let mut bounded = query("burst", "", 1000, String::new(), false);
+    bounded.after_seq = 100;
+    bounded.before_seq = 111;
+    let seqs: Vec<u64> = logs
+        .query_logs(bounded)
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(seqs, (101..=110).collect::<Vec<_>>());
+
+    for bad in [
+        query("burst", "", -1, String::new(), false),
+        query("burst", "", 1001, String::new(), false),
+        query("burst", "", 10, "zz".into(), false),
+        query("../x", "", 10, String::new(), false),
+    ] {
+        let err = logs.query_logs(bad).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    }
+}

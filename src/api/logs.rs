@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::{checked_id, convert};
+use super::{checked_id, convert, query};
 use crate::capture::PluginLog;
 use crate::model::{LogLevel, LogRecord, LogStream};
 use crate::pb;
@@ -129,8 +129,147 @@ fn parse_cursor(text: &str) -> Result<(String, u64), Status> {
 
 type LogStreamOut = Pin<Box<dyn Stream<Item = Result<pb::StreamLogsResponse, Status>> + Send>>;
 
+/// The selected plugins' ids and logs (all known plugins when `ids` is empty).
+fn selected_logs(
+    supervisor: &Supervisor,
+    ids: Vec<String>,
+) -> Result<Vec<(String, PluginLog)>, Status> {
+    let ids: Vec<String> = if ids.is_empty() {
+        supervisor
+            .list()
+            .iter()
+            .map(|p| p.id().to_owned())
+            .collect()
+    } else {
+        ids
+    };
+    let mut logs = Vec::with_capacity(ids.len());
+    for id in ids {
+        let id = checked_id(&id)?.to_owned();
+        let log = supervisor.plugin_log(&id)?;
+        logs.push((id, log));
+    }
+    Ok(logs)
+}
+
+fn filter_of(filter: &pb::LogFilter) -> Result<Filter, Status> {
+    let min_level = pb::LogLevel::try_from(filter.min_level).map_err(|_| {
+        Status::invalid_argument(format!(
+            "filter.min_level: unknown level {}",
+            filter.min_level
+        ))
+    })?;
+    Ok(Filter {
+        min_level: from_pb_level(min_level),
+        contains: filter.contains.clone(),
+    })
+}
+
+fn time_of(ts: &prost_types::Timestamp) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(
+        i128::from(ts.seconds) * 1_000_000_000 + i128::from(ts.nanos),
+    )
+    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+/// A page token: the order and, per plugin, the next seq to read.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PageToken {
+    newest_first: bool,
+    next: std::collections::BTreeMap<String, u64>,
+}
+
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: i32 = 1000;
+
 #[tonic::async_trait]
 impl LogService for LogApi {
+    async fn query_logs(
+        &self,
+        request: Request<pb::QueryLogsRequest>,
+    ) -> Result<Response<pb::QueryLogsResponse>, Status> {
+        let req = request.into_inner();
+        if !(0..=MAX_PAGE).contains(&req.page_size) {
+            return Err(Status::invalid_argument(format!(
+                "page_size must be between 0 and {MAX_PAGE}, got {}",
+                req.page_size
+            )));
+        }
+        let limit = if req.page_size == 0 {
+            DEFAULT_PAGE
+        } else {
+            req.page_size as usize
+        };
+        let filter_pb = req.filter.unwrap_or_default();
+        let filter = filter_of(&filter_pb)?;
+        if (req.after_seq > 0 || req.before_seq > 0) && filter_pb.plugin_ids.len() != 1 {
+            return Err(Status::invalid_argument(
+                "after_seq/before_seq: seqs are per plugin; name exactly one plugin in filter.plugin_ids",
+            ));
+        }
+        let token = if req.page_token.is_empty() {
+            None
+        } else {
+            let malformed = || {
+                Status::invalid_argument(
+                    "page_token is malformed: pass next_page_token back unchanged",
+                )
+            };
+            let bytes = hex::decode(&req.page_token).map_err(|_| malformed())?;
+            let token: PageToken = serde_json::from_slice(&bytes).map_err(|_| malformed())?;
+            if token.newest_first != req.newest_first {
+                return Err(Status::invalid_argument(
+                    "page_token was made for the other order (newest_first)",
+                ));
+            }
+            Some(token)
+        };
+        let logs = selected_logs(&self.supervisor, filter_pb.plugin_ids)?;
+        let bounds = query::Bounds {
+            since: req.since.as_ref().map(time_of),
+            until: req.until.as_ref().map(time_of),
+            after_seq: req.after_seq,
+            before_seq: req.before_seq,
+        };
+        let newest_first = req.newest_first;
+        let work = move || -> Result<pb::QueryLogsResponse, Status> {
+            let mut sources = Vec::with_capacity(logs.len());
+            for (id, log) in &logs {
+                let resume = match &token {
+                    None => None,
+                    // A plugin the token does not name has nothing left.
+                    Some(t) => match t.next.get(id) {
+                        Some(next) => Some(*next),
+                        None => continue,
+                    },
+                };
+                sources.push(query::Source::open(
+                    id.clone(),
+                    log,
+                    &bounds,
+                    resume,
+                    newest_first,
+                )?);
+            }
+            let (found, resume) = query::page(sources, limit, newest_first, |r| filter.keeps(r))?;
+            let next_page_token = match resume {
+                Some(next) => hex::encode(
+                    serde_json::to_vec(&PageToken { newest_first, next })
+                        .expect("token serialises"),
+                ),
+                None => String::new(),
+            };
+            Ok(pb::QueryLogsResponse {
+                records: found.iter().map(|(id, r)| record(id, r)).collect(),
+                next_page_token,
+            })
+        };
+        let response = tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(response))
+    }
+
     type StreamLogsStream = LogStreamOut;
 
     async fn stream_logs(
@@ -139,31 +278,8 @@ impl LogService for LogApi {
     ) -> Result<Response<LogStreamOut>, Status> {
         let req = request.into_inner();
         let filter_pb = req.filter.unwrap_or_default();
-        let min_level = pb::LogLevel::try_from(filter_pb.min_level).map_err(|_| {
-            Status::invalid_argument(format!(
-                "filter.min_level: unknown level {}",
-                filter_pb.min_level
-            ))
-        })?;
-        let filter = Filter {
-            min_level: from_pb_level(min_level),
-            contains: filter_pb.contains,
-        };
-        let ids: Vec<String> = if filter_pb.plugin_ids.is_empty() {
-            self.supervisor
-                .list()
-                .iter()
-                .map(|p| p.id().to_owned())
-                .collect()
-        } else {
-            filter_pb.plugin_ids
-        };
-        let mut logs: Vec<(String, PluginLog)> = Vec::with_capacity(ids.len());
-        for id in ids {
-            let id = checked_id(&id)?.to_owned();
-            let log = self.supervisor.plugin_log(&id)?;
-            logs.push((id, log));
-        }
+        let filter = filter_of(&filter_pb)?;
+        let logs = selected_logs(&self.supervisor, filter_pb.plugin_ids)?;
         let mut cursors: HashMap<String, u64> = HashMap::new();
         if let Some(pb::stream_logs_request::Start::AfterCursors(list)) = &req.start {
             for text in &list.cursors {
@@ -181,12 +297,7 @@ impl LogService for LogApi {
                 Some(pb::stream_logs_request::Start::AfterCursors(_)) => {
                     Start::After(cursors.get(id).copied().unwrap_or(last).min(last))
                 }
-                Some(pb::stream_logs_request::Start::Since(ts)) => Start::Since(
-                    time::OffsetDateTime::from_unix_timestamp_nanos(
-                        i128::from(ts.seconds) * 1_000_000_000 + i128::from(ts.nanos),
-                    )
-                    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
-                ),
+                Some(pb::stream_logs_request::Start::Since(ts)) => Start::Since(time_of(ts)),
             }
         };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);

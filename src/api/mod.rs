@@ -9,6 +9,7 @@ pub mod convert;
 pub mod health;
 pub mod kv;
 pub mod logs;
+mod query;
 
 use std::pin::Pin;
 

@@ -1,0 +1,149 @@
+//! `LogService.QueryLogs`: pages through stored records of one or more plugins, oldest or
+//! newest first, merged by receive time, with level, text, time and seq filters.
+//!
+//! Each plugin's part is read from its log in chunks through the indexes (time bounds
+//! become seq bounds by binary search), so a page far back in a long history costs a seek,
+//! not a scan of everything. The page token records, per plugin, the next seq to read, so
+//! the next page continues exactly where this one ended.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+use tonic::Status;
+
+use crate::capture::PluginLog;
+use crate::model::LogRecord;
+use crate::seqlog::SeqLog;
+
+/// Records read from one log at a time.
+const CHUNK: usize = 256;
+
+/// One plugin's part of a query.
+pub(super) struct Source {
+    /// The plugin.
+    pub id: String,
+    log: SeqLog<LogRecord>,
+    /// Lowest and highest seq still to read (inclusive); empty when lo > hi.
+    lo: u64,
+    hi: u64,
+    buffer: VecDeque<Arc<LogRecord>>,
+}
+
+/// Bounds of a query.
+pub(super) struct Bounds {
+    pub since: Option<OffsetDateTime>,
+    pub until: Option<OffsetDateTime>,
+    pub after_seq: u64,
+    pub before_seq: u64,
+}
+
+impl Source {
+    /// The part of `log` within `bounds`, resumed from `resume` (the next seq to read, from
+    /// a page token). Blocking: seeks by time through the indexes.
+    pub fn open(
+        id: String,
+        log: &PluginLog,
+        bounds: &Bounds,
+        resume: Option<u64>,
+        newest_first: bool,
+    ) -> Result<Self, Status> {
+        let log = log.records().clone();
+        let internal = |e: crate::seqlog::SeqLogError| Status::internal(e.to_string());
+        let mut lo = log.first_seq().max(bounds.after_seq.saturating_add(1));
+        let mut hi = log.last_seq();
+        if bounds.before_seq > 0 {
+            hi = hi.min(bounds.before_seq - 1);
+        }
+        if let Some(since) = bounds.since {
+            lo = lo.max(log.seq_at(since).map_err(internal)?);
+        }
+        if let Some(until) = bounds.until {
+            hi = hi.min(log.seq_at(until).map_err(internal)?.saturating_sub(1));
+        }
+        match (resume, newest_first) {
+            (Some(next), false) => lo = lo.max(next),
+            (Some(next), true) => hi = hi.min(next),
+            (None, _) => {}
+        }
+        Ok(Source {
+            id,
+            log,
+            lo,
+            hi,
+            buffer: VecDeque::new(),
+        })
+    }
+
+    /// The next record in the query's order, reading a chunk when the buffer is empty.
+    fn peek(&mut self, newest_first: bool) -> Result<Option<&Arc<LogRecord>>, Status> {
+        if self.buffer.is_empty() && self.lo <= self.hi {
+            let internal = |e: crate::seqlog::SeqLogError| Status::internal(e.to_string());
+            let (lo, hi) = (self.lo, self.hi);
+            let chunk: Vec<Arc<LogRecord>> = if newest_first {
+                let from = hi.saturating_sub(CHUNK as u64 - 1).max(lo);
+                let mut part = self.log.read_after(from - 1, CHUNK).map_err(internal)?;
+                part.retain(|r| r.seq <= hi);
+                part.reverse();
+                self.hi = from - 1;
+                part
+            } else {
+                let mut part = self.log.read_after(lo - 1, CHUNK).map_err(internal)?;
+                part.retain(|r| r.seq <= hi);
+                self.lo = part.last().map_or(hi + 1, |r| r.seq + 1);
+                part
+            };
+            self.buffer = chunk.into();
+        }
+        Ok(self.buffer.front())
+    }
+}
+
+/// A page: records with their plugin ids, and where each plugin resumes (`None`: done).
+pub(super) type Page = (Vec<(String, Arc<LogRecord>)>, Option<BTreeMap<String, u64>>);
+
+/// Merges sources by time (seq within a plugin) and returns up to `limit` records passing
+/// `keep`, with the per-plugin resume points for the next page (`None` when none is left).
+pub(super) fn page(
+    mut sources: Vec<Source>,
+    limit: usize,
+    newest_first: bool,
+    keep: impl Fn(&LogRecord) -> bool,
+) -> Result<Page, Status> {
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let mut best: Option<(usize, (OffsetDateTime, u64))> = None;
+        for (i, source) in sources.iter_mut().enumerate() {
+            if let Some(r) = source.peek(newest_first)? {
+                let key = (r.time, r.seq);
+                let better = match &best {
+                    None => true,
+                    Some((_, k)) if newest_first => key > *k,
+                    Some((_, k)) => key < *k,
+                };
+                if better {
+                    best = Some((i, key));
+                }
+            }
+        }
+        let Some((i, _)) = best else { break };
+        let record = sources[i].buffer.pop_front().expect("peeked");
+        if keep(&record) {
+            out.push((sources[i].id.clone(), record));
+        }
+    }
+    let mut resume = BTreeMap::new();
+    for source in &mut sources {
+        let next = match source.buffer.front() {
+            Some(r) => Some(r.seq),
+            None if source.lo <= source.hi => {
+                Some(if newest_first { source.hi } else { source.lo })
+            }
+            None => None,
+        };
+        if let Some(next) = next {
+            resume.insert(source.id.clone(), next);
+        }
+    }
+    Ok((out, (!resume.is_empty()).then_some(resume)))
+}
