@@ -184,32 +184,37 @@ fn emit(
 /// Splits `chunk` into complete lines (appended to `out`), carrying an unfinished line in
 /// `partial`; a line reaching [`MAX_LINE`] bytes is emitted as a continued piece.
 fn split_lines(mut chunk: &[u8], partial: &mut Vec<u8>, out: &mut Vec<Line>) {
+    let mut finish = |partial: &mut Vec<u8>, continued: bool| {
+        if !continued && partial.last() == Some(&b'\r') {
+            partial.pop();
+        }
+        out.push(Line {
+            text: String::from_utf8_lossy(partial).into_owned(),
+            continued,
+        });
+        partial.clear();
+    };
     while !chunk.is_empty() {
+        if partial.len() == MAX_LINE {
+            // A full piece waits for the next byte: the line's end, or more of it.
+            if chunk[0] == b'\n' {
+                finish(partial, false);
+                chunk = &chunk[1..];
+                continue;
+            }
+            finish(partial, true);
+        }
         let room = MAX_LINE - partial.len();
         let window = &chunk[..chunk.len().min(room)];
         match window.iter().position(|&b| b == b'\n') {
             Some(nl) => {
                 partial.extend_from_slice(&window[..nl]);
-                if partial.last() == Some(&b'\r') {
-                    partial.pop();
-                }
-                out.push(Line {
-                    text: String::from_utf8_lossy(partial).into_owned(),
-                    continued: false,
-                });
-                partial.clear();
+                finish(partial, false);
                 chunk = &chunk[nl + 1..];
             }
             None => {
                 partial.extend_from_slice(window);
                 chunk = &chunk[window.len()..];
-                if partial.len() == MAX_LINE {
-                    out.push(Line {
-                        text: String::from_utf8_lossy(partial).into_owned(),
-                        continued: true,
-                    });
-                    partial.clear();
-                }
             }
         }
     }
@@ -302,6 +307,12 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert!(out[0].continued && !out[1].continued);
         assert_eq!((out[0].text.len(), out[1].text.len()), (MAX_LINE, 10));
+        out.clear();
+        let exact = vec![b'y'; MAX_LINE];
+        split_lines(&exact, &mut partial, &mut out);
+        split_lines(b"\nnext\n", &mut partial, &mut out);
+        assert_eq!(out.len(), 2, "a line of exactly the limit is one record");
+        assert!(!out[0].continued && out[0].text.len() == MAX_LINE && out[1].text == "next");
     }
 
     #[test]

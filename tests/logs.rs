@@ -300,3 +300,122 @@ async fn query_logs_pages_both_ways_and_validates_its_input() {
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     }
 }
+
+/// Every "line N" record of a following stream until `count` of them arrived, reading
+/// slowly when `slow`.
+async fn follow_lines(
+    mut logs: Logs,
+    req: pb::StreamLogsRequest,
+    count: usize,
+    slow: bool,
+) -> Vec<String> {
+    let mut stream = logs.stream_logs(req).await.unwrap().into_inner();
+    let mut lines = Vec::new();
+    let mut batches = 0;
+    while lines.len() < count {
+        let resp = tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .expect("stalled")
+            .unwrap()
+            .expect("stream ended");
+        assert!(resp.gap.is_none(), "nothing may be lost");
+        lines.extend(resp.records.into_iter().map(|r| r.message));
+        batches += 1;
+        if slow && batches < 40 {
+            // A deliberately slow reader: the burst outruns it.
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    lines
+}
+
+fn since_now() -> Option<pb::stream_logs_request::Start> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    Some(pb::stream_logs_request::Start::Since(
+        prost_types::Timestamp {
+            seconds: now.as_secs() as i64,
+            nanos: now.subsec_nanos() as i32,
+        },
+    ))
+}
+
+#[tokio::test]
+async fn slow_readers_and_a_hundred_followers_all_get_every_line() {
+    let mut d = Daemon::new(&[]);
+    d.install_fixture("burst", "burst", &["--lines", "20000"]);
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["burst"])
+        .await;
+    let logs = LogServiceClient::new(d.channel().await);
+    let start = since_now();
+    let followers: Vec<_> = (0..100)
+        .map(|i| {
+            let req = request("burst", start.clone(), true, "line ");
+            tokio::spawn(follow_lines(logs.clone(), req, 20_000, i == 0))
+        })
+        .collect();
+    enable(&mut client, "burst").await;
+    let want: Vec<String> = (0..20_000).map(|i| format!("line {i}")).collect();
+    for follower in followers {
+        assert_eq!(follower.await.unwrap(), want);
+    }
+}
+
+#[tokio::test]
+async fn awkward_output_is_stored_without_loss() {
+    let mut d = Daemon::new(&[]);
+    d.install_fixture("weird", "weird", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["weird"])
+        .await;
+    enable(&mut client, "weird").await;
+    let mut logs = LogServiceClient::new(d.channel().await);
+    let req = request("weird", tail(u32::MAX), false, "");
+    let mut req_done = req.clone();
+    req_done.follow = true;
+    req_done.filter.as_mut().unwrap().contains = "weird done".into();
+    first_record(&mut logs, req_done).await;
+    let records: Vec<pb::LogRecord> = collect(&mut logs, req)
+        .await
+        .into_iter()
+        .flat_map(|r| r.records)
+        .collect();
+    let stdout: Vec<&pb::LogRecord> = records
+        .iter()
+        .filter(|r| r.stream == pb::LogStream::Stdout as i32)
+        .collect();
+    // A line over 64 KiB is split into continued pieces; joined, nothing is missing.
+    let mut lines = Vec::new();
+    let mut current = String::new();
+    for r in &stdout {
+        current.push_str(&r.message);
+        if !r.continued {
+            lines.push(std::mem::take(&mut current));
+        }
+    }
+    assert_eq!(
+        lines.len(),
+        6,
+        "{:?}",
+        lines.iter().map(|l| l.len()).collect::<Vec<_>>()
+    );
+    assert_eq!(lines[0], "a".repeat(1024 * 1024));
+    assert_eq!(lines[1], "bad \u{fffd}\u{fffd} utf8");
+    assert_eq!(lines[2], "nul \0 inside");
+    assert_eq!(lines[3], "b".repeat(10 * 1024 * 1024));
+    assert_eq!(lines[4], r#"{"level": 3, "message": "wrong level type"}"#);
+    assert_eq!(
+        lines[5],
+        r#"{"level": "warn", "message": {"nested": true}}"#
+    );
+    // 64 KiB pieces: 16 for the 1 MiB line, 160 for the 10 MiB one, the last of each final.
+    assert_eq!(stdout.iter().filter(|r| r.continued).count(), 15 + 159);
+}

@@ -25,6 +25,19 @@ use crate::supervisor::Supervisor;
 
 /// Records per response at most.
 const MAX_BATCH: usize = 500;
+/// Bytes of messages per response at most (a client's default limit is 4 MiB); a response
+/// always carries at least one record.
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// Whether a batch is full.
+fn full(batch: &[pb::LogRecord]) -> bool {
+    batch.len() >= MAX_BATCH
+        || batch
+            .iter()
+            .map(|r| r.message.len() + r.fields_json.len())
+            .sum::<usize>()
+            >= MAX_BATCH_BYTES
+}
 /// Responses buffered per stream before producers wait for the client.
 const STREAM_BUFFER: usize = 16;
 
@@ -389,7 +402,7 @@ async fn produce(
             if filter.keeps(&record) {
                 batch.push(self::record(&id, &record));
             }
-            if batch.len() >= MAX_BATCH {
+            if full(&batch) {
                 break;
             }
             match follower.next().now_or_never() {
@@ -463,6 +476,15 @@ async fn read_until(
             expected = r.seq + 1;
             if filter.keeps(r) {
                 out.push(record(id, r));
+            }
+            if full(&out) {
+                let batch = pb::StreamLogsResponse {
+                    records: std::mem::take(&mut out),
+                    gap: None,
+                };
+                if tx.send(Ok(batch)).await.is_err() {
+                    return;
+                }
             }
         }
         if batch.last().is_some_and(|r| r.seq > upto) {
