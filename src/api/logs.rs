@@ -29,6 +29,9 @@ const MAX_BATCH: usize = 500;
 /// always carries at least one record.
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
+/// How long a following stream waits for more records before sending a small batch.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Whether a batch is full.
 fn full(batch: &[pb::LogRecord]) -> bool {
     batch.len() >= MAX_BATCH
@@ -405,9 +408,13 @@ async fn produce(
             if full(&batch) {
                 break;
             }
+            // Linger briefly for more: many small responses cost more than they save.
             match follower.next().now_or_never() {
                 Some(more) => next = more,
-                None => break,
+                None => match tokio::time::timeout(LINGER, follower.next()).await {
+                    Ok(more) => next = more,
+                    Err(_) => break,
+                },
             }
         }
         if !batch.is_empty() {

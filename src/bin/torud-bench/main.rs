@@ -11,6 +11,7 @@
 
 mod forward;
 mod lifecycle;
+mod logs;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -59,6 +60,38 @@ enum Bench {
         /// Also write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Log capture: lines/s from a one-write-per-line and a buffered writer, and latency at
+    /// a paced rate, each beside a bare pipe reader.
+    Logs {
+        /// Lines per throughput run.
+        #[arg(long, default_value_t = 200_000)]
+        lines: usize,
+        /// Lines per second of the paced latency run (for one second).
+        #[arg(long, default_value_t = 100_000)]
+        rate: usize,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// (internal) The writer of `logs`, also runnable as a v1 plugin.
+    #[command(hide = true)]
+    LogWriter {
+        /// Lines to write.
+        #[arg(long, default_value_t = 0)]
+        lines: usize,
+        /// per-line, buffered or paced.
+        #[arg(long, default_value = "per-line")]
+        mode: String,
+        /// Lines per second, for paced.
+        #[arg(long, default_value_t = 100_000)]
+        rate: usize,
+        /// The plugin id to declare.
+        #[arg(long, default_value = "writer")]
+        id: String,
+        /// Print plugin metadata and exit.
+        #[arg(long)]
+        metadata: bool,
     },
     /// (internal) The baseline of `forward`: a bare gRPC server forwarding to the plugin.
     #[command(hide = true)]
@@ -121,11 +154,25 @@ pub(crate) struct Daemon {
 }
 
 impl Daemon {
+    /// A daemon with the example plugin installed as `hello.binary`.
     async fn start(torud: &Path, plugin: &Path, extra: &[&str]) -> BenchResult<Self> {
+        let plugin = plugin.to_owned();
+        Self::start_with(torud, extra, move |dir| {
+            std::fs::copy(&plugin, dir.join("hello.binary")).map(|_| ())
+        })
+        .await
+    }
+
+    /// A daemon whose plugins directory `install` fills.
+    async fn start_with(
+        torud: &Path,
+        extra: &[&str],
+        install: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> BenchResult<Self> {
         let dir = tempfile::tempdir()?;
         let plugins = dir.path().join("plugins");
         std::fs::create_dir_all(&plugins)?;
-        std::fs::copy(plugin, plugins.join("hello.binary"))?;
+        install(&plugins)?;
         let mut child = Command::new(torud)
             .args(["serve", "--listen", "127.0.0.1:0", "--log", "warn"])
             .arg("--plugins-dir")
@@ -196,6 +243,16 @@ fn main() -> std::process::ExitCode {
                 json,
             } => forward::run(calls.max(1), seconds, rounds.max(1), in_flight.max(1), json).await,
             Bench::BaselineServer { plugin } => forward::baseline_server(plugin).await,
+            Bench::Logs { lines, rate, json } => {
+                logs::run(lines.max(1), rate.max(1000), json).await
+            }
+            Bench::LogWriter {
+                lines,
+                mode,
+                rate,
+                id,
+                metadata,
+            } => logs::writer(lines, &mode, rate, &id, metadata),
         }
     });
     match result {
