@@ -1,6 +1,6 @@
-//! Connections to a plugin's socket: waiting for the socket to accept, the persistent framed
-//! connection of protocol-2 plugins, and Toru's one-message-per-connection discipline for
-//! v1 plugins. Supervision code sends envelopes and receives frames; it never sees bytes.
+//! Reaching a plugin's socket: waiting for it to accept, connecting while its backlog is
+//! full, Toru's one-message-per-connection discipline for v1 plugins, and the non-intrusive
+//! v1 health check. The multiplexed request path is `bridge.rs`'s.
 //! This module knows nothing of processes or states.
 
 use std::path::{Path, PathBuf};
@@ -8,13 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
-use tokio_util::codec::Framed;
 use toru_plugin_sdk::codec::encode_frame;
-use toru_plugin_sdk::{Envelope, FrameCodec, FrameError};
+use toru_plugin_sdk::{Envelope, FrameError};
 
 /// First wait between connection attempts; doubles up to [`FAST_RETRY_CAP`] while the
 /// plugin is young, then up to [`MAX_RETRY_DELAY`]. Most plugins bind within a few
@@ -154,30 +151,6 @@ pub async fn send_one(path: &Path, envelope: &Envelope) -> Result<(), ConnectErr
 pub async fn send_one_on(stream: &mut UnixStream, envelope: &Envelope) -> std::io::Result<()> {
     stream.write_all(&encode_frame(&envelope.to_vec())).await?;
     stream.shutdown().await
-}
-
-/// The persistent framed connection to a protocol-2 plugin.
-pub struct PluginConnection {
-    framed: Framed<UnixStream, FrameCodec>,
-}
-
-impl PluginConnection {
-    /// Wraps a connected stream.
-    pub fn new(stream: UnixStream, max_frame: usize) -> Self {
-        PluginConnection {
-            framed: Framed::new(stream, FrameCodec::new(max_frame)),
-        }
-    }
-
-    /// Sends one message.
-    pub async fn send(&mut self, envelope: &Envelope) -> Result<(), FrameError> {
-        self.framed.send(envelope.to_vec()).await
-    }
-
-    /// The next frame from the plugin; `None` when it closed the connection.
-    pub async fn next_frame(&mut self) -> Option<Result<Bytes, FrameError>> {
-        self.framed.next().await
-    }
 }
 
 /// Whether a Unix socket bound at `path` is listening, read from `/proc/net/unix`, so a
