@@ -78,14 +78,19 @@ impl PluginLog {
     }
 
     fn store(&self, stream: LogStream, pid: u32, lines: Vec<Line>) {
-        let time = OffsetDateTime::now_utc();
-        self.log.append_all(lines, |seq, line| {
-            let mut record = parse_line(&line.text);
+        let parsed: Vec<(LogRecord, bool)> = lines
+            .into_iter()
+            .map(|line| (parse_line(&line.text), line.continued))
+            .collect();
+        // The time is taken under the log's lock, so time order follows seq order.
+        let mut time = None;
+        self.log.append_all(parsed, |seq, (mut record, continued)| {
+            let time = *time.get_or_insert_with(OffsetDateTime::now_utc);
             record.seq = seq;
             record.time = time;
+            record.continued = continued;
             record.stream = stream;
             record.pid = pid;
-            record.continued = line.continued;
             record
         });
     }
@@ -234,7 +239,10 @@ fn parse_line(line: &str) -> LogRecord {
         continued: false,
     };
     if line.trim_start().starts_with('{') {
-        if let Ok(Value::Object(mut map)) = serde_json::from_str::<Value>(line) {
+        let parsed = serde_json::from_str::<Value>(line)
+            .ok()
+            .filter(|v| depth(v) <= MAX_DEPTH);
+        if let Some(Value::Object(mut map)) = parsed {
             let level = match map.get("level") {
                 None => Some(LogLevel::Info),
                 Some(Value::String(name)) => LogLevel::parse(name),
@@ -263,6 +271,19 @@ fn parse_line(line: &str) -> LogRecord {
     record.level = plain_level(line).unwrap_or(LogLevel::Info);
     record.message = line.to_owned();
     record
+}
+
+/// Deepest JSON kept as structured fields: stored records wrap the fields in two more
+/// levels, and serde_json reads at most 128.
+const MAX_DEPTH: usize = 100;
+
+/// Nesting depth of a JSON value.
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// The level a plain line announces with a common prefix: `[WARN]`, `WARN:`, `ERROR `, ….
@@ -340,6 +361,13 @@ mod tests {
         assert_eq!(parse_line("debug detail").level, LogLevel::Debug);
         assert_eq!(parse_line("errors are fine").level, LogLevel::Info);
         assert_eq!(parse_line("plain text").level, LogLevel::Info);
+        let deep = format!(
+            "{{\"message\":\"m\",\"a\":{}{}}}",
+            "[".repeat(120),
+            "]".repeat(120)
+        );
+        let r = parse_line(&deep);
+        assert_eq!(r.message, deep, "too deep to store as fields: kept as text");
     }
 
     #[tokio::test]

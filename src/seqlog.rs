@@ -469,6 +469,11 @@ fn flush(w: &mut Writer, buf: &mut Vec<u8>) -> std::io::Result<()> {
     if result.is_err() {
         let _ = w.file.set_len(before);
         w.len = before;
+        // Index entries for the lines just cut must not point into later ones.
+        let segment = w.segments.last_mut().expect("a segment");
+        segment.index.retain(|e| e.offset < before);
+        let _ = w.index_file.set_len((segment.index.len() * ENTRY) as u64);
+        w.since_index = u64::MAX;
     }
     result
 }
@@ -561,10 +566,16 @@ fn repair_tail<T: Sequenced>(segment: &mut Segment) -> std::io::Result<(u64, u64
         if line.last() != Some(&b'\n') {
             break;
         }
-        if let Ok(record) = serde_json::from_slice::<T>(&line) {
-            last_seq = last_seq.max(record.seq());
-            good_len = offset;
+        // A whole line counts even if it does not parse (readers skip it); its seq is
+        // still taken, so it is never reused.
+        if let Some(seq) = serde_json::from_slice::<T>(&line)
+            .ok()
+            .map(|r| r.seq())
+            .or_else(|| seq_prefix(&line))
+        {
+            last_seq = last_seq.max(seq);
         }
+        good_len = offset;
     }
     drop(reader);
     if good_len < file.metadata()?.len() {
@@ -587,6 +598,13 @@ fn repair_tail<T: Sequenced>(segment: &mut Segment) -> std::io::Result<(u64, u64
         index.set_len((kept * ENTRY) as u64)?;
     }
     Ok((last_seq + 1, good_len))
+}
+
+/// The seq of a stored line from its `{"seq":N,` prefix.
+fn seq_prefix(line: &[u8]) -> Option<u64> {
+    let rest = line.strip_prefix(b"{\"seq\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
 }
 
 /// Reads records from `offset`, calling `each` until it returns false; returns whether the

@@ -32,6 +32,19 @@ const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// How long a following stream waits for more records before sending a small batch.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
+/// Sends a response unless the daemon is stopping; false when the stream should end (the
+/// client is gone, or the daemon stops while the client is not reading).
+async fn send(
+    tx: &mpsc::Sender<Result<pb::StreamLogsResponse, Status>>,
+    stop: &CancellationToken,
+    response: Result<pb::StreamLogsResponse, Status>,
+) -> bool {
+    tokio::select! {
+        sent = tx.send(response) => sent.is_ok(),
+        _ = stop.cancelled() => false,
+    }
+}
+
 /// Whether a batch is full.
 fn full(batch: &[pb::LogRecord]) -> bool {
     batch.len() >= MAX_BATCH
@@ -181,11 +194,14 @@ fn filter_of(filter: &pb::LogFilter) -> Result<Filter, Status> {
     })
 }
 
+/// A protobuf time, clamped to years 0001–9999 (a huge value means "no bound", not 1970).
 fn time_of(ts: &prost_types::Timestamp) -> time::OffsetDateTime {
-    time::OffsetDateTime::from_unix_timestamp_nanos(
-        i128::from(ts.seconds) * 1_000_000_000 + i128::from(ts.nanos),
-    )
-    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    const MIN: i64 = -62_135_596_800;
+    const MAX: i64 = 253_402_300_799;
+    let secs = ts.seconds.clamp(MIN, MAX);
+    let nanos = i128::from(ts.nanos.clamp(0, 999_999_999));
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(secs) * 1_000_000_000 + nanos)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
 /// A page token: the order and, per plugin, the next seq to read.
@@ -358,7 +374,7 @@ async fn produce(
     };
     let mut expected = after + 1;
     if let Some(upto) = upto {
-        read_until(&id, &records, after, upto, &filter, &tx).await;
+        read_until(&id, &records, after, upto, &filter, &tx, &stop).await;
         return;
     }
     let mut follower = records.follow(Some(after));
@@ -382,7 +398,7 @@ async fn produce(
             let record = match next {
                 Some(Ok(record)) => record,
                 Some(Err(e)) => {
-                    let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                    send(&tx, &stop, Err(Status::internal(e.to_string()))).await;
                     return;
                 }
                 None => return,
@@ -393,11 +409,11 @@ async fn produce(
                         records: std::mem::take(&mut batch),
                         gap: None,
                     };
-                    if tx.send(Ok(out)).await.is_err() {
+                    if !send(&tx, &stop, Ok(out)).await {
                         return;
                     }
                 }
-                if tx.send(Ok(gap(expected, record.seq - 1))).await.is_err() {
+                if !send(&tx, &stop, Ok(gap(expected, record.seq - 1))).await {
                     return;
                 }
             }
@@ -422,7 +438,7 @@ async fn produce(
                 records: batch,
                 gap: None,
             };
-            if tx.send(Ok(out)).await.is_err() {
+            if !send(&tx, &stop, Ok(out)).await {
                 return;
             }
         }
@@ -438,6 +454,7 @@ async fn read_until(
     upto: u64,
     filter: &Filter,
     tx: &mpsc::Sender<Result<pb::StreamLogsResponse, Status>>,
+    stop: &CancellationToken,
 ) {
     let mut expected = after + 1;
     while expected <= upto {
@@ -447,11 +464,11 @@ async fn read_until(
             Ok(Ok(batch)) if !batch.is_empty() => batch,
             Ok(Ok(_)) => return,
             Ok(Err(e)) => {
-                let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                send(tx, stop, Err(Status::internal(e.to_string()))).await;
                 return;
             }
             Err(e) => {
-                let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                send(tx, stop, Err(Status::internal(e.to_string()))).await;
                 return;
             }
         };
@@ -463,7 +480,7 @@ async fn read_until(
                         records: std::mem::take(&mut out),
                         gap: None,
                     };
-                    if tx.send(Ok(batch)).await.is_err() {
+                    if !send(tx, stop, Ok(batch)).await {
                         return;
                     }
                 }
@@ -476,7 +493,7 @@ async fn read_until(
                     records: Vec::new(),
                     gap: Some(gap),
                 };
-                if tx.send(Ok(gap)).await.is_err() {
+                if !send(tx, stop, Ok(gap)).await {
                     return;
                 }
             }
@@ -489,7 +506,7 @@ async fn read_until(
                     records: std::mem::take(&mut out),
                     gap: None,
                 };
-                if tx.send(Ok(batch)).await.is_err() {
+                if !send(tx, stop, Ok(batch)).await {
                     return;
                 }
             }
@@ -502,7 +519,7 @@ async fn read_until(
                 records: out,
                 gap: None,
             };
-            if tx.send(Ok(batch)).await.is_err() {
+            if !send(tx, stop, Ok(batch)).await {
                 return;
             }
         }
