@@ -14,6 +14,15 @@ use torud::pb::PluginState;
 
 type Logs = LogServiceClient<Channel>;
 
+/// One plugin's records whose message contains `contains`, at every level.
+fn filter(id: &str, contains: &str) -> pb::LogFilter {
+    pb::LogFilter {
+        plugin_ids: vec![id.into()],
+        min_level: 0,
+        contains: contains.into(),
+    }
+}
+
 fn request(
     id: &str,
     start: Option<pb::stream_logs_request::Start>,
@@ -21,11 +30,7 @@ fn request(
     contains: &str,
 ) -> pb::StreamLogsRequest {
     pb::StreamLogsRequest {
-        filter: Some(pb::LogFilter {
-            plugin_ids: vec![id.into()],
-            min_level: 0,
-            contains: contains.into(),
-        }),
+        filter: Some(filter(id, contains)),
         start,
         follow,
     }
@@ -225,11 +230,7 @@ fn query(
     newest_first: bool,
 ) -> pb::QueryLogsRequest {
     pb::QueryLogsRequest {
-        filter: Some(pb::LogFilter {
-            plugin_ids: vec![id.into()],
-            min_level: 0,
-            contains: contains.into(),
-        }),
+        filter: Some(filter(id, contains)),
         page_size,
         page_token,
         newest_first,

@@ -45,15 +45,84 @@ async fn send(
     }
 }
 
-/// Whether a batch is full.
-fn full(batch: &[pb::LogRecord]) -> bool {
-    batch.len() >= MAX_BATCH
-        || batch
-            .iter()
-            .map(|r| r.message.len() + r.fields_json.len())
-            .sum::<usize>()
-            >= MAX_BATCH_BYTES
+/// Turns one plugin's records, taken in seq order, into responses: batches of the records
+/// the filter keeps, and a gap wherever `seq` jumps (records rotated away unread). Both the
+/// following and the reading producers use it.
+struct Batcher<'a> {
+    id: &'a str,
+    filter: &'a Filter,
+    /// The seq the next record should have.
+    expected: u64,
+    records: Vec<pb::LogRecord>,
+    /// Bytes of messages in `records`.
+    bytes: usize,
 }
+
+impl<'a> Batcher<'a> {
+    fn new(id: &'a str, filter: &'a Filter, after: u64) -> Self {
+        Batcher {
+            id,
+            filter,
+            expected: after + 1,
+            records: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Takes the next record. When its seq jumps, returns what must go out before it: the
+    /// batch so far (if any) and the gap.
+    fn push(&mut self, r: &LogRecord) -> Vec<pb::StreamLogsResponse> {
+        let mut out = Vec::new();
+        if r.seq > self.expected {
+            out.extend(self.take());
+            let gap = pb::LogGap {
+                plugin_id: self.id.to_owned(),
+                from_seq: self.expected,
+                to_seq: r.seq - 1,
+            };
+            out.push(pb::StreamLogsResponse {
+                records: Vec::new(),
+                gap: Some(gap),
+            });
+        }
+        self.expected = r.seq + 1;
+        if self.filter.keeps(r) {
+            let record = record(self.id, r);
+            self.bytes += record.message.len() + record.fields_json.len();
+            self.records.push(record);
+        }
+        out
+    }
+
+    /// Whether the batch should go out now.
+    fn full(&self) -> bool {
+        self.records.len() >= MAX_BATCH || self.bytes >= MAX_BATCH_BYTES
+    }
+
+    /// The batch so far, if it holds any record.
+    fn take(&mut self) -> Option<pb::StreamLogsResponse> {
+        self.bytes = 0;
+        (!self.records.is_empty()).then(|| pb::StreamLogsResponse {
+            records: std::mem::take(&mut self.records),
+            gap: None,
+        })
+    }
+}
+
+/// Sends every response in order; false when the stream should end.
+async fn send_all(
+    tx: &mpsc::Sender<Result<pb::StreamLogsResponse, Status>>,
+    stop: &CancellationToken,
+    responses: impl IntoIterator<Item = pb::StreamLogsResponse>,
+) -> bool {
+    for response in responses {
+        if !send(tx, stop, Ok(response)).await {
+            return false;
+        }
+    }
+    true
+}
+
 /// Responses buffered per stream before producers wait for the client.
 const STREAM_BUFFER: usize = 16;
 
@@ -372,27 +441,18 @@ async fn produce(
             }
         }
     };
-    let mut expected = after + 1;
     if let Some(upto) = upto {
         read_until(&id, &records, after, upto, &filter, &tx, &stop).await;
         return;
     }
     let mut follower = records.follow(Some(after));
-    let gap = |from: u64, to: u64| pb::StreamLogsResponse {
-        records: Vec::new(),
-        gap: Some(pb::LogGap {
-            plugin_id: id.clone(),
-            from_seq: from,
-            to_seq: to,
-        }),
-    };
+    let mut batcher = Batcher::new(&id, &filter, after);
     loop {
         let first = tokio::select! {
             next = follower.next() => next,
             _ = stop.cancelled() => return,
             _ = tx.closed() => return,
         };
-        let mut batch = Vec::new();
         let mut next = first;
         loop {
             let record = match next {
@@ -403,25 +463,10 @@ async fn produce(
                 }
                 None => return,
             };
-            if record.seq > expected {
-                if !batch.is_empty() {
-                    let out = pb::StreamLogsResponse {
-                        records: std::mem::take(&mut batch),
-                        gap: None,
-                    };
-                    if !send(&tx, &stop, Ok(out)).await {
-                        return;
-                    }
-                }
-                if !send(&tx, &stop, Ok(gap(expected, record.seq - 1))).await {
-                    return;
-                }
+            if !send_all(&tx, &stop, batcher.push(&record)).await {
+                return;
             }
-            expected = record.seq + 1;
-            if filter.keeps(&record) {
-                batch.push(self::record(&id, &record));
-            }
-            if full(&batch) {
+            if batcher.full() {
                 break;
             }
             // Linger briefly for more: many small responses cost more than they save.
@@ -433,14 +478,8 @@ async fn produce(
                 },
             }
         }
-        if !batch.is_empty() {
-            let out = pb::StreamLogsResponse {
-                records: batch,
-                gap: None,
-            };
-            if !send(&tx, &stop, Ok(out)).await {
-                return;
-            }
+        if !send_all(&tx, &stop, batcher.take()).await {
+            return;
         }
     }
 }
@@ -456,72 +495,34 @@ async fn read_until(
     tx: &mpsc::Sender<Result<pb::StreamLogsResponse, Status>>,
     stop: &CancellationToken,
 ) {
-    let mut expected = after + 1;
-    while expected <= upto {
-        let (log, from) = (records.clone(), expected - 1);
-        let read = tokio::task::spawn_blocking(move || log.read_after(from, MAX_BATCH)).await;
+    let mut batcher = Batcher::new(id, filter, after);
+    while batcher.expected <= upto {
+        let (log, from) = (records.clone(), batcher.expected - 1);
+        let read = tokio::task::spawn_blocking(move || log.read_after(from, MAX_BATCH))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|read| read.map_err(|e| e.to_string()));
         let batch = match read {
-            Ok(Ok(batch)) if !batch.is_empty() => batch,
-            Ok(Ok(_)) => return,
-            Ok(Err(e)) => {
-                send(tx, stop, Err(Status::internal(e.to_string()))).await;
-                return;
-            }
+            Ok(batch) if !batch.is_empty() => batch,
+            Ok(_) => return,
             Err(e) => {
-                send(tx, stop, Err(Status::internal(e.to_string()))).await;
+                send(tx, stop, Err(Status::internal(e))).await;
                 return;
             }
         };
-        let mut out = Vec::new();
         for r in batch.iter().filter(|r| r.seq <= upto) {
-            if r.seq > expected {
-                if !out.is_empty() {
-                    let batch = pb::StreamLogsResponse {
-                        records: std::mem::take(&mut out),
-                        gap: None,
-                    };
-                    if !send(tx, stop, Ok(batch)).await {
-                        return;
-                    }
-                }
-                let gap = pb::LogGap {
-                    plugin_id: id.to_owned(),
-                    from_seq: expected,
-                    to_seq: r.seq - 1,
-                };
-                let gap = pb::StreamLogsResponse {
-                    records: Vec::new(),
-                    gap: Some(gap),
-                };
-                if !send(tx, stop, Ok(gap)).await {
-                    return;
-                }
+            if !send_all(tx, stop, batcher.push(r)).await {
+                return;
             }
-            expected = r.seq + 1;
-            if filter.keeps(r) {
-                out.push(record(id, r));
-            }
-            if full(&out) {
-                let batch = pb::StreamLogsResponse {
-                    records: std::mem::take(&mut out),
-                    gap: None,
-                };
-                if !send(tx, stop, Ok(batch)).await {
-                    return;
-                }
+            if batcher.full() && !send_all(tx, stop, batcher.take()).await {
+                return;
             }
         }
         if batch.last().is_some_and(|r| r.seq > upto) {
-            expected = upto + 1;
+            batcher.expected = upto + 1;
         }
-        if !out.is_empty() {
-            let batch = pb::StreamLogsResponse {
-                records: out,
-                gap: None,
-            };
-            if !send(tx, stop, Ok(batch)).await {
-                return;
-            }
+        if !send_all(tx, stop, batcher.take()).await {
+            return;
         }
     }
 }
