@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::time::{Duration, Instant};
 
 use crate::model::{LogLevel, LogRecord, LogStream};
 use crate::seqlog::{SeqLog, SeqLogConfig, SeqLogError, Sequenced};
@@ -34,6 +35,14 @@ impl Sequenced for LogRecord {
 
     fn time(&self) -> OffsetDateTime {
         self.time
+    }
+
+    fn size_hint(&self) -> usize {
+        // The struct, its strings, and a rough share for fields.
+        std::mem::size_of::<Self>()
+            + self.message.len()
+            + self.plugin_time.as_ref().map_or(0, String::len)
+            + self.fields.len() * 64
     }
 }
 
@@ -78,17 +87,15 @@ impl PluginLog {
     }
 
     fn store(&self, stream: LogStream, pid: u32, lines: Vec<Line>) {
-        let parsed: Vec<(LogRecord, bool)> = lines
-            .into_iter()
-            .map(|line| (parse_line(&line.text), line.continued))
-            .collect();
-        // The time is taken under the log's lock, so time order follows seq order.
+        // The time is taken under the log's lock, so time order follows seq order; lines
+        // are parsed there too, straight into the records, with no copy in between.
         let mut time = None;
-        self.log.append_all(parsed, |seq, (mut record, continued)| {
+        self.log.append_all(lines, |seq, line| {
             let time = *time.get_or_insert_with(OffsetDateTime::now_utc);
+            let mut record = parse_line(line.text);
             record.seq = seq;
             record.time = time;
-            record.continued = continued;
+            record.continued = line.continued;
             record.stream = stream;
             record.pid = pid;
             record
@@ -129,6 +136,14 @@ struct Line {
     continued: bool,
 }
 
+/// How long a busy stream's lines are held to be stored together: a line that follows a
+/// quiet spell is stored at once; under a flood, stores (a file write, a broadcast and a
+/// wake-up of every follower) happen about once per this interval instead of once per
+/// read, which is what lets capture keep up with a plugin writing a line per `write`.
+const COALESCE: Duration = Duration::from_millis(1);
+/// Bytes of held lines that are stored without waiting any longer.
+const COALESCE_BYTES: usize = 64 * 1024;
+
 /// Reads `reader` to its end, line by line, storing every line in `log` (and stderr lines in
 /// `tail`). Never stops reading early, so the writer can never block on a full pipe.
 pub async fn drain_lines<R: AsyncRead + Unpin>(
@@ -141,8 +156,25 @@ pub async fn drain_lines<R: AsyncRead + Unpin>(
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let mut partial: Vec<u8> = Vec::new();
     let mut batch: Vec<Line> = Vec::new();
+    let mut held_bytes = 0;
+    // When the last store happened; lines arriving sooner than COALESCE after it are held.
+    let mut last_store = Instant::now() - COALESCE;
     loop {
-        let chunk = match reader.fill_buf().await {
+        let read = if batch.is_empty() {
+            reader.fill_buf().await
+        } else {
+            // `fill_buf` is cancel-safe: a timeout loses no bytes.
+            match tokio::time::timeout_at(last_store + COALESCE, reader.fill_buf()).await {
+                Ok(read) => read,
+                Err(_) => {
+                    emit(&log, stream, pid, tail.as_ref(), &mut batch);
+                    held_bytes = 0;
+                    last_store = Instant::now();
+                    continue;
+                }
+            }
+        };
+        let chunk = match read {
             Ok(chunk) => chunk,
             Err(e) => {
                 tracing::warn!(?stream, error = %e, "reading plugin output failed");
@@ -155,8 +187,12 @@ pub async fn drain_lines<R: AsyncRead + Unpin>(
         let used = chunk.len();
         split_lines(chunk, &mut partial, &mut batch);
         reader.consume(used);
-        if reader.buffer().is_empty() && !batch.is_empty() {
+        held_bytes += used;
+        let due = last_store.elapsed() >= COALESCE || held_bytes >= COALESCE_BYTES;
+        if reader.buffer().is_empty() && !batch.is_empty() && due {
             emit(&log, stream, pid, tail.as_ref(), &mut batch);
+            held_bytes = 0;
+            last_store = Instant::now();
         }
     }
     if !partial.is_empty() {
@@ -226,7 +262,7 @@ fn split_lines(mut chunk: &[u8], partial: &mut Vec<u8>, out: &mut Vec<Line>) {
 }
 
 /// A record (seq, time, stream, pid unset) from one line of output.
-fn parse_line(line: &str) -> LogRecord {
+fn parse_line(line: String) -> LogRecord {
     let mut record = LogRecord {
         seq: 0,
         time: OffsetDateTime::UNIX_EPOCH,
@@ -239,7 +275,7 @@ fn parse_line(line: &str) -> LogRecord {
         continued: false,
     };
     if line.trim_start().starts_with('{') {
-        let parsed = serde_json::from_str::<Value>(line)
+        let parsed = serde_json::from_str::<Value>(&line)
             .ok()
             .filter(|v| depth(v) <= MAX_DEPTH);
         if let Some(Value::Object(mut map)) = parsed {
@@ -268,8 +304,8 @@ fn parse_line(line: &str) -> LogRecord {
             }
         }
     }
-    record.level = plain_level(line).unwrap_or(LogLevel::Info);
-    record.message = line.to_owned();
+    record.level = plain_level(&line).unwrap_or(LogLevel::Info);
+    record.message = line;
     record
 }
 
@@ -339,7 +375,8 @@ mod tests {
     #[test]
     fn structured_lines_become_fields_and_bad_types_stay_plain() {
         let r = parse_line(
-            r#"{"timestamp":"2026-01-01T00:00:00Z","level":"WARN","message":"disk low","free":12}"#,
+            r#"{"timestamp":"2026-01-01T00:00:00Z","level":"WARN","message":"disk low","free":12}"#
+                .into(),
         );
         assert_eq!((r.level, r.message.as_str()), (LogLevel::Warn, "disk low"));
         assert_eq!(r.plugin_time.as_deref(), Some("2026-01-01T00:00:00Z"));
@@ -349,24 +386,24 @@ mod tests {
             r#"{"level":"info","message":["x"]}"#,
             r#"{"level":"loud","message":"x"}"#,
         ] {
-            let r = parse_line(bad);
+            let r = parse_line(bad.to_owned());
             assert_eq!(
                 (r.level, r.message.as_str()),
                 (LogLevel::Info, bad),
                 "{bad}"
             );
         }
-        assert_eq!(parse_line("[WARN] careful").level, LogLevel::Warn);
-        assert_eq!(parse_line("ERROR: broke").level, LogLevel::Error);
-        assert_eq!(parse_line("debug detail").level, LogLevel::Debug);
-        assert_eq!(parse_line("errors are fine").level, LogLevel::Info);
-        assert_eq!(parse_line("plain text").level, LogLevel::Info);
+        assert_eq!(parse_line("[WARN] careful".into()).level, LogLevel::Warn);
+        assert_eq!(parse_line("ERROR: broke".into()).level, LogLevel::Error);
+        assert_eq!(parse_line("debug detail".into()).level, LogLevel::Debug);
+        assert_eq!(parse_line("errors are fine".into()).level, LogLevel::Info);
+        assert_eq!(parse_line("plain text".into()).level, LogLevel::Info);
         let deep = format!(
             "{{\"message\":\"m\",\"a\":{}{}}}",
             "[".repeat(120),
             "]".repeat(120)
         );
-        let r = parse_line(&deep);
+        let r = parse_line(deep.clone());
         assert_eq!(r.message, deep, "too deep to store as fields: kept as text");
     }
 

@@ -126,6 +126,17 @@ pub fn pid_alive(pid: u32) -> bool {
     unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
 }
 
+/// Bytes a plugin's output pipes hold (Linux's default is 64 KiB): room for a few
+/// milliseconds of a flood, so a plugin does not block while capture batches its reads.
+/// Kept small enough that a hundred plugins stay within the kernel's per-user pipe budget;
+/// if the kernel refuses, the default stays.
+const PIPE_BYTES: libc::c_int = 256 * 1024;
+
+fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
+    // SAFETY: F_SETPIPE_SZ on a pipe we own; failure leaves it as it was.
+    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES) };
+}
+
 /// A running plugin process with its output being drained into its log.
 pub struct PluginProcess {
     child: Child,
@@ -144,6 +155,7 @@ impl PluginProcess {
         let stderr_tail = StderrTail::default();
         let mut drains = Vec::with_capacity(2);
         if let Some(out) = child.stdout.take() {
+            widen_pipe(&out);
             drains.push(tokio::spawn(drain_lines(
                 out,
                 LogStream::Stdout,
@@ -153,6 +165,7 @@ impl PluginProcess {
             )));
         }
         if let Some(err) = child.stderr.take() {
+            widen_pipe(&err);
             drains.push(tokio::spawn(drain_lines(
                 err,
                 LogStream::Stderr,

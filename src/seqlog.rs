@@ -33,6 +33,10 @@ pub trait Sequenced: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn seq(&self) -> u64;
     /// When it was recorded (used to seek by time).
     fn time(&self) -> OffsetDateTime;
+    /// About how many bytes it holds in memory (bounds what live followers buffer).
+    fn size_hint(&self) -> usize {
+        256
+    }
 }
 
 /// Sizes of a log.
@@ -44,7 +48,8 @@ pub struct SeqLogConfig {
     pub max_segments: usize,
     /// Bytes between two index entries.
     pub index_every: u64,
-    /// Live records buffered per follower before it falls back to reading the files.
+    /// Live batches (of at most [`BROADCAST_CHUNK`] records) buffered per follower before
+    /// it falls back to reading the files.
     pub broadcast_capacity: usize,
 }
 
@@ -54,10 +59,21 @@ impl Default for SeqLogConfig {
             segment_bytes: 10 * 1024 * 1024,
             max_segments: 0,
             index_every: 64 * 1024,
-            broadcast_capacity: 4096,
+            broadcast_capacity: 64,
         }
     }
 }
+
+/// Records per broadcast message at most: appends are broadcast in chunks, so a follower
+/// pays one channel operation per chunk.
+pub const BROADCAST_CHUNK: usize = 256;
+/// Bytes per broadcast message at most (by [`Sequenced::size_hint`]; a chunk holds one
+/// record at least), so the live backlog of a log is at most about
+/// `broadcast_capacity` × this.
+pub const BROADCAST_CHUNK_BYTES: usize = 64 * 1024;
+
+/// What followers receive: records appended together, in seq order.
+type Chunk<T> = Arc<[Arc<T>]>;
 
 /// Errors opening or reading a log.
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +164,7 @@ struct Inner<T> {
     /// Numbering, the file append, rotation and the broadcast, in one order. Held for one
     /// write (or one rotation), never across `.await`.
     writer: Mutex<Writer>,
-    tx: broadcast::Sender<Arc<T>>,
+    tx: broadcast::Sender<Chunk<T>>,
     _records: PhantomData<fn() -> T>,
 }
 
@@ -160,6 +176,9 @@ struct Writer {
     len: u64,
     since_index: u64,
     next_seq: u64,
+    /// The line buffer, kept between appends so a busy log does not grow a fresh one each
+    /// time.
+    spare: Vec<u8>,
 }
 
 impl<T: Sequenced> SeqLog<T> {
@@ -197,6 +216,7 @@ impl<T: Sequenced> SeqLog<T> {
                     len,
                     since_index,
                     next_seq,
+                    spare: Vec::new(),
                 }),
                 tx,
                 _records: PhantomData,
@@ -221,7 +241,7 @@ impl<T: Sequenced> SeqLog<T> {
     ) -> Vec<Arc<T>> {
         let mut w = self.inner.writer.lock().expect("log writer poisoned");
         let mut records = Vec::new();
-        let mut buf = Vec::new();
+        let mut buf = std::mem::take(&mut w.spare);
         let mut failed = None;
         for draft in drafts {
             let record = Arc::new(make(w.next_seq, draft));
@@ -242,8 +262,24 @@ impl<T: Sequenced> SeqLog<T> {
             tracing::error!(log = %self.inner.stem, error = %e,
                 "could not persist records; they are delivered live only");
         }
-        for record in &records {
-            let _ = self.inner.tx.send(record.clone());
+        if buf.capacity() <= 4 * 1024 * 1024 {
+            buf.clear();
+            w.spare = buf;
+        }
+        let mut rest = &records[..];
+        while !rest.is_empty() {
+            let mut bytes = 0;
+            let n = rest
+                .iter()
+                .take(BROADCAST_CHUNK)
+                .take_while(|r| {
+                    bytes += r.size_hint();
+                    bytes <= BROADCAST_CHUNK_BYTES
+                })
+                .count()
+                .max(1);
+            let _ = self.inner.tx.send(rest[..n].into());
+            rest = &rest[n..];
         }
         records
     }
@@ -337,7 +373,7 @@ impl<T: Sequenced> SeqLog<T> {
                 .take_while(|e| e.seq <= after.saturating_add(1))
                 .last()
                 .map_or(0, |e| e.offset);
-            let done = read_segment(&segment.path, offset, |record: T| {
+            let done = read_segment(&segment.path, offset, after, |record: T| {
                 if record.seq() > after {
                     out.push(Arc::new(record));
                 }
@@ -403,7 +439,8 @@ impl<T: Sequenced> SeqLog<T> {
 /// Replays from the files, then follows live records; see [`SeqLog::follow`].
 pub struct Follower<T> {
     log: SeqLog<T>,
-    rx: broadcast::Receiver<Arc<T>>,
+    rx: broadcast::Receiver<Chunk<T>>,
+    /// Records read or received but not handed out yet, in seq order.
     pending: VecDeque<Arc<T>>,
     /// Highest seq handed out (or skipped as already seen).
     cursor: u64,
@@ -417,8 +454,7 @@ impl<T: Sequenced> Follower<T> {
     /// The next record, waiting for one if needed; `None` when the log is gone.
     pub async fn next(&mut self) -> Option<Result<Arc<T>, SeqLogError>> {
         loop {
-            if let Some(record) = self.pending.pop_front() {
-                self.cursor = record.seq();
+            if let Some(record) = self.take_pending() {
                 return Some(Ok(record));
             }
             if self.cursor < self.upto {
@@ -427,27 +463,74 @@ impl<T: Sequenced> Follower<T> {
                     .await
                     .expect("log reader panicked");
                 match read {
-                    Ok(batch) if batch.is_empty() => self.cursor = self.upto,
                     Ok(batch) => {
-                        self.pending = batch.into_iter().filter(|r| r.seq() <= self.upto).collect()
+                        let upto = self.upto;
+                        self.pending.extend(batch.into_iter().filter(|r| r.seq() <= upto));
+                        if self.pending.is_empty() {
+                            // Nothing left on file up to `upto` (rotated away or never
+                            // written): the live feed takes over.
+                            self.cursor = self.upto;
+                        }
                     }
                     Err(e) => return Some(Err(e)),
                 }
-                if self.pending.is_empty() {
-                    self.cursor = self.upto;
-                }
                 continue;
             }
-            match self.rx.recv().await {
-                Ok(record) if record.seq() > self.cursor => {
-                    self.cursor = record.seq();
-                    self.upto = self.upto.max(self.cursor);
-                    return Some(Ok(record));
-                }
-                Ok(_) => continue,
-                Err(broadcast::error::RecvError::Lagged(_)) => self.upto = self.log.last_seq(),
-                Err(broadcast::error::RecvError::Closed) => return None,
+            let received = self.rx.recv().await;
+            if !self.accept(received) {
+                return None;
             }
+        }
+    }
+
+    /// The next record if one is at hand without waiting or reading the files; `None`
+    /// otherwise (then [`Follower::next`] waits or reads). Lets a caller gather a batch of
+    /// whatever is ready without abandoning a read half done.
+    pub fn try_next(&mut self) -> Option<Arc<T>> {
+        loop {
+            if let Some(record) = self.take_pending() {
+                return Some(record);
+            }
+            if self.cursor < self.upto {
+                return None;
+            }
+            match self.rx.try_recv() {
+                Ok(chunk) => {
+                    self.accept(Ok(chunk));
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                    self.upto = self.log.last_seq();
+                    return None;
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn take_pending(&mut self) -> Option<Arc<T>> {
+        let record = self.pending.pop_front()?;
+        self.cursor = record.seq();
+        Some(record)
+    }
+
+    /// Queues the new records of a received chunk; false when the log is gone.
+    fn accept(&mut self, received: Result<Chunk<T>, broadcast::error::RecvError>) -> bool {
+        match received {
+            Ok(chunk) => {
+                let cursor = self.cursor;
+                self.pending
+                    .extend(chunk.iter().filter(|r| r.seq() > cursor).cloned());
+                if let Some(last) = self.pending.back() {
+                    self.upto = self.upto.max(last.seq());
+                }
+                true
+            }
+            // Missed chunks are on file: read them before rejoining the live feed.
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                self.upto = self.log.last_seq();
+                true
+            }
+            Err(broadcast::error::RecvError::Closed) => false,
         }
     }
 
@@ -609,9 +692,13 @@ fn seq_prefix(line: &[u8]) -> Option<u64> {
 
 /// Reads records from `offset`, calling `each` until it returns false; returns whether the
 /// segment was read to its end.
+/// Reads a segment from `offset`, giving each whole record with `seq > after` to `each`
+/// until it returns false (then returns false). Lines at or before `after` are skipped by
+/// their `seq` prefix, without being parsed.
 fn read_segment<T: Sequenced>(
     path: &Path,
     offset: u64,
+    after: u64,
     mut each: impl FnMut(T) -> bool,
 ) -> std::io::Result<bool> {
     let mut file = File::open(path)?;
@@ -622,6 +709,9 @@ fn read_segment<T: Sequenced>(
         line.clear();
         if reader.read_until(b'\n', &mut line)? == 0 || line.last() != Some(&b'\n') {
             return Ok(true);
+        }
+        if seq_prefix(&line).is_some_and(|seq| seq <= after) {
+            continue;
         }
         if let Ok(record) = serde_json::from_slice::<T>(&line) {
             if !each(record) {
@@ -804,5 +894,54 @@ mod tests {
             seqs.push(f.next().await.unwrap().unwrap().seq);
         }
         assert_eq!(seqs, (41..=150).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_large_append_reaches_a_follower_live_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SeqLogConfig {
+            broadcast_capacity: 4,
+            ..SeqLogConfig::default()
+        };
+        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", config).unwrap();
+        let mut f = log.follow(None);
+        // Three chunks' worth in one append: within a capacity of 4 chunks, so no lag.
+        let n = (3 * BROADCAST_CHUNK) as u64;
+        log.append_all(0..n, |seq, _| Rec {
+            seq,
+            time: OffsetDateTime::now_utc(),
+            text: "x".into(),
+        });
+        let mut seqs = Vec::new();
+        while let Some(r) = f.try_next() {
+            seqs.push(r.seq);
+        }
+        assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "all live, none from the files");
+    }
+
+    #[tokio::test]
+    async fn try_next_never_abandons_a_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", small()).unwrap();
+        for i in 0..30 {
+            add(&log, &format!("{i}"));
+        }
+        let mut f = log.follow(Some(10));
+        // Records 11..=30 are on file only: try_next does not read, next does.
+        assert!(f.try_next().is_none());
+        assert_eq!(f.next().await.unwrap().unwrap().seq, 11);
+        let mut seqs = vec![11];
+        while let Some(r) = f.try_next() {
+            seqs.push(r.seq);
+        }
+        add(&log, "live");
+        while seqs.len() < 21 {
+            match f.try_next() {
+                Some(r) => seqs.push(r.seq),
+                None => seqs.push(f.next().await.unwrap().unwrap().seq),
+            }
+        }
+        assert_eq!(seqs, (11..=31).collect::<Vec<_>>());
+        assert!(f.try_next().is_none());
     }
 }

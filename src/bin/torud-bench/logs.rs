@@ -179,6 +179,7 @@ async fn through(channel: &Channel, id: &str, lines: usize) -> BenchResult<Run> 
     });
     let mut received = Vec::with_capacity(lines);
     let mut first_sent = None;
+    let mut last_stored = 0u128;
     while received.len() < lines {
         let resp = tokio::time::timeout(Duration::from_secs(120), stream.message())
             .await??
@@ -187,6 +188,9 @@ async fn through(channel: &Channel, id: &str, lines: usize) -> BenchResult<Run> 
             return Err("the daemon reported lost lines".into());
         }
         let at = now_ns();
+        if let Some(t) = resp.records.last().and_then(|r| r.time) {
+            last_stored = last_stored.max(t.seconds as u128 * 1_000_000_000 + t.nanos as u128);
+        }
         for r in resp.records {
             if let Some((_, sent)) = parse(&r.message) {
                 first_sent.get_or_insert(sent);
@@ -200,7 +204,12 @@ async fn through(channel: &Channel, id: &str, lines: usize) -> BenchResult<Run> 
             plugin_id: id.into(),
         })
         .await?;
-    Ok(finish(first_sent.unwrap_or(0), received))
+    let first = first_sent.unwrap_or(0);
+    eprintln!(
+        "{id}: stored at {:.0} lines/s",
+        lines as f64 / ((last_stored.saturating_sub(first)) as f64 / 1e9)
+    );
+    Ok(finish(first, received))
 }
 
 pub(crate) async fn run(lines: usize, rate: usize, json_path: Option<PathBuf>) -> BenchResult<()> {
