@@ -243,7 +243,11 @@ fn split_lines(mut chunk: &[u8], partial: &mut Vec<u8>, out: &mut Vec<Line>) {
                 chunk = &chunk[1..];
                 continue;
             }
+            // Cut between characters: an incomplete UTF-8 sequence at the end moves on to
+            // the next piece rather than turning into replacement characters in both.
+            let carry = partial.split_off(partial.len() - incomplete_tail(partial));
             finish(partial, true);
+            partial.extend_from_slice(&carry);
         }
         let room = MAX_LINE - partial.len();
         let window = &chunk[..chunk.len().min(room)];
@@ -259,6 +263,25 @@ fn split_lines(mut chunk: &[u8], partial: &mut Vec<u8>, out: &mut Vec<Line>) {
             }
         }
     }
+}
+
+/// How many bytes at the end of `bytes` are the start of a UTF-8 sequence that is not
+/// complete yet (0 to 3).
+fn incomplete_tail(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let b = bytes[bytes.len() - back];
+        if b & 0b1100_0000 == 0b1000_0000 {
+            continue; // a continuation byte: look further back for the lead
+        }
+        let needed = match b {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => return 0, // ASCII or not a lead byte: nothing to carry
+        };
+        return if back < needed { back } else { 0 };
+    }
+    0
 }
 
 /// A record (seq, time, stream, pid unset) from one line of output.
@@ -370,6 +393,25 @@ mod tests {
         split_lines(b"\nnext\n", &mut partial, &mut out);
         assert_eq!(out.len(), 2, "a line of exactly the limit is one record");
         assert!(!out[0].continued && out[0].text.len() == MAX_LINE && out[1].text == "next");
+    }
+
+    #[test]
+    fn long_lines_are_cut_between_characters() {
+        assert_eq!(incomplete_tail(b"ab"), 0);
+        assert_eq!(incomplete_tail("a\u{20ac}".as_bytes()), 0);
+        assert_eq!(incomplete_tail(&"\u{20ac}".as_bytes()[..2]), 2);
+        assert_eq!(incomplete_tail(&"\u{1f600}".as_bytes()[..3]), 3);
+        assert_eq!(
+            incomplete_tail(b"a\xff"),
+            0,
+            "invalid bytes are not carried"
+        );
+        let line = "\u{20ac}".repeat(MAX_LINE / 3 + 10);
+        let (mut partial, mut out) = (Vec::new(), Vec::new());
+        split_lines(format!("{line}\n").as_bytes(), &mut partial, &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(out[0].continued && out[0].text.len() <= MAX_LINE);
+        assert_eq!(format!("{}{}", out[0].text, out[1].text), line);
     }
 
     #[test]

@@ -465,7 +465,8 @@ impl<T: Sequenced> Follower<T> {
                 match read {
                     Ok(batch) => {
                         let upto = self.upto;
-                        self.pending.extend(batch.into_iter().filter(|r| r.seq() <= upto));
+                        self.pending
+                            .extend(batch.into_iter().filter(|r| r.seq() <= upto));
                         if self.pending.is_empty() {
                             // Nothing left on file up to `upto` (rotated away or never
                             // written): the live feed takes over.
@@ -916,7 +917,11 @@ mod tests {
         while let Some(r) = f.try_next() {
             seqs.push(r.seq);
         }
-        assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "all live, none from the files");
+        assert_eq!(
+            seqs,
+            (1..=n).collect::<Vec<_>>(),
+            "all live, none from the files"
+        );
     }
 
     #[tokio::test]

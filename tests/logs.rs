@@ -404,7 +404,7 @@ async fn awkward_output_is_stored_without_loss() {
     }
     assert_eq!(
         lines.len(),
-        6,
+        7,
         "{:?}",
         lines.iter().map(|l| l.len()).collect::<Vec<_>>()
     );
@@ -417,6 +417,53 @@ async fn awkward_output_is_stored_without_loss() {
         lines[5],
         r#"{"level": "warn", "message": {"nested": true}}"#
     );
-    // 64 KiB pieces: 16 for the 1 MiB line, 160 for the 10 MiB one, the last of each final.
-    assert_eq!(stdout.iter().filter(|r| r.continued).count(), 15 + 159);
+    // Pieces are cut between characters, never inside one.
+    assert!(
+        lines[6] == "\u{20ac}".repeat(50_000),
+        "a long line of 3-byte characters came back changed"
+    );
+    // 64 KiB pieces: 16 for the 1 MiB line, 160 for the 10 MiB one, 3 for the 150 KB
+    // one, the last of each final.
+    assert_eq!(stdout.iter().filter(|r| r.continued).count(), 15 + 159 + 2);
+}
+
+#[tokio::test]
+async fn a_follower_receives_each_new_line_within_50_ms() {
+    let mut d = Daemon::new(&[]);
+    d.install_fixture("fx", "normal", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["fx"])
+        .await;
+    enable(&mut client, "fx").await;
+    let mut logs = LogServiceClient::new(d.channel().await);
+    let mut kv = d.kv_client().await;
+    let mut stream = logs
+        .stream_logs(request("fx", None, true, "received kv"))
+        .await
+        .unwrap()
+        .into_inner();
+    // The stream is open once the daemon answers its headers; each KV request then makes the
+    // plugin write one "received kv …" line to stderr.
+    for i in 0..10 {
+        let sent = std::time::Instant::now();
+        let req = pb::GetValueRequest {
+            plugin_id: "fx".into(),
+            key: format!("k{i}"),
+        };
+        let _ = kv.get_value(req).await;
+        let resp = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("no line within 5 s")
+            .unwrap()
+            .expect("stream ended");
+        let took = sent.elapsed();
+        assert_eq!(resp.records.len(), 1, "{resp:?}");
+        assert!(
+            took < Duration::from_millis(50),
+            "line {i} took {took:?} from request to follower"
+        );
+    }
 }

@@ -48,7 +48,7 @@ target="${CARGO_TARGET_DIR:-target}"
 cargo build --locked --bins --examples
 "$target/debug/torud-bench" lifecycle --iterations 3 >/dev/null
 "$target/debug/torud-bench" forward --calls 20 --seconds 0.2 >/dev/null
-"$target/debug/torud-bench" logs --lines 2000 --rate 2000 >/dev/null
+"$target/debug/torud-bench" logs --lines 2000 --rate 2000 --rounds 1 --history-mb 2 >/dev/null
 
 step "summary"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -24,12 +24,12 @@ use crate::pb::log_service_server::LogService;
 use crate::supervisor::Supervisor;
 
 /// Records per response at most.
-const MAX_BATCH: usize = 500;
+const MAX_BATCH: usize = 4096;
 /// Bytes of messages per response at most (a client's default limit is 4 MiB); a response
 /// always carries at least one record.
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
-/// How long a following stream waits for more records before sending a small batch.
+/// How long a following stream gathers records into a batch, from the batch's first record.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Sends a response unless the daemon is stopping; false when the stream should end (the
@@ -461,6 +461,8 @@ async fn produce(
             _ = tx.closed() => return,
         };
         let mut next = first;
+        // A batch goes out when full or LINGER after its first record, whichever is first.
+        let deadline = tokio::time::Instant::now() + LINGER;
         loop {
             let record = match next {
                 Some(Ok(record)) => record,
@@ -479,7 +481,7 @@ async fn produce(
             // Linger briefly for more: many small responses cost more than they save.
             match follower.try_next() {
                 Some(more) => next = Some(Ok(more)),
-                None => match tokio::time::timeout(LINGER, follower.next()).await {
+                None => match tokio::time::timeout_at(deadline, follower.next()).await {
                     Ok(more) => next = more,
                     Err(_) => break,
                 },

@@ -70,6 +70,12 @@ enum Bench {
         /// Lines per second of the paced latency run (for one second).
         #[arg(long, default_value_t = 100_000)]
         rate: usize,
+        /// Throughput rounds (daemon and baseline alternate); medians are reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Megabytes of log history to fill before timing queries at its far end.
+        #[arg(long, default_value_t = 1024)]
+        history_mb: usize,
         /// Also write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -154,6 +160,11 @@ pub(crate) struct Daemon {
 }
 
 impl Daemon {
+    /// The daemon's data directory.
+    pub(crate) fn dir(&self) -> PathBuf {
+        self._dir.path().join("data")
+    }
+
     /// A daemon with the example plugin installed as `hello.binary`.
     async fn start(torud: &Path, plugin: &Path, extra: &[&str]) -> BenchResult<Self> {
         let plugin = plugin.to_owned();
@@ -228,10 +239,18 @@ pub(crate) fn num_cpus() -> usize {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    // The log benchmark's subscriber (and its bare-pipe baseline) runs on one thread: on a
+    // 2-core machine a multi-threaded client spends its time waking itself across threads,
+    // CPU the daemon and the writer being measured need.
+    let runtime = match cli.bench {
+        Bench::Logs { .. } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    }
+    .expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.bench {
             Bench::Lifecycle { iterations, json } => lifecycle::run(iterations.max(1), json).await,
@@ -243,8 +262,21 @@ fn main() -> std::process::ExitCode {
                 json,
             } => forward::run(calls.max(1), seconds, rounds.max(1), in_flight.max(1), json).await,
             Bench::BaselineServer { plugin } => forward::baseline_server(plugin).await,
-            Bench::Logs { lines, rate, json } => {
-                logs::run(lines.max(1), rate.max(1000), json).await
+            Bench::Logs {
+                lines,
+                rate,
+                rounds,
+                history_mb,
+                json,
+            } => {
+                logs::run(
+                    lines.max(1),
+                    rate.max(1000),
+                    rounds.max(1),
+                    history_mb,
+                    json,
+                )
+                .await
             }
             Bench::LogWriter {
                 lines,
