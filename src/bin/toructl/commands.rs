@@ -1,0 +1,547 @@
+//! One function per `toructl` command: build the request, call the daemon, print the
+//! answer as a table or JSON (`render.rs`). gRPC errors become one line naming the status
+//! code and the daemon's message.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tonic::{Code, Status};
+use torud::pb;
+use torud::pb::kv_service_client::KvServiceClient;
+use torud::pb::log_service_client::LogServiceClient;
+use torud::pb::plugin_service_client::PluginServiceClient;
+
+use crate::connect::Conn;
+use crate::render;
+use crate::{CallArgs, EventsArgs, HealthArgs, LogsArgs, Output};
+
+type Result<T = ExitCode> = std::result::Result<T, String>;
+
+/// The one-line form of a gRPC error, with a hint when credentials are the problem.
+fn status_line(s: Status) -> String {
+    let code = match s.code() {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    };
+    let hint = match s.code() {
+        Code::Unauthenticated => {
+            " (give a token with --token or TORUD_TOKEN, or the daemon's --data-dir)"
+        }
+        Code::PermissionDenied => " (this needs the admin token, not the read-only one)",
+        _ => "",
+    };
+    let message = s.message().replace('\n', " ");
+    format!("{code}: {message}{hint}")
+}
+
+/// Prints a JSON document (pretty) or a line of JSON (for streams).
+fn print_json(v: &Value, pretty: bool) {
+    let text = if pretty {
+        serde_json::to_string_pretty(v)
+    } else {
+        serde_json::to_string(v)
+    };
+    println!("{}", text.unwrap_or_default());
+}
+
+fn plugins(conn: &Conn) -> PluginServiceClient<tonic::transport::Channel> {
+    PluginServiceClient::new(conn.channel.clone())
+}
+
+/// `plugins list`: every page.
+pub async fn plugins_list(conn: &Conn, out: Output) -> Result {
+    let mut client = plugins(conn);
+    let mut all = Vec::new();
+    let mut skipped = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let req = pb::ListPluginsRequest {
+            page_size: 1000,
+            page_token,
+        };
+        let resp = client
+            .list_plugins(conn.unary(req))
+            .await
+            .map_err(status_line)?
+            .into_inner();
+        all.extend(resp.plugins);
+        skipped.extend(resp.skipped);
+        if resp.next_page_token.is_empty() {
+            break;
+        }
+        page_token = resp.next_page_token;
+    }
+    match out {
+        Output::Json => print_json(
+            &json!({
+                "plugins": all.iter().map(render::plugin_json).collect::<Vec<_>>(),
+                "skipped": skipped.iter().map(render::skipped_json).collect::<Vec<_>>(),
+            }),
+            true,
+        ),
+        Output::Table => {
+            print!("{}", render::plugins_table(&all));
+            for s in &skipped {
+                println!("skipped {}: {}", s.path, s.reason);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show_plugin(out: Output, p: Option<pb::Plugin>) -> Result {
+    let p = p.ok_or("the daemon answered without a plugin")?;
+    match out {
+        Output::Json => print_json(&render::plugin_json(&p), true),
+        Output::Table => print!("{}", render::plugin_details(&p)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `plugins get ID`.
+pub async fn plugins_get(conn: &Conn, out: Output, plugin_id: String) -> Result {
+    let req = conn.unary(pb::GetPluginRequest { plugin_id });
+    let resp = plugins(conn).get_plugin(req).await.map_err(status_line)?;
+    show_plugin(out, resp.into_inner().plugin)
+}
+
+/// `plugins enable ID`.
+pub async fn plugins_enable(conn: &Conn, out: Output, plugin_id: String) -> Result {
+    let req = conn.unary(pb::EnablePluginRequest { plugin_id });
+    let resp = plugins(conn)
+        .enable_plugin(req)
+        .await
+        .map_err(status_line)?;
+    show_plugin(out, resp.into_inner().plugin)
+}
+
+/// `plugins disable ID`.
+pub async fn plugins_disable(conn: &Conn, out: Output, plugin_id: String) -> Result {
+    let req = conn.unary(pb::DisablePluginRequest { plugin_id });
+    let resp = plugins(conn)
+        .disable_plugin(req)
+        .await
+        .map_err(status_line)?;
+    show_plugin(out, resp.into_inner().plugin)
+}
+
+/// `plugins restart ID`.
+pub async fn plugins_restart(conn: &Conn, out: Output, plugin_id: String) -> Result {
+    let req = conn.unary(pb::RestartPluginRequest { plugin_id });
+    let resp = plugins(conn)
+        .restart_plugin(req)
+        .await
+        .map_err(status_line)?;
+    show_plugin(out, resp.into_inner().plugin)
+}
+
+/// `plugins rescan`.
+pub async fn plugins_rescan(conn: &Conn, out: Output) -> Result {
+    let req = conn.unary(pb::RescanPluginsRequest {});
+    let r = plugins(conn)
+        .rescan_plugins(req)
+        .await
+        .map_err(status_line)?
+        .into_inner();
+    match out {
+        Output::Json => print_json(
+            &json!({
+                "added": r.added, "removed": r.removed, "updated": r.updated,
+                "skipped": r.skipped.iter().map(render::skipped_json).collect::<Vec<_>>(),
+            }),
+            true,
+        ),
+        Output::Table => {
+            for (what, ids) in [
+                ("added", &r.added),
+                ("removed", &r.removed),
+                ("updated", &r.updated),
+            ] {
+                let list = if ids.is_empty() {
+                    "-".to_owned()
+                } else {
+                    ids.join(", ")
+                };
+                println!("{what}: {list}");
+            }
+            for s in &r.skipped {
+                println!("skipped {}: {}", s.path, s.reason);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn kv(conn: &Conn) -> KvServiceClient<tonic::transport::Channel> {
+    KvServiceClient::new(conn.channel.clone())
+}
+
+/// `kv get ID KEY`: the value on stdout; a missing key exits 1 (with a line on stderr).
+pub async fn kv_get(conn: &Conn, out: Output, plugin_id: String, key: String) -> Result {
+    let req = conn.unary(pb::GetValueRequest {
+        plugin_id: plugin_id.clone(),
+        key: key.clone(),
+    });
+    let r = kv(conn)
+        .get_value(req)
+        .await
+        .map_err(status_line)?
+        .into_inner();
+    match out {
+        Output::Json => print_json(&json!({ "found": r.found, "value": r.value }), true),
+        Output::Table if r.found => println!("{}", r.value),
+        Output::Table => eprintln!("toructl: {plugin_id} has no key {key:?}"),
+    }
+    Ok(if r.found {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `kv set ID KEY VALUE`.
+pub async fn kv_set(
+    conn: &Conn,
+    out: Output,
+    plugin_id: String,
+    key: String,
+    value: String,
+) -> Result {
+    let req = conn.unary(pb::SetValueRequest {
+        plugin_id,
+        key,
+        value,
+    });
+    kv(conn).set_value(req).await.map_err(status_line)?;
+    if out == Output::Json {
+        print_json(&json!({}), true);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kv delete ID KEY`.
+pub async fn kv_delete(conn: &Conn, out: Output, plugin_id: String, key: String) -> Result {
+    let req = conn.unary(pb::DeleteValueRequest { plugin_id, key });
+    let r = kv(conn)
+        .delete_value(req)
+        .await
+        .map_err(status_line)?
+        .into_inner();
+    match out {
+        Output::Json => print_json(&json!({ "existed": r.existed }), true),
+        Output::Table => println!(
+            "{}",
+            if r.existed {
+                "deleted"
+            } else {
+                "deleted (the plugin did not say whether it existed)"
+            }
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `call ID PATH`: curl-like output (status, headers, blank line, body) or JSON.
+pub async fn call(conn: &Conn, out: Output, args: CallArgs) -> Result {
+    let body = match (&args.data, &args.data_file) {
+        (Some(d), _) => d.clone().into_bytes(),
+        (None, Some(p)) if p.as_os_str() == "-" => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                .map_err(|e| format!("cannot read the body from stdin: {e}"))?;
+            buf
+        }
+        (None, Some(p)) => std::fs::read(p)
+            .map_err(|e| format!("cannot read the body file {}: {e}", p.display()))?,
+        (None, None) => Vec::new(),
+    };
+    let mut headers = Vec::new();
+    for h in &args.headers {
+        let (name, value) = h
+            .split_once(':')
+            .ok_or_else(|| format!("header {h:?} is not \"name: value\""))?;
+        headers.push(pb::Header {
+            name: name.trim().to_owned(),
+            value: value.trim().to_owned(),
+        });
+    }
+    let req = conn.unary(pb::CallPluginRequest {
+        plugin_id: args.id,
+        method: args.method,
+        path: args.path,
+        headers,
+        body,
+    });
+    let r = plugins(conn)
+        .call_plugin(req)
+        .await
+        .map_err(status_line)?
+        .into_inner();
+    match out {
+        Output::Json => {
+            let body = match std::str::from_utf8(&r.body) {
+                Ok(text) => json!({ "body": text }),
+                Err(_) => json!({ "body_hex": hex::encode(&r.body) }),
+            };
+            let mut v = json!({
+                "status": r.status,
+                "headers": r.headers.iter().map(|h| json!({"name": h.name, "value": h.value})).collect::<Vec<_>>(),
+            });
+            v.as_object_mut()
+                .unwrap()
+                .extend(body.as_object().unwrap().clone());
+            print_json(&v, true);
+        }
+        Output::Table => {
+            let mut stdout = std::io::stdout().lock();
+            let mut head = format!("HTTP {}\n", r.status);
+            for h in &r.headers {
+                head.push_str(&format!("{}: {}\n", h.name, h.value));
+            }
+            head.push('\n');
+            let _ = stdout.write_all(head.as_bytes());
+            let _ = stdout.write_all(&r.body);
+            if !r.body.ends_with(b"\n") && !r.body.is_empty() {
+                let _ = stdout.write_all(b"\n");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_level(text: &str) -> Result<pb::LogLevel> {
+    Ok(match text.to_ascii_lowercase().as_str() {
+        "trace" => pb::LogLevel::Trace,
+        "debug" => pb::LogLevel::Debug,
+        "info" => pb::LogLevel::Info,
+        "warn" | "warning" => pb::LogLevel::Warn,
+        "error" => pb::LogLevel::Error,
+        _ => {
+            return Err(format!(
+                "--level {text:?} is not one of trace, debug, info, warn, error"
+            ))
+        }
+    })
+}
+
+/// An RFC 3339 time, or an age ("10m") before now.
+fn parse_since(text: &str) -> Result<prost_types::Timestamp> {
+    use time::format_description::well_known::Rfc3339;
+    let t = match time::OffsetDateTime::parse(text, &Rfc3339) {
+        Ok(t) => t,
+        Err(_) => {
+            let age = humantime::parse_duration(text).map_err(|_| {
+                format!("--since {text:?} is neither an RFC 3339 time nor an age like 10m")
+            })?;
+            time::OffsetDateTime::now_utc() - age
+        }
+    };
+    Ok(prost_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: t.nanosecond() as i32,
+    })
+}
+
+/// `logs [IDS] [-f] [--tail N | --since T | --after CURSOR...] [--level L] [--grep TEXT]`.
+pub async fn logs(conn: &Conn, out: Output, args: LogsArgs) -> Result {
+    use pb::stream_logs_request::Start;
+    let min_level = match &args.level {
+        Some(l) => parse_level(l)? as i32,
+        None => 0,
+    };
+    let start = if !args.after.is_empty() {
+        Start::AfterCursors(pb::Cursors {
+            cursors: args.after.clone(),
+        })
+    } else if let Some(since) = &args.since {
+        Start::Since(parse_since(since)?)
+    } else {
+        Start::Tail(args.tail.unwrap_or(20))
+    };
+    let req = conn.stream(pb::StreamLogsRequest {
+        filter: Some(pb::LogFilter {
+            plugin_ids: args.ids,
+            min_level,
+            contains: args.grep.unwrap_or_default(),
+        }),
+        start: Some(start),
+        follow: args.follow,
+    });
+    let mut stream = LogServiceClient::new(conn.channel.clone())
+        .stream_logs(req)
+        .await
+        .map_err(status_line)?
+        .into_inner();
+    while let Some(batch) = stream.message().await.map_err(status_line)? {
+        if let Some(g) = &batch.gap {
+            eprintln!(
+                "toructl: {}: records {} to {} were rotated away before they could be sent",
+                g.plugin_id, g.from_seq, g.to_seq
+            );
+        }
+        let mut stdout = std::io::stdout().lock();
+        for r in &batch.records {
+            let line = match out {
+                Output::Json => serde_json::to_string(&render::log_json(r)).unwrap_or_default(),
+                Output::Table => render::log_line(r),
+            };
+            let _ = writeln!(stdout, "{line}");
+        }
+        let _ = stdout.flush();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How long `events` without `-f` waits for one more stored event before it stops: the
+/// stream replays stored events at once and then only follows, with no marker between.
+const REPLAY_IDLE: Duration = Duration::from_millis(500);
+
+/// `events [IDS] [-f] [--after SEQ]`.
+pub async fn events(conn: &Conn, out: Output, args: EventsArgs) -> Result {
+    let req = conn.stream(pb::WatchEventsRequest {
+        after_seq: Some(args.after),
+        plugin_ids: args.ids,
+    });
+    let mut stream = plugins(conn)
+        .watch_events(req)
+        .await
+        .map_err(status_line)?
+        .into_inner();
+    loop {
+        let next = if args.follow {
+            stream.message().await
+        } else {
+            match tokio::time::timeout(REPLAY_IDLE, stream.message()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            }
+        };
+        let Some(resp) = next.map_err(status_line)? else {
+            break;
+        };
+        let Some(e) = resp.event else { continue };
+        match out {
+            Output::Json => print_json(&render::event_json(&e), false),
+            Output::Table => println!("{}", render::event_line(&e)),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `health [IDS]`: `grpc.health.v1` checks of the daemon (`""`) and plugins
+/// (`toru.plugin.<id>`).
+pub async fn health(conn: &Conn, out: Output, args: HealthArgs) -> Result {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let mut client = HealthClient::new(conn.channel.clone());
+    let named = !args.ids.is_empty();
+    let ids = if named {
+        args.ids
+    } else {
+        let req = conn.unary(pb::ListPluginsRequest {
+            page_size: 1000,
+            page_token: String::new(),
+        });
+        let list = plugins(conn).list_plugins(req).await.map_err(status_line)?;
+        let mut ids = vec![String::new()];
+        ids.extend(list.into_inner().plugins.into_iter().map(|p| p.id));
+        ids
+    };
+    let mut rows = Vec::new();
+    let mut all_serving = true;
+    for id in ids {
+        let service = if id.is_empty() {
+            String::new()
+        } else {
+            format!("toru.plugin.{id}")
+        };
+        let req = conn.unary(HealthCheckRequest {
+            service: service.clone(),
+        });
+        let status = client
+            .check(req)
+            .await
+            .map_err(status_line)?
+            .into_inner()
+            .status;
+        let serving = status == ServingStatus::Serving as i32;
+        // Without named plugins, only the daemon decides the exit status.
+        if named || id.is_empty() {
+            all_serving &= serving;
+        }
+        let name = ServingStatus::try_from(status).map_or("UNKNOWN", |s| s.as_str_name());
+        rows.push((
+            if id.is_empty() {
+                "torud".to_owned()
+            } else {
+                id
+            },
+            service,
+            name.to_owned(),
+        ));
+    }
+    match out {
+        Output::Json => print_json(
+            &Value::Array(
+                rows.iter()
+                    .map(|(who, service, status)| json!({"name": who, "service": service, "status": status}))
+                    .collect(),
+            ),
+            true,
+        ),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = rows
+                .into_iter()
+                .map(|(who, service, status)| vec![who, if service.is_empty() { "\"\"".into() } else { service }, status])
+                .collect();
+            print!("{}", render::table(&["NAME", "SERVICE", "STATUS"], &rows));
+        }
+    }
+    Ok(if all_serving {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_code_and_hint_at_credentials() {
+        assert_eq!(
+            status_line(Status::not_found("no plugin has the id \"x\"")),
+            "NOT_FOUND: no plugin has the id \"x\""
+        );
+        assert!(status_line(Status::unauthenticated("missing token")).contains("--token"));
+    }
+
+    #[test]
+    fn since_takes_times_and_ages() {
+        assert_eq!(parse_since("1970-01-01T00:01:00Z").unwrap().seconds, 60);
+        let ago = parse_since("10m").unwrap().seconds;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        assert!((now - 600 - ago).abs() <= 2);
+        assert!(parse_since("yesterday").is_err());
+        assert!(parse_level("loud").is_err());
+    }
+}

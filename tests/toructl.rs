@@ -1,0 +1,352 @@
+//! `toructl` end to end: the real binary against the real daemon with the Rust and Python
+//! example plugins, checking its tables, its JSON, its exit statuses and its one-line
+//! errors, and that `logs -f` and `events -f` follow live.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const TORUCTL: &str = env!("CARGO_BIN_EXE_toructl");
+
+/// `toructl` pointed at the daemon by `--addr`, with its data dir for the token.
+fn cmd(d: &Daemon, args: &[&str]) -> Command {
+    let mut c = Command::new(TORUCTL);
+    c.args(["--addr", &d.addr])
+        .arg("--data-dir")
+        .arg(&d.data_dir)
+        .args(args)
+        .env_remove("TORUD_ADDR")
+        .env_remove("TORUD_TOKEN")
+        .env_remove("TORUD_DATA_DIR");
+    c
+}
+
+/// Runs `toructl`, expecting success; returns stdout.
+fn ok(d: &Daemon, args: &[&str]) -> String {
+    let out = cmd(d, args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "toructl {args:?} failed: {}",
+        text(&out)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(d: &Daemon, args: &[&str]) -> Value {
+    let mut all = vec!["-o", "json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&ok(d, &all)).unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A daemon with `hello` and `py-echo` installed, both running.
+async fn daemon() -> Daemon {
+    let mut d = Daemon::new(&["--enable-new-plugins"]);
+    d.install_hello("hello");
+    d.install_py_echo();
+    d.start().await;
+    let mut events = Events::watch(&mut d.client().await, Some(0)).await;
+    for id in ["hello", "py-echo"] {
+        events
+            .wait_state(id, torud::pb::PluginState::Running, SECS10)
+            .await;
+    }
+    d
+}
+
+/// A running `toructl` whose stdout lines arrive on a channel.
+struct Follower {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Follower {
+    fn start(d: &Daemon, args: &[&str]) -> Self {
+        let mut child = cmd(d, args).stdout(Stdio::piped()).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Follower { child, lines }
+    }
+
+    /// Waits for a line containing `needle`, returning every line up to it.
+    fn wait_for(&self, needle: &str, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let done = line.contains(needle);
+                    seen.push(line);
+                    if done {
+                        return seen;
+                    }
+                }
+                Err(_) => panic!("no line with {needle:?} within {limit:?}; saw {seen:#?}"),
+            }
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn plugins_commands_print_tables_and_json() {
+    let d = daemon().await;
+    let table = ok(&d, &["plugins", "list"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("ID ") && lines[0].contains("STATE"),
+        "{table}"
+    );
+    assert!(
+        lines[1].starts_with("hello ") && lines[1].contains("running"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with("py-echo ") && lines[2].contains("running"),
+        "{table}"
+    );
+
+    let list = json(&d, &["plugins", "list"]);
+    let ids: Vec<&str> = list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["hello", "py-echo"]);
+
+    let details = ok(&d, &["plugins", "get", "hello"]);
+    assert!(
+        details.contains("name:") && details.contains("Hello (Rust example)"),
+        "{details}"
+    );
+
+    let stopped = json(&d, &["plugins", "disable", "hello"]);
+    assert_eq!(stopped["state"], "stopped");
+    assert_eq!(stopped["enabled"], false);
+    let started = json(&d, &["plugins", "enable", "hello"]);
+    assert_eq!(started["state"], "running");
+    let pid = started["pid"].as_i64().unwrap();
+    let restarted = json(&d, &["plugins", "restart", "hello"]);
+    assert_eq!(restarted["state"], "running");
+    assert_ne!(restarted["pid"].as_i64().unwrap(), pid);
+
+    d.install_fixture("extra", "v2-echo", &[]);
+    let rescan = ok(&d, &["plugins", "rescan"]);
+    assert!(rescan.contains("added: extra"), "{rescan}");
+    assert_eq!(
+        json(&d, &["plugins", "rescan"])["added"],
+        serde_json::json!([])
+    );
+}
+
+#[tokio::test]
+async fn kv_and_call_forward_to_plugins() {
+    let d = daemon().await;
+    ok(&d, &["kv", "set", "hello", "color", "blue"]);
+    assert_eq!(ok(&d, &["kv", "get", "hello", "color"]), "blue\n");
+    assert_eq!(
+        json(&d, &["kv", "get", "hello", "color"]),
+        serde_json::json!({"found": true, "value": "blue"})
+    );
+    ok(&d, &["kv", "delete", "hello", "color"]);
+    let missing = cmd(&d, &["kv", "get", "hello", "color"]).output().unwrap();
+    assert_eq!(missing.status.code(), Some(1), "{}", text(&missing));
+    assert!(missing.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no key \"color\""));
+
+    let answer = ok(
+        &d,
+        &[
+            "call",
+            "py-echo",
+            "/echo?x=1",
+            "-X",
+            "POST",
+            "-d",
+            "hi",
+            "-H",
+            "content-type: text/plain",
+        ],
+    );
+    assert!(answer.starts_with("HTTP 200\n"), "{answer}");
+    assert!(
+        answer.contains(r#""path": "/echo?x=1""#) && answer.contains(r#""body": "hi""#),
+        "{answer}"
+    );
+    let answer = json(&d, &["call", "hello", "/greet"]);
+    assert_eq!(answer["status"], 200);
+    assert_eq!(answer["body"], "hello from GET /greet (0 body bytes)");
+}
+
+#[tokio::test]
+async fn logs_filter_and_resume_from_a_cursor() {
+    let d = daemon().await;
+    // Both plugins, last record each: one line per plugin.
+    let tail = ok(&d, &["logs", "hello", "py-echo", "--tail", "1"]);
+    assert_eq!(tail.lines().count(), 2, "{tail}");
+    assert!(
+        tail.contains(" hello ") && tail.contains(" py-echo "),
+        "{tail}"
+    );
+
+    // --grep and --level filter; -o json gives cursors.
+    let lines = ok(
+        &d,
+        &[
+            "-o",
+            "json",
+            "logs",
+            "py-echo",
+            "--tail",
+            "100",
+            "--grep",
+            "lifecycle",
+        ],
+    );
+    let records: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!records.is_empty());
+    assert!(records
+        .iter()
+        .all(|r| r["message"].as_str().unwrap().contains("lifecycle")));
+    let warn = ok(&d, &["logs", "py-echo", "--tail", "100", "--level", "warn"]);
+    assert_eq!(warn, "", "py-echo logged nothing at warn or above");
+
+    // Resume after the last record: nothing yet; after a restart, only the new records.
+    let all = ok(&d, &["-o", "json", "logs", "py-echo", "--tail", "1000"]);
+    let last: Value = serde_json::from_str(all.lines().last().unwrap()).unwrap();
+    let cursor = last["cursor"].as_str().unwrap().to_owned();
+    assert_eq!(ok(&d, &["logs", "--after", &cursor]), "");
+    ok(&d, &["plugins", "restart", "py-echo"]);
+    let after = ok(&d, &["-o", "json", "logs", "--after", &cursor]);
+    let seqs: Vec<u64> = after
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let first = last["seq"].as_u64().unwrap() + 1;
+    assert_eq!(seqs, (first..first + seqs.len() as u64).collect::<Vec<_>>());
+    assert!(after.contains("lifecycle init"), "{after}");
+
+    // --since an age covers everything just written.
+    let since = ok(&d, &["logs", "py-echo", "--since", "1h"]);
+    assert!(since.contains("lifecycle init"), "{since}");
+    let bad = cmd(&d, &["logs", "--level", "loud"]).output().unwrap();
+    assert!(!bad.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&bad.stderr).lines().count(),
+        1,
+        "{}",
+        text(&bad)
+    );
+}
+
+#[tokio::test]
+async fn logs_and_events_follow_live() {
+    let d = daemon().await;
+    // The last stored record comes first, so the stream is open before anything happens.
+    let logs = Follower::start(&d, &["logs", "-f", "hello", "--tail", "1"]);
+    logs.wait_for("", SECS10);
+    let events = Follower::start(&d, &["events", "-f", "hello"]);
+    // Stored events are replayed first.
+    events.wait_for("starting -> running", SECS10);
+    ok(&d, &["plugins", "disable", "hello"]);
+    events.wait_for("stopping -> stopped", SECS10);
+    ok(&d, &["plugins", "enable", "hello"]);
+    let mut seen = logs.wait_for("starting: spawned", SECS10);
+    seen.extend(logs.wait_for("initialised by the host", SECS10));
+    assert!(seen.iter().all(|l| l.contains(" hello ")), "{seen:#?}");
+    events.wait_for("starting -> running", SECS10);
+
+    // Without -f, events stops after the stored ones.
+    let stored = ok(&d, &["-o", "json", "events", "hello"]);
+    let kinds: Vec<Value> = stored
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(kinds[0]["kind"], "plugin_added");
+    assert_eq!(kinds.last().unwrap()["to_state"], "running");
+}
+
+#[tokio::test]
+async fn health_reports_the_daemon_and_plugins() {
+    let d = daemon().await;
+    let table = ok(&d, &["health"]);
+    assert!(
+        table.contains("torud") && table.contains("SERVING"),
+        "{table}"
+    );
+    assert!(table.contains("toru.plugin.py-echo"), "{table}");
+    ok(&d, &["plugins", "disable", "py-echo"]);
+    let out = cmd(&d, &["health", "py-echo"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("NOT_SERVING"));
+    ok(&d, &["health", "hello"]);
+}
+
+#[tokio::test]
+async fn errors_are_one_line_and_exit_non_zero() {
+    let d = daemon().await;
+    for args in [
+        vec!["plugins", "get", "nope"],
+        vec!["kv", "get", "nope", "k"],
+        vec!["--addr", "127.0.0.1:1", "plugins", "list"],
+        vec!["--addr", "nonsense", "plugins", "list"],
+    ] {
+        let out = cmd(&d, &args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {}", text(&out));
+        assert!(err.starts_with("toructl: error: "), "{args:?}: {err}");
+    }
+    let out = cmd(&d, &["plugins", "get", "nope"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT_FOUND"));
+}
+
+#[tokio::test]
+async fn address_from_the_environment() {
+    let d = daemon().await;
+    let out = Command::new(TORUCTL)
+        .args(["plugins", "list"])
+        .env("TORUD_ADDR", &d.addr)
+        .env("TORUD_DATA_DIR", &d.data_dir)
+        .env_remove("TORUD_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello"));
+}
