@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Generates the Python, TypeScript and Go clients from proto/toru/v1/*.proto, with one
+# protoc (the one bundled in grpcio-tools) and pinned generators, so the output is the same
+# on every machine.
+#
+#   bash clients/generate.sh           regenerate the checked-in code
+#   bash clients/generate.sh --check   regenerate into a temporary directory and fail when
+#                                      the checked-in code differs (CI runs this)
+#
+# Generators are installed on first use, idempotently, into target/client-tools (or
+# $TORU_CLIENT_TOOLS): a Python venv with grpcio-tools, protoc-gen-go and
+# protoc-gen-go-grpc via `go install`, and ts-proto from clients/typescript's lock file.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+
+GRPCIO_TOOLS_VERSION=1.76.0 # bundles protoc 31.1 (libprotoc), protobuf 6.31 gencode
+PROTOC_GEN_GO_VERSION=v1.36.11
+PROTOC_GEN_GO_GRPC_VERSION=v1.6.1
+# ts-proto's version is pinned in clients/typescript/package.json and package-lock.json.
+GO_MODULE=github.com/toru-project/torud/clients/go
+
+target="${CARGO_TARGET_DIR:-$root/target}"
+tools="${TORU_CLIENT_TOOLS:-$target/client-tools}"
+mkdir -p "$tools/bin"
+
+# The generated code, relative to the repository root (everything else in clients/ is
+# written by hand).
+GENERATED=(clients/python/src/toru/v1 clients/typescript/src/gen clients/go/torupb)
+
+install_tools() {
+  local py="$tools/venv/bin/python"
+  if ! "$py" -c "import importlib.metadata as m, sys; sys.exit(m.version('grpcio-tools') != '$GRPCIO_TOOLS_VERSION')" 2>/dev/null; then
+    echo "installing grpcio-tools $GRPCIO_TOOLS_VERSION into $tools/venv" >&2
+    python3 -m venv "$tools/venv"
+    "$py" -m pip install -q "grpcio-tools==$GRPCIO_TOOLS_VERSION"
+  fi
+  if [[ "$("$tools/bin/protoc-gen-go" --version 2>/dev/null)" != "protoc-gen-go $PROTOC_GEN_GO_VERSION" ]]; then
+    echo "installing protoc-gen-go $PROTOC_GEN_GO_VERSION" >&2
+    GOBIN="$tools/bin" go install "google.golang.org/protobuf/cmd/protoc-gen-go@$PROTOC_GEN_GO_VERSION"
+  fi
+  if [[ "$("$tools/bin/protoc-gen-go-grpc" --version 2>/dev/null)" != "protoc-gen-go-grpc ${PROTOC_GEN_GO_GRPC_VERSION#v}" ]]; then
+    echo "installing protoc-gen-go-grpc $PROTOC_GEN_GO_GRPC_VERSION" >&2
+    GOBIN="$tools/bin" go install "google.golang.org/grpc/cmd/protoc-gen-go-grpc@$PROTOC_GEN_GO_GRPC_VERSION"
+  fi
+  if [[ ! -x "$root/clients/typescript/node_modules/.bin/protoc-gen-ts_proto" ]]; then
+    echo "installing the TypeScript client's dependencies (npm ci)" >&2
+    (cd "$root/clients/typescript" && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+}
+
+# Writes every generated file under $1 (a copy of the repository layout).
+generate() {
+  local out="$1"
+  local protoc=("$tools/venv/bin/python" -m grpc_tools.protoc -I "$root/proto")
+  # Sorted, repository-relative names: protoc records them in the output.
+  local protos
+  mapfile -t protos < <(cd "$root/proto" && ls toru/v1/*.proto | LC_ALL=C sort)
+  for dir in "${GENERATED[@]}"; do
+    rm -rf "${out:?}/$dir"
+    mkdir -p "$out/$dir"
+  done
+
+  (cd "$root/proto" && "${protoc[@]}" \
+    --python_out="$out/clients/python/src" \
+    --pyi_out="$out/clients/python/src" \
+    --grpc_python_out="$out/clients/python/src" \
+    "${protos[@]}")
+  printf '"""Generated from proto/toru/v1 by clients/generate.sh. Do not edit."""\n' \
+    >"$out/clients/python/src/toru/v1/__init__.py"
+
+  (cd "$root/proto" && "${protoc[@]}" \
+    --plugin=protoc-gen-ts_proto="$root/clients/typescript/node_modules/.bin/protoc-gen-ts_proto" \
+    --ts_proto_out="$out/clients/typescript/src/gen" \
+    --ts_proto_opt=outputServices=grpc-js,esModuleInterop=true,env=node,forceLong=number \
+    "${protos[@]}")
+
+  (cd "$root/proto" && "${protoc[@]}" \
+    --plugin=protoc-gen-go="$tools/bin/protoc-gen-go" \
+    --plugin=protoc-gen-go-grpc="$tools/bin/protoc-gen-go-grpc" \
+    --go_out="$out/clients/go" --go_opt=module="$GO_MODULE" \
+    --go-grpc_out="$out/clients/go" --go-grpc_opt=module="$GO_MODULE" \
+    "${protos[@]}")
+}
+
+install_tools
+if [[ "${1:-}" == "--check" ]]; then
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  generate "$tmp"
+  drift=0
+  for dir in "${GENERATED[@]}"; do
+    if ! diff -r "$root/$dir" "$tmp/$dir" >"$tmp/diff.txt" 2>&1; then
+      echo "generated code in $dir is out of date with proto/; run: bash clients/generate.sh" >&2
+      head -n 40 "$tmp/diff.txt" >&2
+      drift=1
+    fi
+  done
+  if ((drift)); then exit 1; fi
+  echo "generated clients match proto/"
+else
+  generate "$root"
+  echo "generated: ${GENERATED[*]}"
+fi
