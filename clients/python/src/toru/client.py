@@ -1,0 +1,104 @@
+"""Connects to torud: by address and bearer token, by its Unix control socket, or by its
+data directory (the socket when it exists, otherwise the address with ``admin.token``).
+Every call made through the returned :class:`Client` carries the token."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import grpc
+
+from toru.v1 import kv_service_pb2_grpc, log_service_pb2_grpc, plugin_service_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call's metadata."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        metadata = list(details.metadata or []) + [self._header]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation: Callable, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation: Callable, details: Any, it: Any) -> Any:
+        return continuation(self._with_token(details), it)
+
+    def intercept_stream_stream(self, continuation: Callable, details: Any, it: Any) -> Any:
+        return continuation(self._with_token(details), it)
+
+
+class Client:
+    """The stubs of every ``toru.v1`` service on one channel. Use as a context manager, or
+    call :meth:`close`."""
+
+    def __init__(self, channel: grpc.Channel, token: Optional[str] = None) -> None:
+        self._raw = channel
+        if token:
+            channel = grpc.intercept_channel(channel, _BearerToken(token))
+        self.channel = channel
+        self.plugins = plugin_service_pb2_grpc.PluginServiceStub(channel)
+        self.kv = kv_service_pb2_grpc.KvServiceStub(channel)
+        self.logs = log_service_pb2_grpc.LogServiceStub(channel)
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_token(path: Path) -> Optional[str]:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def connect(
+    address: Optional[str] = None,
+    token: Optional[str] = None,
+    *,
+    unix_socket: Union[str, os.PathLike, None] = None,
+    data_dir: Union[str, os.PathLike, None] = None,
+) -> Client:
+    """Opens a client.
+
+    - ``connect("127.0.0.1:50051", token="...")``: TCP with a bearer token.
+    - ``connect(unix_socket="data/torud.sock")``: the Unix control socket (no token).
+    - ``connect(data_dir="data")``: ``data/torud.sock`` when it exists, otherwise
+      ``address`` (default 127.0.0.1:50051) with the token in ``data/admin.token``.
+
+    Without arguments, ``TORUD_ADDR``, ``TORUD_TOKEN`` and ``TORUD_DATA_DIR`` are used.
+    """
+    address = address or os.environ.get("TORUD_ADDR")
+    token = token or os.environ.get("TORUD_TOKEN")
+    if data_dir is None and os.environ.get("TORUD_DATA_DIR"):
+        data_dir = os.environ["TORUD_DATA_DIR"]
+    if unix_socket is None and address is None and data_dir is not None:
+        sock = Path(data_dir) / "torud.sock"
+        if sock.exists():
+            unix_socket = sock
+    if unix_socket is not None:
+        return Client(grpc.insecure_channel(f"unix:{os.fspath(unix_socket)}"), token)
+    if token is None and data_dir is not None:
+        token = _read_token(Path(data_dir) / "admin.token")
+    return Client(grpc.insecure_channel(address or DEFAULT_ADDRESS), token)
