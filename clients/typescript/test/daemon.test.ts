@@ -1,0 +1,206 @@
+/**
+ * The generated TypeScript client against the real daemon (started here, with the Rust
+ * `hello` and Python `py-echo` example plugins): lifecycle, KV, calls, log queries, log
+ * streams resumed from a cursor, and lifecycle events. Waits use deadlines, never sleeps.
+ */
+import { after, before, describe, test } from "node:test";
+import * as assert from "node:assert/strict";
+import { ChildProcess, spawn } from "node:child_process";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import * as readline from "node:readline";
+import * as grpc from "@grpc/grpc-js";
+import { Client, connect, unary } from "../src";
+import { EventKind } from "../src/gen/toru/v1/event";
+import { LogRecord, LogStream, QueryLogsRequest, StreamLogsResponse } from "../src/gen/toru/v1/log_service";
+import { PluginState } from "../src/gen/toru/v1/plugin";
+import { WatchEventsResponse } from "../src/gen/toru/v1/plugin_service";
+
+const root = path.resolve(__dirname, "../../../..");
+const target = process.env.CARGO_TARGET_DIR ?? path.join(root, "target");
+
+let daemon: ChildProcess;
+let address = "";
+let dataDir = "";
+let client: Client;
+
+/** Buffers a server stream's messages so that several waits can read it in turn. */
+class Reader<T> {
+  private queue: T[] = [];
+  private ended: Error | null = null;
+  private wake: (() => void) | null = null;
+
+  constructor(readonly stream: grpc.ClientReadableStream<T>) {
+    stream.on("data", (msg: T) => { this.queue.push(msg); this.wake?.(); });
+    stream.on("error", (e: Error) => { this.ended = e; this.wake?.(); });
+    stream.on("end", () => { this.ended ??= new Error("stream ended"); this.wake?.(); });
+  }
+
+  /** Messages up to the first for which `done` holds; fails after `ms`. */
+  async until(done: (msg: T) => boolean, ms = 20_000): Promise<T[]> {
+    const seen: T[] = [];
+    const deadline = Date.now() + ms;
+    for (;;) {
+      while (this.queue.length) {
+        const msg = this.queue.shift()!;
+        seen.push(msg);
+        if (done(msg)) return seen;
+      }
+      if (this.ended) throw new Error(`${this.ended.message} before the condition held; saw ${JSON.stringify(seen)}`);
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`timed out after ${ms} ms; saw ${JSON.stringify(seen)}`);
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, left);
+        this.wake = () => { clearTimeout(timer); resolve(); };
+      });
+      this.wake = null;
+    }
+  }
+
+  cancel(): void {
+    this.stream.cancel();
+  }
+}
+
+async function waitRunning(ids: string[]): Promise<void> {
+  const missing = new Set(ids);
+  const events = new Reader(client.plugins.watchEvents({ afterSeq: 0, pluginIds: [] }));
+  await events.until((r: WatchEventsResponse) => {
+    if (r.event?.toState === PluginState.PLUGIN_STATE_RUNNING) missing.delete(r.event.pluginId);
+    return missing.size === 0;
+  });
+  events.cancel();
+}
+
+before(async () => {
+  const torud = process.env.TORUD_BIN ?? path.join(target, "debug", "torud");
+  const hello = path.join(target, "debug", "examples", "hello-plugin");
+  for (const file of [torud, hello]) {
+    assert.ok(fs.existsSync(file), `${file} is missing: run \`cargo build --bins --examples\``);
+  }
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "torud-ts-"));
+  const plugins = path.join(dir, "plugins");
+  dataDir = path.join(dir, "data");
+  fs.mkdirSync(plugins);
+  fs.copyFileSync(hello, path.join(plugins, "hello.binary"));
+  fs.copyFileSync(path.join(root, "examples/python/py-echo.binary"), path.join(plugins, "py-echo.binary"));
+  fs.chmodSync(path.join(plugins, "py-echo.binary"), 0o755);
+  const stderr = fs.openSync(path.join(dir, "daemon.stderr"), "w");
+  daemon = spawn(torud, ["serve", "--listen", "127.0.0.1:0", "--plugins-dir", plugins,
+    "--data-dir", dataDir, "--enable-new-plugins"], { stdio: ["ignore", "pipe", stderr] });
+  const lines = readline.createInterface({ input: daemon.stdout! });
+  const first = await new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("torud did not report listening within 20 s")), 20_000);
+    lines.once("line", (line) => { clearTimeout(timer); resolve(line); });
+    daemon.once("exit", (code) => reject(new Error(`torud exited with ${code} before listening`)));
+  });
+  assert.match(first, /^torud listening on /);
+  address = first.replace("torud listening on ", "");
+  client = connect({ address, dataDir });
+  await waitRunning(["hello", "py-echo"]);
+});
+
+after(async () => {
+  client?.close();
+  if (daemon && daemon.exitCode === null) {
+    const exited = new Promise((resolve) => daemon.once("exit", resolve));
+    daemon.kill("SIGTERM");
+    await exited;
+  }
+});
+
+describe("torud through the generated TypeScript client", () => {
+  test("lists plugins", async () => {
+    const r = await unary(client.plugins, client.plugins.listPlugins, { pageSize: 0, pageToken: "" });
+    assert.deepEqual(r.plugins.map((p) => p.id), ["hello", "py-echo"]);
+    assert.equal(r.plugins[0].state, PluginState.PLUGIN_STATE_RUNNING);
+    assert.ok(r.plugins[0].pid > 0 && r.plugins[0].healthy);
+  });
+
+  test("disables and enables a plugin", async () => {
+    const off = await unary(client.plugins, client.plugins.disablePlugin, { pluginId: "hello" });
+    assert.equal(off.plugin?.state, PluginState.PLUGIN_STATE_STOPPED);
+    assert.equal(off.plugin?.enabled, false);
+    const on = await unary(client.plugins, client.plugins.enablePlugin, { pluginId: "hello" });
+    assert.equal(on.plugin?.state, PluginState.PLUGIN_STATE_RUNNING);
+    assert.ok((on.plugin?.pid ?? 0) > 0);
+  });
+
+  test("an unknown plugin is NOT_FOUND", async () => {
+    await assert.rejects(unary(client.plugins, client.plugins.getPlugin, { pluginId: "nope" }),
+      (e: grpc.ServiceError) => e.code === grpc.status.NOT_FOUND && e.details.includes("nope"));
+  });
+
+  test("KV round trip", async () => {
+    const kv = client.kv;
+    await unary(kv, kv.setValue, { pluginId: "hello", key: "color", value: "blue" });
+    assert.deepEqual(await unary(kv, kv.getValue, { pluginId: "hello", key: "color" }),
+      { found: true, value: "blue" });
+    await unary(kv, kv.deleteValue, { pluginId: "hello", key: "color" });
+    assert.deepEqual(await unary(kv, kv.getValue, { pluginId: "hello", key: "color" }),
+      { found: false, value: "" });
+  });
+
+  test("calls a plugin", async () => {
+    const r = await unary(client.plugins, client.plugins.callPlugin, {
+      pluginId: "py-echo", method: "POST", path: "/echo?x=1",
+      headers: [{ name: "content-type", value: "text/plain" }], body: Buffer.from("hello"),
+    });
+    assert.equal(r.status, 200);
+    assert.deepEqual(JSON.parse(Buffer.from(r.body).toString()),
+      { method: "POST", path: "/echo?x=1", body: "hello" });
+  });
+
+  test("queries logs a page at a time", async () => {
+    const request = QueryLogsRequest.fromPartial({ filter: { pluginIds: ["py-echo"] }, pageSize: 2 });
+    const records: LogRecord[] = [];
+    let pages = 0;
+    for (;;) {
+      const page = await unary(client.logs, client.logs.queryLogs, request);
+      assert.ok(page.records.length <= 2);
+      records.push(...page.records);
+      pages++;
+      if (!page.nextPageToken) break;
+      request.pageToken = page.nextPageToken;
+    }
+    assert.ok(pages > 1);
+    const seqs = records.map((r) => r.seq);
+    assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b));
+    const init = records.find((r) => r.message === "lifecycle init");
+    assert.equal(init?.stream, LogStream.LOG_STREAM_STDERR);
+  });
+
+  test("follows logs, then resumes after a cursor", async () => {
+    const filter = { pluginIds: ["hello"], minLevel: 0, contains: "" };
+    const follow = new Reader(client.logs.streamLogs({ filter, tail: 1, follow: true }));
+    const [firstBatch] = await follow.until(() => true);
+    const first = firstBatch.records[0];
+    await unary(client.plugins, client.plugins.restartPlugin, { pluginId: "hello" });
+    const batches = await follow.until((b: StreamLogsResponse) =>
+      b.records.some((r) => r.message.includes("initialised by the host")));
+    follow.cancel();
+    const followed = batches.flatMap((b) => b.records);
+    assert.deepEqual(followed.map((r) => r.seq), followed.map((_, i) => first.seq + 1 + i));
+
+    const resumed = client.logs.streamLogs({ filter, afterCursors: { cursors: [first.cursor] }, follow: false });
+    const again: LogRecord[] = [];
+    for await (const b of resumed as AsyncIterable<StreamLogsResponse>) again.push(...b.records);
+    assert.deepEqual(again.slice(0, followed.length).map((r) => r.cursor), followed.map((r) => r.cursor));
+  });
+
+  test("watches lifecycle events", async () => {
+    const events = new Reader(client.plugins.watchEvents({ afterSeq: 0, pluginIds: ["py-echo"] }));
+    const replayed = await events.until((r: WatchEventsResponse) =>
+      r.event?.toState === PluginState.PLUGIN_STATE_RUNNING);
+    const last = replayed[replayed.length - 1].event!.seq;
+    await unary(client.plugins, client.plugins.restartPlugin, { pluginId: "py-echo" });
+    const live = await events.until((r: WatchEventsResponse) =>
+      r.event!.seq > last && r.event!.toState === PluginState.PLUGIN_STATE_RUNNING);
+    events.cancel();
+    const changes = live.map((r) => r.event!).filter((e) => e.seq > last && e.kind === EventKind.EVENT_KIND_STATE_CHANGED);
+    assert.deepEqual([changes[0].fromState, changes[0].toState],
+      [PluginState.PLUGIN_STATE_RUNNING, PluginState.PLUGIN_STATE_STOPPING]);
+    assert.ok(changes.every((e) => e.pluginId === "py-echo"));
+  });
+});
