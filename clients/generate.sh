@@ -42,9 +42,12 @@ install_tools() {
     echo "installing protoc-gen-go-grpc $PROTOC_GEN_GO_GRPC_VERSION" >&2
     GOBIN="$tools/bin" go install "google.golang.org/grpc/cmd/protoc-gen-go-grpc@$PROTOC_GEN_GO_GRPC_VERSION"
   fi
-  if [[ ! -x "$root/clients/typescript/node_modules/.bin/protoc-gen-ts_proto" ]]; then
+  # Reinstalled whenever the lock file changed since the last install.
+  local ts="$root/clients/typescript"
+  if ! cmp -s "$ts/package-lock.json" "$ts/node_modules/.installed-lock.json"; then
     echo "installing the TypeScript client's dependencies (npm ci)" >&2
-    (cd "$root/clients/typescript" && npm ci --no-audit --no-fund --loglevel=error)
+    (cd "$ts" && npm ci --no-audit --no-fund --loglevel=error)
+    cp "$ts/package-lock.json" "$ts/node_modules/.installed-lock.json"
   fi
 }
 

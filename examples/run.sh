@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs torud on 127.0.0.1:50051 with the bundled example plugins (the Rust `hello` plugin and
 # the Python `py-echo` plugin) installed and enabled. Extra arguments go to `torud serve`.
-# Plugins live in target/example-plugins, state and logs in target/example-data.
+# Plugins live in target/example-plugins, state and logs in target/example-data. Also builds
+# toructl (target/release/toructl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
-cargo build --release --bin torud --example hello-plugin
+cargo build --release --bin torud --bin toructl --example hello-plugin
 plugins="$target/example-plugins"
 mkdir -p "$plugins"
 cp "$target/release/examples/hello-plugin" "$plugins/hello.binary"

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints (Rust and proto), every Rust test (unit, SDK and
-# integration tests against the real daemon and real plugin processes), and a smoke run of
-# the benchmark. Installs what it needs, idempotently. CI runs exactly this (.ci/run).
+# The whole test suite: formatting, lints (Rust and proto), the generated clients' drift
+# check, every Rust test (unit, SDK, integration tests against the real daemon and real
+# plugin processes, toructl, the README's grpcurl and toructl examples), the Python,
+# TypeScript and Go clients' tests against the real daemon, and a smoke run of the
+# benchmark. Installs what it needs, idempotently. CI runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BUF_VERSION=v1.75.0
+GRPCURL_VERSION=v1.9.3
+PYTEST_VERSION=8.4.2
 
 step() { printf '\n==> %s\n' "$*"; }
 
 need_apt=()
 command -v python3 >/dev/null || need_apt+=(python3)
 command -v cc >/dev/null || need_apt+=(build-essential)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+command -v npm >/dev/null || need_apt+=(nodejs npm)
 if ((${#need_apt[@]})); then
   step "installing ${need_apt[*]} (apt-get)"
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
@@ -26,11 +32,24 @@ if ! "$gobin/buf" --version 2>/dev/null | grep -qx "${BUF_VERSION#v}"; then
   go install "github.com/bufbuild/buf/cmd/buf@$BUF_VERSION"
 fi
 
+target="${CARGO_TARGET_DIR:-target}"
+mkdir -p "$target/client-tools/bin"
+tools="$(cd "$target/client-tools" && pwd)" # generators, grpcurl, the Python venv
+# `go install` leaves no version in `grpcurl -version`; the module version is in the binary.
+if ! go version -m "$tools/bin/grpcurl" 2>/dev/null | grep -q "mod.*github.com/fullstorydev/grpcurl[[:space:]]*$GRPCURL_VERSION"; then
+  step "installing grpcurl $GRPCURL_VERSION (go install)"
+  GOBIN="$tools/bin" go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
+fi
+export GRPCURL="$tools/bin/grpcurl"
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "buf lint proto/"
 (cd proto && "$gobin/buf" lint)
+
+step "generated clients match proto/ (clients/generate.sh --check)"
+bash clients/generate.sh --check
 
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -38,18 +57,35 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo doc (broken links are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
-step "cargo test (unit, SDK, integration against the real daemon, doc tests)"
-log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
+step "cargo test (unit, SDK, integration against the real daemon, toructl, README, doc tests)"
+log="$(mktemp -d)"
+trap 'rm -rf "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log/rust"
+# The client tests below start target/debug/torud with the hello-plugin example.
+cargo build --locked --bins --examples
+
+step "Python client tests (pytest, against the real daemon)"
+"$tools/venv/bin/python" -m pip install -q ./clients/python "pytest==$PYTEST_VERSION"
+(cd clients/python && "$tools/venv/bin/python" -m pytest -q -p no:cacheprovider tests) 2>&1 | tee "$log/python"
+
+step "TypeScript client tests (tsc, node --test, against the real daemon)"
+(cd clients/typescript && npm test --silent) 2>&1 | tee "$log/typescript"
+
+step "Go client tests (go vet, go test, against the real daemon)"
+(cd clients/go && go vet ./... && go test -count=1 -v ./...) 2>&1 | tee "$log/go"
 
 step "benchmark smoke run (figures from a debug build mean nothing; see README for real runs)"
-target="${CARGO_TARGET_DIR:-target}"
-cargo build --locked --bins --examples
 "$target/debug/torud-bench" lifecycle --iterations 3 >/dev/null
 "$target/debug/torud-bench" forward --calls 20 --seconds 0.2 >/dev/null
 "$target/debug/torud-bench" logs --lines 2000 --rate 2000 --rounds 1 --history-mb 2 >/dev/null
 
 step "summary"
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "rust tests: %d passed, %d failed\n", p, f }' "$log"
+{
+  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+       END { printf "rust %d %d\n", p, f }' "$log/rust"
+  awk '/ passed| failed/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+       END { printf "python %d %d\n", p, f }' "$log/python"
+  awk '/^# pass / { p += $3 } /^# fail / { f += $3 } END { printf "typescript %d %d\n", p, f }' "$log/typescript"
+  awk '/^--- PASS/ { p++ } /^--- FAIL/ { f++ } END { printf "go %d %d\n", p, f }' "$log/go"
+} | awk '{ printf "%s tests: %d passed, %d failed\n", $1, $2, $3; p += $2; f += $3 }
+         END { printf "total: %d passed, %d failed\n", p, f }'

@@ -5,109 +5,26 @@
  */
 import { after, before, describe, test } from "node:test";
 import * as assert from "node:assert/strict";
-import { ChildProcess, spawn } from "node:child_process";
-import * as fs from "node:fs";
-import * as os from "node:os";
-import * as path from "node:path";
-import * as readline from "node:readline";
 import * as grpc from "@grpc/grpc-js";
 import { Client, connect, unary } from "../src";
 import { EventKind } from "../src/gen/toru/v1/event";
 import { LogRecord, LogStream, QueryLogsRequest, StreamLogsResponse } from "../src/gen/toru/v1/log_service";
 import { PluginState } from "../src/gen/toru/v1/plugin";
 import { WatchEventsResponse } from "../src/gen/toru/v1/plugin_service";
+import { Daemon, Reader, startDaemon, waitRunning } from "./daemon";
 
-const root = path.resolve(__dirname, "../../../..");
-const target = process.env.CARGO_TARGET_DIR ?? path.join(root, "target");
-
-let daemon: ChildProcess;
-let address = "";
-let dataDir = "";
+let daemon: Daemon;
 let client: Client;
 
-/** Buffers a server stream's messages so that several waits can read it in turn. */
-class Reader<T> {
-  private queue: T[] = [];
-  private ended: Error | null = null;
-  private wake: (() => void) | null = null;
-
-  constructor(readonly stream: grpc.ClientReadableStream<T>) {
-    stream.on("data", (msg: T) => { this.queue.push(msg); this.wake?.(); });
-    stream.on("error", (e: Error) => { this.ended = e; this.wake?.(); });
-    stream.on("end", () => { this.ended ??= new Error("stream ended"); this.wake?.(); });
-  }
-
-  /** Messages up to the first for which `done` holds; fails after `ms`. */
-  async until(done: (msg: T) => boolean, ms = 20_000): Promise<T[]> {
-    const seen: T[] = [];
-    const deadline = Date.now() + ms;
-    for (;;) {
-      while (this.queue.length) {
-        const msg = this.queue.shift()!;
-        seen.push(msg);
-        if (done(msg)) return seen;
-      }
-      if (this.ended) throw new Error(`${this.ended.message} before the condition held; saw ${JSON.stringify(seen)}`);
-      const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`timed out after ${ms} ms; saw ${JSON.stringify(seen)}`);
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, left);
-        this.wake = () => { clearTimeout(timer); resolve(); };
-      });
-      this.wake = null;
-    }
-  }
-
-  cancel(): void {
-    this.stream.cancel();
-  }
-}
-
-async function waitRunning(ids: string[]): Promise<void> {
-  const missing = new Set(ids);
-  const events = new Reader(client.plugins.watchEvents({ afterSeq: 0, pluginIds: [] }));
-  await events.until((r: WatchEventsResponse) => {
-    if (r.event?.toState === PluginState.PLUGIN_STATE_RUNNING) missing.delete(r.event.pluginId);
-    return missing.size === 0;
-  });
-  events.cancel();
-}
-
 before(async () => {
-  const torud = process.env.TORUD_BIN ?? path.join(target, "debug", "torud");
-  const hello = path.join(target, "debug", "examples", "hello-plugin");
-  for (const file of [torud, hello]) {
-    assert.ok(fs.existsSync(file), `${file} is missing: run \`cargo build --bins --examples\``);
-  }
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "torud-ts-"));
-  const plugins = path.join(dir, "plugins");
-  dataDir = path.join(dir, "data");
-  fs.mkdirSync(plugins);
-  fs.copyFileSync(hello, path.join(plugins, "hello.binary"));
-  fs.copyFileSync(path.join(root, "examples/python/py-echo.binary"), path.join(plugins, "py-echo.binary"));
-  fs.chmodSync(path.join(plugins, "py-echo.binary"), 0o755);
-  const stderr = fs.openSync(path.join(dir, "daemon.stderr"), "w");
-  daemon = spawn(torud, ["serve", "--listen", "127.0.0.1:0", "--plugins-dir", plugins,
-    "--data-dir", dataDir, "--enable-new-plugins"], { stdio: ["ignore", "pipe", stderr] });
-  const lines = readline.createInterface({ input: daemon.stdout! });
-  const first = await new Promise<string>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error("torud did not report listening within 20 s")), 20_000);
-    lines.once("line", (line) => { clearTimeout(timer); resolve(line); });
-    daemon.once("exit", (code) => reject(new Error(`torud exited with ${code} before listening`)));
-  });
-  assert.match(first, /^torud listening on /);
-  address = first.replace("torud listening on ", "");
-  client = connect({ address, dataDir });
-  await waitRunning(["hello", "py-echo"]);
+  daemon = await startDaemon();
+  client = connect({ address: daemon.address, dataDir: daemon.dataDir });
+  await waitRunning(client, ["hello", "py-echo"]);
 });
 
 after(async () => {
   client?.close();
-  if (daemon && daemon.exitCode === null) {
-    const exited = new Promise((resolve) => daemon.once("exit", resolve));
-    daemon.kill("SIGTERM");
-    await exited;
-  }
+  await daemon?.stop();
 });
 
 describe("torud through the generated TypeScript client", () => {
