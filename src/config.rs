@@ -33,6 +33,41 @@ pub struct Config {
     pub security: SecurityConfig,
     /// Limits of the gRPC server.
     pub grpc: GrpcLimits,
+    /// Longest line of plugin output kept as one log record; longer lines are split.
+    pub max_log_line: usize,
+    /// Most bytes a `--metadata` run may print.
+    pub max_metadata_bytes: usize,
+    /// Resource limits every plugin process starts with.
+    pub plugin_limits: PluginLimits,
+    /// Expected SHA-256 (lowercase hex) of plugin binaries, by plugin id: a plugin whose
+    /// binary differs is refused at start.
+    pub pins: std::collections::BTreeMap<String, String>,
+}
+
+/// Resource limits (rlimits) set in every plugin process before it runs; `None` inherits
+/// the daemon's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginLimits {
+    /// Address space, in bytes (RLIMIT_AS).
+    pub address_space: Option<u64>,
+    /// Open file descriptors (RLIMIT_NOFILE).
+    pub open_files: Option<u64>,
+    /// Processes and threads of the plugin's user (RLIMIT_NPROC: counted per user, not per
+    /// plugin, and not enforced for root).
+    pub processes: Option<u64>,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits {
+            // A guard against runaway allocation, roomy enough for runtimes that reserve
+            // large virtual ranges (Go, the JVM); a cgroup is the tool for real memory caps.
+            address_space: Some(32 * 1024 * 1024 * 1024),
+            // The daemon raises its own limit to the hard one; plugins get a usual one.
+            open_files: Some(4096),
+            processes: None,
+        }
+    }
 }
 
 /// Authentication and transport security of the control plane.
@@ -193,6 +228,10 @@ impl Config {
                 insecure_plaintext_non_loopback: false,
             },
             grpc: GrpcLimits::default(),
+            max_log_line: crate::capture::DEFAULT_MAX_LINE,
+            max_metadata_bytes: crate::discovery::DEFAULT_MAX_METADATA_BYTES,
+            plugin_limits: PluginLimits::default(),
+            pins: Default::default(),
             data_dir,
         }
     }

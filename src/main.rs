@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use torud::config::{Config, Timing, TlsFiles, TokenSource, DEFAULT_PLUGIN_ENV};
+use torud::config::{Config, PluginLimits, Timing, TlsFiles, TokenSource, DEFAULT_PLUGIN_ENV};
 
 /// Log capture allocates a few small strings per line; mimalloc makes that markedly
 /// cheaper than the system allocator (measured with `torud-bench logs`).
@@ -124,6 +124,34 @@ struct ServeArgs {
     /// Concurrent gRPC streams (calls, subscriptions) per client connection.
     #[arg(long, env = "TORUD_MAX_CONCURRENT_STREAMS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     max_concurrent_streams: u32,
+    /// Longest KV key accepted, in bytes.
+    #[arg(long, env = "TORUD_MAX_KV_KEY_BYTES", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    max_kv_key_bytes: u32,
+    /// Longest KV value accepted, in bytes.
+    #[arg(long, env = "TORUD_MAX_KV_VALUE_BYTES", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_kv_value_bytes: u32,
+    /// Longest line of plugin output kept as one log record; longer lines are split into
+    /// continued records.
+    #[arg(long, env = "TORUD_MAX_LOG_LINE_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(16..))]
+    max_log_line_bytes: u32,
+    /// Most bytes a plugin's `--metadata` may print.
+    #[arg(long, env = "TORUD_MAX_METADATA_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(64..))]
+    max_metadata_bytes: u32,
+    /// Address-space limit (RLIMIT_AS) of every plugin process, in bytes; 0 inherits the
+    /// daemon's.
+    #[arg(long, env = "TORUD_PLUGIN_MAX_ADDRESS_SPACE", default_value_t = 32 * 1024 * 1024 * 1024)]
+    plugin_max_address_space: u64,
+    /// Open-file limit (RLIMIT_NOFILE) of every plugin process; 0 inherits the daemon's.
+    #[arg(long, env = "TORUD_PLUGIN_MAX_OPEN_FILES", default_value_t = 4096)]
+    plugin_max_open_files: u64,
+    /// Process limit (RLIMIT_NPROC, counted per user, not enforced for root) of every
+    /// plugin process; 0 inherits the daemon's.
+    #[arg(long, env = "TORUD_PLUGIN_MAX_PROCESSES", default_value_t = 0)]
+    plugin_max_processes: u64,
+    /// Pin a plugin's binary: ID=SHA256 (hex). A plugin whose binary has another hash is
+    /// refused at start. Repeat for several plugins.
+    #[arg(long = "pin", env = "TORUD_PINS", value_delimiter = ',', value_parser = parse_pin)]
+    pins: Vec<(String, String)>,
     /// Log filter for the daemon's own logs (stderr), e.g. `info` or `torud=debug`.
     #[arg(long, env = "TORUD_LOG", default_value = "info")]
     log: String,
@@ -146,6 +174,21 @@ fn raise_open_file_limit() {
             }
         }
     }
+}
+
+/// `ID=SHA256` → (id, lowercase hex).
+fn parse_pin(text: &str) -> Result<(String, String), String> {
+    let (id, hash) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not ID=SHA256"))?;
+    if !toru_plugin_sdk::metadata::is_valid_id(id) {
+        return Err(format!("{id:?} is not a plugin id"));
+    }
+    let hash = hash.trim().to_ascii_lowercase();
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("the pin of {id} is not a SHA-256 (64 hex digits)"));
+    }
+    Ok((id.to_owned(), hash))
 }
 
 fn absolute_dir(path: &Path) -> std::io::Result<PathBuf> {
@@ -223,6 +266,18 @@ fn main() -> ExitCode {
     config.security.insecure_plaintext_non_loopback = args.insecure_plaintext_non_loopback;
     config.grpc.max_message_bytes = args.max_message_bytes as usize;
     config.grpc.max_concurrent_streams = args.max_concurrent_streams;
+
+    config.bridge.max_key = args.max_kv_key_bytes as usize;
+    config.bridge.max_value = args.max_kv_value_bytes as usize;
+    config.max_log_line = args.max_log_line_bytes as usize;
+    config.max_metadata_bytes = args.max_metadata_bytes as usize;
+    let limit = |v: u64| (v > 0).then_some(v);
+    config.plugin_limits = PluginLimits {
+        address_space: limit(args.plugin_max_address_space),
+        open_files: limit(args.plugin_max_open_files),
+        processes: limit(args.plugin_max_processes),
+    };
+    config.pins = args.pins.into_iter().collect();
 
     raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
