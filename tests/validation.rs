@@ -117,7 +117,7 @@ fn calls_with_id(c: &mut Clients, id: String) -> Vec<(&'static str, &'static str
                     method: "GET".into(),
                     path: "/".into(),
                     headers: vec![],
-                    body: vec![].into(),
+                    body: vec![],
                 })
                 .await
                 .map(|_| ())
@@ -450,7 +450,7 @@ async fn every_rpc_refuses_bad_numbers_enums_tokens_and_keys() {
             name: header.into(),
             value: "v".into(),
         }],
-        body: vec![].into(),
+        body: vec![],
     };
     for (case, req, field) in [
         ("empty method", call("", "/", "x"), "method"),
