@@ -7,7 +7,8 @@
 //! kept as the plugin's time and its other keys as fields. Any other line — plain text, or
 //! JSON whose `level` or `message` has the wrong type — is kept whole as a message, at level
 //! info unless it starts with a recognised prefix (`[WARN]`, `ERROR:`, …). A line longer
-//! than [`MAX_LINE`] is stored as several records, all but the last marked `continued`;
+//! than the limit ([`DEFAULT_MAX_LINE`] unless configured) is stored as several records, all
+//! but the last marked `continued`, cut between characters;
 //! invalid UTF-8 is replaced. Each read's lines are stored with one append.
 //! This module knows nothing of processes' lifecycle or of gRPC.
 
@@ -23,8 +24,10 @@ use tokio::time::{Duration, Instant};
 use crate::model::{LogLevel, LogRecord, LogStream};
 use crate::seqlog::{SeqLog, SeqLogConfig, SeqLogError, Sequenced};
 
-/// Longest line kept as one record.
-pub const MAX_LINE: usize = 64 * 1024;
+/// Longest line kept as one record, unless configured otherwise.
+pub const DEFAULT_MAX_LINE: usize = 64 * 1024;
+#[cfg(test)]
+const MAX_LINE: usize = DEFAULT_MAX_LINE;
 /// Stderr lines kept for crash reports.
 pub const STDERR_TAIL_LINES: usize = 20;
 
@@ -132,7 +135,7 @@ impl StderrTail {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Line {
     text: String,
-    /// The line went on past [`MAX_LINE`]; the next piece follows.
+    /// The line went on past the limit; the next piece follows.
     continued: bool,
 }
 
@@ -152,7 +155,9 @@ pub async fn drain_lines<R: AsyncRead + Unpin>(
     pid: u32,
     log: PluginLog,
     tail: Option<StderrTail>,
+    max_line: usize,
 ) {
+    let max_line = max_line.max(16);
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let mut partial: Vec<u8> = Vec::new();
     let mut batch: Vec<Line> = Vec::new();
@@ -185,7 +190,7 @@ pub async fn drain_lines<R: AsyncRead + Unpin>(
             break;
         }
         let used = chunk.len();
-        split_lines(chunk, &mut partial, &mut batch);
+        split_lines(chunk, &mut partial, &mut batch, max_line);
         reader.consume(used);
         held_bytes += used;
         let due = last_store.elapsed() >= COALESCE || held_bytes >= COALESCE_BYTES;
@@ -223,8 +228,8 @@ fn emit(
 }
 
 /// Splits `chunk` into complete lines (appended to `out`), carrying an unfinished line in
-/// `partial`; a line reaching [`MAX_LINE`] bytes is emitted as a continued piece.
-fn split_lines(mut chunk: &[u8], partial: &mut Vec<u8>, out: &mut Vec<Line>) {
+/// `partial`; a line reaching `max` bytes is emitted as a continued piece.
+fn split_lines(mut chunk: &[u8], partial: &mut Vec<u8>, out: &mut Vec<Line>, max: usize) {
     let mut finish = |partial: &mut Vec<u8>, continued: bool| {
         if !continued && partial.last() == Some(&b'\r') {
             partial.pop();
@@ -236,7 +241,7 @@ fn split_lines(mut chunk: &[u8], partial: &mut Vec<u8>, out: &mut Vec<Line>) {
         partial.clear();
     };
     while !chunk.is_empty() {
-        if partial.len() == MAX_LINE {
+        if partial.len() >= max {
             // A full piece waits for the next byte: the line's end, or more of it.
             if chunk[0] == b'\n' {
                 finish(partial, false);
@@ -249,7 +254,7 @@ fn split_lines(mut chunk: &[u8], partial: &mut Vec<u8>, out: &mut Vec<Line>) {
             finish(partial, true);
             partial.extend_from_slice(&carry);
         }
-        let room = MAX_LINE - partial.len();
+        let room = max - partial.len();
         let window = &chunk[..chunk.len().min(room)];
         match window.iter().position(|&b| b == b'\n') {
             Some(nl) => {
@@ -376,21 +381,21 @@ mod tests {
     #[test]
     fn splits_lines_across_chunks_and_caps_length() {
         let (mut partial, mut out) = (Vec::new(), Vec::new());
-        split_lines(b"ab\ncd", &mut partial, &mut out);
-        split_lines(b"e\r\n\n", &mut partial, &mut out);
+        split_lines(b"ab\ncd", &mut partial, &mut out, MAX_LINE);
+        split_lines(b"e\r\n\n", &mut partial, &mut out, MAX_LINE);
         let texts: Vec<&str> = out.iter().map(|l| l.text.as_str()).collect();
         assert_eq!(texts, ["ab", "cde", ""]);
         out.clear();
         let long = vec![b'x'; MAX_LINE + 10];
-        split_lines(&long, &mut partial, &mut out);
-        split_lines(b"\n", &mut partial, &mut out);
+        split_lines(&long, &mut partial, &mut out, MAX_LINE);
+        split_lines(b"\n", &mut partial, &mut out, MAX_LINE);
         assert_eq!(out.len(), 2);
         assert!(out[0].continued && !out[1].continued);
         assert_eq!((out[0].text.len(), out[1].text.len()), (MAX_LINE, 10));
         out.clear();
         let exact = vec![b'y'; MAX_LINE];
-        split_lines(&exact, &mut partial, &mut out);
-        split_lines(b"\nnext\n", &mut partial, &mut out);
+        split_lines(&exact, &mut partial, &mut out, MAX_LINE);
+        split_lines(b"\nnext\n", &mut partial, &mut out, MAX_LINE);
         assert_eq!(out.len(), 2, "a line of exactly the limit is one record");
         assert!(!out[0].continued && out[0].text.len() == MAX_LINE && out[1].text == "next");
     }
@@ -408,7 +413,12 @@ mod tests {
         );
         let line = "\u{20ac}".repeat(MAX_LINE / 3 + 10);
         let (mut partial, mut out) = (Vec::new(), Vec::new());
-        split_lines(format!("{line}\n").as_bytes(), &mut partial, &mut out);
+        split_lines(
+            format!("{line}\n").as_bytes(),
+            &mut partial,
+            &mut out,
+            MAX_LINE,
+        );
         assert_eq!(out.len(), 2);
         assert!(out[0].continued && out[0].text.len() <= MAX_LINE);
         assert_eq!(format!("{}{}", out[0].text, out[1].text), line);
@@ -465,6 +475,7 @@ mod tests {
             7,
             log.clone(),
             Some(tail.clone()),
+            MAX_LINE,
         )
         .await;
         assert_eq!(tail.lines().len(), STDERR_TAIL_LINES);

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::auth::TokenSource;
+
 /// Everything `torud serve` can be told.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -27,6 +29,87 @@ pub struct Config {
     pub log_segments: usize,
     /// Environment variables passed through to plugins (beyond the `TORU_*` ones).
     pub plugin_env_allowlist: Vec<String>,
+    /// Who may call, and over what.
+    pub security: SecurityConfig,
+    /// Limits of the gRPC server.
+    pub grpc: GrpcLimits,
+    /// Longest line of plugin output kept as one log record; longer lines are split.
+    pub max_log_line: usize,
+    /// Most bytes a `--metadata` run may print.
+    pub max_metadata_bytes: usize,
+    /// Resource limits every plugin process starts with.
+    pub plugin_limits: PluginLimits,
+    /// Expected SHA-256 (lowercase hex) of plugin binaries, by plugin id: a plugin whose
+    /// binary differs is refused at start.
+    pub pins: std::collections::BTreeMap<String, String>,
+}
+
+/// Resource limits (rlimits) set in every plugin process before it runs; `None` inherits
+/// the daemon's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginLimits {
+    /// Address space, in bytes (RLIMIT_AS).
+    pub address_space: Option<u64>,
+    /// Open file descriptors (RLIMIT_NOFILE).
+    pub open_files: Option<u64>,
+    /// Processes and threads of the plugin's user (RLIMIT_NPROC: counted per user, not per
+    /// plugin, and not enforced for root).
+    pub processes: Option<u64>,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits {
+            // A guard against runaway allocation, roomy enough for runtimes that reserve
+            // large virtual ranges (Go, the JVM); a cgroup is the tool for real memory caps.
+            address_space: Some(32 * 1024 * 1024 * 1024),
+            // The daemon raises its own limit to the hard one; plugins get a usual one.
+            open_files: Some(4096),
+            processes: None,
+        }
+    }
+}
+
+/// Authentication and transport security of the control plane.
+#[derive(Debug, Clone)]
+pub struct SecurityConfig {
+    /// Where the admin token comes from.
+    pub admin_token: TokenSource,
+    /// Where the read-only token comes from.
+    pub read_token: TokenSource,
+    /// TLS for the TCP listener.
+    pub tls: Option<TlsFiles>,
+    /// Serve plaintext on a non-loopback address anyway.
+    pub insecure_plaintext_non_loopback: bool,
+}
+
+/// PEM files of the TCP listener's TLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// CA certificates that client certificates must chain to; `None` asks for none.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Limits of the gRPC server.
+#[derive(Debug, Clone)]
+pub struct GrpcLimits {
+    /// Largest request or response message, in bytes.
+    pub max_message_bytes: usize,
+    /// Concurrent streams (calls) per client connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for GrpcLimits {
+    fn default() -> Self {
+        GrpcLimits {
+            max_message_bytes: 4 * 1024 * 1024,
+            max_concurrent_streams: 1024,
+        }
+    }
 }
 
 /// How long the supervisor waits for things, and how it backs off.
@@ -132,14 +215,30 @@ impl Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             plugins_dir,
-            data_dir,
             enable_new_plugins: false,
             timing: Timing::default(),
             bridge: BridgeConfig::default(),
             log_segment_bytes: 10 * 1024 * 1024,
             log_segments: 5,
             plugin_env_allowlist: DEFAULT_PLUGIN_ENV.iter().map(|s| s.to_string()).collect(),
+            security: SecurityConfig {
+                admin_token: TokenSource::Generated(data_dir.join("admin.token")),
+                read_token: TokenSource::Generated(data_dir.join("read.token")),
+                tls: None,
+                insecure_plaintext_non_loopback: false,
+            },
+            grpc: GrpcLimits::default(),
+            max_log_line: crate::capture::DEFAULT_MAX_LINE,
+            max_metadata_bytes: crate::discovery::DEFAULT_MAX_METADATA_BYTES,
+            plugin_limits: PluginLimits::default(),
+            pins: Default::default(),
+            data_dir,
         }
+    }
+
+    /// The control socket (trusted by file permission, no token).
+    pub fn control_socket(&self) -> PathBuf {
+        self.data_dir.join("torud.sock")
     }
 
     /// Private directory (0700) holding the plugins' sockets.

@@ -17,11 +17,12 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use toru_plugin_sdk::Metadata;
 
+use crate::config::PluginLimits;
 use crate::model::PluginSpec;
 use crate::process::{plugin_command, signal_group};
 
 /// Largest `--metadata` output accepted.
-pub const MAX_METADATA_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_METADATA_BYTES: usize = 64 * 1024;
 /// Stderr kept from a failed `--metadata` run, for the reason.
 const MAX_METADATA_STDERR: usize = 2048;
 /// Suffix of plugin executables.
@@ -46,6 +47,10 @@ pub struct ProbeOptions {
     pub timeout: Duration,
     /// Environment variables passed through.
     pub env_allowlist: Vec<String>,
+    /// Most bytes `--metadata` may print.
+    pub max_bytes: usize,
+    /// Resource limits of the `--metadata` process.
+    pub limits: PluginLimits,
 }
 
 /// Lists the candidate files of `dir`, sorted by name.
@@ -122,7 +127,12 @@ pub async fn probe(dir: PathBuf, path: PathBuf, opts: ProbeOptions) -> Probe {
 
 /// Runs `path --metadata` and returns its stdout, or why it failed.
 async fn run_metadata(path: &Path, opts: &ProbeOptions) -> Result<Vec<u8>, String> {
-    let mut cmd = plugin_command(path, &opts.env_allowlist, &[] as &[(&str, OsString)]);
+    let mut cmd = plugin_command(
+        path,
+        &opts.env_allowlist,
+        &[] as &[(&str, OsString)],
+        &opts.limits,
+    );
     cmd.arg("--metadata")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -134,7 +144,7 @@ async fn run_metadata(path: &Path, opts: &ProbeOptions) -> Result<Vec<u8>, Strin
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let work = async {
         let (out, err, status) = tokio::join!(
-            read_capped(&mut stdout, MAX_METADATA_BYTES),
+            read_capped(&mut stdout, opts.max_bytes),
             read_capped(&mut stderr, MAX_METADATA_STDERR),
             child.wait()
         );
@@ -167,7 +177,8 @@ async fn run_metadata(path: &Path, opts: &ProbeOptions) -> Result<Vec<u8>, Strin
     let (bytes, overflow) = out;
     if overflow {
         return Err(format!(
-            "--metadata printed more than {MAX_METADATA_BYTES} bytes"
+            "--metadata printed more than {} bytes (see --max-metadata-bytes)",
+            opts.max_bytes
         ));
     }
     Ok(bytes)

@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod auth;
 pub mod bridge;
 pub mod capture;
 pub mod config;

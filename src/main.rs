@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use torud::config::{Config, Timing, DEFAULT_PLUGIN_ENV};
+use torud::config::{Config, PluginLimits, Timing, TlsFiles, TokenSource, DEFAULT_PLUGIN_ENV};
 
 /// Log capture allocates a few small strings per line; mimalloc makes that markedly
 /// cheaper than the system allocator (measured with `torud-bench logs`).
@@ -97,6 +97,61 @@ struct ServeArgs {
     /// default allowlist and the TORU_* variables.
     #[arg(long, env = "TORUD_PLUGIN_ENV", value_delimiter = ',')]
     plugin_env: Vec<String>,
+    /// File holding the admin token (full access over TCP). Or set TORUD_ADMIN_TOKEN to the
+    /// token itself. Without either, one is generated into <data-dir>/admin.token.
+    #[arg(long, env = "TORUD_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// File holding the read-only token (list, get, query, stream, watch). Or set
+    /// TORUD_READ_TOKEN. Without either, one is generated into <data-dir>/read.token.
+    #[arg(long, env = "TORUD_READ_TOKEN_FILE")]
+    read_token_file: Option<PathBuf>,
+    /// PEM certificate chain for TLS on the TCP listener (with --tls-key).
+    #[arg(long, env = "TORUD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the TCP listener (with --tls-cert).
+    #[arg(long, env = "TORUD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates: when given, TCP clients must present a certificate signed by one.
+    #[arg(long, env = "TORUD_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve plaintext gRPC on a non-loopback address (tokens then cross the network in
+    /// the clear). Without TLS, a non-loopback --listen is refused unless this is given.
+    #[arg(long, env = "TORUD_INSECURE_PLAINTEXT_NON_LOOPBACK")]
+    insecure_plaintext_non_loopback: bool,
+    /// Largest gRPC request or response message, in bytes.
+    #[arg(long, env = "TORUD_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(1024..))]
+    max_message_bytes: u32,
+    /// Concurrent gRPC streams (calls, subscriptions) per client connection.
+    #[arg(long, env = "TORUD_MAX_CONCURRENT_STREAMS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_concurrent_streams: u32,
+    /// Longest KV key accepted, in bytes.
+    #[arg(long, env = "TORUD_MAX_KV_KEY_BYTES", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    max_kv_key_bytes: u32,
+    /// Longest KV value accepted, in bytes.
+    #[arg(long, env = "TORUD_MAX_KV_VALUE_BYTES", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_kv_value_bytes: u32,
+    /// Longest line of plugin output kept as one log record; longer lines are split into
+    /// continued records.
+    #[arg(long, env = "TORUD_MAX_LOG_LINE_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(16..))]
+    max_log_line_bytes: u32,
+    /// Most bytes a plugin's `--metadata` may print.
+    #[arg(long, env = "TORUD_MAX_METADATA_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(64..))]
+    max_metadata_bytes: u32,
+    /// Address-space limit (RLIMIT_AS) of every plugin process, in bytes; 0 inherits the
+    /// daemon's.
+    #[arg(long, env = "TORUD_PLUGIN_MAX_ADDRESS_SPACE", default_value_t = 32 * 1024 * 1024 * 1024)]
+    plugin_max_address_space: u64,
+    /// Open-file limit (RLIMIT_NOFILE) of every plugin process; 0 inherits the daemon's.
+    #[arg(long, env = "TORUD_PLUGIN_MAX_OPEN_FILES", default_value_t = 4096)]
+    plugin_max_open_files: u64,
+    /// Process limit (RLIMIT_NPROC, counted per user, not enforced for root) of every
+    /// plugin process; 0 inherits the daemon's.
+    #[arg(long, env = "TORUD_PLUGIN_MAX_PROCESSES", default_value_t = 0)]
+    plugin_max_processes: u64,
+    /// Pin a plugin's binary: ID=SHA256 (hex). A plugin whose binary has another hash is
+    /// refused at start. Repeat for several plugins.
+    #[arg(long = "pin", env = "TORUD_PINS", value_delimiter = ',', value_parser = parse_pin)]
+    pins: Vec<(String, String)>,
     /// Log filter for the daemon's own logs (stderr), e.g. `info` or `torud=debug`.
     #[arg(long, env = "TORUD_LOG", default_value = "info")]
     log: String,
@@ -119,6 +174,21 @@ fn raise_open_file_limit() {
             }
         }
     }
+}
+
+/// `ID=SHA256` → (id, lowercase hex).
+fn parse_pin(text: &str) -> Result<(String, String), String> {
+    let (id, hash) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not ID=SHA256"))?;
+    if !toru_plugin_sdk::metadata::is_valid_id(id) {
+        return Err(format!("{id:?} is not a plugin id"));
+    }
+    let hash = hash.trim().to_ascii_lowercase();
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("the pin of {id} is not a SHA-256 (64 hex digits)"));
+    }
+    Ok((id.to_owned(), hash))
 }
 
 fn absolute_dir(path: &Path) -> std::io::Result<PathBuf> {
@@ -174,6 +244,40 @@ fn main() -> ExitCode {
         .map(|s| s.to_string())
         .chain(args.plugin_env.into_iter().filter(|s| !s.is_empty()))
         .collect();
+
+    let token = |value_env: &str, file: Option<PathBuf>, generated: &str| match (
+        std::env::var(value_env).ok().filter(|v| !v.is_empty()),
+        file,
+    ) {
+        (Some(value), _) => TokenSource::Value(value),
+        (None, Some(file)) => TokenSource::File(file),
+        (None, None) => TokenSource::Generated(config.data_dir.join(generated)),
+    };
+    config.security.admin_token = token("TORUD_ADMIN_TOKEN", args.admin_token_file, "admin.token");
+    config.security.read_token = token("TORUD_READ_TOKEN", args.read_token_file, "read.token");
+    config.security.tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca: args.tls_client_ca,
+        }),
+        _ => None,
+    };
+    config.security.insecure_plaintext_non_loopback = args.insecure_plaintext_non_loopback;
+    config.grpc.max_message_bytes = args.max_message_bytes as usize;
+    config.grpc.max_concurrent_streams = args.max_concurrent_streams;
+
+    config.bridge.max_key = args.max_kv_key_bytes as usize;
+    config.bridge.max_value = args.max_kv_value_bytes as usize;
+    config.max_log_line = args.max_log_line_bytes as usize;
+    config.max_metadata_bytes = args.max_metadata_bytes as usize;
+    let limit = |v: u64| (v > 0).then_some(v);
+    config.plugin_limits = PluginLimits {
+        address_space: limit(args.plugin_max_address_space),
+        open_files: limit(args.plugin_max_open_files),
+        processes: limit(args.plugin_max_processes),
+    };
+    config.pins = args.pins.into_iter().collect();
 
     raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -18,15 +18,22 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
 use crate::capture::{drain_lines, PluginLog, StderrTail};
+use crate::config::PluginLimits;
+
+#[cfg(target_env = "gnu")]
+type RlimitResource = libc::__rlimit_resource_t;
+#[cfg(not(target_env = "gnu"))]
+type RlimitResource = libc::c_int;
 use crate::model::ExitStatus;
 use crate::model::LogStream;
 
 /// Builds a command for a plugin executable with only the allowlisted environment, its own
-/// process group and the parent-death signal.
+/// process group, the parent-death signal and `limits`.
 pub fn plugin_command(
     binary: &Path,
     allowlist: &[String],
     extra_env: &[(&str, OsString)],
+    limits: &PluginLimits,
 ) -> Command {
     let mut cmd = Command::new(binary);
     cmd.env_clear();
@@ -40,10 +47,28 @@ pub fn plugin_command(
     }
     cmd.stdin(Stdio::null()).process_group(0).kill_on_drop(true);
     let daemon_pid = std::process::id() as libc::pid_t;
+    let rlimits: Vec<(RlimitResource, u64)> = [
+        (libc::RLIMIT_AS, limits.address_space),
+        (libc::RLIMIT_NOFILE, limits.open_files),
+        (libc::RLIMIT_NPROC, limits.processes),
+    ]
+    .into_iter()
+    .filter_map(|(resource, value)| value.map(|v| (resource, v)))
+    .collect();
     // SAFETY: the closure runs in the forked child before exec and only calls
-    // async-signal-safe functions (prctl, getppid, _exit).
+    // async-signal-safe functions (prctl, getppid, setrlimit, _exit); `rlimits` was built
+    // before the fork, so nothing allocates.
     unsafe {
         cmd.pre_exec(move || {
+            for &(resource, value) in &rlimits {
+                let limit = libc::rlimit {
+                    rlim_cur: value as libc::rlim_t,
+                    rlim_max: value as libc::rlim_t,
+                };
+                if libc::setrlimit(resource, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
                 libc::SIGKILL as libc::c_ulong,
@@ -147,8 +172,9 @@ pub struct PluginProcess {
 }
 
 impl PluginProcess {
-    /// Spawns the plugin with stdout and stderr drained line by line into `log`.
-    pub fn spawn(mut cmd: Command, log: PluginLog) -> std::io::Result<Self> {
+    /// Spawns the plugin with stdout and stderr drained line by line (lines longer than
+    /// `max_line` split) into `log`.
+    pub fn spawn(mut cmd: Command, log: PluginLog, max_line: usize) -> std::io::Result<Self> {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn()?;
         let pid = child.id().unwrap_or(0);
@@ -162,6 +188,7 @@ impl PluginProcess {
                 pid,
                 log.clone(),
                 None,
+                max_line,
             )));
         }
         if let Some(err) = child.stderr.take() {
@@ -172,6 +199,7 @@ impl PluginProcess {
                 pid,
                 log,
                 Some(stderr_tail.clone()),
+                max_line,
             )));
         }
         Ok(PluginProcess {

@@ -1,20 +1,28 @@
-//! Wires the daemon together: binds the listener, starts the supervisor, serves the gRPC
-//! services (plugins, health, reflection) and shuts everything down in order when the
+//! Wires the daemon together: binds the listeners (TCP, behind token checks and optionally
+//! TLS; and the control socket in the data directory, trusted by file permission), starts
+//! the supervisor, serves the gRPC services (plugins, KV, logs, health, reflection) on both,
+//! and shuts everything down in order when the
 //! `shutdown` future resolves: open streams end, plugins stop (in parallel, by escalation),
 //! the server drains.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::api::kv::KvApi;
 use crate::api::logs::LogApi;
 use crate::api::{health, PluginApi};
-use crate::config::Config;
+use crate::auth::{AuthLayer, TokenError, TokenSource, Tokens};
+use crate::config::{create_dir_with_mode, Config, TlsFiles};
 use crate::pb;
 use crate::supervisor::{StartupError, Supervisor};
 
@@ -34,6 +42,34 @@ pub enum ServeError {
         /// What failed.
         source: std::io::Error,
     },
+    /// The control socket could not be bound.
+    #[error("cannot listen on the control socket {path}: {source}")]
+    BindUnix {
+        /// The socket path.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// Plaintext on an address other hosts can reach, without being told to.
+    #[error(
+        "refusing to serve plaintext on {0}, which other hosts can reach: give --tls-cert and \
+         --tls-key, listen on a loopback address, or pass --insecure-plaintext-non-loopback"
+    )]
+    PlaintextNonLoopback(SocketAddr),
+    /// TLS files could not be read or used.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The data directory could not be prepared.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// Tokens could not be loaded.
+    #[error(transparent)]
+    Tokens(#[from] TokenError),
     /// The supervisor could not start.
     #[error(transparent)]
     Startup(#[from] StartupError),
@@ -48,20 +84,85 @@ pub enum ServeError {
     Transport(String),
 }
 
-/// Binds `config.listen`, then serves until `shutdown` resolves. `on_listening` is told the
-/// bound address once the listener is ready.
+fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServeError> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|e| ServeError::Tls(format!("{}: {e}", path.display())))
+    };
+    let mut tls =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+    if let Some(ca) = &files.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(tls)
+}
+
+/// Binds the control socket in the data directory, replacing a stale one, readable and
+/// writable by the daemon's user only.
+fn bind_control_socket(path: &Path) -> Result<UnixListener, ServeError> {
+    let err = |source| ServeError::BindUnix {
+        path: path.to_owned(),
+        source,
+    };
+    if path.as_os_str().len() < 100 && std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another daemon is serving this data directory",
+        )));
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    // A path over the kernel's 108-byte limit is bound through the directory's descriptor
+    // (the /proc magic link keeps the path short).
+    let listener = if path.as_os_str().len() >= 100 {
+        let dir = path
+            .parent()
+            .ok_or_else(|| err(std::io::ErrorKind::InvalidInput.into()))?;
+        let dir = std::fs::File::open(dir).map_err(err)?;
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let short = format!("/proc/self/fd/{}/{name}", dir.as_raw_fd());
+        UnixListener::bind(short).map_err(err)?
+    } else {
+        UnixListener::bind(path).map_err(err)?
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Binds `config.listen` and the control socket, then serves until `shutdown` resolves.
+/// `on_listening` is told the bound TCP address once both listeners are ready.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
     let addr = config.listen;
+    let tls = config.security.tls.as_ref().map(tls_config).transpose()?;
+    if tls.is_none() && !addr.ip().is_loopback() && !config.security.insecure_plaintext_non_loopback
+    {
+        return Err(ServeError::PlaintextNonLoopback(addr));
+    }
+    create_dir_with_mode(&config.data_dir, 0o700).map_err(|source| ServeError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let tokens = Tokens::load(&config.security.admin_token, &config.security.read_token)?;
+    for source in [&config.security.admin_token, &config.security.read_token] {
+        if let TokenSource::Generated(path) = source {
+            tracing::info!(path = %path.display(), "token file");
+        }
+    }
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
     let local = listener
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
+    let control_path = config.control_socket();
+    let control = bind_control_socket(&control_path)?;
+    let limits = config.grpc.clone();
     let supervisor = Supervisor::start(config)?;
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -82,23 +183,59 @@ pub async fn run(
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
     let stop = CancellationToken::new();
-    let api = PluginApi::new(supervisor.clone(), stop.clone());
-    let kv = KvApi::new(supervisor.clone());
-    let logs = LogApi::new(supervisor.clone(), stop.clone());
-    let server = tonic::transport::Server::builder()
-        .add_service(pb::plugin_service_server::PluginServiceServer::new(api))
-        .add_service(pb::kv_service_server::KvServiceServer::new(kv))
-        .add_service(pb::log_service_server::LogServiceServer::new(logs))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+    let max = limits.max_message_bytes;
+    let plugins = pb::plugin_service_server::PluginServiceServer::new(PluginApi::new(
+        supervisor.clone(),
+        stop.clone(),
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let kv = pb::kv_service_server::KvServiceServer::new(KvApi::new(supervisor.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let logs = pb::log_service_server::LogServiceServer::new(LogApi::new(
+        supervisor.clone(),
+        stop.clone(),
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    // The same services on both listeners; only TCP asks for a token.
+    let builder = || {
+        tonic::transport::Server::builder().max_concurrent_streams(limits.max_concurrent_streams)
+    };
+    let mut tcp_builder = builder();
+    if let Some(tls) = tls {
+        tcp_builder = tcp_builder
+            .tls_config(tls)
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+    }
+    let tcp = tcp_builder
+        .layer(AuthLayer::new(tokens))
+        .add_service(plugins.clone())
+        .add_service(kv.clone())
+        .add_service(logs.clone())
+        .add_service(health_service.clone())
+        .add_service(reflection_v1.clone())
+        .add_service(reflection_v1alpha.clone())
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY, small responses wait for delayed ACKs (~40 ms).
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             stop.clone().cancelled_owned(),
         );
-    let server = tokio::spawn(server);
-    tracing::info!(%local, "listening");
+    let unix = builder()
+        .add_service(plugins)
+        .add_service(kv)
+        .add_service(logs)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(control),
+            stop.clone().cancelled_owned(),
+        );
+    let tcp = tokio::spawn(tcp);
+    let unix = tokio::spawn(unix);
+    tracing::info!(%local, control = %control_path.display(), "listening");
     on_listening(local);
 
     shutdown.await;
@@ -109,12 +246,20 @@ pub async fn run(
     stop.cancel();
     supervisor.shutdown().await;
     bridge.abort();
-    match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => return Err(ServeError::Transport(e.to_string())),
-        Ok(Err(e)) => return Err(ServeError::Transport(e.to_string())),
-        Err(_) => tracing::info!("closing client connections still open after shutdown"),
-    }
+    let servers = async { (tcp.await, unix.await) };
+    let result = match tokio::time::timeout(DRAIN_TIMEOUT, servers).await {
+        Ok((tcp, unix)) => [tcp, unix].into_iter().try_for_each(|r| match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServeError::Transport(e.to_string())),
+            Err(e) => Err(ServeError::Transport(e.to_string())),
+        }),
+        Err(_) => {
+            tracing::info!("closing client connections still open after shutdown");
+            Ok(())
+        }
+    };
+    let _ = std::fs::remove_file(&control_path);
+    result?;
     tracing::info!("stopped");
     Ok(())
 }

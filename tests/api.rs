@@ -5,6 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use torud::pb;
 
 /// Regression: the listener was served without TCP_NODELAY, so every unary response waited
 /// for a delayed ACK (about 40 ms on Linux loopback). A median under 20 ms cannot happen
@@ -19,11 +20,20 @@ async fn unary_calls_are_not_held_back_by_nagle() {
         .await
         .wait_added(&["hello"])
         .await;
+    // Over TCP, where Nagle's algorithm applies (the control socket is a Unix socket).
+    let mut tcp = d.tcp_client(&d.token("admin")).await;
     let mut took = Vec::new();
     for _ in 0..11 {
-        enable(&mut client, "hello").await;
+        let id = || pb::EnablePluginRequest {
+            plugin_id: "hello".into(),
+        };
+        tcp.enable_plugin(id()).await.unwrap();
         let began = Instant::now();
-        disable(&mut client, "hello").await;
+        tcp.disable_plugin(pb::DisablePluginRequest {
+            plugin_id: "hello".into(),
+        })
+        .await
+        .unwrap();
         took.push(began.elapsed());
     }
     took.sort();

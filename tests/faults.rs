@@ -15,6 +15,10 @@ async fn no_secret_of_the_daemon_reaches_a_plugin() {
     d.envs
         .push(("TORUD_TEST_SECRET_TOKEN".into(), "hunter2".into()));
     d.envs.push(("EXTRA_ALLOWED".into(), "yes".into()));
+    d.envs
+        .push(("TORUD_ADMIN_TOKEN".into(), "admin-secret-0123456789".into()));
+    d.envs
+        .push(("TORUD_READ_TOKEN".into(), "read-secret-0123456789".into()));
     d.start().await;
     let mut client = d.client().await;
     Events::watch(&mut client, Some(0))
@@ -24,7 +28,9 @@ async fn no_secret_of_the_daemon_reaches_a_plugin() {
     enable(&mut client, "env").await;
     let text = std::fs::read_to_string(d.data_dir.join("plugins/env/env.json")).unwrap();
     let env: BTreeMap<String, String> = serde_json::from_str(&text).unwrap();
-    assert!(!text.contains("hunter2"), "a secret leaked: {env:?}");
+    for secret in ["hunter2", "admin-secret", "read-secret"] {
+        assert!(!text.contains(secret), "a secret leaked: {env:?}");
+    }
     // Every variable of the daemon's environment that reached the plugin must be allowed.
     // (The fixture's /bin/sh wrapper and pyenv's shim add a few of their own, which are not
     // the daemon's; PWD and SHLVL are re-set by the shell whatever it inherited.)

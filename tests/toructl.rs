@@ -222,14 +222,7 @@ async fn logs_filter_and_resume_from_a_cursor() {
     let lines = ok(
         &d,
         &[
-            "-o",
-            "json",
-            "logs",
-            "py-echo",
-            "--tail",
-            "100",
-            "--grep",
-            "lifecycle",
+            "-o", "json", "logs", "py-echo", "--tail", "100", "--grep", "ready",
         ],
     );
     let records: Vec<Value> = lines
@@ -239,7 +232,7 @@ async fn logs_filter_and_resume_from_a_cursor() {
     assert!(!records.is_empty());
     assert!(records
         .iter()
-        .all(|r| r["message"].as_str().unwrap().contains("lifecycle")));
+        .all(|r| r["message"].as_str().unwrap().contains("ready")));
     let warn = ok(&d, &["logs", "py-echo", "--tail", "100", "--level", "warn"]);
     assert_eq!(warn, "", "py-echo logged nothing at warn or above");
 
@@ -260,11 +253,11 @@ async fn logs_filter_and_resume_from_a_cursor() {
         .collect();
     let first = last["seq"].as_u64().unwrap() + 1;
     assert_eq!(seqs, (first..first + seqs.len() as u64).collect::<Vec<_>>());
-    assert!(after.contains("lifecycle init"), "{after}");
+    assert!(after.contains("running: ready"), "{after}");
 
     // --since an age covers everything just written.
     let since = ok(&d, &["logs", "py-echo", "--since", "1h"]);
-    assert!(since.contains("lifecycle init"), "{since}");
+    assert!(since.contains("running: ready"), "{since}");
     let bad = cmd(&d, &["logs", "--level", "loud"]).output().unwrap();
     assert!(!bad.status.success());
     assert_eq!(
@@ -288,7 +281,7 @@ async fn logs_and_events_follow_live() {
     events.wait_for("stopping -> stopped", SECS10);
     ok(&d, &["plugins", "enable", "hello"]);
     let mut seen = logs.wait_for("starting: spawned", SECS10);
-    seen.extend(logs.wait_for("initialised by the host", SECS10));
+    seen.extend(logs.wait_for("running: ready", SECS10));
     assert!(seen.iter().all(|l| l.contains(" hello ")), "{seen:#?}");
     events.wait_for("starting -> running", SECS10);
 
@@ -349,4 +342,52 @@ async fn address_from_the_environment() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("hello"));
+}
+
+#[tokio::test]
+async fn credentials_from_flags_the_data_dir_or_the_socket() {
+    let d = daemon().await;
+    let bare = |args: &[&str]| {
+        Command::new(TORUCTL)
+            .args(args)
+            .env_remove("TORUD_ADDR")
+            .env_remove("TORUD_TOKEN")
+            .env_remove("TORUD_DATA_DIR")
+            .output()
+            .unwrap()
+    };
+    // No token over TCP: one line naming UNAUTHENTICATED and what to do.
+    let out = bare(&["--addr", &d.addr, "plugins", "list"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("UNAUTHENTICATED") && err.contains("--token"),
+        "{err}"
+    );
+
+    // The read token may list but not disable.
+    let read = d.token("read");
+    let out = bare(&["--addr", &d.addr, "--token", &read, "plugins", "list"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = bare(&[
+        "--addr", &d.addr, "--token", &read, "plugins", "disable", "hello",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PERMISSION_DENIED"));
+
+    // The admin token from TORUD_TOKEN.
+    let out = Command::new(TORUCTL)
+        .args(["--addr", &d.addr, "kv", "set", "hello", "k", "v"])
+        .env("TORUD_TOKEN", d.token("admin"))
+        .env_remove("TORUD_DATA_DIR")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Only the data dir: its control socket, no token needed.
+    let dir = d.data_dir.display().to_string();
+    let out = bare(&["--data-dir", &dir, "kv", "get", "hello", "k"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "v\n");
 }

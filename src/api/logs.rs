@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::{checked_id, convert, query};
+use super::{convert, query};
 use crate::capture::PluginLog;
 use crate::model::{LogLevel, LogRecord, LogStream};
 use crate::pb;
@@ -250,7 +250,12 @@ fn selected_logs(
     };
     let mut logs = Vec::with_capacity(ids.len());
     for id in ids {
-        let id = checked_id(&id)?.to_owned();
+        if !toru_plugin_sdk::metadata::is_valid_id(&id) {
+            return Err(Status::invalid_argument(format!(
+                "filter.plugin_ids: {:?} is not a plugin id (1 to 64 ASCII letters, digits and '-')",
+                id.chars().take(80).collect::<String>()
+            )));
+        }
         let log = supervisor.plugin_log(&id)?;
         logs.push((id, log));
     }
@@ -281,11 +286,54 @@ fn time_of(ts: &prost_types::Timestamp) -> time::OffsetDateTime {
 }
 
 /// A page token: the order and, per plugin, the next seq to read.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct PageToken {
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(super) struct PageToken {
     newest_first: bool,
     next: std::collections::BTreeMap<String, u64>,
 }
+
+#[cfg(test)]
+impl PageToken {
+    pub(super) fn for_test(
+        newest_first: bool,
+        next: std::collections::BTreeMap<String, u64>,
+    ) -> Self {
+        PageToken { newest_first, next }
+    }
+}
+
+/// A `QueryLogs` page token as the caller sent it: `None` for the first page.
+pub(super) fn decode_query_token(
+    text: &str,
+    newest_first: bool,
+) -> Result<Option<PageToken>, Status> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let malformed =
+        || Status::invalid_argument("page_token is malformed: pass next_page_token back unchanged");
+    if text.len() > MAX_TOKEN_CHARS {
+        return Err(malformed());
+    }
+    let bytes = hex::decode(text).map_err(|_| malformed())?;
+    let token: PageToken = serde_json::from_slice(&bytes).map_err(|_| malformed())?;
+    if token
+        .next
+        .keys()
+        .any(|id| !toru_plugin_sdk::metadata::is_valid_id(id))
+    {
+        return Err(malformed());
+    }
+    if token.newest_first != newest_first {
+        return Err(Status::invalid_argument(
+            "page_token was made for the other order (newest_first)",
+        ));
+    }
+    Ok(Some(token))
+}
+
+/// The longest page token accepted (a token names each plugin of the query once).
+const MAX_TOKEN_CHARS: usize = 1024 * 1024;
 
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: i32 = 1000;
@@ -315,23 +363,7 @@ impl LogService for LogApi {
                 "after_seq/before_seq: seqs are per plugin; name exactly one plugin in filter.plugin_ids",
             ));
         }
-        let token = if req.page_token.is_empty() {
-            None
-        } else {
-            let malformed = || {
-                Status::invalid_argument(
-                    "page_token is malformed: pass next_page_token back unchanged",
-                )
-            };
-            let bytes = hex::decode(&req.page_token).map_err(|_| malformed())?;
-            let token: PageToken = serde_json::from_slice(&bytes).map_err(|_| malformed())?;
-            if token.newest_first != req.newest_first {
-                return Err(Status::invalid_argument(
-                    "page_token was made for the other order (newest_first)",
-                ));
-            }
-            Some(token)
-        };
+        let token = decode_query_token(&req.page_token, req.newest_first)?;
         let logs = selected_logs(&self.supervisor, filter_pb.plugin_ids)?;
         let bounds = query::Bounds {
             since: req.since.as_ref().map(time_of),

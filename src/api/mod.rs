@@ -6,6 +6,8 @@
 //! (`convert.rs`), and no supervision logic lives here.
 
 pub mod convert;
+#[cfg(test)]
+mod fuzz;
 pub mod health;
 pub mod kv;
 pub mod logs;
@@ -208,6 +210,22 @@ impl PluginService for PluginApi {
                 "path: {:?} must start with '/'",
                 truncate(&req.path)
             )));
+        }
+        for (i, h) in req.headers.iter().enumerate() {
+            // RFC 9110 token characters for names; no line breaks or NUL in values.
+            let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            if h.name.is_empty() || !h.name.bytes().all(token) {
+                return Err(Status::invalid_argument(format!(
+                    "headers[{i}].name: {:?} is not a header name",
+                    truncate(&h.name)
+                )));
+            }
+            if h.value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+                return Err(Status::invalid_argument(format!(
+                    "headers[{i}].value: the value of {:?} contains a line break or NUL",
+                    truncate(&h.name)
+                )));
+            }
         }
         let call = HttpCall {
             method: req.method,

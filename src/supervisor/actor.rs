@@ -341,8 +341,38 @@ impl Actor {
             (toru_plugin_sdk::ENV_INSTANCE_ID, instance_id.clone().into()),
             (toru_plugin_sdk::ENV_DATA_DIR, data_dir.into_os_string()),
         ];
-        let cmd = plugin_command(&spec.binary_path, &cfg.plugin_env_allowlist, &env);
-        let mut process = match PluginProcess::spawn(cmd, self.log.clone()) {
+        if let Some(expected) = cfg.pins.get(&self.id) {
+            let path = spec.binary_path.clone();
+            let found = tokio::task::spawn_blocking(move || sha256_file(&path))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            match found {
+                Ok(found) if &found == expected => {}
+                Ok(found) => {
+                    let reason = format!(
+                        "binary pinning: {} has sha256 {found}, but {expected} is pinned for {}; \
+                         refusing to start it",
+                        spec.binary_path.display(),
+                        self.id
+                    );
+                    return self.disable_for(reason).await;
+                }
+                Err(e) => {
+                    let reason = format!(
+                        "binary pinning: cannot read {}: {e}",
+                        spec.binary_path.display()
+                    );
+                    return self.disable_for(reason).await;
+                }
+            }
+        }
+        let cmd = plugin_command(
+            &spec.binary_path,
+            &cfg.plugin_env_allowlist,
+            &env,
+            &cfg.plugin_limits,
+        );
+        let mut process = match PluginProcess::spawn(cmd, self.log.clone(), cfg.max_log_line) {
             Ok(process) => process,
             Err(e) => {
                 let reason = format!("cannot spawn {}: {e}", spec.binary_path.display());
@@ -701,4 +731,13 @@ async fn make_ready(
             humantime::format_duration(limit)
         )),
     }
+}
+
+/// The SHA-256 of a file, lowercase hex.
+fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
 }

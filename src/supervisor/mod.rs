@@ -421,6 +421,8 @@ impl Supervisor {
         let opts = ProbeOptions {
             timeout: ctx.config.timing.metadata_timeout,
             env_allowlist: ctx.config.plugin_env_allowlist.clone(),
+            max_bytes: ctx.config.max_metadata_bytes,
+            limits: ctx.config.plugin_limits.clone(),
         };
         let (candidates, mut probes) =
             discovery::scan(&dir, opts).map_err(|e| SupervisorError::PluginsDir {

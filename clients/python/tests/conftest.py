@@ -64,7 +64,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory):
     plugins = root / "plugins"
     plugins.mkdir()
     shutil.copy(hello, plugins / "hello.binary")
-    shutil.copy(ROOT / "examples" / "python" / "py-echo.binary", plugins / "py-echo.binary")
+    # A wrapper runs the example in place, where it finds whatever it imports.
+    wrapper = plugins / "py-echo.binary"
+    wrapper.write_text(f'#!/bin/sh\nexec python3 "{ROOT}/examples/python/py-echo.binary" "$@"\n')
+    wrapper.chmod(0o755)
     data = root / "data"
     stderr = open(root / "daemon.stderr", "wb")
     process = subprocess.Popen(

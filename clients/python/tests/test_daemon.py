@@ -41,14 +41,12 @@ def test_unknown_plugin_is_not_found(client):
 
 def test_kv_round_trip(client):
     kv = client.kv
-    kv.SetValue(kv_service_pb2.SetValueRequest(plugin_id="py-echo", key="color", value="blue"),
+    kv.SetValue(kv_service_pb2.SetValueRequest(plugin_id="hello", key="color", value="blue"),
                 timeout=10)
-    got = kv.GetValue(kv_service_pb2.GetValueRequest(plugin_id="py-echo", key="color"), timeout=10)
+    got = kv.GetValue(kv_service_pb2.GetValueRequest(plugin_id="hello", key="color"), timeout=10)
     assert got.found and got.value == "blue"
-    gone = kv.DeleteValue(kv_service_pb2.DeleteValueRequest(plugin_id="py-echo", key="color"),
-                          timeout=10)
-    assert gone.existed
-    got = kv.GetValue(kv_service_pb2.GetValueRequest(plugin_id="py-echo", key="color"), timeout=10)
+    kv.DeleteValue(kv_service_pb2.DeleteValueRequest(plugin_id="hello", key="color"), timeout=10)
+    got = kv.GetValue(kv_service_pb2.GetValueRequest(plugin_id="hello", key="color"), timeout=10)
     assert not got.found and got.value == ""
 
 
@@ -77,14 +75,14 @@ def test_query_logs(client):
     assert pages > 1
     seqs = [r.seq for r in records]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
-    assert "lifecycle init" in [r.message for r in records]
+    assert "running: ready" in [r.message for r in records]
 
     matching = client.logs.QueryLogs(log_service_pb2.QueryLogsRequest(
-        filter=log_service_pb2.LogFilter(plugin_ids=["py-echo"], contains="lifecycle",
+        filter=log_service_pb2.LogFilter(plugin_ids=["py-echo"], contains="ready",
                                          min_level=log_service_pb2.LOG_LEVEL_INFO)), timeout=10)
     assert matching.records
-    assert all("lifecycle" in r.message for r in matching.records)
-    assert all(r.stream == log_service_pb2.LOG_STREAM_STDERR for r in matching.records)
+    assert all("ready" in r.message for r in matching.records)
+    assert log_service_pb2.LOG_STREAM_SUPERVISOR in [r.stream for r in matching.records]
 
 
 def _records_until(stream, text):
@@ -105,7 +103,7 @@ def test_follow_logs_then_resume_from_a_cursor(client):
     first = next(follow).records[0]
     client.plugins.RestartPlugin(plugin_service_pb2.RestartPluginRequest(plugin_id="hello"),
                                  timeout=20)
-    followed = [first] + _records_until(follow, "initialised by the host")
+    followed = [first] + _records_until(follow, "running: ready")
     follow.cancel()
     seqs = [r.seq for r in followed]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
@@ -145,10 +143,25 @@ def test_watch_events(client):
     assert transitions[-1] == (plugin_pb2.PLUGIN_STATE_STARTING, RUNNING)
 
 
-def test_connect_by_data_dir(daemon):
-    """With only the data dir: the control socket when the daemon made one, otherwise the
-    address and the admin token from the directory."""
-    with connect(data_dir=daemon.data_dir, address=None if (daemon.data_dir / "torud.sock").exists()
-                 else daemon.address) as c:
+def test_connect_by_data_dir_uses_the_control_socket(daemon):
+    """With only the data dir, the client talks over the daemon's control socket, which
+    needs no token."""
+    assert (daemon.data_dir / "torud.sock").exists()
+    with connect(data_dir=daemon.data_dir) as c:
         plugins = c.plugins.ListPlugins(plugin_service_pb2.ListPluginsRequest(), timeout=10)
-        assert len(plugins.plugins) == 2
+        assert [p.id for p in plugins.plugins] == ["hello", "py-echo"]
+
+
+def test_tokens_over_tcp(daemon):
+    request = plugin_service_pb2.ListPluginsRequest()
+    with connect(daemon.address) as anonymous:
+        with pytest.raises(grpc.RpcError) as err:
+            anonymous.plugins.ListPlugins(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    read_token = (daemon.data_dir / "read.token").read_text().strip()
+    with connect(daemon.address, token=read_token) as reader:
+        assert len(reader.plugins.ListPlugins(request, timeout=10).plugins) == 2
+        with pytest.raises(grpc.RpcError) as err:
+            reader.kv.SetValue(kv_service_pb2.SetValueRequest(plugin_id="hello", key="k",
+                                                              value="v"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED

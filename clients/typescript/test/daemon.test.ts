@@ -5,6 +5,8 @@
  */
 import { after, before, describe, test } from "node:test";
 import * as assert from "node:assert/strict";
+import * as fs from "node:fs";
+import * as path from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { Client, connect, unary } from "../src";
 import { EventKind } from "../src/gen/toru/v1/event";
@@ -84,8 +86,8 @@ describe("torud through the generated TypeScript client", () => {
     assert.ok(pages > 1);
     const seqs = records.map((r) => r.seq);
     assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b));
-    const init = records.find((r) => r.message === "lifecycle init");
-    assert.equal(init?.stream, LogStream.LOG_STREAM_STDERR);
+    const ready = records.find((r) => r.message === "running: ready");
+    assert.equal(ready?.stream, LogStream.LOG_STREAM_SUPERVISOR);
   });
 
   test("follows logs, then resumes after a cursor", async () => {
@@ -95,7 +97,7 @@ describe("torud through the generated TypeScript client", () => {
     const first = firstBatch.records[0];
     await unary(client.plugins, client.plugins.restartPlugin, { pluginId: "hello" });
     const batches = await follow.until((b: StreamLogsResponse) =>
-      b.records.some((r) => r.message.includes("initialised by the host")));
+      b.records.some((r) => r.message === "running: ready"));
     follow.cancel();
     const followed = batches.flatMap((b) => b.records);
     assert.deepEqual(followed.map((r) => r.seq), followed.map((_, i) => first.seq + 1 + i));
@@ -119,5 +121,34 @@ describe("torud through the generated TypeScript client", () => {
     assert.deepEqual([changes[0].fromState, changes[0].toState],
       [PluginState.PLUGIN_STATE_RUNNING, PluginState.PLUGIN_STATE_STOPPING]);
     assert.ok(changes.every((e) => e.pluginId === "py-echo"));
+  });
+
+  test("connects by the data dir over the control socket, without a token", async () => {
+    const local = connect({ dataDir: daemon.dataDir });
+    try {
+      const r = await unary(local.plugins, local.plugins.listPlugins, { pageSize: 0, pageToken: "" });
+      assert.equal(r.plugins.length, 2);
+    } finally {
+      local.close();
+    }
+  });
+
+  test("over TCP, no token is UNAUTHENTICATED and the read token cannot write", async () => {
+    const anonymous = connect({ address: daemon.address, token: "" });
+    const reader = connect({
+      address: daemon.address,
+      token: fs.readFileSync(path.join(daemon.dataDir, "read.token"), "utf8").trim(),
+    });
+    try {
+      await assert.rejects(unary(anonymous.plugins, anonymous.plugins.listPlugins, { pageSize: 0, pageToken: "" }),
+        (e: grpc.ServiceError) => e.code === grpc.status.UNAUTHENTICATED);
+      const r = await unary(reader.plugins, reader.plugins.listPlugins, { pageSize: 0, pageToken: "" });
+      assert.equal(r.plugins.length, 2);
+      await assert.rejects(unary(reader.kv, reader.kv.setValue, { pluginId: "hello", key: "k", value: "v" }),
+        (e: grpc.ServiceError) => e.code === grpc.status.PERMISSION_DENIED);
+    } finally {
+      anonymous.close();
+      reader.close();
+    }
   });
 });

@@ -35,8 +35,9 @@ export async function startDaemon(): Promise<Daemon> {
   const dataDir = path.join(dir, "data");
   fs.mkdirSync(plugins);
   fs.copyFileSync(hello, path.join(plugins, "hello.binary"));
-  fs.copyFileSync(path.join(ROOT, "examples/python/py-echo.binary"), path.join(plugins, "py-echo.binary"));
-  fs.chmodSync(path.join(plugins, "py-echo.binary"), 0o755);
+  // A wrapper runs the example in place, where it finds whatever it imports.
+  const pyEcho = path.join(ROOT, "examples/python/py-echo.binary");
+  fs.writeFileSync(path.join(plugins, "py-echo.binary"), `#!/bin/sh\nexec python3 "${pyEcho}" "$@"\n`, { mode: 0o755 });
   const stderr = fs.openSync(path.join(dir, "daemon.stderr"), "w");
   const child = spawn(torud, ["serve", "--listen", "127.0.0.1:0", "--plugins-dir", plugins,
     "--data-dir", dataDir, "--enable-new-plugins"], { stdio: ["ignore", "pipe", stderr] });

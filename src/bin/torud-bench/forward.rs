@@ -31,7 +31,9 @@ use torud::pb::kv_service_client::KvServiceClient;
 use torud::pb::kv_service_server::{KvService, KvServiceServer};
 use torud::pb::plugin_service_client::PluginServiceClient;
 
-use crate::{num_cpus, sibling, summarize, summary_json, wait_for_hello, BenchResult, Daemon};
+use crate::{
+    authed, num_cpus, sibling, summarize, summary_json, wait_for_hello, Authed, BenchResult, Daemon,
+};
 
 const KEY: &str = "bench-key";
 
@@ -48,7 +50,7 @@ pub(crate) async fn run(
     let channel = Channel::from_shared(format!("http://{}", daemon.addr))?
         .connect()
         .await?;
-    let mut plugins = PluginServiceClient::new(channel);
+    let mut plugins = PluginServiceClient::new(authed(channel));
     let running = |e: &pb::Event| e.to_state == pb::PluginState::Running as i32;
     wait_for_hello(&mut plugins, "running", running).await?;
     let baseline = BaselineProcess::start(&plugin).await?;
@@ -139,14 +141,14 @@ pub(crate) async fn run(
     Ok(())
 }
 
-async fn kv_client(addr: &str) -> BenchResult<KvServiceClient<Channel>> {
+async fn kv_client(addr: &str) -> BenchResult<KvServiceClient<Authed>> {
     let channel = Channel::from_shared(format!("http://{addr}"))?
         .connect()
         .await?;
-    Ok(KvServiceClient::new(channel))
+    Ok(KvServiceClient::new(authed(channel)))
 }
 
-async fn get(client: &mut KvServiceClient<Channel>) -> BenchResult<()> {
+async fn get(client: &mut KvServiceClient<Authed>) -> BenchResult<()> {
     let req = pb::GetValueRequest {
         plugin_id: "hello".into(),
         key: KEY.into(),
@@ -159,7 +161,7 @@ async fn get(client: &mut KvServiceClient<Channel>) -> BenchResult<()> {
 }
 
 async fn throughput(
-    client: &KvServiceClient<Channel>,
+    client: &KvServiceClient<Authed>,
     seconds: f64,
     in_flight: usize,
 ) -> BenchResult<f64> {
@@ -288,12 +290,13 @@ pub(crate) async fn baseline_server(plugin: PathBuf) -> BenchResult<()> {
     let socket = dir.path().join("plugin.sock");
     // Spawned like the daemon spawns plugins, so it dies with this process (parent-death
     // signal) when the benchmark kills it.
-    let _child = torud::process::plugin_command(&plugin, &[], &[])
-        .env(toru_plugin_sdk::ENV_PLUGIN_SOCKET, &socket)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+    let _child =
+        torud::process::plugin_command(&plugin, &[], &[], &torud::config::PluginLimits::default())
+            .env(toru_plugin_sdk::ENV_PLUGIN_SOCKET, &socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
     let stream = connect_with_retry(&socket, Duration::from_secs(10)).await?;
     let (read, write) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4096);

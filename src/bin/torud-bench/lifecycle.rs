@@ -18,7 +18,9 @@ use torud::connection::connect_with_retry;
 use torud::pb;
 use torud::pb::plugin_service_client::PluginServiceClient;
 
-use crate::{num_cpus, sibling, summarize, summary_json, wait_for_hello, BenchResult, Daemon};
+use crate::{
+    authed, num_cpus, sibling, summarize, summary_json, wait_for_hello, BenchResult, Daemon,
+};
 
 /// Baseline: spawn the plugin directly, connect with the daemon's retry loop, send init.
 async fn baseline_ready(plugin: &Path, socket: &Path) -> BenchResult<(Duration, Child)> {
@@ -61,7 +63,7 @@ pub(crate) async fn run(iterations: usize, json_path: Option<PathBuf>) -> BenchR
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", daemon.addr))?
         .connect()
         .await?;
-    let mut client = PluginServiceClient::new(channel);
+    let mut client = PluginServiceClient::new(authed(channel));
     wait_for_hello(&mut client, "discovered", |e| {
         e.kind == pb::EventKind::PluginAdded as i32
     })

@@ -19,7 +19,7 @@ use torud::pb;
 use torud::pb::log_service_client::LogServiceClient;
 use torud::pb::plugin_service_client::PluginServiceClient;
 
-use crate::{num_cpus, sibling, summarize, summary_json, BenchResult, Daemon, Summary};
+use crate::{authed, num_cpus, sibling, summarize, summary_json, BenchResult, Daemon, Summary};
 
 /// Padding of a history line, so that 1 GB of history takes millions, not tens of
 /// millions, of lines to write.
@@ -175,8 +175,8 @@ async fn bare(lines: usize, mode: &str, rate: usize) -> BenchResult<Run> {
 
 /// Through the daemon: enable the writer plugin and follow its log.
 async fn through(channel: &Channel, id: &str, lines: usize) -> BenchResult<Run> {
-    let mut logs = LogServiceClient::new(channel.clone());
-    let mut plugins = PluginServiceClient::new(channel.clone());
+    let mut logs = LogServiceClient::new(authed(channel.clone()));
+    let mut plugins = PluginServiceClient::new(authed(channel.clone()));
     let req = pb::StreamLogsRequest {
         filter: Some(pb::LogFilter {
             plugin_ids: vec![id.into()],
@@ -245,8 +245,8 @@ struct Queries {
 /// far (oldest) end, found by seq and by time, beside pages at its near end (newest first,
 /// no seeking) as the baseline.
 async fn queries(channel: &Channel, id: &str, lines: usize, data: &Path) -> BenchResult<Queries> {
-    let mut logs = LogServiceClient::new(channel.clone());
-    let mut plugins = PluginServiceClient::new(channel.clone());
+    let mut logs = LogServiceClient::new(authed(channel.clone()));
+    let mut plugins = PluginServiceClient::new(authed(channel.clone()));
     plugins
         .enable_plugin(pb::EnablePluginRequest {
             plugin_id: id.into(),
@@ -415,7 +415,7 @@ pub(crate) async fn run(
     let channel = Channel::from_shared(format!("http://{}", daemon.addr))?
         .connect()
         .await?;
-    let mut plugins = PluginServiceClient::new(channel.clone());
+    let mut plugins = PluginServiceClient::new(authed(channel.clone()));
     loop {
         let list = plugins
             .list_plugins(pb::ListPluginsRequest::default())

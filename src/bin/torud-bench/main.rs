@@ -109,6 +109,31 @@ enum Bench {
 
 pub(crate) type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// The admin token the benchmarks' daemons are started with.
+const BENCH_TOKEN: &str = "torud-bench-admin-token";
+
+/// Sends the benchmark's token with every call (TCP calls need one; the baselines ignore
+/// it, so both sides carry the same header).
+#[derive(Clone)]
+pub(crate) struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// A channel whose calls carry the token.
+pub(crate) type Authed = tonic::codegen::InterceptedService<tonic::transport::Channel, Bearer>;
+
+pub(crate) fn authed(channel: tonic::transport::Channel) -> Authed {
+    let value = format!("Bearer {BENCH_TOKEN}")
+        .parse()
+        .expect("the token is ASCII");
+    tonic::codegen::InterceptedService::new(channel, Bearer(value))
+}
+
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Summary {
     pub(crate) p50: f64,
@@ -191,6 +216,7 @@ impl Daemon {
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(extra)
+            .env("TORUD_ADMIN_TOKEN", BENCH_TOKEN)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -216,7 +242,7 @@ impl Daemon {
 /// Waits for the first event about the `hello` plugin (replayed from the start) that
 /// matches `pred`.
 pub(crate) async fn wait_for_hello(
-    client: &mut torud::pb::plugin_service_client::PluginServiceClient<tonic::transport::Channel>,
+    client: &mut torud::pb::plugin_service_client::PluginServiceClient<crate::Authed>,
     what: &str,
     pred: impl Fn(&torud::pb::Event) -> bool,
 ) -> BenchResult<()> {

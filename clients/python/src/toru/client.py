@@ -98,7 +98,11 @@ def connect(
         if sock.exists():
             unix_socket = sock
     if unix_socket is not None:
-        return Client(grpc.insecure_channel(f"unix:{os.fspath(unix_socket)}"), token)
+        # grpcio would send the socket path, percent-encoded, as :authority, which the
+        # daemon's HTTP/2 server rejects as malformed (RST_STREAM, PROTOCOL_ERROR).
+        options = [("grpc.default_authority", "localhost")]
+        channel = grpc.insecure_channel(f"unix:{os.fspath(unix_socket)}", options=options)
+        return Client(channel, token)
     if token is None and data_dir is not None:
         token = _read_token(Path(data_dir) / "admin.token")
     return Client(grpc.insecure_channel(address or DEFAULT_ADDRESS), token)
