@@ -14,6 +14,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
 GRPCIO_TOOLS_VERSION=1.76.0 # bundles protoc 31.1 (libprotoc), protobuf 6.31 gencode
+MYPY_PROTOBUF_VERSION=5.1.0 # .pyi stubs for the Python messages and service stubs
 PROTOC_GEN_GO_VERSION=v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION=v1.6.1
 # ts-proto's version is pinned in clients/typescript/package.json and package-lock.json.
@@ -29,10 +30,10 @@ GENERATED=(clients/python/src/toru/v1 clients/typescript/src/gen clients/go/toru
 
 install_tools() {
   local py="$tools/venv/bin/python"
-  if ! "$py" -c "import importlib.metadata as m, sys; sys.exit(m.version('grpcio-tools') != '$GRPCIO_TOOLS_VERSION')" 2>/dev/null; then
-    echo "installing grpcio-tools $GRPCIO_TOOLS_VERSION into $tools/venv" >&2
+  if ! "$py" -c "import importlib.metadata as m, sys; sys.exit(m.version('grpcio-tools') != '$GRPCIO_TOOLS_VERSION' or m.version('mypy-protobuf') != '$MYPY_PROTOBUF_VERSION')" 2>/dev/null; then
+    echo "installing grpcio-tools $GRPCIO_TOOLS_VERSION and mypy-protobuf $MYPY_PROTOBUF_VERSION into $tools/venv" >&2
     python3 -m venv "$tools/venv"
-    "$py" -m pip install -q "grpcio-tools==$GRPCIO_TOOLS_VERSION"
+    "$py" -m pip install -q "grpcio-tools==$GRPCIO_TOOLS_VERSION" "mypy-protobuf==$MYPY_PROTOBUF_VERSION"
   fi
   if [[ "$("$tools/bin/protoc-gen-go" --version 2>/dev/null)" != "protoc-gen-go $PROTOC_GEN_GO_VERSION" ]]; then
     echo "installing protoc-gen-go $PROTOC_GEN_GO_VERSION" >&2
@@ -64,9 +65,12 @@ generate() {
   done
 
   (cd "$root/proto" && "${protoc[@]}" \
+    --plugin=protoc-gen-mypy="$tools/venv/bin/protoc-gen-mypy" \
+    --plugin=protoc-gen-mypy_grpc="$tools/venv/bin/protoc-gen-mypy_grpc" \
     --python_out="$out/clients/python/src" \
-    --pyi_out="$out/clients/python/src" \
+    --mypy_out=quiet:"$out/clients/python/src" \
     --grpc_python_out="$out/clients/python/src" \
+    --mypy_grpc_out=quiet:"$out/clients/python/src" \
     "${protos[@]}")
   printf '"""Generated from proto/toru/v1 by clients/generate.sh. Do not edit."""\n' \
     >"$out/clients/python/src/toru/v1/__init__.py"
@@ -92,7 +96,7 @@ if [[ "${1:-}" == "--check" ]]; then
   generate "$tmp"
   drift=0
   for dir in "${GENERATED[@]}"; do
-    if ! diff -r "$root/$dir" "$tmp/$dir" >"$tmp/diff.txt" 2>&1; then
+    if ! diff -r -x __pycache__ "$root/$dir" "$tmp/$dir" >"$tmp/diff.txt" 2>&1; then
       echo "generated code in $dir is out of date with proto/; run: bash clients/generate.sh" >&2
       head -n 40 "$tmp/diff.txt" >&2
       drift=1

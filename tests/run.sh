@@ -9,7 +9,6 @@ cd "$(dirname "$0")/.."
 
 BUF_VERSION=v1.75.0
 GRPCURL_VERSION=v1.9.3
-PYTEST_VERSION=8.4.2
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -64,9 +63,12 @@ cargo test --workspace --locked 2>&1 | tee "$log/rust"
 # The client tests below start target/debug/torud with the hello-plugin example.
 cargo build --locked --bins --examples
 
-step "Python client tests (pytest, against the real daemon)"
-"$tools/venv/bin/python" -m pip install -q ./clients/python "pytest==$PYTEST_VERSION"
-(cd clients/python && "$tools/venv/bin/python" -m pytest -q -p no:cacheprovider tests) 2>&1 | tee "$log/python"
+step "Python client: mypy over the helper and the tests (against the installed stubs), pytest against the real daemon"
+"$tools/venv/bin/python" -m pip install -q "./clients/python[test]"
+(cd clients/python &&
+  MYPYPATH=src "$tools/venv/bin/python" -m mypy --cache-dir "$tools/mypy-cache" --strict src/toru/client.py &&
+  "$tools/venv/bin/python" -m mypy --cache-dir "$tools/mypy-cache" tests &&
+  "$tools/venv/bin/python" -m pytest -q -p no:cacheprovider tests) 2>&1 | tee "$log/python"
 
 step "TypeScript client tests (tsc, node --test, against the real daemon)"
 (cd clients/typescript && npm test --silent) 2>&1 | tee "$log/typescript"

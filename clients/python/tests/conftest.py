@@ -23,19 +23,21 @@ TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 class Daemon:
     address: str
     data_dir: Path
-    process: subprocess.Popen
+    process: subprocess.Popen[str]
 
 
-def _first_line(process: subprocess.Popen, timeout: float) -> str:
+def _first_line(process: subprocess.Popen[str], timeout: float) -> str:
+    stdout = process.stdout
+    assert stdout is not None
     box: list[str] = []
-    reader = threading.Thread(target=lambda: box.append(process.stdout.readline()), daemon=True)
+    reader = threading.Thread(target=lambda: box.append(stdout.readline()), daemon=True)
     reader.start()
     reader.join(timeout)
     if not box or not box[0]:
         process.kill()
         raise RuntimeError(f"torud did not report listening within {timeout} s")
     # Keep draining stdout so the daemon never blocks writing to it.
-    threading.Thread(target=lambda: process.stdout.read(), daemon=True).start()
+    threading.Thread(target=stdout.read, daemon=True).start()
     return box[0].strip()
 
 

@@ -15,11 +15,12 @@ from toru.v1 import kv_service_pb2_grpc, log_service_pb2_grpc, plugin_service_pb
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
+# The interceptor classes are generic only in grpc-stubs, not at run time.
 class _BearerToken(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
 ):
     """Adds ``authorization: Bearer <token>`` to every call's metadata."""
 
@@ -30,16 +31,16 @@ class _BearerToken(
         metadata = list(details.metadata or []) + [self._header]
         return details._replace(metadata=metadata)
 
-    def intercept_unary_unary(self, continuation: Callable, details: Any, request: Any) -> Any:
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
         return continuation(self._with_token(details), request)
 
-    def intercept_unary_stream(self, continuation: Callable, details: Any, request: Any) -> Any:
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
         return continuation(self._with_token(details), request)
 
-    def intercept_stream_unary(self, continuation: Callable, details: Any, it: Any) -> Any:
+    def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, it: Any) -> Any:
         return continuation(self._with_token(details), it)
 
-    def intercept_stream_stream(self, continuation: Callable, details: Any, it: Any) -> Any:
+    def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, it: Any) -> Any:
         return continuation(self._with_token(details), it)
 
 
@@ -77,8 +78,8 @@ def connect(
     address: Optional[str] = None,
     token: Optional[str] = None,
     *,
-    unix_socket: Union[str, os.PathLike, None] = None,
-    data_dir: Union[str, os.PathLike, None] = None,
+    unix_socket: Union[str, os.PathLike[str], None] = None,
+    data_dir: Union[str, os.PathLike[str], None] = None,
 ) -> Client:
     """Opens a client.
 
