@@ -391,3 +391,111 @@ async fn credentials_from_flags_the_data_dir_or_the_socket() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "v\n");
 }
+
+/// PEM files in `dir`: a CA, a server certificate for localhost and a client certificate.
+fn write_pki(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    for (name, san) in [("server", "localhost"), ("client", "client")] {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![san.to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+}
+
+#[tokio::test]
+async fn tls_with_a_client_certificate() {
+    let mut d = Daemon::new(&["--enable-new-plugins"]);
+    let pki = d.root.path().to_owned();
+    write_pki(&pki);
+    let file = |name: &str| pki.join(name).display().to_string();
+    d.args.extend([
+        "--tls-cert".into(),
+        file("server.pem"),
+        "--tls-key".into(),
+        file("server.key"),
+        "--tls-client-ca".into(),
+        file("ca.pem"),
+    ]);
+    d.install_hello("hello");
+    d.start().await;
+    let port = d.addr.rsplit(':').next().unwrap().to_owned();
+    let addr = format!("https://localhost:{port}");
+    let dir = d.data_dir.display().to_string();
+    let tls = |extra: &[&str]| {
+        let mut args = vec!["--addr", &addr, "--data-dir", &dir];
+        args.extend_from_slice(extra);
+        Command::new(TORUCTL)
+            .args(args)
+            .env_remove("TORUD_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client.key"));
+    let out = tls(&[
+        "--tls-ca",
+        &ca,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "plugins",
+        "list",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello"));
+
+    // Without the CA: told what to give. Without a client certificate: refused.
+    for (args, needle) in [
+        (vec!["plugins", "list"], "--tls-ca"),
+        (vec!["--tls-ca", &ca, "plugins", "list"], "toructl: error: "),
+    ] {
+        let out = tls(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+/// `toructl logs -f | head -1`: once the reader goes away, the next write ends toructl
+/// quietly with status 0 (no panic, no signal).
+#[tokio::test]
+async fn a_closed_stdout_ends_a_follow_quietly() {
+    let d = daemon().await;
+    let mut child = cmd(&d, &["logs", "-f", "hello", "--tail", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains(" hello "), "{first}");
+    drop(stdout);
+    ok(&d, &["plugins", "restart", "hello"]);
+    let deadline = Instant::now() + SECS10;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "toructl kept running with stdout closed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr, "");
+}

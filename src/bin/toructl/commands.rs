@@ -19,6 +19,24 @@ use crate::{CallArgs, EventsArgs, HealthArgs, LogsArgs, Output};
 
 type Result<T = ExitCode> = std::result::Result<T, String>;
 
+/// Writes to stdout; a closed stdout (`toructl logs -f | head`) ends toructl quietly.
+fn emit(bytes: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    if out.write_all(bytes).and_then(|()| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
+
+/// `println!` through [`emit`].
+macro_rules! outln {
+    ($($arg:tt)*) => { emit(format!("{}\n", format_args!($($arg)*)).as_bytes()) };
+}
+
+/// `print!` through [`emit`].
+macro_rules! out {
+    ($($arg:tt)*) => { emit(format!($($arg)*).as_bytes()) };
+}
+
 /// The one-line form of a gRPC error, with a hint when credentials are the problem.
 fn status_line(s: Status) -> String {
     let code = match s.code() {
@@ -58,7 +76,7 @@ fn print_json(v: &Value, pretty: bool) {
     } else {
         serde_json::to_string(v)
     };
-    println!("{}", text.unwrap_or_default());
+    outln!("{}", text.unwrap_or_default());
 }
 
 fn plugins(conn: &Conn) -> PluginServiceClient<tonic::transport::Channel> {
@@ -97,9 +115,9 @@ pub async fn plugins_list(conn: &Conn, out: Output) -> Result {
             true,
         ),
         Output::Table => {
-            print!("{}", render::plugins_table(&all));
+            out!("{}", render::plugins_table(&all));
             for s in &skipped {
-                println!("skipped {}: {}", s.path, s.reason);
+                outln!("skipped {}: {}", s.path, s.reason);
             }
         }
     }
@@ -110,7 +128,7 @@ fn show_plugin(out: Output, p: Option<pb::Plugin>) -> Result {
     let p = p.ok_or("the daemon answered without a plugin")?;
     match out {
         Output::Json => print_json(&render::plugin_json(&p), true),
-        Output::Table => print!("{}", render::plugin_details(&p)),
+        Output::Table => out!("{}", render::plugin_details(&p)),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -179,10 +197,10 @@ pub async fn plugins_rescan(conn: &Conn, out: Output) -> Result {
                 } else {
                     ids.join(", ")
                 };
-                println!("{what}: {list}");
+                outln!("{what}: {list}");
             }
             for s in &r.skipped {
-                println!("skipped {}: {}", s.path, s.reason);
+                outln!("skipped {}: {}", s.path, s.reason);
             }
         }
     }
@@ -206,7 +224,7 @@ pub async fn kv_get(conn: &Conn, out: Output, plugin_id: String, key: String) ->
         .into_inner();
     match out {
         Output::Json => print_json(&json!({ "found": r.found, "value": r.value }), true),
-        Output::Table if r.found => println!("{}", r.value),
+        Output::Table if r.found => outln!("{}", r.value),
         Output::Table => eprintln!("toructl: {plugin_id} has no key {key:?}"),
     }
     Ok(if r.found {
@@ -246,7 +264,7 @@ pub async fn kv_delete(conn: &Conn, out: Output, plugin_id: String, key: String)
         .into_inner();
     match out {
         Output::Json => print_json(&json!({ "existed": r.existed }), true),
-        Output::Table => println!(
+        Output::Table => outln!(
             "{}",
             if r.existed {
                 "deleted"
@@ -310,17 +328,16 @@ pub async fn call(conn: &Conn, out: Output, args: CallArgs) -> Result {
             print_json(&v, true);
         }
         Output::Table => {
-            let mut stdout = std::io::stdout().lock();
-            let mut head = format!("HTTP {}\n", r.status);
+            let mut all = format!("HTTP {}\n", r.status).into_bytes();
             for h in &r.headers {
-                head.push_str(&format!("{}: {}\n", h.name, h.value));
+                all.extend_from_slice(format!("{}: {}\n", h.name, h.value).as_bytes());
             }
-            head.push('\n');
-            let _ = stdout.write_all(head.as_bytes());
-            let _ = stdout.write_all(&r.body);
+            all.push(b'\n');
+            all.extend_from_slice(&r.body);
             if !r.body.ends_with(b"\n") && !r.body.is_empty() {
-                let _ = stdout.write_all(b"\n");
+                all.push(b'\n');
             }
+            emit(&all);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -396,15 +413,17 @@ pub async fn logs(conn: &Conn, out: Output, args: LogsArgs) -> Result {
                 g.plugin_id, g.from_seq, g.to_seq
             );
         }
-        let mut stdout = std::io::stdout().lock();
+        let mut lines = String::new();
         for r in &batch.records {
-            let line = match out {
-                Output::Json => serde_json::to_string(&render::log_json(r)).unwrap_or_default(),
-                Output::Table => render::log_line(r),
-            };
-            let _ = writeln!(stdout, "{line}");
+            match out {
+                Output::Json => {
+                    lines.push_str(&serde_json::to_string(&render::log_json(r)).unwrap_or_default())
+                }
+                Output::Table => lines.push_str(&render::log_line(r)),
+            }
+            lines.push('\n');
         }
-        let _ = stdout.flush();
+        emit(lines.as_bytes());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -439,7 +458,7 @@ pub async fn events(conn: &Conn, out: Output, args: EventsArgs) -> Result {
         let Some(e) = resp.event else { continue };
         match out {
             Output::Json => print_json(&render::event_json(&e), false),
-            Output::Table => println!("{}", render::event_line(&e)),
+            Output::Table => outln!("{}", render::event_line(&e)),
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -512,7 +531,7 @@ pub async fn health(conn: &Conn, out: Output, args: HealthArgs) -> Result {
                 .into_iter()
                 .map(|(who, service, status)| vec![who, if service.is_empty() { "\"\"".into() } else { service }, status])
                 .collect();
-            print!("{}", render::table(&["NAME", "SERVICE", "STATUS"], &rows));
+            out!("{}", render::table(&["NAME", "SERVICE", "STATUS"], &rows));
         }
     }
     Ok(if all_serving {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 use tonic::Request;
 
 /// The address used when neither a flag, the environment nor a data directory names one.
@@ -18,6 +18,8 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:50051";
 pub enum Target {
     /// `host:port` over TCP (plaintext HTTP/2).
     Tcp(String),
+    /// `host:port` over TCP with TLS (`https://host:port`).
+    Tls(String),
     /// The daemon's Unix control socket (no token needed).
     Unix(PathBuf),
 }
@@ -26,6 +28,7 @@ impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Target::Tcp(addr) => f.write_str(addr),
+            Target::Tls(addr) => write!(f, "https://{addr}"),
             Target::Unix(path) => write!(f, "unix:{}", path.display()),
         }
     }
@@ -34,12 +37,27 @@ impl std::fmt::Display for Target {
 /// What the user said about the daemon's location and credentials (flags, whose clap
 /// definitions also read `TORUD_ADDR`, `TORUD_TOKEN` and `TORUD_DATA_DIR`).
 pub struct Settings {
-    /// `--addr`: `host:port`, `http://host:port` or `unix:/path/to/torud.sock`.
+    /// `--addr`: `host:port`, `http://host:port`, `https://host:port` or
+    /// `unix:/path/to/torud.sock`.
     pub addr: Option<String>,
     /// `--token`: the bearer token itself.
     pub token: Option<String>,
     /// `--data-dir`: the daemon's data directory, for its socket and token files.
     pub data_dir: Option<PathBuf>,
+    /// PEM files for `https://` addresses.
+    pub tls: TlsFiles,
+}
+
+/// PEM files for TLS: the CA that signed the daemon's certificate, and an optional client
+/// certificate and key for daemons that require one.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `--tls-ca`.
+    pub ca: Option<PathBuf>,
+    /// `--tls-cert`.
+    pub cert: Option<PathBuf>,
+    /// `--tls-key`.
+    pub key: Option<PathBuf>,
 }
 
 /// The resolved target and token.
@@ -64,7 +82,7 @@ pub fn resolve(s: &Settings) -> Result<Resolved, String> {
     };
     let token = match (&s.token, &s.data_dir, &target) {
         (Some(t), _, _) => Some(t.trim().to_owned()),
-        (None, Some(dir), Target::Tcp(_)) => read_token(&dir.join("admin.token"))?,
+        (None, Some(dir), Target::Tcp(_) | Target::Tls(_)) => read_token(&dir.join("admin.token"))?,
         _ => None,
     };
     Ok(Resolved { target, token })
@@ -79,13 +97,20 @@ fn parse_addr(addr: &str) -> Result<Target, String> {
         }
         return Ok(Target::Unix(PathBuf::from(path)));
     }
-    let hostport = addr.strip_prefix("http://").unwrap_or(addr);
+    let (hostport, tls) = match addr.strip_prefix("https://") {
+        Some(rest) => (rest, true),
+        None => (addr.strip_prefix("http://").unwrap_or(addr), false),
+    };
     if hostport.is_empty() || !hostport.contains(':') || hostport.contains('/') {
         return Err(format!(
-            "--addr {addr:?} is not host:port or unix:PATH (for example {DEFAULT_ADDR})"
+            "--addr {addr:?} is not host:port, https://host:port or unix:PATH (for example {DEFAULT_ADDR})"
         ));
     }
-    Ok(Target::Tcp(hostport.to_owned()))
+    Ok(if tls {
+        Target::Tls(hostport.to_owned())
+    } else {
+        Target::Tcp(hostport.to_owned())
+    })
 }
 
 /// The token in a file, or `None` when the file does not exist.
@@ -111,8 +136,8 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Connects (within `connect_timeout`) to the resolved target.
-    pub async fn open(r: &Resolved, timeout: Duration) -> Result<Conn, String> {
+    /// Connects (within 5 s) to the resolved target; `tls` is used for `https://`.
+    pub async fn open(r: &Resolved, tls: &TlsFiles, timeout: Duration) -> Result<Conn, String> {
         let connect_timeout = Duration::from_secs(5);
         let auth =
             match &r.token {
@@ -136,6 +161,15 @@ impl Conn {
         let channel = match &r.target {
             Target::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))
                 .map_err(|e| format!("bad address {addr:?}: {e}"))?
+                .connect_timeout(connect_timeout)
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .map_err(cannot)?,
+            Target::Tls(addr) => Endpoint::from_shared(format!("https://{addr}"))
+                .map_err(|e| format!("bad address {addr:?}: {e}"))?
+                .tls_config(tls_config(addr, tls)?)
+                .map_err(|e| format!("TLS settings: {e}"))?
                 .connect_timeout(connect_timeout)
                 .tcp_nodelay(true)
                 .connect()
@@ -181,6 +215,33 @@ impl Conn {
     }
 }
 
+/// TLS that trusts the given CA for the address's host name, with the client identity if
+/// one is given.
+fn tls_config(addr: &str, files: &TlsFiles) -> Result<ClientTlsConfig, String> {
+    let read = |what: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))
+    };
+    let ca = files.ca.as_deref().ok_or(
+        "an https:// address needs --tls-ca FILE: the CA that signed the daemon's certificate",
+    )?;
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let mut config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("CA certificate", ca)?))
+        .domain_name(host);
+    match (&files.cert, &files.key) {
+        (Some(cert), Some(key)) => {
+            config = config.identity(Identity::from_pem(
+                read("client certificate", cert)?,
+                read("client key", key)?,
+            ));
+        }
+        (None, None) => {}
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    }
+    Ok(config)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +251,7 @@ mod tests {
             addr: addr.map(str::to_owned),
             token: token.map(str::to_owned),
             data_dir: dir.map(Path::to_path_buf),
+            tls: TlsFiles::default(),
         }
     }
 
@@ -198,6 +260,8 @@ mod tests {
         let r = resolve(&settings(Some("http://10.0.0.1:7"), Some("t\n"), None)).unwrap();
         assert_eq!(r.target, Target::Tcp("10.0.0.1:7".into()));
         assert_eq!(r.token.as_deref(), Some("t"));
+        let r = resolve(&settings(Some("https://h:7"), None, None)).unwrap();
+        assert_eq!(r.target, Target::Tls("h:7".into()));
         let r = resolve(&settings(Some("unix:/x/torud.sock"), None, None)).unwrap();
         assert_eq!(r.target, Target::Unix("/x/torud.sock".into()));
         assert!(resolve(&settings(Some("nonsense"), None, None)).is_err());

@@ -33,7 +33,8 @@ struct Cli {
 /// Flags every command takes.
 #[derive(Args)]
 struct Global {
-    /// Daemon address: host:port, or unix:PATH for its control socket.
+    /// Daemon address: host:port, https://host:port (TLS), or unix:PATH for its control
+    /// socket.
     #[arg(long, global = true, env = "TORUD_ADDR")]
     addr: Option<String>,
     /// Bearer token (admin or read-only).
@@ -42,6 +43,15 @@ struct Global {
     /// The daemon's data directory: its control socket and admin.token are used from there.
     #[arg(long, global = true, env = "TORUD_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the daemon's, for https:// addresses.
+    #[arg(long, global = true, env = "TORUCTL_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for daemons that require one (with --tls-key).
+    #[arg(long, global = true, env = "TORUCTL_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Client private key (PEM), with --tls-cert.
+    #[arg(long, global = true, env = "TORUCTL_TLS_KEY")]
+    tls_key: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value = "table")]
     output: Output,
@@ -200,11 +210,6 @@ pub struct HealthArgs {
 }
 
 fn main() -> ExitCode {
-    // Die quietly on a closed pipe (`toructl logs -f | head`), as command-line tools do.
-    // SAFETY: restoring the default disposition of a signal before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -229,9 +234,14 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         addr: cli.global.addr,
         token: cli.global.token,
         data_dir: cli.global.data_dir,
+        tls: connect::TlsFiles {
+            ca: cli.global.tls_ca,
+            cert: cli.global.tls_cert,
+            key: cli.global.tls_key,
+        },
     };
     let resolved = connect::resolve(&settings)?;
-    let conn = connect::Conn::open(&resolved, cli.global.timeout).await?;
+    let conn = connect::Conn::open(&resolved, &settings.tls, cli.global.timeout).await?;
     let out = cli.global.output;
     use commands as c;
     match cli.command {
