@@ -146,6 +146,8 @@ struct Line {
 const COALESCE: Duration = Duration::from_millis(1);
 /// Bytes of held lines that are stored without waiting any longer.
 const COALESCE_BYTES: usize = 64 * 1024;
+/// Bytes read from a pipe at once.
+const READ_BUFFER: usize = 64 * 1024;
 
 /// Reads `reader` to its end, line by line, storing every line in `log` (and stderr lines in
 /// `tail`). Never stops reading early, so the writer can never block on a full pipe.
@@ -158,7 +160,7 @@ pub async fn drain_lines<R: AsyncRead + Unpin>(
     max_line: usize,
 ) {
     let max_line = max_line.max(16);
-    let mut reader = BufReader::with_capacity(64 * 1024, reader);
+    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
     let mut partial: Vec<u8> = Vec::new();
     let mut batch: Vec<Line> = Vec::new();
     let mut held_bytes = 0;
@@ -194,10 +196,18 @@ pub async fn drain_lines<R: AsyncRead + Unpin>(
         reader.consume(used);
         held_bytes += used;
         let due = last_store.elapsed() >= COALESCE || held_bytes >= COALESCE_BYTES;
-        if reader.buffer().is_empty() && !batch.is_empty() && due {
+        if !batch.is_empty() && due {
             emit(&log, stream, pid, tail.as_ref(), &mut batch);
             held_bytes = 0;
             last_store = Instant::now();
+        } else if !batch.is_empty() && used < READ_BUFFER {
+            // A busy stream that was just stored, and the pipe is drained: let it fill until
+            // the next store is due instead of waking for every write. (A pipe that is not
+            // drained, `used == READ_BUFFER`, is read on at once.) The pipe holds far more
+            // than a millisecond of any plugin's logging, so the plugin does not block; and
+            // while the pipe stays non-empty its writes wake nobody, which also makes them
+            // cheaper for the plugin.
+            tokio::time::sleep_until(last_store + COALESCE).await;
         }
     }
     if !partial.is_empty() {

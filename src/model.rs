@@ -164,6 +164,10 @@ pub enum EventKind {
     PluginSkipped,
     /// A known plugin's metadata changed.
     PluginUpdated,
+    /// The plugin's log could not be written.
+    LoggingDegraded,
+    /// The plugin's log is written again.
+    LoggingResumed,
 }
 
 /// An event before the log numbers it.

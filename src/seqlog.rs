@@ -165,6 +165,8 @@ struct Inner<T> {
     /// write (or one rotation), never across `.await`.
     writer: Mutex<Writer>,
     tx: broadcast::Sender<Chunk<T>>,
+    /// `Some(error)` while appends cannot be written to the files.
+    health: tokio::sync::watch::Sender<Option<String>>,
     _records: PhantomData<fn() -> T>,
 }
 
@@ -219,6 +221,7 @@ impl<T: Sequenced> SeqLog<T> {
                     spare: Vec::new(),
                 }),
                 tx,
+                health: tokio::sync::watch::channel(None).0,
                 _records: PhantomData,
             }),
         })
@@ -258,9 +261,22 @@ impl<T: Sequenced> SeqLog<T> {
                 failed = Some(e);
             }
         }
-        if let Some(e) = failed {
-            tracing::error!(log = %self.inner.stem, error = %e,
-                "could not persist records; they are delivered live only");
+        match failed {
+            Some(e) => {
+                let text = e.to_string();
+                self.inner.health.send_if_modified(|h| {
+                    let changed = h.is_none();
+                    if changed {
+                        tracing::error!(log = %self.inner.dir.display(), error = %text,
+                            "cannot write the log; records are delivered live only until it can");
+                    }
+                    *h = Some(text);
+                    changed
+                });
+            }
+            None => {
+                self.inner.health.send_if_modified(|h| h.take().is_some());
+            }
         }
         if buf.capacity() <= 4 * 1024 * 1024 {
             buf.clear();
@@ -325,6 +341,13 @@ impl<T: Sequenced> SeqLog<T> {
             let _ = std::fs::remove_file(old.index_path());
         }
         Ok(())
+    }
+
+    /// Whether appends reach the files: `Some(error)` while they cannot (the records are
+    /// then delivered to live followers only). Changes when a write fails after succeeding,
+    /// and when one succeeds again.
+    pub fn health(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.inner.health.subscribe()
     }
 
     /// The seq of the newest record (0 when there is none).

@@ -76,3 +76,228 @@ async fn a_corrupt_state_file_is_a_clear_error_naming_it() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. "2m") at `path`, or returns `None` where mounting is
+    /// not permitted (not root, or no CAP_SYS_ADMIN).
+    fn mount(path: &std::path::Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(path.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the filesystem of `dir` with one file; returns it.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 4096];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    path
+}
+
+#[tokio::test]
+async fn a_full_log_disk_degrades_logging_without_stopping_plugins() {
+    let mut d = Daemon::new(&["--log-segment-bytes", "65536", "--log-segments", "100"]);
+    let Some(_mount) = Tmpfs::mount(&d.data_dir.join("logs"), "1m") else {
+        eprintln!("SKIPPED: mounting a size-capped tmpfs needs CAP_SYS_ADMIN here");
+        return;
+    };
+    d.install_fixture("fx", "normal", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["fx"]).await;
+    let pid = enable(&mut client, "fx").await.pid;
+    let kv = d.kv_client().await;
+    let kv_get = |key: String| {
+        let mut kv = kv.clone();
+        async move {
+            // This fixture logs each request and does not answer KV: the call fails, the
+            // line is what matters.
+            let _ = kv
+                .get_value(torud::pb::GetValueRequest {
+                    plugin_id: "fx".into(),
+                    key,
+                })
+                .await;
+        }
+    };
+
+    let filler = fill(&d.data_dir.join("logs"));
+    // Each request makes the plugin write a line; the first that cannot be stored degrades
+    // logging, once. (The log's last page has room for a few dozen lines first.)
+    for i in 0..80 {
+        kv_get(format!("full-{i}")).await;
+    }
+    let degraded = events
+        .wait_for("logging degraded", SECS10, |e| {
+            e.kind == torud::pb::EventKind::LoggingDegraded as i32
+        })
+        .await;
+    assert_eq!(degraded.plugin_id, "fx");
+    assert!(
+        degraded.reason.contains("No space left"),
+        "{}",
+        degraded.reason
+    );
+    let plugin = get(&mut client, "fx").await;
+    assert_eq!(plugin.pid, pid, "the plugin kept running");
+    assert_eq!(state_of(&plugin), torud::pb::PluginState::Running);
+
+    let before = d.log_text("fx").matches("received kv get").count();
+    assert!(
+        before < 80,
+        "every line of the full spell was stored: {before}"
+    );
+    // Space returns: the next line is stored and logging resumes.
+    std::fs::remove_file(filler).unwrap();
+    kv_get("after".into()).await;
+    events
+        .wait_for("logging resumed", SECS10, |e| {
+            e.kind == torud::pb::EventKind::LoggingResumed as i32 && e.plugin_id == "fx"
+        })
+        .await;
+    // The line after the full spell was stored.
+    wait_until("the line after recovery to be stored", SECS10, || {
+        d.log_text("fx").matches("received kv get").count() > before
+    })
+    .await;
+    let kinds: Vec<i32> = events.seen.iter().map(|e| e.kind).collect();
+    let degraded_count = kinds
+        .iter()
+        .filter(|k| **k == torud::pb::EventKind::LoggingDegraded as i32)
+        .count();
+    assert_eq!(degraded_count, 1, "degraded is reported once, not per line");
+    d.stop().await;
+}
+
+/// Every record of `id` oldest first, through QueryLogs pages.
+async fn all_records(d: &Daemon, id: &str) -> Vec<torud::pb::LogRecord> {
+    let mut logs = torud::pb::log_service_client::LogServiceClient::new(d.channel().await);
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = logs
+            .query_logs(torud::pb::QueryLogsRequest {
+                filter: Some(torud::pb::LogFilter {
+                    plugin_ids: vec![id.into()],
+                    min_level: 0,
+                    contains: String::new(),
+                }),
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        out.extend(page.records);
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        token = page.next_page_token;
+    }
+}
+
+#[tokio::test]
+async fn a_sigkilled_daemon_restarts_with_state_events_and_logs_intact() {
+    let mut d = Daemon::new(&[]);
+    d.install_hello("hello");
+    d.install_fixture("burst", "burst", &["--lines", "2000"]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["hello", "burst"]).await;
+    // Acknowledged decisions: hello enabled, burst enabled then disabled after its burst.
+    enable(&mut client, "hello").await;
+    enable(&mut client, "burst").await;
+    wait_until("the burst to be stored", SECS10, || {
+        d.log_text("burst").contains("burst done")
+    })
+    .await;
+    disable(&mut client, "burst").await;
+    let before_logs = all_records(&d, "burst").await;
+    let lines: Vec<&str> = before_logs
+        .iter()
+        .filter(|r| r.message.starts_with("line "))
+        .map(|r| r.message.as_str())
+        .collect();
+    assert_eq!(lines.len(), 2000);
+    // Every event so far, as a watcher saw them.
+    let last = get(&mut client, "burst").await;
+    assert_eq!(state_of(&last), torud::pb::PluginState::Stopped);
+    events
+        .wait_for("burst's stop", SECS10, |e| {
+            e.plugin_id == "burst" && e.to_state == torud::pb::PluginState::Stopped as i32
+        })
+        .await;
+    let seen_before = events.seen.clone();
+
+    d.kill9().await;
+    d.start().await;
+    let mut client = d.client().await;
+    let mut replay = Events::watch(&mut client, Some(0)).await;
+    let last_seq = seen_before.last().unwrap().seq;
+    replay
+        .wait_for("hello to run again after the restart", SECS10, |e| {
+            e.seq > last_seq
+                && e.plugin_id == "hello"
+                && e.to_state == torud::pb::PluginState::Running as i32
+        })
+        .await;
+    replay
+        .wait_for("burst to be discovered again", SECS10, |e| {
+            e.seq > last_seq
+                && e.plugin_id == "burst"
+                && e.kind == torud::pb::EventKind::PluginAdded as i32
+        })
+        .await;
+    // Enabled state: hello runs again, burst stays stopped.
+    let hello = get(&mut client, "hello").await;
+    assert!(hello.enabled);
+    assert!(!get(&mut client, "burst").await.enabled);
+
+    // Events: everything seen before is still there, unchanged, and numbering goes on.
+    while replay.seen.len() < seen_before.len() + 1 {
+        replay.next_within(SECS10).await.expect("replay stalled");
+    }
+    for (old, new) in seen_before.iter().zip(&replay.seen) {
+        assert_eq!(old, new, "an acknowledged event changed or vanished");
+    }
+    let seqs: Vec<u64> = replay.seen.iter().map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+
+    // Logs: every line is still there; new records continue the numbering.
+    let after_logs = all_records(&d, "burst").await;
+    assert_eq!(&after_logs[..before_logs.len()], &before_logs[..]);
+    let hello_logs = all_records(&d, "hello").await;
+    let seqs: Vec<u64> = hello_logs.iter().map(|r| r.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    assert!(
+        hello_logs
+            .iter()
+            .filter(|r| r.stream == torud::pb::LogStream::Supervisor as i32)
+            .count()
+            >= 4,
+        "the notes of both runs are kept"
+    );
+}

@@ -117,6 +117,7 @@ async fn secrets_and_sockets_are_private_to_the_daemons_user() {
     assert_eq!(mode(&d.data_dir.join("read.token")), 0o600);
     assert_eq!(mode(&d.data_dir.join("torud.sock")), 0o600);
     assert_eq!(mode(&d.data_dir.join("run")), 0o700);
+    assert_eq!(mode(&d.data_dir.join("run").join("hello.sock")), 0o600);
     assert_eq!(mode(&d.data_dir.join("plugins").join("hello")), 0o700);
     assert_ne!(d.token("admin"), d.token("read"));
     assert_eq!(d.token("admin").len(), 64);

@@ -39,6 +39,8 @@ fn event_kind(k: EventKind) -> pb::EventKind {
         EventKind::PluginRemoved => pb::EventKind::PluginRemoved,
         EventKind::PluginSkipped => pb::EventKind::PluginSkipped,
         EventKind::PluginUpdated => pb::EventKind::PluginUpdated,
+        EventKind::LoggingDegraded => pb::EventKind::LoggingDegraded,
+        EventKind::LoggingResumed => pb::EventKind::LoggingResumed,
     }
 }
 

@@ -56,7 +56,10 @@ pub async fn bridge(mut reporter: HealthReporter, supervisor: Supervisor) {
                     .await
             }
             // These say nothing about health.
-            EventKind::PluginSkipped | EventKind::PluginUpdated => {}
+            EventKind::PluginSkipped
+            | EventKind::PluginUpdated
+            | EventKind::LoggingDegraded
+            | EventKind::LoggingResumed => {}
         }
     }
 }

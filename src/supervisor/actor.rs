@@ -411,6 +411,13 @@ impl Actor {
             tokio::select! {
                 result = &mut ready => match result {
                     Ok(link) => {
+                        // The plugin made its socket with its own umask; only the daemon's
+                        // user may use it (run/ is 0700 as well).
+                        use std::os::unix::fs::PermissionsExt;
+                        let _ = std::fs::set_permissions(
+                            self.ctx.config.socket_path(&self.id),
+                            std::fs::Permissions::from_mode(0o600),
+                        );
                         self.link.send_replace(Some(link.clone()));
                         self.transition(PluginState::Running, "ready", None, |_| {});
                         let snapshot = self.snapshot();

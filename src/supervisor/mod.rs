@@ -544,6 +544,11 @@ impl Supervisor {
                 return;
             }
         };
+        tokio::spawn(report_log_health(
+            id.clone(),
+            log.records().health(),
+            ctx.events.clone(),
+        ));
         let enabled = ctx.state.get(&id).unwrap_or(ctx.config.enable_new_plugins);
         ctx.events.append(
             EventDraft::new(&id, EventKind::PluginAdded)
@@ -596,5 +601,25 @@ impl Supervisor {
         if let Err(e) = self.inner.ctx.events.sync() {
             tracing::warn!(error = %e, "could not sync the event log");
         }
+    }
+}
+
+/// Turns a plugin log's health changes into events, until the log is dropped.
+async fn report_log_health(
+    id: String,
+    mut health: tokio::sync::watch::Receiver<Option<String>>,
+    events: EventLog,
+) {
+    while health.changed().await.is_ok() {
+        let now = health.borrow_and_update().clone();
+        let draft = match now {
+            Some(error) => EventDraft::new(&id, EventKind::LoggingDegraded).reason(format!(
+                "cannot write the plugin's log: {error}; the plugin keeps running and its \
+                 output still reaches live subscribers, but is not stored until this clears"
+            )),
+            None => EventDraft::new(&id, EventKind::LoggingResumed)
+                .reason("the plugin's log is written again"),
+        };
+        events.append(draft);
     }
 }

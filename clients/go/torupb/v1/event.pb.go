@@ -40,6 +40,11 @@ const (
 	EventKind_EVENT_KIND_PLUGIN_SKIPPED EventKind = 5
 	// A rescan found new metadata for a known plugin; it applies from the next start.
 	EventKind_EVENT_KIND_PLUGIN_UPDATED EventKind = 6
+	// The plugin's log could not be written (for example the disk is full); `reason` says
+	// why. The plugin keeps running; its records still reach live subscribers.
+	EventKind_EVENT_KIND_LOGGING_DEGRADED EventKind = 7
+	// The plugin's log is written again after being degraded.
+	EventKind_EVENT_KIND_LOGGING_RESUMED EventKind = 8
 )
 
 // Enum value maps for EventKind.
@@ -52,15 +57,19 @@ var (
 		4: "EVENT_KIND_PLUGIN_REMOVED",
 		5: "EVENT_KIND_PLUGIN_SKIPPED",
 		6: "EVENT_KIND_PLUGIN_UPDATED",
+		7: "EVENT_KIND_LOGGING_DEGRADED",
+		8: "EVENT_KIND_LOGGING_RESUMED",
 	}
 	EventKind_value = map[string]int32{
-		"EVENT_KIND_UNSPECIFIED":    0,
-		"EVENT_KIND_STATE_CHANGED":  1,
-		"EVENT_KIND_HEALTH_CHANGED": 2,
-		"EVENT_KIND_PLUGIN_ADDED":   3,
-		"EVENT_KIND_PLUGIN_REMOVED": 4,
-		"EVENT_KIND_PLUGIN_SKIPPED": 5,
-		"EVENT_KIND_PLUGIN_UPDATED": 6,
+		"EVENT_KIND_UNSPECIFIED":      0,
+		"EVENT_KIND_STATE_CHANGED":    1,
+		"EVENT_KIND_HEALTH_CHANGED":   2,
+		"EVENT_KIND_PLUGIN_ADDED":     3,
+		"EVENT_KIND_PLUGIN_REMOVED":   4,
+		"EVENT_KIND_PLUGIN_SKIPPED":   5,
+		"EVENT_KIND_PLUGIN_UPDATED":   6,
+		"EVENT_KIND_LOGGING_DEGRADED": 7,
+		"EVENT_KIND_LOGGING_RESUMED":  8,
 	}
 )
 
@@ -248,7 +257,7 @@ const file_toru_v1_event_proto_rawDesc = "" +
 	"\ahealthy\x18\v \x01(\bR\ahealthy\x1a:\n" +
 	"\fDetailsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xde\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\x9f\x02\n" +
 	"\tEventKind\x12\x1a\n" +
 	"\x16EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18EVENT_KIND_STATE_CHANGED\x10\x01\x12\x1d\n" +
@@ -256,7 +265,9 @@ const file_toru_v1_event_proto_rawDesc = "" +
 	"\x17EVENT_KIND_PLUGIN_ADDED\x10\x03\x12\x1d\n" +
 	"\x19EVENT_KIND_PLUGIN_REMOVED\x10\x04\x12\x1d\n" +
 	"\x19EVENT_KIND_PLUGIN_SKIPPED\x10\x05\x12\x1d\n" +
-	"\x19EVENT_KIND_PLUGIN_UPDATED\x10\x06B;Z9github.com/toru-project/torud/clients/go/torupb/v1;torupbb\x06proto3"
+	"\x19EVENT_KIND_PLUGIN_UPDATED\x10\x06\x12\x1f\n" +
+	"\x1bEVENT_KIND_LOGGING_DEGRADED\x10\a\x12\x1e\n" +
+	"\x1aEVENT_KIND_LOGGING_RESUMED\x10\bB;Z9github.com/toru-project/torud/clients/go/torupb/v1;torupbb\x06proto3"
 
 var (
 	file_toru_v1_event_proto_rawDescOnce sync.Once

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from toru.v1 import plugin_pb2 as toru_dot_v1_dot_plugin__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13toru/v1/event.proto\x12\x07toru.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14toru/v1/plugin.proto\"\x9a\x03\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\tplugin_id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x04kind\x18\x04 \x01(\x0e\x32\x12.toru.v1.EventKind\x12(\n\nfrom_state\x18\x05 \x01(\x0e\x32\x14.toru.v1.PluginState\x12&\n\x08to_state\x18\x06 \x01(\x0e\x32\x14.toru.v1.PluginState\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12,\n\x07\x64\x65tails\x18\x08 \x03(\x0b\x32\x1b.toru.v1.Event.DetailsEntry\x12\x1f\n\x04\x65xit\x18\t \x01(\x0b\x32\x11.toru.v1.ExitInfo\x12\x33\n\x0fnext_restart_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07healthy\x18\x0b \x01(\x08\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xde\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45VENT_KIND_STATE_CHANGED\x10\x01\x12\x1d\n\x19\x45VENT_KIND_HEALTH_CHANGED\x10\x02\x12\x1b\n\x17\x45VENT_KIND_PLUGIN_ADDED\x10\x03\x12\x1d\n\x19\x45VENT_KIND_PLUGIN_REMOVED\x10\x04\x12\x1d\n\x19\x45VENT_KIND_PLUGIN_SKIPPED\x10\x05\x12\x1d\n\x19\x45VENT_KIND_PLUGIN_UPDATED\x10\x06\x42;Z9github.com/toru-project/torud/clients/go/torupb/v1;torupbb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13toru/v1/event.proto\x12\x07toru.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14toru/v1/plugin.proto\"\x9a\x03\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\tplugin_id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x04kind\x18\x04 \x01(\x0e\x32\x12.toru.v1.EventKind\x12(\n\nfrom_state\x18\x05 \x01(\x0e\x32\x14.toru.v1.PluginState\x12&\n\x08to_state\x18\x06 \x01(\x0e\x32\x14.toru.v1.PluginState\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12,\n\x07\x64\x65tails\x18\x08 \x03(\x0b\x32\x1b.toru.v1.Event.DetailsEntry\x12\x1f\n\x04\x65xit\x18\t \x01(\x0b\x32\x11.toru.v1.ExitInfo\x12\x33\n\x0fnext_restart_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07healthy\x18\x0b \x01(\x08\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x9f\x02\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45VENT_KIND_STATE_CHANGED\x10\x01\x12\x1d\n\x19\x45VENT_KIND_HEALTH_CHANGED\x10\x02\x12\x1b\n\x17\x45VENT_KIND_PLUGIN_ADDED\x10\x03\x12\x1d\n\x19\x45VENT_KIND_PLUGIN_REMOVED\x10\x04\x12\x1d\n\x19\x45VENT_KIND_PLUGIN_SKIPPED\x10\x05\x12\x1d\n\x19\x45VENT_KIND_PLUGIN_UPDATED\x10\x06\x12\x1f\n\x1b\x45VENT_KIND_LOGGING_DEGRADED\x10\x07\x12\x1e\n\x1a\x45VENT_KIND_LOGGING_RESUMED\x10\x08\x42;Z9github.com/toru-project/torud/clients/go/torupb/v1;torupbb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,7 +37,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT_DETAILSENTRY']._loaded_options = None
   _globals['_EVENT_DETAILSENTRY']._serialized_options = b'8\001'
   _globals['_EVENTKIND']._serialized_start=501
-  _globals['_EVENTKIND']._serialized_end=723
+  _globals['_EVENTKIND']._serialized_end=788
   _globals['_EVENT']._serialized_start=88
   _globals['_EVENT']._serialized_end=498
   _globals['_EVENT_DETAILSENTRY']._serialized_start=452

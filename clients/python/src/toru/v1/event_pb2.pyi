@@ -41,6 +41,12 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     """A file in the plugins directory was not loaded; `reason` says why, `details["path"]` which."""
     EVENT_KIND_PLUGIN_UPDATED: _EventKind.ValueType  # 6
     """A rescan found new metadata for a known plugin; it applies from the next start."""
+    EVENT_KIND_LOGGING_DEGRADED: _EventKind.ValueType  # 7
+    """The plugin's log could not be written (for example the disk is full); `reason` says
+    why. The plugin keeps running; its records still reach live subscribers.
+    """
+    EVENT_KIND_LOGGING_RESUMED: _EventKind.ValueType  # 8
+    """The plugin's log is written again after being degraded."""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
     """What an event records."""
@@ -59,6 +65,12 @@ EVENT_KIND_PLUGIN_SKIPPED: EventKind.ValueType  # 5
 """A file in the plugins directory was not loaded; `reason` says why, `details["path"]` which."""
 EVENT_KIND_PLUGIN_UPDATED: EventKind.ValueType  # 6
 """A rescan found new metadata for a known plugin; it applies from the next start."""
+EVENT_KIND_LOGGING_DEGRADED: EventKind.ValueType  # 7
+"""The plugin's log could not be written (for example the disk is full); `reason` says
+why. The plugin keeps running; its records still reach live subscribers.
+"""
+EVENT_KIND_LOGGING_RESUMED: EventKind.ValueType  # 8
+"""The plugin's log is written again after being degraded."""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final

@@ -29,6 +29,13 @@ export enum EventKind {
   EVENT_KIND_PLUGIN_SKIPPED = 5,
   /** EVENT_KIND_PLUGIN_UPDATED - A rescan found new metadata for a known plugin; it applies from the next start. */
   EVENT_KIND_PLUGIN_UPDATED = 6,
+  /**
+   * EVENT_KIND_LOGGING_DEGRADED - The plugin's log could not be written (for example the disk is full); `reason` says
+   * why. The plugin keeps running; its records still reach live subscribers.
+   */
+  EVENT_KIND_LOGGING_DEGRADED = 7,
+  /** EVENT_KIND_LOGGING_RESUMED - The plugin's log is written again after being degraded. */
+  EVENT_KIND_LOGGING_RESUMED = 8,
   UNRECOGNIZED = -1,
 }
 
@@ -55,6 +62,12 @@ export function eventKindFromJSON(object: any): EventKind {
     case 6:
     case "EVENT_KIND_PLUGIN_UPDATED":
       return EventKind.EVENT_KIND_PLUGIN_UPDATED;
+    case 7:
+    case "EVENT_KIND_LOGGING_DEGRADED":
+      return EventKind.EVENT_KIND_LOGGING_DEGRADED;
+    case 8:
+    case "EVENT_KIND_LOGGING_RESUMED":
+      return EventKind.EVENT_KIND_LOGGING_RESUMED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -78,6 +91,10 @@ export function eventKindToJSON(object: EventKind): string {
       return "EVENT_KIND_PLUGIN_SKIPPED";
     case EventKind.EVENT_KIND_PLUGIN_UPDATED:
       return "EVENT_KIND_PLUGIN_UPDATED";
+    case EventKind.EVENT_KIND_LOGGING_DEGRADED:
+      return "EVENT_KIND_LOGGING_DEGRADED";
+    case EventKind.EVENT_KIND_LOGGING_RESUMED:
+      return "EVENT_KIND_LOGGING_RESUMED";
     case EventKind.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
