@@ -430,7 +430,11 @@ pub async fn logs(conn: &Conn, out: Output, args: LogsArgs) -> Result {
 
 /// How long `events` without `-f` waits for one more stored event before it stops: the
 /// stream replays stored events at once and then only follows, with no marker between.
-const REPLAY_IDLE: Duration = Duration::from_millis(500);
+const REPLAY_IDLE: Duration = Duration::from_secs(1);
+
+/// How long `events` without `-f` waits for the first event (a busy daemon may take a
+/// moment to start the replay).
+const REPLAY_START: Duration = Duration::from_secs(5);
 
 /// `events [IDS] [-f] [--after SEQ]`.
 pub async fn events(conn: &Conn, out: Output, args: EventsArgs) -> Result {
@@ -443,11 +447,14 @@ pub async fn events(conn: &Conn, out: Output, args: EventsArgs) -> Result {
         .await
         .map_err(status_line)?
         .into_inner();
+    let mut seen = 0u64;
     loop {
         let next = if args.follow {
             stream.message().await
         } else {
-            match tokio::time::timeout(REPLAY_IDLE, stream.message()).await {
+            let wait = if seen == 0 { REPLAY_START } else { REPLAY_IDLE };
+            seen += 1;
+            match tokio::time::timeout(wait, stream.message()).await {
                 Ok(next) => next,
                 Err(_) => break,
             }
