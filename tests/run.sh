@@ -17,6 +17,7 @@ command -v python3 >/dev/null || need_apt+=(python3)
 command -v cc >/dev/null || need_apt+=(build-essential)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 command -v npm >/dev/null || need_apt+=(nodejs npm)
+command -v openssl >/dev/null || need_apt+=(openssl)
 if ((${#need_apt[@]})); then
   step "installing ${need_apt[*]} (apt-get)"
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"

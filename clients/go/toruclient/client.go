@@ -5,7 +5,10 @@ package toruclient
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -13,6 +16,7 @@ import (
 
 	torupb "github.com/toru-project/torud/clients/go/torupb/v1"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 )
 
@@ -22,7 +26,7 @@ const DefaultAddress = "127.0.0.1:50051"
 // Options say where the daemon is and how to authenticate. Empty fields fall back to
 // TORUD_ADDR, TORUD_TOKEN and TORUD_DATA_DIR.
 type Options struct {
-	// Address is host:port.
+	// Address is host:port, or https://host:port for TLS.
 	Address string
 	// Token is the bearer token (admin or read-only).
 	Token string
@@ -31,6 +35,12 @@ type Options struct {
 	// DataDir is the daemon's data directory: its torud.sock when it exists (and no
 	// Address is given), otherwise its admin.token.
 	DataDir string
+	// TLSCA is, for https:// addresses, the PEM file of the CA that signed the daemon's
+	// certificate; empty means the system's roots.
+	TLSCA string
+	// TLSCert and TLSKey are, for https:// addresses, PEM files of a client certificate
+	// and its key, for daemons that require one.
+	TLSCert, TLSKey string
 }
 
 // Client holds the service clients, sharing one connection.
@@ -82,7 +92,18 @@ func Connect(o Options) (*Client, error) {
 			o.Token = strings.TrimSpace(string(text))
 		}
 	}
-	opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	transport := insecure.NewCredentials()
+	if rest, ok := strings.CutPrefix(target, "https://"); ok {
+		target = rest
+		config, err := tlsConfig(o)
+		if err != nil {
+			return nil, err
+		}
+		transport = credentials.NewTLS(config)
+	} else {
+		target = strings.TrimPrefix(target, "http://")
+	}
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(transport)}
 	if o.Token != "" {
 		opts = append(opts, grpc.WithPerRPCCredentials(bearer(o.Token)))
 	}
@@ -96,6 +117,31 @@ func Connect(o Options) (*Client, error) {
 		KV:      torupb.NewKvServiceClient(conn),
 		Logs:    torupb.NewLogServiceClient(conn),
 	}, nil
+}
+
+func tlsConfig(o Options) (*tls.Config, error) {
+	config := &tls.Config{MinVersion: tls.VersionTLS12}
+	if o.TLSCA != "" {
+		pem, err := os.ReadFile(o.TLSCA)
+		if err != nil {
+			return nil, err
+		}
+		config.RootCAs = x509.NewCertPool()
+		if !config.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("no certificate in %s", o.TLSCA)
+		}
+	}
+	if (o.TLSCert == "") != (o.TLSKey == "") {
+		return nil, errors.New("TLSCert and TLSKey go together")
+	}
+	if o.TLSCert != "" {
+		pair, err := tls.LoadX509KeyPair(o.TLSCert, o.TLSKey)
+		if err != nil {
+			return nil, err
+		}
+		config.Certificates = []tls.Certificate{pair}
+	}
+	return config, nil
 }
 
 func exists(path string) bool {

@@ -22,7 +22,7 @@ export const DEFAULT_ADDRESS = "127.0.0.1:50051";
 
 /** Where the daemon is and how to authenticate. */
 export interface ConnectOptions {
-  /** `host:port`; default `TORUD_ADDR`, else 127.0.0.1:50051. */
+  /** `host:port`, or `https://host:port` for TLS; default `TORUD_ADDR`, else 127.0.0.1:50051. */
   address?: string;
   /** Bearer token; default `TORUD_TOKEN`, else `<dataDir>/admin.token` over TCP. */
   token?: string;
@@ -30,6 +30,12 @@ export interface ConnectOptions {
   unixSocket?: string;
   /** The daemon's data directory: its `torud.sock` when it exists, else its `admin.token`. */
   dataDir?: string;
+  /** For `https://`: the CA (PEM file) that signed the daemon's certificate; default the system's roots. */
+  tlsCa?: string;
+  /** For `https://`: a client certificate (PEM file), for daemons that require one, with `tlsKey`. */
+  tlsCert?: string;
+  /** For `https://`: the client certificate's private key (PEM file). */
+  tlsKey?: string;
 }
 
 /** The three service clients, sharing one connection, every call carrying the token. */
@@ -67,6 +73,7 @@ export function connect(options: ConnectOptions = {}): Client {
   let token = options.token ?? process.env.TORUD_TOKEN;
   const dataDir = options.dataDir ?? process.env.TORUD_DATA_DIR;
   let target: string;
+  let credentials = grpc.credentials.createInsecure();
   const sock = dataDir ? path.join(dataDir, "torud.sock") : undefined;
   if (options.unixSocket) {
     target = `unix:${options.unixSocket}`;
@@ -75,9 +82,16 @@ export function connect(options: ConnectOptions = {}): Client {
   } else {
     target = address ?? DEFAULT_ADDRESS;
     if (token === undefined && dataDir) token = readToken(path.join(dataDir, "admin.token"));
+    if (target.startsWith("https://")) {
+      target = target.slice("https://".length);
+      if (!options.tlsCert !== !options.tlsKey) throw new Error("tlsCert and tlsKey go together");
+      const read = (file?: string) => (file ? fs.readFileSync(file) : null);
+      credentials = grpc.credentials.createSsl(read(options.tlsCa), read(options.tlsKey), read(options.tlsCert));
+    } else {
+      target = target.replace(/^http:\/\//, "");
+    }
   }
   const clientOptions: grpc.ClientOptions = token ? { interceptors: [bearer(token)] } : {};
-  const credentials = grpc.credentials.createInsecure();
   const plugins = new PluginServiceClient(target, credentials, clientOptions);
   // The other clients reuse the first one's channel.
   const shared = { ...clientOptions, channelOverride: plugins.getChannel() as grpc.Channel };

@@ -24,7 +24,8 @@ export interface Daemon {
   stop(): Promise<void>;
 }
 
-export async function startDaemon(): Promise<Daemon> {
+/** Starts the daemon; `extraArgs` may add flags (it gets the temporary directory). */
+export async function startDaemon(extraArgs: (dir: string) => string[] = () => []): Promise<Daemon> {
   const torud = process.env.TORUD_BIN ?? path.join(TARGET, "debug", "torud");
   const hello = path.join(TARGET, "debug", "examples", "hello-plugin");
   for (const file of [torud, hello]) {
@@ -40,7 +41,7 @@ export async function startDaemon(): Promise<Daemon> {
   fs.writeFileSync(path.join(plugins, "py-echo.binary"), `#!/bin/sh\nexec python3 "${pyEcho}" "$@"\n`, { mode: 0o755 });
   const stderr = fs.openSync(path.join(dir, "daemon.stderr"), "w");
   const child = spawn(torud, ["serve", "--listen", "127.0.0.1:0", "--plugins-dir", plugins,
-    "--data-dir", dataDir, "--enable-new-plugins"], { stdio: ["ignore", "pipe", stderr] });
+    "--data-dir", dataDir, "--enable-new-plugins", ...extraArgs(dir)], { stdio: ["ignore", "pipe", stderr] });
   const lines = readline.createInterface({ input: child.stdout! });
   const first = await new Promise<string>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("torud did not report listening within 20 s")), 20_000);

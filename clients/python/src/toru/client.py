@@ -1,6 +1,7 @@
-"""Connects to torud: by address and bearer token, by its Unix control socket, or by its
-data directory (the socket when it exists, otherwise the address with ``admin.token``).
-Every call made through the returned :class:`Client` carries the token."""
+"""Connects to torud: by address and bearer token (plaintext, or TLS for ``https://``
+addresses), by its Unix control socket, or by its data directory (the socket when it
+exists, otherwise the address with ``admin.token``). Every call made through the returned
+:class:`Client` carries the token."""
 
 from __future__ import annotations
 
@@ -74,12 +75,19 @@ def _read_token(path: Path) -> Optional[str]:
         return None
 
 
+def _read_pem(path: Union[str, os.PathLike[str], None]) -> Optional[bytes]:
+    return Path(path).read_bytes() if path is not None else None
+
+
 def connect(
     address: Optional[str] = None,
     token: Optional[str] = None,
     *,
     unix_socket: Union[str, os.PathLike[str], None] = None,
     data_dir: Union[str, os.PathLike[str], None] = None,
+    tls_ca: Union[str, os.PathLike[str], None] = None,
+    tls_cert: Union[str, os.PathLike[str], None] = None,
+    tls_key: Union[str, os.PathLike[str], None] = None,
 ) -> Client:
     """Opens a client.
 
@@ -87,6 +95,9 @@ def connect(
     - ``connect(unix_socket="data/torud.sock")``: the Unix control socket (no token).
     - ``connect(data_dir="data")``: ``data/torud.sock`` when it exists, otherwise
       ``address`` (default 127.0.0.1:50051) with the token in ``data/admin.token``.
+    - ``connect("https://host:50051", token="...", tls_ca="ca.pem")``: TLS, trusting the
+      CA that signed the daemon's certificate (the system's roots without ``tls_ca``);
+      ``tls_cert`` and ``tls_key`` give a client certificate to daemons that require one.
 
     Without arguments, ``TORUD_ADDR``, ``TORUD_TOKEN`` and ``TORUD_DATA_DIR`` are used.
     """
@@ -106,4 +117,12 @@ def connect(
         return Client(channel, token)
     if token is None and data_dir is not None:
         token = _read_token(Path(data_dir) / "admin.token")
-    return Client(grpc.insecure_channel(address or DEFAULT_ADDRESS), token)
+    address = address or DEFAULT_ADDRESS
+    if address.startswith("https://"):
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read_pem(tls_ca), private_key=_read_pem(tls_key),
+            certificate_chain=_read_pem(tls_cert))
+        return Client(grpc.secure_channel(address.removeprefix("https://"), credentials), token)
+    return Client(grpc.insecure_channel(address.removeprefix("http://")), token)
