@@ -531,6 +531,12 @@ impl<T: Sequenced> Follower<T> {
         }
     }
 
+    /// Whether the next records must be read from the files (the follower is replaying or
+    /// catching up) rather than taken from the live feed.
+    pub fn replaying(&self) -> bool {
+        self.pending.is_empty() && self.cursor < self.upto
+    }
+
     fn take_pending(&mut self) -> Option<Arc<T>> {
         let record = self.pending.pop_front()?;
         self.cursor = record.seq();
