@@ -40,6 +40,10 @@ impl Sequenced for LogRecord {
         self.time
     }
 
+    fn write_json(&self, out: &mut Vec<u8>) {
+        write_record_json(self, out);
+    }
+
     fn size_hint(&self) -> usize {
         // The struct, its strings, and a rough share for fields.
         std::mem::size_of::<Self>()
@@ -104,6 +108,113 @@ impl PluginLog {
             record
         });
     }
+}
+
+/// Writes `r` as the JSON serde would (the same fields, names and order, so serde reads it
+/// back), without serde's per-field overhead: capture writes every line of every plugin.
+fn write_record_json(r: &LogRecord, out: &mut Vec<u8>) {
+    let mut digits = itoa::Buffer::new();
+    out.extend_from_slice(b"{\"seq\":");
+    out.extend_from_slice(digits.format(r.seq).as_bytes());
+    out.extend_from_slice(b",\"time\":\"");
+    write_rfc3339(r.time, out);
+    out.extend_from_slice(b"\",\"stream\":\"");
+    out.extend_from_slice(match r.stream {
+        LogStream::Stdout => b"stdout".as_slice(),
+        LogStream::Stderr => b"stderr",
+        LogStream::Supervisor => b"supervisor",
+    });
+    out.extend_from_slice(b"\",\"level\":\"");
+    out.extend_from_slice(match r.level {
+        LogLevel::Trace => b"trace".as_slice(),
+        LogLevel::Debug => b"debug",
+        LogLevel::Info => b"info",
+        LogLevel::Warn => b"warn",
+        LogLevel::Error => b"error",
+    });
+    out.extend_from_slice(b"\",\"message\":");
+    write_json_string(&r.message, out);
+    if let Some(t) = &r.plugin_time {
+        out.extend_from_slice(b",\"plugin_time\":");
+        write_json_string(t, out);
+    }
+    if !r.fields.is_empty() {
+        out.extend_from_slice(b",\"fields\":");
+        serde_json::to_writer(&mut *out, &r.fields).expect("JSON values always serialise");
+    }
+    out.extend_from_slice(b",\"pid\":");
+    out.extend_from_slice(digits.format(r.pid).as_bytes());
+    if r.continued {
+        out.extend_from_slice(b",\"continued\":true");
+    }
+    out.push(b'}');
+}
+
+/// A JSON string: copied as is when nothing needs escaping (the usual case), else serde's.
+fn write_json_string(s: &str, out: &mut Vec<u8>) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        serde_json::to_writer(&mut *out, s).expect("strings always serialise");
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ` (UTC, nanoseconds). The records of one store share
+/// their time, so the last text is kept per thread and reused.
+fn write_rfc3339(t: OffsetDateTime, out: &mut Vec<u8>) {
+    thread_local! {
+        static LAST: std::cell::RefCell<(Option<OffsetDateTime>, Vec<u8>)> =
+            const { std::cell::RefCell::new((None, Vec::new())) };
+    }
+    LAST.with_borrow_mut(|(last, text)| {
+        if *last != Some(t) {
+            text.clear();
+            format_rfc3339(t, text);
+            *last = Some(t);
+        }
+        out.extend_from_slice(text);
+    });
+}
+
+fn format_rfc3339(t: OffsetDateTime, out: &mut Vec<u8>) {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    let (year, month, day) = t.to_calendar_date();
+    let (hour, minute, second, nano) = t.to_hms_nano();
+    if !(0..=9999).contains(&year) {
+        // Outside what four digits hold: let the time crate write it.
+        let text = t
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        out.extend_from_slice(text.as_bytes());
+        return;
+    }
+    put_digits(out, year as u32, 4);
+    out.push(b'-');
+    put_digits(out, month as u32, 2);
+    out.push(b'-');
+    put_digits(out, u32::from(day), 2);
+    out.push(b'T');
+    put_digits(out, u32::from(hour), 2);
+    out.push(b':');
+    put_digits(out, u32::from(minute), 2);
+    out.push(b':');
+    put_digits(out, u32::from(second), 2);
+    out.push(b'.');
+    put_digits(out, nano, 9);
+    out.push(b'Z');
+}
+
+/// `value` in exactly `width` (at most 9) decimal digits, zero-padded.
+fn put_digits(out: &mut Vec<u8>, value: u32, width: usize) {
+    let mut buf = [b'0'; 9];
+    let mut v = value;
+    for slot in buf[..width].iter_mut().rev() {
+        *slot = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+    out.extend_from_slice(&buf[..width]);
 }
 
 /// The last lines a plugin wrote to stderr. The mutex guards a small ring and is held
@@ -408,6 +519,62 @@ mod tests {
         split_lines(b"\nnext\n", &mut partial, &mut out, MAX_LINE);
         assert_eq!(out.len(), 2, "a line of exactly the limit is one record");
         assert!(!out[0].continued && out[0].text.len() == MAX_LINE && out[1].text == "next");
+    }
+
+    #[test]
+    fn records_are_written_as_serde_would_read_them() {
+        use time::macros::datetime;
+        let base = LogRecord {
+            seq: 42,
+            time: datetime!(2026-11-24 23:41:07.000000001 UTC),
+            stream: LogStream::Stderr,
+            level: LogLevel::Warn,
+            message: "plain".into(),
+            plugin_time: None,
+            fields: Map::new(),
+            pid: 7,
+            continued: false,
+        };
+        let mut fields = Map::new();
+        fields.insert("n".into(), Value::from(1));
+        fields.insert("s".into(), Value::from("x\"y"));
+        let cases = [
+            base.clone(),
+            LogRecord {
+                message: "quote \" backslash \\ newline \n tab \t nul \0 \u{e9}\u{20ac}".into(),
+                plugin_time: Some("2026-01-01T00:00:00Z \"".into()),
+                fields,
+                continued: true,
+                stream: LogStream::Supervisor,
+                level: LogLevel::Trace,
+                ..base.clone()
+            },
+            LogRecord {
+                time: datetime!(0001-01-01 00:00:00 UTC),
+                stream: LogStream::Stdout,
+                level: LogLevel::Error,
+                message: String::new(),
+                ..base.clone()
+            },
+            LogRecord {
+                time: datetime!(2026-11-24 23:41:07 +02:00),
+                level: LogLevel::Debug,
+                ..base.clone()
+            },
+        ];
+        for r in cases {
+            let mut fast = Vec::new();
+            write_record_json(&r, &mut fast);
+            let back: LogRecord = serde_json::from_slice(&fast)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&fast)));
+            assert_eq!(back, r);
+            assert!(fast.starts_with(b"{\"seq\":"));
+            // The same object serde writes, field for field.
+            let ours: Value = serde_json::from_slice(&fast).unwrap();
+            let serde: Value = serde_json::to_value(&r).unwrap();
+            let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+            assert_eq!(keys(&ours), keys(&serde));
+        }
     }
 
     #[test]

@@ -60,22 +60,21 @@ async fn plugins_start_with_the_configured_rlimits() {
 
 #[tokio::test]
 async fn kv_sizes_and_grpc_messages_are_capped() {
-    let mut d = Daemon::new(&[
-        "--max-kv-key-bytes",
-        "8",
-        "--max-kv-value-bytes",
-        "16",
-        "--max-message-bytes",
-        "4096",
-    ]);
-    d.install_hello("hello");
-    d.start().await;
-    let mut client = d.client().await;
-    Events::watch(&mut client, Some(0))
-        .await
-        .wait_added(&["hello"])
-        .await;
-    enable(&mut client, "hello").await;
+    let (d, _client) = start_enabled(
+        &[
+            "--max-kv-key-bytes",
+            "8",
+            "--max-kv-value-bytes",
+            "16",
+            "--max-message-bytes",
+            "4096",
+        ],
+        |d| {
+            d.install_hello("hello");
+        },
+        &["hello"],
+    )
+    .await;
     let mut kv = d.kv_client().await;
     let set = |key: &str, value: String| pb::SetValueRequest {
         plugin_id: "hello".into(),
@@ -122,14 +121,14 @@ fn follow(id: &str) -> pb::StreamLogsRequest {
 
 #[tokio::test]
 async fn concurrent_streams_per_connection_are_capped() {
-    let mut d = Daemon::new(&["--max-concurrent-streams", "2"]);
-    d.install_hello("hello");
-    d.start().await;
-    let mut client = d.client().await;
-    Events::watch(&mut client, Some(0))
-        .await
-        .wait_added(&["hello"])
-        .await;
+    let (d, client) = start_discovered(
+        &["--max-concurrent-streams", "2"],
+        |d| {
+            d.install_hello("hello");
+        },
+        &["hello"],
+    )
+    .await;
     drop(client);
     let channel = d.channel().await;
     let mut logs = LogServiceClient::new(channel.clone());
@@ -152,15 +151,14 @@ async fn concurrent_streams_per_connection_are_capped() {
 
 #[tokio::test]
 async fn log_lines_split_at_the_configured_length() {
-    let mut d = Daemon::new(&["--max-log-line-bytes", "262144"]);
-    d.install_fixture("weird", "weird", &[]);
-    d.start().await;
-    let mut client = d.client().await;
-    Events::watch(&mut client, Some(0))
-        .await
-        .wait_added(&["weird"])
-        .await;
-    enable(&mut client, "weird").await;
+    let (d, _client) = start_enabled(
+        &["--max-log-line-bytes", "262144"],
+        |d| {
+            d.install_fixture("weird", "weird", &[]);
+        },
+        &["weird"],
+    )
+    .await;
     let mut logs = LogServiceClient::new(d.channel().await);
     let mut stream = logs
         .stream_logs(pb::StreamLogsRequest {
@@ -231,15 +229,15 @@ async fn a_pinned_binary_starts_only_with_the_pinned_hash() {
     let path = d0.install_hello("hello");
     let good = sha256_hex(&path);
     let pin = format!("hello={good}");
-    let mut d = Daemon::new(&["--pin", &pin]);
-    d.install_hello("hello");
-    d.start().await;
-    let mut client = d.client().await;
-    Events::watch(&mut client, Some(0))
-        .await
-        .wait_added(&["hello"])
-        .await;
-    enable(&mut client, "hello").await;
+    // With the right hash it starts (start_enabled asserts it runs).
+    let (_running, _client) = start_enabled(
+        &["--pin", &pin],
+        |d| {
+            d.install_hello("hello");
+        },
+        &["hello"],
+    )
+    .await;
 
     let bad = format!("hello={}", "0".repeat(64));
     let mut d = Daemon::new(&["--pin", &bad]);

@@ -103,15 +103,14 @@ async fn tcp_calls_need_a_token_and_the_read_role_cannot_change_anything() {
 
 #[tokio::test]
 async fn secrets_and_sockets_are_private_to_the_daemons_user() {
-    let mut d = Daemon::new(&[]);
-    d.install_hello("hello");
-    d.start().await;
-    let mut client = d.client().await;
-    Events::watch(&mut client, Some(0))
-        .await
-        .wait_added(&["hello"])
-        .await;
-    enable(&mut client, "hello").await;
+    let (mut d, _client) = start_enabled(
+        &[],
+        |d| {
+            d.install_hello("hello");
+        },
+        &["hello"],
+    )
+    .await;
     assert_eq!(mode(&d.data_dir), 0o700);
     assert_eq!(mode(&d.data_dir.join("admin.token")), 0o600);
     assert_eq!(mode(&d.data_dir.join("read.token")), 0o600);

@@ -391,7 +391,10 @@ impl LogService for LogApi {
                     newest_first,
                 )?);
             }
-            let (found, resume) = query::page(sources, limit, newest_first, |r| filter.keeps(r))?;
+            let (found, resume) =
+                query::page(sources, limit, newest_first, query::MAX_SCANNED, |r| {
+                    filter.keeps(r)
+                })?;
             let next_page_token = match resume {
                 Some(next) => hex::encode(
                     serde_json::to_vec(&PageToken { newest_first, next })
@@ -513,6 +516,9 @@ async fn produce(
             // Linger briefly for more: many small responses cost more than they save.
             match follower.try_next() {
                 Some(more) => next = Some(Ok(more)),
+                // A file read is due: send what we have rather than abandon the read at the
+                // deadline (the next round waits for it in full).
+                None if follower.replaying() => break,
                 None => match tokio::time::timeout_at(deadline, follower.next()).await {
                     Ok(more) => next = more,
                     Err(_) => break,

@@ -19,6 +19,11 @@ use crate::seqlog::SeqLog;
 /// Records read from one log at a time.
 const CHUNK: usize = 256;
 
+/// Records looked at for one page at most. A filter that keeps few records would otherwise
+/// scan the whole history in one call; past this, the page is returned short (even empty)
+/// with a token that continues the scan.
+pub(super) const MAX_SCANNED: usize = 50_000;
+
 /// One plugin's part of a query.
 pub(super) struct Source {
     /// The plugin.
@@ -103,15 +108,18 @@ impl Source {
 pub(super) type Page = (Vec<(String, Arc<LogRecord>)>, Option<BTreeMap<String, u64>>);
 
 /// Merges sources by time (seq within a plugin) and returns up to `limit` records passing
-/// `keep`, with the per-plugin resume points for the next page (`None` when none is left).
+/// `keep`, looking at `max_scanned` records at most, with the per-plugin resume points for
+/// the next page (`None` when none is left).
 pub(super) fn page(
     mut sources: Vec<Source>,
     limit: usize,
     newest_first: bool,
+    max_scanned: usize,
     keep: impl Fn(&LogRecord) -> bool,
 ) -> Result<Page, Status> {
     let mut out = Vec::new();
-    while out.len() < limit {
+    let mut scanned = 0;
+    while out.len() < limit && scanned < max_scanned {
         let mut best: Option<(usize, (OffsetDateTime, u64))> = None;
         for (i, source) in sources.iter_mut().enumerate() {
             if let Some(r) = source.peek(newest_first)? {
@@ -128,6 +136,7 @@ pub(super) fn page(
         }
         let Some((i, _)) = best else { break };
         let record = sources[i].buffer.pop_front().expect("peeked");
+        scanned += 1;
         if keep(&record) {
             out.push((sources[i].id.clone(), record));
         }
@@ -146,4 +155,42 @@ pub(super) fn page(
         }
     }
     Ok((out, (!resume.is_empty()).then_some(resume)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{LogLevel, LogStream};
+
+    #[test]
+    fn a_selective_filter_pages_through_the_scan_instead_of_scanning_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = PluginLog::open(dir.path(), 1 << 20, 10).unwrap();
+        for i in 0..1000 {
+            log.note(LogLevel::Info, format!("line {i}"), 1);
+        }
+        let bounds = Bounds {
+            since: None,
+            until: None,
+            after_seq: 0,
+            before_seq: 0,
+        };
+        let wanted = |r: &LogRecord| r.message == "line 950" && r.stream == LogStream::Supervisor;
+        let mut resume = None;
+        let mut pages = 0;
+        let found = loop {
+            let source = Source::open("p".into(), &log, &bounds, resume, false).unwrap();
+            let (records, next) = page(vec![source], 10, false, 100, wanted).unwrap();
+            pages += 1;
+            if !records.is_empty() {
+                break records;
+            }
+            resume = next
+                .expect("a token while records remain")
+                .get("p")
+                .copied();
+        };
+        assert_eq!(found[0].1.message, "line 950");
+        assert_eq!(pages, 10, "each page looks at 100 records");
+    }
 }

@@ -478,3 +478,34 @@ pub fn state_of(p: &pb::Plugin) -> pb::PluginState {
 }
 
 pub const SECS10: Duration = Duration::from_secs(10);
+
+/// Starts a daemon with `args` whose plugins directory `install` fills, and waits until the
+/// plugins `ids` are discovered. Returns it with a client (over the control socket).
+pub async fn start_discovered(
+    args: &[&str],
+    install: impl FnOnce(&Daemon),
+    ids: &[&str],
+) -> (Daemon, Client) {
+    let mut d = Daemon::new(args);
+    install(&d);
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(ids)
+        .await;
+    (d, client)
+}
+
+/// [`start_discovered`], then enables every plugin of `ids`.
+pub async fn start_enabled(
+    args: &[&str],
+    install: impl FnOnce(&Daemon),
+    ids: &[&str],
+) -> (Daemon, Client) {
+    let (d, mut client) = start_discovered(args, install, ids).await;
+    for id in ids {
+        enable(&mut client, id).await;
+    }
+    (d, client)
+}
