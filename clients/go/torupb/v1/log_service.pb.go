@@ -743,7 +743,8 @@ func (x *QueryLogsRequest) GetNewestFirst() bool {
 // Response for QueryLogs.
 type QueryLogsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The page.
+	// The page. It may hold fewer than page_size records, even none, when the filters skip
+	// many records (one call looks at a bounded number); continue with next_page_token.
 	Records []*LogRecord `protobuf:"bytes,1,rep,name=records,proto3" json:"records,omitempty"`
 	// Token for the next page; empty when there is none.
 	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`

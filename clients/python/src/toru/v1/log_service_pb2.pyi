@@ -378,7 +378,9 @@ class QueryLogsResponse(_message.Message):
     """Token for the next page; empty when there is none."""
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogRecord]:
-        """The page."""
+        """The page. It may hold fewer than page_size records, even none, when the filters skip
+        many records (one call looks at a bounded number); continue with next_page_token.
+        """
 
     def __init__(
         self,

@@ -252,7 +252,10 @@ export interface QueryLogsRequest {
 
 /** Response for QueryLogs. */
 export interface QueryLogsResponse {
-  /** The page. */
+  /**
+   * The page. It may hold fewer than page_size records, even none, when the filters skip
+   * many records (one call looks at a bounded number); continue with next_page_token.
+   */
   records: LogRecord[];
   /** Token for the next page; empty when there is none. */
   nextPageToken: string;
