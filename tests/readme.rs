@@ -135,17 +135,11 @@ fn path_with(dir: &Path) -> String {
 }
 
 async fn daemon() -> Daemon {
-    let mut d = Daemon::new(&["--enable-new-plugins"]);
-    d.install_hello("hello");
-    d.install_py_echo();
-    d.start().await;
-    let mut events = Events::watch(&mut d.client().await, Some(0)).await;
-    for id in ["hello", "py-echo"] {
-        events
-            .wait_state(id, torud::pb::PluginState::Running, SECS10)
-            .await;
-    }
-    d
+    let install = |d: &Daemon| {
+        d.install_hello("hello");
+        d.install_py_echo();
+    };
+    start_enabled(&[], install, &["hello", "py-echo"]).await.0
 }
 
 fn json(r: &Ran) -> Value {

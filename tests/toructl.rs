@@ -55,17 +55,11 @@ fn text(out: &Output) -> String {
 
 /// A daemon with `hello` and `py-echo` installed, both running.
 async fn daemon() -> Daemon {
-    let mut d = Daemon::new(&["--enable-new-plugins"]);
-    d.install_hello("hello");
-    d.install_py_echo();
-    d.start().await;
-    let mut events = Events::watch(&mut d.client().await, Some(0)).await;
-    for id in ["hello", "py-echo"] {
-        events
-            .wait_state(id, torud::pb::PluginState::Running, SECS10)
-            .await;
-    }
-    d
+    let install = |d: &Daemon| {
+        d.install_hello("hello");
+        d.install_py_echo();
+    };
+    start_enabled(&[], install, &["hello", "py-echo"]).await.0
 }
 
 /// A running `toructl` whose stdout lines arrive on a channel.
