@@ -27,6 +27,8 @@ pub struct Config {
     pub log_segments: usize,
     /// Environment variables passed through to plugins (beyond the `TORU_*` ones).
     pub plugin_env_allowlist: Vec<String>,
+    /// Per-plugin quotas of the durable storage.
+    pub storage_quotas: crate::storage::Quotas,
 }
 
 /// How long the supervisor waits for things, and how it backs off.
@@ -139,6 +141,7 @@ impl Config {
             log_segment_bytes: 10 * 1024 * 1024,
             log_segments: 5,
             plugin_env_allowlist: DEFAULT_PLUGIN_ENV.iter().map(|s| s.to_string()).collect(),
+            storage_quotas: crate::storage::Quotas::default(),
         }
     }
 
@@ -165,6 +168,11 @@ impl Config {
     /// The persisted enabled/disabled state.
     pub fn state_path(&self) -> PathBuf {
         self.data_dir.join("state.json")
+    }
+
+    /// The plugins' durable key-value storage (one redb database).
+    pub fn storage_path(&self) -> PathBuf {
+        self.data_dir.join("storage.redb")
     }
 
     /// The directory of the persisted event log (`events.<first seq>.jsonl` segments).

@@ -15,6 +15,7 @@ pub mod process;
 pub mod seqlog;
 pub mod server;
 pub mod state;
+pub mod storage;
 pub mod supervisor;
 
 /// Code generated from `proto/toru/v1/*.proto`. Only `api/` (and clients) use it.

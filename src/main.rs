@@ -97,6 +97,12 @@ struct ServeArgs {
     /// default allowlist and the TORU_* variables.
     #[arg(long, env = "TORUD_PLUGIN_ENV", value_delimiter = ',')]
     plugin_env: Vec<String>,
+    /// Keys one plugin may keep in its durable storage.
+    #[arg(long, env = "TORUD_STORAGE_MAX_KEYS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    storage_max_keys: u64,
+    /// Bytes (keys plus values) one plugin may keep in its durable storage.
+    #[arg(long, env = "TORUD_STORAGE_MAX_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    storage_max_bytes: u64,
     /// Log filter for the daemon's own logs (stderr), e.g. `info` or `torud=debug`.
     #[arg(long, env = "TORUD_LOG", default_value = "info")]
     log: String,
@@ -174,6 +180,9 @@ fn main() -> ExitCode {
         .map(|s| s.to_string())
         .chain(args.plugin_env.into_iter().filter(|s| !s.is_empty()))
         .collect();
+
+    config.storage_quotas.max_keys = args.storage_max_keys;
+    config.storage_quotas.max_bytes = args.storage_max_bytes;
 
     raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -11,6 +11,7 @@
 pub mod codec;
 pub mod metadata;
 pub mod runtime;
+pub mod storage_wire;
 pub mod wire;
 
 pub use codec::{FrameCodec, FrameError, DEFAULT_MAX_FRAME_LEN};

@@ -172,7 +172,10 @@ async fn handle_connection<P: Plugin>(shared: Arc<Shared<P>>, stream: UnixStream
             MessageType::Ping => Some(Envelope::bare(MessageType::Pong, id())),
             // Requests are answered as they arrive, so there is nothing left to cancel.
             MessageType::Cancel => None,
-            MessageType::Ready | MessageType::Pong | MessageType::Unknown => {
+            MessageType::Ready
+            | MessageType::Pong
+            | MessageType::Storage
+            | MessageType::Unknown => {
                 log(
                     "warn",
                     &format!("ignoring a message of type {}", env.kind.as_str()),
