@@ -6,6 +6,7 @@
 pub mod api;
 pub mod bridge;
 pub mod capture;
+pub mod check;
 pub mod config;
 pub mod connection;
 pub mod discovery;

@@ -29,6 +29,22 @@ struct Cli {
 enum Command {
     /// Run the daemon.
     Serve(ServeArgs),
+    /// Work with plugin executables.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Check that a plugin executable conforms to the plugin protocol: metadata, start,
+    /// init, KV and call round trips, its extensions and shutdown. Exits 0 if it conforms.
+    Check {
+        /// The plugin executable.
+        path: PathBuf,
+        /// Longest wait for each step.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 /// Flags of `torud serve`; a flag given twice takes its last value.
@@ -133,7 +149,12 @@ fn absolute_dir(path: &Path) -> std::io::Result<PathBuf> {
 }
 
 fn main() -> ExitCode {
-    let Command::Serve(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Serve(args) => args,
+        Command::Plugin(PluginCommand::Check { path, timeout }) => {
+            return torud::check::run_cli(torud::check::CheckOptions { path, timeout })
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
