@@ -50,12 +50,14 @@ impl Default for Quotas {
 
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot open the plugin storage {path}: {source}")]
+#[error(
+    "cannot open the plugin storage {path}: {reason} (is another torud using this data directory?)"
+)]
 pub struct OpenError {
     /// The database file.
     pub path: String,
     /// What failed.
-    pub source: redb::Error,
+    pub reason: String,
 }
 
 /// The store; clones share it.
@@ -82,17 +84,18 @@ fn internal(e: impl Into<redb::Error>) -> StorageError {
 impl Storage {
     /// Opens (or creates) the database at `path` and its tables.
     pub fn open(path: &Path, quotas: Quotas) -> Result<Self, OpenError> {
-        let open = || -> Result<Database, redb::Error> {
-            let db = Database::create(path)?;
-            let tx = db.begin_write()?;
-            tx.open_table(DATA)?;
-            tx.open_table(USAGE)?;
-            tx.commit()?;
+        let text = |e: redb::Error| e.to_string();
+        let open = || -> Result<Database, String> {
+            let db = Database::create(path).map_err(|e| text(e.into()))?;
+            let tx = db.begin_write().map_err(|e| text(e.into()))?;
+            tx.open_table(DATA).map_err(|e| text(e.into()))?;
+            tx.open_table(USAGE).map_err(|e| text(e.into()))?;
+            tx.commit().map_err(|e| text(e.into()))?;
             Ok(db)
         };
-        let db = open().map_err(|source| OpenError {
+        let db = open().map_err(|reason| OpenError {
             path: path.display().to_string(),
-            source,
+            reason,
         })?;
         Ok(Storage {
             db: Arc::new(db),

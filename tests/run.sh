@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints (Rust and proto), every Rust test (unit, SDK and
-# integration tests against the real daemon and real plugin processes), and a smoke run of
-# the benchmark. Installs what it needs, idempotently. CI runs exactly this (.ci/run).
+# integration tests against the real daemon and real plugin processes), the Python SDK's
+# unit tests, the conformance checker on every example plugin, and a smoke run of the
+# benchmark. Installs what it needs, idempotently. CI runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,8 +44,16 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
 
-step "benchmark smoke run (figures from a debug build mean nothing; see README for real runs)"
+step "Python SDK unit tests (plugin-sdk/python, standard library only)"
+python3 -m unittest discover -s plugin-sdk/python/tests 2>&1 | tee -a "$log"
+
+step "conformance checker on every example plugin"
 target="${CARGO_TARGET_DIR:-target}"
+cargo build --locked --bin torud --examples
+"$target/debug/torud" plugin check "$target/debug/examples/hello-plugin"
+"$target/debug/torud" plugin check examples/python/py-echo.binary
+
+step "benchmark smoke run (figures from a debug build mean nothing; see README for real runs)"
 cargo build --locked --bins --examples
 "$target/debug/torud-bench" lifecycle --iterations 3 >/dev/null
 "$target/debug/torud-bench" forward --calls 20 --seconds 0.2 >/dev/null
@@ -52,4 +61,5 @@ cargo build --locked --bins --examples
 
 step "summary"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "rust tests: %d passed, %d failed\n", p, f }' "$log"
+     /^Ran [0-9]+ tests? in/ { py += $2 }
+     END { printf "python sdk tests: %d ran, all passed\n", py; printf "rust tests: %d passed, %d failed\n", p, f }' "$log"

@@ -43,7 +43,10 @@ async fn start_running(d: &mut Daemon, ids: &[&str]) -> (Client, Kv) {
             plugin_id: id.to_string(),
         };
         while client.get_plugin(req()).await.is_err() {
-            assert!(std::time::Instant::now() < deadline, "{id} never discovered");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{id} never discovered"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         enable(&mut client, id).await;

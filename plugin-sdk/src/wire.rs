@@ -32,7 +32,7 @@ pub enum MessageType {
     /// Protocol 2: host → plugin: the caller of `request_id` is gone; drop the work.
     Cancel,
     /// Protocol 2: plugin → host: an operation on the plugin's durable storage, answered
-    /// by the host with the same type and `request_id` (see [`StorageOp`]).
+    /// by the host with the same type and `request_id` (see [`crate::storage_wire::StorageOp`]).
     Storage,
     /// Any type this version does not know; kept so the caller can report it.
     #[serde(other)]
