@@ -421,7 +421,7 @@ class _Runtime:
             self.failure = err
             self.stop.set()
             return
-        log.info("initialised; ready", extra={"fields": {"instance_id": ctx.instance_id}})
+        log.info("initialised by the host; ready", extra={"fields": {"instance_id": ctx.instance_id}})
         await send(envelope("ready", rid, {}))
 
     async def answer(self, msg, ctx, send, running):

@@ -262,7 +262,7 @@ where
                         match shared.plugin.init(&ctx).await {
                             Ok(()) => {
                                 tracing::info!(instance_id = %ctx.instance_id,
-                                    host_protocol = ctx.host_protocol_version, "initialised; ready");
+                                    host_protocol = ctx.host_protocol_version, "initialised by the host; ready");
                                 let _ = tx.send(Envelope::bare(MessageType::Ready, id));
                             }
                             Err(e) => {
