@@ -95,3 +95,24 @@ fn a_plugin_that_ignores_shutdown_and_bad_metadata_fail() {
         "{report}"
     );
 }
+
+#[tokio::test]
+async fn sdk_plugins_exit_cleanly_on_sigterm() {
+    let d = Daemon::new(&[]);
+    for path in [example_path("hello-plugin"), d.install_py_echo()] {
+        let socket = d.root.path().join("p.sock");
+        let mut child = tokio::process::Command::new(&path)
+            .env(toru_plugin_sdk::ENV_PLUGIN_SOCKET, &socket)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        wait_until("the plugin's socket", SECS10, || socket.exists()).await;
+        signal(child.id().unwrap(), libc::SIGTERM);
+        let status = tokio::time::timeout(SECS10, child.wait())
+            .await
+            .expect("no exit within 10 s of SIGTERM")
+            .unwrap();
+        assert!(status.success(), "{}: {status}", path.display());
+        assert!(!socket.exists(), "{} left its socket", path.display());
+    }
+}

@@ -454,16 +454,17 @@ class _Runtime:
 async def serve_socket(plugin, path):
     """Serves `plugin` on the Unix socket `path` until shutdown; returns the exit code."""
     runtime = _Runtime(plugin)
-    if os.path.exists(path):
-        os.unlink(path)
-    server = await asyncio.start_unix_server(runtime.serve_connection, path=path,
-                                             limit=MAX_FRAME + 4)
     loop = asyncio.get_running_loop()
 
     def on_term():
         log.info("SIGTERM received; stopping")
         runtime.stop.set()
+    # Before binding: once the socket exists, a SIGTERM must stop the plugin gracefully.
     loop.add_signal_handler(signal.SIGTERM, on_term)
+    if os.path.exists(path):
+        os.unlink(path)
+    server = await asyncio.start_unix_server(runtime.serve_connection, path=path,
+                                             limit=MAX_FRAME + 4)
     await runtime.stop.wait()
     server.close()
     failure = await runtime.finish()

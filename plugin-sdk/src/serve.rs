@@ -157,10 +157,11 @@ async fn serve_socket<P: Plugin>(
     plugin: Arc<P>,
     socket: std::path::PathBuf,
 ) -> Result<(), ServeError> {
+    // Before binding: once the socket exists, a SIGTERM must stop the plugin gracefully.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)?;
     let shared = Shared::new(plugin);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
