@@ -259,10 +259,17 @@ pub async fn check(opts: &CheckOptions) -> Report {
 
     let began = Instant::now();
     let link = async {
-        let mut stream = match connect_with_retry(&socket, limit).await {
+        let connected = tokio::select! {
+            connected = connect_with_retry(&socket, limit) => connected.map_err(|e| e.to_string()),
+            status = child.wait() => Err(match status {
+                Ok(status) => format!("the plugin exited ({status}) before its socket accepted connections"),
+                Err(e) => format!("cannot wait for the plugin: {e}"),
+            }),
+        };
+        let mut stream = match connected {
             Ok(s) => s,
             Err(e) => {
-                report.add("start", Outcome::Fail(format!("{e}")));
+                report.add("start", Outcome::Fail(e));
                 return None;
             }
         };
@@ -317,10 +324,62 @@ pub async fn check(opts: &CheckOptions) -> Report {
     }
 
     // Shutdown: the message, then the grace the daemon gives.
+    if link.is_none() && matches!(child.try_wait(), Ok(Some(_))) {
+        report.add(
+            "shutdown",
+            Outcome::Skip("the plugin is not running".into()),
+        );
+    } else {
+        shutdown(
+            &mut report,
+            link.as_ref(),
+            protocol,
+            &socket,
+            &mut child,
+            pid,
+            limit,
+        )
+        .await;
+    }
+    crate::process::signal_group(pid, libc::SIGKILL);
+    if let Some(link) = link {
+        link.close("check finished");
+    }
+
+    // Logs: how many stderr/stdout lines are structured records the daemon parses.
+    let lines = lines.lock().expect("lines poisoned").clone();
+    let structured = lines
+        .iter()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .is_some_and(|v| v.get("level").is_some() && v.get("message").is_some())
+        })
+        .count();
+    if structured > 0 {
+        report.supports.push(format!(
+            "structured logs ({structured} of {} lines)",
+            lines.len()
+        ));
+    }
+    report.stderr_tail = lines.iter().rev().take(10).rev().cloned().collect();
+    report
+}
+
+/// Sends `shutdown` and waits (within `limit`) for the plugin to exit 0.
+async fn shutdown(
+    report: &mut Report,
+    link: Option<&Link>,
+    protocol: u32,
+    socket: &Path,
+    child: &mut tokio::process::Child,
+    pid: u32,
+    limit: Duration,
+) {
     let shutdown = Envelope::shutdown(new_request_id());
-    let asked = match &link {
+    let asked = match link {
         Some(l) if protocol >= 2 => l.notify(&shutdown).await.is_ok(),
-        _ => send_one(&socket, &shutdown).await.is_ok(),
+        _ => send_one(socket, &shutdown).await.is_ok(),
     };
     let stop_began = Instant::now();
     match tokio::time::timeout(limit, child.wait()).await {
@@ -358,29 +417,6 @@ pub async fn check(opts: &CheckOptions) -> Report {
             );
         }
     }
-    crate::process::signal_group(pid, libc::SIGKILL);
-    if let Some(link) = link {
-        link.close("check finished");
-    }
-
-    // Logs: how many stderr/stdout lines are structured records the daemon parses.
-    let lines = lines.lock().expect("lines poisoned").clone();
-    let structured = lines
-        .iter()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .is_some_and(|v| v.get("level").is_some() && v.get("message").is_some())
-        })
-        .count();
-    if structured > 0 {
-        report.supports.push(format!(
-            "structured logs ({structured} of {} lines)",
-            lines.len()
-        ));
-    }
-    report.stderr_tail = lines.iter().rev().take(10).rev().cloned().collect();
-    report
 }
 
 /// KV, call, and (protocol 2) heartbeat, concurrency, cancel and storage steps.

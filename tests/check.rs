@@ -86,6 +86,15 @@ fn a_plugin_that_ignores_shutdown_and_bad_metadata_fail() {
         "{report}"
     );
 
+    let crash = d.install_fixture("crash", "crash", &[]);
+    let (ok, report) = check(&crash, "10s");
+    assert!(!ok, "{report}");
+    let start = line(&report, "start");
+    assert!(
+        start.starts_with("  FAIL") && start.contains("exited"),
+        "{report}"
+    );
+
     let bad = d.install_fixture("bad", "bad-metadata", &[]);
     let (ok, report) = check(&bad, "2s");
     assert!(!ok, "{report}");
