@@ -52,6 +52,11 @@ impl Plugin for Probe {
                 Ok(HttpResponse::text("slow"))
             }
             "/teapot" => Err(PluginError::new("failed_precondition", "no tea")),
+            "/list" => {
+                let (first, more) = ctx.storage.list("k", "", 2).await?;
+                let (rest, _) = ctx.storage.list("k", first.last().unwrap(), 2).await?;
+                Ok(HttpResponse::text(format!("{first:?} {more} {rest:?}")))
+            }
             "/binary" => Ok(HttpResponse {
                 status: 200,
                 headers: BTreeMap::new(),
@@ -238,4 +243,26 @@ async fn a_failing_init_stops_the_plugin_with_its_reason() {
         Err(other) => panic!("{other}"),
         Ok(_) => panic!("started despite a failing init"),
     }
+}
+
+#[tokio::test]
+async fn storage_lists_keys_in_pages() {
+    let stored: BTreeMap<String, String> = ["k1", "k2", "k3", "x"]
+        .iter()
+        .map(|k| (k.to_string(), String::new()))
+        .collect();
+    let host = Harness::with_storage(Probe::default(), stored)
+        .await
+        .unwrap();
+    let answer = host
+        .call(HttpRequest {
+            path: "/list".into(),
+            ..HttpRequest::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.body.as_deref(),
+        Some(&br#"["k1", "k2"] true ["k3"]"#[..])
+    );
 }
