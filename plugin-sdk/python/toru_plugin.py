@@ -312,11 +312,22 @@ class _Runtime:
     def __init__(self, plugin):
         self.plugin = plugin
         self.stop = asyncio.Event()
+        # Set once shutdown is complete (the hook has run): connections then close.
+        self.finished = asyncio.Event()
+        self.connections = set()
         self.tasks = set()
         self.init_ctx = None
         self.failure = None
 
     async def finish(self):
+        """Lets requests in flight finish (within the grace), then runs the shutdown hook;
+        connections stay open until then, so both can still use storage."""
+        try:
+            return await self._finish()
+        finally:
+            self.finished.set()
+
+    async def _finish(self):
         self.stop.set()
         if self.tasks:
             done, pending = await asyncio.wait(set(self.tasks), timeout=SHUTDOWN_GRACE)
@@ -356,12 +367,15 @@ class _Runtime:
 
         async def stopped_and_drained():
             # After shutdown is asked the connection stays open while requests in flight
-            # finish (they may still need storage answers), at most for the grace.
+            # and the shutdown hook finish (they may still need storage answers), at most
+            # for twice the grace.
             await self.stop.wait()
-            pending = {t for t in self.tasks if t is not asyncio.current_task()}
-            if pending:
-                await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
+            try:
+                await asyncio.wait_for(self.finished.wait(), 2 * SHUTDOWN_GRACE)
+            except asyncio.TimeoutError:
+                pass
 
+        self.connections.add(asyncio.current_task())
         reading = asyncio.ensure_future(read_loop())
         stopping = asyncio.ensure_future(stopped_and_drained())
         try:
@@ -371,6 +385,7 @@ class _Runtime:
             stopping.cancel()
             storage._close()
             writer.close()
+            self.connections.discard(asyncio.current_task())
 
     def dispatch(self, msg, ctx, send, running):
         kind, rid = msg.get("type"), msg.get("request_id")
@@ -468,6 +483,10 @@ async def serve_socket(plugin, path):
     await runtime.stop.wait()
     server.close()
     failure = await runtime.finish()
+    # Connections close once their last answers are written.
+    if runtime.connections:
+        await asyncio.wait(set(runtime.connections), timeout=1)
+    await asyncio.sleep(0)
     if os.path.exists(path):
         os.unlink(path)
     return 1 if failure is not None else 0
@@ -519,8 +538,12 @@ class Harness:
         p_reader, p_writer = await asyncio.open_connection(sock=plugin_sock, limit=MAX_FRAME + 4)
 
         async def served():
-            await self._runtime.serve_connection(p_reader, p_writer)
-            return await self._runtime.finish()
+            connection = asyncio.ensure_future(
+                self._runtime.serve_connection(p_reader, p_writer))
+            await self._runtime.stop.wait()
+            failure = await self._runtime.finish()
+            await connection
+            return failure
         self._served = asyncio.ensure_future(served())
         self._reader, self._writer = await asyncio.open_connection(sock=host_sock,
                                                                    limit=MAX_FRAME + 4)

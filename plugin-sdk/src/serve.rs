@@ -97,6 +97,8 @@ pub(crate) struct Shared<P> {
     init_ctx: OnceLock<Context>,
     /// Request tasks, awaited (within the grace) at shutdown.
     tasks: TaskTracker,
+    /// Cancelled once shutdown is complete (the hook has run): connections then close.
+    finished: tokio_util::sync::CancellationToken,
 }
 
 impl<P: Plugin> Shared<P> {
@@ -108,6 +110,7 @@ impl<P: Plugin> Shared<P> {
             failure: Mutex::new(None),
             init_ctx: OnceLock::new(),
             tasks: TaskTracker::new(),
+            finished: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -134,8 +137,15 @@ impl<P: Plugin> Shared<P> {
         }
     }
 
-    /// Lets requests in flight finish (within the grace), then runs [`Plugin::shutdown`].
+    /// Lets requests in flight finish (within the grace), then runs [`Plugin::shutdown`];
+    /// connections stay open until then, so both can still use storage.
     pub(crate) async fn finish(&self) -> Result<(), ServeError> {
+        let result = self.finish_inner().await;
+        self.finished.cancel();
+        result
+    }
+
+    async fn finish_inner(&self) -> Result<(), ServeError> {
         self.request_stop();
         if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait())
             .await
@@ -162,11 +172,12 @@ async fn serve_socket<P: Plugin>(
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)?;
     let shared = Shared::new(plugin);
+    let connections = TaskTracker::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _) = accepted?;
-                tokio::spawn(serve_connection(shared.clone(), stream));
+                connections.spawn(serve_connection(shared.clone(), stream));
             }
             _ = shared.stopped() => break,
             _ = sigterm.recv() => {
@@ -178,6 +189,9 @@ async fn serve_socket<P: Plugin>(
     }
     drop(listener);
     let result = shared.finish().await;
+    // Connections close once their last answers are written.
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(1), connections.wait()).await;
     let _ = std::fs::remove_file(&socket);
     result
 }
@@ -213,15 +227,13 @@ where
         shared.plugin.metadata().id,
     );
     let running: Arc<Mutex<HashMap<String, AbortHandle>>> = Arc::default();
-    // After shutdown is asked the connection stays open while requests in flight finish
-    // (they may still need storage answers), at most for the grace.
-    let drained = async {
-        shared.stopped().await;
-        shared.tasks.wait().await;
-    };
+    // After shutdown is asked the connection stays open while requests in flight and the
+    // shutdown hook finish (they may still need storage answers), at most for twice the
+    // grace.
+    let drained = shared.finished.cancelled();
     let grace = async {
         shared.stopped().await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        tokio::time::sleep(SHUTDOWN_GRACE * 2).await;
     };
     tokio::pin!(drained, grace);
     loop {

@@ -95,8 +95,11 @@ impl Harness {
         let (host_end, plugin_end) = tokio::io::duplex(1 << 16);
         let shared = Shared::new(Arc::new(plugin));
         let served = tokio::spawn(async move {
-            serve_connection(shared.clone(), plugin_end).await;
-            shared.finish().await
+            let connection = tokio::spawn(serve_connection(shared.clone(), plugin_end));
+            shared.stopped().await;
+            let result = shared.finish().await;
+            let _ = connection.await;
+            result
         });
         let (read, write) = tokio::io::split(host_end);
         let (out, rx) = mpsc::unbounded_channel();

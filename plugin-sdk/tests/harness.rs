@@ -78,8 +78,11 @@ impl Plugin for Probe {
         toru_plugin_sdk::default_kv(ctx, op).await
     }
 
-    async fn shutdown(&self, _ctx: &Context) {
-        self.shut_down.store(true, Ordering::SeqCst);
+    async fn shutdown(&self, ctx: &Context) {
+        // Storage still works in the shutdown hook.
+        if ctx.storage.set("bye", "saved").await.is_ok() {
+            self.shut_down.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -228,6 +231,7 @@ async fn shutdown_lets_requests_in_flight_finish_then_runs_the_hook() {
     assert_eq!(answer.body.as_deref(), Some(&b"slow"[..]));
     assert_eq!(host.storage()["slow"], "done");
     assert!(shut_down.load(Ordering::SeqCst));
+    assert_eq!(host.storage()["bye"], "saved");
 }
 
 #[tokio::test]

@@ -60,6 +60,8 @@ class Probe(tp.Plugin):
         raise tp.PluginError("not_found", f"no route {request.path}")
 
     async def shutdown(self, ctx):
+        # Storage still works in the shutdown hook.
+        await ctx.storage.set("bye", "saved")
         self.shut_down = True
 
 
@@ -148,6 +150,7 @@ class HarnessTests(unittest.TestCase):
             self.assertEqual((await slow).text, "slow")
             self.assertEqual(host.store["slow"], "done")
             self.assertTrue(plugin.shut_down)
+            self.assertEqual(host.store["bye"], "saved")
         run(go())
 
     def test_a_failing_init_stops_the_plugin_with_its_reason(self):
