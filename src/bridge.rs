@@ -478,13 +478,35 @@ async fn serve_storage(
             "storage is not available on this connection",
         )),
         (_, Err(e)) => Err(e),
-        (Some(ns), Ok(op)) => ns.apply(op).await,
+        (Some(ns), Ok(op)) => match foreign_namespace(&request.payload, ns.name()) {
+            Some(other) => Err(StorageError::new(
+                "permission_denied",
+                format!(
+                    "plugin {:?} asked for the storage of {other:?}: a plugin reaches only its own storage; leave out \"namespace\" and \"plugin_id\"",
+                    ns.name()
+                ),
+            )),
+            None => ns.apply(op).await,
+        },
     };
     if let Err(e) = &result {
         tracing::debug!(plugin = storage.as_ref().map(Namespace::name), request_id = %id,
             error = %e, "storage request refused");
     }
     let _ = tx.send(answer_envelope(id, &result).to_vec()).await;
+}
+
+/// A namespace other than `own` that a storage request names (in `namespace` or
+/// `plugin_id`, flat or nested): such a request is refused, never served from it.
+fn foreign_namespace(payload: &serde_json::Value, own: &str) -> Option<String> {
+    let nested = payload.get("payload");
+    [Some(payload), nested]
+        .into_iter()
+        .flatten()
+        .flat_map(|p| ["namespace", "plugin_id"].map(|k| p.get(k)))
+        .flatten()
+        .find(|v| v.as_str() != Some(own))
+        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
 }
 
 /// The plugin's error answer (`{"error": {"code", "message"}}` in `payload`), if it is one.

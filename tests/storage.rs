@@ -158,13 +158,28 @@ async fn a_plugin_cannot_reach_another_plugins_namespace() {
     let (mut client, mut kv) = start_running(&mut d, &["hello", "snoop"]).await;
     set(&mut kv, "hello", "secret", "s3cret").await.unwrap();
 
-    // Every way of naming hello's namespace still reads snoop's own (empty) one.
+    // Naming hello's namespace is refused outright.
+    for crafted in [
+        serde_json::json!({"action": "get", "key": "secret", "namespace": "hello"}),
+        serde_json::json!({"action": "get", "key": "secret", "plugin_id": "hello"}),
+        serde_json::json!({"action": "get", "key": "secret", "payload": {"namespace": "hello"}}),
+        serde_json::json!({"action": "set", "key": "secret", "value": "mine", "namespace": "hello"}),
+        serde_json::json!({"action": "delete", "key": "secret", "plugin_id": ["hello"]}),
+    ] {
+        let answer = raw(&mut kv, crafted.clone()).await;
+        assert_eq!(
+            answer["error"]["code"], "permission_denied",
+            "{crafted} got {answer}"
+        );
+        assert!(answer.get("value").is_none(), "{crafted} got {answer}");
+    }
+    // Naming itself is harmless; keys are opaque, so no key reaches hello's data.
     for crafted in [
         serde_json::json!({"action": "get", "key": "secret"}),
-        serde_json::json!({"action": "get", "key": "secret", "namespace": "hello", "plugin_id": "hello"}),
-        serde_json::json!({"action": "get", "key": "secret", "payload": {"namespace": "hello"}}),
+        serde_json::json!({"action": "get", "key": "secret", "namespace": "snoop"}),
         serde_json::json!({"action": "get", "key": "hello\u{0}secret"}),
         serde_json::json!({"action": "get", "key": "../hello/secret"}),
+        serde_json::json!({"action": "get", "key": "hello/secret"}),
     ] {
         let answer = raw(&mut kv, crafted.clone()).await;
         assert_eq!(
@@ -179,7 +194,7 @@ async fn a_plugin_cannot_reach_another_plugins_namespace() {
     // Writes land in snoop's namespace only.
     let wrote = raw(
         &mut kv,
-        serde_json::json!({"action": "set", "key": "secret", "value": "mine", "namespace": "hello"}),
+        serde_json::json!({"action": "set", "key": "secret", "value": "mine"}),
     )
     .await;
     assert_eq!(wrote["value"], serde_json::Value::Null, "{wrote}");
