@@ -10,7 +10,10 @@ cargo build --release --bin torud --bin toructl --example hello-plugin
 plugins="$target/example-plugins"
 mkdir -p "$plugins"
 cp "$target/release/examples/hello-plugin" "$plugins/hello.binary"
-cp examples/python/py-echo.binary "$plugins/py-echo.binary"
+# The Python example needs its SDK on PYTHONPATH (or `pip install plugin-sdk/python`).
+printf '#!/bin/sh\nPYTHONPATH=%s exec python3 %s "$@"\n' \
+  "$PWD/plugin-sdk/python" "$PWD/examples/python/py-echo.binary" >"$plugins/py-echo.binary"
+chmod +x "$plugins/py-echo.binary"
 exec "$target/release/torud" serve \
   --plugins-dir "$plugins" \
   --data-dir "$target/example-data" \

@@ -31,6 +31,10 @@ use toru_plugin_sdk::wire::{HttpAnswer, HttpCall};
 use toru_plugin_sdk::{AnswerKind, Envelope, FrameCodec, FrameError, MessageType};
 
 use crate::connection::{connect_patiently, send_one};
+use crate::storage::Namespace;
+
+/// Storage requests from one plugin served at once; the plugin's further frames wait.
+const STORAGE_IN_FLIGHT: usize = 64;
 
 /// Limits of one link.
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +63,16 @@ pub enum BridgeError {
     /// The request cannot be expressed to this plugin.
     #[error("{0}")]
     Unsupported(String),
+    /// The plugin answered with an error (`{"error": {"code", "message"}}`), for example its
+    /// storage quota is full.
+    #[error("the plugin refused: {message}")]
+    Refused {
+        /// The error's code (`invalid_argument`, `resource_exhausted`, `not_found`,
+        /// `unavailable`, …; anything else is reported as unknown).
+        code: String,
+        /// The plugin's message.
+        message: String,
+    },
 }
 
 /// The way to one running plugin; clones share it.
@@ -106,13 +120,20 @@ impl Pending {
 
 impl Link {
     /// A link over the persistent connection of a protocol-2 plugin. Spawns its reader and
-    /// writer tasks, which end when the link closes.
-    pub fn persistent(stream: UnixStream, protocol: u32, limits: LinkLimits) -> Link {
+    /// writer tasks, which end when the link closes. The plugin's `storage` requests on this
+    /// connection are served from `storage`, the namespace of the plugin the daemon spawned
+    /// (refused when `None`).
+    pub fn persistent(
+        stream: UnixStream,
+        protocol: u32,
+        limits: LinkLimits,
+        storage: Option<Namespace>,
+    ) -> Link {
         let (read, write) = stream.into_split();
-        let (tx, rx) = mpsc::channel(limits.max_in_flight + 64);
+        let (tx, rx) = mpsc::channel(limits.max_in_flight + STORAGE_IN_FLIGHT + 64);
         let link = Link::new(Transport::Persistent { tx }, protocol, limits);
         tokio::spawn(link.clone().write_loop(write, rx));
-        tokio::spawn(link.clone().read_loop(read));
+        tokio::spawn(link.clone().read_loop(read, storage));
         link
     }
 
@@ -311,9 +332,11 @@ impl Link {
     ) -> Result<Option<String>, BridgeError> {
         let envelope = Envelope::kv_request(new_request_id(), action, key, value);
         let answer = self.request(envelope, limit).await?;
-        let fields = answer
-            .answer(AnswerKind::Kv)
-            .ok_or_else(|| BridgeError::BadAnswer("no \"value\" in any accepted shape".into()))?;
+        let fields = answer.answer(AnswerKind::Kv).ok_or_else(|| {
+            refusal(&answer).unwrap_or_else(|| {
+                BridgeError::BadAnswer("no \"value\" in any accepted shape".into())
+            })
+        })?;
         match fields.get("value") {
             None | Some(serde_json::Value::Null) => Ok(None),
             Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
@@ -337,9 +360,11 @@ impl Link {
         let answer = self
             .request(Envelope::http_request(new_request_id(), call), limit)
             .await?;
-        let fields = answer
-            .answer(AnswerKind::Http)
-            .ok_or_else(|| BridgeError::BadAnswer("no \"status\" in any accepted shape".into()))?;
+        let fields = answer.answer(AnswerKind::Http).ok_or_else(|| {
+            refusal(&answer).unwrap_or_else(|| {
+                BridgeError::BadAnswer("no \"status\" in any accepted shape".into())
+            })
+        })?;
         HttpAnswer::from_fields(&fields).map_err(|e| BridgeError::BadAnswer(e.to_string()))
     }
 
@@ -385,8 +410,9 @@ impl Link {
         }
     }
 
-    async fn read_loop(self, read: OwnedReadHalf) {
+    async fn read_loop(self, read: OwnedReadHalf, storage: Option<Namespace>) {
         let mut frames = FramedRead::new(read, FrameCodec::new(self.inner.limits.max_frame));
+        let storage_slots = Arc::new(tokio::sync::Semaphore::new(STORAGE_IN_FLIGHT));
         let reason = loop {
             let frame = tokio::select! {
                 frame = frames.next() => frame,
@@ -411,6 +437,19 @@ impl Link {
                 }
             };
             let id = envelope.request_id.clone().unwrap_or_default();
+            if envelope.kind == MessageType::Storage {
+                // A plugin → host request: served from this connection's namespace, never
+                // from anything the message names.
+                let slot = tokio::select! {
+                    slot = storage_slots.clone().acquire_owned() => slot.expect("never closed"),
+                    _ = self.inner.closed.cancelled() => return,
+                };
+                let Transport::Persistent { tx } = &self.inner.transport else {
+                    unreachable!("only persistent links read frames")
+                };
+                tokio::spawn(serve_storage(storage.clone(), envelope, tx.clone(), slot));
+                continue;
+            }
             let waiter = self.inner.pending.lock().remove(&id);
             match waiter {
                 Some(waiter) => {
@@ -422,6 +461,68 @@ impl Link {
         };
         self.close(&reason);
     }
+}
+
+/// Answers one storage request of the plugin and queues the answer for the writer.
+async fn serve_storage(
+    storage: Option<Namespace>,
+    request: Envelope,
+    tx: mpsc::Sender<Vec<u8>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    use toru_plugin_sdk::storage_wire::{answer_envelope, StorageError, StorageOp};
+    let id = request.request_id.clone().unwrap_or_default();
+    let result = match (&storage, StorageOp::from_payload(&request.payload)) {
+        (None, _) => Err(StorageError::new(
+            "unavailable",
+            "storage is not available on this connection",
+        )),
+        (_, Err(e)) => Err(e),
+        (Some(ns), Ok(op)) => match foreign_namespace(&request.payload, ns.name()) {
+            Some(other) => Err(StorageError::new(
+                "permission_denied",
+                format!(
+                    "plugin {:?} asked for the storage of {other:?}: a plugin reaches only its own storage; leave out \"namespace\" and \"plugin_id\"",
+                    ns.name()
+                ),
+            )),
+            None => ns.apply(op).await,
+        },
+    };
+    if let Err(e) = &result {
+        tracing::debug!(plugin = storage.as_ref().map(Namespace::name), request_id = %id,
+            error = %e, "storage request refused");
+    }
+    let _ = tx.send(answer_envelope(id, &result).to_vec()).await;
+}
+
+/// A namespace other than `own` that a storage request names (in `namespace` or
+/// `plugin_id`, flat or nested): such a request is refused, never served from it.
+fn foreign_namespace(payload: &serde_json::Value, own: &str) -> Option<String> {
+    let nested = payload.get("payload");
+    [Some(payload), nested]
+        .into_iter()
+        .flatten()
+        .flat_map(|p| ["namespace", "plugin_id"].map(|k| p.get(k)))
+        .flatten()
+        .find(|v| v.as_str() != Some(own))
+        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+}
+
+/// The plugin's error answer (`{"error": {"code", "message"}}` in `payload`), if it is one.
+fn refusal(answer: &Envelope) -> Option<BridgeError> {
+    let error = answer.payload.get("error").filter(|e| e.is_object())?;
+    let text = |k: &str| {
+        error
+            .get(k)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    Some(BridgeError::Refused {
+        code: text("code"),
+        message: text("message"),
+    })
 }
 
 /// Counts a request in flight while it lives.

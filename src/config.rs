@@ -42,6 +42,8 @@ pub struct Config {
     /// Expected SHA-256 (lowercase hex) of plugin binaries, by plugin id: a plugin whose
     /// binary differs is refused at start.
     pub pins: std::collections::BTreeMap<String, String>,
+    /// Per-plugin quotas of the durable storage.
+    pub storage_quotas: crate::storage::Quotas,
 }
 
 /// Resource limits (rlimits) set in every plugin process before it runs; `None` inherits
@@ -232,6 +234,7 @@ impl Config {
             max_metadata_bytes: crate::discovery::DEFAULT_MAX_METADATA_BYTES,
             plugin_limits: PluginLimits::default(),
             pins: Default::default(),
+            storage_quotas: crate::storage::Quotas::default(),
             data_dir,
         }
     }
@@ -264,6 +267,11 @@ impl Config {
     /// The persisted enabled/disabled state.
     pub fn state_path(&self) -> PathBuf {
         self.data_dir.join("state.json")
+    }
+
+    /// The plugins' durable key-value storage (one redb database).
+    pub fn storage_path(&self) -> PathBuf {
+        self.data_dir.join("storage.redb")
     }
 
     /// The directory of the persisted event log (`events.<first seq>.jsonl` segments).

@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod bridge;
 pub mod capture;
+pub mod check;
 pub mod config;
 pub mod connection;
 pub mod discovery;
@@ -16,6 +17,7 @@ pub mod process;
 pub mod seqlog;
 pub mod server;
 pub mod state;
+pub mod storage;
 pub mod supervisor;
 
 /// Code generated from `proto/toru/v1/*.proto`. Only `api/` (and clients) use it.

@@ -25,10 +25,28 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up; the size of the serve flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon.
     Serve(ServeArgs),
+    /// Work with plugin executables.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Check that a plugin executable conforms to the plugin protocol: metadata, start,
+    /// init, KV and call round trips, its extensions and shutdown. Exits 0 if it conforms.
+    Check {
+        /// The plugin executable.
+        path: PathBuf,
+        /// Longest wait for each step.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 /// Flags of `torud serve`; a flag given twice takes its last value.
@@ -152,6 +170,12 @@ struct ServeArgs {
     /// refused at start. Repeat for several plugins.
     #[arg(long = "pin", env = "TORUD_PINS", value_delimiter = ',', value_parser = parse_pin)]
     pins: Vec<(String, String)>,
+    /// Keys one plugin may keep in its durable storage.
+    #[arg(long, env = "TORUD_STORAGE_MAX_KEYS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    storage_max_keys: u64,
+    /// Bytes (keys plus values) one plugin may keep in its durable storage.
+    #[arg(long, env = "TORUD_STORAGE_MAX_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    storage_max_bytes: u64,
     /// Log filter for the daemon's own logs (stderr), e.g. `info` or `torud=debug`.
     #[arg(long, env = "TORUD_LOG", default_value = "info")]
     log: String,
@@ -197,7 +221,12 @@ fn absolute_dir(path: &Path) -> std::io::Result<PathBuf> {
 }
 
 fn main() -> ExitCode {
-    let Command::Serve(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Serve(args) => args,
+        Command::Plugin(PluginCommand::Check { path, timeout }) => {
+            return torud::check::run_cli(torud::check::CheckOptions { path, timeout })
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -278,6 +307,8 @@ fn main() -> ExitCode {
         processes: limit(args.plugin_max_processes),
     };
     config.pins = args.pins.into_iter().collect();
+    config.storage_quotas.max_keys = args.storage_max_keys;
+    config.storage_quotas.max_bytes = args.storage_max_bytes;
 
     raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

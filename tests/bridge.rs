@@ -380,7 +380,7 @@ async fn the_python_v1_example_handles_kv_and_calls() {
     let (_d, mut client, mut kv) = running(
         &[],
         |d| {
-            d.install_py_echo();
+            d.install_py_echo_v1();
         },
         &["py-echo"],
     )
@@ -567,7 +567,7 @@ async fn a_burst_of_v1_requests_waits_for_the_plugin_instead_of_failing() {
     let (_d, _c, kv) = running(
         &[],
         |d| {
-            d.install_py_echo();
+            d.install_py_echo_v1();
         },
         &["py-echo"],
     )

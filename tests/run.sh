@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints (Rust and proto), the generated clients' drift
 # check, every Rust test (unit, SDK, integration tests against the real daemon and real
-# plugin processes, toructl, the README's grpcurl and toructl examples), the Python,
-# TypeScript and Go clients' tests against the real daemon, and a smoke run of the
+# plugin processes, toructl, the README's grpcurl and toructl examples), the Python SDK's
+# unit tests, the conformance checker on every example plugin, the Python, TypeScript and
+# Go clients' tests against the real daemon, and a smoke run of the
 # benchmark. Installs what it needs, idempotently. CI runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,6 +78,13 @@ step "TypeScript client tests (tsc, node --test, against the real daemon)"
 step "Go client tests (go vet, go test, against the real daemon)"
 (cd clients/go && go vet ./... && go test -count=1 -v ./...) 2>&1 | tee "$log/go"
 
+step "Python SDK unit tests (plugin-sdk/python, standard library only)"
+python3 -m unittest discover -s plugin-sdk/python/tests 2>&1 | tee "$log/python-sdk"
+
+step "conformance checker on every example plugin"
+"$target/debug/torud" plugin check "$target/debug/examples/hello-plugin"
+"$target/debug/torud" plugin check examples/python/py-echo.binary
+
 step "benchmark smoke run (figures from a debug build mean nothing; see README for real runs)"
 "$target/debug/torud-bench" lifecycle --iterations 3 >/dev/null
 "$target/debug/torud-bench" forward --calls 20 --seconds 0.2 >/dev/null
@@ -84,6 +92,7 @@ step "benchmark smoke run (figures from a debug build mean nothing; see README f
 
 step "summary"
 {
+  awk '/^Ran [0-9]+ tests? in/ { p += $2 } /^FAILED \(/ { f++ } END { printf "python-sdk %d %d\n", p, f }' "$log/python-sdk"
   awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
        END { printf "rust %d %d\n", p, f }' "$log/rust"
   awk '/ passed| failed/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -1,44 +1,46 @@
 //! The Rust example plugin: answers every call with a greeting naming the path it was
-//! called with, and keeps KV values in memory. Built on `toru-plugin-sdk`, so it speaks
-//! protocol 2 (one persistent connection from the daemon).
+//! called with, and leaves KV to the SDK's default handler, which keeps values in the
+//! daemon's durable storage, so values set through `KvService` survive plugin and daemon
+//! restarts. Built on `toru-plugin-sdk`: protocol 2.
 
 use std::process::ExitCode;
 
-use toru_plugin_sdk::{HttpRequest, HttpResponse, Metadata, Plugin};
+use toru_plugin_sdk::{Context, HttpRequest, HttpResponse, Metadata, Plugin, PluginError};
 
 struct Hello;
 
 impl Plugin for Hello {
     fn metadata(&self) -> Metadata {
         Metadata {
-            id: "hello".into(),
-            name: "Hello (Rust example)".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
             author: Some("torud authors".into()),
             icon: "wave".into(),
-            route: "/hello".into(),
-            description: Some("Greets whoever calls it; keeps KV values in memory.".into()),
-            protocol_version: toru_plugin_sdk::PROTOCOL_VERSION,
+            description: Some(
+                "Greets whoever calls it; keeps KV values in the daemon's durable storage.".into(),
+            ),
+            ..Metadata::new(
+                "hello",
+                "Hello (Rust example)",
+                env!("CARGO_PKG_VERSION"),
+                "/hello",
+            )
         }
     }
 
-    fn call(&self, request: HttpRequest) -> HttpResponse {
-        HttpResponse {
-            status: 200,
-            headers: [("content-type".to_owned(), "text/plain".to_owned())].into(),
-            body: Some(
-                format!(
-                    "hello from {} {} ({} body bytes)",
-                    request.method,
-                    request.path,
-                    request.body.map_or(0, |b| b.len())
-                )
-                .into_bytes(),
-            ),
-        }
+    async fn call(
+        &self,
+        _ctx: &Context,
+        request: HttpRequest,
+    ) -> Result<HttpResponse, PluginError> {
+        tracing::debug!(path = %request.path, "greeting");
+        Ok(HttpResponse::text(format!(
+            "hello from {} {} ({} body bytes)",
+            request.method,
+            request.path,
+            request.body.map_or(0, |b| b.len())
+        )))
     }
 }
 
 fn main() -> ExitCode {
-    toru_plugin_sdk::run(Hello)
+    toru_plugin_sdk::serve(Hello)
 }

@@ -63,6 +63,21 @@ pub enum MetadataError {
 }
 
 impl Metadata {
+    /// Metadata with the required fields, icon `plugin`, no author or description, and
+    /// this SDK's protocol version.
+    pub fn new(id: &str, name: &str, version: &str, route: &str) -> Self {
+        Metadata {
+            id: id.into(),
+            name: name.into(),
+            version: version.into(),
+            author: None,
+            icon: "plugin".into(),
+            route: route.into(),
+            description: None,
+            protocol_version: crate::PROTOCOL_VERSION,
+        }
+    }
+
     /// Parses and validates metadata from the bytes a plugin printed.
     pub fn parse(bytes: &[u8]) -> Result<Self, MetadataError> {
         let meta: Metadata =

@@ -31,6 +31,9 @@ pub enum MessageType {
     Pong,
     /// Protocol 2: host → plugin: the caller of `request_id` is gone; drop the work.
     Cancel,
+    /// Protocol 2: plugin → host: an operation on the plugin's durable storage, answered
+    /// by the host with the same type and `request_id` (see [`crate::storage_wire::StorageOp`]).
+    Storage,
     /// Any type this version does not know; kept so the caller can report it.
     #[serde(other)]
     Unknown,
@@ -47,6 +50,7 @@ impl MessageType {
             MessageType::Ping => "ping",
             MessageType::Pong => "pong",
             MessageType::Cancel => "cancel",
+            MessageType::Storage => "storage",
             MessageType::Unknown => "unknown",
         }
     }

@@ -119,6 +119,15 @@ impl From<SupervisorError> for Status {
                 BridgeError::Busy(_) => Status::resource_exhausted(msg),
                 BridgeError::BadAnswer(_) => Status::unknown(msg),
                 BridgeError::Unsupported(_) => Status::invalid_argument(msg),
+                BridgeError::Refused { code, .. } => match code.as_str() {
+                    "invalid_argument" => Status::invalid_argument(msg),
+                    "resource_exhausted" => Status::resource_exhausted(msg),
+                    "not_found" => Status::not_found(msg),
+                    "unavailable" => Status::unavailable(msg),
+                    "failed_precondition" => Status::failed_precondition(msg),
+                    "permission_denied" => Status::permission_denied(msg),
+                    _ => Status::unknown(msg),
+                },
             },
             SupervisorError::State(_) | SupervisorError::Internal(_) => Status::internal(msg),
         }

@@ -399,6 +399,7 @@ impl Actor {
         // The protocol-2 link exists before it is ready; a stop during the start uses it.
         let early_link = Arc::new(std::sync::Mutex::new(None));
         let ready = make_ready(
+            self.ctx.storage.namespace(&self.id),
             socket,
             init,
             spec.metadata.protocol_version,
@@ -689,6 +690,7 @@ fn take_link(slot: &std::sync::Mutex<Option<Link>>) -> Option<Link> {
 /// stays open as the plugin's link and the plugin is ready when it answers `init` with
 /// `ready`; a v1 plugin gets `init` on a connection of its own and is ready once it is sent.
 async fn make_ready(
+    storage: crate::storage::Namespace,
     socket: PathBuf,
     init: InitParams,
     protocol_version: u32,
@@ -703,7 +705,7 @@ async fn make_ready(
             .map_err(|e| e.to_string())?;
         let message = Envelope::init(crate::bridge::new_request_id(), &init);
         if protocol_version >= 2 {
-            let link = Link::persistent(stream, protocol_version, limits);
+            let link = Link::persistent(stream, protocol_version, limits, Some(storage));
             *early.lock().expect("early link poisoned") = Some(link.clone());
             let left = limit.saturating_sub(began.elapsed());
             let answer = link.request(message, left).await.map_err(|e| {

@@ -133,6 +133,9 @@ pub enum StartupError {
     /// The state file could not be loaded.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The plugins' storage could not be opened.
+    #[error(transparent)]
+    Storage(#[from] crate::storage::OpenError),
 }
 
 /// What a rescan changed.
@@ -153,6 +156,8 @@ pub(crate) struct Context {
     pub config: Arc<Config>,
     pub events: EventLog,
     pub state: EnabledStore,
+    /// The plugins' durable storage; each plugin's link gets its own namespace.
+    pub storage: crate::storage::Storage,
 }
 
 #[derive(Clone)]
@@ -203,12 +208,14 @@ impl Supervisor {
         }
         let events = EventLog::open(&config.events_dir())?;
         let state = EnabledStore::load(&config.state_path())?;
+        let storage = crate::storage::Storage::open(&config.storage_path(), config.storage_quotas)?;
         let supervisor = Supervisor {
             inner: Arc::new(Inner {
                 ctx: Arc::new(Context {
                     config: Arc::new(config),
                     events,
                     state,
+                    storage,
                 }),
                 plugins: RwLock::new(BTreeMap::new()),
                 skipped: Mutex::new(Vec::new()),

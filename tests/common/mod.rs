@@ -23,6 +23,10 @@ pub const PY_ECHO: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/examples/python/py-echo.binary"
 );
+/// The Python SDK's directory (for `PYTHONPATH`).
+pub const PY_SDK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/plugin-sdk/python");
+/// A v1 plugin in the style of Toru's Python example.
+pub const PY_ECHO_V1: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/py_echo_v1.py");
 
 /// An example binary built by `cargo test` next to the daemon (`hello-plugin`,
 /// `toru-crate-plugin`).
@@ -194,10 +198,19 @@ impl Daemon {
         dest
     }
 
-    /// Installs the Python example plugin (protocol v1) as `py-echo.binary`.
+    /// Installs the Python example plugin (on the Python SDK, protocol 2) as
+    /// `py-echo.binary`: a wrapper that puts the SDK on `PYTHONPATH`.
     pub fn install_py_echo(&self) -> PathBuf {
         let dest = self.plugins_dir.join("py-echo.binary");
-        std::fs::copy(PY_ECHO, &dest).unwrap();
+        let script = format!("#!/bin/sh\nPYTHONPATH={PY_SDK} exec python3 {PY_ECHO} \"$@\"\n");
+        write_executable(&dest, &script);
+        dest
+    }
+
+    /// Installs a v1 plugin in the style of Toru's Python example as `py-echo.binary`.
+    pub fn install_py_echo_v1(&self) -> PathBuf {
+        let dest = self.plugins_dir.join("py-echo.binary");
+        std::fs::copy(PY_ECHO_V1, &dest).unwrap();
         dest
     }
 

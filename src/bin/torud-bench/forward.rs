@@ -317,6 +317,14 @@ pub(crate) async fn baseline_server(plugin: PathBuf) -> BenchResult<()> {
     });
     let pending: Arc<Mutex<HashMap<String, oneshot::Sender<Envelope>>>> = Arc::default();
     let table = pending.clone();
+    // SDK plugins keep KV in the host's storage: the baseline serves it from the same
+    // store the daemon uses, so both sides do the same storage work.
+    let storage = torud::storage::Storage::open(
+        &dir.path().join("storage.redb"),
+        torud::storage::Quotas::default(),
+    )?
+    .namespace("hello");
+    let answers = tx.clone();
     tokio::spawn(async move {
         let mut frames = FramedRead::new(read, FrameCodec::default());
         while let Some(Ok(frame)) = frames.next().await {
@@ -324,6 +332,18 @@ pub(crate) async fn baseline_server(plugin: PathBuf) -> BenchResult<()> {
                 return;
             };
             let id = answer.request_id.clone().unwrap_or_default();
+            if answer.kind == MessageType::Storage {
+                let (storage, answers) = (storage.clone(), answers.clone());
+                tokio::spawn(async move {
+                    use toru_plugin_sdk::storage_wire::{answer_envelope, StorageOp};
+                    let result = match StorageOp::from_payload(&answer.payload) {
+                        Ok(op) => storage.apply(op).await,
+                        Err(e) => Err(e),
+                    };
+                    let _ = answers.send(answer_envelope(id, &result).to_vec()).await;
+                });
+                continue;
+            }
             let waiter = table.lock().unwrap().remove(&id);
             if let Some(waiter) = waiter {
                 let _ = waiter.send(answer);
