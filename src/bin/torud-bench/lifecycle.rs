@@ -1,6 +1,7 @@
 //! `torud-bench lifecycle`, alternating daemon and baseline iterations:
 //! - enable→ready: `EnablePlugin` round trip for the Rust example plugin, against spawning
-//!   the same binary directly, connecting to its socket (same retry loop) and sending init;
+//!   the same binary directly, connecting to its socket (same retry loop), sending init and
+//!   waiting for `ready`;
 //! - SIGKILL→crashed event: from `kill -9` of the plugin to the CRASHED event on a
 //!   `WatchEvents` stream, against SIGKILL→`wait` of a bare child.
 
@@ -8,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use futures::SinkExt;
+use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::process::{Child, Command};
 use tokio_util::codec::Framed;
@@ -22,7 +23,8 @@ use crate::{
     authed, num_cpus, sibling, summarize, summary_json, wait_for_hello, BenchResult, Daemon,
 };
 
-/// Baseline: spawn the plugin directly, connect with the daemon's retry loop, send init.
+/// Baseline: spawn the plugin directly, connect with the daemon's retry loop, send init and
+/// wait for its `ready`.
 async fn baseline_ready(plugin: &Path, socket: &Path) -> BenchResult<(Duration, Child)> {
     let _ = std::fs::remove_file(socket);
     let began = Instant::now();
@@ -43,6 +45,14 @@ async fn baseline_ready(plugin: &Path, socket: &Path) -> BenchResult<(Duration, 
     framed
         .send(Envelope::init("bench".into(), &init).to_vec())
         .await?;
+    // A protocol-2 plugin answers init with `ready`; the daemon waits for it, so must this.
+    let answer = tokio::time::timeout(Duration::from_secs(10), framed.next())
+        .await?
+        .ok_or("the plugin closed its socket before ready")??;
+    let answer = Envelope::from_slice(&answer)?;
+    if answer.kind != toru_plugin_sdk::MessageType::Ready {
+        return Err(format!("the plugin answered init with {:?}, not ready", answer.kind).into());
+    }
     let took = began.elapsed();
     drop(framed);
     Ok((took, child))
