@@ -155,6 +155,10 @@ async fn a_full_log_disk_degrades_logging_without_stopping_plugins() {
         .await;
     assert_eq!(degraded.plugin_id, "fx");
     assert!(
+        degraded.healthy,
+        "a logging event keeps the plugin's health"
+    );
+    assert!(
         degraded.reason.contains("No space left"),
         "{}",
         degraded.reason

@@ -551,11 +551,6 @@ impl Supervisor {
                 return;
             }
         };
-        tokio::spawn(report_log_health(
-            id.clone(),
-            log.records().health(),
-            ctx.events.clone(),
-        ));
         let enabled = ctx.state.get(&id).unwrap_or(ctx.config.enable_new_plugins);
         ctx.events.append(
             EventDraft::new(&id, EventKind::PluginAdded)
@@ -577,6 +572,12 @@ impl Supervisor {
             last_error: None,
         };
         let (status_tx, status_rx) = watch::channel(status);
+        tokio::spawn(report_log_health(
+            id.clone(),
+            log.records().health(),
+            status_rx.clone(),
+            ctx.events.clone(),
+        ));
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (link_tx, link_rx) = watch::channel(None);
         let actor = Actor::new(
@@ -615,11 +616,12 @@ impl Supervisor {
 async fn report_log_health(
     id: String,
     mut health: tokio::sync::watch::Receiver<Option<String>>,
+    status: watch::Receiver<PluginStatus>,
     events: EventLog,
 ) {
     while health.changed().await.is_ok() {
         let now = health.borrow_and_update().clone();
-        let draft = match now {
+        let mut draft = match now {
             Some(error) => EventDraft::new(&id, EventKind::LoggingDegraded).reason(format!(
                 "cannot write the plugin's log: {error}; the plugin keeps running and its \
                  output still reaches live subscribers, but is not stored until this clears"
@@ -627,6 +629,8 @@ async fn report_log_health(
             None => EventDraft::new(&id, EventKind::LoggingResumed)
                 .reason("the plugin's log is written again"),
         };
+        // Events carry the plugin's health as it is; logging says nothing about it.
+        draft.healthy = status.borrow().healthy;
         events.append(draft);
     }
 }
