@@ -618,23 +618,30 @@ fn depth(v: &Value) -> usize {
 fn plain_level(line: &str) -> Option<LogLevel> {
     let head = line.trim_start();
     let head = head.strip_prefix('[').unwrap_or(head);
-    let word: String = head
-        .chars()
-        .take_while(|c| c.is_ascii_alphabetic())
+    // No allocation: this runs for every plain line.
+    let len = head
+        .bytes()
+        .take_while(u8::is_ascii_alphabetic)
         .take(8)
-        .collect();
-    let rest = &head[word.len()..];
+        .count();
+    let (word, rest) = head.split_at(len);
     let delimited = rest.is_empty() || rest.starts_with([']', ':', ' ', '\t']);
     if !delimited || word.len() < 3 {
         return None;
     }
-    match word.to_ascii_uppercase().as_str() {
-        "TRACE" => Some(LogLevel::Trace),
-        "DEBUG" => Some(LogLevel::Debug),
-        "INFO" => Some(LogLevel::Info),
-        "WARN" | "WARNING" => Some(LogLevel::Warn),
-        "ERROR" | "ERR" | "FATAL" => Some(LogLevel::Error),
-        _ => None,
+    let is = |name: &str| word.eq_ignore_ascii_case(name);
+    if is("TRACE") {
+        Some(LogLevel::Trace)
+    } else if is("DEBUG") {
+        Some(LogLevel::Debug)
+    } else if is("INFO") {
+        Some(LogLevel::Info)
+    } else if is("WARN") || is("WARNING") {
+        Some(LogLevel::Warn)
+    } else if is("ERROR") || is("ERR") || is("FATAL") {
+        Some(LogLevel::Error)
+    } else {
+        None
     }
 }
 

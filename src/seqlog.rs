@@ -443,7 +443,8 @@ impl<T: Sequenced> SeqLog<T> {
         };
         let mut after = from;
         loop {
-            let batch = self.read_after(after, 1024)?;
+            // An index entry every 64 KiB: the wanted record is within a few hundred.
+            let batch = self.read_after(after, 512)?;
             let Some(last) = batch.last() else {
                 return Ok(self.last_seq() + 1);
             };
