@@ -100,7 +100,7 @@ impl PluginLog {
         });
     }
 
-    fn store(&self, stream: LogStream, pid: u32, lines: Vec<Line>) {
+    fn store(&self, stream: LogStream, pid: u32, lines: std::vec::Drain<'_, Line>) {
         // The time is taken under the log's lock, so time order follows seq order; lines
         // are parsed there too, straight into the records, with no copy in between.
         let mut time = None;
@@ -488,7 +488,8 @@ fn emit(
             tail.push(&line.text);
         }
     }
-    log.store(stream, pid, std::mem::take(batch));
+    // Drained, not taken: the batch keeps its capacity for the next millisecond's lines.
+    log.store(stream, pid, batch.drain(..));
 }
 
 /// Splits `chunk` into complete lines (appended to `out`), carrying an unfinished line in

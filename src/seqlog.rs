@@ -254,8 +254,9 @@ impl<T: Sequenced> SeqLog<T> {
         drafts: impl IntoIterator<Item = D>,
         mut make: impl FnMut(u64, D) -> T,
     ) -> Vec<Arc<T>> {
+        let drafts = drafts.into_iter();
         let mut w = self.inner.writer.lock().expect("log writer poisoned");
-        let mut records = Vec::new();
+        let mut records = Vec::with_capacity(drafts.size_hint().0);
         let mut buf = std::mem::take(&mut w.spare);
         let mut failed = None;
         for draft in drafts {
