@@ -71,7 +71,7 @@ impl Default for SeqLogConfig {
             segment_bytes: 10 * 1024 * 1024,
             max_segments: 0,
             index_every: 64 * 1024,
-            broadcast_capacity: 64,
+            broadcast_capacity: 256,
         }
     }
 }
