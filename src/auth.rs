@@ -12,8 +12,9 @@
 //! a random token generated into the data directory (mode 0600) on first start and read
 //! back on later ones. This module knows nothing of plugins.
 
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
+#[cfg(test)]
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -22,6 +23,8 @@ use futures::future::{Either, Ready};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::Status;
+
+use crate::state::write_atomically;
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,7 +196,9 @@ fn load_token(source: &TokenSource) -> Result<String, TokenError> {
             Ok(text) => Ok(text.trim().to_owned()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let token = random_token().map_err(io_err(path))?;
-                write_private(path, &token).map_err(io_err(path))?;
+                let text = format!("{token}\n");
+                // Readable by the daemon's user only.
+                write_atomically(path, text.as_bytes(), 0o600).map_err(io_err(path))?;
                 tracing::info!(path = %path.display(), "generated a token");
                 Ok(token)
             }
@@ -207,26 +212,6 @@ fn random_token() -> std::io::Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
     Ok(hex::encode(bytes))
-}
-
-/// Writes `text` to a new file readable only by its owner, atomically (temp file, fsync,
-/// rename), so a crash never leaves a half-written token.
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(format!("{text}\n").as_bytes())?;
-    file.sync_all()?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 /// A tower layer that checks tokens in front of every route.

@@ -129,17 +129,29 @@ impl Inner {
             plugins: self.state.lock().expect("state lock poisoned").clone(),
         };
         let bytes = serde_json::to_vec_pretty(&file).expect("state serialises");
-        write_atomically(&self.path, &bytes).map_err(|source| StateError::Io {
+        write_atomically(&self.path, &bytes, 0o666).map_err(|source| StateError::Io {
             path: self.path.clone(),
             source,
         })
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file, fsync and rename.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to `path` through a temporary file, fsync and rename, so a crash leaves
+/// the old file or the new one. The new file is created with `mode` (less the umask); a
+/// stale temporary file is removed first so its mode cannot carry over.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
     file.write_all(bytes)?;
     file.sync_data()?;
     std::fs::rename(&tmp, path)?;

@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::{convert, query};
+use super::{checked_ids_in, convert, query, truncate};
 use crate::capture::PluginLog;
 use crate::model::{LogLevel, LogRecord, LogStream};
 use crate::pb;
@@ -222,7 +222,7 @@ fn parse_cursor(text: &str) -> Result<(String, u64), Status> {
     let bad = || {
         Status::invalid_argument(format!(
             "after_cursors: {:?} is not a cursor; pass LogRecord.cursor back unchanged",
-            text.chars().take(80).collect::<String>()
+            truncate(text)
         ))
     };
     let (id, seq) = text.rsplit_once(':').ok_or_else(bad)?;
@@ -248,14 +248,9 @@ fn selected_logs(
     } else {
         ids
     };
+    checked_ids_in("filter.plugin_ids", &ids)?;
     let mut logs = Vec::with_capacity(ids.len());
     for id in ids {
-        if !toru_plugin_sdk::metadata::is_valid_id(&id) {
-            return Err(Status::invalid_argument(format!(
-                "filter.plugin_ids: {:?} is not a plugin id (1 to 64 ASCII letters, digits and '-')",
-                id.chars().take(80).collect::<String>()
-            )));
-        }
         let log = supervisor.plugin_log(&id)?;
         logs.push((id, log));
     }

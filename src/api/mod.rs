@@ -56,8 +56,25 @@ pub(crate) fn checked_id(id: &str) -> Result<&str, Status> {
     }
 }
 
+/// Each of `ids` if it can be a plugin id, else INVALID_ARGUMENT naming `field` (a list of
+/// ids, where the message of [`checked_id`] would name the wrong field).
+pub(crate) fn checked_ids_in<'a>(
+    field: &str,
+    ids: impl IntoIterator<Item = &'a String>,
+) -> Result<(), Status> {
+    for id in ids {
+        if !toru_plugin_sdk::metadata::is_valid_id(id) {
+            return Err(Status::invalid_argument(format!(
+                "{field}: {:?} is not a plugin id (1 to 64 ASCII letters, digits and '-')",
+                truncate(id)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A bounded copy of a caller's string, for error messages.
-fn truncate(s: &str) -> String {
+pub(crate) fn truncate(s: &str) -> String {
     s.chars().take(80).collect()
 }
 
@@ -252,14 +269,7 @@ impl PluginService for PluginApi {
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let req = request.into_inner();
-        for id in &req.plugin_ids {
-            if !toru_plugin_sdk::metadata::is_valid_id(id) {
-                return Err(Status::invalid_argument(format!(
-                    "plugin_ids: {:?} is not a plugin id (1 to 64 ASCII letters, digits and '-')",
-                    truncate(id)
-                )));
-            }
-        }
+        checked_ids_in("plugin_ids", &req.plugin_ids)?;
         let mut follower = self.supervisor.events().follow(req.after_seq);
         let filter = req.plugin_ids;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
