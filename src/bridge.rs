@@ -45,6 +45,15 @@ pub struct LinkLimits {
     pub max_in_flight: usize,
 }
 
+impl From<&crate::config::BridgeConfig> for LinkLimits {
+    fn from(c: &crate::config::BridgeConfig) -> Self {
+        LinkLimits {
+            max_frame: c.max_frame,
+            max_in_flight: c.max_in_flight,
+        }
+    }
+}
+
 /// Why a request did not get an answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BridgeError {

@@ -256,10 +256,8 @@ pub async fn check(opts: &CheckOptions) -> Report {
     let storage_file = tmp.path().join("storage.redb");
     let storage = Storage::open(&storage_file, Quotas::default()).ok();
     let namespace = storage.as_ref().map(|s| s.namespace(&meta.id));
-    let limits = LinkLimits {
-        max_frame: toru_plugin_sdk::DEFAULT_MAX_FRAME_LEN,
-        max_in_flight: 1024,
-    };
+    // The daemon's default limits.
+    let limits = LinkLimits::from(&crate::config::BridgeConfig::default());
 
     let began = Instant::now();
     let link = async {

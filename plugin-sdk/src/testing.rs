@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -196,13 +196,7 @@ impl Harness {
 
     /// Forwards a KV operation as the daemon's `KvService` does.
     pub async fn kv(&self, op: KvOp) -> Result<Option<String>, PluginError> {
-        let envelope = match &op {
-            KvOp::Get { key } => Envelope::kv_request(self.fresh_id(), "get", key, None),
-            KvOp::Set { key, value } => {
-                Envelope::kv_request(self.fresh_id(), "set", key, Some(value))
-            }
-            KvOp::Delete { key } => Envelope::kv_request(self.fresh_id(), "delete", key, None),
-        };
+        let envelope = kv_envelope(&self.fresh_id(), &op);
         let answer = self
             .request(envelope)
             .await
@@ -367,5 +361,5 @@ pub fn kv_envelope(request_id: &str, op: &KvOp) -> Envelope {
 
 /// A `cancel` for `request_id`.
 pub fn cancel_envelope(request_id: &str) -> Envelope {
-    Envelope::new(MessageType::Cancel, request_id.to_owned(), json!({}))
+    Envelope::bare(MessageType::Cancel, request_id.to_owned())
 }

@@ -392,10 +392,7 @@ impl Actor {
             host_protocol_version: PROTOCOL_VERSION,
         };
         let start_timeout = cfg.timing.start_timeout;
-        let limits = LinkLimits {
-            max_frame: cfg.bridge.max_frame,
-            max_in_flight: cfg.bridge.max_in_flight,
-        };
+        let limits = LinkLimits::from(&cfg.bridge);
         // The protocol-2 link exists before it is ready; a stop during the start uses it.
         let early_link = Arc::new(std::sync::Mutex::new(None));
         let ready = make_ready(
