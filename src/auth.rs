@@ -214,6 +214,31 @@ fn random_token() -> std::io::Result<String> {
     Ok(hex::encode(bytes))
 }
 
+/// The client side: adds `authorization: Bearer <token>` to every call (as a tonic
+/// interceptor, or to one request with [`Bearer::apply`]).
+#[derive(Clone)]
+pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl Bearer {
+    /// The header for `token`; an error when the token has characters a header cannot carry.
+    pub fn new(token: &str) -> Result<Self, tonic::metadata::errors::InvalidMetadataValue> {
+        Ok(Bearer(format!("Bearer {token}").parse()?))
+    }
+
+    /// Adds the header to `req`.
+    pub fn apply<T>(&self, req: &mut tonic::Request<T>) {
+        req.metadata_mut()
+            .insert(http::header::AUTHORIZATION.as_str(), self.0.clone());
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        self.apply(&mut req);
+        Ok(req)
+    }
+}
+
 /// A tower layer that checks tokens in front of every route.
 #[derive(Clone)]
 pub struct AuthLayer {

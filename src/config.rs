@@ -8,6 +8,13 @@ use std::time::Duration;
 
 pub use crate::auth::TokenSource;
 
+/// The control socket's name in the data directory.
+pub const CONTROL_SOCKET: &str = "torud.sock";
+/// The generated admin token's file name in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The generated read-only token's file name in the data directory.
+pub const READ_TOKEN_FILE: &str = "read.token";
+
 /// Everything `torud serve` can be told.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -224,8 +231,8 @@ impl Config {
             log_segments: 5,
             plugin_env_allowlist: DEFAULT_PLUGIN_ENV.iter().map(|s| s.to_string()).collect(),
             security: SecurityConfig {
-                admin_token: TokenSource::Generated(data_dir.join("admin.token")),
-                read_token: TokenSource::Generated(data_dir.join("read.token")),
+                admin_token: TokenSource::Generated(data_dir.join(ADMIN_TOKEN_FILE)),
+                read_token: TokenSource::Generated(data_dir.join(READ_TOKEN_FILE)),
                 tls: None,
                 insecure_plaintext_non_loopback: false,
             },
@@ -241,7 +248,7 @@ impl Config {
 
     /// The control socket (trusted by file permission, no token).
     pub fn control_socket(&self) -> PathBuf {
-        self.data_dir.join("torud.sock")
+        self.data_dir.join(CONTROL_SOCKET)
     }
 
     /// Private directory (0700) holding the plugins' sockets.

@@ -7,7 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use torud::config::{Config, PluginLimits, Timing, TlsFiles, TokenSource, DEFAULT_PLUGIN_ENV};
+use torud::config::{
+    Config, PluginLimits, Timing, TlsFiles, TokenSource, ADMIN_TOKEN_FILE, DEFAULT_PLUGIN_ENV,
+    READ_TOKEN_FILE,
+};
 
 /// Log capture allocates a few small strings per line; mimalloc makes that markedly
 /// cheaper than the system allocator (measured with `torud-bench logs`).
@@ -282,8 +285,9 @@ fn main() -> ExitCode {
         (None, Some(file)) => TokenSource::File(file),
         (None, None) => TokenSource::Generated(config.data_dir.join(generated)),
     };
-    config.security.admin_token = token("TORUD_ADMIN_TOKEN", args.admin_token_file, "admin.token");
-    config.security.read_token = token("TORUD_READ_TOKEN", args.read_token_file, "read.token");
+    config.security.admin_token =
+        token("TORUD_ADMIN_TOKEN", args.admin_token_file, ADMIN_TOKEN_FILE);
+    config.security.read_token = token("TORUD_READ_TOKEN", args.read_token_file, READ_TOKEN_FILE);
     config.security.tls = match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles {
             cert,

@@ -48,9 +48,14 @@ async fn tcp_calls_need_a_token_and_the_read_role_cannot_change_anything() {
     let mut wrong = d.tcp_client("not-the-token-at-all").await;
     let err = wrong.enable_plugin(enable_req("hello")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    // The token without its "Bearer " scheme.
+    let bare: tonic::metadata::MetadataValue<_> = d.token("admin").parse().unwrap();
     let mut malformed = PluginServiceClient::with_interceptor(
         d.tcp_channel().await,
-        Bearer(d.token("admin").parse().unwrap()),
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", bare.clone());
+            Ok(req)
+        },
     );
     let err = malformed.list_plugins(list()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
@@ -64,7 +69,7 @@ async fn tcp_calls_need_a_token_and_the_read_role_cannot_change_anything() {
     assert!(err.message().contains("admin"), "{}", err.message());
     let mut kv_reader = torud::pb::kv_service_client::KvServiceClient::with_interceptor(
         d.tcp_channel().await,
-        Bearer::new(&d.token("read")),
+        Bearer::new(&d.token("read")).unwrap(),
     );
     let err = kv_reader
         .set_value(pb::SetValueRequest {
@@ -279,15 +284,18 @@ async fn tls_serves_tokens_encrypted_and_can_require_client_certificates() {
         .connect()
         .await
         .unwrap();
-    let mut admin = PluginServiceClient::with_interceptor(channel, Bearer::new(&d.token("admin")));
+    let mut admin =
+        PluginServiceClient::with_interceptor(channel, Bearer::new(&d.token("admin")).unwrap());
     admin.list_plugins(list()).await.unwrap();
 
     // Without a client certificate: the handshake (or the first call) fails.
     let without = match endpoint().tls_config(tls.clone()).unwrap().connect().await {
         Err(_) => true,
         Ok(channel) => {
-            let mut c =
-                PluginServiceClient::with_interceptor(channel, Bearer::new(&d.token("admin")));
+            let mut c = PluginServiceClient::with_interceptor(
+                channel,
+                Bearer::new(&d.token("admin")).unwrap(),
+            );
             c.list_plugins(list()).await.is_err()
         }
     };
@@ -299,7 +307,8 @@ async fn tls_serves_tokens_encrypted_and_can_require_client_certificates() {
         .connect()
         .await;
     if let Ok(channel) = plain {
-        let mut c = PluginServiceClient::with_interceptor(channel, Bearer::new(&d.token("admin")));
+        let mut c =
+            PluginServiceClient::with_interceptor(channel, Bearer::new(&d.token("admin")).unwrap());
         assert!(c.list_plugins(list()).await.is_err());
     }
 }

@@ -131,7 +131,7 @@ impl Daemon {
     /// A channel over the control socket in the data directory (trusted by file
     /// permission, so no token): what most tests use.
     pub async fn channel(&self) -> Channel {
-        let mut socket = self.data_dir.join("torud.sock");
+        let mut socket = self.data_dir.join(torud::config::CONTROL_SOCKET);
         if socket.as_os_str().len() >= 100 {
             // Over the kernel's limit for a socket path: connect through a short symlink.
             let link = self.root.path().join("c.sock");
@@ -409,29 +409,14 @@ impl Events {
 /// The client type the tests use.
 pub type Client = PluginServiceClient<Channel>;
 
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Clone)]
-pub struct Bearer(pub tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl Bearer {
-    pub fn new(token: &str) -> Self {
-        Bearer(format!("Bearer {token}").parse().unwrap())
-    }
-}
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
+pub use torud::auth::Bearer;
 
 /// A plugin client over TCP sending `token`.
 pub type TcpClient = PluginServiceClient<tonic::codegen::InterceptedService<Channel, Bearer>>;
 
 impl Daemon {
     pub async fn tcp_client(&self, token: &str) -> TcpClient {
-        PluginServiceClient::with_interceptor(self.tcp_channel().await, Bearer::new(token))
+        PluginServiceClient::with_interceptor(self.tcp_channel().await, Bearer::new(token).unwrap())
     }
 }
 

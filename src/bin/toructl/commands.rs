@@ -370,10 +370,7 @@ fn parse_since(text: &str) -> Result<prost_types::Timestamp> {
             time::OffsetDateTime::now_utc() - age
         }
     };
-    Ok(prost_types::Timestamp {
-        seconds: t.unix_timestamp(),
-        nanos: t.nanosecond() as i32,
-    })
+    Ok(torud::api::convert::timestamp(t))
 }
 
 /// `logs [IDS] [-f] [--tail N | --since T | --after CURSOR...] [--level L] [--grep TEXT]`.
@@ -497,7 +494,7 @@ pub async fn health(conn: &Conn, out: Output, args: HealthArgs) -> Result {
         let service = if id.is_empty() {
             String::new()
         } else {
-            format!("toru.plugin.{id}")
+            torud::api::health::service_name(&id)
         };
         let req = conn.unary(HealthCheckRequest {
             service: service.clone(),

@@ -6,9 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 use tonic::Request;
+use torud::auth::Bearer;
+use torud::config::{ADMIN_TOKEN_FILE, CONTROL_SOCKET};
 
 /// The address used when neither a flag, the environment nor a data directory names one.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:50051";
@@ -76,13 +77,17 @@ pub fn resolve(s: &Settings) -> Result<Resolved, String> {
     let target = match &s.addr {
         Some(addr) => parse_addr(addr)?,
         None => match &s.data_dir {
-            Some(dir) if dir.join("torud.sock").exists() => Target::Unix(dir.join("torud.sock")),
+            Some(dir) if dir.join(CONTROL_SOCKET).exists() => {
+                Target::Unix(dir.join(CONTROL_SOCKET))
+            }
             _ => Target::Tcp(DEFAULT_ADDR.to_owned()),
         },
     };
     let token = match (&s.token, &s.data_dir, &target) {
         (Some(t), _, _) => Some(t.trim().to_owned()),
-        (None, Some(dir), Target::Tcp(_) | Target::Tls(_)) => read_token(&dir.join("admin.token"))?,
+        (None, Some(dir), Target::Tcp(_) | Target::Tls(_)) => {
+            read_token(&dir.join(ADMIN_TOKEN_FILE))?
+        }
         _ => None,
     };
     Ok(Resolved { target, token })
@@ -130,7 +135,7 @@ fn read_token(path: &Path) -> Result<Option<String>, String> {
 pub struct Conn {
     /// The channel (HTTP/2, multiplexed).
     pub channel: Channel,
-    auth: Option<MetadataValue<tonic::metadata::Ascii>>,
+    auth: Option<Bearer>,
     /// Timeout for unary calls; streams have none.
     timeout: Duration,
 }
@@ -141,7 +146,7 @@ impl Conn {
         let connect_timeout = Duration::from_secs(5);
         let auth =
             match &r.token {
-                Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+                Some(t) => Some(Bearer::new(t).map_err(|_| {
                     "the token contains characters a header cannot carry".to_owned()
                 })?),
                 None => None,
@@ -209,7 +214,7 @@ impl Conn {
     pub fn stream<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         if let Some(auth) = &self.auth {
-            req.metadata_mut().insert("authorization", auth.clone());
+            auth.apply(&mut req);
         }
         req
     }

@@ -21,7 +21,6 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use toru_plugin_sdk::wire::InitParams;
 use toru_plugin_sdk::{Envelope, FrameCodec, MessageType};
@@ -32,7 +31,8 @@ use torud::pb::kv_service_server::{KvService, KvServiceServer};
 use torud::pb::plugin_service_client::PluginServiceClient;
 
 use crate::{
-    authed, num_cpus, sibling, summarize, summary_json, wait_for_hello, Authed, BenchResult, Daemon,
+    authed, connect, num_cpus, sibling, summarize, summary_json, wait_for_hello, Authed,
+    BenchResult, Daemon,
 };
 
 const KEY: &str = "bench-key";
@@ -47,9 +47,7 @@ pub(crate) async fn run(
     let torud = sibling("torud")?;
     let plugin = sibling("hello-plugin")?;
     let daemon = Daemon::start(&torud, &plugin, &["--enable-new-plugins"]).await?;
-    let channel = Channel::from_shared(format!("http://{}", daemon.addr))?
-        .connect()
-        .await?;
+    let channel = connect(&daemon.addr).await?;
     let mut plugins = PluginServiceClient::new(authed(channel));
     let running = |e: &pb::Event| e.to_state == pb::PluginState::Running as i32;
     wait_for_hello(&mut plugins, "running", running).await?;
@@ -142,9 +140,7 @@ pub(crate) async fn run(
 }
 
 async fn kv_client(addr: &str) -> BenchResult<KvServiceClient<Authed>> {
-    let channel = Channel::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?;
+    let channel = connect(addr).await?;
     Ok(KvServiceClient::new(authed(channel)))
 }
 

@@ -20,7 +20,8 @@ use torud::pb;
 use torud::pb::plugin_service_client::PluginServiceClient;
 
 use crate::{
-    authed, num_cpus, sibling, summarize, summary_json, wait_for_hello, BenchResult, Daemon,
+    authed, connect, num_cpus, sibling, summarize, summary_json, wait_for_hello, BenchResult,
+    Daemon,
 };
 
 /// Baseline: spawn the plugin directly, connect with the daemon's retry loop, send init and
@@ -70,9 +71,7 @@ pub(crate) async fn run(iterations: usize, json_path: Option<PathBuf>) -> BenchR
         "1000000",
     ];
     let daemon = Daemon::start(&torud, &plugin, &extra).await?;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", daemon.addr))?
-        .connect()
-        .await?;
+    let channel = connect(&daemon.addr).await?;
     let mut client = PluginServiceClient::new(authed(channel));
     wait_for_hello(&mut client, "discovered", |e| {
         e.kind == pb::EventKind::PluginAdded as i32

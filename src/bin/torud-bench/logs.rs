@@ -19,7 +19,9 @@ use torud::pb;
 use torud::pb::log_service_client::LogServiceClient;
 use torud::pb::plugin_service_client::PluginServiceClient;
 
-use crate::{authed, num_cpus, sibling, summarize, summary_json, BenchResult, Daemon, Summary};
+use crate::{
+    authed, connect, num_cpus, sibling, summarize, summary_json, BenchResult, Daemon, Summary,
+};
 
 /// Padding of a history line, so that 1 GB of history takes millions, not tens of
 /// millions, of lines to write.
@@ -412,9 +414,7 @@ pub(crate) async fn run(
         Ok(())
     })
     .await?;
-    let channel = Channel::from_shared(format!("http://{}", daemon.addr))?
-        .connect()
-        .await?;
+    let channel = connect(&daemon.addr).await?;
     let mut plugins = PluginServiceClient::new(authed(channel.clone()));
     loop {
         let list = plugins

@@ -21,6 +21,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use torud::auth::Bearer;
 
 #[derive(Parser)]
 #[command(
@@ -112,26 +113,23 @@ pub(crate) type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 /// The admin token the benchmarks' daemons are started with.
 const BENCH_TOKEN: &str = "torud-bench-admin-token";
 
-/// Sends the benchmark's token with every call (TCP calls need one; the baselines ignore
-/// it, so both sides carry the same header).
-#[derive(Clone)]
-pub(crate) struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
+/// A plaintext HTTP/2 channel to `addr` (host:port).
+pub(crate) async fn connect(addr: &str) -> BenchResult<tonic::transport::Channel> {
+    Ok(
+        tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?,
+    )
 }
 
 /// A channel whose calls carry the token.
 pub(crate) type Authed = tonic::codegen::InterceptedService<tonic::transport::Channel, Bearer>;
 
+/// Its calls carry the token (TCP calls need one; the baselines ignore it, so both sides
+/// carry the same header).
 pub(crate) fn authed(channel: tonic::transport::Channel) -> Authed {
-    let value = format!("Bearer {BENCH_TOKEN}")
-        .parse()
-        .expect("the token is ASCII");
-    tonic::codegen::InterceptedService::new(channel, Bearer(value))
+    let bearer = Bearer::new(BENCH_TOKEN).expect("the token is ASCII");
+    tonic::codegen::InterceptedService::new(channel, bearer)
 }
 
 #[derive(Debug, Clone, Copy)]
