@@ -374,7 +374,12 @@ impl Link {
                 BridgeError::BadAnswer("no \"status\" in any accepted shape".into())
             })
         })?;
-        HttpAnswer::from_fields(&fields).map_err(|e| BridgeError::BadAnswer(e.to_string()))
+        let answer =
+            HttpAnswer::from_fields(&fields).map_err(|e| BridgeError::BadAnswer(e.to_string()))?;
+        answer
+            .check()
+            .map_err(|e| BridgeError::BadAnswer(e.to_string()))?;
+        Ok(answer)
     }
 
     /// A heartbeat: `ping`, answered by `pong`. Not counted against the in-flight cap, so a

@@ -635,3 +635,75 @@ async fn heartbeats_are_not_refused_by_a_full_in_flight_cap() {
         t.abort();
     }
 }
+
+/// Calls `id` at `path` (GET, no headers or body).
+async fn call_path(
+    client: &mut Client,
+    id: &str,
+    path: &str,
+) -> Result<pb::CallPluginResponse, tonic::Status> {
+    let req = pb::CallPluginRequest {
+        plugin_id: id.into(),
+        method: "GET".into(),
+        path: path.into(),
+        headers: vec![],
+        body: vec![],
+    };
+    client.call_plugin(req).await.map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn answers_that_break_the_request_rules_fail_that_call_and_the_plugin_keeps_serving() {
+    let (_d, mut client, _kv) = running(
+        &[],
+        |d| {
+            d.install_fixture("v1", "v1-echo", &[]);
+            d.install_fixture("v2", "v2-echo", &[]);
+        },
+        &["v1", "v2"],
+    )
+    .await;
+    let cases = [
+        ("/answer/status-99999", "status 99999 is not an HTTP status"),
+        ("/answer/status-99", "status 99 is not an HTTP status"),
+        ("/answer/status-600", "status 600 is not an HTTP status"),
+        (
+            "/answer/empty-name",
+            r#"headers[0].name: "" is not a header name"#,
+        ),
+        (
+            "/answer/bad-name",
+            r#"headers[0].name: "bad name" is not a header name"#,
+        ),
+        (
+            "/answer/crlf-name",
+            r#"headers[0].name: "x-a\r\nInjected" is not a header name"#,
+        ),
+        (
+            "/answer/crlf-value",
+            r#"headers[0].value: the value of "x-a" contains a line break or NUL"#,
+        ),
+        (
+            "/answer/nul-value",
+            r#"headers[0].value: the value of "x-a" contains a line break or NUL"#,
+        ),
+    ];
+    for id in ["v1", "v2"] {
+        let pid = common::get(&mut client, id).await.pid;
+        for (path, message) in cases {
+            let err = call_path(&mut client, id, path).await.unwrap_err();
+            assert_eq!(err.code(), Code::Unknown, "{id} {path}: {err:?}");
+            let expected = format!("plugin {id:?}: the plugin's answer is invalid: {message}");
+            assert!(
+                err.message().starts_with(&expected),
+                "{id} {path}: {}",
+                err.message()
+            );
+        }
+        let ok = call_path(&mut client, id, "/fine").await.unwrap();
+        assert_eq!(ok.status, 200, "{id}");
+        let after = common::get(&mut client, id).await;
+        assert_eq!((after.pid, after.restart_count), (pid, 0), "{id} restarted");
+        assert_eq!(state_of(&after), PluginState::Running);
+    }
+}

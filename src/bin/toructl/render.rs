@@ -1,12 +1,58 @@
 //! How answers are shown: aligned tables and `key: value` lines for people, JSON objects
 //! (snake_case field names as in the proto files, enums as lower-case names, times as RFC
 //! 3339) for scripts. Knows nothing of connections.
+//!
+//! Every string in human-readable output goes through [`escape`] (or [`escape_text`] for a
+//! call's body), since plugins write most of them: no control character reaches the
+//! terminal raw, so nothing a plugin prints can move the cursor, clear the screen, retitle
+//! the window or forge a line. JSON output is exact (JSON escapes control characters itself).
+
+use std::borrow::Cow;
+use std::fmt::Write;
 
 use prost_types::Timestamp;
 use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use torud::pb;
+
+/// `text` with every control character (C0 including TAB, CR and LF; DEL; C1, U+0080 to
+/// U+009F) written as a visible escape: `\e` for ESC, `\t`, `\r`, `\n`, `\0`, and `\x07`
+/// or `\u{9b}` for the others. Backslashes are left as they are, so escaping twice changes
+/// nothing more.
+pub fn escape(text: &str) -> Cow<'_, str> {
+    escape_except(text, &[])
+}
+
+/// Like [`escape`], but keeps line breaks and tabs: for multi-line text (a call's body).
+pub fn escape_text(text: &str) -> Cow<'_, str> {
+    escape_except(text, &['\n', '\t'])
+}
+
+fn escape_except<'a>(text: &'a str, keep: &[char]) -> Cow<'a, str> {
+    let unsafe_char = |c: char| c.is_control() && !keep.contains(&c);
+    if !text.chars().any(unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            c if !unsafe_char(c) => out.push(c),
+            '\x1b' => out.push_str("\\e"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            '\n' => out.push_str("\\n"),
+            '\0' => out.push_str("\\0"),
+            c if (c as u32) < 0x80 => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+        }
+    }
+    Cow::Owned(out)
+}
 
 fn datetime(ts: Option<&Timestamp>) -> Option<OffsetDateTime> {
     let t = ts?;
@@ -75,9 +121,14 @@ fn short(name: &str, prefix: &str) -> String {
 }
 
 /// Rows under headers, columns padded to their widest cell; the last column is not padded.
+/// Cells are escaped (see [`escape`]).
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| escape(cell).into_owned()).collect())
+        .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -94,7 +145,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         out.trim_end().to_owned() + "\n"
     };
     let mut out = line(headers.to_vec());
-    for row in rows {
+    for row in &rows {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
     }
     out
@@ -201,11 +252,11 @@ pub fn plugin_details(p: &pb::Plugin) -> String {
     let width = rows.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     let mut out: String = rows
         .iter()
-        .map(|(k, v)| format!("{:<width$}  {v}\n", format!("{k}:")))
+        .map(|(k, v)| format!("{:<width$}  {}\n", format!("{k}:"), escape(v)))
         .collect();
     if let Some(e) = &p.last_exit {
         for line in &e.stderr_tail {
-            out.push_str(&format!("  stderr| {line}\n"));
+            out.push_str(&format!("  stderr| {}\n", escape(line)));
         }
     }
     out
@@ -242,14 +293,14 @@ pub fn event_line(e: &pb::Event) -> String {
         e.seq,
         time_ms(e.time.as_ref()),
         if e.plugin_id.is_empty() {
-            "-"
+            "-".into()
         } else {
-            &e.plugin_id
+            escape(&e.plugin_id)
         },
         what
     );
     if !e.reason.is_empty() {
-        line.push_str(&format!("  ({})", e.reason));
+        line.push_str(&format!("  ({})", escape(&e.reason)));
     }
     line
 }
@@ -275,13 +326,13 @@ pub fn log_line(r: &pb::LogRecord) -> String {
     let mut line = format!(
         "{}  {}  {:<5}  {}",
         time_ms(r.time.as_ref()),
-        r.plugin_id,
+        escape(&r.plugin_id),
         level(r.level).to_ascii_uppercase(),
-        r.message
+        escape(&r.message)
     );
     if !r.fields_json.is_empty() && r.fields_json != "{}" {
         line.push_str("  ");
-        line.push_str(&r.fields_json);
+        line.push_str(&escape(&r.fields_json));
     }
     line
 }
@@ -309,6 +360,20 @@ mod tests {
     fn tables_align_columns() {
         let t = table(&["ID", "STATE"], &[vec!["hello".into(), "running".into()]]);
         assert_eq!(t, "ID     STATE\nhello  running\n");
+    }
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        let hostile = "a\x1b[2J\x1b]0;x\x07\r\n\t\0\u{9b}\u{7f}é\\";
+        assert_eq!(
+            escape(hostile),
+            "a\\e[2J\\e]0;x\\x07\\r\\n\\t\\0\\u{9b}\\x7fé\\"
+        );
+        assert_eq!(escape(&escape(hostile)), escape(hostile));
+        assert_eq!(escape_text("a\n\tb\x1b\r"), "a\n\tb\\e\\r");
+        assert!(matches!(escape("plain"), Cow::Borrowed("plain")));
+        let t = table(&["ID"], &[vec!["x\ny".into()]]);
+        assert_eq!(t, "ID\nx\\ny\n");
     }
 
     #[test]
