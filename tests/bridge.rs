@@ -707,3 +707,46 @@ async fn answers_that_break_the_request_rules_fail_that_call_and_the_plugin_keep
         assert_eq!(state_of(&after), PluginState::Running);
     }
 }
+
+#[tokio::test]
+async fn a_plugin_can_neither_forge_nor_flood_the_daemons_log() {
+    let (d, mut client, mut kv) = running(
+        &[],
+        |d| {
+            d.install_fixture("echo", "v2-echo", &["--lines", "10000"]);
+        },
+        &["echo"],
+    )
+    .await;
+    // One answer whose request_id forges a log line, then 10,000 nobody asked for.
+    let forged = get(&mut kv, "echo", "forge").await.unwrap();
+    assert_eq!(forged.value, "forged");
+    assert_eq!(
+        get(&mut kv, "echo", "echo:after").await.unwrap().value,
+        "echo:after"
+    );
+    disable(&mut client, "echo").await;
+    let reported = "9991 more answers with unknown request ids from this plugin were not logged";
+    wait_until("the count of suppressed warnings", SECS10, || {
+        d.daemon_stderr().contains(reported)
+    })
+    .await;
+
+    let log = d.daemon_stderr();
+    let forged_lines: Vec<&str> = log.lines().filter(|l| l.starts_with("2099")).collect();
+    assert!(forged_lines.is_empty(), "forged lines: {forged_lines:?}");
+    assert!(
+        log.contains(r#"x\n2099-01-01T00:00:00Z ERROR torud::auth: FORGED"#),
+        "the forged id is logged escaped"
+    );
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("dropped a message with an unknown request_id"))
+        .count();
+    assert_eq!(warnings, torud::throttle::DEFAULT_LIMIT as usize, "{log}");
+    assert_eq!(log.matches(reported).count(), 1);
+    assert!(
+        log.contains("further answers with unknown request ids from this plugin are counted, not logged, for up to 1m"),
+        "{log}"
+    );
+}
