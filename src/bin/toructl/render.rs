@@ -7,52 +7,12 @@
 //! terminal raw, so nothing a plugin prints can move the cursor, clear the screen, retitle
 //! the window or forge a line. JSON output is exact (JSON escapes control characters itself).
 
-use std::borrow::Cow;
-use std::fmt::Write;
-
 use prost_types::Timestamp;
 use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use torud::pb;
-
-/// `text` with every control character (C0 including TAB, CR and LF; DEL; C1, U+0080 to
-/// U+009F) written as a visible escape: `\e` for ESC, `\t`, `\r`, `\n`, `\0`, and `\x07`
-/// or `\u{9b}` for the others. Backslashes are left as they are, so escaping twice changes
-/// nothing more.
-pub fn escape(text: &str) -> Cow<'_, str> {
-    escape_except(text, &[])
-}
-
-/// Like [`escape`], but keeps line breaks and tabs: for multi-line text (a call's body).
-pub fn escape_text(text: &str) -> Cow<'_, str> {
-    escape_except(text, &['\n', '\t'])
-}
-
-fn escape_except<'a>(text: &'a str, keep: &[char]) -> Cow<'a, str> {
-    let unsafe_char = |c: char| c.is_control() && !keep.contains(&c);
-    if !text.chars().any(unsafe_char) {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        match c {
-            c if !unsafe_char(c) => out.push(c),
-            '\x1b' => out.push_str("\\e"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            '\n' => out.push_str("\\n"),
-            '\0' => out.push_str("\\0"),
-            c if (c as u32) < 0x80 => {
-                let _ = write!(out, "\\x{:02x}", c as u32);
-            }
-            c => {
-                let _ = write!(out, "\\u{{{:x}}}", c as u32);
-            }
-        }
-    }
-    Cow::Owned(out)
-}
+pub use torud::text::{escape, escape_text};
 
 fn datetime(ts: Option<&Timestamp>) -> Option<OffsetDateTime> {
     let t = ts?;
@@ -363,15 +323,7 @@ mod tests {
     }
 
     #[test]
-    fn control_characters_are_shown_escaped() {
-        let hostile = "a\x1b[2J\x1b]0;x\x07\r\n\t\0\u{9b}\u{7f}é\\";
-        assert_eq!(
-            escape(hostile),
-            "a\\e[2J\\e]0;x\\x07\\r\\n\\t\\0\\u{9b}\\x7fé\\"
-        );
-        assert_eq!(escape(&escape(hostile)), escape(hostile));
-        assert_eq!(escape_text("a\n\tb\x1b\r"), "a\n\tb\\e\\r");
-        assert!(matches!(escape("plain"), Cow::Borrowed("plain")));
+    fn table_cells_are_escaped() {
         let t = table(&["ID"], &[vec!["x\ny".into()]]);
         assert_eq!(t, "ID\nx\\ny\n");
     }
