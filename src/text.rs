@@ -18,7 +18,8 @@ pub fn escape(text: &str) -> Cow<'_, str> {
     escape_except(text, &[])
 }
 
-/// Like [`escape`], but keeps line breaks and tabs: for multi-line text (a call's body).
+/// Like [`escape`], but keeps line breaks and tabs: for multi-line text (a call's body, a
+/// KV value).
 pub fn escape_text(text: &str) -> Cow<'_, str> {
     escape_except(text, &['\n', '\t'])
 }

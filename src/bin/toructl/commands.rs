@@ -232,7 +232,7 @@ pub async fn kv_get(conn: &Conn, out: Output, plugin_id: String, key: String) ->
         .into_inner();
     match out {
         Output::Json => print_json(&json!({ "found": r.found, "value": r.value }), true),
-        Output::Table if r.found => outln!("{}", render::escape(&r.value)),
+        Output::Table if r.found => outln!("{}", render::escape_text(&r.value)),
         Output::Table => eprintln!("toructl: {plugin_id} has no key {key:?}"),
     }
     Ok(if r.found {
