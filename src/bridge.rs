@@ -104,7 +104,7 @@ struct LinkInner {
     warnings: Warnings,
 }
 
-/// The warnings a plugin can trigger at will (answers nobody asked for, refused storage
+/// The log lines a plugin can trigger at will (answers nobody asked for, refused storage
 /// requests), each kind within its own [`Throttle`] so one plugin cannot flood the daemon's
 /// log. Plugin-supplied text is logged with `Debug` formatting (quoted, control characters
 /// escaped), so it can never start a line of its own. The mutexes are held only to ask the
@@ -114,6 +114,23 @@ struct Warnings {
     plugin: String,
     unknown_ids: Mutex<Throttle>,
     storage_refusals: Mutex<Throttle>,
+}
+
+/// The kinds of lines [`Warnings`] budgets: unknown ids are warnings, refused storage
+/// requests (the plugin is told why) are debug lines, and so are their notes and counts.
+#[derive(Clone, Copy)]
+enum Noise {
+    UnknownIds,
+    StorageRefusals,
+}
+
+impl Noise {
+    fn what(self) -> &'static str {
+        match self {
+            Noise::UnknownIds => "answers with unknown request ids",
+            Noise::StorageRefusals => "refused storage requests",
+        }
+    }
 }
 
 impl Warnings {
@@ -126,63 +143,72 @@ impl Warnings {
     }
 
     fn unknown_id(&self, request_id: &str, kind: &str) {
-        let Some(last) = self.admit(&self.unknown_ids, "answers with unknown request ids") else {
-            return;
-        };
-        tracing::warn!(plugin = %self.plugin, request_id = ?request_id, kind,
-            "dropped a message with an unknown request_id (late, or never asked)");
-        self.say_if_last(last, &self.unknown_ids, "answers with unknown request ids");
+        self.within_budget(Noise::UnknownIds, || {
+            tracing::warn!(plugin = %self.plugin, request_id = ?request_id, kind,
+                "dropped a message with an unknown request_id (late, or never asked)")
+        });
     }
 
     fn storage_refused(&self, request_id: &str, error: &dyn std::fmt::Display) {
-        let Some(last) = self.admit(&self.storage_refusals, "refused storage requests") else {
-            return;
-        };
-        tracing::debug!(plugin = %self.plugin, request_id = ?request_id,
-            error = ?error.to_string(), "storage request refused");
-        self.say_if_last(last, &self.storage_refusals, "refused storage requests");
+        self.within_budget(Noise::StorageRefusals, || {
+            tracing::debug!(plugin = %self.plugin, request_id = ?request_id,
+                error = ?error.to_string(), "storage request refused")
+        });
     }
 
-    /// Asks `throttle`; `Some(last)` if the line may be logged, after saying how many were
-    /// held back before it.
-    fn admit(&self, throttle: &Mutex<Throttle>, what: &str) -> Option<bool> {
-        let admit = throttle.lock().expect("throttle poisoned").admit();
-        match admit {
-            Admit::Suppress => None,
-            Admit::Log { suppressed, last } => {
-                self.report_suppressed(suppressed, what);
-                Some(last)
+    /// Runs `log` if the budget of `noise` allows, after saying how many lines were held
+    /// back before it, and says so when it was the last line of this interval.
+    fn within_budget(&self, noise: Noise, log: impl FnOnce()) {
+        let (admit, interval) = {
+            let mut throttle = self.throttle(noise).lock().expect("throttle poisoned");
+            (throttle.admit(), throttle.interval())
+        };
+        let Admit::Log { suppressed, last } = admit else {
+            return;
+        };
+        self.report_suppressed(noise, suppressed);
+        log();
+        if last {
+            let interval = humantime::format_duration(interval);
+            let what = noise.what();
+            match noise {
+                Noise::UnknownIds => tracing::warn!(plugin = %self.plugin,
+                    "further {what} from this plugin are counted, not logged, for up to {interval}"),
+                Noise::StorageRefusals => tracing::debug!(plugin = %self.plugin,
+                    "further {what} from this plugin are counted, not logged, for up to {interval}"),
             }
         }
     }
 
-    fn say_if_last(&self, last: bool, throttle: &Mutex<Throttle>, what: &str) {
-        if last {
-            let interval = throttle.lock().expect("throttle poisoned").interval();
-            tracing::warn!(plugin = %self.plugin,
-                "further {what} from this plugin are counted, not logged, for up to {}",
-                humantime::format_duration(interval));
+    fn throttle(&self, noise: Noise) -> &Mutex<Throttle> {
+        match noise {
+            Noise::UnknownIds => &self.unknown_ids,
+            Noise::StorageRefusals => &self.storage_refusals,
         }
     }
 
-    fn report_suppressed(&self, suppressed: u64, what: &str) {
-        if suppressed > 0 {
-            tracing::warn!(plugin = %self.plugin, suppressed,
-                "{suppressed} more {what} from this plugin were not logged");
+    fn report_suppressed(&self, noise: Noise, suppressed: u64) {
+        if suppressed == 0 {
+            return;
+        }
+        let what = noise.what();
+        match noise {
+            Noise::UnknownIds => tracing::warn!(plugin = %self.plugin, suppressed,
+                "{suppressed} more {what} from this plugin were not logged"),
+            Noise::StorageRefusals => tracing::debug!(plugin = %self.plugin, suppressed,
+                "{suppressed} more {what} from this plugin were not logged"),
         }
     }
 
     /// Reports what is still held back (when the link closes).
     fn flush(&self) {
-        for (throttle, what) in [
-            (&self.unknown_ids, "answers with unknown request ids"),
-            (&self.storage_refusals, "refused storage requests"),
-        ] {
-            let suppressed = throttle
+        for noise in [Noise::UnknownIds, Noise::StorageRefusals] {
+            let suppressed = self
+                .throttle(noise)
                 .lock()
                 .expect("throttle poisoned")
                 .take_suppressed();
-            self.report_suppressed(suppressed, what);
+            self.report_suppressed(noise, suppressed);
         }
     }
 }
