@@ -32,6 +32,7 @@ use toru_plugin_sdk::{AnswerKind, Envelope, FrameCodec, FrameError, MessageType}
 
 use crate::connection::{connect_patiently, send_one};
 use crate::storage::Namespace;
+use crate::throttle::{Admit, Throttle};
 
 /// Storage requests from one plugin served at once; the plugin's further frames wait.
 const STORAGE_IN_FLIGHT: usize = 64;
@@ -99,6 +100,117 @@ struct LinkInner {
     closed: CancellationToken,
     /// Why the link closed; set once, before `closed` is cancelled.
     close_reason: Mutex<Option<String>>,
+    /// The daemon's log lines about what the plugin sent, within budgets.
+    warnings: Warnings,
+}
+
+/// The log lines a plugin can trigger at will (answers nobody asked for, refused storage
+/// requests), each kind within its own [`Throttle`] so one plugin cannot flood the daemon's
+/// log. Plugin-supplied text is logged with `Debug` formatting (quoted, control characters
+/// escaped), so it can never start a line of its own. The mutexes are held only to ask the
+/// throttle, never across `.await`.
+struct Warnings {
+    /// Who the lines are about: the plugin's id (its storage namespace), or "" when unknown.
+    plugin: String,
+    unknown_ids: Mutex<Throttle>,
+    storage_refusals: Mutex<Throttle>,
+}
+
+/// The kinds of lines [`Warnings`] budgets: unknown ids are warnings, refused storage
+/// requests (the plugin is told why) are debug lines, and so are their notes and counts.
+#[derive(Clone, Copy)]
+enum Noise {
+    UnknownIds,
+    StorageRefusals,
+}
+
+impl Noise {
+    fn what(self) -> &'static str {
+        match self {
+            Noise::UnknownIds => "answers with unknown request ids",
+            Noise::StorageRefusals => "refused storage requests",
+        }
+    }
+}
+
+impl Warnings {
+    fn new(plugin: String) -> Self {
+        Warnings {
+            plugin,
+            unknown_ids: Mutex::default(),
+            storage_refusals: Mutex::default(),
+        }
+    }
+
+    fn unknown_id(&self, request_id: &str, kind: &str) {
+        self.within_budget(Noise::UnknownIds, || {
+            tracing::warn!(plugin = %self.plugin, request_id = ?request_id, kind,
+                "dropped a message with an unknown request_id (late, or never asked)")
+        });
+    }
+
+    fn storage_refused(&self, request_id: &str, error: &dyn std::fmt::Display) {
+        self.within_budget(Noise::StorageRefusals, || {
+            tracing::debug!(plugin = %self.plugin, request_id = ?request_id,
+                error = ?error.to_string(), "storage request refused")
+        });
+    }
+
+    /// Runs `log` if the budget of `noise` allows, after saying how many lines were held
+    /// back before it, and says so when it was the last line of this interval.
+    fn within_budget(&self, noise: Noise, log: impl FnOnce()) {
+        let (admit, interval) = {
+            let mut throttle = self.throttle(noise).lock().expect("throttle poisoned");
+            (throttle.admit(), throttle.interval())
+        };
+        let Admit::Log { suppressed, last } = admit else {
+            return;
+        };
+        self.report_suppressed(noise, suppressed);
+        log();
+        if last {
+            let interval = humantime::format_duration(interval);
+            let what = noise.what();
+            match noise {
+                Noise::UnknownIds => tracing::warn!(plugin = %self.plugin,
+                    "further {what} from this plugin are counted, not logged, for up to {interval}"),
+                Noise::StorageRefusals => tracing::debug!(plugin = %self.plugin,
+                    "further {what} from this plugin are counted, not logged, for up to {interval}"),
+            }
+        }
+    }
+
+    fn throttle(&self, noise: Noise) -> &Mutex<Throttle> {
+        match noise {
+            Noise::UnknownIds => &self.unknown_ids,
+            Noise::StorageRefusals => &self.storage_refusals,
+        }
+    }
+
+    fn report_suppressed(&self, noise: Noise, suppressed: u64) {
+        if suppressed == 0 {
+            return;
+        }
+        let what = noise.what();
+        match noise {
+            Noise::UnknownIds => tracing::warn!(plugin = %self.plugin, suppressed,
+                "{suppressed} more {what} from this plugin were not logged"),
+            Noise::StorageRefusals => tracing::debug!(plugin = %self.plugin, suppressed,
+                "{suppressed} more {what} from this plugin were not logged"),
+        }
+    }
+
+    /// Reports what is still held back (when the link closes).
+    fn flush(&self) {
+        for noise in [Noise::UnknownIds, Noise::StorageRefusals] {
+            let suppressed = self
+                .throttle(noise)
+                .lock()
+                .expect("throttle poisoned")
+                .take_suppressed();
+            self.report_suppressed(noise, suppressed);
+        }
+    }
 }
 
 enum Transport {
@@ -140,7 +252,8 @@ impl Link {
     ) -> Link {
         let (read, write) = stream.into_split();
         let (tx, rx) = mpsc::channel(limits.max_in_flight + STORAGE_IN_FLIGHT + 64);
-        let link = Link::new(Transport::Persistent { tx }, protocol, limits);
+        let plugin = storage.as_ref().map_or("", Namespace::name).to_owned();
+        let link = Link::new(Transport::Persistent { tx }, protocol, limits, plugin);
         tokio::spawn(link.clone().write_loop(write, rx));
         tokio::spawn(link.clone().read_loop(read, storage));
         link
@@ -156,10 +269,11 @@ impl Link {
             },
             1,
             limits,
+            String::new(),
         )
     }
 
-    fn new(transport: Transport, protocol: u32, limits: LinkLimits) -> Link {
+    fn new(transport: Transport, protocol: u32, limits: LinkLimits, plugin: String) -> Link {
         Link {
             inner: Arc::new(LinkInner {
                 transport,
@@ -169,6 +283,7 @@ impl Link {
                 in_flight: AtomicUsize::new(0),
                 closed: CancellationToken::new(),
                 close_reason: Mutex::new(None),
+                warnings: Warnings::new(plugin),
             }),
         }
     }
@@ -211,6 +326,7 @@ impl Link {
         self.inner.closed.cancel();
         // Dropping the senders wakes every waiter, which then reads the reason.
         self.inner.pending.lock().clear();
+        self.inner.warnings.flush();
     }
 
     /// Sends a message that is not answered (lifecycle).
@@ -374,7 +490,12 @@ impl Link {
                 BridgeError::BadAnswer("no \"status\" in any accepted shape".into())
             })
         })?;
-        HttpAnswer::from_fields(&fields).map_err(|e| BridgeError::BadAnswer(e.to_string()))
+        let answer =
+            HttpAnswer::from_fields(&fields).map_err(|e| BridgeError::BadAnswer(e.to_string()))?;
+        answer
+            .check()
+            .map_err(|e| BridgeError::BadAnswer(e.to_string()))?;
+        Ok(answer)
     }
 
     /// A heartbeat: `ping`, answered by `pong`. Not counted against the in-flight cap, so a
@@ -456,7 +577,9 @@ impl Link {
                 let Transport::Persistent { tx } = &self.inner.transport else {
                     unreachable!("only persistent links read frames")
                 };
-                tokio::spawn(serve_storage(storage.clone(), envelope, tx.clone(), slot));
+                let (storage, tx) = (storage.clone(), tx.clone());
+                let link = self.clone();
+                tokio::spawn(async move { link.serve_storage(storage, envelope, tx, slot).await });
                 continue;
             }
             let waiter = self.inner.pending.lock().remove(&id);
@@ -464,45 +587,44 @@ impl Link {
                 Some(waiter) => {
                     let _ = waiter.send(envelope);
                 }
-                None => tracing::warn!(request_id = %id, kind = envelope.kind.as_str(),
-                    "dropped a message with an unknown request_id (late, or never asked)"),
+                None => self.inner.warnings.unknown_id(&id, envelope.kind.as_str()),
             }
         };
         self.close(&reason);
     }
-}
 
-/// Answers one storage request of the plugin and queues the answer for the writer.
-async fn serve_storage(
-    storage: Option<Namespace>,
-    request: Envelope,
-    tx: mpsc::Sender<Vec<u8>>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-) {
-    use toru_plugin_sdk::storage_wire::{answer_envelope, StorageError, StorageOp};
-    let id = request.request_id.clone().unwrap_or_default();
-    let result = match (&storage, StorageOp::from_payload(&request.payload)) {
-        (None, _) => Err(StorageError::new(
-            "unavailable",
-            "storage is not available on this connection",
-        )),
-        (_, Err(e)) => Err(e),
-        (Some(ns), Ok(op)) => match foreign_namespace(&request.payload, ns.name()) {
-            Some(other) => Err(StorageError::new(
-                "permission_denied",
-                format!(
-                    "plugin {:?} asked for the storage of {other:?}: a plugin reaches only its own storage; leave out \"namespace\" and \"plugin_id\"",
-                    ns.name()
-                ),
+    /// Answers one storage request of the plugin and queues the answer for the writer.
+    async fn serve_storage(
+        &self,
+        storage: Option<Namespace>,
+        request: Envelope,
+        tx: mpsc::Sender<Vec<u8>>,
+        _slot: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        use toru_plugin_sdk::storage_wire::{answer_envelope, StorageError, StorageOp};
+        let id = request.request_id.clone().unwrap_or_default();
+        let result = match (&storage, StorageOp::from_payload(&request.payload)) {
+            (None, _) => Err(StorageError::new(
+                "unavailable",
+                "storage is not available on this connection",
             )),
-            None => ns.apply(op).await,
-        },
-    };
-    if let Err(e) = &result {
-        tracing::debug!(plugin = storage.as_ref().map(Namespace::name), request_id = %id,
-            error = %e, "storage request refused");
+            (_, Err(e)) => Err(e),
+            (Some(ns), Ok(op)) => match foreign_namespace(&request.payload, ns.name()) {
+                Some(other) => Err(StorageError::new(
+                    "permission_denied",
+                    format!(
+                        "plugin {:?} asked for the storage of {other:?}: a plugin reaches only its own storage; leave out \"namespace\" and \"plugin_id\"",
+                        ns.name()
+                    ),
+                )),
+                None => ns.apply(op).await,
+            },
+        };
+        if let Err(e) = &result {
+            self.inner.warnings.storage_refused(&id, e);
+        }
+        let _ = tx.send(answer_envelope(id, &result).to_vec()).await;
     }
-    let _ = tx.send(answer_envelope(id, &result).to_vec()).await;
 }
 
 /// A namespace other than `own` that a storage request names (in `namespace` or

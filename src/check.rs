@@ -24,6 +24,7 @@ use crate::config::DEFAULT_PLUGIN_ENV;
 use crate::connection::{connect_with_retry, send_one, send_one_on};
 use crate::discovery::{probe, ProbeOptions};
 use crate::storage::{Quotas, Storage};
+use crate::text::escape;
 
 /// How to check.
 #[derive(Debug, Clone)]
@@ -82,22 +83,25 @@ impl Report {
 
     /// The report as text, one line per step.
     pub fn render(&self, path: &Path) -> String {
-        let mut out = format!("torud plugin check {}\n", path.display());
+        let mut out = format!(
+            "torud plugin check {}\n",
+            escape(&path.display().to_string())
+        );
         for step in &self.steps {
             let (tag, text) = match &step.outcome {
                 Outcome::Pass(t) => ("PASS", t),
                 Outcome::Fail(t) => ("FAIL", t),
                 Outcome::Skip(t) => ("SKIP", t),
             };
-            let _ = writeln!(out, "  {tag}  {:<12} {text}", step.name);
+            let _ = writeln!(out, "  {tag}  {:<12} {}", step.name, escape(text));
         }
         if !self.supports.is_empty() {
-            let _ = writeln!(out, "supports: {}", self.supports.join(", "));
+            let _ = writeln!(out, "supports: {}", escape(&self.supports.join(", ")));
         }
         if self.failures() > 0 && !self.stderr_tail.is_empty() {
             let _ = writeln!(out, "last stderr lines of the plugin:");
             for line in &self.stderr_tail {
-                let _ = writeln!(out, "  | {line}");
+                let _ = writeln!(out, "  | {}", escape(line));
             }
         }
         let run = self
@@ -576,4 +580,24 @@ async fn round_trips(
         Err(e) => Outcome::Fail(format!("sending cancel: {e}")),
     };
     report.add("cancel", outcome);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_shows_what_the_plugin_wrote_escaped() {
+        let report = Report {
+            steps: vec![Step {
+                name: "call",
+                outcome: Outcome::Fail("answered \x1b[2J\r".into()),
+            }],
+            supports: vec![],
+            stderr_tail: vec!["\x1b]0;title\x07".into()],
+        };
+        let text = report.render(Path::new("/p/x.binary"));
+        assert!(!text.contains(['\x1b', '\r', '\x07']), "{text:?}");
+        assert!(text.contains("answered \\e[2J\\r") && text.contains("| \\e]0;title\\x07"));
+    }
 }

@@ -3,7 +3,8 @@
 //!
 //! Every file is probed concurrently and reported as soon as its probe ends, so a plugin
 //! that hangs on `--metadata` delays nobody else. Files that resolve outside the plugins
-//! directory, are not executable, or misbehave are reported as skipped with a reason.
+//! directory, are not executable, have a control character in their name (it would reach
+//! terminals and logs), or misbehave are reported as skipped with a reason.
 //! This module knows nothing of supervision or of gRPC.
 
 use std::ffi::OsString;
@@ -98,6 +99,16 @@ pub async fn probe(dir: PathBuf, path: PathBuf, opts: ProbeOptions) -> Probe {
         path: path.clone(),
         reason,
     };
+    if let Some((at, c)) = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(toru_plugin_sdk::metadata::first_control_char)
+    {
+        return Err(skip(format!(
+            "its file name contains the control character U+{:04X} at character {at}, which would reach terminals and logs; rename the file",
+            c as u32
+        )));
+    }
     let real = path
         .canonicalize()
         .map_err(|e| skip(format!("cannot resolve the file: {e}")))?;

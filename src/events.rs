@@ -54,7 +54,7 @@ impl EventLog {
             body: draft,
         });
         tracing::debug!(seq = event.seq, plugin = %event.body.plugin_id, kind = ?event.body.kind,
-            to = ?event.body.to_state, reason = %event.body.reason, "event");
+            to = ?event.body.to_state, reason = ?event.body.reason, "event");
         event
     }
 

@@ -19,6 +19,8 @@ pub mod server;
 pub mod state;
 pub mod storage;
 pub mod supervisor;
+pub mod text;
+pub mod throttle;
 
 /// Code generated from `proto/toru/v1/*.proto`. Only `api/` (and clients) use it.
 pub mod pb {

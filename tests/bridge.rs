@@ -635,3 +635,118 @@ async fn heartbeats_are_not_refused_by_a_full_in_flight_cap() {
         t.abort();
     }
 }
+
+/// Calls `id` at `path` (GET, no headers or body).
+async fn call_path(
+    client: &mut Client,
+    id: &str,
+    path: &str,
+) -> Result<pb::CallPluginResponse, tonic::Status> {
+    let req = pb::CallPluginRequest {
+        plugin_id: id.into(),
+        method: "GET".into(),
+        path: path.into(),
+        headers: vec![],
+        body: vec![],
+    };
+    client.call_plugin(req).await.map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn answers_that_break_the_request_rules_fail_that_call_and_the_plugin_keeps_serving() {
+    let (_d, mut client, _kv) = running(
+        &[],
+        |d| {
+            d.install_fixture("v1", "v1-echo", &[]);
+            d.install_fixture("v2", "v2-echo", &[]);
+        },
+        &["v1", "v2"],
+    )
+    .await;
+    let cases = [
+        ("/answer/status-99999", "status 99999 is not an HTTP status"),
+        ("/answer/status-99", "status 99 is not an HTTP status"),
+        ("/answer/status-600", "status 600 is not an HTTP status"),
+        (
+            "/answer/empty-name",
+            r#"headers[0].name: "" is not a header name"#,
+        ),
+        (
+            "/answer/bad-name",
+            r#"headers[0].name: "bad name" is not a header name"#,
+        ),
+        (
+            "/answer/crlf-name",
+            r#"headers[0].name: "x-a\r\nInjected" is not a header name"#,
+        ),
+        (
+            "/answer/crlf-value",
+            r#"headers[0].value: the value of "x-a" contains a line break or NUL"#,
+        ),
+        (
+            "/answer/nul-value",
+            r#"headers[0].value: the value of "x-a" contains a line break or NUL"#,
+        ),
+    ];
+    for id in ["v1", "v2"] {
+        let pid = common::get(&mut client, id).await.pid;
+        for (path, message) in cases {
+            let err = call_path(&mut client, id, path).await.unwrap_err();
+            assert_eq!(err.code(), Code::Unknown, "{id} {path}: {err:?}");
+            let expected = format!("plugin {id:?}: the plugin's answer is invalid: {message}");
+            assert!(
+                err.message().starts_with(&expected),
+                "{id} {path}: {}",
+                err.message()
+            );
+        }
+        let ok = call_path(&mut client, id, "/fine").await.unwrap();
+        assert_eq!(ok.status, 200, "{id}");
+        let after = common::get(&mut client, id).await;
+        assert_eq!((after.pid, after.restart_count), (pid, 0), "{id} restarted");
+        assert_eq!(state_of(&after), PluginState::Running);
+    }
+}
+
+#[tokio::test]
+async fn a_plugin_can_neither_forge_nor_flood_the_daemons_log() {
+    let (d, mut client, mut kv) = running(
+        &[],
+        |d| {
+            d.install_fixture("echo", "v2-echo", &["--lines", "10000"]);
+        },
+        &["echo"],
+    )
+    .await;
+    // One answer whose request_id forges a log line, then 10,000 nobody asked for.
+    let forged = get(&mut kv, "echo", "forge").await.unwrap();
+    assert_eq!(forged.value, "forged");
+    assert_eq!(
+        get(&mut kv, "echo", "echo:after").await.unwrap().value,
+        "echo:after"
+    );
+    disable(&mut client, "echo").await;
+    let reported = "9991 more answers with unknown request ids from this plugin were not logged";
+    wait_until("the count of suppressed warnings", SECS10, || {
+        d.daemon_stderr().contains(reported)
+    })
+    .await;
+
+    let log = d.daemon_stderr();
+    let forged_lines: Vec<&str> = log.lines().filter(|l| l.starts_with("2099")).collect();
+    assert!(forged_lines.is_empty(), "forged lines: {forged_lines:?}");
+    assert!(
+        log.contains(r#"x\n2099-01-01T00:00:00Z ERROR torud::auth: FORGED"#),
+        "the forged id is logged escaped"
+    );
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("dropped a message with an unknown request_id"))
+        .count();
+    assert_eq!(warnings, torud::throttle::DEFAULT_LIMIT as usize, "{log}");
+    assert_eq!(log.matches(reported).count(), 1);
+    assert!(
+        log.contains("further answers with unknown request ids from this plugin are counted, not logged, for up to 1m"),
+        "{log}"
+    );
+}

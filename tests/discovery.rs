@@ -159,3 +159,60 @@ async fn a_failing_probe_of_a_known_plugin_keeps_it_running() {
         (PluginState::Running, "0.2")
     );
 }
+
+#[tokio::test]
+async fn control_characters_in_metadata_or_a_file_name_are_refused_with_a_reason() {
+    let mut d = Daemon::new(&[]);
+    let fields = ["name", "version", "author", "icon", "route", "description"];
+    for field in fields {
+        d.install_fixture(
+            &format!("m-{field}"),
+            "hostile-metadata",
+            &["--field", field],
+        );
+    }
+    let red = d.install_fixture("red", "normal", &[]);
+    let hostile_name = d.plugins_dir.join("e\x1b[31mRED.binary");
+    std::fs::rename(&red, &hostile_name).unwrap();
+    d.install_fixture("good", "normal", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    let report = rescan(&mut client).await;
+    let reason_for = |file: &str| {
+        report
+            .skipped
+            .iter()
+            .find(|s| s.path.ends_with(file))
+            .unwrap_or_else(|| panic!("{file:?} not reported as skipped: {:?}", report.skipped))
+            .reason
+            .clone()
+    };
+    for field in fields {
+        let reason = reason_for(&format!("m-{field}.binary"));
+        assert!(
+            reason.starts_with(&format!(
+                "invalid metadata: {field} contains the control character U+001B at character 2"
+            )),
+            "{reason}"
+        );
+    }
+    let reason = reason_for("e\x1b[31mRED.binary");
+    assert!(
+        reason.starts_with("its file name contains the control character U+001B at character 1")
+            && reason.contains("rename the file"),
+        "{reason}"
+    );
+    assert_eq!(
+        report.skipped.len(),
+        fields.len() + 1,
+        "{:?}",
+        report.skipped
+    );
+    let list = client
+        .list_plugins(pb::ListPluginsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = list.plugins.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["good"]);
+}

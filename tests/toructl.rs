@@ -493,3 +493,111 @@ async fn a_closed_stdout_ends_a_follow_quietly() {
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert_eq!(stderr, "");
 }
+
+/// The bytes a terminal would act on: ESC, CR and BEL (and any other C0 control but the
+/// line breaks toructl writes itself, DEL, and C1 as UTF-8).
+fn raw_controls(bytes: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .filter(|c| c.is_control() && *c != '\n')
+        .map(|c| format!("U+{:04X}", c as u32))
+        .collect()
+}
+
+#[tokio::test]
+async fn terminal_escapes_from_plugins_are_shown_escaped_and_json_stays_exact() {
+    const HOSTILE: &str = "\x1b[2J\x1b]0;x\x07\r";
+    const SHOWN: &str = "\\e[2J\\e]0;x\\x07\\r";
+    let install = |d: &Daemon| {
+        d.install_fixture("hostile", "v2-hostile", &[]);
+        let red = d.install_fixture("red", "normal", &[]);
+        std::fs::rename(red, d.plugins_dir.join("e\x1b[31mRED.binary")).unwrap();
+    };
+    let d = start_enabled(&[], install, &["hostile"]).await.0;
+    let human = |args: &[&str]| {
+        let out = cmd(&d, args).output().unwrap();
+        let bad = raw_controls(&out.stdout)
+            .into_iter()
+            .chain(raw_controls(&out.stderr))
+            .collect::<Vec<_>>();
+        assert!(
+            bad.is_empty(),
+            "toructl {args:?} printed {bad:?}: {}",
+            text(&out)
+        );
+        let expect_failure = args.contains(&"refuse");
+        assert_eq!(
+            out.status.success(),
+            !expect_failure,
+            "{args:?}: {}",
+            text(&out)
+        );
+        out
+    };
+
+    // A plugin file named with escapes: skipped, its path shown escaped.
+    let rescan = String::from_utf8(human(&["plugins", "rescan"]).stdout).unwrap();
+    assert!(
+        rescan.contains("e\\e[31mRED.binary: its file name"),
+        "{rescan}"
+    );
+    let skipped = &json(&d, &["plugins", "rescan"])["skipped"][0]["path"];
+    assert!(
+        skipped.as_str().unwrap().ends_with("e\x1b[31mRED.binary"),
+        "{skipped}"
+    );
+
+    // Log lines, plain and structured.
+    let mut logged = Value::Null;
+    wait_until("the plugin's hostile log lines", SECS10, || {
+        logged = json_lines(&d, &["logs", "hostile", "--tail", "100"]);
+        logged.as_array().unwrap().len() >= 2 && logged.to_string().contains("json \\u001b[2J")
+    })
+    .await;
+    let messages: Vec<&str> = logged
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["message"].as_str().unwrap())
+        .collect();
+    assert!(
+        messages.contains(&format!("plain {HOSTILE} end").as_str()),
+        "{messages:?}"
+    );
+    assert!(
+        messages.contains(&format!("json {HOSTILE} end").as_str()),
+        "{messages:?}"
+    );
+    let logs = String::from_utf8(human(&["logs", "hostile", "--tail", "100"]).stdout).unwrap();
+    assert!(logs.contains(&format!("plain {SHOWN} end")), "{logs}");
+    assert!(logs.contains(&format!("json {SHOWN} end")), "{logs}");
+
+    // A call's headers (where CR is refused) and body.
+    let call = String::from_utf8(human(&["call", "hostile", "/hostile"]).stdout).unwrap();
+    assert!(call.contains("x-hostile: v\\e[2J\\e]0;x\\x07\n"), "{call}");
+    assert!(
+        call.contains(&format!("line one{SHOWN}\nline two\n")),
+        "{call}"
+    );
+    let exact = json(&d, &["call", "hostile", "/hostile"]);
+    assert_eq!(exact["headers"][0]["value"], "v\x1b[2J\x1b]0;x\x07");
+    assert_eq!(exact["body"], format!("line one{HOSTILE}\nline two\n"));
+
+    // An error message the plugin wrote, on stderr.
+    let out = human(&["kv", "get", "hostile", "refuse"]);
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains(&format!("no{SHOWN}")), "{err}");
+    human(&["events"]);
+}
+
+/// `toructl -o json ARGS` printing one JSON object per line, as an array.
+fn json_lines(d: &Daemon, args: &[&str]) -> Value {
+    let mut all = vec!["-o", "json"];
+    all.extend_from_slice(args);
+    let out = ok(d, &all);
+    Value::Array(
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect(),
+    )
+}

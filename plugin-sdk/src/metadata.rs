@@ -57,6 +57,17 @@ pub enum MetadataError {
         /// Its length in characters.
         chars: usize,
     },
+    /// A text field holds a control character (C0 including TAB, CR and LF; DEL; C1), which
+    /// a terminal or log showing the field could act on.
+    #[error("{field} contains the control character U+{code:04X} at character {at}; metadata fields are single-line text without control characters")]
+    ControlChar {
+        /// Which field.
+        field: &'static str,
+        /// The character's code point.
+        code: u32,
+        /// Its position in the field, in characters from 0.
+        at: usize,
+    },
     /// The declared protocol version is 0.
     #[error("protocol_version 0 is invalid: declare 1 or more, or leave it out")]
     ProtocolVersion,
@@ -91,6 +102,7 @@ impl Metadata {
         if !is_valid_id(&self.id) {
             return Err(MetadataError::Id(self.id.clone()));
         }
+        self.check_no_control_chars()?;
         if !self.route.starts_with('/') || self.route.contains("..") {
             return Err(MetadataError::Route(self.route.clone()));
         }
@@ -106,6 +118,35 @@ impl Metadata {
         }
         Ok(())
     }
+
+    /// Refuses a control character in any text field: hosts show these fields in terminals,
+    /// tables and logs, where one could clear the screen or forge a line.
+    fn check_no_control_chars(&self) -> Result<(), MetadataError> {
+        let fields = [
+            ("name", Some(&self.name)),
+            ("version", Some(&self.version)),
+            ("author", self.author.as_ref()),
+            ("icon", Some(&self.icon)),
+            ("route", Some(&self.route)),
+            ("description", self.description.as_ref()),
+        ];
+        for (field, value) in fields {
+            if let Some((at, c)) = value.and_then(|v| first_control_char(v)) {
+                return Err(MetadataError::ControlChar {
+                    field,
+                    code: c as u32,
+                    at,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The first control character of `text` (C0 including TAB, CR and LF; DEL; C1, U+0080 to
+/// U+009F) and its position in characters, if any. Also used for plugin file names.
+pub fn first_control_char(text: &str) -> Option<(usize, char)> {
+    text.chars().enumerate().find(|(_, c)| c.is_control())
 }
 
 /// Whether `id` follows the id rule (also used to validate ids given over the API).
@@ -149,6 +190,26 @@ mod tests {
             Metadata::parse(long_name.as_bytes()),
             Err(MetadataError::TooLong { field: "name", .. })
         ));
+        for field in ["name", "version", "author", "icon", "route", "description"] {
+            for hostile in [
+                "\u{1b}[2J",
+                "\u{1b}]0;x\u{7}",
+                "\rb",
+                "\nb",
+                "\tb",
+                "\u{9b}31m",
+                "\u{7f}",
+            ] {
+                let mut v: serde_json::Value = serde_json::from_str(GOOD).unwrap();
+                v[field] = format!("/x{hostile}").into();
+                let err = Metadata::parse(v.to_string().as_bytes()).unwrap_err();
+                assert!(
+                    matches!(err, MetadataError::ControlChar { field: f, at: 2, .. } if f == field),
+                    "{field} {hostile:?}: {err}"
+                );
+                assert!(!err.to_string().contains(hostile), "{err}");
+            }
+        }
         assert!(matches!(
             Metadata::parse(b"not json"),
             Err(MetadataError::Json(_))

@@ -187,6 +187,9 @@ impl Harness {
             .ok_or_else(|| PluginError::internal("the answer has no status"))?;
         let parsed =
             HttpAnswer::from_fields(&fields).map_err(|e| PluginError::internal(e.to_string()))?;
+        parsed
+            .check()
+            .map_err(|e| PluginError::internal(format!("torud would refuse this answer: {e}")))?;
         Ok(HttpResponse {
             status: u16::try_from(parsed.status).unwrap_or(0),
             headers: parsed.headers.into_iter().collect(),

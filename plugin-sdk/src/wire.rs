@@ -362,6 +362,79 @@ impl HttpAnswer {
     }
 }
 
+/// The statuses an answer may carry: three digits, 1xx to 5xx (RFC 9110, section 15).
+pub const VALID_STATUS: std::ops::RangeInclusive<i32> = 100..=599;
+
+/// A header field that breaks the rules every header crossing the host follows, in a
+/// caller's request and in a plugin's answer alike: the name is an RFC 9110 token, the value
+/// holds no CR, LF or NUL. Names in the message are cut to 80 characters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// The name is empty or has a character outside the token set.
+    #[error("headers[{index}].name: {name:?} is not a header name (use letters, digits and !#$%&'*+-.^_`|~)")]
+    Name {
+        /// Position of the header in the list.
+        index: usize,
+        /// The name, cut to 80 characters.
+        name: String,
+    },
+    /// The value contains CR, LF or NUL.
+    #[error("headers[{index}].value: the value of {name:?} contains a line break or NUL")]
+    Value {
+        /// Position of the header in the list.
+        index: usize,
+        /// The header's name, cut to 80 characters.
+        name: String,
+    },
+}
+
+/// Checks each `(name, value)` against the header rules (see [`HeaderError`]); the first
+/// header that breaks one is the error.
+pub fn check_headers<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<(), HeaderError> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    let cut = |name: &str| name.chars().take(80).collect::<String>();
+    for (index, (name, value)) in headers.into_iter().enumerate() {
+        if name.is_empty() || !name.bytes().all(token) {
+            return Err(HeaderError::Name {
+                index,
+                name: cut(name),
+            });
+        }
+        if value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+            return Err(HeaderError::Value {
+                index,
+                name: cut(name),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Why a readable http answer breaks the rules a caller's request follows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidAnswer {
+    /// The status is outside [`VALID_STATUS`].
+    #[error("status {0} is not an HTTP status (100 to 599)")]
+    Status(i32),
+    /// A header breaks the header rules.
+    #[error("{0}")]
+    Header(#[from] HeaderError),
+}
+
+impl HttpAnswer {
+    /// Checks what the answer carries against the rules a caller's request follows: a status
+    /// in [`VALID_STATUS`] and headers that pass [`check_headers`].
+    pub fn check(&self) -> Result<(), InvalidAnswer> {
+        if !VALID_STATUS.contains(&self.status) {
+            return Err(InvalidAnswer::Status(self.status));
+        }
+        check_headers(self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())))?;
+        Ok(())
+    }
+}
+
 /// Writes `body` into `fields`: as text when it is UTF-8, else as base64 with
 /// `"body_encoding": "base64"`; `null` when absent.
 pub fn encode_body(fields: &mut Value, body: Option<&[u8]>) {
@@ -535,6 +608,39 @@ mod tests {
             (env.timestamp.as_str(), env.request_id.as_deref()),
             ("", Some("7"))
         );
+    }
+
+    #[test]
+    fn answers_follow_the_rules_of_requests() {
+        let answer = |status: i32, name: &str, value: &str| HttpAnswer {
+            status,
+            headers: vec![("x-ok".into(), "1".into()), (name.into(), value.into())],
+            body: vec![],
+        };
+        assert_eq!(answer(200, "x-a", "tab\tand é").check(), Ok(()));
+        for status in [99999, 99, 600, -1, 0] {
+            assert_eq!(
+                answer(status, "x-a", "1").check(),
+                Err(InvalidAnswer::Status(status))
+            );
+        }
+        for name in ["", "bad name", "x\r\nInjected", "a:b", "nul\0", "é"] {
+            let err = answer(200, name, "1").check().unwrap_err();
+            assert!(
+                matches!(
+                    &err,
+                    InvalidAnswer::Header(HeaderError::Name { index: 1, .. })
+                ),
+                "{name:?}: {err}"
+            );
+        }
+        for value in ["1\r\nSet-Cookie: a=b", "1\n", "1\r", "1\0"] {
+            let err = answer(200, "x-a", value).check().unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "headers[1].value: the value of \"x-a\" contains a line break or NUL"
+            );
+        }
     }
 
     #[test]

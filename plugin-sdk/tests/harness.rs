@@ -57,6 +57,16 @@ impl Plugin for Probe {
                 let (rest, _) = ctx.storage.list("k", first.last().unwrap(), 2).await?;
                 Ok(HttpResponse::text(format!("{first:?} {more} {rest:?}")))
             }
+            "/bad-header" => Ok(HttpResponse {
+                status: 200,
+                headers: BTreeMap::from([("x-a".into(), "1\r\nSet-Cookie: a=b".into())]),
+                body: None,
+            }),
+            "/bad-status" => Ok(HttpResponse {
+                status: 1000,
+                headers: BTreeMap::new(),
+                body: None,
+            }),
             "/binary" => Ok(HttpResponse {
                 status: 200,
                 headers: BTreeMap::new(),
@@ -198,6 +208,21 @@ async fn handler_errors_and_binary_bodies_reach_the_caller() {
         host.call(req("/nope", None)).await.unwrap_err().code,
         "not_found"
     );
+    for (path, what) in [
+        (
+            "/bad-header",
+            "the value of \"x-a\" contains a line break or NUL",
+        ),
+        ("/bad-status", "status 1000 is not an HTTP status"),
+    ] {
+        let e = host.call(req(path, None)).await.unwrap_err();
+        assert_eq!(e.code, "internal", "{path}");
+        assert!(
+            e.message.starts_with("torud would refuse this answer: ") && e.message.contains(what),
+            "{path}: {}",
+            e.message
+        );
+    }
     let bytes = vec![0, 255, 10, 159];
     let echoed = host
         .call(req("/binary", Some(bytes.clone())))

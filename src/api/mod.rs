@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use toru_plugin_sdk::wire::HttpCall;
+use toru_plugin_sdk::wire::{check_headers, HttpCall};
 
 use crate::pb;
 use crate::pb::plugin_service_server::PluginService;
@@ -228,22 +228,12 @@ impl PluginService for PluginApi {
                 truncate(&req.path)
             )));
         }
-        for (i, h) in req.headers.iter().enumerate() {
-            // RFC 9110 token characters for names; no line breaks or NUL in values.
-            let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-            if h.name.is_empty() || !h.name.bytes().all(token) {
-                return Err(Status::invalid_argument(format!(
-                    "headers[{i}].name: {:?} is not a header name",
-                    truncate(&h.name)
-                )));
-            }
-            if h.value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
-                return Err(Status::invalid_argument(format!(
-                    "headers[{i}].value: the value of {:?} contains a line break or NUL",
-                    truncate(&h.name)
-                )));
-            }
-        }
+        check_headers(
+            req.headers
+                .iter()
+                .map(|h| (h.name.as_str(), h.value.as_str())),
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let call = HttpCall {
             method: req.method,
             path: req.path,

@@ -179,7 +179,7 @@ impl Actor {
         });
         draft.exit = exit;
         tracing::info!(plugin = %self.id, from = ?draft.from_state.map(PluginState::as_str),
-            to = to.as_str(), reason = %draft.reason, "plugin state");
+            to = to.as_str(), reason = ?draft.reason, "plugin state");
         let level = match to {
             PluginState::Crashed | PluginState::Disabled => LogLevel::Error,
             PluginState::Backoff => LogLevel::Warn,

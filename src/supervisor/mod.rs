@@ -464,7 +464,7 @@ impl Supervisor {
                     self.add_or_update(spec, &mut report);
                 }
                 Err(skipped) => {
-                    tracing::warn!(path = %skipped.path.display(), reason = %skipped.reason, "plugin skipped");
+                    tracing::warn!(path = ?skipped.path, reason = ?skipped.reason, "plugin skipped");
                     failed.insert(skipped.path.clone());
                     // Visible in ListPlugins before its event is out; stale entries of the
                     // previous scan are dropped when this scan ends.

@@ -117,7 +117,11 @@ pub async fn plugins_list(conn: &Conn, out: Output) -> Result {
         Output::Table => {
             out!("{}", render::plugins_table(&all));
             for s in &skipped {
-                outln!("skipped {}: {}", s.path, s.reason);
+                outln!(
+                    "skipped {}: {}",
+                    render::escape(&s.path),
+                    render::escape(&s.reason)
+                );
             }
         }
     }
@@ -197,10 +201,14 @@ pub async fn plugins_rescan(conn: &Conn, out: Output) -> Result {
                 } else {
                     ids.join(", ")
                 };
-                outln!("{what}: {list}");
+                outln!("{what}: {}", render::escape(&list));
             }
             for s in &r.skipped {
-                outln!("skipped {}: {}", s.path, s.reason);
+                outln!(
+                    "skipped {}: {}",
+                    render::escape(&s.path),
+                    render::escape(&s.reason)
+                );
             }
         }
     }
@@ -224,7 +232,7 @@ pub async fn kv_get(conn: &Conn, out: Output, plugin_id: String, key: String) ->
         .into_inner();
     match out {
         Output::Json => print_json(&json!({ "found": r.found, "value": r.value }), true),
-        Output::Table if r.found => outln!("{}", r.value),
+        Output::Table if r.found => outln!("{}", render::escape_text(&r.value)),
         Output::Table => eprintln!("toructl: {plugin_id} has no key {key:?}"),
     }
     Ok(if r.found {
@@ -274,6 +282,18 @@ pub async fn kv_delete(conn: &Conn, out: Output, plugin_id: String, key: String)
         ),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A call's body for people: text with its control characters escaped (line breaks and tabs
+/// kept), or a note for a body that is not UTF-8 (`-o json` gives it as hex).
+fn body_text(body: &[u8]) -> String {
+    match std::str::from_utf8(body) {
+        Ok(text) => render::escape_text(text).into_owned(),
+        Err(_) => format!(
+            "({} bytes that are not UTF-8 text; use -o json to get them as hex)",
+            body.len()
+        ),
+    }
 }
 
 /// `call ID PATH`: curl-like output (status, headers, blank line, body) or JSON.
@@ -328,16 +348,17 @@ pub async fn call(conn: &Conn, out: Output, args: CallArgs) -> Result {
             print_json(&v, true);
         }
         Output::Table => {
-            let mut all = format!("HTTP {}\n", r.status).into_bytes();
+            let mut all = format!("HTTP {}\n", r.status);
             for h in &r.headers {
-                all.extend_from_slice(format!("{}: {}\n", h.name, h.value).as_bytes());
+                let (name, value) = (render::escape(&h.name), render::escape(&h.value));
+                all.push_str(&format!("{name}: {value}\n"));
             }
-            all.push(b'\n');
-            all.extend_from_slice(&r.body);
-            if !r.body.ends_with(b"\n") && !r.body.is_empty() {
-                all.push(b'\n');
+            all.push('\n');
+            all.push_str(&body_text(&r.body));
+            if !all.ends_with('\n') {
+                all.push('\n');
             }
-            emit(&all);
+            emit(all.as_bytes());
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -407,7 +428,9 @@ pub async fn logs(conn: &Conn, out: Output, args: LogsArgs) -> Result {
         if let Some(g) = &batch.gap {
             eprintln!(
                 "toructl: {}: records {} to {} were rotated away before they could be sent",
-                g.plugin_id, g.from_seq, g.to_seq
+                render::escape(&g.plugin_id),
+                g.from_seq,
+                g.to_seq
             );
         }
         let mut lines = String::new();

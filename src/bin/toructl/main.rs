@@ -225,7 +225,7 @@ fn main() -> ExitCode {
 }
 
 fn fail(message: String) -> ExitCode {
-    eprintln!("toructl: error: {message}");
+    eprintln!("toructl: error: {}", render::escape(&message));
     ExitCode::FAILURE
 }
 

@@ -1,12 +1,18 @@
 //! How answers are shown: aligned tables and `key: value` lines for people, JSON objects
 //! (snake_case field names as in the proto files, enums as lower-case names, times as RFC
 //! 3339) for scripts. Knows nothing of connections.
+//!
+//! Every string in human-readable output goes through [`escape`] (or [`escape_text`] for a
+//! call's body), since plugins write most of them: no control character reaches the
+//! terminal raw, so nothing a plugin prints can move the cursor, clear the screen, retitle
+//! the window or forge a line. JSON output is exact (JSON escapes control characters itself).
 
 use prost_types::Timestamp;
 use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use torud::pb;
+pub use torud::text::{escape, escape_text};
 
 fn datetime(ts: Option<&Timestamp>) -> Option<OffsetDateTime> {
     let t = ts?;
@@ -75,9 +81,14 @@ fn short(name: &str, prefix: &str) -> String {
 }
 
 /// Rows under headers, columns padded to their widest cell; the last column is not padded.
+/// Cells are escaped (see [`escape`]).
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| escape(cell).into_owned()).collect())
+        .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -94,7 +105,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         out.trim_end().to_owned() + "\n"
     };
     let mut out = line(headers.to_vec());
-    for row in rows {
+    for row in &rows {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
     }
     out
@@ -201,11 +212,11 @@ pub fn plugin_details(p: &pb::Plugin) -> String {
     let width = rows.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     let mut out: String = rows
         .iter()
-        .map(|(k, v)| format!("{:<width$}  {v}\n", format!("{k}:")))
+        .map(|(k, v)| format!("{:<width$}  {}\n", format!("{k}:"), escape(v)))
         .collect();
     if let Some(e) = &p.last_exit {
         for line in &e.stderr_tail {
-            out.push_str(&format!("  stderr| {line}\n"));
+            out.push_str(&format!("  stderr| {}\n", escape(line)));
         }
     }
     out
@@ -242,14 +253,14 @@ pub fn event_line(e: &pb::Event) -> String {
         e.seq,
         time_ms(e.time.as_ref()),
         if e.plugin_id.is_empty() {
-            "-"
+            "-".into()
         } else {
-            &e.plugin_id
+            escape(&e.plugin_id)
         },
         what
     );
     if !e.reason.is_empty() {
-        line.push_str(&format!("  ({})", e.reason));
+        line.push_str(&format!("  ({})", escape(&e.reason)));
     }
     line
 }
@@ -275,13 +286,13 @@ pub fn log_line(r: &pb::LogRecord) -> String {
     let mut line = format!(
         "{}  {}  {:<5}  {}",
         time_ms(r.time.as_ref()),
-        r.plugin_id,
+        escape(&r.plugin_id),
         level(r.level).to_ascii_uppercase(),
-        r.message
+        escape(&r.message)
     );
     if !r.fields_json.is_empty() && r.fields_json != "{}" {
         line.push_str("  ");
-        line.push_str(&r.fields_json);
+        line.push_str(&escape(&r.fields_json));
     }
     line
 }
@@ -309,6 +320,12 @@ mod tests {
     fn tables_align_columns() {
         let t = table(&["ID", "STATE"], &[vec!["hello".into(), "running".into()]]);
         assert_eq!(t, "ID     STATE\nhello  running\n");
+    }
+
+    #[test]
+    fn table_cells_are_escaped() {
+        let t = table(&["ID"], &[vec!["x\ny".into()]]);
+        assert_eq!(t, "ID\nx\\ny\n");
     }
 
     #[test]
