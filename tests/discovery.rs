@@ -159,3 +159,16 @@ async fn a_failing_probe_of_a_known_plugin_keeps_it_running() {
         (PluginState::Running, "0.2")
     );
 }
+
+#[tokio::test]
+async fn the_logs_folder_holds_only_plugin_ids_folders() {
+    let (d, mut client) =
+        start_enabled(&[], |d| drop(d.install_fixture("solo", "normal", &[])), &["solo"]).await;
+    disable(&mut client, "solo").await;
+    let mut names: Vec<String> = std::fs::read_dir(d.data_dir.join("logs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["solo"], "logs/ must hold one folder per plugin id");
+}

@@ -196,7 +196,8 @@ impl Supervisor {
             (config.data_dir.clone(), 0o700),
             (config.run_dir(), 0o700),
             (config.data_dir.join("plugins"), 0o700),
-            (config.data_dir.join("logs").join("plugins"), 0o700),
+            // Each plugin's log folder, `logs/<id>/`, is made when its log is opened.
+            (config.data_dir.join("logs"), 0o700),
         ];
         for (path, mode) in dirs {
             create_dir_with_mode(&path, mode)
