@@ -25,9 +25,24 @@ use crate::supervisor::Supervisor;
 
 /// Records per response at most.
 const MAX_BATCH: usize = 4096;
-/// Bytes of messages per response at most (a client's default limit is 4 MiB); a response
-/// always carries at least one record.
+/// Encoded bytes of records per `StreamLogs` response at most (a client's default limit is
+/// 4 MiB), and never over half of `--max-message-bytes`; a response always carries at least
+/// one record.
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// What one record adds to a response: its encoded size, plus its field tag and length
+/// prefix.
+fn encoded_cost(record: &pb::LogRecord) -> usize {
+    use prost::Message;
+    let len = record.encoded_len();
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
+/// The bytes of records a response may carry under a `max_message_bytes` limit: half of it,
+/// leaving the rest for the page token and framing.
+fn response_budget(max_message_bytes: usize) -> usize {
+    max_message_bytes / 2
+}
 
 /// How long a following stream gathers records into a batch, from the batch's first record.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
@@ -54,7 +69,7 @@ struct Batcher<'a> {
     /// The seq the next record should have.
     expected: u64,
     records: Vec<pb::LogRecord>,
-    /// Bytes of messages in `records`.
+    /// Encoded bytes of `records`.
     bytes: usize,
 }
 
@@ -88,7 +103,7 @@ impl<'a> Batcher<'a> {
         self.expected = r.seq + 1;
         if self.filter.keeps(r) {
             let record = record(self.id, r);
-            self.bytes += record.message.len() + record.fields_json.len();
+            self.bytes += encoded_cost(&record);
             self.records.push(record);
         }
         out
@@ -96,7 +111,7 @@ impl<'a> Batcher<'a> {
 
     /// Whether the batch should go out now.
     fn full(&self) -> bool {
-        self.records.len() >= MAX_BATCH || self.bytes >= MAX_BATCH_BYTES
+        self.records.len() >= MAX_BATCH || self.bytes >= self.filter.batch_bytes
     }
 
     /// The batch so far, if it holds any record.
@@ -131,20 +146,29 @@ pub struct LogApi {
     supervisor: Supervisor,
     /// Cancelled when the daemon shuts down, ending open streams.
     stop: CancellationToken,
+    /// The largest gRPC message (`--max-message-bytes`); pages and batches stay well under.
+    max_message_bytes: usize,
 }
 
 impl LogApi {
-    /// A service over `supervisor`; streams end when `stop` is cancelled.
-    pub fn new(supervisor: Supervisor, stop: CancellationToken) -> Self {
-        LogApi { supervisor, stop }
+    /// A service over `supervisor` whose responses fit `max_message_bytes`; streams end
+    /// when `stop` is cancelled.
+    pub fn new(supervisor: Supervisor, stop: CancellationToken, max_message_bytes: usize) -> Self {
+        LogApi {
+            supervisor,
+            stop,
+            max_message_bytes,
+        }
     }
 }
 
-/// What a producer sends.
+/// What a producer sends, and in batches of what size.
 #[derive(Clone)]
 struct Filter {
     min_level: Option<LogLevel>,
     contains: String,
+    /// Encoded bytes of records per response at most (at least one record is sent).
+    batch_bytes: usize,
 }
 
 impl Filter {
@@ -257,7 +281,7 @@ fn selected_logs(
     Ok(logs)
 }
 
-fn filter_of(filter: &pb::LogFilter) -> Result<Filter, Status> {
+fn filter_of(filter: &pb::LogFilter, batch_bytes: usize) -> Result<Filter, Status> {
     let min_level = pb::LogLevel::try_from(filter.min_level).map_err(|_| {
         Status::invalid_argument(format!(
             "filter.min_level: unknown level {}",
@@ -267,6 +291,7 @@ fn filter_of(filter: &pb::LogFilter) -> Result<Filter, Status> {
     Ok(Filter {
         min_level: from_pb_level(min_level),
         contains: filter.contains.clone(),
+        batch_bytes,
     })
 }
 
@@ -352,7 +377,12 @@ impl LogService for LogApi {
             req.page_size as usize
         };
         let filter_pb = req.filter.unwrap_or_default();
-        let filter = filter_of(&filter_pb)?;
+        let budget = query::Budget {
+            records: limit,
+            bytes: response_budget(self.max_message_bytes),
+            scanned: query::MAX_SCANNED,
+        };
+        let filter = filter_of(&filter_pb, budget.bytes)?;
         if (req.after_seq > 0 || req.before_seq > 0) && filter_pb.plugin_ids.len() != 1 {
             return Err(Status::invalid_argument(
                 "after_seq/before_seq: seqs are per plugin; name exactly one plugin in filter.plugin_ids",
@@ -386,10 +416,9 @@ impl LogService for LogApi {
                     newest_first,
                 )?);
             }
-            let (found, resume) =
-                query::page(sources, limit, newest_first, query::MAX_SCANNED, |r| {
-                    filter.keeps(r)
-                })?;
+            let keep = |id: &str, r: &LogRecord| filter.keeps(r).then(|| record(id, r));
+            let (records, resume) =
+                query::page(sources, &budget, newest_first, keep, encoded_cost)?;
             let next_page_token = match resume {
                 Some(next) => hex::encode(
                     serde_json::to_vec(&PageToken { newest_first, next })
@@ -398,7 +427,7 @@ impl LogService for LogApi {
                 None => String::new(),
             };
             Ok(pb::QueryLogsResponse {
-                records: found.iter().map(|(id, r)| record(id, r)).collect(),
+                records,
                 next_page_token,
             })
         };
@@ -416,7 +445,8 @@ impl LogService for LogApi {
     ) -> Result<Response<LogStreamOut>, Status> {
         let req = request.into_inner();
         let filter_pb = req.filter.unwrap_or_default();
-        let filter = filter_of(&filter_pb)?;
+        let batch_bytes = MAX_BATCH_BYTES.min(response_budget(self.max_message_bytes));
+        let filter = filter_of(&filter_pb, batch_bytes)?;
         let logs = selected_logs(&self.supervisor, filter_pb.plugin_ids)?;
         let mut cursors: HashMap<String, u64> = HashMap::new();
         if let Some(pb::stream_logs_request::Start::AfterCursors(list)) = &req.start {
