@@ -25,6 +25,7 @@ use super::{Context, SupervisorError};
 use crate::bridge::{BridgeError, Link, LinkLimits};
 use crate::capture::PluginLog;
 use crate::config::create_dir_with_mode;
+use crate::discovery::{self, FileIdentity, ProbeOptions, Recheck};
 use crate::connection::{connect_with_retry, send_one, send_one_on, socket_listening};
 use crate::model::{
     EventDraft, EventKind, ExitInfo, LogLevel, PluginSpec, PluginState, PluginStatus,
@@ -90,6 +91,9 @@ pub(super) struct Actor {
     waiters: Vec<Reply>,
     /// A write of the enabled state still in flight; awaited before answering waiters.
     persisting: Option<JoinHandle<Result<(), StateError>>>,
+    /// The executable and its identity when it last declared this plugin's id; a start
+    /// probes it again when either differs.
+    verified: Option<(PathBuf, FileIdentity)>,
 }
 
 impl Actor {
@@ -112,6 +116,7 @@ impl Actor {
             cancel,
             waiters: Vec::new(),
             persisting: None,
+            verified: None,
         }
     }
 
@@ -322,6 +327,11 @@ impl Actor {
                 socket.as_os_str().len()
             );
             return self.disable_for(reason).await;
+        }
+        match self.recheck_id(&spec).await {
+            Ok(()) => {}
+            Err(Recheck::OtherId(reason)) => return self.disable_for(reason).await,
+            Err(Recheck::Failed(reason)) => return self.failed_run(None, None, reason).await,
         }
         let _ = std::fs::remove_file(&socket);
         let data_dir = cfg.plugin_data_dir(&self.id);
@@ -662,6 +672,22 @@ impl Actor {
     }
 
     /// Turns the plugin off for a reason an operator must act on.
+    /// Checks that the executable still declares this plugin's id, probing it again unless
+    /// it is the same file, unchanged, as at the last check.
+    async fn recheck_id(&mut self, spec: &PluginSpec) -> Result<(), Recheck> {
+        let path = &spec.binary_path;
+        if let Some((checked, identity)) = &self.verified {
+            if checked == path && FileIdentity::of(path).ok().as_ref() == Some(identity) {
+                return Ok(());
+            }
+        }
+        let cfg = &self.ctx.config;
+        let opts = ProbeOptions::from_config(cfg);
+        let identity = discovery::recheck(&cfg.plugins_dir, path, &self.id, opts).await?;
+        self.verified = Some((path.clone(), identity));
+        Ok(())
+    }
+
     async fn disable_for(&mut self, reason: String) -> Next {
         self.set_enabled(false);
         self.transition(PluginState::Disabled, reason.clone(), None, |s| {

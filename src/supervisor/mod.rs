@@ -426,12 +426,7 @@ impl Supervisor {
         }
         let ctx = &self.inner.ctx;
         let dir = ctx.config.plugins_dir.clone();
-        let opts = ProbeOptions {
-            timeout: ctx.config.timing.metadata_timeout,
-            env_allowlist: ctx.config.plugin_env_allowlist.clone(),
-            max_bytes: ctx.config.max_metadata_bytes,
-            limits: ctx.config.plugin_limits.clone(),
-        };
+        let opts = ProbeOptions::from_config(&ctx.config);
         let (candidates, mut probes) =
             discovery::scan(&dir, opts).map_err(|e| SupervisorError::PluginsDir {
                 path: dir.clone(),
