@@ -162,8 +162,12 @@ async fn a_failing_probe_of_a_known_plugin_keeps_it_running() {
 
 #[tokio::test]
 async fn the_logs_folder_holds_only_plugin_ids_folders() {
-    let (d, mut client) =
-        start_enabled(&[], |d| drop(d.install_fixture("solo", "normal", &[])), &["solo"]).await;
+    let (d, mut client) = start_enabled(
+        &[],
+        |d| drop(d.install_fixture("solo", "normal", &[])),
+        &["solo"],
+    )
+    .await;
     disable(&mut client, "solo").await;
     let mut names: Vec<String> = std::fs::read_dir(d.data_dir.join("logs"))
         .unwrap()
@@ -181,13 +185,21 @@ fn install_as(d: &Daemon, file: &str, id: &str, version: &str, delay: &str) {
     write_executable(&d.plugins_dir.join(file), &script);
 }
 
-/// Waits (with a deadline) until plugin `id` is running.
+/// Waits (with a deadline) until plugin `id` is known and running.
 async fn running(client: &mut Client, id: &str) -> pb::Plugin {
     let deadline = tokio::time::Instant::now() + SECS10;
     loop {
-        let plugin = get(client, id).await;
-        if state_of(&plugin) == PluginState::Running {
-            return plugin;
+        let request = pb::GetPluginRequest {
+            plugin_id: id.into(),
+        };
+        let plugin = client
+            .get_plugin(request)
+            .await
+            .map(|r| r.into_inner().plugin);
+        if let Ok(Some(plugin)) = &plugin {
+            if state_of(plugin) == PluginState::Running {
+                return plugin.clone();
+            }
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -236,9 +248,16 @@ async fn of_two_files_declaring_one_id_the_first_by_name_runs_every_time() {
             .into_inner();
         let dup = &list.plugins[0];
         assert_eq!(list.plugins.len(), 1, "round {round}");
-        assert!(dup.binary_path.ends_with("a-dup.binary"), "round {round}: {dup:?}");
+        assert!(
+            dup.binary_path.ends_with("a-dup.binary"),
+            "round {round}: {dup:?}"
+        );
         assert_eq!(dup.version, "1.0-a", "round {round}");
-        assert!(cmdline(dup.pid).contains("1.0-a"), "round {round}: {}", cmdline(dup.pid));
+        assert!(
+            cmdline(dup.pid).contains("1.0-a"),
+            "round {round}: {}",
+            cmdline(dup.pid)
+        );
         let skipped: Vec<_> = list.skipped.iter().collect();
         assert_eq!(skipped.len(), 1, "round {round}: {skipped:?}");
         assert!(skipped[0].path.ends_with("b-dup.binary"), "round {round}");
@@ -270,13 +289,63 @@ async fn a_file_rewritten_to_declare_another_id_is_not_restarted_under_the_old_o
         .await
         .unwrap_err();
     assert!(
-        err.message().contains("now declares id \"two\", not \"one\""),
+        err.message()
+            .contains("now declares id \"two\", not \"one\""),
         "{err:?}"
     );
     let one = get(&mut client, "one").await;
     assert_eq!(state_of(&one), PluginState::Disabled);
-    assert!(one.last_error.contains("declares id \"two\""), "{}", one.last_error);
+    assert!(
+        one.last_error.contains("declares id \"two\""),
+        "{}",
+        one.last_error
+    );
     assert_eq!(one.pid, 0, "nothing runs as one");
     // The other plugin is untouched.
-    assert_eq!(state_of(&get(&mut client, "two").await), PluginState::Running);
+    assert_eq!(
+        state_of(&get(&mut client, "two").await),
+        PluginState::Running
+    );
+}
+
+#[tokio::test]
+async fn a_first_file_answering_after_the_hold_takes_its_id_over() {
+    let mut d = Daemon::new(&["--enable-new-plugins"]);
+    // The first by name answers --metadata after the one-second hold: the second runs
+    // until then, and is replaced.
+    install_as(&d, "a-dup.binary", "dup", "1.0-a", "1.5");
+    install_as(&d, "b-dup.binary", "dup", "2.0-b", "0");
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    let updated = events
+        .wait_for("dup moved to a-dup.binary", SECS10, |e| {
+            e.plugin_id == "dup" && e.kind == pb::EventKind::PluginUpdated as i32
+        })
+        .await;
+    assert!(
+        updated.reason.contains("a-dup.binary"),
+        "{}",
+        updated.reason
+    );
+    let deadline = tokio::time::Instant::now() + SECS10;
+    let dup = loop {
+        let dup = running(&mut client, "dup").await;
+        if cmdline(dup.pid).contains("1.0-a") {
+            break dup;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b-dup.binary still runs: {dup:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(dup.binary_path.ends_with("a-dup.binary"));
+    let list = client
+        .list_plugins(pb::ListPluginsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.skipped.len(), 1, "{:?}", list.skipped);
+    assert!(list.skipped[0].path.ends_with("b-dup.binary"));
 }

@@ -504,7 +504,12 @@ async fn query_logs_pages_of_64_kib_lines_fit_the_message_limit() {
             assert!(!page.records.is_empty() || page.next_page_token.is_empty());
             heads.extend(page.records.iter().map(|r| {
                 assert_eq!(r.message.len(), 64 * 1024 - 1);
-                r.message.split_once(':').unwrap().0.parse::<usize>().unwrap()
+                r.message
+                    .split_once(':')
+                    .unwrap()
+                    .0
+                    .parse::<usize>()
+                    .unwrap()
             }));
             if page.next_page_token.is_empty() {
                 break;
@@ -514,7 +519,11 @@ async fn query_logs_pages_of_64_kib_lines_fit_the_message_limit() {
         if newest_first {
             heads.reverse();
         }
-        assert_eq!(heads, (0..300).collect::<Vec<_>>(), "every record once, in order");
+        assert_eq!(
+            heads,
+            (0..300).collect::<Vec<_>>(),
+            "every record once, in order"
+        );
         assert!(pages > 3, "pages are cut short by size: {pages}");
     }
 }

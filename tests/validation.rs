@@ -494,12 +494,7 @@ async fn a_page_token_only_continues_the_query_that_made_it() {
     let mut same = query("", token.clone());
     same.page_size = 5;
     c.logs.query_logs(same).await.unwrap();
-    let since = |seconds| {
-        Some(prost_types::Timestamp {
-            seconds,
-            nanos: 0,
-        })
-    };
+    let since = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
     let mut changed = vec![
         ("another text filter", query("spawned", token.clone())),
         ("another order", {
@@ -564,7 +559,11 @@ async fn times_before_1677_or_after_2262_are_bounds_not_empty_answers() {
         ("since 1970", at(0, 0), None),
         ("until 3000", None, at(32_503_680_000, 0)),
         ("until 9999", None, at(253_402_300_799, 999_999_999)),
-        ("1500 to 3000", at(-14_831_769_600, 0), at(32_503_680_000, 0)),
+        (
+            "1500 to 3000",
+            at(-14_831_769_600, 0),
+            at(32_503_680_000, 0),
+        ),
     ] {
         let got = c
             .logs
@@ -592,7 +591,10 @@ async fn times_before_1677_or_after_2262_are_bounds_not_empty_answers() {
     while let Some(r) = stream.message().await.unwrap() {
         streamed += r.records.len();
     }
-    assert!(streamed >= all, "StreamLogs since 1500: {streamed} of {all}");
+    assert!(
+        streamed >= all,
+        "StreamLogs since 1500: {streamed} of {all}"
+    );
     // Not a time at all: refused, naming the field.
     for (case, since, until, field) in [
         ("negative nanos", at(0, -1), None, "since"),

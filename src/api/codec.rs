@@ -44,9 +44,7 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        CheckedDecoder {
-            _type: PhantomData,
-        }
+        CheckedDecoder { _type: PhantomData }
     }
 }
 

@@ -422,8 +422,16 @@ impl LogService for LogApi {
         let token = decode_query_token(&req.page_token, &fingerprint)?;
         let logs = selected_logs(&self.supervisor, filter_pb.plugin_ids)?;
         let bounds = query::Bounds {
-            since: req.since.as_ref().map(|t| time_of("since", t)).transpose()?,
-            until: req.until.as_ref().map(|t| time_of("until", t)).transpose()?,
+            since: req
+                .since
+                .as_ref()
+                .map(|t| time_of("since", t))
+                .transpose()?,
+            until: req
+                .until
+                .as_ref()
+                .map(|t| time_of("until", t))
+                .transpose()?,
             after_seq: req.after_seq,
             before_seq: req.before_seq,
         };
@@ -456,7 +464,7 @@ impl LogService for LogApi {
                         query: fingerprint,
                         next,
                     })
-                        .expect("token serialises"),
+                    .expect("token serialises"),
                 ),
                 None => String::new(),
             };

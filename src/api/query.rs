@@ -265,7 +265,10 @@ mod tests {
         assert_eq!(all, want);
 
         // One record over the budget still comes back, alone.
-        let tiny = Budget { bytes: 10, ..budget };
+        let tiny = Budget {
+            bytes: 10,
+            ..budget
+        };
         let source = Source::open("p".into(), &log, &bounds, None, false).unwrap();
         let (records, _) = page(vec![source], &tiny, false, keep, String::len).unwrap();
         assert_eq!(records.len(), 1);

@@ -25,8 +25,8 @@ use super::{Context, SupervisorError};
 use crate::bridge::{BridgeError, Link, LinkLimits};
 use crate::capture::PluginLog;
 use crate::config::create_dir_with_mode;
-use crate::discovery::{self, FileIdentity, ProbeOptions, Recheck};
 use crate::connection::{connect_with_retry, send_one, send_one_on, socket_listening};
+use crate::discovery::{self, FileIdentity, ProbeOptions, Recheck};
 use crate::model::{
     EventDraft, EventKind, ExitInfo, LogLevel, PluginSpec, PluginState, PluginStatus,
 };
@@ -468,6 +468,11 @@ impl Actor {
     }
 
     async fn running(&mut self, mut run: Run) -> Next {
+        if self.runs_another_file() {
+            self.stop(run, "another file now provides this plugin")
+                .await;
+            return Next::Start;
+        }
         let timing = self.ctx.config.timing.clone();
         let stable_at = run.since + timing.stable_window;
         let mut stable = self.status.borrow().consecutive_failures == 0;
@@ -529,7 +534,13 @@ impl Actor {
                 }
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Enable(reply)) => self.reply(reply).await,
-                    Some(Command::Update(spec)) => self.update_spec(spec),
+                    Some(Command::Update(spec)) => {
+                        self.update_spec(spec);
+                        if self.runs_another_file() {
+                            self.stop(run, "another file now provides this plugin").await;
+                            return Next::Start;
+                        }
+                    }
                     Some(Command::Disable(reply)) => {
                         self.stop_and_disable(run, reply).await;
                         return Next::Idle;
@@ -672,6 +683,15 @@ impl Actor {
     }
 
     /// Turns the plugin off for a reason an operator must act on.
+    /// Whether the running process was started from another file than the one that now
+    /// provides the plugin (a rescan moved the id to the first file by name declaring it).
+    fn runs_another_file(&self) -> bool {
+        let spec_path = &self.status.borrow().spec.binary_path;
+        self.verified
+            .as_ref()
+            .is_some_and(|(started, _)| started != spec_path)
+    }
+
     /// Checks that the executable still declares this plugin's id, probing it again unless
     /// it is the same file, unchanged, as at the last check.
     async fn recheck_id(&mut self, spec: &PluginSpec) -> Result<(), Recheck> {

@@ -7,7 +7,7 @@
 
 mod actor;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -26,6 +26,11 @@ use crate::events::{EventLog, EventLogError};
 use crate::model::{EventDraft, EventKind, PluginSpec, PluginState, PluginStatus};
 use crate::state::{EnabledStore, StateError};
 use actor::{Actor, Command};
+
+/// How long a rescan holds a probed file back while files before it by name are still
+/// being probed (one of them may declare the same id and come first). A probe that hangs
+/// delays the others by this much at most.
+const DUPLICATE_HOLD: Duration = Duration::from_secs(1);
 
 /// Commands queued per plugin before senders wait.
 const COMMAND_QUEUE: usize = 64;
@@ -417,8 +422,8 @@ impl Supervisor {
     /// as each is probed), updates changed metadata, stops and forgets plugins whose file is
     /// gone. A known plugin whose file is still there but fails its probe (bad metadata, a
     /// timeout under load, a binary half-copied) is reported as skipped and keeps running
-    /// with its previous metadata. Of two files declaring one id, a known plugin's own file
-    /// wins; otherwise the first probed.
+    /// with its previous metadata. Of several files declaring one id, the first by file name
+    /// (byte order) provides it, at every scan; the others are skipped naming it.
     pub async fn rescan(&self) -> Result<RescanReport, SupervisorError> {
         let _serial = self.inner.rescan.lock().await;
         if self.inner.cancel.is_cancelled() {
@@ -432,52 +437,52 @@ impl Supervisor {
                 path: dir.clone(),
                 reason: e.to_string(),
             })?;
-        let candidates: HashSet<PathBuf> = candidates.into_iter().collect();
         let previous_skips = self.skipped();
         let mut report = RescanReport::default();
         let mut seen: HashMap<String, PathBuf> = HashMap::new();
         let mut failed: HashSet<PathBuf> = HashSet::new();
-        while let Some(outcome) = probes.recv().await {
-            let outcome = outcome.and_then(|spec| {
-                let id = &spec.metadata.id;
-                let known = self.known_path(id).filter(|known| {
-                    *known != spec.binary_path && candidates.contains(known)
-                });
-                match seen.get(id).cloned().or(known) {
-                    Some(first) => Err(Skipped {
-                        reason: format!(
-                            "duplicate id {id:?}: {} already provides it; give one of them another id",
-                            first.display()
-                        ),
-                        path: spec.binary_path,
-                    }),
-                    None => Ok(spec),
+        // Probes end in any order; specs are taken in file-name order, each once no
+        // earlier file is still being probed (or once the hold is over), so the first file
+        // by name declaring an id gets it, whatever the timing.
+        let mut pending: BTreeSet<PathBuf> = candidates.into_iter().collect();
+        let mut held: BTreeMap<PathBuf, PluginSpec> = BTreeMap::new();
+        let hold_until = tokio::time::Instant::now() + DUPLICATE_HOLD;
+        let mut holding = true;
+        loop {
+            let next = if holding && !held.is_empty() {
+                tokio::select! {
+                    outcome = probes.recv() => Some(outcome),
+                    _ = tokio::time::sleep_until(hold_until) => {
+                        holding = false;
+                        None
+                    }
                 }
-            });
-            match outcome {
-                Ok(spec) => {
-                    seen.insert(spec.metadata.id.clone(), spec.binary_path.clone());
-                    self.add_or_update(spec, &mut report);
+            } else {
+                Some(probes.recv().await)
+            };
+            match next {
+                Some(None) => break,
+                Some(Some(Ok(spec))) => {
+                    pending.remove(&spec.binary_path);
+                    held.insert(spec.binary_path.clone(), spec);
                 }
-                Err(skipped) => {
-                    tracing::warn!(path = %skipped.path.display(), reason = %skipped.reason, "plugin skipped");
+                Some(Some(Err(skipped))) => {
+                    pending.remove(&skipped.path);
                     failed.insert(skipped.path.clone());
-                    // Visible in ListPlugins before its event is out; stale entries of the
-                    // previous scan are dropped when this scan ends.
-                    {
-                        let mut list = self.inner.skipped.lock().expect("skipped list poisoned");
-                        list.retain(|s| s.path != skipped.path);
-                        list.push(skipped.clone());
-                    }
-                    if !previous_skips.contains(&skipped) {
-                        let draft = EventDraft::new("", EventKind::PluginSkipped)
-                            .reason(skipped.reason.clone())
-                            .detail("path", skipped.path.display());
-                        ctx.events.append(draft);
-                    }
-                    report.skipped.push(skipped);
+                    self.note_skipped(skipped, &previous_skips, &mut report);
                 }
+                None => {}
             }
+            while let Some((path, _)) = held.first_key_value() {
+                if holding && pending.first().is_some_and(|first| first < path) {
+                    break;
+                }
+                let (_, spec) = held.pop_first().expect("looked at");
+                self.take_spec(spec, &mut seen, &mut failed, &previous_skips, &mut report);
+            }
+        }
+        for (_, spec) in held {
+            self.take_spec(spec, &mut seen, &mut failed, &previous_skips, &mut report);
         }
         let gone: Vec<(String, PluginHandle)> = {
             let mut plugins = self.inner.plugins.write().expect("plugin table poisoned");
@@ -508,12 +513,69 @@ impl Supervisor {
         Ok(report)
     }
 
-    /// The executable of a known plugin.
-    fn known_path(&self, id: &str) -> Option<PathBuf> {
-        let plugins = self.inner.plugins.read().expect("plugin table poisoned");
-        plugins
-            .get(id)
-            .map(|h| h.status.borrow().spec.binary_path.clone())
+    /// Takes a probed spec: the first file by name declaring an id provides it; a later one
+    /// is skipped naming it, and an earlier one arriving late (after the hold) takes the id
+    /// over from it.
+    fn take_spec(
+        &self,
+        spec: PluginSpec,
+        seen: &mut HashMap<String, PathBuf>,
+        failed: &mut HashSet<PathBuf>,
+        previous_skips: &[Skipped],
+        report: &mut RescanReport,
+    ) {
+        let id = spec.metadata.id.clone();
+        let duplicate = |path: PathBuf, first: &std::path::Path| Skipped {
+            reason: format!(
+                "duplicate id {id:?}: {} provides it (of the files declaring one id, the \
+                 first by name does); give one of them another id",
+                first.display()
+            ),
+            path,
+        };
+        match seen.get(&id).cloned() {
+            Some(first) if first < spec.binary_path => {
+                let skipped = duplicate(spec.binary_path, &first);
+                failed.insert(skipped.path.clone());
+                self.note_skipped(skipped, previous_skips, report);
+            }
+            Some(later) => {
+                let skipped = duplicate(later, &spec.binary_path);
+                failed.insert(skipped.path.clone());
+                self.note_skipped(skipped, previous_skips, report);
+                seen.insert(id, spec.binary_path.clone());
+                self.add_or_update(spec, report);
+            }
+            None => {
+                seen.insert(id, spec.binary_path.clone());
+                self.add_or_update(spec, report);
+            }
+        }
+    }
+
+    /// Reports a file not loaded: in the skipped list at once, in the report, and as an
+    /// event unless the previous scan skipped it for the same reason.
+    fn note_skipped(
+        &self,
+        skipped: Skipped,
+        previous_skips: &[Skipped],
+        report: &mut RescanReport,
+    ) {
+        tracing::warn!(path = %skipped.path.display(), reason = %skipped.reason, "plugin skipped");
+        // Visible in ListPlugins before its event is out; stale entries of the previous scan
+        // are dropped when this scan ends.
+        {
+            let mut list = self.inner.skipped.lock().expect("skipped list poisoned");
+            list.retain(|s| s.path != skipped.path);
+            list.push(skipped.clone());
+        }
+        if !previous_skips.contains(&skipped) {
+            let draft = EventDraft::new("", EventKind::PluginSkipped)
+                .reason(skipped.reason.clone())
+                .detail("path", skipped.path.display());
+            self.inner.ctx.events.append(draft);
+        }
+        report.skipped.push(skipped);
     }
 
     fn add_or_update(&self, spec: PluginSpec, report: &mut RescanReport) {
@@ -521,11 +583,21 @@ impl Supervisor {
         let id = spec.metadata.id.clone();
         let mut plugins = self.inner.plugins.write().expect("plugin table poisoned");
         if let Some(existing) = plugins.get(&id) {
-            if existing.status.borrow().spec != spec {
+            let old = existing.status.borrow().spec.clone();
+            if old != spec {
+                let moved = old.binary_path != spec.binary_path;
                 let _ = existing.commands.try_send(Command::Update(spec.clone()));
+                let reason = if moved {
+                    format!(
+                        "now provided by {} (restarted if running)",
+                        spec.binary_path.display()
+                    )
+                } else {
+                    "metadata changed; applies from the next start".to_owned()
+                };
                 ctx.events.append(
                     EventDraft::new(&id, EventKind::PluginUpdated)
-                        .reason("metadata changed; applies from the next start")
+                        .reason(reason)
                         .detail("version", &spec.metadata.version),
                 );
                 report.updated.push(id);
