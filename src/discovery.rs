@@ -147,12 +147,16 @@ pub fn candidates(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// One file's probe outcome, with the identity the file had before the probe (a change
+/// during or after the probe makes it differ, so a start checks the file again).
+pub type Scanned = (Probe, Option<FileIdentity>);
+
 /// Probes every candidate of `dir` concurrently, sending each outcome as soon as it is known.
 /// Returns the candidate files and the channel of outcomes, which closes when all are done.
 pub fn scan(
     dir: &Path,
     opts: ProbeOptions,
-) -> std::io::Result<(Vec<PathBuf>, mpsc::UnboundedReceiver<Probe>)> {
+) -> std::io::Result<(Vec<PathBuf>, mpsc::UnboundedReceiver<Scanned>)> {
     let canonical_dir = dir.canonicalize()?;
     let files = candidates(&canonical_dir)?;
     let listed = files.clone();
@@ -160,7 +164,11 @@ pub fn scan(
     tokio::spawn(async move {
         let mut probes: FuturesUnordered<_> = files
             .into_iter()
-            .map(|path| probe(canonical_dir.clone(), path, opts.clone()))
+            .map(|path| {
+                let identity = FileIdentity::of(&path).ok();
+                let probed = probe(canonical_dir.clone(), path, opts.clone());
+                async move { (probed.await, identity) }
+            })
             .collect();
         while let Some(outcome) = probes.next().await {
             if tx.send(outcome).is_err() {

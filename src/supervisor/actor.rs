@@ -104,6 +104,7 @@ impl Actor {
         log: PluginLog,
         commands: mpsc::Receiver<Command>,
         cancel: CancellationToken,
+        verified: Option<(PathBuf, FileIdentity)>,
     ) -> Self {
         let id = status.borrow().id().to_owned();
         Actor {
@@ -116,7 +117,7 @@ impl Actor {
             cancel,
             waiters: Vec::new(),
             persisting: None,
-            verified: None,
+            verified,
         }
     }
 

@@ -21,7 +21,7 @@ use toru_plugin_sdk::wire::{HttpAnswer, HttpCall};
 use crate::bridge::{BridgeError, Link};
 use crate::capture::PluginLog;
 use crate::config::{create_dir_with_mode, Config};
-use crate::discovery::{self, ProbeOptions, Skipped};
+use crate::discovery::{self, FileIdentity, ProbeOptions, Skipped};
 use crate::events::{EventLog, EventLogError};
 use crate::model::{EventDraft, EventKind, PluginSpec, PluginState, PluginStatus};
 use crate::state::{EnabledStore, StateError};
@@ -445,7 +445,7 @@ impl Supervisor {
         // earlier file is still being probed (or once the hold is over), so the first file
         // by name declaring an id gets it, whatever the timing.
         let mut pending: BTreeSet<PathBuf> = candidates.into_iter().collect();
-        let mut held: BTreeMap<PathBuf, PluginSpec> = BTreeMap::new();
+        let mut held: BTreeMap<PathBuf, (PluginSpec, Option<FileIdentity>)> = BTreeMap::new();
         let hold_until = tokio::time::Instant::now() + DUPLICATE_HOLD;
         let mut holding = true;
         loop {
@@ -462,11 +462,11 @@ impl Supervisor {
             };
             match next {
                 Some(None) => break,
-                Some(Some(Ok(spec))) => {
+                Some(Some((Ok(spec), identity))) => {
                     pending.remove(&spec.binary_path);
-                    held.insert(spec.binary_path.clone(), spec);
+                    held.insert(spec.binary_path.clone(), (spec, identity));
                 }
-                Some(Some(Err(skipped))) => {
+                Some(Some((Err(skipped), _))) => {
                     pending.remove(&skipped.path);
                     failed.insert(skipped.path.clone());
                     self.note_skipped(skipped, &previous_skips, &mut report);
@@ -477,12 +477,12 @@ impl Supervisor {
                 if holding && pending.first().is_some_and(|first| first < path) {
                     break;
                 }
-                let (_, spec) = held.pop_first().expect("looked at");
-                self.take_spec(spec, &mut seen, &mut failed, &previous_skips, &mut report);
+                let (_, probed) = held.pop_first().expect("looked at");
+                self.take_spec(probed, &mut seen, &mut failed, &previous_skips, &mut report);
             }
         }
-        for (_, spec) in held {
-            self.take_spec(spec, &mut seen, &mut failed, &previous_skips, &mut report);
+        for (_, probed) in held {
+            self.take_spec(probed, &mut seen, &mut failed, &previous_skips, &mut report);
         }
         let gone: Vec<(String, PluginHandle)> = {
             let mut plugins = self.inner.plugins.write().expect("plugin table poisoned");
@@ -518,7 +518,7 @@ impl Supervisor {
     /// over from it.
     fn take_spec(
         &self,
-        spec: PluginSpec,
+        (spec, identity): (PluginSpec, Option<FileIdentity>),
         seen: &mut HashMap<String, PathBuf>,
         failed: &mut HashSet<PathBuf>,
         previous_skips: &[Skipped],
@@ -544,11 +544,11 @@ impl Supervisor {
                 failed.insert(skipped.path.clone());
                 self.note_skipped(skipped, previous_skips, report);
                 seen.insert(id, spec.binary_path.clone());
-                self.add_or_update(spec, report);
+                self.add_or_update(spec, identity, report);
             }
             None => {
                 seen.insert(id, spec.binary_path.clone());
-                self.add_or_update(spec, report);
+                self.add_or_update(spec, identity, report);
             }
         }
     }
@@ -578,7 +578,14 @@ impl Supervisor {
         report.skipped.push(skipped);
     }
 
-    fn add_or_update(&self, spec: PluginSpec, report: &mut RescanReport) {
+    /// Adds a newly discovered plugin (its actor starts it if enabled), or updates a known
+    /// one's spec. `identity` is its file's before the probe that gave `spec`.
+    fn add_or_update(
+        &self,
+        spec: PluginSpec,
+        identity: Option<FileIdentity>,
+        report: &mut RescanReport,
+    ) {
         let ctx = &self.inner.ctx;
         let id = spec.metadata.id.clone();
         let mut plugins = self.inner.plugins.write().expect("plugin table poisoned");
@@ -626,6 +633,8 @@ impl Supervisor {
                 .detail("path", spec.binary_path.display())
                 .detail("version", &spec.metadata.version),
         );
+        // The probe that found it checked its id: the first start need not probe again.
+        let verified = identity.map(|identity| (spec.binary_path.clone(), identity));
         let status = PluginStatus {
             spec,
             enabled,
@@ -655,6 +664,7 @@ impl Supervisor {
             log.clone(),
             cmd_rx,
             self.inner.cancel.child_token(),
+            verified,
         );
         self.inner.tracker.spawn(actor.run());
         plugins.insert(
