@@ -156,6 +156,17 @@ pub struct RescanReport {
     pub skipped: Vec<Skipped>,
 }
 
+/// What one rescan has found so far.
+struct Tally {
+    /// Files the previous scan skipped (their events are not repeated).
+    previous_skips: Vec<Skipped>,
+    report: RescanReport,
+    /// The file providing each id found.
+    seen: HashMap<String, PathBuf>,
+    /// Files not loaded; a known plugin whose file is among them keeps running.
+    failed: HashSet<PathBuf>,
+}
+
 /// State shared by all actors.
 pub(crate) struct Context {
     pub config: Arc<Config>,
@@ -432,58 +443,24 @@ impl Supervisor {
         let ctx = &self.inner.ctx;
         let dir = ctx.config.plugins_dir.clone();
         let opts = ProbeOptions::from_config(&ctx.config);
-        let (candidates, mut probes) =
+        let (candidates, probes) =
             discovery::scan(&dir, opts).map_err(|e| SupervisorError::PluginsDir {
                 path: dir.clone(),
                 reason: e.to_string(),
             })?;
-        let previous_skips = self.skipped();
-        let mut report = RescanReport::default();
-        let mut seen: HashMap<String, PathBuf> = HashMap::new();
-        let mut failed: HashSet<PathBuf> = HashSet::new();
-        // Probes end in any order; specs are taken in file-name order, each once no
-        // earlier file is still being probed (or once the hold is over), so the first file
-        // by name declaring an id gets it, whatever the timing.
-        let mut pending: BTreeSet<PathBuf> = candidates.into_iter().collect();
-        let mut held: BTreeMap<PathBuf, (PluginSpec, Option<FileIdentity>)> = BTreeMap::new();
-        let hold_until = tokio::time::Instant::now() + DUPLICATE_HOLD;
-        let mut holding = true;
-        loop {
-            let next = if holding && !held.is_empty() {
-                tokio::select! {
-                    outcome = probes.recv() => Some(outcome),
-                    _ = tokio::time::sleep_until(hold_until) => {
-                        holding = false;
-                        None
-                    }
-                }
-            } else {
-                Some(probes.recv().await)
-            };
-            match next {
-                Some(None) => break,
-                Some(Some((Ok(spec), identity))) => {
-                    pending.remove(&spec.binary_path);
-                    held.insert(spec.binary_path.clone(), (spec, identity));
-                }
-                Some(Some((Err(skipped), _))) => {
-                    pending.remove(&skipped.path);
-                    failed.insert(skipped.path.clone());
-                    self.note_skipped(skipped, &previous_skips, &mut report);
-                }
-                None => {}
-            }
-            while let Some((path, _)) = held.first_key_value() {
-                if holding && pending.first().is_some_and(|first| first < path) {
-                    break;
-                }
-                let (_, probed) = held.pop_first().expect("looked at");
-                self.take_spec(probed, &mut seen, &mut failed, &previous_skips, &mut report);
-            }
-        }
-        for (_, probed) in held {
-            self.take_spec(probed, &mut seen, &mut failed, &previous_skips, &mut report);
-        }
+        let mut tally = Tally {
+            previous_skips: self.skipped(),
+            report: RescanReport::default(),
+            seen: HashMap::new(),
+            failed: HashSet::new(),
+        };
+        self.take_probes(candidates, probes, &mut tally).await;
+        let Tally {
+            mut report,
+            seen,
+            failed,
+            ..
+        } = tally;
         let gone: Vec<(String, PluginHandle)> = {
             let mut plugins = self.inner.plugins.write().expect("plugin table poisoned");
             let ids: Vec<String> = plugins
@@ -513,17 +490,61 @@ impl Supervisor {
         Ok(report)
     }
 
+    /// Takes every probe's outcome as it ends, adding or updating plugins and reporting
+    /// skipped files. Probes end in any order; specs are taken in file-name order, each once
+    /// no earlier file is still being probed (or once [`DUPLICATE_HOLD`] is over), so the
+    /// first file by name declaring an id gets it, whatever the timing.
+    async fn take_probes(
+        &self,
+        candidates: Vec<PathBuf>,
+        mut probes: mpsc::UnboundedReceiver<discovery::Scanned>,
+        tally: &mut Tally,
+    ) {
+        let mut pending: BTreeSet<PathBuf> = candidates.into_iter().collect();
+        let mut held: BTreeMap<PathBuf, (PluginSpec, Option<FileIdentity>)> = BTreeMap::new();
+        let hold_until = tokio::time::Instant::now() + DUPLICATE_HOLD;
+        let mut holding = true;
+        loop {
+            let next = if holding && !held.is_empty() {
+                tokio::select! {
+                    outcome = probes.recv() => Some(outcome),
+                    _ = tokio::time::sleep_until(hold_until) => {
+                        holding = false;
+                        None
+                    }
+                }
+            } else {
+                Some(probes.recv().await)
+            };
+            match next {
+                Some(None) => break,
+                Some(Some((Ok(spec), identity))) => {
+                    pending.remove(&spec.binary_path);
+                    held.insert(spec.binary_path.clone(), (spec, identity));
+                }
+                Some(Some((Err(skipped), _))) => {
+                    pending.remove(&skipped.path);
+                    self.note_skipped(skipped, tally);
+                }
+                None => {}
+            }
+            while let Some((path, _)) = held.first_key_value() {
+                if holding && pending.first().is_some_and(|first| first < path) {
+                    break;
+                }
+                let (_, probed) = held.pop_first().expect("looked at");
+                self.take_spec(probed, tally);
+            }
+        }
+        for (_, probed) in held {
+            self.take_spec(probed, tally);
+        }
+    }
+
     /// Takes a probed spec: the first file by name declaring an id provides it; a later one
     /// is skipped naming it, and an earlier one arriving late (after the hold) takes the id
     /// over from it.
-    fn take_spec(
-        &self,
-        (spec, identity): (PluginSpec, Option<FileIdentity>),
-        seen: &mut HashMap<String, PathBuf>,
-        failed: &mut HashSet<PathBuf>,
-        previous_skips: &[Skipped],
-        report: &mut RescanReport,
-    ) {
+    fn take_spec(&self, (spec, identity): (PluginSpec, Option<FileIdentity>), tally: &mut Tally) {
         let id = spec.metadata.id.clone();
         let duplicate = |path: PathBuf, first: &std::path::Path| Skipped {
             reason: format!(
@@ -533,35 +554,27 @@ impl Supervisor {
             ),
             path,
         };
-        match seen.get(&id).cloned() {
+        match tally.seen.get(&id).cloned() {
             Some(first) if first < spec.binary_path => {
-                let skipped = duplicate(spec.binary_path, &first);
-                failed.insert(skipped.path.clone());
-                self.note_skipped(skipped, previous_skips, report);
+                self.note_skipped(duplicate(spec.binary_path, &first), tally);
             }
             Some(later) => {
-                let skipped = duplicate(later, &spec.binary_path);
-                failed.insert(skipped.path.clone());
-                self.note_skipped(skipped, previous_skips, report);
-                seen.insert(id, spec.binary_path.clone());
-                self.add_or_update(spec, identity, report);
+                self.note_skipped(duplicate(later, &spec.binary_path), tally);
+                tally.seen.insert(id, spec.binary_path.clone());
+                self.add_or_update(spec, identity, &mut tally.report);
             }
             None => {
-                seen.insert(id, spec.binary_path.clone());
-                self.add_or_update(spec, identity, report);
+                tally.seen.insert(id, spec.binary_path.clone());
+                self.add_or_update(spec, identity, &mut tally.report);
             }
         }
     }
 
     /// Reports a file not loaded: in the skipped list at once, in the report, and as an
     /// event unless the previous scan skipped it for the same reason.
-    fn note_skipped(
-        &self,
-        skipped: Skipped,
-        previous_skips: &[Skipped],
-        report: &mut RescanReport,
-    ) {
+    fn note_skipped(&self, skipped: Skipped, tally: &mut Tally) {
         tracing::warn!(path = %skipped.path.display(), reason = %skipped.reason, "plugin skipped");
+        tally.failed.insert(skipped.path.clone());
         // Visible in ListPlugins before its event is out; stale entries of the previous scan
         // are dropped when this scan ends.
         {
@@ -569,13 +582,13 @@ impl Supervisor {
             list.retain(|s| s.path != skipped.path);
             list.push(skipped.clone());
         }
-        if !previous_skips.contains(&skipped) {
+        if !tally.previous_skips.contains(&skipped) {
             let draft = EventDraft::new("", EventKind::PluginSkipped)
                 .reason(skipped.reason.clone())
                 .detail("path", skipped.path.display());
             self.inner.ctx.events.append(draft);
         }
-        report.skipped.push(skipped);
+        tally.report.skipped.push(skipped);
     }
 
     /// Adds a newly discovered plugin (its actor starts it if enabled), or updates a known
