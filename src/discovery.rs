@@ -4,6 +4,9 @@
 //! Every file is probed concurrently and reported as soon as its probe ends, so a plugin
 //! that hangs on `--metadata` delays nobody else. Files that resolve outside the plugins
 //! directory, are not executable, or misbehave are reported as skipped with a reason.
+//! Each outcome carries the file's identity from before its probe, and `recheck` probes one
+//! file again before a start to confirm it still declares its id. Which of several files
+//! declaring one id is used is the supervisor's rule, not this module's.
 //! This module knows nothing of supervision or of gRPC.
 
 use std::ffi::OsString;
