@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
+        // Requests that do not decode are INVALID_ARGUMENT, not prost's INTERNAL.
+        .codec_path("crate::api::codec::Codec")
         .file_descriptor_set_path(out_dir.join("toru_descriptor.bin"))
         .compile_with_config(
             config,

@@ -5,6 +5,9 @@
 //! that hangs on `--metadata` delays nobody else. Files that resolve outside the plugins
 //! directory, are not executable, have a control character in their name (it would reach
 //! terminals and logs), or misbehave are reported as skipped with a reason.
+//! Each outcome carries the file's identity from before its probe, and `recheck` probes one
+//! file again before a start to confirm it still declares its id. Which of several files
+//! declaring one id is used is the supervisor's rule, not this module's.
 //! This module knows nothing of supervision or of gRPC.
 
 use std::ffi::OsString;
@@ -54,6 +57,85 @@ pub struct ProbeOptions {
     pub limits: PluginLimits,
 }
 
+impl ProbeOptions {
+    /// The options the configuration sets.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        ProbeOptions {
+            timeout: config.timing.metadata_timeout,
+            env_allowlist: config.plugin_env_allowlist.clone(),
+            max_bytes: config.max_metadata_bytes,
+            limits: config.plugin_limits.clone(),
+        }
+    }
+}
+
+/// What tells one version of a file from another without reading it: device, inode, size,
+/// and modification and status-change times. A file rewritten in place changes its times, a
+/// file replaced by a rename changes its inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileIdentity {
+    /// The identity of the file `path` resolves to.
+    pub fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// Probes `path` again, right before a start, and checks that it still declares `id`.
+/// Returns the file's identity as it was before the probe (a later change makes it differ
+/// again), or why the file may not be started as `id`.
+pub async fn recheck(
+    dir: &Path,
+    path: &Path,
+    id: &str,
+    opts: ProbeOptions,
+) -> Result<FileIdentity, Recheck> {
+    let failed = |reason: String| {
+        Recheck::Failed(format!(
+            "re-checking {} before starting it: {reason}",
+            path.display()
+        ))
+    };
+    let identity = FileIdentity::of(path).map_err(|e| failed(e.to_string()))?;
+    let dir = dir.canonicalize().map_err(|e| failed(e.to_string()))?;
+    let spec = probe(dir, path.to_owned(), opts)
+        .await
+        .map_err(|skipped| failed(skipped.reason))?;
+    if spec.metadata.id != id {
+        return Err(Recheck::OtherId(format!(
+            "{} now declares id {:?}, not {id:?}; refusing to start it as {id:?}: restore the \
+             file, or run RescanPlugins to load it under its new id",
+            path.display(),
+            spec.metadata.id
+        )));
+    }
+    Ok(identity)
+}
+
+/// Why a re-checked file may not be started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recheck {
+    /// It now declares another id (the reason says which).
+    OtherId(String),
+    /// It could not be probed (the reason says why).
+    Failed(String),
+}
+
 /// Lists the candidate files of `dir`, sorted by name.
 pub fn candidates(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
@@ -69,12 +151,16 @@ pub fn candidates(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// One file's probe outcome, with the identity the file had before the probe (a change
+/// during or after the probe makes it differ, so a start checks the file again).
+pub type Scanned = (Probe, Option<FileIdentity>);
+
 /// Probes every candidate of `dir` concurrently, sending each outcome as soon as it is known.
 /// Returns the candidate files and the channel of outcomes, which closes when all are done.
 pub fn scan(
     dir: &Path,
     opts: ProbeOptions,
-) -> std::io::Result<(Vec<PathBuf>, mpsc::UnboundedReceiver<Probe>)> {
+) -> std::io::Result<(Vec<PathBuf>, mpsc::UnboundedReceiver<Scanned>)> {
     let canonical_dir = dir.canonicalize()?;
     let files = candidates(&canonical_dir)?;
     let listed = files.clone();
@@ -82,7 +168,11 @@ pub fn scan(
     tokio::spawn(async move {
         let mut probes: FuturesUnordered<_> = files
             .into_iter()
-            .map(|path| probe(canonical_dir.clone(), path, opts.clone()))
+            .map(|path| {
+                let identity = FileIdentity::of(&path).ok();
+                let probed = probe(canonical_dir.clone(), path, opts.clone());
+                async move { (probed.await, identity) }
+            })
             .collect();
         while let Some(outcome) = probes.next().await {
             if tx.send(outcome).is_err() {

@@ -134,7 +134,9 @@ impl IndexEntry {
 }
 
 fn nanos(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos()).unwrap_or(i64::MAX)
+    // Saturating both ways: a time before 1677 is before every record, not after.
+    let ns = t.unix_timestamp_nanos();
+    i64::try_from(ns).unwrap_or(if ns < 0 { i64::MIN } else { i64::MAX })
 }
 
 #[derive(Debug, Clone)]

@@ -196,6 +196,7 @@ pub async fn run(
     let logs = pb::log_service_server::LogServiceServer::new(LogApi::new(
         supervisor.clone(),
         stop.clone(),
+        max,
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

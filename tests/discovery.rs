@@ -161,6 +161,196 @@ async fn a_failing_probe_of_a_known_plugin_keeps_it_running() {
 }
 
 #[tokio::test]
+async fn the_logs_folder_holds_only_plugin_ids_folders() {
+    let (d, mut client) = start_enabled(
+        &[],
+        |d| drop(d.install_fixture("solo", "normal", &[])),
+        &["solo"],
+    )
+    .await;
+    disable(&mut client, "solo").await;
+    let mut names: Vec<String> = std::fs::read_dir(d.data_dir.join("logs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["solo"], "logs/ must hold one folder per plugin id");
+}
+
+/// Installs the fixture as `file` declaring `id` at `version`, answering after `delay`.
+fn install_as(d: &Daemon, file: &str, id: &str, version: &str, delay: &str) {
+    let script = format!(
+        "#!/bin/sh\nsleep {delay}\nexec python3 {FIXTURE} --id {id} --mode normal --version {version} \"$@\"\n"
+    );
+    write_executable(&d.plugins_dir.join(file), &script);
+}
+
+/// Waits (with a deadline) until plugin `id` is known and running.
+async fn running(client: &mut Client, id: &str) -> pb::Plugin {
+    let deadline = tokio::time::Instant::now() + SECS10;
+    loop {
+        let request = pb::GetPluginRequest {
+            plugin_id: id.into(),
+        };
+        let plugin = client
+            .get_plugin(request)
+            .await
+            .map(|r| r.into_inner().plugin);
+        if let Ok(Some(plugin)) = &plugin {
+            if state_of(plugin) == PluginState::Running {
+                return plugin.clone();
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{id} not running within 10 s: {plugin:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The command line of a process, its NULs as spaces.
+fn cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn of_two_files_declaring_one_id_the_first_by_name_runs_every_time() {
+    let mut d = Daemon::new(&[]);
+    // The first by name answers --metadata later: a race would let the second win.
+    install_as(&d, "a-dup.binary", "dup", "1.0-a", "0.15");
+    install_as(&d, "b-dup.binary", "dup", "2.0-b", "0");
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["dup"])
+        .await;
+    enable(&mut client, "dup").await;
+    for round in 0..6 {
+        if round > 0 {
+            // Half the rounds restart the daemon, half rescan it.
+            if round % 2 == 0 {
+                assert_eq!(d.stop().await.code(), Some(0));
+                d.start().await;
+                client = d.client().await;
+            } else {
+                rescan(&mut client).await;
+            }
+        }
+        running(&mut client, "dup").await;
+        let list = client
+            .list_plugins(pb::ListPluginsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let dup = &list.plugins[0];
+        assert_eq!(list.plugins.len(), 1, "round {round}");
+        assert!(
+            dup.binary_path.ends_with("a-dup.binary"),
+            "round {round}: {dup:?}"
+        );
+        assert_eq!(dup.version, "1.0-a", "round {round}");
+        assert!(
+            cmdline(dup.pid).contains("1.0-a"),
+            "round {round}: {}",
+            cmdline(dup.pid)
+        );
+        let skipped: Vec<_> = list.skipped.iter().collect();
+        assert_eq!(skipped.len(), 1, "round {round}: {skipped:?}");
+        assert!(skipped[0].path.ends_with("b-dup.binary"), "round {round}");
+        assert!(
+            skipped[0].reason.contains("duplicate id \"dup\"")
+                && skipped[0].reason.contains("a-dup.binary"),
+            "round {round}: {}",
+            skipped[0].reason
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_file_rewritten_to_declare_another_id_is_not_restarted_under_the_old_one() {
+    let (d, mut client) = start_enabled(
+        &[],
+        |d| {
+            d.install_fixture("one", "normal", &[]);
+            d.install_fixture("two", "normal", &[]);
+        },
+        &["one", "two"],
+    )
+    .await;
+    install_as(&d, "one.binary", "two", "0.9", "0");
+    let err = client
+        .restart_plugin(pb::RestartPluginRequest {
+            plugin_id: "one".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message()
+            .contains("now declares id \"two\", not \"one\""),
+        "{err:?}"
+    );
+    let one = get(&mut client, "one").await;
+    assert_eq!(state_of(&one), PluginState::Disabled);
+    assert!(
+        one.last_error.contains("declares id \"two\""),
+        "{}",
+        one.last_error
+    );
+    assert_eq!(one.pid, 0, "nothing runs as one");
+    // The other plugin is untouched.
+    assert_eq!(
+        state_of(&get(&mut client, "two").await),
+        PluginState::Running
+    );
+}
+
+#[tokio::test]
+async fn a_first_file_answering_after_the_hold_takes_its_id_over() {
+    let mut d = Daemon::new(&["--enable-new-plugins"]);
+    // The first by name answers --metadata after the one-second hold: the second runs
+    // until then, and is replaced.
+    install_as(&d, "a-dup.binary", "dup", "1.0-a", "1.5");
+    install_as(&d, "b-dup.binary", "dup", "2.0-b", "0");
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    let updated = events
+        .wait_for("dup moved to a-dup.binary", SECS10, |e| {
+            e.plugin_id == "dup" && e.kind == pb::EventKind::PluginUpdated as i32
+        })
+        .await;
+    assert!(
+        updated.reason.contains("a-dup.binary"),
+        "{}",
+        updated.reason
+    );
+    let deadline = tokio::time::Instant::now() + SECS10;
+    let dup = loop {
+        let dup = running(&mut client, "dup").await;
+        if cmdline(dup.pid).contains("1.0-a") {
+            break dup;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b-dup.binary still runs: {dup:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(dup.binary_path.ends_with("a-dup.binary"));
+    let list = client
+        .list_plugins(pb::ListPluginsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.skipped.len(), 1, "{:?}", list.skipped);
+    assert!(list.skipped[0].path.ends_with("b-dup.binary"));
+}
+
+#[tokio::test]
 async fn control_characters_in_metadata_or_a_file_name_are_refused_with_a_reason() {
     let mut d = Daemon::new(&[]);
     let fields = ["name", "version", "author", "icon", "route", "description"];

@@ -261,18 +261,19 @@ async fn a_sigkilled_daemon_restarts_with_state_events_and_logs_intact() {
     let mut client = d.client().await;
     let mut replay = Events::watch(&mut client, Some(0)).await;
     let last_seq = seen_before.last().unwrap().seq;
-    replay
-        .wait_for("hello to run again after the restart", SECS10, |e| {
-            e.seq > last_seq
-                && e.plugin_id == "hello"
-                && e.to_state == torud::pb::PluginState::Running as i32
-        })
-        .await;
+    // Files are taken in name order: burst is added before hello, which then starts.
     replay
         .wait_for("burst to be discovered again", SECS10, |e| {
             e.seq > last_seq
                 && e.plugin_id == "burst"
                 && e.kind == torud::pb::EventKind::PluginAdded as i32
+        })
+        .await;
+    replay
+        .wait_for("hello to run again after the restart", SECS10, |e| {
+            e.seq > last_seq
+                && e.plugin_id == "hello"
+                && e.to_state == torud::pb::PluginState::Running as i32
         })
         .await;
     // Enabled state: hello runs again, burst stays stopped.

@@ -467,3 +467,76 @@ async fn a_follower_receives_each_new_line_within_50_ms() {
         );
     }
 }
+
+/// A daemon with one enabled plugin in a log-writing `mode` that has written its `lines`
+/// and its "`mode` done" line.
+async fn writer_daemon(mode: &str, lines: usize) -> (Daemon, Logs) {
+    let mut d = Daemon::new(&[]);
+    d.install_fixture("big", mode, &["--lines", &lines.to_string()]);
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["big"])
+        .await;
+    enable(&mut client, "big").await;
+    let mut logs = LogServiceClient::new(d.channel().await);
+    let done = format!("{mode} done");
+    first_record(&mut logs, request("big", tail(u32::MAX), true, &done)).await;
+    (d, logs)
+}
+
+#[tokio::test]
+async fn query_logs_pages_of_64_kib_lines_fit_the_message_limit() {
+    let (_d, mut logs) = writer_daemon("long-lines", 300).await;
+    for newest_first in [false, true] {
+        let mut token = String::new();
+        let mut heads = Vec::new();
+        let mut pages = 0;
+        loop {
+            // The default page size (100 records) would be 6.4 MiB of these.
+            let page = logs
+                .query_logs(query("big", ":xxx", 0, token, newest_first))
+                .await
+                .unwrap_or_else(|e| panic!("page {pages}: {e:?}"))
+                .into_inner();
+            pages += 1;
+            assert!(!page.records.is_empty() || page.next_page_token.is_empty());
+            heads.extend(page.records.iter().map(|r| {
+                assert_eq!(r.message.len(), 64 * 1024 - 1);
+                r.message
+                    .split_once(':')
+                    .unwrap()
+                    .0
+                    .parse::<usize>()
+                    .unwrap()
+            }));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        if newest_first {
+            heads.reverse();
+        }
+        assert_eq!(
+            heads,
+            (0..300).collect::<Vec<_>>(),
+            "every record once, in order"
+        );
+        assert!(pages > 3, "pages are cut short by size: {pages}");
+    }
+}
+
+#[tokio::test]
+async fn stream_logs_batches_of_long_records_fit_the_message_limit() {
+    let (_d, mut logs) = writer_daemon("long-time", 200).await;
+    let responses = collect(&mut logs, request("big", tail(u32::MAX), false, "stamp ")).await;
+    let messages: Vec<String> = responses
+        .into_iter()
+        .flat_map(|r| r.records)
+        .map(|r| r.message)
+        .collect();
+    let want: Vec<String> = (0..200).map(|i| format!("stamp {i}")).collect();
+    assert_eq!(messages, want);
+}

@@ -468,3 +468,217 @@ async fn every_rpc_refuses_bad_numbers_enums_tokens_and_keys() {
     }
     get(&mut c.plugins, "hello").await;
 }
+
+#[tokio::test]
+async fn a_page_token_only_continues_the_query_that_made_it() {
+    let (_d, mut c) = daemon().await;
+    let query = |contains: &str, page_token: String| pb::QueryLogsRequest {
+        filter: Some(pb::LogFilter {
+            plugin_ids: vec!["hello".into()],
+            min_level: 0,
+            contains: contains.into(),
+        }),
+        page_size: 1,
+        page_token,
+        ..Default::default()
+    };
+    let first = c
+        .logs
+        .query_logs(query("", String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    let token = first.next_page_token;
+    assert!(!token.is_empty(), "hello's log has more than one record");
+    // The same query continues; a page size of its own is fine.
+    let mut same = query("", token.clone());
+    same.page_size = 5;
+    c.logs.query_logs(same).await.unwrap();
+    let since = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    let mut changed = vec![
+        ("another text filter", query("spawned", token.clone())),
+        ("another order", {
+            let mut q = query("", token.clone());
+            q.newest_first = true;
+            q
+        }),
+        ("a since bound", {
+            let mut q = query("", token.clone());
+            q.since = since(1);
+            q
+        }),
+        ("an until bound", {
+            let mut q = query("", token.clone());
+            q.until = since(4_000_000_000);
+            q
+        }),
+        ("another level", {
+            let mut q = query("", token.clone());
+            q.filter.as_mut().unwrap().min_level = pb::LogLevel::Warn as i32;
+            q
+        }),
+        ("a seq bound", {
+            let mut q = query("", token.clone());
+            q.before_seq = 1000;
+            q
+        }),
+    ];
+    for (case, req) in changed.drain(..) {
+        let r = c.logs.query_logs(req).await.map(|_| ());
+        check("QueryLogs", case, "page_token", r);
+    }
+}
+
+#[tokio::test]
+async fn times_before_1677_or_after_2262_are_bounds_not_empty_answers() {
+    let (_d, mut c) = daemon().await;
+    let at = |seconds, nanos| Some(prost_types::Timestamp { seconds, nanos });
+    let query = |since, until| pb::QueryLogsRequest {
+        filter: Some(pb::LogFilter {
+            plugin_ids: vec!["hello".into()],
+            min_level: 0,
+            contains: String::new(),
+        }),
+        since,
+        until,
+        ..Default::default()
+    };
+    let all = c
+        .logs
+        .query_logs(query(None, None))
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+        .len();
+    assert!(all > 0);
+    // Year 1500, year 1, 1970, the year 3000 and 9999 as bounds: nothing is before or after.
+    for (case, since, until) in [
+        ("since 1500", at(-14_831_769_600, 0), None),
+        ("since year 1", at(-62_135_596_800, 0), None),
+        ("since 1970", at(0, 0), None),
+        ("until 3000", None, at(32_503_680_000, 0)),
+        ("until 9999", None, at(253_402_300_799, 999_999_999)),
+        (
+            "1500 to 3000",
+            at(-14_831_769_600, 0),
+            at(32_503_680_000, 0),
+        ),
+    ] {
+        let got = c
+            .logs
+            .query_logs(query(since, until))
+            .await
+            .unwrap_or_else(|e| panic!("{case}: {e:?}"))
+            .into_inner()
+            .records
+            .len();
+        assert_eq!(got, all, "{case}");
+    }
+    let mut logs = c.logs.clone();
+    let mut stream = logs
+        .stream_logs(pb::StreamLogsRequest {
+            filter: query(None, None).filter,
+            start: Some(pb::stream_logs_request::Start::Since(
+                at(-14_831_769_600, 0).unwrap(),
+            )),
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut streamed = 0;
+    while let Some(r) = stream.message().await.unwrap() {
+        streamed += r.records.len();
+    }
+    assert!(
+        streamed >= all,
+        "StreamLogs since 1500: {streamed} of {all}"
+    );
+    // Not a time at all: refused, naming the field.
+    for (case, since, until, field) in [
+        ("negative nanos", at(0, -1), None, "since"),
+        ("a billion nanos", None, at(0, 1_000_000_000), "until"),
+        ("before year 1", at(-62_135_596_801, 0), None, "since"),
+        ("after year 9999", None, at(253_402_300_800, 0), "until"),
+    ] {
+        let r = c.logs.query_logs(query(since, until)).await.map(|_| ());
+        check("QueryLogs", case, field, r);
+    }
+}
+
+/// `GetPluginRequest` and `QueryLogsRequest` with their string fields as raw bytes, to send
+/// what a well-behaved client cannot: invalid UTF-8.
+mod raw {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct GetPluginRequest {
+        #[prost(bytes = "vec", tag = "1")]
+        pub plugin_id: Vec<u8>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct LogFilter {
+        #[prost(bytes = "vec", repeated, tag = "1")]
+        pub plugin_ids: Vec<Vec<u8>>,
+        #[prost(bytes = "vec", tag = "3")]
+        pub contains: Vec<u8>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueryLogsRequest {
+        #[prost(message, optional, tag = "1")]
+        pub filter: Option<LogFilter>,
+    }
+}
+
+/// Calls `path` with `request` encoded as is, expecting a `Resp`.
+async fn raw_call<Req, Resp>(
+    channel: Channel,
+    path: &'static str,
+    request: Req,
+) -> Result<Resp, tonic::Status>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
+    grpc.unary(
+        tonic::Request::new(request),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
+        codec,
+    )
+    .await
+    .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_a_string_field_is_invalid_argument_naming_it() {
+    let (d, mut c) = daemon().await;
+    let channel = d.channel().await;
+    let r = raw_call::<_, pb::GetPluginResponse>(
+        channel.clone(),
+        "/toru.v1.PluginService/GetPlugin",
+        raw::GetPluginRequest {
+            plugin_id: b"hel\xfflo".to_vec(),
+        },
+    )
+    .await
+    .map(|_| ());
+    check("GetPlugin", "invalid UTF-8", "plugin_id", r);
+    let r = raw_call::<_, pb::QueryLogsResponse>(
+        channel,
+        "/toru.v1.LogService/QueryLogs",
+        raw::QueryLogsRequest {
+            filter: Some(raw::LogFilter {
+                plugin_ids: vec![b"hello".to_vec()],
+                contains: b"\xc3\x28".to_vec(),
+            }),
+        },
+    )
+    .await
+    .map(|_| ());
+    check("QueryLogs", "invalid UTF-8", "contains", r);
+    get(&mut c.plugins, "hello").await;
+}

@@ -25,9 +25,24 @@ use crate::supervisor::Supervisor;
 
 /// Records per response at most.
 const MAX_BATCH: usize = 4096;
-/// Bytes of messages per response at most (a client's default limit is 4 MiB); a response
-/// always carries at least one record.
+/// Encoded bytes of records per `StreamLogs` response at most (a client's default limit is
+/// 4 MiB), and never over half of `--max-message-bytes`; a response always carries at least
+/// one record.
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// What one record adds to a response: its encoded size, plus its field tag and length
+/// prefix.
+fn encoded_cost(record: &pb::LogRecord) -> usize {
+    use prost::Message;
+    let len = record.encoded_len();
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
+/// The bytes of records a response may carry under a `max_message_bytes` limit: half of it,
+/// leaving the rest for the page token and framing.
+fn response_budget(max_message_bytes: usize) -> usize {
+    max_message_bytes / 2
+}
 
 /// How long a following stream gathers records into a batch, from the batch's first record.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
@@ -54,7 +69,7 @@ struct Batcher<'a> {
     /// The seq the next record should have.
     expected: u64,
     records: Vec<pb::LogRecord>,
-    /// Bytes of messages in `records`.
+    /// Encoded bytes of `records`.
     bytes: usize,
 }
 
@@ -88,7 +103,7 @@ impl<'a> Batcher<'a> {
         self.expected = r.seq + 1;
         if self.filter.keeps(r) {
             let record = record(self.id, r);
-            self.bytes += record.message.len() + record.fields_json.len();
+            self.bytes += encoded_cost(&record);
             self.records.push(record);
         }
         out
@@ -96,7 +111,7 @@ impl<'a> Batcher<'a> {
 
     /// Whether the batch should go out now.
     fn full(&self) -> bool {
-        self.records.len() >= MAX_BATCH || self.bytes >= MAX_BATCH_BYTES
+        self.records.len() >= MAX_BATCH || self.bytes >= self.filter.batch_bytes
     }
 
     /// The batch so far, if it holds any record.
@@ -131,20 +146,29 @@ pub struct LogApi {
     supervisor: Supervisor,
     /// Cancelled when the daemon shuts down, ending open streams.
     stop: CancellationToken,
+    /// The largest gRPC message (`--max-message-bytes`); pages and batches stay well under.
+    max_message_bytes: usize,
 }
 
 impl LogApi {
-    /// A service over `supervisor`; streams end when `stop` is cancelled.
-    pub fn new(supervisor: Supervisor, stop: CancellationToken) -> Self {
-        LogApi { supervisor, stop }
+    /// A service over `supervisor` whose responses fit `max_message_bytes`; streams end
+    /// when `stop` is cancelled.
+    pub fn new(supervisor: Supervisor, stop: CancellationToken, max_message_bytes: usize) -> Self {
+        LogApi {
+            supervisor,
+            stop,
+            max_message_bytes,
+        }
     }
 }
 
-/// What a producer sends.
+/// What a producer sends, and in batches of what size.
 #[derive(Clone)]
 struct Filter {
     min_level: Option<LogLevel>,
     contains: String,
+    /// Encoded bytes of records per response at most (at least one record is sent).
+    batch_bytes: usize,
 }
 
 impl Filter {
@@ -257,7 +281,7 @@ fn selected_logs(
     Ok(logs)
 }
 
-fn filter_of(filter: &pb::LogFilter) -> Result<Filter, Status> {
+fn filter_of(filter: &pb::LogFilter, batch_bytes: usize) -> Result<Filter, Status> {
     let min_level = pb::LogLevel::try_from(filter.min_level).map_err(|_| {
         Status::invalid_argument(format!(
             "filter.min_level: unknown level {}",
@@ -267,40 +291,69 @@ fn filter_of(filter: &pb::LogFilter) -> Result<Filter, Status> {
     Ok(Filter {
         min_level: from_pb_level(min_level),
         contains: filter.contains.clone(),
+        batch_bytes,
     })
 }
 
-/// A protobuf time, clamped to years 0001–9999 (a huge value means "no bound", not 1970).
-fn time_of(ts: &prost_types::Timestamp) -> time::OffsetDateTime {
+/// A protobuf time, which must be one (years 0001–9999, nanos within a second), else
+/// INVALID_ARGUMENT naming `field`. Any such time is a bound: one before the first record
+/// or after the last (even beyond what the log's index holds, 1677–2262) just bounds nothing.
+fn time_of(field: &str, ts: &prost_types::Timestamp) -> Result<time::OffsetDateTime, Status> {
     const MIN: i64 = -62_135_596_800;
     const MAX: i64 = 253_402_300_799;
-    let secs = ts.seconds.clamp(MIN, MAX);
-    let nanos = i128::from(ts.nanos.clamp(0, 999_999_999));
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(secs) * 1_000_000_000 + nanos)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    if !(MIN..=MAX).contains(&ts.seconds) || !(0..=999_999_999).contains(&ts.nanos) {
+        return Err(Status::invalid_argument(format!(
+            "{field}: {}s {}ns is not a time; seconds must be within years 0001-9999 \
+             ({MIN} to {MAX}) and nanos within 0-999999999",
+            ts.seconds, ts.nanos
+        )));
+    }
+    let nanos = i128::from(ts.seconds) * 1_000_000_000 + i128::from(ts.nanos);
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
 }
 
-/// A page token: the order and, per plugin, the next seq to read.
+/// A page token: which query it continues and, per plugin, the next seq to read.
 #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(super) struct PageToken {
-    newest_first: bool,
+    /// [`query_fingerprint`] of the request that made it.
+    query: String,
     next: std::collections::BTreeMap<String, u64>,
 }
 
 #[cfg(test)]
 impl PageToken {
-    pub(super) fn for_test(
-        newest_first: bool,
-        next: std::collections::BTreeMap<String, u64>,
-    ) -> Self {
-        PageToken { newest_first, next }
+    pub(super) fn for_test(query: String, next: std::collections::BTreeMap<String, u64>) -> Self {
+        PageToken { query, next }
     }
 }
 
-/// A `QueryLogs` page token as the caller sent it: `None` for the first page.
+/// What a page token is bound to: every field of a `QueryLogs` request but the page size
+/// and the token, hashed (SHA-256, first 16 bytes in hex). A token used with other fields
+/// would resume seqs meant for another query.
+pub(super) fn query_fingerprint(req: &pb::QueryLogsRequest) -> String {
+    use sha2::Digest;
+    let filter = req.filter.clone().unwrap_or_default();
+    let time = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| (t.seconds, t.nanos));
+    let fields = serde_json::json!([
+        filter.plugin_ids,
+        filter.min_level,
+        filter.contains,
+        time(&req.since),
+        time(&req.until),
+        req.after_seq,
+        req.before_seq,
+        req.newest_first,
+    ]);
+    let digest = sha2::Sha256::digest(fields.to_string().as_bytes());
+    hex::encode(&digest[..16])
+}
+
+/// A `QueryLogs` page token as the caller sent it (`None` for the first page), checked to
+/// belong to the query with `fingerprint`.
 pub(super) fn decode_query_token(
     text: &str,
-    newest_first: bool,
+    fingerprint: &str,
 ) -> Result<Option<PageToken>, Status> {
     if text.is_empty() {
         return Ok(None);
@@ -319,9 +372,11 @@ pub(super) fn decode_query_token(
     {
         return Err(malformed());
     }
-    if token.newest_first != newest_first {
+    if token.query != fingerprint {
         return Err(Status::invalid_argument(
-            "page_token was made for the other order (newest_first)",
+            "page_token belongs to another query: pass it only with the same filter, since, \
+             until, after_seq, before_seq and newest_first as the request that returned it \
+             (page_size may change), or leave it empty to start again",
         ));
     }
     Ok(Some(token))
@@ -351,18 +406,32 @@ impl LogService for LogApi {
         } else {
             req.page_size as usize
         };
+        let fingerprint = query_fingerprint(&req);
         let filter_pb = req.filter.unwrap_or_default();
-        let filter = filter_of(&filter_pb)?;
+        let budget = query::Budget {
+            records: limit,
+            bytes: response_budget(self.max_message_bytes),
+            scanned: query::MAX_SCANNED,
+        };
+        let filter = filter_of(&filter_pb, budget.bytes)?;
         if (req.after_seq > 0 || req.before_seq > 0) && filter_pb.plugin_ids.len() != 1 {
             return Err(Status::invalid_argument(
                 "after_seq/before_seq: seqs are per plugin; name exactly one plugin in filter.plugin_ids",
             ));
         }
-        let token = decode_query_token(&req.page_token, req.newest_first)?;
+        let token = decode_query_token(&req.page_token, &fingerprint)?;
         let logs = selected_logs(&self.supervisor, filter_pb.plugin_ids)?;
         let bounds = query::Bounds {
-            since: req.since.as_ref().map(time_of),
-            until: req.until.as_ref().map(time_of),
+            since: req
+                .since
+                .as_ref()
+                .map(|t| time_of("since", t))
+                .transpose()?,
+            until: req
+                .until
+                .as_ref()
+                .map(|t| time_of("until", t))
+                .transpose()?,
             after_seq: req.after_seq,
             before_seq: req.before_seq,
         };
@@ -386,19 +455,21 @@ impl LogService for LogApi {
                     newest_first,
                 )?);
             }
-            let (found, resume) =
-                query::page(sources, limit, newest_first, query::MAX_SCANNED, |r| {
-                    filter.keeps(r)
-                })?;
+            let keep = |id: &str, r: &LogRecord| filter.keeps(r).then(|| record(id, r));
+            let (records, resume) =
+                query::page(sources, &budget, newest_first, keep, encoded_cost)?;
             let next_page_token = match resume {
                 Some(next) => hex::encode(
-                    serde_json::to_vec(&PageToken { newest_first, next })
-                        .expect("token serialises"),
+                    serde_json::to_vec(&PageToken {
+                        query: fingerprint,
+                        next,
+                    })
+                    .expect("token serialises"),
                 ),
                 None => String::new(),
             };
             Ok(pb::QueryLogsResponse {
-                records: found.iter().map(|(id, r)| record(id, r)).collect(),
+                records,
                 next_page_token,
             })
         };
@@ -416,7 +487,8 @@ impl LogService for LogApi {
     ) -> Result<Response<LogStreamOut>, Status> {
         let req = request.into_inner();
         let filter_pb = req.filter.unwrap_or_default();
-        let filter = filter_of(&filter_pb)?;
+        let batch_bytes = MAX_BATCH_BYTES.min(response_budget(self.max_message_bytes));
+        let filter = filter_of(&filter_pb, batch_bytes)?;
         let logs = selected_logs(&self.supervisor, filter_pb.plugin_ids)?;
         let mut cursors: HashMap<String, u64> = HashMap::new();
         if let Some(pb::stream_logs_request::Start::AfterCursors(list)) = &req.start {
@@ -425,6 +497,10 @@ impl LogService for LogApi {
                 cursors.insert(id, seq);
             }
         }
+        let since = match &req.start {
+            Some(pb::stream_logs_request::Start::Since(ts)) => Some(time_of("since", ts)?),
+            _ => None,
+        };
         let start_for = |log: &PluginLog, id: &str| -> Start {
             let last = log.records().last_seq();
             match &req.start {
@@ -435,7 +511,9 @@ impl LogService for LogApi {
                 Some(pb::stream_logs_request::Start::AfterCursors(_)) => {
                     Start::After(cursors.get(id).copied().unwrap_or(last).min(last))
                 }
-                Some(pb::stream_logs_request::Start::Since(ts)) => Start::Since(time_of(ts)),
+                Some(pb::stream_logs_request::Start::Since(_)) => {
+                    Start::Since(since.expect("checked above"))
+                }
             }
         };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);

@@ -5,6 +5,7 @@
 //! validated and converted here, domain errors become `tonic::Status` in one place
 //! (`convert.rs`), and no supervision logic lives here.
 
+pub mod codec;
 pub mod convert;
 #[cfg(test)]
 mod fuzz;

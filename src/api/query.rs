@@ -104,42 +104,50 @@ impl Source {
     }
 }
 
-/// A page: records with their plugin ids, and where each plugin resumes (`None`: done).
-pub(super) type Page = (Vec<(String, Arc<LogRecord>)>, Option<BTreeMap<String, u64>>);
+/// A page: the records kept, and where each plugin resumes (`None`: done).
+pub(super) type Page<T> = (Vec<T>, Option<BTreeMap<String, u64>>);
 
-/// Merges sources by time (seq within a plugin) and returns up to `limit` records passing
-/// `keep`, looking at `max_scanned` records at most, with the per-plugin resume points for
-/// the next page (`None` when none is left).
-pub(super) fn page(
+/// How much one page may hold and look at.
+pub(super) struct Budget {
+    /// Records returned at most.
+    pub records: usize,
+    /// Bytes of records returned at most (as measured by the caller's `size`); a page
+    /// always holds at least one record, however large.
+    pub bytes: usize,
+    /// Records looked at at most.
+    pub scanned: usize,
+}
+
+/// Merges sources by time (seq within a plugin) and returns the records `keep` turns into
+/// output (`None`: filtered out), within `budget`, with the per-plugin resume points for the
+/// next page (`None` when none is left). A record that would overflow the byte budget is
+/// left for the next page.
+pub(super) fn page<T>(
     mut sources: Vec<Source>,
-    limit: usize,
+    budget: &Budget,
     newest_first: bool,
-    max_scanned: usize,
-    keep: impl Fn(&LogRecord) -> bool,
-) -> Result<Page, Status> {
+    keep: impl Fn(&str, &LogRecord) -> Option<T>,
+    size: impl Fn(&T) -> usize,
+) -> Result<Page<T>, Status> {
     let mut out = Vec::new();
+    let mut bytes = 0;
     let mut scanned = 0;
-    while out.len() < limit && scanned < max_scanned {
-        let mut best: Option<(usize, (OffsetDateTime, u64))> = None;
-        for (i, source) in sources.iter_mut().enumerate() {
-            if let Some(r) = source.peek(newest_first)? {
-                let key = (r.time, r.seq);
-                let better = match &best {
-                    None => true,
-                    Some((_, k)) if newest_first => key > *k,
-                    Some((_, k)) => key < *k,
-                };
-                if better {
-                    best = Some((i, key));
-                }
+    while out.len() < budget.records && scanned < budget.scanned {
+        let Some(i) = next_source(&mut sources, newest_first)? else {
+            break;
+        };
+        let source = &mut sources[i];
+        let record = source.buffer.front().expect("peeked");
+        if let Some(item) = keep(&source.id, record) {
+            let cost = size(&item);
+            if !out.is_empty() && bytes + cost > budget.bytes {
+                break;
             }
+            bytes += cost;
+            out.push(item);
         }
-        let Some((i, _)) = best else { break };
-        let record = sources[i].buffer.pop_front().expect("peeked");
+        source.buffer.pop_front();
         scanned += 1;
-        if keep(&record) {
-            out.push((sources[i].id.clone(), record));
-        }
     }
     let mut resume = BTreeMap::new();
     for source in &mut sources {
@@ -155,6 +163,25 @@ pub(super) fn page(
         }
     }
     Ok((out, (!resume.is_empty()).then_some(resume)))
+}
+
+/// The source whose next record comes first in the query's order; `None` when all are done.
+fn next_source(sources: &mut [Source], newest_first: bool) -> Result<Option<usize>, Status> {
+    let mut best: Option<(usize, (OffsetDateTime, u64))> = None;
+    for (i, source) in sources.iter_mut().enumerate() {
+        if let Some(r) = source.peek(newest_first)? {
+            let key = (r.time, r.seq);
+            let better = match &best {
+                None => true,
+                Some((_, k)) if newest_first => key > *k,
+                Some((_, k)) => key < *k,
+            };
+            if better {
+                best = Some((i, key));
+            }
+        }
+    }
+    Ok(best.map(|(i, _)| i))
 }
 
 #[cfg(test)]
@@ -175,12 +202,19 @@ mod tests {
             after_seq: 0,
             before_seq: 0,
         };
-        let wanted = |r: &LogRecord| r.message == "line 950" && r.stream == LogStream::Supervisor;
+        let wanted = |_: &str, r: &LogRecord| {
+            (r.message == "line 950" && r.stream == LogStream::Supervisor).then(|| r.clone())
+        };
+        let budget = Budget {
+            records: 10,
+            bytes: usize::MAX,
+            scanned: 100,
+        };
         let mut resume = None;
         let mut pages = 0;
         let found = loop {
             let source = Source::open("p".into(), &log, &bounds, resume, false).unwrap();
-            let (records, next) = page(vec![source], 10, false, 100, wanted).unwrap();
+            let (records, next) = page(vec![source], &budget, false, wanted, |_| 0).unwrap();
             pages += 1;
             if !records.is_empty() {
                 break records;
@@ -190,7 +224,53 @@ mod tests {
                 .get("p")
                 .copied();
         };
-        assert_eq!(found[0].1.message, "line 950");
+        assert_eq!(found[0].message, "line 950");
         assert_eq!(pages, 10, "each page looks at 100 records");
+    }
+
+    #[test]
+    fn a_page_stops_at_its_byte_budget_and_the_next_resumes_at_the_record_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = PluginLog::open(dir.path(), 1 << 20, 10).unwrap();
+        for i in 0..10 {
+            log.note(LogLevel::Info, format!("{i}").repeat(1000), 1);
+        }
+        let bounds = Bounds {
+            since: None,
+            until: None,
+            after_seq: 0,
+            before_seq: 0,
+        };
+        let budget = Budget {
+            records: 100,
+            bytes: 2500,
+            scanned: usize::MAX,
+        };
+        let keep = |_: &str, r: &LogRecord| Some(r.message.clone());
+        let mut resume = None;
+        let mut sizes = Vec::new();
+        let mut all = Vec::new();
+        loop {
+            let source = Source::open("p".into(), &log, &bounds, resume, false).unwrap();
+            let (records, next) = page(vec![source], &budget, false, keep, String::len).unwrap();
+            sizes.push(records.len());
+            all.extend(records);
+            match next {
+                Some(next) => resume = next.get("p").copied(),
+                None => break,
+            }
+        }
+        assert_eq!(sizes, [2, 2, 2, 2, 2]);
+        let want: Vec<String> = (0..10).map(|i| format!("{i}").repeat(1000)).collect();
+        assert_eq!(all, want);
+
+        // One record over the budget still comes back, alone.
+        let tiny = Budget {
+            bytes: 10,
+            ..budget
+        };
+        let source = Source::open("p".into(), &log, &bounds, None, false).unwrap();
+        let (records, _) = page(vec![source], &tiny, false, keep, String::len).unwrap();
+        assert_eq!(records.len(), 1);
     }
 }

@@ -26,6 +26,7 @@ use crate::bridge::{BridgeError, Link, LinkLimits};
 use crate::capture::PluginLog;
 use crate::config::create_dir_with_mode;
 use crate::connection::{connect_with_retry, send_one, send_one_on, socket_listening};
+use crate::discovery::{self, FileIdentity, ProbeOptions, Recheck};
 use crate::model::{
     EventDraft, EventKind, ExitInfo, LogLevel, PluginSpec, PluginState, PluginStatus,
 };
@@ -90,6 +91,9 @@ pub(super) struct Actor {
     waiters: Vec<Reply>,
     /// A write of the enabled state still in flight; awaited before answering waiters.
     persisting: Option<JoinHandle<Result<(), StateError>>>,
+    /// The executable and its identity when it last declared this plugin's id; a start
+    /// probes it again when either differs.
+    verified: Option<(PathBuf, FileIdentity)>,
 }
 
 impl Actor {
@@ -100,6 +104,7 @@ impl Actor {
         log: PluginLog,
         commands: mpsc::Receiver<Command>,
         cancel: CancellationToken,
+        verified: Option<(PathBuf, FileIdentity)>,
     ) -> Self {
         let id = status.borrow().id().to_owned();
         Actor {
@@ -112,6 +117,7 @@ impl Actor {
             cancel,
             waiters: Vec::new(),
             persisting: None,
+            verified,
         }
     }
 
@@ -323,6 +329,11 @@ impl Actor {
             );
             return self.disable_for(reason).await;
         }
+        match self.recheck_id(&spec).await {
+            Ok(()) => {}
+            Err(Recheck::OtherId(reason)) => return self.disable_for(reason).await,
+            Err(Recheck::Failed(reason)) => return self.failed_run(None, None, reason).await,
+        }
         let _ = std::fs::remove_file(&socket);
         let data_dir = cfg.plugin_data_dir(&self.id);
         let log_dir = cfg.log_dir(&self.id);
@@ -458,6 +469,11 @@ impl Actor {
     }
 
     async fn running(&mut self, mut run: Run) -> Next {
+        if self.runs_another_file() {
+            self.stop(run, "another file now provides this plugin")
+                .await;
+            return Next::Start;
+        }
         let timing = self.ctx.config.timing.clone();
         let stable_at = run.since + timing.stable_window;
         let mut stable = self.status.borrow().consecutive_failures == 0;
@@ -519,7 +535,13 @@ impl Actor {
                 }
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Enable(reply)) => self.reply(reply).await,
-                    Some(Command::Update(spec)) => self.update_spec(spec),
+                    Some(Command::Update(spec)) => {
+                        self.update_spec(spec);
+                        if self.runs_another_file() {
+                            self.stop(run, "another file now provides this plugin").await;
+                            return Next::Start;
+                        }
+                    }
                     Some(Command::Disable(reply)) => {
                         self.stop_and_disable(run, reply).await;
                         return Next::Idle;
@@ -662,6 +684,31 @@ impl Actor {
     }
 
     /// Turns the plugin off for a reason an operator must act on.
+    /// Whether the running process was started from another file than the one that now
+    /// provides the plugin (a rescan moved the id to the first file by name declaring it).
+    fn runs_another_file(&self) -> bool {
+        let spec_path = &self.status.borrow().spec.binary_path;
+        self.verified
+            .as_ref()
+            .is_some_and(|(started, _)| started != spec_path)
+    }
+
+    /// Checks that the executable still declares this plugin's id, probing it again unless
+    /// it is the same file, unchanged, as at the last check.
+    async fn recheck_id(&mut self, spec: &PluginSpec) -> Result<(), Recheck> {
+        let path = &spec.binary_path;
+        if let Some((checked, identity)) = &self.verified {
+            if checked == path && FileIdentity::of(path).ok().as_ref() == Some(identity) {
+                return Ok(());
+            }
+        }
+        let cfg = &self.ctx.config;
+        let opts = ProbeOptions::from_config(cfg);
+        let identity = discovery::recheck(&cfg.plugins_dir, path, &self.id, opts).await?;
+        self.verified = Some((path.clone(), identity));
+        Ok(())
+    }
+
     async fn disable_for(&mut self, reason: String) -> Next {
         self.set_enabled(false);
         self.transition(PluginState::Disabled, reason.clone(), None, |s| {

@@ -7,7 +7,7 @@
 
 mod actor;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -21,11 +21,16 @@ use toru_plugin_sdk::wire::{HttpAnswer, HttpCall};
 use crate::bridge::{BridgeError, Link};
 use crate::capture::PluginLog;
 use crate::config::{create_dir_with_mode, Config};
-use crate::discovery::{self, ProbeOptions, Skipped};
+use crate::discovery::{self, FileIdentity, ProbeOptions, Skipped};
 use crate::events::{EventLog, EventLogError};
 use crate::model::{EventDraft, EventKind, PluginSpec, PluginState, PluginStatus};
 use crate::state::{EnabledStore, StateError};
 use actor::{Actor, Command};
+
+/// How long a rescan holds a probed file back while files before it by name are still
+/// being probed (one of them may declare the same id and come first). A probe that hangs
+/// delays the others by this much at most.
+const DUPLICATE_HOLD: Duration = Duration::from_secs(1);
 
 /// Commands queued per plugin before senders wait.
 const COMMAND_QUEUE: usize = 64;
@@ -151,6 +156,17 @@ pub struct RescanReport {
     pub skipped: Vec<Skipped>,
 }
 
+/// What one rescan has found so far.
+struct Tally {
+    /// Files the previous scan skipped (their events are not repeated).
+    previous_skips: Vec<Skipped>,
+    report: RescanReport,
+    /// The file providing each id found.
+    seen: HashMap<String, PathBuf>,
+    /// Files not loaded; a known plugin whose file is among them keeps running.
+    failed: HashSet<PathBuf>,
+}
+
 /// State shared by all actors.
 pub(crate) struct Context {
     pub config: Arc<Config>,
@@ -196,7 +212,8 @@ impl Supervisor {
             (config.data_dir.clone(), 0o700),
             (config.run_dir(), 0o700),
             (config.data_dir.join("plugins"), 0o700),
-            (config.data_dir.join("logs").join("plugins"), 0o700),
+            // Each plugin's log folder, `logs/<id>/`, is made when its log is opened.
+            (config.data_dir.join("logs"), 0o700),
         ];
         for (path, mode) in dirs {
             create_dir_with_mode(&path, mode)
@@ -416,8 +433,8 @@ impl Supervisor {
     /// as each is probed), updates changed metadata, stops and forgets plugins whose file is
     /// gone. A known plugin whose file is still there but fails its probe (bad metadata, a
     /// timeout under load, a binary half-copied) is reported as skipped and keeps running
-    /// with its previous metadata. Of two files declaring one id, a known plugin's own file
-    /// wins; otherwise the first probed.
+    /// with its previous metadata. Of several files declaring one id, the first by file name
+    /// (byte order) provides it, at every scan; the others are skipped naming it.
     pub async fn rescan(&self) -> Result<RescanReport, SupervisorError> {
         let _serial = self.inner.rescan.lock().await;
         if self.inner.cancel.is_cancelled() {
@@ -425,64 +442,25 @@ impl Supervisor {
         }
         let ctx = &self.inner.ctx;
         let dir = ctx.config.plugins_dir.clone();
-        let opts = ProbeOptions {
-            timeout: ctx.config.timing.metadata_timeout,
-            env_allowlist: ctx.config.plugin_env_allowlist.clone(),
-            max_bytes: ctx.config.max_metadata_bytes,
-            limits: ctx.config.plugin_limits.clone(),
-        };
-        let (candidates, mut probes) =
+        let opts = ProbeOptions::from_config(&ctx.config);
+        let (candidates, probes) =
             discovery::scan(&dir, opts).map_err(|e| SupervisorError::PluginsDir {
                 path: dir.clone(),
                 reason: e.to_string(),
             })?;
-        let candidates: HashSet<PathBuf> = candidates.into_iter().collect();
-        let previous_skips = self.skipped();
-        let mut report = RescanReport::default();
-        let mut seen: HashMap<String, PathBuf> = HashMap::new();
-        let mut failed: HashSet<PathBuf> = HashSet::new();
-        while let Some(outcome) = probes.recv().await {
-            let outcome = outcome.and_then(|spec| {
-                let id = &spec.metadata.id;
-                let known = self.known_path(id).filter(|known| {
-                    *known != spec.binary_path && candidates.contains(known)
-                });
-                match seen.get(id).cloned().or(known) {
-                    Some(first) => Err(Skipped {
-                        reason: format!(
-                            "duplicate id {id:?}: {} already provides it; give one of them another id",
-                            first.display()
-                        ),
-                        path: spec.binary_path,
-                    }),
-                    None => Ok(spec),
-                }
-            });
-            match outcome {
-                Ok(spec) => {
-                    seen.insert(spec.metadata.id.clone(), spec.binary_path.clone());
-                    self.add_or_update(spec, &mut report);
-                }
-                Err(skipped) => {
-                    tracing::warn!(path = ?skipped.path, reason = ?skipped.reason, "plugin skipped");
-                    failed.insert(skipped.path.clone());
-                    // Visible in ListPlugins before its event is out; stale entries of the
-                    // previous scan are dropped when this scan ends.
-                    {
-                        let mut list = self.inner.skipped.lock().expect("skipped list poisoned");
-                        list.retain(|s| s.path != skipped.path);
-                        list.push(skipped.clone());
-                    }
-                    if !previous_skips.contains(&skipped) {
-                        let draft = EventDraft::new("", EventKind::PluginSkipped)
-                            .reason(skipped.reason.clone())
-                            .detail("path", skipped.path.display());
-                        ctx.events.append(draft);
-                    }
-                    report.skipped.push(skipped);
-                }
-            }
-        }
+        let mut tally = Tally {
+            previous_skips: self.skipped(),
+            report: RescanReport::default(),
+            seen: HashMap::new(),
+            failed: HashSet::new(),
+        };
+        self.take_probes(candidates, probes, &mut tally).await;
+        let Tally {
+            mut report,
+            seen,
+            failed,
+            ..
+        } = tally;
         let gone: Vec<(String, PluginHandle)> = {
             let mut plugins = self.inner.plugins.write().expect("plugin table poisoned");
             let ids: Vec<String> = plugins
@@ -512,24 +490,134 @@ impl Supervisor {
         Ok(report)
     }
 
-    /// The executable of a known plugin.
-    fn known_path(&self, id: &str) -> Option<PathBuf> {
-        let plugins = self.inner.plugins.read().expect("plugin table poisoned");
-        plugins
-            .get(id)
-            .map(|h| h.status.borrow().spec.binary_path.clone())
+    /// Takes every probe's outcome as it ends, adding or updating plugins and reporting
+    /// skipped files. Probes end in any order; specs are taken in file-name order, each once
+    /// no earlier file is still being probed (or once [`DUPLICATE_HOLD`] is over), so the
+    /// first file by name declaring an id gets it, whatever the timing.
+    async fn take_probes(
+        &self,
+        candidates: Vec<PathBuf>,
+        mut probes: mpsc::UnboundedReceiver<discovery::Scanned>,
+        tally: &mut Tally,
+    ) {
+        let mut pending: BTreeSet<PathBuf> = candidates.into_iter().collect();
+        let mut held: BTreeMap<PathBuf, (PluginSpec, Option<FileIdentity>)> = BTreeMap::new();
+        let hold_until = tokio::time::Instant::now() + DUPLICATE_HOLD;
+        let mut holding = true;
+        loop {
+            let next = if holding && !held.is_empty() {
+                tokio::select! {
+                    outcome = probes.recv() => Some(outcome),
+                    _ = tokio::time::sleep_until(hold_until) => {
+                        holding = false;
+                        None
+                    }
+                }
+            } else {
+                Some(probes.recv().await)
+            };
+            match next {
+                Some(None) => break,
+                Some(Some((Ok(spec), identity))) => {
+                    pending.remove(&spec.binary_path);
+                    held.insert(spec.binary_path.clone(), (spec, identity));
+                }
+                Some(Some((Err(skipped), _))) => {
+                    pending.remove(&skipped.path);
+                    self.note_skipped(skipped, tally);
+                }
+                None => {}
+            }
+            while let Some((path, _)) = held.first_key_value() {
+                if holding && pending.first().is_some_and(|first| first < path) {
+                    break;
+                }
+                let (_, probed) = held.pop_first().expect("looked at");
+                self.take_spec(probed, tally);
+            }
+        }
+        for (_, probed) in held {
+            self.take_spec(probed, tally);
+        }
     }
 
-    fn add_or_update(&self, spec: PluginSpec, report: &mut RescanReport) {
+    /// Takes a probed spec: the first file by name declaring an id provides it; a later one
+    /// is skipped naming it, and an earlier one arriving late (after the hold) takes the id
+    /// over from it.
+    fn take_spec(&self, (spec, identity): (PluginSpec, Option<FileIdentity>), tally: &mut Tally) {
+        let id = spec.metadata.id.clone();
+        let duplicate = |path: PathBuf, first: &std::path::Path| Skipped {
+            reason: format!(
+                "duplicate id {id:?}: {} provides it (of the files declaring one id, the \
+                 first by name does); give one of them another id",
+                first.display()
+            ),
+            path,
+        };
+        match tally.seen.get(&id).cloned() {
+            Some(first) if first < spec.binary_path => {
+                self.note_skipped(duplicate(spec.binary_path, &first), tally);
+            }
+            Some(later) => {
+                self.note_skipped(duplicate(later, &spec.binary_path), tally);
+                tally.seen.insert(id, spec.binary_path.clone());
+                self.add_or_update(spec, identity, &mut tally.report);
+            }
+            None => {
+                tally.seen.insert(id, spec.binary_path.clone());
+                self.add_or_update(spec, identity, &mut tally.report);
+            }
+        }
+    }
+
+    /// Reports a file not loaded: in the skipped list at once, in the report, and as an
+    /// event unless the previous scan skipped it for the same reason.
+    fn note_skipped(&self, skipped: Skipped, tally: &mut Tally) {
+        tracing::warn!(path = ?skipped.path, reason = ?skipped.reason, "plugin skipped");
+        tally.failed.insert(skipped.path.clone());
+        // Visible in ListPlugins before its event is out; stale entries of the previous scan
+        // are dropped when this scan ends.
+        {
+            let mut list = self.inner.skipped.lock().expect("skipped list poisoned");
+            list.retain(|s| s.path != skipped.path);
+            list.push(skipped.clone());
+        }
+        if !tally.previous_skips.contains(&skipped) {
+            let draft = EventDraft::new("", EventKind::PluginSkipped)
+                .reason(skipped.reason.clone())
+                .detail("path", skipped.path.display());
+            self.inner.ctx.events.append(draft);
+        }
+        tally.report.skipped.push(skipped);
+    }
+
+    /// Adds a newly discovered plugin (its actor starts it if enabled), or updates a known
+    /// one's spec. `identity` is its file's before the probe that gave `spec`.
+    fn add_or_update(
+        &self,
+        spec: PluginSpec,
+        identity: Option<FileIdentity>,
+        report: &mut RescanReport,
+    ) {
         let ctx = &self.inner.ctx;
         let id = spec.metadata.id.clone();
         let mut plugins = self.inner.plugins.write().expect("plugin table poisoned");
         if let Some(existing) = plugins.get(&id) {
-            if existing.status.borrow().spec != spec {
+            let old = existing.status.borrow().spec.clone();
+            if old != spec {
+                let moved = old.binary_path != spec.binary_path;
                 let _ = existing.commands.try_send(Command::Update(spec.clone()));
+                let reason = if moved {
+                    format!(
+                        "now provided by {} (restarted if running)",
+                        spec.binary_path.display()
+                    )
+                } else {
+                    "metadata changed; applies from the next start".to_owned()
+                };
                 ctx.events.append(
                     EventDraft::new(&id, EventKind::PluginUpdated)
-                        .reason("metadata changed; applies from the next start")
+                        .reason(reason)
                         .detail("version", &spec.metadata.version),
                 );
                 report.updated.push(id);
@@ -558,6 +646,8 @@ impl Supervisor {
                 .detail("path", spec.binary_path.display())
                 .detail("version", &spec.metadata.version),
         );
+        // The probe that found it checked its id: the first start need not probe again.
+        let verified = identity.map(|identity| (spec.binary_path.clone(), identity));
         let status = PluginStatus {
             spec,
             enabled,
@@ -587,6 +677,7 @@ impl Supervisor {
             log.clone(),
             cmd_rx,
             self.inner.cancel.child_token(),
+            verified,
         );
         self.inner.tracker.spawn(actor.run());
         plugins.insert(
