@@ -1012,4 +1012,21 @@ mod tests {
         assert_eq!(seqs, (11..=31).collect::<Vec<_>>());
         assert!(f.try_next().is_none());
     }
+
+    #[test]
+    fn reads_stop_at_a_byte_budget_but_return_one_record_at_least() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", small()).unwrap();
+        for i in 0..40 {
+            add(&log, &format!("{i}"));
+        }
+        // Each record counts 256 bytes (the default size hint).
+        let seqs = |v: Vec<Arc<Rec>>| v.iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(
+            seqs(log.read_after_within(5, 100, 1000).unwrap()),
+            [6, 7, 8, 9]
+        );
+        assert_eq!(seqs(log.read_after_within(5, 100, 1).unwrap()), [6]);
+        assert_eq!(log.read_after(0, 100).unwrap().len(), 40);
+    }
 }

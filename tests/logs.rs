@@ -467,4 +467,3 @@ async fn a_follower_receives_each_new_line_within_50_ms() {
         );
     }
 }
-

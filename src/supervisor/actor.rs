@@ -50,16 +50,16 @@ pub(super) enum Command {
 }
 
 impl Command {
-    /// Whether the caller stopped waiting for the answer (its call was cancelled or timed
-    /// out). Such a command is dropped when taken, not carried out: operations queued by
-    /// callers long gone must not keep a plugin flapping.
+    /// Whether an operator's command lost its caller (the call was cancelled or timed out).
+    /// Such a command is dropped when taken, not carried out: operations queued by callers
+    /// long gone must not keep a plugin flapping. The supervisor's own (`Update`, `Remove`:
+    /// the file is gone, whoever asked) are always carried out.
     fn abandoned(&self) -> bool {
         match self {
             Command::Enable(reply) | Command::Disable(reply) | Command::Restart(reply) => {
                 reply.is_closed()
             }
-            Command::Remove(done) => done.is_closed(),
-            Command::Update(_) => false,
+            Command::Remove(_) | Command::Update(_) => false,
         }
     }
 }
