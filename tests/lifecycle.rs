@@ -715,6 +715,39 @@ async fn a_disable_during_the_start_ends_it_at_once() {
     assert!(err.message().contains("disabled"), "{err:?}");
 }
 
+#[tokio::test]
+async fn a_plugin_ignoring_sigterm_during_its_start_is_killed_promptly() {
+    let mut d = Daemon::new(&["--stop-grace", "5s", "--kill-grace", "5s"]);
+    d.install_fixture("stubborn", "stubborn-start", &["--ms", "5000"]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["stubborn"]).await;
+    let mut enabling = client.clone();
+    let enable = tokio::spawn(async move { enabling.enable_plugin(id_req("stubborn")).await });
+    let spawned = events
+        .wait_state("stubborn", PluginState::Starting, SECS10)
+        .await;
+    let pid: u32 = spawned.details["pid"].parse().unwrap();
+    wait_until("it to ignore SIGTERM", SECS10, || {
+        d.log_text("stubborn").contains("ignoring SIGTERM")
+    })
+    .await;
+    let began = Instant::now();
+    let plugin = disable(&mut client, "stubborn").await;
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "a disable during a stubborn start took {:?}",
+        began.elapsed()
+    );
+    assert!(process_gone(pid), "pid {pid} outlived the disable");
+    assert_eq!(
+        plugin.last_exit.unwrap().status,
+        Some(pb::exit_info::Status::Signal(9))
+    );
+    assert!(enable.await.unwrap().is_err());
+}
+
 /// What a completed call left: running for enable and restart, stopped for disable.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Op {
