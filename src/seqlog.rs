@@ -399,7 +399,20 @@ impl<T: Sequenced> SeqLog<T> {
 
     /// Up to `limit` records with `seq > after`, oldest first, from the files (blocking).
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Arc<T>>, SeqLogError> {
+        self.read_after_within(after, limit, usize::MAX)
+    }
+
+    /// Like [`SeqLog::read_after`], but stops once the records read hold `max_bytes` (by
+    /// [`Sequenced::size_hint`]; one record at least), so a reader's memory stays bounded
+    /// however long the records are.
+    pub fn read_after_within(
+        &self,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Arc<T>>, SeqLogError> {
         let segments = self.segments();
+        let mut bytes = 0usize;
         let start = segments
             .partition_point(|s| s.first_seq <= after.saturating_add(1))
             .saturating_sub(1);
@@ -413,9 +426,10 @@ impl<T: Sequenced> SeqLog<T> {
                 .map_or(0, |e| e.offset);
             let done = read_segment(&segment.path, offset, after, |record: T| {
                 if record.seq() > after {
+                    bytes = bytes.saturating_add(record.size_hint());
                     out.push(Arc::new(record));
                 }
-                out.len() < limit
+                out.len() < limit && bytes < max_bytes
             });
             match done {
                 Ok(true) => {}
@@ -487,7 +501,11 @@ pub struct Follower<T> {
     upto: u64,
 }
 
+/// Records a follower reads from the files at once, at most.
 const REPLAY_BATCH: usize = 1024;
+/// Bytes (by [`Sequenced::size_hint`]) a follower reads from the files at once, at most:
+/// with [`BROADCAST_CHUNK_BYTES`], what one follower holds of its own.
+pub const REPLAY_BYTES: usize = 256 * 1024;
 
 impl<T: Sequenced> Follower<T> {
     /// The next record, waiting for one if needed; `None` when the log is gone.
@@ -498,9 +516,11 @@ impl<T: Sequenced> Follower<T> {
             }
             if self.cursor < self.upto {
                 let (log, after) = (self.log.clone(), self.cursor);
-                let read = tokio::task::spawn_blocking(move || log.read_after(after, REPLAY_BATCH))
-                    .await
-                    .expect("log reader panicked");
+                let read = tokio::task::spawn_blocking(move || {
+                    log.read_after_within(after, REPLAY_BATCH, REPLAY_BYTES)
+                })
+                .await
+                .expect("log reader panicked");
                 match read {
                     Ok(batch) => {
                         let upto = self.upto;
@@ -993,5 +1013,22 @@ mod tests {
         }
         assert_eq!(seqs, (11..=31).collect::<Vec<_>>());
         assert!(f.try_next().is_none());
+    }
+
+    #[test]
+    fn reads_stop_at_a_byte_budget_but_return_one_record_at_least() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", small()).unwrap();
+        for i in 0..40 {
+            add(&log, &format!("{i}"));
+        }
+        // Each record counts 256 bytes (the default size hint).
+        let seqs = |v: Vec<Arc<Rec>>| v.iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(
+            seqs(log.read_after_within(5, 100, 1000).unwrap()),
+            [6, 7, 8, 9]
+        );
+        assert_eq!(seqs(log.read_after_within(5, 100, 1).unwrap()), [6]);
+        assert_eq!(log.read_after(0, 100).unwrap().len(), 40);
     }
 }

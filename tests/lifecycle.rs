@@ -685,3 +685,180 @@ async fn a_socket_path_over_the_unix_limit_is_a_clear_error() {
     let plugin = get(&mut client, "fits").await;
     assert_eq!(state_of(&plugin), PluginState::Disabled);
 }
+
+#[tokio::test]
+async fn a_disable_during_the_start_ends_it_at_once() {
+    // A v1 plugin that takes 3 s to bind its socket, and a stop grace of 5 s.
+    let mut d = Daemon::new(&["--stop-grace", "5s"]);
+    d.install_fixture("sleepy", "slow-start", &["--ms", "3000"]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["sleepy"]).await;
+    let mut enabling = client.clone();
+    let enable = tokio::spawn(async move { enabling.enable_plugin(id_req("sleepy")).await });
+    let spawned = events
+        .wait_state("sleepy", PluginState::Starting, SECS10)
+        .await;
+    let pid: u32 = spawned.details["pid"].parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let began = Instant::now();
+    let plugin = disable(&mut client, "sleepy").await;
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "a disable during the start took {:?}",
+        began.elapsed()
+    );
+    assert_eq!(state_of(&plugin), PluginState::Stopped);
+    assert!(process_gone(pid), "pid {pid} outlived the disable");
+    let err = enable.await.unwrap().unwrap_err();
+    assert!(err.message().contains("disabled"), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_plugin_ignoring_sigterm_during_its_start_is_killed_promptly() {
+    let mut d = Daemon::new(&["--stop-grace", "5s", "--kill-grace", "5s"]);
+    d.install_fixture("stubborn", "stubborn-start", &["--ms", "5000"]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["stubborn"]).await;
+    let mut enabling = client.clone();
+    let enable = tokio::spawn(async move { enabling.enable_plugin(id_req("stubborn")).await });
+    let spawned = events
+        .wait_state("stubborn", PluginState::Starting, SECS10)
+        .await;
+    let pid: u32 = spawned.details["pid"].parse().unwrap();
+    wait_until("it to ignore SIGTERM", SECS10, || {
+        d.log_text("stubborn").contains("ignoring SIGTERM")
+    })
+    .await;
+    let began = Instant::now();
+    let plugin = disable(&mut client, "stubborn").await;
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "a disable during a stubborn start took {:?}",
+        began.elapsed()
+    );
+    assert!(process_gone(pid), "pid {pid} outlived the disable");
+    assert_eq!(
+        plugin.last_exit.unwrap().status,
+        Some(pb::exit_info::Status::Signal(9))
+    );
+    assert!(enable.await.unwrap().is_err());
+}
+
+/// What a completed call left: running for enable and restart, stopped for disable.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Op {
+    Enable,
+    Disable,
+    Restart,
+}
+
+/// One call with an optional deadline; `Ok(())` when it was answered with success.
+async fn call(
+    client: &mut Client,
+    op: Op,
+    deadline: Option<Duration>,
+) -> Result<(), tonic::Status> {
+    fn with<T>(msg: T, deadline: Option<Duration>) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(limit) = deadline {
+            req.set_timeout(limit);
+        }
+        req
+    }
+    let id = "flappy".to_string();
+    match op {
+        Op::Enable => client
+            .enable_plugin(with(pb::EnablePluginRequest { plugin_id: id }, deadline))
+            .await
+            .map(drop),
+        Op::Disable => client
+            .disable_plugin(with(pb::DisablePluginRequest { plugin_id: id }, deadline))
+            .await
+            .map(drop),
+        Op::Restart => client
+            .restart_plugin(with(pb::RestartPluginRequest { plugin_id: id }, deadline))
+            .await
+            .map(drop),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_clients_that_give_up_leave_no_queued_flapping_and_the_last_call_wins() {
+    const CLIENTS: usize = 20;
+    let ops = [Op::Enable, Op::Disable, Op::Restart];
+    // A plugin slow to become ready, so that calls pile up behind starts and stops.
+    let (d, mut client) = start_discovered(
+        &[],
+        |d| {
+            d.install_fixture("flappy", "slow-start", &["--ms", "300"]);
+        },
+        &["flappy"],
+    )
+    .await;
+    // 20 clients racing for 2 s, every call with a short deadline; then all of them gone.
+    let race_end = Instant::now() + Duration::from_secs(2);
+    let racers: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut k = i;
+                while Instant::now() < race_end {
+                    let deadline = Duration::from_millis(50 + (k as u64 * 37) % 200);
+                    let _ = call(&mut client, ops[k % 3], Some(deadline)).await;
+                    k += 7;
+                }
+            })
+        })
+        .collect();
+    for racer in racers {
+        racer.await.unwrap();
+    }
+    // Then every client makes one call and waits for its answer: they complete promptly (no
+    // backlog of abandoned calls is carried out first), and the last one to succeed decides.
+    let settled = Instant::now();
+    let finals: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let op = ops[i % 3];
+                let result = call(&mut client, op, None).await;
+                (op, result.is_ok(), Instant::now())
+            })
+        })
+        .collect();
+    let mut last: Option<(Op, Instant)> = None;
+    for f in finals {
+        let (op, ok, at) = f.await.unwrap();
+        if ok && last.is_none_or(|(_, t)| at >= t) {
+            last = Some((op, at));
+        }
+    }
+    let took = settled.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "the final calls took {took:?}: abandoned calls were carried out first"
+    );
+    let (op, _) = last.expect("some final call succeeded");
+    // No transition after that: the plugin stays as the last successful call left it.
+    let mut events = Events::watch(&mut client, None).await;
+    let quiet = events.next_within(Duration::from_millis(1500)).await;
+    assert!(
+        quiet.is_none(),
+        "a transition after the last call: {quiet:?}"
+    );
+    let plugin = get(&mut client, "flappy").await;
+    let want = match op {
+        Op::Disable => PluginState::Stopped,
+        Op::Enable | Op::Restart => PluginState::Running,
+    };
+    assert_eq!(
+        (state_of(&plugin), plugin.enabled),
+        (want, want == PluginState::Running),
+        "the last successful call was {op:?}"
+    );
+    drop(d);
+}

@@ -1,18 +1,21 @@
 //! `toru.v1.LogService`: streaming plugin logs from the per-plugin sequenced logs.
 //!
-//! One producer task per plugin follows that plugin's log from the requested start point:
-//! replayed records first (read from the files), then live ones, in batches of whatever is
-//! ready. A client that reads slowly only makes its producers wait; their followers then
-//! fall behind the live broadcast and catch up from the files, so nothing is lost and
-//! nothing grows without bound. A jump in `seq` (records rotated away before they were
-//! read) is sent as a gap.
+//! A stream follows each selected plugin's log from the requested start point: replayed
+//! records first (read from the files), then live ones, in batches of whatever is ready. A
+//! stream is pulled, never pushed: the next batch is read from the log only when the
+//! transport asks for it, which tonic does only when HTTP/2 flow control lets it send. A
+//! client that does not read therefore holds, per plugin it follows, one response in the
+//! transport and what its follower already read (see [`STREAM_MEMORY`]), however fast the
+//! plugin logs; its follower falls behind the live broadcast and catches up from the files
+//! when the client reads again, so nothing is lost. A jump in `seq` (records rotated away
+//! before they were read) is sent as a gap. This module knows nothing of how the logs are
+//! captured or stored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 
-use futures::Stream;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use futures::{Stream, StreamExt};
+use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -25,10 +28,17 @@ use crate::supervisor::Supervisor;
 
 /// Records per response at most.
 const MAX_BATCH: usize = 4096;
-/// Encoded bytes of records per `StreamLogs` response at most (a client's default limit is
-/// 4 MiB), and never over half of `--max-message-bytes`; a response always carries at least
-/// one record.
-const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Encoded bytes per response at most (a response always carries at least one record): small
+/// enough that what waits in the transport for a client that does not read stays small,
+/// large enough that a reader keeping up with a flood gets few responses.
+const MAX_BATCH_BYTES: usize = 32 * 1024;
+
+/// What one plugin's part of a stream whose client does not read holds at most, about: one
+/// response in the transport (HTTP/2 buffers the response it was given when the client's
+/// window closed, and tonic's encoder up to 32 KiB more), and the records its follower read
+/// from the files but has not sent ([`crate::seqlog::REPLAY_BYTES`]). Live records are shared
+/// with the log's broadcast, whose backlog (about 16 MiB per log) every follower shares.
+pub const STREAM_MEMORY: usize = MAX_BATCH_BYTES + 32 * 1024 + crate::seqlog::REPLAY_BYTES;
 
 /// What one record adds to a response: its encoded size, plus its field tag and length
 /// prefix.
@@ -47,25 +57,12 @@ fn response_budget(max_message_bytes: usize) -> usize {
 /// How long a following stream gathers records into a batch, from the batch's first record.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
-/// Sends a response unless the daemon is stopping; false when the stream should end (the
-/// client is gone, or the daemon stops while the client is not reading).
-async fn send(
-    tx: &mpsc::Sender<Result<pb::StreamLogsResponse, Status>>,
-    stop: &CancellationToken,
-    response: Result<pb::StreamLogsResponse, Status>,
-) -> bool {
-    tokio::select! {
-        sent = tx.send(response) => sent.is_ok(),
-        _ = stop.cancelled() => false,
-    }
-}
-
 /// Turns one plugin's records, taken in seq order, into responses: batches of the records
 /// the filter keeps, and a gap wherever `seq` jumps (records rotated away unread). Both the
 /// following and the reading producers use it.
-struct Batcher<'a> {
-    id: &'a str,
-    filter: &'a Filter,
+struct Batcher {
+    id: String,
+    filter: Filter,
     /// The seq the next record should have.
     expected: u64,
     records: Vec<pb::LogRecord>,
@@ -73,8 +70,8 @@ struct Batcher<'a> {
     bytes: usize,
 }
 
-impl<'a> Batcher<'a> {
-    fn new(id: &'a str, filter: &'a Filter, after: u64) -> Self {
+impl Batcher {
+    fn new(id: String, filter: Filter, after: u64) -> Self {
         Batcher {
             id,
             filter,
@@ -91,7 +88,7 @@ impl<'a> Batcher<'a> {
         if r.seq > self.expected {
             out.extend(self.take());
             let gap = pb::LogGap {
-                plugin_id: self.id.to_owned(),
+                plugin_id: self.id.clone(),
                 from_seq: self.expected,
                 to_seq: r.seq - 1,
             };
@@ -102,7 +99,7 @@ impl<'a> Batcher<'a> {
         }
         self.expected = r.seq + 1;
         if self.filter.keeps(r) {
-            let record = record(self.id, r);
+            let record = record(&self.id, r);
             self.bytes += encoded_cost(&record);
             self.records.push(record);
         }
@@ -123,23 +120,6 @@ impl<'a> Batcher<'a> {
         })
     }
 }
-
-/// Sends every response in order; false when the stream should end.
-async fn send_all(
-    tx: &mpsc::Sender<Result<pb::StreamLogsResponse, Status>>,
-    stop: &CancellationToken,
-    responses: impl IntoIterator<Item = pb::StreamLogsResponse>,
-) -> bool {
-    for response in responses {
-        if !send(tx, stop, Ok(response)).await {
-            return false;
-        }
-    }
-    true
-}
-
-/// Responses buffered per stream before producers wait for the client.
-const STREAM_BUFFER: usize = 16;
 
 /// The `LogService` implementation.
 pub struct LogApi {
@@ -516,133 +496,192 @@ impl LogService for LogApi {
                 }
             }
         };
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        for (id, log) in logs {
-            let start = start_for(&log, &id);
-            let upto = (!req.follow).then(|| log.records().last_seq());
-            tokio::spawn(produce(
-                id,
-                log,
-                start,
-                upto,
-                filter.clone(),
-                tx.clone(),
-                self.stop.clone(),
-            ));
-        }
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let feeds: Vec<LogStreamOut> = logs
+            .into_iter()
+            .map(|(id, log)| {
+                let start = start_for(&log, &id);
+                let upto = (!req.follow).then(|| log.records().last_seq());
+                Feed::new(id, &log, start, upto, filter.clone()).into_stream()
+            })
+            .collect();
+        let merged =
+            futures::stream::select_all(feeds).take_until(self.stop.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(merged)))
     }
 }
 
-/// Follows one plugin's log and sends its batches (and gaps) until `upto` (when not
-/// following), the client goes away, or the daemon stops.
-async fn produce(
-    id: String,
-    log: PluginLog,
-    start: Start,
-    upto: Option<u64>,
-    filter: Filter,
-    tx: mpsc::Sender<Result<pb::StreamLogsResponse, Status>>,
-    stop: CancellationToken,
-) {
-    let records = log.records().clone();
-    let after = match start {
-        Start::After(seq) => seq,
-        Start::Since(t) => {
-            let r = records.clone();
-            match tokio::task::spawn_blocking(move || r.seq_at(t)).await {
-                Ok(Ok(seq)) => seq.saturating_sub(1),
-                _ => records.last_seq(),
+/// One plugin's part of a stream: its records from the start point, in batches and gaps,
+/// each read from the log only when the stream is asked for its next response.
+struct Feed {
+    records: crate::seqlog::SeqLog<LogRecord>,
+    source: Source,
+    batcher: Batcher,
+    /// Responses made and not yet handed out (a batch cut short by a gap, and the gap).
+    queued: VecDeque<pb::StreamLogsResponse>,
+    /// Nothing more comes after `queued`.
+    finished: bool,
+}
+
+/// Where a feed takes its records from.
+enum Source {
+    /// Not opened yet (finding a start time reads the files).
+    Start(Start, Option<u64>),
+    /// Following the log, live once caught up.
+    Follow(Follower),
+    /// Reading the files up to this seq, then ending.
+    Read(u64),
+}
+
+type Follower = crate::seqlog::Follower<LogRecord>;
+
+impl Feed {
+    fn new(id: String, log: &PluginLog, start: Start, upto: Option<u64>, filter: Filter) -> Self {
+        Feed {
+            records: log.records().clone(),
+            source: Source::Start(start, upto),
+            batcher: Batcher::new(id, filter, 0),
+            queued: VecDeque::new(),
+            finished: false,
+        }
+    }
+
+    /// The feed as a stream that ends after an error.
+    fn into_stream(self) -> LogStreamOut {
+        Box::pin(futures::stream::unfold(Some(self), |feed| async move {
+            let mut feed = feed?;
+            match feed.next().await? {
+                Ok(response) => Some((Ok(response), Some(feed))),
+                Err(status) => Some((Err(status), None)),
+            }
+        }))
+    }
+
+    /// The next response; `None` when the feed has ended.
+    async fn next(&mut self) -> Option<Result<pb::StreamLogsResponse, Status>> {
+        loop {
+            if let Some(response) = self.queued.pop_front() {
+                return Some(Ok(response));
+            }
+            if self.finished {
+                return None;
+            }
+            let made = match &mut self.source {
+                Source::Start(..) => self.open().await,
+                Source::Follow(follower) => {
+                    follow_batch(follower, &mut self.batcher, &mut self.queued).await
+                }
+                Source::Read(upto) => {
+                    let upto = *upto;
+                    read_batch(&self.records, upto, &mut self.batcher, &mut self.queued).await
+                }
+            };
+            match made {
+                Ok(more) => self.finished = !more,
+                Err(status) => {
+                    self.finished = true;
+                    return Some(Err(status));
+                }
             }
         }
-    };
-    if let Some(upto) = upto {
-        read_until(&id, &records, after, upto, &filter, &tx, &stop).await;
-        return;
     }
-    let mut follower = records.follow(Some(after));
-    let mut batcher = Batcher::new(&id, &filter, after);
-    loop {
-        let first = tokio::select! {
-            next = follower.next() => next,
-            _ = stop.cancelled() => return,
-            _ = tx.closed() => return,
+
+    /// Finds the start seq and begins following or reading from there.
+    async fn open(&mut self) -> Result<bool, Status> {
+        let Source::Start(start, upto) = &self.source else {
+            return Ok(true);
         };
-        let mut next = first;
-        // A batch goes out when full or LINGER after its first record, whichever is first.
-        let deadline = tokio::time::Instant::now() + LINGER;
-        loop {
-            let record = match next {
-                Some(Ok(record)) => record,
-                Some(Err(e)) => {
-                    send(&tx, &stop, Err(Status::internal(e.to_string()))).await;
-                    return;
+        let upto = *upto;
+        let after = match *start {
+            Start::After(seq) => seq,
+            Start::Since(t) => {
+                let r = self.records.clone();
+                match tokio::task::spawn_blocking(move || r.seq_at(t)).await {
+                    Ok(Ok(seq)) => seq.saturating_sub(1),
+                    _ => self.records.last_seq(),
                 }
-                None => return,
-            };
-            if !send_all(&tx, &stop, batcher.push(&record)).await {
-                return;
             }
-            if batcher.full() {
+        };
+        self.batcher.expected = after + 1;
+        self.source = match upto {
+            Some(upto) => Source::Read(upto),
+            None => Source::Follow(self.records.follow(Some(after))),
+        };
+        Ok(true)
+    }
+}
+
+/// Gathers one batch from a follower into `out` (after any gap before it); false when the
+/// log is gone.
+async fn follow_batch(
+    follower: &mut Follower,
+    batcher: &mut Batcher,
+    out: &mut VecDeque<pb::StreamLogsResponse>,
+) -> Result<bool, Status> {
+    let mut next = follower.next().await;
+    // A batch goes out when full or LINGER after its first record, whichever is first.
+    let deadline = tokio::time::Instant::now() + LINGER;
+    let mut more = true;
+    loop {
+        let record = match next {
+            Some(Ok(record)) => record,
+            Some(Err(e)) => return Err(Status::internal(e.to_string())),
+            None => {
+                more = false;
                 break;
             }
-            // Linger briefly for more: many small responses cost more than they save.
-            match follower.try_next() {
-                Some(more) => next = Some(Ok(more)),
-                // A file read is due: send what we have rather than abandon the read at the
-                // deadline (the next round waits for it in full).
-                None if follower.replaying() => break,
-                None => match tokio::time::timeout_at(deadline, follower.next()).await {
-                    Ok(more) => next = more,
-                    Err(_) => break,
-                },
-            }
+        };
+        let cut = batcher.push(&record);
+        let gap = !cut.is_empty();
+        out.extend(cut);
+        if gap || batcher.full() {
+            break;
         }
-        if !send_all(&tx, &stop, batcher.take()).await {
-            return;
+        // Linger briefly for more: many small responses cost more than they save.
+        match follower.try_next() {
+            Some(record) => next = Some(Ok(record)),
+            // A file read is due: send what we have rather than abandon the read at the
+            // deadline (the next round waits for it in full).
+            None if follower.replaying() => break,
+            None => match tokio::time::timeout_at(deadline, follower.next()).await {
+                Ok(record) => next = record,
+                Err(_) => break,
+            },
         }
     }
+    out.extend(batcher.take());
+    Ok(more)
 }
 
-/// Sends the records after `after` up to `upto` read straight from the files (no live
-/// following), with gaps where records were rotated away.
-async fn read_until(
-    id: &str,
+/// Reads the next records up to `upto` straight from the files (no live following) into
+/// `out`, with gaps where records were rotated away; false once `upto` is reached.
+async fn read_batch(
     records: &crate::seqlog::SeqLog<LogRecord>,
-    after: u64,
     upto: u64,
-    filter: &Filter,
-    tx: &mpsc::Sender<Result<pb::StreamLogsResponse, Status>>,
-    stop: &CancellationToken,
-) {
-    let mut batcher = Batcher::new(id, filter, after);
-    while batcher.expected <= upto {
-        let (log, from) = (records.clone(), batcher.expected - 1);
-        let read = tokio::task::spawn_blocking(move || log.read_after(from, MAX_BATCH))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|read| read.map_err(|e| e.to_string()));
-        let batch = match read {
-            Ok(batch) if !batch.is_empty() => batch,
-            Ok(_) => return,
-            Err(e) => {
-                send(tx, stop, Err(Status::internal(e))).await;
-                return;
-            }
-        };
-        for r in batch.iter().filter(|r| r.seq <= upto) {
-            if !send_all(tx, stop, batcher.push(r)).await {
-                return;
-            }
-            if batcher.full() && !send_all(tx, stop, batcher.take()).await {
-                return;
-            }
-        }
-        if batch.last().is_some_and(|r| r.seq > upto) {
-            batcher.expected = upto + 1;
-        }
-        if !send_all(tx, stop, batcher.take()).await {
-            return;
+    batcher: &mut Batcher,
+    out: &mut VecDeque<pb::StreamLogsResponse>,
+) -> Result<bool, Status> {
+    if batcher.expected > upto {
+        return Ok(false);
+    }
+    let (log, from) = (records.clone(), batcher.expected - 1);
+    let batch = tokio::task::spawn_blocking(move || {
+        log.read_after_within(from, MAX_BATCH, crate::seqlog::REPLAY_BYTES)
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?
+    .map_err(|e| Status::internal(e.to_string()))?;
+    if batch.is_empty() {
+        return Ok(false);
+    }
+    for r in batch.iter().filter(|r| r.seq <= upto) {
+        out.extend(batcher.push(r));
+        if batcher.full() {
+            out.extend(batcher.take());
         }
     }
+    if batch.last().is_some_and(|r| r.seq > upto) {
+        batcher.expected = upto + 1;
+    }
+    out.extend(batcher.take());
+    Ok(batcher.expected <= upto)
 }

@@ -50,6 +50,35 @@ pub(super) enum Command {
     Remove(oneshot::Sender<()>),
 }
 
+impl Command {
+    /// Whether an operator's command lost its caller (the call was cancelled or timed out).
+    /// Such a command is dropped when taken, not carried out: operations queued by callers
+    /// long gone must not keep a plugin flapping. The supervisor's own (`Update`, `Remove`:
+    /// the file is gone, whoever asked) are always carried out.
+    fn abandoned(&self) -> bool {
+        match self {
+            Command::Enable(reply) | Command::Disable(reply) | Command::Restart(reply) => {
+                reply.is_closed()
+            }
+            Command::Remove(_) | Command::Update(_) => false,
+        }
+    }
+}
+
+/// The next command whose caller still waits; `None` when the supervisor is gone.
+async fn next_command(commands: &mut mpsc::Receiver<Command>) -> Option<Command> {
+    loop {
+        let command = commands.recv().await?;
+        if !command.abandoned() {
+            return Some(command);
+        }
+    }
+}
+
+/// Longest wait, when a stop ends a start, for each step (the shutdown message on the
+/// connection of a protocol-2 plugin that got `init`, then SIGTERM) before the next: a plugin
+/// that never became ready is not owed the stop grace.
+const STARTING_STOP_GRACE: Duration = Duration::from_millis(500);
 /// Longest wait for a dead plugin's output pipes to reach their end.
 const DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
 /// After the connection ends, how long to wait for the process to exit on its own before
@@ -75,6 +104,8 @@ struct Run {
     /// The way requests reach the plugin; `None` until it is ready.
     link: Option<Link>,
     since: Instant,
+    /// Whether it became ready; a stop during the start does not wait out the stop grace.
+    ready: bool,
 }
 
 pub(super) struct Actor {
@@ -252,7 +283,7 @@ impl Actor {
     async fn idle(&mut self) -> Next {
         loop {
             let cmd = tokio::select! {
-                cmd = self.commands.recv() => cmd,
+                cmd = next_command(&mut self.commands) => cmd,
                 _ = self.cancel.cancelled() => return Next::Exit,
             };
             match cmd {
@@ -289,7 +320,7 @@ impl Actor {
                     self.status.send_modify(|s| s.restart_count += 1);
                     return Next::Start;
                 }
-                cmd = self.commands.recv() => cmd,
+                cmd = next_command(&mut self.commands) => cmd,
                 _ = self.cancel.cancelled() => return Next::Exit,
             };
             match cmd {
@@ -431,7 +462,7 @@ impl Actor {
                         self.transition(PluginState::Running, "ready", None, |_| {});
                         let snapshot = self.snapshot();
                         self.answer_waiters(Ok(snapshot)).await;
-                        return Next::Run(Box::new(Run { process, link: Some(link), since: Instant::now() }));
+                        return Next::Run(Box::new(Run { process, link: Some(link), since: Instant::now(), ready: true }));
                     }
                     Err(reason) => {
                         let link = take_link(&early_link);
@@ -443,25 +474,25 @@ impl Actor {
                     let link = take_link(&early_link);
                     return self.failed_run(Some(process), link, reason).await;
                 }
-                cmd = self.commands.recv() => match cmd {
+                cmd = next_command(&mut self.commands) => match cmd {
                     Some(Command::Enable(reply)) | Some(Command::Restart(reply)) => self.waiters.push(reply),
                     Some(Command::Update(spec)) => self.update_spec(spec),
                     Some(Command::Disable(reply)) => {
-                        self.stop_and_disable(Run { process, link: take_link(&early_link), since: Instant::now() }, reply).await;
+                        self.stop_and_disable(Run { process, link: take_link(&early_link), since: Instant::now(), ready: false }, reply).await;
                         return Next::Idle;
                     }
                     Some(Command::Remove(done)) => {
-                        self.stop(Run { process, link: take_link(&early_link), since: Instant::now() }, "plugin file removed").await;
+                        self.stop(Run { process, link: take_link(&early_link), since: Instant::now(), ready: false }, "plugin file removed").await;
                         let _ = done.send(());
                         return Next::Exit;
                     }
                     None => {
-                        self.stop(Run { process, link: take_link(&early_link), since: Instant::now() }, "supervisor gone").await;
+                        self.stop(Run { process, link: take_link(&early_link), since: Instant::now(), ready: false }, "supervisor gone").await;
                         return Next::Exit;
                     }
                 },
                 _ = self.cancel.cancelled() => {
-                    self.stop(Run { process, link: take_link(&early_link), since: Instant::now() }, "daemon shutting down").await;
+                    self.stop(Run { process, link: take_link(&early_link), since: Instant::now(), ready: false }, "daemon shutting down").await;
                     return Next::Exit;
                 }
             }
@@ -533,7 +564,7 @@ impl Actor {
                         }
                     }
                 }
-                cmd = self.commands.recv() => match cmd {
+                cmd = next_command(&mut self.commands) => match cmd {
                     Some(Command::Enable(reply)) => self.reply(reply).await,
                     Some(Command::Update(spec)) => {
                         self.update_spec(spec);
@@ -581,13 +612,17 @@ impl Actor {
     }
 
     /// Stops a process by escalation (`shutdown` message, grace, SIGTERM to the group,
-    /// grace, SIGKILL), through STOPPING to STOPPED.
+    /// grace, SIGKILL), through STOPPING to STOPPED. A process that never became ready gets
+    /// no grace ([`Actor::end_start`]).
     async fn stop(&mut self, mut run: Run, reason: &str) {
         self.link.send_replace(None);
         self.transition(PluginState::Stopping, reason, None, |_| {});
         let timing = &self.ctx.config.timing;
         let socket = self.ctx.config.socket_path(&self.id);
-        if run.process.exit_status().is_none() {
+        let running = run.process.exit_status().is_none();
+        if running && !run.ready {
+            self.end_start(&mut run).await;
+        } else if running {
             let deadline = Instant::now() + timing.stop_grace;
             let shutdown = Envelope::shutdown(uuid::Uuid::new_v4().to_string());
             let asked = match &run.link {
@@ -627,6 +662,26 @@ impl Actor {
             stderr_tail,
         };
         self.transition(PluginState::Stopped, reason, Some(exit), |_| {});
+    }
+
+    /// Ends a start that has not reached ready, promptly: a protocol-2 plugin that got
+    /// `init` is asked on its connection to shut down, then the group gets SIGTERM, each with
+    /// a short wait ([`STARTING_STOP_GRACE`]); the caller then SIGKILLs what is left.
+    async fn end_start(&mut self, run: &mut Run) {
+        let timing = &self.ctx.config.timing;
+        if let Some(link) = run.link.as_ref().filter(|l| l.protocol() >= 2) {
+            let deadline = Instant::now() + STARTING_STOP_GRACE.min(timing.stop_grace);
+            let shutdown = Envelope::shutdown(uuid::Uuid::new_v4().to_string());
+            let _ = timeout_at(deadline, link.notify(&shutdown)).await;
+            if timeout_at(deadline, run.process.wait()).await.is_ok() {
+                return;
+            }
+        }
+        run.process.signal_group(libc::SIGTERM);
+        let grace = STARTING_STOP_GRACE.min(timing.kill_grace);
+        if timeout(grace, run.process.wait()).await.is_err() {
+            tracing::warn!(plugin = %self.id, "no exit after SIGTERM during its start; sending SIGKILL");
+        }
     }
 
     /// Records a failed run (crash, failed start) and decides what follows: backoff, or
