@@ -15,7 +15,6 @@ use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
-use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
