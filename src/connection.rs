@@ -1,6 +1,10 @@
 //! Reaching a plugin's socket: waiting for it to accept, connecting while its backlog is
 //! full, Toru's one-message-per-connection discipline for v1 plugins, and the non-intrusive
 //! v1 health check. The multiplexed request path is `bridge.rs`'s.
+//! Every connection is checked against the socket's peer credentials: the process listening
+//! must run as the owner of the directory the socket is in (`run/<id>/`, owned by the
+//! plugin's user), so a plugin cannot point the daemon at another plugin's socket with a
+//! symbolic link.
 //! This module knows nothing of processes or states.
 
 use std::path::{Path, PathBuf};
@@ -49,6 +53,55 @@ pub enum ConnectError {
     /// Sending failed.
     #[error("sending to the plugin failed: {0}")]
     Send(#[from] FrameError),
+    /// The listener is not the plugin's user.
+    #[error("cannot connect to {path}: {source}")]
+    Peer {
+        /// The socket.
+        path: PathBuf,
+        /// Whose listener it is.
+        source: std::io::Error,
+    },
+}
+
+/// Checks that the process listening on `stream` runs as the owner of the directory
+/// `path` is in; a `PermissionDenied` error says whose it is otherwise.
+pub fn check_peer(stream: &impl std::os::fd::AsRawFd, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let owner = std::fs::symlink_metadata(dir)?.uid();
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of the given length.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if cred.uid != owner {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "its listener (pid {}) runs as uid {}, not as uid {}, the owner of {}: \
+                 refusing a socket that leads to another user's process",
+                cred.pid,
+                cred.uid,
+                owner,
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Connects to `path`, retrying while the socket does not exist or refuses, until
@@ -89,7 +142,14 @@ fn connect_blocking(
     let mut delay = FIRST_RETRY_DELAY;
     loop {
         match std::os::unix::net::UnixStream::connect(path) {
-            Ok(stream) => return Ok(stream),
+            Ok(stream) => {
+                return check_peer(&stream, path)
+                    .map(|()| stream)
+                    .map_err(|source| ConnectError::Peer {
+                        path: path.to_owned(),
+                        source,
+                    })
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -132,6 +192,7 @@ pub async fn connect_patiently(path: &Path) -> std::io::Result<UnixStream> {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_millis(20));
             }
+            Ok(stream) => return check_peer(&stream, path).map(|()| stream),
             other => return other,
         }
     }

@@ -19,7 +19,7 @@ use toru_plugin_sdk::Metadata;
 
 use crate::config::PluginLimits;
 use crate::model::PluginSpec;
-use crate::process::{plugin_command, signal_group};
+use crate::process::{plugin_command, signal_group, Confinement, Credentials};
 
 /// Largest `--metadata` output accepted.
 pub const DEFAULT_MAX_METADATA_BYTES: usize = 64 * 1024;
@@ -51,6 +51,8 @@ pub struct ProbeOptions {
     pub max_bytes: usize,
     /// Resource limits of the `--metadata` process.
     pub limits: PluginLimits,
+    /// The user the `--metadata` process runs as (`None`: the daemon's).
+    pub run_as: Option<Credentials>,
 }
 
 /// Lists the candidate files of `dir`, sorted by name.
@@ -132,6 +134,7 @@ async fn run_metadata(path: &Path, opts: &ProbeOptions) -> Result<Vec<u8>, Strin
         &opts.env_allowlist,
         &[] as &[(&str, OsString)],
         &opts.limits,
+        Confinement::user(opts.run_as),
     );
     cmd.arg("--metadata")
         .stdout(Stdio::piped())

@@ -144,7 +144,7 @@ pub async fn run(
     {
         return Err(ServeError::PlaintextNonLoopback(addr));
     }
-    create_dir_with_mode(&config.data_dir, 0o700).map_err(|source| ServeError::DataDir {
+    create_dir_with_mode(&config.data_dir, crate::isolation::shared_dir_mode()).map_err(|source| ServeError::DataDir {
         path: config.data_dir.clone(),
         source,
     })?;
@@ -164,6 +164,7 @@ pub async fn run(
     let control = bind_control_socket(&control_path)?;
     let limits = config.grpc.clone();
     let supervisor = Supervisor::start(config)?;
+    tracing::info!("{}", supervisor.isolation_summary());
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter

@@ -136,6 +136,9 @@ pub enum StartupError {
     /// The plugins' storage could not be opened.
     #[error(transparent)]
     Storage(#[from] crate::storage::OpenError),
+    /// Plugin isolation could not be prepared.
+    #[error(transparent)]
+    Isolation(#[from] crate::isolation::IsolationError),
 }
 
 /// What a rescan changed.
@@ -158,6 +161,8 @@ pub(crate) struct Context {
     pub state: EnabledStore,
     /// The plugins' durable storage; each plugin's link gets its own namespace.
     pub storage: crate::storage::Storage,
+    /// Who plugins run as, their directories, their cgroups.
+    pub isolation: crate::isolation::Isolation,
 }
 
 #[derive(Clone)]
@@ -192,10 +197,13 @@ impl Supervisor {
     /// Prepares the data directory, opens the event log and state, and starts the first
     /// scan in the background (plugins are added and started as their probes finish).
     pub fn start(config: Config) -> Result<Self, StartupError> {
+        let shared = crate::isolation::shared_dir_mode();
         let dirs = [
-            (config.data_dir.clone(), 0o700),
-            (config.run_dir(), 0o700),
-            (config.data_dir.join("plugins"), 0o700),
+            (config.data_dir.clone(), shared),
+            (config.run_dir(), shared),
+            (config.data_dir.join("plugins"), shared),
+            (config.events_dir(), 0o700),
+            (config.data_dir.join("logs"), 0o700),
             (config.data_dir.join("logs").join("plugins"), 0o700),
         ];
         for (path, mode) in dirs {
@@ -209,6 +217,7 @@ impl Supervisor {
         let events = EventLog::open(&config.events_dir())?;
         let state = EnabledStore::load(&config.state_path())?;
         let storage = crate::storage::Storage::open(&config.storage_path(), config.storage_quotas)?;
+        let isolation = crate::isolation::Isolation::prepare(&config)?;
         let supervisor = Supervisor {
             inner: Arc::new(Inner {
                 ctx: Arc::new(Context {
@@ -216,6 +225,7 @@ impl Supervisor {
                     events,
                     state,
                     storage,
+                    isolation,
                 }),
                 plugins: RwLock::new(BTreeMap::new()),
                 skipped: Mutex::new(Vec::new()),
@@ -226,11 +236,22 @@ impl Supervisor {
         };
         let first = supervisor.clone();
         supervisor.inner.tracker.spawn(async move {
+            if let Some(cgroups) = first.inner.ctx.isolation.cgroups() {
+                let swept = cgroups.sweep().await;
+                if swept > 0 {
+                    tracing::warn!(cgroups = swept, "killed plugin processes left over from an earlier run");
+                }
+            }
             if let Err(e) = first.rescan().await {
                 tracing::error!(error = %e, "initial plugin scan failed");
             }
         });
         Ok(supervisor)
+    }
+
+    /// One line saying what plugin isolation is in force.
+    pub fn isolation_summary(&self) -> String {
+        self.inner.ctx.isolation.describe()
     }
 
     /// The event log.
@@ -430,6 +451,7 @@ impl Supervisor {
             env_allowlist: ctx.config.plugin_env_allowlist.clone(),
             max_bytes: ctx.config.max_metadata_bytes,
             limits: ctx.config.plugin_limits.clone(),
+            run_as: ctx.isolation.probe_credentials(),
         };
         let (candidates, mut probes) =
             discovery::scan(&dir, opts).map_err(|e| SupervisorError::PluginsDir {
@@ -606,6 +628,9 @@ impl Supervisor {
         self.inner.cancel.cancel();
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
+        if let Some(cgroups) = self.inner.ctx.isolation.cgroups() {
+            cgroups.remove();
+        }
         if let Err(e) = self.inner.ctx.events.sync() {
             tracing::warn!(error = %e, "could not sync the event log");
         }

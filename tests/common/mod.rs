@@ -60,6 +60,8 @@ impl Daemon {
     /// A daemon (not started) with fast timings for tests; `args` override them.
     pub fn new(args: &[&str]) -> Self {
         let root = tempfile::Builder::new().prefix("torud-").tempdir().unwrap();
+        // Plugins run as their own users: they must be able to traverse to their files.
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let plugins_dir = root.path().join("plugins");
         let data_dir = root.path().join("data");
         std::fs::create_dir_all(&plugins_dir).unwrap();

@@ -287,7 +287,13 @@ pub(crate) async fn baseline_server(plugin: PathBuf) -> BenchResult<()> {
     // Spawned like the daemon spawns plugins, so it dies with this process (parent-death
     // signal) when the benchmark kills it.
     let _child =
-        torud::process::plugin_command(&plugin, &[], &[], &torud::config::PluginLimits::default())
+        torud::process::plugin_command(
+            &plugin,
+            &[],
+            &[],
+            &torud::config::PluginLimits::default(),
+            torud::process::Confinement::default(),
+        )
             .env(toru_plugin_sdk::ENV_PLUGIN_SOCKET, &socket)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
