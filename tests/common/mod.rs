@@ -53,6 +53,10 @@ pub struct Daemon {
     /// Extra environment variables for the daemon process.
     pub envs: Vec<(String, String)>,
     pub addr: String,
+    /// The umask the daemon starts with (`None`: the test's).
+    pub umask: Option<libc::mode_t>,
+    /// A descriptor of the test's that the daemon inherits without close-on-exec.
+    pub inherit_fd: Option<i32>,
     child: Option<Child>,
 }
 
@@ -84,6 +88,8 @@ impl Daemon {
             args: all,
             envs: Vec::new(),
             addr: String::new(),
+            umask: None,
+            inherit_fd: None,
             child: None,
         }
     }
@@ -95,7 +101,21 @@ impl Daemon {
             .append(true)
             .open(self.root.path().join("daemon.stderr"))
             .unwrap();
-        let mut child = Command::new(TORUD)
+        let mut cmd = Command::new(TORUD);
+        let (umask, inherit_fd) = (self.umask, self.inherit_fd);
+        // SAFETY: umask and fcntl are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(mask) = umask {
+                    libc::umask(mask);
+                }
+                if let Some(fd) = inherit_fd {
+                    libc::fcntl(fd, libc::F_SETFD, 0);
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .arg("--plugins-dir")

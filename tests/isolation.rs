@@ -1,0 +1,248 @@
+//! Plugin isolation through the real daemon (run as root, as in CI): a hostile plugin
+//! reporting from inside what it could reach, the data directory's owners and modes (even
+//! under `umask 000`), descriptors the daemon inherited, the start-up line, and a
+//! `setsid()` grandchild that must not outlive Disable, Restart or a daemon shutdown.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+fn owner(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().uid()
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// Waits for a JSON file a plugin writes, and parses it.
+async fn read_json(path: &Path) -> serde_json::Value {
+    let mut value = None;
+    wait_until(&format!("{}", path.display()), SECS10, || {
+        value = std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        value.is_some()
+    })
+    .await;
+    value.unwrap()
+}
+
+/// Waits for the pid a fixture wrote into its directory.
+async fn read_pid(path: &Path) -> u32 {
+    let mut pid = None;
+    wait_until(&format!("{}", path.display()), SECS10, || {
+        pid = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.trim().parse().ok());
+        pid.is_some()
+    })
+    .await;
+    pid.unwrap()
+}
+
+#[tokio::test]
+async fn a_hostile_plugin_reaches_nothing_but_its_own_directory() {
+    assert_eq!(unsafe { libc::geteuid() }, 0, "these tests run as root");
+    let (d, mut client) = start_enabled(
+        &[],
+        |d| {
+            d.install_fixture("victim", "normal", &[]);
+        },
+        &["victim"],
+    )
+    .await;
+    let victim_dir = d.data_dir.join("plugins/victim");
+    let victim_uid = owner(&victim_dir);
+    let secret = victim_dir.join("secret.txt");
+    std::fs::write(&secret, "victim's secret").unwrap();
+    std::os::unix::fs::chown(&secret, Some(victim_uid), Some(victim_uid)).unwrap();
+
+    d.install_fixture("hostile", "hostile", &["--other", "victim"]);
+    rescan(&mut client).await;
+    enable(&mut client, "hostile").await;
+    let report = read_json(&d.data_dir.join("plugins/hostile/hostile.json")).await;
+    let report: BTreeMap<String, serde_json::Value> =
+        serde_json::from_value(report).unwrap();
+
+    let uid = report["uid"].as_u64().unwrap() as u32;
+    assert!(uid >= 524_288 && uid != victim_uid, "uid {uid}");
+    assert!(victim_uid >= 524_288, "victim uid {victim_uid}");
+    assert_eq!(report["gid"].as_u64().unwrap() as u32, uid);
+    assert_eq!(report["groups"], serde_json::json!([]), "groups cleared");
+    assert_eq!(report["write own dir"], "allowed");
+    for (what, outcome) in &report {
+        if matches!(what.as_str(), "uid" | "gid" | "groups" | "fds" | "write own dir") {
+            continue;
+        }
+        let outcome = outcome.as_str().unwrap();
+        assert!(
+            outcome.starts_with("denied"),
+            "a plugin could {what}: {outcome}; the whole report: {report:#?}"
+        );
+    }
+    // What it reached stays its own; the victim still serves.
+    assert_eq!(owner(&d.data_dir.join("plugins/hostile/mine.txt")), uid);
+    assert_eq!(
+        state_of(&get(&mut client, "victim").await),
+        torud::pb::PluginState::Running
+    );
+}
+
+#[tokio::test]
+async fn the_data_directory_is_laid_out_for_per_plugin_users_even_under_umask_000() {
+    let mut d = Daemon::new(&[]);
+    d.umask = Some(0);
+    d.install_hello("hello");
+    d.install_fixture("fx", "normal", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["hello", "fx"])
+        .await;
+    enable(&mut client, "hello").await;
+    enable(&mut client, "fx").await;
+    let data = &d.data_dir;
+    let hello_uid = owner(&data.join("plugins/hello"));
+    assert!(hello_uid >= 524_288);
+    assert_ne!(hello_uid, owner(&data.join("plugins/fx")));
+    assert_eq!(owner(&data.join("run/hello")), hello_uid);
+    for dir in ["", "plugins", "run"] {
+        assert_eq!(mode(&data.join(dir)), 0o711, "{dir:?}");
+        assert_eq!(owner(&data.join(dir)), 0);
+    }
+    for dir in ["plugins/hello", "run/hello", "events", "logs", "logs/hello"] {
+        assert_eq!(mode(&data.join(dir)), 0o700, "{dir}");
+    }
+    for file in ["admin.token", "read.token", "torud.sock", "users.json"] {
+        assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+        assert_eq!(owner(&data.join(file)), 0, "{file}");
+    }
+    // Nothing in the data directory is readable or writable by group or others.
+    let mut stack = vec![data.clone()];
+    let mut seen = 0;
+    while let Some(path) = stack.pop() {
+        let m = mode(&path);
+        assert_eq!(m & 0o066, 0, "{} is {m:04o}", path.display());
+        seen += 1;
+        if std::fs::symlink_metadata(&path).unwrap().is_dir() {
+            stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    assert!(seen > 15, "walked {seen} entries");
+    assert!(
+        data.join("storage.redb").exists() && data.join("state.json").exists(),
+        "storage and state were walked"
+    );
+    let stderr = d.daemon_stderr();
+    assert!(
+        stderr.contains("isolation: per-plugin users (uids 524288–589823), cgroup v2 /"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn descriptors_the_daemon_inherited_do_not_reach_plugins() {
+    let mut d = Daemon::new(&[]);
+    // SAFETY: a plain open of a file the test owns; closed at the end.
+    let fd = unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    assert!(fd > 2);
+    let high = 77;
+    assert_eq!(unsafe { libc::dup2(fd, high) }, high);
+    d.inherit_fd = Some(high);
+    d.install_fixture("hostile", "hostile", &["--other", "nobody"]);
+    d.start().await;
+    let daemon_fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        daemon_fds.contains(&high.to_string()),
+        "the daemon inherited fd {high}: {daemon_fds:?}"
+    );
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["hostile"])
+        .await;
+    enable(&mut client, "hostile").await;
+    let report = read_json(&d.data_dir.join("plugins/hostile/hostile.json")).await;
+    let fds: Vec<u64> = report["fds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(
+        fds.iter().all(|&fd| fd <= 3),
+        "the plugin holds descriptors beyond stdio (3 is the listing's own): {fds:?}"
+    );
+    unsafe {
+        libc::close(high);
+        libc::close(fd);
+    }
+}
+
+/// Starts a daemon with the `setsid-grandchild` fixture enabled; returns the grandchild's pid.
+async fn daemon_with_a_setsid_grandchild() -> (Daemon, Client, u32) {
+    let (d, client) = start_enabled(
+        &["--stop-grace", "300ms", "--kill-grace", "300ms"],
+        |d| {
+            d.install_fixture("forker", "setsid-grandchild", &[]);
+        },
+        &["forker"],
+    )
+    .await;
+    let pid_file = d.data_dir.join("plugins/forker/grandchild.pid");
+    let grandchild = read_pid(&pid_file).await;
+    std::fs::remove_file(&pid_file).unwrap();
+    assert!(!process_gone(grandchild));
+    // It left the plugin's session and process group.
+    let stat = std::fs::read_to_string(format!("/proc/{grandchild}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    assert_eq!(fields[3], grandchild.to_string(), "session of {stat}");
+    (d, client, grandchild)
+}
+
+#[tokio::test]
+async fn a_setsid_grandchild_does_not_outlive_disable() {
+    let (_d, mut client, grandchild) = daemon_with_a_setsid_grandchild().await;
+    disable(&mut client, "forker").await;
+    wait_until("the grandchild to die", Duration::from_secs(5), || {
+        process_gone(grandchild)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_setsid_grandchild_does_not_outlive_restart() {
+    let (d, mut client, grandchild) = daemon_with_a_setsid_grandchild().await;
+    let req = torud::pb::RestartPluginRequest {
+        plugin_id: "forker".into(),
+    };
+    client.restart_plugin(req).await.unwrap();
+    wait_until("the grandchild to die", Duration::from_secs(5), || {
+        process_gone(grandchild)
+    })
+    .await;
+    // The new run has a grandchild of its own, alive.
+    let next = read_pid(&d.data_dir.join("plugins/forker/grandchild.pid")).await;
+    assert_ne!(next, grandchild);
+    assert!(!process_gone(next));
+}
+
+#[tokio::test]
+async fn a_setsid_grandchild_does_not_outlive_a_daemon_shutdown() {
+    let (mut d, _client, grandchild) = daemon_with_a_setsid_grandchild().await;
+    assert!(d.stop().await.success());
+    wait_until("the grandchild to die", Duration::from_secs(5), || {
+        process_gone(grandchild)
+    })
+    .await;
+}
