@@ -119,6 +119,10 @@ pub async fn probe(dir: PathBuf, path: PathBuf, opts: ProbeOptions) -> Probe {
             path.display()
         )));
     }
+    let probe_user = "; --metadata runs as the first uid of --plugin-uid-range";
+    if let Some(reason) = crate::isolation::unreachable(&real, opts.run_as, probe_user) {
+        return Err(skip(reason));
+    }
     let stdout = run_metadata(&path, &opts).await.map_err(skip)?;
     let metadata = Metadata::parse(&stdout).map_err(|e| skip(format!("invalid metadata: {e}")))?;
     Ok(PluginSpec {

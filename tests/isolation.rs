@@ -246,3 +246,91 @@ async fn a_setsid_grandchild_does_not_outlive_a_daemon_shutdown() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_plugin_cannot_point_the_daemon_at_another_plugins_socket() {
+    let (d, mut client) = start_enabled(
+        &["--start-timeout", "3s", "--backoff-base", "1h"],
+        |d| {
+            d.install_fixture("victim", "normal", &[]);
+            d.install_fixture("redirect", "redirect", &["--other", "victim"]);
+        },
+        &["victim"],
+    )
+    .await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["redirect"])
+        .await;
+    let victim_uid = owner(&d.data_dir.join("plugins/victim"));
+    let err = client
+        .enable_plugin(torud::pb::EnablePluginRequest {
+            plugin_id: "redirect".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains(&format!("runs as uid {victim_uid}"))
+            && err.message().contains("refusing a socket that leads to another user's process"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        d.log_text("victim").matches("received lifecycle init").count(),
+        1,
+        "the victim got its own init only, not the redirected plugin's"
+    );
+}
+
+#[tokio::test]
+async fn an_executable_its_user_cannot_reach_is_a_clear_error() {
+    let (d, mut client) = start_discovered(
+        &[],
+        |d| {
+            d.install_fixture("fx", "normal", &[]);
+        },
+        &["fx"],
+    )
+    .await;
+    std::fs::set_permissions(&d.plugins_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let err = client
+        .enable_plugin(torud::pb::EnablePluginRequest {
+            plugin_id: "fx".into(),
+        })
+        .await
+        .unwrap_err();
+    let expected = format!(
+        "cannot reach {}: the directory {} is mode 0700 owned by 0:0; let it be traversed (chmod o+x {})",
+        d.plugins_dir.join("fx.binary").display(),
+        d.plugins_dir.display(),
+        d.plugins_dir.display()
+    );
+    assert!(err.message().contains(&expected), "{}", err.message());
+    assert!(err.message().contains("--plugin-user fx=USER"), "{}", err.message());
+    // The `--metadata` probe, unprivileged too, says the same on a rescan.
+    let report = rescan(&mut client).await;
+    let skipped = format!("{:?}", report);
+    assert!(skipped.contains("chmod o+x"), "{skipped}");
+}
+
+#[tokio::test]
+async fn root_is_only_an_explicit_choice_per_plugin() {
+    let (d, _client) = start_enabled(
+        &["--plugin-user", "sys=root", "--plugin-user", "other=65534"],
+        |d| {
+            d.install_fixture("sys", "hostile", &["--other", "other"]);
+            d.install_fixture("other", "hostile", &["--other", "sys"]);
+        },
+        &["sys", "other"],
+    )
+    .await;
+    let sys = read_json(&d.data_dir.join("plugins/sys/hostile.json")).await;
+    assert_eq!(sys["uid"], 0);
+    assert_eq!(sys["admin.token"], "allowed", "root chosen for it, root it is");
+    let other = read_json(&d.data_dir.join("plugins/other/hostile.json")).await;
+    assert_eq!(other["uid"], 65534);
+    assert!(other["admin.token"].as_str().unwrap().starts_with("denied"));
+    assert_eq!(owner(&d.data_dir.join("plugins/other")), 65534);
+    let stderr = d.daemon_stderr();
+    assert!(stderr.contains("chosen users other=65534 sys=0"), "{stderr}");
+}

@@ -226,12 +226,10 @@ fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
 }
 
 /// Why the user `who` cannot execute `binary` (a directory on the way it cannot traverse,
-/// or a file it cannot read and execute), with the fix; `None` when it can.
-pub fn unreachable(binary: &Path, who: &Identity, id: &str) -> Option<String> {
-    if !who.switch {
-        return None;
-    }
-    let fix = format!("or run it as another user with --plugin-user {id}=USER");
+/// or a file it cannot read and execute), with the fix (`other_fix`, e.g. choosing another
+/// user); `None` when it can, or when `who` is `None` (the daemon's own user).
+pub fn unreachable(binary: &Path, who: Option<Credentials>, other_fix: &str) -> Option<String> {
+    let who = who?;
     let mut ancestors: Vec<&Path> = binary.ancestors().skip(1).collect();
     ancestors.reverse();
     for dir in ancestors {
@@ -241,7 +239,7 @@ pub fn unreachable(binary: &Path, who: &Identity, id: &str) -> Option<String> {
         if !allows(&meta, who, 0o1) {
             return Some(format!(
                 "its user (uid {}) cannot reach {}: the directory {} is mode {:04o} owned by \
-                 {}:{}; let it be traversed (chmod o+x {}), {fix}",
+                 {}:{}; let it be traversed (chmod o+x {}){other_fix}",
                 who.uid,
                 binary.display(),
                 dir.display(),
@@ -264,7 +262,7 @@ pub fn unreachable(binary: &Path, who: &Identity, id: &str) -> Option<String> {
     let need = if script { 0o5 } else { 0o1 };
     if !allows(&meta, who, need) {
         return Some(format!(
-            "its user (uid {}) cannot {} {}: mode {:04o} owned by {}:{}; chmod o+{} it, {fix}",
+            "its user (uid {}) cannot {} {}: mode {:04o} owned by {}:{}; chmod o+{} it{other_fix}",
             who.uid,
             if script { "read and execute" } else { "execute" },
             binary.display(),
@@ -278,7 +276,7 @@ pub fn unreachable(binary: &Path, who: &Identity, id: &str) -> Option<String> {
 }
 
 /// Whether the permission bits of `meta` give `who` all of `need` (r=4, w=2, x=1).
-fn allows(meta: &std::fs::Metadata, who: &Identity, need: u32) -> bool {
+fn allows(meta: &std::fs::Metadata, who: Credentials, need: u32) -> bool {
     let mode = meta.permissions().mode();
     let bits = if meta.uid() == who.uid {
         mode >> 6

@@ -332,7 +332,10 @@ impl Actor {
                 .failed_run(None, None, format!("cannot prepare its directories: {e}"))
                 .await;
         }
-        if let Some(reason) = crate::isolation::unreachable(&spec.binary_path, &who, &self.id) {
+        let other_user = format!(", or run it as another user with --plugin-user {}=USER", self.id);
+        if let Some(reason) =
+            crate::isolation::unreachable(&spec.binary_path, who.credentials(), &other_user)
+        {
             return self.disable_for(reason).await;
         }
         let _ = std::fs::remove_file(&socket);
