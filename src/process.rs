@@ -50,6 +50,8 @@ pub struct Confinement {
     pub credentials: Option<Credentials>,
     /// The plugin's cgroup's `cgroup.procs`, open for writing: the child joins it first.
     pub cgroup_procs: Option<OwnedFd>,
+    /// Namespaces and Landlock, for a daemon that is not root.
+    pub sandbox: Option<crate::isolation::sandbox::Sandbox>,
 }
 
 impl Confinement {
@@ -58,6 +60,7 @@ impl Confinement {
         Confinement {
             credentials,
             cgroup_procs: None,
+            sandbox: None,
         }
     }
 }
@@ -95,6 +98,7 @@ pub fn plugin_command(
     let Confinement {
         credentials,
         cgroup_procs,
+        sandbox,
     } = confinement;
     // SAFETY: the closure runs in the forked child before exec and only calls
     // async-signal-safe functions (write, setrlimit, close_range, fcntl, setgroups, setgid,
@@ -117,6 +121,9 @@ pub fn plugin_command(
                 if libc::setrlimit(resource, &limit) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            if let Some(sandbox) = &sandbox {
+                sandbox.enter()?;
             }
             if let Some(who) = credentials {
                 if libc::setgroups(0, std::ptr::null()) != 0

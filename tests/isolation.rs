@@ -334,3 +334,62 @@ async fn root_is_only_an_explicit_choice_per_plugin() {
     let stderr = d.daemon_stderr();
     assert!(stderr.contains("chosen users other=65534 sys=0"), "{stderr}");
 }
+
+#[tokio::test]
+async fn without_root_a_hostile_plugin_sees_only_its_own_directories() {
+    const NOBODY: u32 = 65534;
+    let mut d = Daemon::new(&[]);
+    d.hand_to(NOBODY);
+    d.install_fixture("victim", "normal", &[]);
+    d.install_fixture("hostile", "hostile", &["--other", "victim"]);
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["victim", "hostile"])
+        .await;
+    enable(&mut client, "victim").await;
+    let secret = d.data_dir.join("plugins/victim/secret.txt");
+    std::fs::write(&secret, "victim's secret").unwrap();
+    std::os::unix::fs::chown(&secret, Some(NOBODY), Some(NOBODY)).unwrap();
+    enable(&mut client, "hostile").await;
+    let report = read_json(&d.data_dir.join("plugins/hostile/hostile.json")).await;
+    assert_eq!(report["uid"], NOBODY, "the daemon's own user");
+    assert_eq!(report["write own dir"], "allowed");
+    for what in [
+        "admin.token",
+        "read.token",
+        "storage.redb",
+        "state.json",
+        "list events",
+        "list logs",
+        "list other's logs",
+        "list other's dir",
+        "read other's secret",
+        "list other's run dir",
+        "connect other's socket",
+        "connect control socket",
+        "create in data dir",
+        "daemon environ",
+        "signal daemon",
+    ] {
+        let outcome = report[what].as_str().unwrap();
+        assert!(
+            outcome.starts_with("denied"),
+            "a plugin of an unprivileged daemon could {what}: {outcome}; {report:#}"
+        );
+    }
+    assert!(d.data_dir.join("admin.token").exists() && d.data_dir.join("events").exists());
+    let stderr = d.daemon_stderr();
+    assert!(
+        stderr.contains(
+            "isolation: same user as the daemon, a private mount namespace per plugin showing \
+             only its own directories, Landlock ABI 7 (ptrace, signals and abstract sockets scoped), no cgroups"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(
+        state_of(&get(&mut client, "victim").await),
+        torud::pb::PluginState::Running
+    );
+}

@@ -11,6 +11,7 @@
 //! This module decides; `process.rs` applies the decision in the child before exec.
 
 pub mod cgroup;
+pub mod sandbox;
 pub mod users;
 
 use std::collections::BTreeMap;
@@ -94,6 +95,8 @@ pub struct Isolation {
     chosen: BTreeMap<String, users::ResolvedUser>,
     /// Where plugins' cgroups go, or why there are none.
     cgroups: Result<CgroupRoot, String>,
+    /// What confines plugins of a daemon that is not root (`None` when root).
+    sandbox: Option<sandbox::Support>,
 }
 
 impl Isolation {
@@ -113,10 +116,17 @@ impl Isolation {
             chosen.insert(id.clone(), user);
         }
         let cgroups = CgroupRoot::prepare(&config.data_dir);
+        let sandbox = (!root).then(|| {
+            // Plugins share this uid: keep them out of /proc/<daemon>/{environ,fd,root,mem}.
+            // SAFETY: a plain prctl.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+            sandbox::Support::probe()
+        });
         Ok(Isolation {
             users,
             chosen,
             cgroups,
+            sandbox,
         })
     }
 
@@ -158,6 +168,13 @@ impl Isolation {
         })
     }
 
+    /// The private view of the data directory for plugin `id`, when the daemon is not root.
+    pub fn sandbox(&self, config: &Config, id: &str) -> Option<std::io::Result<sandbox::Sandbox>> {
+        let support = self.sandbox?;
+        let own = [config.plugin_data_dir(id), config.plugin_run_dir(id)];
+        Some(sandbox::Sandbox::new(&config.data_dir, &own, support))
+    }
+
     /// Where plugins' cgroups go, if they can have them.
     pub fn cgroups(&self) -> Option<&CgroupRoot> {
         self.cgroups.as_ref().ok()
@@ -178,9 +195,10 @@ impl Isolation {
                 }
                 text
             }
-            None => "NONE between plugins: the daemon is not root, so plugins run as its user \
-                     and can read its data directory"
-                .to_owned(),
+            None => self
+                .sandbox
+                .map(|s| s.describe())
+                .unwrap_or_default(),
         };
         let cgroups = match &self.cgroups {
             Ok(root) => format!("cgroup v2 {}", root.dir().display()),

@@ -395,9 +395,17 @@ impl Actor {
             },
             None => (Descendants::Marker(socket.clone()), None),
         };
+        let sandbox = match self.ctx.isolation.sandbox(&cfg, &self.id).transpose() {
+            Ok(sandbox) => sandbox,
+            Err(e) => {
+                let reason = format!("cannot prepare its private view of the data directory: {e}");
+                return self.failed_run(None, None, reason).await;
+            }
+        };
         let confinement = Confinement {
             credentials: who.credentials(),
             cgroup_procs,
+            sandbox,
         };
         let cmd = plugin_command(
             &spec.binary_path,

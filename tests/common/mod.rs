@@ -57,6 +57,8 @@ pub struct Daemon {
     pub umask: Option<libc::mode_t>,
     /// A descriptor of the test's that the daemon inherits without close-on-exec.
     pub inherit_fd: Option<i32>,
+    /// Run the daemon as this uid (and gid), not root; see [`Daemon::hand_to`].
+    pub run_as: Option<u32>,
     child: Option<Child>,
 }
 
@@ -90,6 +92,7 @@ impl Daemon {
             addr: String::new(),
             umask: None,
             inherit_fd: None,
+            run_as: None,
             child: None,
         }
     }
@@ -102,10 +105,18 @@ impl Daemon {
             .open(self.root.path().join("daemon.stderr"))
             .unwrap();
         let mut cmd = Command::new(TORUD);
-        let (umask, inherit_fd) = (self.umask, self.inherit_fd);
-        // SAFETY: umask and fcntl are async-signal-safe.
+        let (umask, inherit_fd, run_as) = (self.umask, self.inherit_fd, self.run_as);
+        // SAFETY: umask, fcntl, setgroups, setgid and setuid are async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(id) = run_as {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(id) != 0
+                        || libc::setuid(id) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 if let Some(mask) = umask {
                     libc::umask(mask);
                 }
@@ -144,6 +155,15 @@ impl Daemon {
         // Keep draining stdout so the daemon never blocks on it.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         self.child = Some(child);
+    }
+
+    /// Makes the daemon run as `uid` (not root), owning its plugins and data directories.
+    pub fn hand_to(&mut self, uid: u32) {
+        std::fs::create_dir_all(&self.data_dir).unwrap();
+        for dir in [&self.plugins_dir, &self.data_dir] {
+            std::os::unix::fs::chown(dir, Some(uid), Some(uid)).unwrap();
+        }
+        self.run_as = Some(uid);
     }
 
     pub fn pid(&self) -> u32 {
