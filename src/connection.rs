@@ -1,10 +1,10 @@
 //! Reaching a plugin's socket: waiting for it to accept, connecting while its backlog is
 //! full, Toru's one-message-per-connection discipline for v1 plugins, and the non-intrusive
 //! v1 health check. The multiplexed request path is `bridge.rs`'s.
-//! Every connection is checked against the socket's peer credentials: the process listening
-//! must run as the owner of the directory the socket is in (`run/<id>/`, owned by the
-//! plugin's user), so a plugin cannot point the daemon at another plugin's socket with a
-//! symbolic link.
+//! A plugin cannot point the daemon at another plugin's socket: the socket file is opened
+//! without following links and connected through its descriptor, and every connection is
+//! checked against the peer's credentials (the listener must run as the owner of the
+//! directory the socket is in, `run/<id>/`, the plugin's user).
 //! This module knows nothing of processes or states.
 
 use std::path::{Path, PathBuf};
@@ -61,6 +61,31 @@ pub enum ConnectError {
         /// Whose listener it is.
         source: std::io::Error,
     },
+}
+
+/// Opens the socket file at `path` itself (`O_PATH | O_NOFOLLOW`) and returns it with the
+/// short `/proc/self/fd/N` name that connects to exactly that socket: a symbolic link a
+/// plugin put in its directory (to another plugin's socket, say) is refused, not followed.
+fn open_socket(path: &Path) -> std::io::Result<(std::fs::File, String)> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
+    let kind = file.metadata()?.file_type();
+    if kind.is_symlink() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "it is a symbolic link; a plugin's socket must be the socket itself",
+        ));
+    }
+    if !kind.is_socket() {
+        // Not a socket (yet): like a socket nobody listens on.
+        return Err(std::io::ErrorKind::ConnectionRefused.into());
+    }
+    use std::os::fd::AsRawFd;
+    let name = format!("/proc/self/fd/{}", file.as_raw_fd());
+    Ok((file, name))
 }
 
 /// Checks that the process listening on `stream` runs as the owner of the directory
@@ -141,7 +166,9 @@ fn connect_blocking(
     let start = Instant::now();
     let mut delay = FIRST_RETRY_DELAY;
     loop {
-        match std::os::unix::net::UnixStream::connect(path) {
+        let connected = open_socket(path)
+            .and_then(|(_file, name)| std::os::unix::net::UnixStream::connect(name));
+        match connected {
             Ok(stream) => {
                 return check_peer(&stream, path)
                     .map(|()| stream)
@@ -187,7 +214,8 @@ fn connect_blocking(
 pub async fn connect_patiently(path: &Path) -> std::io::Result<UnixStream> {
     let mut delay = Duration::from_micros(200);
     loop {
-        match UnixStream::connect(path).await {
+        let (_file, name) = open_socket(path)?;
+        match UnixStream::connect(&name).await {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_millis(20));

@@ -203,10 +203,16 @@ async fn daemon_with_a_setsid_grandchild() -> (Daemon, Client, u32) {
     let grandchild = read_pid(&pid_file).await;
     std::fs::remove_file(&pid_file).unwrap();
     assert!(!process_gone(grandchild));
-    // It left the plugin's session and process group.
-    let stat = std::fs::read_to_string(format!("/proc/{grandchild}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
-    assert_eq!(fields[3], grandchild.to_string(), "session of {stat}");
+    // It leaves the plugin's session and process group.
+    let session = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let rest = stat.rsplit(')').next().unwrap_or("").to_owned();
+        rest.split_whitespace().nth(3).map(str::to_owned)
+    };
+    wait_until("the grandchild's setsid()", SECS10, || {
+        session(grandchild) == Some(grandchild.to_string())
+    })
+    .await;
     (d, client, grandchild)
 }
 
@@ -270,11 +276,11 @@ async fn a_plugin_cannot_point_the_daemon_at_another_plugins_socket() {
         .await
         .unwrap_err();
     assert!(
-        err.message().contains(&format!("runs as uid {victim_uid}"))
-            && err.message().contains("refusing a socket that leads to another user's process"),
+        err.message().contains("it is a symbolic link; a plugin's socket must be the socket itself"),
         "{}",
         err.message()
     );
+    assert_ne!(victim_uid, owner(&d.data_dir.join("plugins/redirect")));
     assert_eq!(
         d.log_text("victim").matches("received lifecycle init").count(),
         1,
@@ -391,5 +397,32 @@ async fn without_root_a_hostile_plugin_sees_only_its_own_directories() {
     assert_eq!(
         state_of(&get(&mut client, "victim").await),
         torud::pb::PluginState::Running
+    );
+}
+
+#[tokio::test]
+async fn without_root_a_plugin_cannot_point_the_daemon_at_another_plugins_socket() {
+    let mut d = Daemon::new(&["--start-timeout", "3s", "--backoff-base", "1h"]);
+    d.hand_to(65534);
+    d.install_fixture("victim", "normal", &[]);
+    d.install_fixture("redirect", "redirect", &["--other", "victim"]);
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["victim", "redirect"])
+        .await;
+    enable(&mut client, "victim").await;
+    let err = client
+        .enable_plugin(torud::pb::EnablePluginRequest {
+            plugin_id: "redirect".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("symbolic link"), "{}", err.message());
+    assert_eq!(
+        d.log_text("victim").matches("received lifecycle init").count(),
+        1,
+        "the victim got its own init only"
     );
 }
