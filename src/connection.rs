@@ -63,6 +63,31 @@ pub enum ConnectError {
     },
 }
 
+/// The credentials (pid, uid, gid) of the process at the other end of a Unix socket, as
+/// they were when it connected or listened (`SO_PEERCRED`).
+pub fn peer_credentials(stream: &impl std::os::fd::AsRawFd) -> std::io::Result<libc::ucred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of the given length.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred)
+}
+
 /// Opens the socket file at `path` itself (`O_PATH | O_NOFOLLOW`) and returns it with the
 /// short `/proc/self/fd/N` name that connects to exactly that socket: a symbolic link a
 /// plugin put in its directory (to another plugin's socket, say) is refused, not followed.
@@ -94,25 +119,7 @@ pub fn check_peer(stream: &impl std::os::fd::AsRawFd, path: &Path) -> std::io::R
     use std::os::unix::fs::MetadataExt;
     let dir = path.parent().unwrap_or(Path::new("/"));
     let owner = std::fs::symlink_metadata(dir)?.uid();
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED fills a ucred of the given length.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let cred = peer_credentials(stream)?;
     if cred.uid != owner {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,

@@ -231,7 +231,14 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(control),
+            tokio_stream::StreamExt::filter(UnixListenerStream::new(control), |conn| {
+                let Ok(stream) = conn else { return true };
+                crate::isolation::control_peer_allowed(stream)
+                    .inspect_err(|why| {
+                        tracing::warn!("control socket: refused a client ({why}); connection closed")
+                    })
+                    .is_ok()
+            }),
             stop.clone().cancelled_owned(),
         );
     let tcp = tokio::spawn(tcp);

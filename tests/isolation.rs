@@ -426,3 +426,41 @@ async fn without_root_a_plugin_cannot_point_the_daemon_at_another_plugins_socket
         "the victim got its own init only"
     );
 }
+
+/// Bytes a client of `socket` receives after the HTTP/2 preface (0: closed on it), run as
+/// uid 65534, in a user namespace of its own when `own_namespace`.
+fn control_socket_answer(socket: &Path, own_namespace: bool) -> usize {
+    let script = "import socket, sys\n\
+        s = socket.socket(socket.AF_UNIX)\n\
+        s.connect(sys.argv[1])\n\
+        s.settimeout(5)\n\
+        try:\n    s.sendall(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))\n    data = s.recv(100)\nexcept OSError:\n    data = b''\n\
+        print(len(data))\n";
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+    if own_namespace {
+        cmd.args(["unshare", "-U"]);
+    }
+    let out = cmd
+        .args(["/usr/bin/python3", "-c", script])
+        .arg(socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[tokio::test]
+async fn without_root_the_control_socket_refuses_clients_in_other_user_namespaces() {
+    let mut d = Daemon::new(&[]);
+    d.hand_to(65534);
+    d.start().await;
+    let socket = d.data_dir.join(torud::config::CONTROL_SOCKET);
+    let answered = control_socket_answer(&socket, false);
+    assert!(answered > 0, "the daemon's user in its namespace is served");
+    assert_eq!(control_socket_answer(&socket, true), 0, "closed on a plugin-like client");
+    assert!(d.daemon_stderr().contains("control socket: refused a client"));
+    // Root is served.
+    let mut client = d.client().await;
+    client.list_plugins(torud::pb::ListPluginsRequest::default()).await.unwrap();
+}

@@ -63,6 +63,32 @@ pub fn shared_dir_mode() -> u32 {
     }
 }
 
+/// Whether a client of the control socket may use it: root, or a process in the daemon's
+/// own user namespace (a plugin of an unprivileged daemon lives in a namespace of its own).
+/// `Err` says why not; the connection is then closed without an answer.
+pub fn control_peer_allowed(stream: &impl std::os::fd::AsRawFd) -> Result<(), String> {
+    let cred = crate::connection::peer_credentials(stream).map_err(|e| e.to_string())?;
+    if cred.uid == 0 {
+        return Ok(());
+    }
+    let theirs = std::fs::read_link(format!("/proc/{}/ns/user", cred.pid));
+    let ours = std::fs::read_link("/proc/self/ns/user");
+    match (theirs, ours) {
+        (Ok(theirs), Ok(ours)) if theirs == ours => Ok(()),
+        (Ok(theirs), Ok(ours)) => Err(format!(
+            "pid {} (uid {}) is in user namespace {} and the daemon in {}: a plugin's",
+            cred.pid,
+            cred.uid,
+            theirs.display(),
+            ours.display()
+        )),
+        (Err(e), _) | (_, Err(e)) => Err(format!(
+            "the user namespace of pid {} (uid {}) cannot be read: {e}",
+            cred.pid, cred.uid
+        )),
+    }
+}
+
 /// Who one plugin runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
