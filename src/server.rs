@@ -144,10 +144,12 @@ pub async fn run(
     {
         return Err(ServeError::PlaintextNonLoopback(addr));
     }
-    create_dir_with_mode(&config.data_dir, crate::isolation::shared_dir_mode()).map_err(|source| ServeError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    create_dir_with_mode(&config.data_dir, crate::isolation::shared_dir_mode()).map_err(
+        |source| ServeError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        },
+    )?;
     let tokens = Tokens::load(&config.security.admin_token, &config.security.read_token)?;
     for source in [&config.security.admin_token, &config.security.read_token] {
         if let TokenSource::Generated(path) = source {
@@ -235,7 +237,9 @@ pub async fn run(
                 let Ok(stream) = conn else { return true };
                 crate::isolation::control_peer_allowed(stream)
                     .inspect_err(|why| {
-                        tracing::warn!("control socket: refused a client ({why}); connection closed")
+                        tracing::warn!(
+                            "control socket: refused a client ({why}); connection closed"
+                        )
                     })
                     .is_ok()
             }),

@@ -17,7 +17,11 @@ fn owner(path: &Path) -> u32 {
 }
 
 fn mode(path: &Path) -> u32 {
-    std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777
 }
 
 /// Waits for a JSON file a plugin writes, and parses it.
@@ -67,8 +71,7 @@ async fn a_hostile_plugin_reaches_nothing_but_its_own_directory() {
     rescan(&mut client).await;
     enable(&mut client, "hostile").await;
     let report = read_json(&d.data_dir.join("plugins/hostile/hostile.json")).await;
-    let report: BTreeMap<String, serde_json::Value> =
-        serde_json::from_value(report).unwrap();
+    let report: BTreeMap<String, serde_json::Value> = serde_json::from_value(report).unwrap();
 
     let uid = report["uid"].as_u64().unwrap() as u32;
     assert!(uid >= 524_288 && uid != victim_uid, "uid {uid}");
@@ -77,7 +80,10 @@ async fn a_hostile_plugin_reaches_nothing_but_its_own_directory() {
     assert_eq!(report["groups"], serde_json::json!([]), "groups cleared");
     assert_eq!(report["write own dir"], "allowed");
     for (what, outcome) in &report {
-        if matches!(what.as_str(), "uid" | "gid" | "groups" | "fds" | "write own dir") {
+        if matches!(
+            what.as_str(),
+            "uid" | "gid" | "groups" | "fds" | "write own dir"
+        ) {
             continue;
         }
         let outcome = outcome.as_str().unwrap();
@@ -189,6 +195,19 @@ async fn descriptors_the_daemon_inherited_do_not_reach_plugins() {
     }
 }
 
+/// Waits until `pid` leads a session of its own (left the plugin's session and group).
+async fn wait_for_setsid(pid: u32) {
+    let session = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let rest = stat.rsplit(')').next().unwrap_or("").to_owned();
+        rest.split_whitespace().nth(3).map(str::to_owned)
+    };
+    wait_until("the grandchild's setsid()", SECS10, || {
+        session() == Some(pid.to_string())
+    })
+    .await;
+}
+
 /// Starts a daemon with the `setsid-grandchild` fixture enabled; returns the grandchild's pid.
 async fn daemon_with_a_setsid_grandchild() -> (Daemon, Client, u32) {
     let (d, client) = start_enabled(
@@ -203,16 +222,7 @@ async fn daemon_with_a_setsid_grandchild() -> (Daemon, Client, u32) {
     let grandchild = read_pid(&pid_file).await;
     std::fs::remove_file(&pid_file).unwrap();
     assert!(!process_gone(grandchild));
-    // It leaves the plugin's session and process group.
-    let session = |pid: u32| {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let rest = stat.rsplit(')').next().unwrap_or("").to_owned();
-        rest.split_whitespace().nth(3).map(str::to_owned)
-    };
-    wait_until("the grandchild's setsid()", SECS10, || {
-        session(grandchild) == Some(grandchild.to_string())
-    })
-    .await;
+    wait_for_setsid(grandchild).await;
     (d, client, grandchild)
 }
 
@@ -276,13 +286,16 @@ async fn a_plugin_cannot_point_the_daemon_at_another_plugins_socket() {
         .await
         .unwrap_err();
     assert!(
-        err.message().contains("it is a symbolic link; a plugin's socket must be the socket itself"),
+        err.message()
+            .contains("it is a symbolic link; a plugin's socket must be the socket itself"),
         "{}",
         err.message()
     );
     assert_ne!(victim_uid, owner(&d.data_dir.join("plugins/redirect")));
     assert_eq!(
-        d.log_text("victim").matches("received lifecycle init").count(),
+        d.log_text("victim")
+            .matches("received lifecycle init")
+            .count(),
         1,
         "the victim got its own init only, not the redirected plugin's"
     );
@@ -312,7 +325,11 @@ async fn an_executable_its_user_cannot_reach_is_a_clear_error() {
         d.plugins_dir.display()
     );
     assert!(err.message().contains(&expected), "{}", err.message());
-    assert!(err.message().contains("--plugin-user fx=USER"), "{}", err.message());
+    assert!(
+        err.message().contains("--plugin-user fx=USER"),
+        "{}",
+        err.message()
+    );
     // The `--metadata` probe, unprivileged too, says the same on a rescan.
     let report = rescan(&mut client).await;
     let skipped = format!("{:?}", report);
@@ -332,13 +349,19 @@ async fn root_is_only_an_explicit_choice_per_plugin() {
     .await;
     let sys = read_json(&d.data_dir.join("plugins/sys/hostile.json")).await;
     assert_eq!(sys["uid"], 0);
-    assert_eq!(sys["admin.token"], "allowed", "root chosen for it, root it is");
+    assert_eq!(
+        sys["admin.token"], "allowed",
+        "root chosen for it, root it is"
+    );
     let other = read_json(&d.data_dir.join("plugins/other/hostile.json")).await;
     assert_eq!(other["uid"], 65534);
     assert!(other["admin.token"].as_str().unwrap().starts_with("denied"));
     assert_eq!(owner(&d.data_dir.join("plugins/other")), 65534);
     let stderr = d.daemon_stderr();
-    assert!(stderr.contains("chosen users other=65534 sys=0"), "{stderr}");
+    assert!(
+        stderr.contains("chosen users other=65534 sys=0"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
@@ -421,7 +444,9 @@ async fn without_root_a_plugin_cannot_point_the_daemon_at_another_plugins_socket
         .unwrap_err();
     assert!(err.message().contains("symbolic link"), "{}", err.message());
     assert_eq!(
-        d.log_text("victim").matches("received lifecycle init").count(),
+        d.log_text("victim")
+            .matches("received lifecycle init")
+            .count(),
         1,
         "the victim got its own init only"
     );
@@ -458,9 +483,40 @@ async fn without_root_the_control_socket_refuses_clients_in_other_user_namespace
     let socket = d.data_dir.join(torud::config::CONTROL_SOCKET);
     let answered = control_socket_answer(&socket, false);
     assert!(answered > 0, "the daemon's user in its namespace is served");
-    assert_eq!(control_socket_answer(&socket, true), 0, "closed on a plugin-like client");
-    assert!(d.daemon_stderr().contains("control socket: refused a client"));
+    assert_eq!(
+        control_socket_answer(&socket, true),
+        0,
+        "closed on a plugin-like client"
+    );
+    assert!(d
+        .daemon_stderr()
+        .contains("control socket: refused a client"));
     // Root is served.
     let mut client = d.client().await;
-    client.list_plugins(torud::pb::ListPluginsRequest::default()).await.unwrap();
+    client
+        .list_plugins(torud::pb::ListPluginsRequest::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn without_root_or_cgroups_a_setsid_grandchild_still_dies_with_its_plugin() {
+    let mut d = Daemon::new(&["--stop-grace", "300ms", "--kill-grace", "300ms"]);
+    d.hand_to(65534);
+    d.install_fixture("forker", "setsid-grandchild", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["forker"])
+        .await;
+    enable(&mut client, "forker").await;
+    assert!(d.daemon_stderr().contains("no cgroups"));
+    let grandchild = read_pid(&d.data_dir.join("plugins/forker/grandchild.pid")).await;
+    wait_for_setsid(grandchild).await;
+    disable(&mut client, "forker").await;
+    wait_until("the grandchild to die", Duration::from_secs(5), || {
+        process_gone(grandchild)
+    })
+    .await;
 }

@@ -139,7 +139,9 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(u8::is_ascii_digit));
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(u8::is_ascii_digit));
         if let (b'\\', Some(d)) = (bytes[i], octal) {
             let value = d.iter().fold(0u32, |v, &b| v * 8 + u32::from(b - b'0'));
             out.push(value as u8);

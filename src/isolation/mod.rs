@@ -131,7 +131,12 @@ impl Isolation {
     pub fn prepare(config: &Config) -> Result<Self, IsolationError> {
         let root = daemon_is_root();
         let users = root
-            .then(|| UserTable::open(&config.data_dir.join(users::USERS_FILE), config.plugin_uid_range))
+            .then(|| {
+                UserTable::open(
+                    &config.data_dir.join(users::USERS_FILE),
+                    config.plugin_uid_range,
+                )
+            })
             .transpose()?;
         let mut chosen = BTreeMap::new();
         for (id, choice) in &config.plugin_users {
@@ -221,10 +226,7 @@ impl Isolation {
                 }
                 text
             }
-            None => self
-                .sandbox
-                .map(|s| s.describe())
-                .unwrap_or_default(),
+            None => self.sandbox.map(|s| s.describe()).unwrap_or_default(),
         };
         let cgroups = match &self.cgroups {
             Ok(root) => format!("cgroup v2 {}", root.dir().display()),
@@ -308,7 +310,11 @@ pub fn unreachable(binary: &Path, who: Option<Credentials>, other_fix: &str) -> 
         return Some(format!(
             "its user (uid {}) cannot {} {}: mode {:04o} owned by {}:{}; chmod o+{} it{other_fix}",
             who.uid,
-            if script { "read and execute" } else { "execute" },
+            if script {
+                "read and execute"
+            } else {
+                "execute"
+            },
             binary.display(),
             meta.permissions().mode() & 0o7777,
             meta.uid(),

@@ -75,9 +75,7 @@ impl Support {
              can read the data directory)"
         };
         let landlock = match self.landlock_abi {
-            0 | 1 => {
-                "NO Landlock domain (plugins may ptrace or signal each other)".to_owned()
-            }
+            0 | 1 => "NO Landlock domain (plugins may ptrace or signal each other)".to_owned(),
             2..=5 => format!(
                 "Landlock ABI {} (ptrace scoped; signals NOT scoped, ABI 6 needed; no moving \
                  files across directories)",

@@ -104,8 +104,9 @@ pub struct ResolvedUser {
 /// Looks a user up by name (or a uid up, for its gid and home) in the user database.
 pub fn resolve(choice: &UserChoice) -> Result<ResolvedUser, String> {
     match choice {
-        UserChoice::Name(name) => lookup_name(name)
-            .ok_or_else(|| format!("no user named {name:?} in the user database")),
+        UserChoice::Name(name) => {
+            lookup_name(name).ok_or_else(|| format!("no user named {name:?} in the user database"))
+        }
         UserChoice::Uid(uid) => Ok(lookup_uid(*uid).unwrap_or(ResolvedUser {
             uid: *uid,
             gid: *uid,
@@ -129,12 +130,7 @@ fn lookup_uid(uid: u32) -> Option<ResolvedUser> {
     })
 }
 
-type PasswdCall<'a> = dyn Fn(
-    *mut libc::passwd,
-    *mut libc::c_char,
-    libc::size_t,
-    *mut *mut libc::passwd,
-) -> libc::c_int
+type PasswdCall<'a> = dyn Fn(*mut libc::passwd, *mut libc::c_char, libc::size_t, *mut *mut libc::passwd) -> libc::c_int
     + 'a;
 
 fn passwd_entry(call: &PasswdCall<'_>) -> Option<ResolvedUser> {
@@ -175,15 +171,13 @@ impl UserTable {
     /// Loads `path` (missing: empty).
     pub fn open(path: &Path, range: UidRange) -> Result<Self, IsolationError> {
         let uids = match std::fs::read(path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| IsolationError::UsersFile {
-                    path: path.to_owned(),
-                    reason: format!(
-                        "it is corrupt ({e}); fix it or delete it (plugins then get new uids \
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| IsolationError::UsersFile {
+                path: path.to_owned(),
+                reason: format!(
+                    "it is corrupt ({e}); fix it or delete it (plugins then get new uids \
                          and their directories are handed to them)"
-                    ),
-                })?
-            }
+                ),
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => {
                 return Err(IsolationError::UsersFile {
@@ -218,7 +212,7 @@ impl UserTable {
         let taken: std::collections::HashSet<u32> = uids.values().copied().collect();
         let uid = (range.first + 1..=range.last)
             .find(|uid| !taken.contains(uid))
-            .ok_or_else(|| IsolationError::RangeFull(range))?;
+            .ok_or(IsolationError::RangeFull(range))?;
         uids.insert(id.to_owned(), uid);
         let bytes = serde_json::to_vec_pretty(&*uids).expect("a map of uids serialises");
         if let Err(e) = write_atomically(&self.path, &bytes, 0o600) {
@@ -248,7 +242,10 @@ mod tests {
         let again = UserTable::open(&path, range).unwrap();
         assert_eq!(again.uid_of("b").unwrap(), 1002);
         assert_eq!(again.uid_of("c").unwrap(), 1003);
-        assert!(matches!(again.uid_of("d"), Err(IsolationError::RangeFull(_))));
+        assert!(matches!(
+            again.uid_of("d"),
+            Err(IsolationError::RangeFull(_))
+        ));
     }
 
     #[test]

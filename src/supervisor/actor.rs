@@ -332,7 +332,10 @@ impl Actor {
                 .failed_run(None, None, format!("cannot prepare its directories: {e}"))
                 .await;
         }
-        let other_user = format!(", or run it as another user with --plugin-user {}=USER", self.id);
+        let other_user = format!(
+            ", or run it as another user with --plugin-user {}=USER",
+            self.id
+        );
         if let Some(reason) =
             crate::isolation::unreachable(&spec.binary_path, who.credentials(), &other_user)
         {
@@ -386,10 +389,8 @@ impl Actor {
                     (Descendants::Cgroup(cgroup), procs)
                 }
                 Err(e) => {
-                    let reason = format!(
-                        "cannot create its cgroup in {}: {e}",
-                        root.dir().display()
-                    );
+                    let reason =
+                        format!("cannot create its cgroup in {}: {e}", root.dir().display());
                     return self.failed_run(None, None, reason).await;
                 }
             },

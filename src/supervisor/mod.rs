@@ -239,7 +239,10 @@ impl Supervisor {
             if let Some(cgroups) = first.inner.ctx.isolation.cgroups() {
                 let swept = cgroups.sweep().await;
                 if swept > 0 {
-                    tracing::warn!(cgroups = swept, "killed plugin processes left over from an earlier run");
+                    tracing::warn!(
+                        cgroups = swept,
+                        "killed plugin processes left over from an earlier run"
+                    );
                 }
             }
             if let Err(e) = first.rescan().await {
