@@ -195,6 +195,7 @@ pub async fn check(opts: &CheckOptions) -> Report {
         max_bytes: crate::discovery::DEFAULT_MAX_METADATA_BYTES,
         limits: limits.clone(),
         run_as,
+        hide: None,
     };
     let spec = match probe(dir, path.clone(), probe_opts).await {
         Ok(spec) => spec,

@@ -53,6 +53,8 @@ pub struct ProbeOptions {
     pub limits: PluginLimits,
     /// The user the `--metadata` process runs as (`None`: the daemon's).
     pub run_as: Option<Credentials>,
+    /// Hide the data directory from the `--metadata` process (a daemon that is not root).
+    pub hide: Option<crate::isolation::sandbox::Hide>,
 }
 
 /// Lists the candidate files of `dir`, sorted by name.
@@ -133,12 +135,22 @@ pub async fn probe(dir: PathBuf, path: PathBuf, opts: ProbeOptions) -> Probe {
 
 /// Runs `path --metadata` and returns its stdout, or why it failed.
 async fn run_metadata(path: &Path, opts: &ProbeOptions) -> Result<Vec<u8>, String> {
+    let sandbox = opts
+        .hide
+        .as_ref()
+        .map(|hide| hide.sandbox())
+        .transpose()
+        .map_err(|e| format!("cannot prepare the sandbox of --metadata: {e}"))?;
+    let confinement = Confinement {
+        sandbox,
+        ..Confinement::user(opts.run_as)
+    };
     let mut cmd = plugin_command(
         path,
         &opts.env_allowlist,
         &[] as &[(&str, OsString)],
         &opts.limits,
-        Confinement::user(opts.run_as),
+        confinement,
     );
     cmd.arg("--metadata")
         .stdout(Stdio::piped())

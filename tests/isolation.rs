@@ -67,8 +67,19 @@ async fn a_hostile_plugin_reaches_nothing_but_its_own_directory() {
     std::fs::write(&secret, "victim's secret").unwrap();
     std::os::unix::fs::chown(&secret, Some(victim_uid), Some(victim_uid)).unwrap();
 
-    d.install_fixture("hostile", "hostile", &["--other", "victim"]);
+    let token = d.data_dir.join("admin.token");
+    let token = token.to_str().unwrap();
+    d.install_fixture(
+        "hostile",
+        "hostile",
+        &["--other", "victim", "--probe-read", token],
+    );
     rescan(&mut client).await;
+    let name = get(&mut client, "hostile").await.name;
+    assert_eq!(
+        name, "Fixture hostile probe denied",
+        "the --metadata probe is confined too"
+    );
     enable(&mut client, "hostile").await;
     let report = read_json(&d.data_dir.join("plugins/hostile/hostile.json")).await;
     let report: BTreeMap<String, serde_json::Value> = serde_json::from_value(report).unwrap();
@@ -370,13 +381,24 @@ async fn without_root_a_hostile_plugin_sees_only_its_own_directories() {
     let mut d = Daemon::new(&[]);
     d.hand_to(NOBODY);
     d.install_fixture("victim", "normal", &[]);
-    d.install_fixture("hostile", "hostile", &["--other", "victim"]);
+    let token = d.data_dir.join("admin.token");
+    let token = token.to_str().unwrap();
+    d.install_fixture(
+        "hostile",
+        "hostile",
+        &["--other", "victim", "--probe-read", token],
+    );
     d.start().await;
     let mut client = d.client().await;
     Events::watch(&mut client, Some(0))
         .await
         .wait_added(&["victim", "hostile"])
         .await;
+    let name = get(&mut client, "hostile").await.name;
+    assert_eq!(
+        name, "Fixture hostile probe denied",
+        "the --metadata probe is confined too"
+    );
     enable(&mut client, "victim").await;
     let secret = d.data_dir.join("plugins/victim/secret.txt");
     std::fs::write(&secret, "victim's secret").unwrap();

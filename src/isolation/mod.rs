@@ -199,6 +199,14 @@ impl Isolation {
         })
     }
 
+    /// How probes hide the data directory, when the daemon is not root.
+    pub fn probe_hide(&self, config: &Config) -> Option<sandbox::Hide> {
+        self.sandbox.map(|support| sandbox::Hide {
+            data_dir: config.data_dir.clone(),
+            support,
+        })
+    }
+
     /// The private view of the data directory for plugin `id`, when the daemon is not root.
     pub fn sandbox(&self, config: &Config, id: &str) -> Option<std::io::Result<sandbox::Sandbox>> {
         let support = self.sandbox?;

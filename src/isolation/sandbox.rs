@@ -87,6 +87,23 @@ impl Support {
     }
 }
 
+/// How to hide a data directory from a short-lived process that needs none of it (the
+/// `--metadata` probe); cheap to clone, turned into a [`Sandbox`] per process.
+#[derive(Debug, Clone)]
+pub struct Hide {
+    /// The directory to cover.
+    pub data_dir: PathBuf,
+    /// What the kernel offers.
+    pub support: Support,
+}
+
+impl Hide {
+    /// A sandbox showing nothing of the data directory.
+    pub fn sandbox(&self) -> std::io::Result<Sandbox> {
+        Sandbox::new(&self.data_dir, &[], self.support)
+    }
+}
+
 /// Everything the child needs to confine itself, prepared before the fork.
 #[derive(Debug)]
 pub struct Sandbox {

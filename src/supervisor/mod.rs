@@ -455,6 +455,7 @@ impl Supervisor {
             max_bytes: ctx.config.max_metadata_bytes,
             limits: ctx.config.plugin_limits.clone(),
             run_as: ctx.isolation.probe_credentials(),
+            hide: ctx.isolation.probe_hide(&ctx.config),
         };
         let (candidates, mut probes) =
             discovery::scan(&dir, opts).map_err(|e| SupervisorError::PluginsDir {
