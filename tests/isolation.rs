@@ -542,3 +542,37 @@ async fn without_root_or_cgroups_a_setsid_grandchild_still_dies_with_its_plugin(
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_cgroups_of_a_sigkilled_daemon_are_emptied_at_the_next_start() {
+    let (mut d, _client) = start_enabled(
+        &[],
+        |d| {
+            d.install_fixture("forker", "scrubbed-grandchild", &[]);
+        },
+        &["forker"],
+    )
+    .await;
+    let pid_file = d.data_dir.join("plugins/forker/grandchild.pid");
+    let grandchild = read_pid(&pid_file).await;
+    wait_for_setsid(grandchild).await;
+    wait_until("the grandchild's empty environment", SECS10, || {
+        std::fs::read(format!("/proc/{grandchild}/environ")).is_ok_and(|e| e.is_empty())
+    })
+    .await;
+    d.kill9().await;
+    assert!(
+        !process_gone(grandchild),
+        "nothing but its cgroup finds it now"
+    );
+    d.start().await;
+    wait_until(
+        "the grandchild to be killed",
+        Duration::from_secs(5),
+        || process_gone(grandchild),
+    )
+    .await;
+    assert!(d
+        .daemon_stderr()
+        .contains("killed plugin processes left over from an earlier run"));
+}

@@ -243,7 +243,7 @@ impl Isolation {
         let control = if self.users.is_some() {
             "control socket root-only"
         } else {
-            "control socket owner-only"
+            "control socket owner-only, closed to other user namespaces"
         };
         format!("isolation: {users}, {cgroups}, {control}")
     }
