@@ -102,8 +102,9 @@ pub fn plugin_command(
     } = confinement;
     // SAFETY: the closure runs in the forked child before exec and only calls
     // async-signal-safe functions (write, setrlimit, close_range, fcntl, setgroups, setgid,
-    // setuid, prctl, getppid, _exit); `rlimits` and the descriptor were made before the
-    // fork, so nothing allocates.
+    // setuid, prctl, getppid, _exit, and in `Sandbox::enter` unshare, open, dup3, mount,
+    // mkdir and the Landlock calls); `rlimits`, the descriptor and the sandbox's paths were
+    // made before the fork, so nothing allocates.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(procs) = &cgroup_procs {
