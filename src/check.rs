@@ -145,6 +145,24 @@ pub fn run_cli(opts: CheckOptions) -> ExitCode {
     }
 }
 
+/// Makes `data_dir` and its parent, and hands the parent to `run_as`; the scratch root
+/// stays the caller's, traversable.
+fn own_corner(
+    root: &Path,
+    data_dir: &Path,
+    run_as: Option<crate::process::Credentials>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(data_dir)?;
+    if let Some(who) = run_as {
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))?;
+        for dir in [data_dir.parent().unwrap_or(data_dir), data_dir] {
+            std::os::unix::fs::chown(dir, Some(who.uid), Some(who.gid))?;
+        }
+    }
+    Ok(())
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
@@ -167,11 +185,21 @@ pub async fn check(opts: &CheckOptions) -> Report {
     let env_allowlist: Vec<String> = DEFAULT_PLUGIN_ENV.iter().map(|s| s.to_string()).collect();
     // The daemon's default limits, so a plugin that passes here fits under them.
     let limits = crate::config::PluginLimits::default();
+    // Run as root, the plugin gets an unprivileged user, as under the daemon.
+    let run_as = crate::isolation::daemon_is_root().then(|| {
+        let first = crate::isolation::UidRange::default().first;
+        crate::process::Credentials {
+            uid: first,
+            gid: first,
+        }
+    });
     let probe_opts = ProbeOptions {
         timeout: limit,
         env_allowlist: env_allowlist.clone(),
         max_bytes: crate::discovery::DEFAULT_MAX_METADATA_BYTES,
         limits: limits.clone(),
+        run_as,
+        hide: None,
     };
     let spec = match probe(dir, path.clone(), probe_opts).await {
         Ok(spec) => spec,
@@ -212,9 +240,17 @@ pub async fn check(opts: &CheckOptions) -> Report {
             return report;
         }
     };
-    let socket = tmp.path().join("p.sock");
-    let data_dir = tmp.path().join("data");
-    let _ = std::fs::create_dir(&data_dir);
+    // The plugin's own corner of the scratch directory, handed to its user when run as root.
+    let own = tmp.path().join("plugin");
+    let data_dir = own.join("data");
+    let socket = own.join("p.sock");
+    if let Err(e) = own_corner(tmp.path(), &data_dir, run_as) {
+        report.add(
+            "start",
+            Outcome::Fail(format!("cannot prepare {}: {e}", own.display())),
+        );
+        return report;
+    }
     let env = [
         (
             toru_plugin_sdk::ENV_PLUGIN_SOCKET,
@@ -224,7 +260,13 @@ pub async fn check(opts: &CheckOptions) -> Report {
         (toru_plugin_sdk::ENV_INSTANCE_ID, "torud-check".into()),
         (toru_plugin_sdk::ENV_DATA_DIR, data_dir.into_os_string()),
     ];
-    let mut cmd = crate::process::plugin_command(&path, &env_allowlist, &env, &limits);
+    let mut cmd = crate::process::plugin_command(
+        &path,
+        &env_allowlist,
+        &env,
+        &limits,
+        crate::process::Confinement::user(run_as),
+    );
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = match cmd.spawn() {
         Ok(child) => child,

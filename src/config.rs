@@ -51,6 +51,10 @@ pub struct Config {
     pub pins: std::collections::BTreeMap<String, String>,
     /// Per-plugin quotas of the durable storage.
     pub storage_quotas: crate::storage::Quotas,
+    /// Uids (and equal gids) for plugins' dynamic users when the daemon is root.
+    pub plugin_uid_range: crate::isolation::UidRange,
+    /// Users chosen for particular plugins (`--plugin-user ID=USER|UID`), by plugin id.
+    pub plugin_users: std::collections::BTreeMap<String, crate::isolation::UserChoice>,
 }
 
 /// Resource limits (rlimits) set in every plugin process before it runs; `None` inherits
@@ -242,6 +246,8 @@ impl Config {
             plugin_limits: PluginLimits::default(),
             pins: Default::default(),
             storage_quotas: crate::storage::Quotas::default(),
+            plugin_uid_range: Default::default(),
+            plugin_users: Default::default(),
             data_dir,
         }
     }
@@ -251,14 +257,19 @@ impl Config {
         self.data_dir.join(CONTROL_SOCKET)
     }
 
-    /// Private directory (0700) holding the plugins' sockets.
+    /// Directory holding one directory per plugin for its socket.
     pub fn run_dir(&self) -> PathBuf {
         self.data_dir.join("run")
     }
 
+    /// The directory, owned by the plugin's user, where it binds its socket.
+    pub fn plugin_run_dir(&self, id: &str) -> PathBuf {
+        self.run_dir().join(id)
+    }
+
     /// The socket a plugin listens on.
     pub fn socket_path(&self, id: &str) -> PathBuf {
-        self.run_dir().join(format!("{id}.sock"))
+        self.plugin_run_dir(id).join("plugin.sock")
     }
 
     /// The writable directory private to one plugin (`TORU_DATA_DIR`).

@@ -1,6 +1,10 @@
 //! Reaching a plugin's socket: waiting for it to accept, connecting while its backlog is
 //! full, Toru's one-message-per-connection discipline for v1 plugins, and the non-intrusive
 //! v1 health check. The multiplexed request path is `bridge.rs`'s.
+//! A plugin cannot point the daemon at another plugin's socket: the socket file is opened
+//! without following links and connected through its descriptor, and every connection is
+//! checked against the peer's credentials (the listener must run as the owner of the
+//! directory the socket is in, `run/<id>/`, the plugin's user).
 //! This module knows nothing of processes or states.
 
 use std::path::{Path, PathBuf};
@@ -49,6 +53,87 @@ pub enum ConnectError {
     /// Sending failed.
     #[error("sending to the plugin failed: {0}")]
     Send(#[from] FrameError),
+    /// The listener is not the plugin's user.
+    #[error("cannot connect to {path}: {source}")]
+    Peer {
+        /// The socket.
+        path: PathBuf,
+        /// Whose listener it is.
+        source: std::io::Error,
+    },
+}
+
+/// The credentials (pid, uid, gid) of the process at the other end of a Unix socket, as
+/// they were when it connected or listened (`SO_PEERCRED`).
+pub fn peer_credentials(stream: &impl std::os::fd::AsRawFd) -> std::io::Result<libc::ucred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of the given length.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred)
+}
+
+/// Opens the socket file at `path` itself (`O_PATH | O_NOFOLLOW`) and returns it with the
+/// short `/proc/self/fd/N` name that connects to exactly that socket: a symbolic link a
+/// plugin put in its directory (to another plugin's socket, say) is refused, not followed.
+fn open_socket(path: &Path) -> std::io::Result<(std::fs::File, String)> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
+    let kind = file.metadata()?.file_type();
+    if kind.is_symlink() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "it is a symbolic link; a plugin's socket must be the socket itself",
+        ));
+    }
+    if !kind.is_socket() {
+        // Not a socket (yet): like a socket nobody listens on.
+        return Err(std::io::ErrorKind::ConnectionRefused.into());
+    }
+    use std::os::fd::AsRawFd;
+    let name = format!("/proc/self/fd/{}", file.as_raw_fd());
+    Ok((file, name))
+}
+
+/// Checks that the process listening on `stream` runs as the owner of the directory
+/// `path` is in; a `PermissionDenied` error says whose it is otherwise.
+pub fn check_peer(stream: &impl std::os::fd::AsRawFd, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let owner = std::fs::symlink_metadata(dir)?.uid();
+    let cred = peer_credentials(stream)?;
+    if cred.uid != owner {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "its listener (pid {}) runs as uid {}, not as uid {}, the owner of {}: \
+                 refusing a socket that leads to another user's process",
+                cred.pid,
+                cred.uid,
+                owner,
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Connects to `path`, retrying while the socket does not exist or refuses, until
@@ -88,8 +173,17 @@ fn connect_blocking(
     let start = Instant::now();
     let mut delay = FIRST_RETRY_DELAY;
     loop {
-        match std::os::unix::net::UnixStream::connect(path) {
-            Ok(stream) => return Ok(stream),
+        let connected = open_socket(path)
+            .and_then(|(_file, name)| std::os::unix::net::UnixStream::connect(name));
+        match connected {
+            Ok(stream) => {
+                return check_peer(&stream, path)
+                    .map(|()| stream)
+                    .map_err(|source| ConnectError::Peer {
+                        path: path.to_owned(),
+                        source,
+                    })
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -127,11 +221,13 @@ fn connect_blocking(
 pub async fn connect_patiently(path: &Path) -> std::io::Result<UnixStream> {
     let mut delay = Duration::from_micros(200);
     loop {
-        match UnixStream::connect(path).await {
+        let (_file, name) = open_socket(path)?;
+        match UnixStream::connect(&name).await {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_millis(20));
             }
+            Ok(stream) => return check_peer(&stream, path).map(|()| stream),
             other => return other,
         }
     }

@@ -23,7 +23,7 @@ use toru_plugin_sdk::Metadata;
 
 use crate::config::PluginLimits;
 use crate::model::PluginSpec;
-use crate::process::{plugin_command, signal_group};
+use crate::process::{plugin_command, signal_group, Confinement, Credentials};
 
 /// Largest `--metadata` output accepted.
 pub const DEFAULT_MAX_METADATA_BYTES: usize = 64 * 1024;
@@ -55,16 +55,25 @@ pub struct ProbeOptions {
     pub max_bytes: usize,
     /// Resource limits of the `--metadata` process.
     pub limits: PluginLimits,
+    /// The user the `--metadata` process runs as (`None`: the daemon's).
+    pub run_as: Option<Credentials>,
+    /// Hide the data directory from the `--metadata` process (a daemon that is not root).
+    pub hide: Option<crate::isolation::sandbox::Hide>,
 }
 
 impl ProbeOptions {
     /// The options the configuration sets.
-    pub fn from_config(config: &crate::config::Config) -> Self {
+    pub fn from_config(
+        config: &crate::config::Config,
+        isolation: &crate::isolation::Isolation,
+    ) -> Self {
         ProbeOptions {
             timeout: config.timing.metadata_timeout,
             env_allowlist: config.plugin_env_allowlist.clone(),
             max_bytes: config.max_metadata_bytes,
             limits: config.plugin_limits.clone(),
+            run_as: isolation.probe_credentials(),
+            hide: isolation.probe_hide(config),
         }
     }
 }
@@ -218,6 +227,10 @@ pub async fn probe(dir: PathBuf, path: PathBuf, opts: ProbeOptions) -> Probe {
             path.display()
         )));
     }
+    let probe_user = "; --metadata runs as the first uid of --plugin-uid-range";
+    if let Some(reason) = crate::isolation::unreachable(&real, opts.run_as, probe_user) {
+        return Err(skip(reason));
+    }
     let stdout = run_metadata(&path, &opts).await.map_err(skip)?;
     let metadata = Metadata::parse(&stdout).map_err(|e| skip(format!("invalid metadata: {e}")))?;
     Ok(PluginSpec {
@@ -228,11 +241,22 @@ pub async fn probe(dir: PathBuf, path: PathBuf, opts: ProbeOptions) -> Probe {
 
 /// Runs `path --metadata` and returns its stdout, or why it failed.
 async fn run_metadata(path: &Path, opts: &ProbeOptions) -> Result<Vec<u8>, String> {
+    let sandbox = opts
+        .hide
+        .as_ref()
+        .map(|hide| hide.sandbox())
+        .transpose()
+        .map_err(|e| format!("cannot prepare the sandbox of --metadata: {e}"))?;
+    let confinement = Confinement {
+        sandbox,
+        ..Confinement::user(opts.run_as)
+    };
     let mut cmd = plugin_command(
         path,
         &opts.env_allowlist,
         &[] as &[(&str, OsString)],
         &opts.limits,
+        confinement,
     );
     cmd.arg("--metadata")
         .stdout(Stdio::piped())

@@ -12,6 +12,7 @@ pub mod config;
 pub mod connection;
 pub mod discovery;
 pub mod events;
+pub mod isolation;
 pub mod model;
 pub mod process;
 pub mod seqlog;

@@ -179,6 +179,16 @@ struct ServeArgs {
     /// Bytes (keys plus values) one plugin may keep in its durable storage.
     #[arg(long, env = "TORUD_STORAGE_MAX_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     storage_max_bytes: u64,
+    /// Uids (with equal gids) for plugins' own users when the daemon runs as root:
+    /// FIRST-LAST. The first is used by `--metadata` probes; each plugin gets one of the
+    /// others, kept in <data-dir>/users.json.
+    #[arg(long, env = "TORUD_PLUGIN_UID_RANGE", default_value = "524288-589823")]
+    plugin_uid_range: torud::isolation::UidRange,
+    /// Run a plugin as a given user instead of its own dynamic one: ID=USER or ID=UID
+    /// (`root` only when named like this, for plugins that manage the system). Repeat for
+    /// several plugins.
+    #[arg(long = "plugin-user", env = "TORUD_PLUGIN_USERS", value_delimiter = ',', value_parser = torud::isolation::users::parse_plugin_user)]
+    plugin_users: Vec<(String, torud::isolation::UserChoice)>,
     /// Log filter for the daemon's own logs (stderr), e.g. `info` or `torud=debug`.
     #[arg(long, env = "TORUD_LOG", default_value = "info")]
     log: String,
@@ -224,6 +234,10 @@ fn absolute_dir(path: &Path) -> std::io::Result<PathBuf> {
 }
 
 fn main() -> ExitCode {
+    // Every file and directory the daemon (or `plugin check`) creates is its own alone,
+    // whatever umask it was started with; plugins inherit this umask too.
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(0o077) };
     let args = match Cli::parse().command {
         Command::Serve(args) => args,
         Command::Plugin(PluginCommand::Check { path, timeout }) => {
@@ -313,6 +327,8 @@ fn main() -> ExitCode {
     config.pins = args.pins.into_iter().collect();
     config.storage_quotas.max_keys = args.storage_max_keys;
     config.storage_quotas.max_bytes = args.storage_max_bytes;
+    config.plugin_uid_range = args.plugin_uid_range;
+    config.plugin_users = args.plugin_users.into_iter().collect();
 
     raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -1,5 +1,6 @@
 //! Plugin processes: how they are spawned (own process group, parent-death signal, a clean
-//! environment), signalled and reaped.
+//! environment, no inherited descriptors, its cgroup and its user), signalled, reaped, and
+//! how everything a plugin started is killed when it stops.
 //!
 //! Architecture invariant: every plugin process — the long-running one and the short
 //! `--metadata` one — is its own process-group leader with `PR_SET_PDEATHSIG = SIGKILL`, so
@@ -7,10 +8,15 @@
 //! when the daemon is SIGKILLed. The parent-death signal fires when the *thread* that
 //! spawned the child exits, so children are only spawned from async tasks (tokio's worker
 //! threads live as long as the runtime), never from `spawn_blocking` threads.
-//! This module knows nothing of sockets, states or events.
+//! Before exec the child joins its cgroup (while still root), marks every descriptor above
+//! 2 close-on-exec, and only then switches user (groups cleared, gid, uid), sets
+//! `no_new_privs` and the parent-death signal (which a uid change would clear).
+//! This module knows nothing of sockets, states or events; who a plugin runs as is decided
+//! by `isolation`.
 
 use std::ffi::OsString;
-use std::path::Path;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -19,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::capture::{drain_lines, PluginLog, StderrTail};
 use crate::config::PluginLimits;
+use crate::isolation::PluginCgroup;
 
 #[cfg(target_env = "gnu")]
 type RlimitResource = libc::__rlimit_resource_t;
@@ -27,13 +34,46 @@ type RlimitResource = libc::c_int;
 use crate::model::ExitStatus;
 use crate::model::LogStream;
 
+/// A user to switch to before exec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials {
+    /// The uid.
+    pub uid: u32,
+    /// The gid (supplementary groups are cleared).
+    pub gid: u32,
+}
+
+/// What confines a plugin process beyond its environment and limits.
+#[derive(Debug, Default)]
+pub struct Confinement {
+    /// The user to run as; `None` keeps the daemon's.
+    pub credentials: Option<Credentials>,
+    /// The plugin's cgroup's `cgroup.procs`, open for writing: the child joins it first.
+    pub cgroup_procs: Option<OwnedFd>,
+    /// Namespaces and Landlock, for a daemon that is not root.
+    pub sandbox: Option<crate::isolation::sandbox::Sandbox>,
+}
+
+impl Confinement {
+    /// Runs as `credentials` (if any), in no cgroup of its own.
+    pub fn user(credentials: Option<Credentials>) -> Self {
+        Confinement {
+            credentials,
+            cgroup_procs: None,
+            sandbox: None,
+        }
+    }
+}
+
 /// Builds a command for a plugin executable with only the allowlisted environment, its own
-/// process group, the parent-death signal and `limits`.
+/// process group, the parent-death signal, `limits`, no inherited descriptors beyond stdio,
+/// and `confinement`.
 pub fn plugin_command(
     binary: &Path,
     allowlist: &[String],
     extra_env: &[(&str, OsString)],
     limits: &PluginLimits,
+    confinement: Confinement,
 ) -> Command {
     let mut cmd = Command::new(binary);
     cmd.env_clear();
@@ -55,11 +95,25 @@ pub fn plugin_command(
     .into_iter()
     .filter_map(|(resource, value)| value.map(|v| (resource, v)))
     .collect();
+    let Confinement {
+        credentials,
+        cgroup_procs,
+        sandbox,
+    } = confinement;
     // SAFETY: the closure runs in the forked child before exec and only calls
-    // async-signal-safe functions (prctl, getppid, setrlimit, _exit); `rlimits` was built
-    // before the fork, so nothing allocates.
+    // async-signal-safe functions (write, setrlimit, close_range, fcntl, setgroups, setgid,
+    // setuid, prctl, getppid, _exit, and in `Sandbox::enter` unshare, open, dup3, mount,
+    // mkdir and the Landlock calls); `rlimits`, the descriptor and the sandbox's paths were
+    // made before the fork, so nothing allocates.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(procs) = &cgroup_procs {
+                // "0" moves the writing process; must happen while still root.
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            cloexec_from_3();
             for &(resource, value) in &rlimits {
                 let limit = libc::rlimit {
                     rlim_cur: value as libc::rlim_t,
@@ -69,6 +123,19 @@ pub fn plugin_command(
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            if let Some(sandbox) = &sandbox {
+                sandbox.enter()?;
+            }
+            if let Some(who) = credentials {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(who.gid) != 0
+                    || libc::setuid(who.uid) != 0
+                    || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // After the uid change, which clears it.
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
                 libc::SIGKILL as libc::c_ulong,
@@ -87,6 +154,36 @@ pub fn plugin_command(
         });
     }
     cmd
+}
+
+/// Marks every descriptor above 2 close-on-exec, so nothing the daemon inherited or
+/// opened without the flag reaches a plugin. Async-signal-safe.
+fn cloexec_from_3() {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags; the fallback loop does
+    // the same with fcntl on each descriptor (EBADF for closed ones is harmless).
+    unsafe {
+        if libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+        ) == 0
+        {
+            return;
+        }
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur.min(1 << 20) as libc::c_int
+        } else {
+            1024
+        };
+        for fd in 3..top {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
 }
 
 /// Sends `sig` to every process in the group led by `pgid`, and to the leader itself (a
@@ -112,6 +209,19 @@ pub fn kill_leftovers(run_dir: &Path) -> Vec<u32> {
     let mut marker = format!("{}=", toru_plugin_sdk::ENV_PLUGIN_SOCKET).into_bytes();
     marker.extend_from_slice(run_dir.as_os_str().as_encoded_bytes());
     marker.push(b'/');
+    kill_marked(|var| var.starts_with(&marker))
+}
+
+/// SIGKILLs every process that inherited `TORU_PLUGIN_SOCKET=socket`: what one plugin
+/// started, where it has no cgroup. Returns the pids killed.
+pub fn kill_marked_with(socket: &Path) -> Vec<u32> {
+    let mut marker = format!("{}=", toru_plugin_sdk::ENV_PLUGIN_SOCKET).into_bytes();
+    marker.extend_from_slice(socket.as_os_str().as_encoded_bytes());
+    kill_marked(|var| var == marker.as_slice())
+}
+
+/// SIGKILLs every process (but this one) with an environment variable matching `marked`.
+fn kill_marked(marked: impl Fn(&[u8]) -> bool) -> Vec<u32> {
     let me = std::process::id();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -131,10 +241,7 @@ pub fn kill_leftovers(run_dir: &Path) -> Vec<u32> {
         let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
             continue;
         };
-        if environ
-            .split(|&b| b == 0)
-            .any(|var| var.starts_with(&marker))
-        {
+        if environ.split(|&b| b == 0).any(&marked) {
             // SAFETY: plain syscall on a process that carries our socket directory.
             unsafe {
                 libc::kill(pid as libc::pid_t, libc::SIGKILL);
@@ -162,6 +269,18 @@ fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
     unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES) };
 }
 
+/// How everything a plugin started is found when it stops.
+#[derive(Debug)]
+pub enum Descendants {
+    /// Its cgroup: `cgroup.kill` reaches every process in it.
+    Cgroup(PluginCgroup),
+    /// No cgroup: the processes that inherited its `TORU_PLUGIN_SOCKET` (this socket path).
+    Marker(PathBuf),
+}
+
+/// Bound on the wait for a killed plugin's cgroup to empty.
+const CGROUP_EMPTY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A running plugin process with its output being drained into its log.
 pub struct PluginProcess {
     child: Child,
@@ -169,12 +288,18 @@ pub struct PluginProcess {
     exit: Option<ExitStatus>,
     drains: Vec<JoinHandle<()>>,
     stderr_tail: StderrTail,
+    descendants: Descendants,
 }
 
 impl PluginProcess {
     /// Spawns the plugin with stdout and stderr drained line by line (lines longer than
-    /// `max_line` split) into `log`.
-    pub fn spawn(mut cmd: Command, log: PluginLog, max_line: usize) -> std::io::Result<Self> {
+    /// `max_line` split) into `log`; `descendants` says how to find what it starts.
+    pub fn spawn(
+        mut cmd: Command,
+        log: PluginLog,
+        max_line: usize,
+        descendants: Descendants,
+    ) -> std::io::Result<Self> {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn()?;
         let pid = child.id().unwrap_or(0);
@@ -208,6 +333,7 @@ impl PluginProcess {
             exit: None,
             drains,
             stderr_tail,
+            descendants,
         })
     }
 
@@ -221,6 +347,9 @@ impl PluginProcess {
     pub async fn kill_and_wait(&mut self, limit: Duration) -> ExitStatus {
         if self.exit.is_none() {
             self.signal_group(libc::SIGKILL);
+        }
+        if let Descendants::Cgroup(cgroup) = &self.descendants {
+            cgroup.kill();
         }
         match tokio::time::timeout(limit, self.wait()).await {
             Ok(status) => status,
@@ -260,10 +389,22 @@ impl PluginProcess {
         signal_group(self.pid, sig);
     }
 
-    /// After the process exited: kills what is left of its group (grandchildren holding the
-    /// pipes), waits (bounded) for the output to be drained, and returns the stderr tail.
+    /// After the process exited: kills everything it started (its cgroup, or its group and
+    /// every process carrying its marker), waits (bounded) for the output to be drained,
+    /// and returns the stderr tail.
     pub async fn finish(&mut self, drain_timeout: Duration) -> Vec<String> {
         self.signal_group(libc::SIGKILL);
+        match &self.descendants {
+            Descendants::Cgroup(cgroup) => {
+                cgroup.kill_all(CGROUP_EMPTY_TIMEOUT).await;
+            }
+            Descendants::Marker(socket) => {
+                let killed = kill_marked_with(socket);
+                if !killed.is_empty() {
+                    tracing::info!(pid = self.pid, killed = ?killed, "killed processes the plugin left behind");
+                }
+            }
+        }
         let drains = std::mem::take(&mut self.drains);
         let all = futures::future::join_all(drains);
         if tokio::time::timeout(drain_timeout, all).await.is_err() {
@@ -280,6 +421,12 @@ impl Drop for PluginProcess {
     fn drop(&mut self) {
         if self.exit.is_none() {
             self.signal_group(libc::SIGKILL);
+        }
+        match &self.descendants {
+            Descendants::Cgroup(cgroup) => cgroup.kill(),
+            Descendants::Marker(socket) => {
+                kill_marked_with(socket);
+            }
         }
         for drain in &self.drains {
             drain.abort();

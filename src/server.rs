@@ -144,10 +144,12 @@ pub async fn run(
     {
         return Err(ServeError::PlaintextNonLoopback(addr));
     }
-    create_dir_with_mode(&config.data_dir, 0o700).map_err(|source| ServeError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    create_dir_with_mode(&config.data_dir, crate::isolation::shared_dir_mode()).map_err(
+        |source| ServeError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        },
+    )?;
     let tokens = Tokens::load(&config.security.admin_token, &config.security.read_token)?;
     for source in [&config.security.admin_token, &config.security.read_token] {
         if let TokenSource::Generated(path) = source {
@@ -164,6 +166,7 @@ pub async fn run(
     let control = bind_control_socket(&control_path)?;
     let limits = config.grpc.clone();
     let supervisor = Supervisor::start(config)?;
+    tracing::info!("{}", supervisor.isolation_summary());
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter
@@ -231,7 +234,16 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(control),
+            tokio_stream::StreamExt::filter(UnixListenerStream::new(control), |conn| {
+                let Ok(stream) = conn else { return true };
+                crate::isolation::control_peer_allowed(stream)
+                    .inspect_err(|why| {
+                        tracing::warn!(
+                            "control socket: refused a client ({why}); connection closed"
+                        )
+                    })
+                    .is_ok()
+            }),
             stop.clone().cancelled_owned(),
         );
     let tcp = tokio::spawn(tcp);

@@ -129,7 +129,7 @@ impl Inner {
             plugins: self.state.lock().expect("state lock poisoned").clone(),
         };
         let bytes = serde_json::to_vec_pretty(&file).expect("state serialises");
-        write_atomically(&self.path, &bytes, 0o666).map_err(|source| StateError::Io {
+        write_atomically(&self.path, &bytes, 0o600).map_err(|source| StateError::Io {
             path: self.path.clone(),
             source,
         })

@@ -116,12 +116,15 @@ async fn secrets_and_sockets_are_private_to_the_daemons_user() {
         &["hello"],
     )
     .await;
-    assert_eq!(mode(&d.data_dir), 0o700);
+    // Run as root: plugins may traverse the data directory, nothing more
+    // (tests/isolation.rs tries it from inside a plugin).
+    assert_eq!(mode(&d.data_dir), 0o711);
     assert_eq!(mode(&d.data_dir.join("admin.token")), 0o600);
     assert_eq!(mode(&d.data_dir.join("read.token")), 0o600);
     assert_eq!(mode(&d.data_dir.join("torud.sock")), 0o600);
-    assert_eq!(mode(&d.data_dir.join("run")), 0o700);
-    assert_eq!(mode(&d.data_dir.join("run").join("hello.sock")), 0o600);
+    assert_eq!(mode(&d.data_dir.join("run")), 0o711);
+    assert_eq!(mode(&d.data_dir.join("run").join("hello")), 0o700);
+    assert!(d.data_dir.join("run/hello/plugin.sock").exists());
     assert_eq!(mode(&d.data_dir.join("plugins").join("hello")), 0o700);
     assert_ne!(d.token("admin"), d.token("read"));
     assert_eq!(d.token("admin").len(), 64);

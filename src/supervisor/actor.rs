@@ -24,13 +24,12 @@ use toru_plugin_sdk::{Envelope, MessageType, PROTOCOL_VERSION};
 use super::{Context, SupervisorError};
 use crate::bridge::{BridgeError, Link, LinkLimits};
 use crate::capture::PluginLog;
-use crate::config::create_dir_with_mode;
 use crate::connection::{connect_with_retry, send_one, send_one_on, socket_listening};
 use crate::discovery::{self, FileIdentity, ProbeOptions, Recheck};
 use crate::model::{
     EventDraft, EventKind, ExitInfo, LogLevel, PluginSpec, PluginState, PluginStatus,
 };
-use crate::process::{plugin_command, PluginProcess};
+use crate::process::{plugin_command, Confinement, Descendants, PluginProcess};
 use crate::state::StateError;
 
 /// Reply channel of a command that returns the plugin's status.
@@ -365,16 +364,30 @@ impl Actor {
             Err(Recheck::OtherId(reason)) => return self.disable_for(reason).await,
             Err(Recheck::Failed(reason)) => return self.failed_run(None, None, reason).await,
         }
-        let _ = std::fs::remove_file(&socket);
-        let data_dir = cfg.plugin_data_dir(&self.id);
-        let log_dir = cfg.log_dir(&self.id);
-        if let Err(e) = create_dir_with_mode(&data_dir, 0o700) {
+        let isolation = &self.ctx.isolation;
+        let who = match isolation.identity(&cfg, &self.id) {
+            Ok(who) => who,
+            Err(e) => return self.disable_for(e.to_string()).await,
+        };
+        if let Err(e) = isolation.prepare_plugin_dirs(&cfg, &self.id, &who) {
             return self
                 .failed_run(None, None, format!("cannot prepare its directories: {e}"))
                 .await;
         }
+        let other_user = format!(
+            ", or run it as another user with --plugin-user {}=USER",
+            self.id
+        );
+        if let Some(reason) =
+            crate::isolation::unreachable(&spec.binary_path, who.credentials(), &other_user)
+        {
+            return self.disable_for(reason).await;
+        }
+        let _ = std::fs::remove_file(&socket);
+        let data_dir = cfg.plugin_data_dir(&self.id);
+        let log_dir = cfg.log_dir(&self.id);
         let instance_id = uuid::Uuid::new_v4().to_string();
-        let env = [
+        let mut env = vec![
             (
                 toru_plugin_sdk::ENV_PLUGIN_SOCKET,
                 socket.clone().into_os_string(),
@@ -383,6 +396,9 @@ impl Actor {
             (toru_plugin_sdk::ENV_INSTANCE_ID, instance_id.clone().into()),
             (toru_plugin_sdk::ENV_DATA_DIR, data_dir.into_os_string()),
         ];
+        if let Some(home) = &who.home {
+            env.push(("HOME", home.clone().into_os_string()));
+        }
         if let Some(expected) = cfg.pins.get(&self.id) {
             let path = spec.binary_path.clone();
             let found = tokio::task::spawn_blocking(move || sha256_file(&path))
@@ -408,13 +424,41 @@ impl Actor {
                 }
             }
         }
+        let (descendants, cgroup_procs) = match self.ctx.isolation.cgroups() {
+            Some(root) => match root.plugin(&self.id).await {
+                Ok(mut cgroup) => {
+                    let procs = cgroup.take_procs();
+                    (Descendants::Cgroup(cgroup), procs)
+                }
+                Err(e) => {
+                    let reason =
+                        format!("cannot create its cgroup in {}: {e}", root.dir().display());
+                    return self.failed_run(None, None, reason).await;
+                }
+            },
+            None => (Descendants::Marker(socket.clone()), None),
+        };
+        let sandbox = match self.ctx.isolation.sandbox(&cfg, &self.id).transpose() {
+            Ok(sandbox) => sandbox,
+            Err(e) => {
+                let reason = format!("cannot prepare its private view of the data directory: {e}");
+                return self.failed_run(None, None, reason).await;
+            }
+        };
+        let confinement = Confinement {
+            credentials: who.credentials(),
+            cgroup_procs,
+            sandbox,
+        };
         let cmd = plugin_command(
             &spec.binary_path,
             &cfg.plugin_env_allowlist,
             &env,
             &cfg.plugin_limits,
+            confinement,
         );
-        let mut process = match PluginProcess::spawn(cmd, self.log.clone(), cfg.max_log_line) {
+        let spawned = PluginProcess::spawn(cmd, self.log.clone(), cfg.max_log_line, descendants);
+        let mut process = match spawned {
             Ok(process) => process,
             Err(e) => {
                 let reason = format!("cannot spawn {}: {e}", spec.binary_path.display());
@@ -451,13 +495,7 @@ impl Actor {
             tokio::select! {
                 result = &mut ready => match result {
                     Ok(link) => {
-                        // The plugin made its socket with its own umask; only the daemon's
-                        // user may use it (run/ is 0700 as well).
-                        use std::os::unix::fs::PermissionsExt;
-                        let _ = std::fs::set_permissions(
-                            self.ctx.config.socket_path(&self.id),
-                            std::fs::Permissions::from_mode(0o600),
-                        );
+                        // The socket is in run/<id>/, 0700 and the plugin's own.
                         self.link.send_replace(Some(link.clone()));
                         self.transition(PluginState::Running, "ready", None, |_| {});
                         let snapshot = self.snapshot();
@@ -758,7 +796,7 @@ impl Actor {
             }
         }
         let cfg = &self.ctx.config;
-        let opts = ProbeOptions::from_config(cfg);
+        let opts = ProbeOptions::from_config(cfg, &self.ctx.isolation);
         let identity = discovery::recheck(&cfg.plugins_dir, path, &self.id, opts).await?;
         self.verified = Some((path.clone(), identity));
         Ok(())

@@ -141,6 +141,9 @@ pub enum StartupError {
     /// The plugins' storage could not be opened.
     #[error(transparent)]
     Storage(#[from] crate::storage::OpenError),
+    /// Plugin isolation could not be prepared.
+    #[error(transparent)]
+    Isolation(#[from] crate::isolation::IsolationError),
 }
 
 /// What a rescan changed.
@@ -174,6 +177,8 @@ pub(crate) struct Context {
     pub state: EnabledStore,
     /// The plugins' durable storage; each plugin's link gets its own namespace.
     pub storage: crate::storage::Storage,
+    /// Who plugins run as, their directories, their cgroups.
+    pub isolation: crate::isolation::Isolation,
 }
 
 #[derive(Clone)]
@@ -208,10 +213,12 @@ impl Supervisor {
     /// Prepares the data directory, opens the event log and state, and starts the first
     /// scan in the background (plugins are added and started as their probes finish).
     pub fn start(config: Config) -> Result<Self, StartupError> {
+        let shared = crate::isolation::shared_dir_mode();
         let dirs = [
-            (config.data_dir.clone(), 0o700),
-            (config.run_dir(), 0o700),
-            (config.data_dir.join("plugins"), 0o700),
+            (config.data_dir.clone(), shared),
+            (config.run_dir(), shared),
+            (config.data_dir.join("plugins"), shared),
+            (config.events_dir(), 0o700),
             // Each plugin's log folder, `logs/<id>/`, is made when its log is opened.
             (config.data_dir.join("logs"), 0o700),
         ];
@@ -226,6 +233,7 @@ impl Supervisor {
         let events = EventLog::open(&config.events_dir())?;
         let state = EnabledStore::load(&config.state_path())?;
         let storage = crate::storage::Storage::open(&config.storage_path(), config.storage_quotas)?;
+        let isolation = crate::isolation::Isolation::prepare(&config)?;
         let supervisor = Supervisor {
             inner: Arc::new(Inner {
                 ctx: Arc::new(Context {
@@ -233,6 +241,7 @@ impl Supervisor {
                     events,
                     state,
                     storage,
+                    isolation,
                 }),
                 plugins: RwLock::new(BTreeMap::new()),
                 skipped: Mutex::new(Vec::new()),
@@ -243,11 +252,25 @@ impl Supervisor {
         };
         let first = supervisor.clone();
         supervisor.inner.tracker.spawn(async move {
+            if let Some(cgroups) = first.inner.ctx.isolation.cgroups() {
+                let swept = cgroups.sweep().await;
+                if swept > 0 {
+                    tracing::warn!(
+                        cgroups = swept,
+                        "killed plugin processes left over from an earlier run"
+                    );
+                }
+            }
             if let Err(e) = first.rescan().await {
                 tracing::error!(error = %e, "initial plugin scan failed");
             }
         });
         Ok(supervisor)
+    }
+
+    /// One line saying what plugin isolation is in force.
+    pub fn isolation_summary(&self) -> String {
+        self.inner.ctx.isolation.describe()
     }
 
     /// The event log.
@@ -442,7 +465,7 @@ impl Supervisor {
         }
         let ctx = &self.inner.ctx;
         let dir = ctx.config.plugins_dir.clone();
-        let opts = ProbeOptions::from_config(&ctx.config);
+        let opts = ProbeOptions::from_config(&ctx.config, &ctx.isolation);
         let (candidates, probes) =
             discovery::scan(&dir, opts).map_err(|e| SupervisorError::PluginsDir {
                 path: dir.clone(),
@@ -697,6 +720,9 @@ impl Supervisor {
         self.inner.cancel.cancel();
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
+        if let Some(cgroups) = self.inner.ctx.isolation.cgroups() {
+            cgroups.remove();
+        }
         if let Err(e) = self.inner.ctx.events.sync() {
             tracing::warn!(error = %e, "could not sync the event log");
         }

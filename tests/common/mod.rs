@@ -53,6 +53,12 @@ pub struct Daemon {
     /// Extra environment variables for the daemon process.
     pub envs: Vec<(String, String)>,
     pub addr: String,
+    /// The umask the daemon starts with (`None`: the test's).
+    pub umask: Option<libc::mode_t>,
+    /// A descriptor of the test's that the daemon inherits without close-on-exec.
+    pub inherit_fd: Option<i32>,
+    /// Run the daemon as this uid (and gid), not root; see [`Daemon::hand_to`].
+    pub run_as: Option<u32>,
     child: Option<Child>,
 }
 
@@ -60,6 +66,8 @@ impl Daemon {
     /// A daemon (not started) with fast timings for tests; `args` override them.
     pub fn new(args: &[&str]) -> Self {
         let root = tempfile::Builder::new().prefix("torud-").tempdir().unwrap();
+        // Plugins run as their own users: they must be able to traverse to their files.
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let plugins_dir = root.path().join("plugins");
         let data_dir = root.path().join("data");
         std::fs::create_dir_all(&plugins_dir).unwrap();
@@ -82,6 +90,9 @@ impl Daemon {
             args: all,
             envs: Vec::new(),
             addr: String::new(),
+            umask: None,
+            inherit_fd: None,
+            run_as: None,
             child: None,
         }
     }
@@ -93,7 +104,29 @@ impl Daemon {
             .append(true)
             .open(self.root.path().join("daemon.stderr"))
             .unwrap();
-        let mut child = Command::new(TORUD)
+        let mut cmd = Command::new(TORUD);
+        let (umask, inherit_fd, run_as) = (self.umask, self.inherit_fd, self.run_as);
+        // SAFETY: umask, fcntl, setgroups, setgid and setuid are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(id) = run_as {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(id) != 0
+                        || libc::setuid(id) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(mask) = umask {
+                    libc::umask(mask);
+                }
+                if let Some(fd) = inherit_fd {
+                    libc::fcntl(fd, libc::F_SETFD, 0);
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .arg("--plugins-dir")
@@ -122,6 +155,15 @@ impl Daemon {
         // Keep draining stdout so the daemon never blocks on it.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         self.child = Some(child);
+    }
+
+    /// Makes the daemon run as `uid` (not root), owning its plugins and data directories.
+    pub fn hand_to(&mut self, uid: u32) {
+        std::fs::create_dir_all(&self.data_dir).unwrap();
+        for dir in [&self.plugins_dir, &self.data_dir] {
+            std::os::unix::fs::chown(dir, Some(uid), Some(uid)).unwrap();
+        }
+        self.run_as = Some(uid);
     }
 
     pub fn pid(&self) -> u32 {

@@ -286,13 +286,18 @@ pub(crate) async fn baseline_server(plugin: PathBuf) -> BenchResult<()> {
     let socket = dir.path().join("plugin.sock");
     // Spawned like the daemon spawns plugins, so it dies with this process (parent-death
     // signal) when the benchmark kills it.
-    let _child =
-        torud::process::plugin_command(&plugin, &[], &[], &torud::config::PluginLimits::default())
-            .env(toru_plugin_sdk::ENV_PLUGIN_SOCKET, &socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
+    let _child = torud::process::plugin_command(
+        &plugin,
+        &[],
+        &[],
+        &torud::config::PluginLimits::default(),
+        torud::process::Confinement::default(),
+    )
+    .env(toru_plugin_sdk::ENV_PLUGIN_SOCKET, &socket)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .kill_on_drop(true)
+    .spawn()?;
     let stream = connect_with_retry(&socket, Duration::from_secs(10)).await?;
     let (read, write) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4096);
