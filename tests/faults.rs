@@ -305,3 +305,62 @@ async fn a_sigkilled_daemon_restarts_with_state_events_and_logs_intact() {
         "the notes of both runs are kept"
     );
 }
+
+/// The enabled flag of `id` in `state.json`, if it has one.
+fn saved_enabled(d: &Daemon, id: &str) -> Option<bool> {
+    let text = std::fs::read_to_string(d.data_dir.join("state.json")).ok()?;
+    let file: serde_json::Value = serde_json::from_str(&text).unwrap();
+    file["plugins"][id].as_bool()
+}
+
+#[tokio::test]
+async fn an_enable_or_disable_that_cannot_be_saved_changes_nothing() {
+    let mut d = Daemon::new(&[]);
+    let Some(_mount) = Tmpfs::mount(&d.data_dir, "16m") else {
+        eprintln!("SKIPPED: mounting a size-capped tmpfs needs CAP_SYS_ADMIN here");
+        return;
+    };
+    d.install_fixture("on", "normal", &[]);
+    d.install_fixture("off", "normal", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["on", "off"])
+        .await;
+    let running = enable(&mut client, "on").await;
+    let filler = fill(&d.data_dir);
+
+    let err = client
+        .disable_plugin(torud::pb::DisablePluginRequest {
+            plugin_id: "on".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("could not save"), "{err:?}");
+    let on = get(&mut client, "on").await;
+    assert!(on.enabled, "a disable that was not saved must not show");
+    assert_eq!(state_of(&on), torud::pb::PluginState::Running);
+    assert_eq!(on.pid, running.pid, "the plugin was not stopped");
+    assert_eq!(saved_enabled(&d, "on"), Some(true));
+
+    let err = client
+        .enable_plugin(torud::pb::EnablePluginRequest {
+            plugin_id: "off".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("could not save"), "{err:?}");
+    let off = get(&mut client, "off").await;
+    assert!(!off.enabled, "an enable that was not saved must not show");
+    assert_eq!(state_of(&off), torud::pb::PluginState::Stopped);
+    assert_eq!(saved_enabled(&d, "off"), None);
+
+    // Space returns: the same calls succeed and are saved.
+    std::fs::remove_file(filler).unwrap();
+    assert!(!disable(&mut client, "on").await.enabled);
+    assert_eq!(saved_enabled(&d, "on"), Some(false));
+    assert!(enable(&mut client, "off").await.enabled);
+    assert_eq!(saved_enabled(&d, "off"), Some(true));
+    d.stop().await;
+}
