@@ -200,8 +200,11 @@ impl<T: Sequenced> SeqLog<T> {
     pub fn open(dir: &Path, stem: &str, config: SeqLogConfig) -> Result<Self, SeqLogError> {
         std::fs::create_dir_all(dir).map_err(err(dir))?;
         let mut segments = list_segments(dir, stem).map_err(err(dir))?;
-        for segment in &mut segments {
-            segment.index = load_index(segment).map_err(err(&segment.path))?;
+        let bounds: Vec<u64> = segments.iter().skip(1).map(|s| s.first_seq).collect();
+        for (i, segment) in segments.iter_mut().enumerate() {
+            let below = bounds.get(i).copied().unwrap_or(u64::MAX);
+            segment.index = load_checked_index::<T>(segment, below, config.index_every)
+                .map_err(err(&segment.index_path()))?;
         }
         let (next_seq, len) = match segments.last_mut() {
             Some(last) => repair_tail::<T>(last).map_err(err(&last.path))?,
@@ -261,7 +264,8 @@ impl<T: Sequenced> SeqLog<T> {
         let mut failed = None;
         for draft in drafts {
             let record = Arc::new(make(w.next_seq, draft));
-            w.next_seq += 1;
+            // `open` leaves room: `next_seq` < u64::MAX, and 2^64 appends do not happen.
+            w.next_seq = w.next_seq.checked_add(1).expect("log seq overflow");
             if failed.is_none() {
                 if let Err(e) = self.push_line(&mut w, &mut buf, &record) {
                     failed = Some(e);
@@ -641,30 +645,114 @@ fn append_file(path: &Path) -> Result<File, SeqLogError> {
         .map_err(err(path))
 }
 
-fn load_index(segment: &Segment) -> std::io::Result<Vec<IndexEntry>> {
+/// The index of `segment`, checked against the segment: entries must name, in increasing
+/// order, the seq of the record that starts at their offset, within the segment's seqs
+/// (from its first seq, below `below`, the next segment's). An index is only a cache, so
+/// one that disagrees (damaged, left over from another file, or with entries for records a
+/// crash cut off) is rebuilt from the segment, with a warning naming it.
+fn load_checked_index<T: Sequenced>(
+    segment: &Segment,
+    below: u64,
+    every: u64,
+) -> std::io::Result<Vec<IndexEntry>> {
+    let path = segment.index_path();
     let mut bytes = Vec::new();
-    match File::open(segment.index_path()) {
+    match File::open(&path) {
         Ok(mut f) => {
             f.read_to_end(&mut bytes)?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let whole = bytes.len() / ENTRY * ENTRY;
-    if whole != bytes.len() {
-        OpenOptions::new()
-            .write(true)
-            .open(segment.index_path())?
-            .set_len(whole as u64)?;
+    let entries: Vec<IndexEntry> = bytes.chunks_exact(ENTRY).map(IndexEntry::from_bytes).collect();
+    let seg_len = std::fs::metadata(&segment.path).map_or(0, |m| m.len());
+    let problem = match entries.iter().position(|e| e.offset >= seg_len) {
+        // After a crash: entries written for records that never reached the segment.
+        Some(i) => format!("entry {i} points past the end of the segment ({seg_len} bytes)"),
+        None => match check_index(segment, &entries, below) {
+            Ok(()) if entries.len() * ENTRY == bytes.len() => return Ok(entries),
+            Ok(()) => "it ends with a partial entry".to_owned(),
+            Err(problem) => problem,
+        },
+    };
+    tracing::warn!(index = %path.display(), %problem,
+        "the log index disagrees with its segment; rebuilding it from the segment");
+    let entries = build_index::<T>(&segment.path, every)?;
+    let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_bytes()).collect();
+    crate::state::write_atomically(&path, &bytes, 0o600)?;
+    Ok(entries)
+}
+
+/// Whether each entry names the record at its offset: offsets and seqs increasing, seqs
+/// within `[segment.first_seq, below)`, and the line at each offset starting with
+/// `{"seq":<its seq>`. Says what is wrong otherwise.
+fn check_index(segment: &Segment, entries: &[IndexEntry], below: u64) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let file = File::open(&segment.path).map_err(|e| format!("cannot read the segment: {e}"))?;
+    let mut previous: Option<IndexEntry> = None;
+    let mut head = [0u8; 48];
+    for (i, entry) in entries.iter().enumerate() {
+        if entry.seq < segment.first_seq || entry.seq >= below {
+            return Err(format!(
+                "entry {i} names seq {}, outside the segment's seqs {}..{below}",
+                entry.seq, segment.first_seq
+            ));
+        }
+        if let Some(p) = previous {
+            if entry.seq <= p.seq || entry.offset <= p.offset {
+                return Err(format!("entry {i} does not follow entry {}", i - 1));
+            }
+        }
+        // The byte before the offset (a line's end) and the start of the line.
+        let from = entry.offset.saturating_sub(1);
+        let n = file
+            .read_at(&mut head, from)
+            .map_err(|e| format!("cannot read the segment: {e}"))?;
+        let (before, line) = if entry.offset == 0 {
+            (b'\n', &head[..n])
+        } else {
+            (head[0], &head[1.min(n)..n])
+        };
+        if before != b'\n' || seq_prefix(line) != Some(entry.seq) {
+            return Err(format!(
+                "entry {i} says seq {} starts at byte {}, and it does not",
+                entry.seq, entry.offset
+            ));
+        }
+        previous = Some(*entry);
     }
-    let seg_len = std::fs::metadata(&segment.path)
-        .map(|m| m.len())
-        .unwrap_or(0);
-    Ok(bytes[..whole]
-        .chunks(ENTRY)
-        .map(IndexEntry::from_bytes)
-        .take_while(|e| e.offset < seg_len.max(1))
-        .collect())
+    Ok(())
+}
+
+/// An index of the segment at `path` read from the segment itself: an entry for the first
+/// whole, readable record and then for the first one after every `every` bytes, as appends
+/// make them.
+fn build_index<T: Sequenced>(path: &Path, every: u64) -> std::io::Result<Vec<IndexEntry>> {
+    let mut reader = BufReader::with_capacity(64 * 1024, File::open(path)?);
+    let mut entries: Vec<IndexEntry> = Vec::new();
+    let (mut offset, mut since_index) = (0u64, every);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)? as u64;
+        if n == 0 || line.last() != Some(&b'\n') {
+            return Ok(entries);
+        }
+        if since_index >= every {
+            let record = T::read_json(&line).ok();
+            let increasing = |r: &T| entries.last().is_none_or(|e| r.seq() > e.seq);
+            if let Some(record) = record.filter(increasing) {
+                entries.push(IndexEntry {
+                    seq: record.seq(),
+                    time_ns: nanos(record.time()),
+                    offset,
+                });
+                since_index = 0;
+            }
+        }
+        offset += n;
+        since_index += n;
+    }
 }
 
 /// Finds the end of the last whole record of the newest segment, cuts anything after it,
@@ -724,7 +812,19 @@ fn repair_tail<T: Sequenced>(segment: &mut Segment) -> std::io::Result<(u64, u64
             .open(segment.index_path())?;
         index.set_len((kept * ENTRY) as u64)?;
     }
-    Ok((last_seq + 1, good_len))
+    let next_seq = last_seq
+        .checked_add(1)
+        .filter(|next| *next < u64::MAX)
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "its last record has seq {last_seq}, which leaves no room for new ones; \
+                     the segment is damaged: move it away"
+                ),
+            )
+        })?;
+    Ok((next_seq, good_len))
 }
 
 /// The seq of a stored line from its `{"seq":N,` prefix.
@@ -889,6 +989,131 @@ mod tests {
             let got = log.read_after(after, 1).unwrap();
             assert_eq!(got[0].seq, after + 1, "reading after {after}");
         }
+    }
+
+    /// A log of 100 records indexed every 256 bytes, closed; returns its one segment.
+    fn indexed_log(dir: &Path) -> Segment {
+        let config = SeqLogConfig {
+            index_every: 256,
+            ..SeqLogConfig::default()
+        };
+        let log: SeqLog<Rec> = SeqLog::open(dir, "p", config).unwrap();
+        for i in 0..100 {
+            add(&log, &format!("record {i}"));
+        }
+        let mut segments = list_segments(dir, "p").unwrap();
+        assert_eq!(segments.len(), 1);
+        segments.pop().unwrap()
+    }
+
+    fn index_entries(segment: &Segment) -> Vec<IndexEntry> {
+        std::fs::read(segment.index_path())
+            .unwrap()
+            .chunks_exact(ENTRY)
+            .map(IndexEntry::from_bytes)
+            .collect()
+    }
+
+    /// Rewrites every index entry's seq with `seq(i)`, keeping offsets and times.
+    fn damage_index_seqs(segment: &Segment, seq: impl Fn(usize) -> u64) {
+        let damaged: Vec<u8> = index_entries(segment)
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, e)| IndexEntry { seq: seq(i), ..e }.to_bytes())
+            .collect();
+        std::fs::write(segment.index_path(), damaged).unwrap();
+    }
+
+    /// Reopens the log and checks it is numbered as written: 100 records, the next is 101,
+    /// every seq readable through the index, and the index is whole again.
+    fn assert_numbering_intact(dir: &Path, good: &[IndexEntry]) {
+        let config = SeqLogConfig {
+            index_every: 256,
+            ..SeqLogConfig::default()
+        };
+        let log: SeqLog<Rec> = SeqLog::open(dir, "p", config).unwrap();
+        assert_eq!(log.last_seq(), 100);
+        for after in [0u64, 1, 37, 98, 99] {
+            let got = log.read_after(after, 1).unwrap();
+            assert_eq!(got[0].seq, after + 1, "reading after {after}");
+        }
+        let segment = list_segments(dir, "p").unwrap().pop().unwrap();
+        assert_eq!(index_entries(&segment), good, "the index was rebuilt");
+        assert_eq!(add(&log, "next"), 101);
+    }
+
+    #[test]
+    fn an_index_with_huge_seqs_is_rebuilt_not_believed() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment = indexed_log(dir.path());
+        let good = index_entries(&segment);
+        assert!(good.len() > 5, "{good:?}");
+        damage_index_seqs(&segment, |i| (1u64 << 56) + i as u64);
+        assert_numbering_intact(dir.path(), &good);
+    }
+
+    #[test]
+    fn an_index_near_or_at_u64_max_neither_wraps_nor_hides_records() {
+        for top in [u64::MAX - 1, u64::MAX] {
+            let dir = tempfile::tempdir().unwrap();
+            let segment = indexed_log(dir.path());
+            let good = index_entries(&segment);
+            let n = good.len();
+            damage_index_seqs(&segment, |i| top - (n - 1 - i) as u64);
+            assert_numbering_intact(dir.path(), &good);
+        }
+    }
+
+    #[test]
+    fn an_index_whose_offsets_point_elsewhere_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment = indexed_log(dir.path());
+        let good = index_entries(&segment);
+        let shifted: Vec<u8> = good
+            .iter()
+            .flat_map(|e| {
+                IndexEntry {
+                    offset: e.offset + 7,
+                    ..*e
+                }
+                .to_bytes()
+            })
+            .collect();
+        std::fs::write(segment.index_path(), shifted).unwrap();
+        assert_numbering_intact(dir.path(), &good);
+        // Garbage of a whole number of entries, too.
+        let dir = tempfile::tempdir().unwrap();
+        let segment = indexed_log(dir.path());
+        let good = index_entries(&segment);
+        std::fs::write(segment.index_path(), vec![0xA5u8; ENTRY * 4]).unwrap();
+        assert_numbering_intact(dir.path(), &good);
+    }
+
+    #[test]
+    fn a_record_at_u64_max_is_an_error_naming_the_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment = indexed_log(dir.path());
+        let last = Rec {
+            seq: u64::MAX,
+            time: OffsetDateTime::now_utc(),
+            text: "the end".into(),
+        };
+        let mut line = serde_json::to_vec(&last).unwrap();
+        line.push(b'\n');
+        OpenOptions::new()
+            .append(true)
+            .open(&segment.path)
+            .unwrap()
+            .write_all(&line)
+            .unwrap();
+        let err = SeqLog::<Rec>::open(dir.path(), "p", SeqLogConfig::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(&segment.path.display().to_string()) && err.contains("no room"),
+            "{err}"
+        );
     }
 
     #[test]
