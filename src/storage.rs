@@ -132,19 +132,17 @@ impl Storage {
             .join();
         let db = match opened {
             Ok(Ok(db)) => db,
-            Ok(Err(redb::Error::DatabaseAlreadyOpen)) => {
-                return Err(OpenError::InUse { path: shown });
-            }
-            Ok(Err(e @ redb::Error::Corrupted(_))) => {
-                return Err(OpenError::Damaged {
-                    path: shown,
-                    reason: e.to_string(),
-                });
-            }
             Ok(Err(e)) => {
-                return Err(OpenError::Failed {
-                    path: shown,
-                    reason: e.to_string(),
+                return Err(match *e {
+                    redb::Error::DatabaseAlreadyOpen => OpenError::InUse { path: shown },
+                    e @ redb::Error::Corrupted(_) => OpenError::Damaged {
+                        path: shown,
+                        reason: e.to_string(),
+                    },
+                    e => OpenError::Failed {
+                        path: shown,
+                        reason: e.to_string(),
+                    },
                 });
             }
             Err(panic) => {
@@ -175,12 +173,15 @@ impl Storage {
 }
 
 /// Opens the database and makes sure its tables exist.
-fn open_tables(path: &Path) -> Result<Database, redb::Error> {
-    let db = Database::create(path)?;
-    let tx = db.begin_write()?;
-    tx.open_table(DATA)?;
-    tx.open_table(USAGE)?;
-    tx.commit()?;
+fn open_tables(path: &Path) -> Result<Database, Box<redb::Error>> {
+    fn boxed(e: impl Into<redb::Error>) -> Box<redb::Error> {
+        Box::new(e.into())
+    }
+    let db = Database::create(path).map_err(boxed)?;
+    let tx = db.begin_write().map_err(boxed)?;
+    tx.open_table(DATA).map_err(boxed)?;
+    tx.open_table(USAGE).map_err(boxed)?;
+    tx.commit().map_err(boxed)?;
     Ok(db)
 }
 
@@ -207,9 +208,11 @@ fn check_header(path: &Path) -> Result<(), String> {
             head.len()
         ));
     }
-    Err("it does not start with a redb header (its first bytes were overwritten, or it is not \
+    Err(
+        "it does not start with a redb header (its first bytes were overwritten, or it is not \
          a redb database)"
-        .into())
+            .into(),
+    )
 }
 
 /// Keeps the default panic hook from printing a panic of the storage-open thread (the open
@@ -439,7 +442,9 @@ mod tests {
             file.set_len(keep).unwrap();
             let text = damaged_reason(&path);
             assert!(
-                text.contains("s.redb") && text.contains("truncated") && !text.contains("another torud"),
+                text.contains("s.redb")
+                    && text.contains("truncated")
+                    && !text.contains("another torud"),
                 "{keep} bytes: {text}"
             );
         }
@@ -454,7 +459,9 @@ mod tests {
         std::fs::write(&path, bytes).unwrap();
         let text = damaged_reason(&path);
         assert!(
-            text.contains("s.redb") && text.contains("redb header") && !text.contains("another torud"),
+            text.contains("s.redb")
+                && text.contains("redb header")
+                && !text.contains("another torud"),
             "{text}"
         );
     }

@@ -364,3 +364,81 @@ async fn an_enable_or_disable_that_cannot_be_saved_changes_nothing() {
     assert_eq!(saved_enabled(&d, "off"), Some(true));
     d.stop().await;
 }
+
+#[tokio::test]
+async fn events_on_a_full_disk_are_kept_replayed_and_stored_when_space_returns() {
+    let mut d = Daemon::new(&[]);
+    let Some(_mount) = Tmpfs::mount(&d.data_dir.join("events"), "1m") else {
+        eprintln!("SKIPPED: mounting a size-capped tmpfs needs CAP_SYS_ADMIN here");
+        return;
+    };
+    d.install_fixture("fx", "normal", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut live = Events::watch(&mut client, Some(0)).await;
+    live.wait_added(&["fx"]).await;
+
+    let filler = fill(&d.data_dir.join("events"));
+    // The segment's last page has room for a few events; restarts make more than fit.
+    enable(&mut client, "fx").await;
+    for _ in 0..8 {
+        client
+            .restart_plugin(torud::pb::RestartPluginRequest {
+                plugin_id: "fx".into(),
+            })
+            .await
+            .unwrap();
+    }
+    disable(&mut client, "fx").await;
+    let degraded = live
+        .wait_for("event storage degraded", SECS10, |e| {
+            e.kind == torud::pb::EventKind::EventStorageDegraded as i32
+        })
+        .await;
+    assert!(
+        degraded.reason.contains("No space left"),
+        "{}",
+        degraded.reason
+    );
+    live.wait_for("fx to stop for good", SECS10, |e| {
+        e.plugin_id == "fx"
+            && e.to_state == torud::pb::PluginState::Stopped as i32
+            && e.reason.contains("disabled")
+    })
+    .await;
+    let seen_live = live.seen.clone();
+
+    // While the disk is full, a replay still has every event, in order, with no gap.
+    let mut replay = Events::watch(&mut client, Some(0)).await;
+    while replay.seen.len() < seen_live.len() {
+        replay.next_within(SECS10).await.expect("a replayed event");
+    }
+    assert_eq!(replay.seen, seen_live);
+    assert!(replay.gaps.is_empty(), "{:?}", replay.gaps);
+
+    // Space returns: the kept events are written, and that is said.
+    std::fs::remove_file(filler).unwrap();
+    let resumed = live
+        .wait_for("event storage resumed", SECS10, |e| {
+            e.kind == torud::pb::EventKind::EventStorageResumed as i32
+        })
+        .await;
+    assert!(
+        resumed.reason.contains("every event kept"),
+        "{}",
+        resumed.reason
+    );
+    let seen_live = live.seen.clone();
+
+    // After a restart every event, delivered live during the full spell, is on file.
+    assert_eq!(d.stop().await.code(), Some(0));
+    d.start().await;
+    let mut client = d.client().await;
+    let mut after = Events::watch(&mut client, Some(0)).await;
+    while after.seen.len() < seen_live.len() {
+        after.next_within(SECS10).await.expect("a stored event");
+    }
+    assert_eq!(after.seen[..seen_live.len()], seen_live[..]);
+    assert!(after.gaps.is_empty(), "{:?}", after.gaps);
+    d.stop().await;
+}
