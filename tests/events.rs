@@ -174,5 +174,31 @@ async fn a_replay_reports_events_missing_from_the_log_as_a_gap() {
         .unwrap();
     let gap = first.gap.expect("a gap first");
     assert_eq!((gap.first_seq, gap.last_seq), (4, 4));
+
+    // toructl shows the gap too, in both outputs.
+    let toructl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_toructl"))
+            .args(["--addr", &d.addr])
+            .arg("--data-dir")
+            .arg(&d.data_dir)
+            .args(args)
+            .env_remove("TORUD_ADDR")
+            .env_remove("TORUD_TOKEN")
+            .env_remove("TORUD_DATA_DIR")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = toructl(&["events"]);
+    assert!(table.contains("GAP: events 3 to 4 are missing"), "{table}");
+    let json = toructl(&["-o", "json", "events"]);
+    let gap_line: serde_json::Value = json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v.get("gap").is_some())
+        .expect("a gap line");
+    assert_eq!(gap_line["gap"]["first_seq"], 3);
+    assert_eq!(gap_line["gap"]["last_seq"], 4);
     d.stop().await;
 }
