@@ -5,7 +5,11 @@
 //! Durability and replay are the sequenced log's: written (one `write`) before it is
 //! broadcast, fsynced at shutdown, a torn tail cut at open with numbering continuing, and
 //! [`EventLog::follow`] replaying from the files before following live events with no gap
-//! and no duplicate. This module knows nothing of plugins' processes or of gRPC.
+//! and no duplicate. When the files cannot be written (a full disk), events are still
+//! delivered live and up to [`UNSAVED_EVENTS`] wait in memory (replays include them) to be
+//! written in order when space returns; only beyond that, or at exit while the disk is
+//! still full, are events lost, and a replay then finds a hole in the numbering.
+//! This module knows nothing of plugins' processes or of gRPC.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,6 +18,9 @@ use time::OffsetDateTime;
 
 use crate::model::{Event, EventDraft};
 use crate::seqlog::{Follower, SeqLog, SeqLogConfig, SeqLogError, Sequenced};
+
+/// Events kept in memory while the event log cannot be written (a few MB at most).
+pub const UNSAVED_EVENTS: usize = 10_000;
 
 /// Errors opening or reading the event log.
 pub type EventLogError = SeqLogError;
@@ -39,6 +46,7 @@ impl EventLog {
     pub fn open(dir: &Path) -> Result<Self, EventLogError> {
         let config = SeqLogConfig {
             max_segments: 0,
+            unsaved_limit: UNSAVED_EVENTS,
             ..SeqLogConfig::default()
         };
         Ok(EventLog {
@@ -56,6 +64,22 @@ impl EventLog {
         tracing::debug!(seq = event.seq, plugin = %event.body.plugin_id, kind = ?event.body.kind,
             to = ?event.body.to_state, reason = ?event.body.reason, "event");
         event
+    }
+
+    /// Whether events reach the files: `Some(error)` while they cannot (they are then
+    /// delivered live and kept in memory, up to [`UNSAVED_EVENTS`]).
+    pub fn health(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.log.health()
+    }
+
+    /// Tries again to write the events kept in memory; true when all are stored.
+    pub fn retry_unsaved(&self) -> bool {
+        self.log.retry_unsaved()
+    }
+
+    /// Events dropped unsaved since the last call (beyond [`UNSAVED_EVENTS`]).
+    pub fn take_lost(&self) -> u64 {
+        self.log.take_lost()
     }
 
     /// The seq of the newest event (0 when there is none).

@@ -168,6 +168,10 @@ pub enum EventKind {
     LoggingDegraded,
     /// The plugin's log is written again.
     LoggingResumed,
+    /// The daemon's event log could not be written.
+    EventStorageDegraded,
+    /// The daemon's event log is written again.
+    EventStorageResumed,
 }
 
 /// An event before the log numbers it.

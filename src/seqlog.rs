@@ -10,9 +10,17 @@
 //! oldest are deleted beyond a count; [`SeqLog::first_seq`] tells what is still kept.
 //!
 //! Durability: a record is written to the file (one `write`) before it is broadcast; files
-//! are fsynced on [`SeqLog::sync`] (shutdown), not per record. At open, a torn or damaged
+//! are fsynced on [`SeqLog::sync`] (shutdown), not per record. When the files cannot be
+//! written (a full disk), records are still broadcast, [`SeqLog::health`] says so, and up
+//! to [`SeqLogConfig::unsaved_limit`] of them wait in memory, visible to readers, to be
+//! written in order once they can; any dropped beyond that leave a hole in the numbering
+//! that readers can see (and [`SeqLog::take_lost`] counts). At open, a torn or damaged
 //! tail of the newest segment is cut off (a damaged line in the middle is skipped by
-//! readers) and numbering continues after the last whole record.
+//! readers) and numbering continues after the last whole record. Indexes are a cache: at
+//! open each entry is checked against the segment (its offset starts a line holding its
+//! seq; seqs and offsets increase, within the segment's seqs) and an index that disagrees
+//! is rebuilt from the segment, so a damaged index never renumbers the log. Seqs never
+//! wrap: a segment whose last seq leaves no room is an error naming it.
 //! This module knows nothing of what the records mean.
 
 use std::collections::VecDeque;
@@ -63,6 +71,11 @@ pub struct SeqLogConfig {
     /// Live batches (of at most [`BROADCAST_CHUNK`] records) buffered per follower before
     /// it falls back to reading the files.
     pub broadcast_capacity: usize,
+    /// Records kept in memory while the files cannot be written (a full disk), to be
+    /// written in order once they can; readers see them meanwhile. Beyond this many the
+    /// oldest are dropped and counted as lost, leaving a hole in the numbering. 0 keeps
+    /// none: a record that cannot be written is delivered live only.
+    pub unsaved_limit: usize,
 }
 
 impl Default for SeqLogConfig {
@@ -72,6 +85,7 @@ impl Default for SeqLogConfig {
             max_segments: 0,
             index_every: 64 * 1024,
             broadcast_capacity: 256,
+            unsaved_limit: 0,
         }
     }
 }
@@ -177,14 +191,14 @@ struct Inner<T> {
     config: SeqLogConfig,
     /// Numbering, the file append, rotation and the broadcast, in one order. Held for one
     /// write (or one rotation), never across `.await`.
-    writer: Mutex<Writer>,
+    writer: Mutex<Writer<T>>,
     tx: broadcast::Sender<Chunk<T>>,
     /// `Some(error)` while appends cannot be written to the files.
     health: tokio::sync::watch::Sender<Option<String>>,
     _records: PhantomData<fn() -> T>,
 }
 
-struct Writer {
+struct Writer<T> {
     /// Kept segments, oldest first; the last is the one being written.
     segments: Vec<Segment>,
     file: File,
@@ -195,6 +209,11 @@ struct Writer {
     /// The line buffer, kept between appends so a busy log does not grow a fresh one each
     /// time.
     spare: Vec<u8>,
+    /// Records numbered but not yet written (the files failed), oldest first; written
+    /// before any newer record, so the files stay in seq order.
+    unsaved: VecDeque<Arc<T>>,
+    /// Records dropped from `unsaved` (over the limit) since [`SeqLog::take_lost`].
+    lost: u64,
 }
 
 impl<T: Sequenced> SeqLog<T> {
@@ -202,8 +221,11 @@ impl<T: Sequenced> SeqLog<T> {
     pub fn open(dir: &Path, stem: &str, config: SeqLogConfig) -> Result<Self, SeqLogError> {
         std::fs::create_dir_all(dir).map_err(err(dir))?;
         let mut segments = list_segments(dir, stem).map_err(err(dir))?;
-        for segment in &mut segments {
-            segment.index = load_index(segment).map_err(err(&segment.path))?;
+        let bounds: Vec<u64> = segments.iter().skip(1).map(|s| s.first_seq).collect();
+        for (i, segment) in segments.iter_mut().enumerate() {
+            let below = bounds.get(i).copied().unwrap_or(u64::MAX);
+            segment.index = load_checked_index::<T>(segment, below, config.index_every)
+                .map_err(err(&segment.index_path()))?;
         }
         let (next_seq, len) = match segments.last_mut() {
             Some(last) => repair_tail::<T>(last).map_err(err(&last.path))?,
@@ -233,6 +255,8 @@ impl<T: Sequenced> SeqLog<T> {
                     since_index,
                     next_seq,
                     spare: Vec::new(),
+                    unsaved: VecDeque::new(),
+                    lost: 0,
                 }),
                 tx,
                 health: tokio::sync::watch::channel(None).0,
@@ -259,40 +283,14 @@ impl<T: Sequenced> SeqLog<T> {
         let drafts = drafts.into_iter();
         let mut w = self.inner.writer.lock().expect("log writer poisoned");
         let mut records = Vec::with_capacity(drafts.size_hint().0);
-        let mut buf = std::mem::take(&mut w.spare);
-        let mut failed = None;
         for draft in drafts {
-            let record = Arc::new(make(w.next_seq, draft));
-            w.next_seq += 1;
-            if failed.is_none() {
-                if let Err(e) = self.push_line(&mut w, &mut buf, &record) {
-                    failed = Some(e);
-                }
-            }
-            records.push(record);
+            records.push(Arc::new(make(w.next_seq, draft)));
+            // `open` leaves room: `next_seq` < u64::MAX, and 2^64 appends do not happen.
+            w.next_seq = w.next_seq.checked_add(1).expect("log seq overflow");
         }
-        if failed.is_none() {
-            if let Err(e) = flush(&mut w, &mut buf) {
-                failed = Some(e);
-            }
-        }
-        match failed {
-            Some(e) => {
-                let text = e.to_string();
-                self.inner.health.send_if_modified(|h| {
-                    let changed = h.is_none();
-                    if changed {
-                        tracing::error!(log = %self.inner.dir.display(), error = %text,
-                            "cannot write the log; records are delivered live only until it can");
-                    }
-                    *h = Some(text);
-                    changed
-                });
-            }
-            None => {
-                self.inner.health.send_if_modified(|h| h.take().is_some());
-            }
-        }
+        let mut buf = std::mem::take(&mut w.spare);
+        let stored = self.store(&mut w, &mut buf, &records);
+        self.report(stored);
         if buf.capacity() <= 4 * 1024 * 1024 {
             buf.clear();
             w.spare = buf;
@@ -315,9 +313,126 @@ impl<T: Sequenced> SeqLog<T> {
         records
     }
 
-    /// Queues one record's line in `buf` (writing an index entry first when one is due, and
-    /// rotating when the segment is full).
-    fn push_line(&self, w: &mut Writer, buf: &mut Vec<u8>, record: &T) -> std::io::Result<()> {
+    /// Writes `records` after any unsaved ones, in seq order. What cannot be written is
+    /// kept in memory (up to [`SeqLogConfig::unsaved_limit`]) for the next attempt.
+    fn store(
+        &self,
+        w: &mut Writer<T>,
+        buf: &mut Vec<u8>,
+        records: &[Arc<T>],
+    ) -> std::io::Result<()> {
+        if w.unsaved.is_empty() {
+            return self.write_records(w, buf, records).map_err(|(written, e)| {
+                self.keep_unsaved(w, &records[written..]);
+                e
+            });
+        }
+        let queue: Vec<Arc<T>> = w.unsaved.drain(..).chain(records.iter().cloned()).collect();
+        self.write_records(w, buf, &queue).map_err(|(written, e)| {
+            self.keep_unsaved(w, &queue[written..]);
+            e
+        })
+    }
+
+    /// Writes the lines of `records` with as few `write`s as the index and rotation allow.
+    /// On failure, says how many records (from the start) are on file; the rest are not
+    /// (no half line stays).
+    fn write_records(
+        &self,
+        w: &mut Writer<T>,
+        buf: &mut Vec<u8>,
+        records: &[Arc<T>],
+    ) -> Result<(), (usize, std::io::Error)> {
+        // Records before this one are on file; the ones from it on are in `buf`.
+        let mut first_in_buf = 0;
+        for (i, record) in records.iter().enumerate() {
+            if let Err(e) = self.index_if_due(w, record) {
+                cut_back(w, buf);
+                return Err((first_in_buf, e));
+            }
+            push_line(w, buf, record);
+            if w.len >= self.inner.config.segment_bytes {
+                flush(w, buf).map_err(|e| (first_in_buf, e))?;
+                first_in_buf = i + 1;
+                // Named after the seq that follows: later records may be numbered already.
+                let next = record.seq().saturating_add(1);
+                self.rotate(w, next).map_err(|e| (first_in_buf, e))?;
+            }
+        }
+        flush(w, buf).map_err(|e| (first_in_buf, e))
+    }
+
+    /// Keeps records that could not be written, within the limit; older ones beyond it are
+    /// dropped and counted as lost.
+    fn keep_unsaved(&self, w: &mut Writer<T>, records: &[Arc<T>]) {
+        let limit = self.inner.config.unsaved_limit;
+        w.unsaved.extend(records.iter().cloned());
+        let excess = w.unsaved.len().saturating_sub(limit);
+        if excess == 0 {
+            return;
+        }
+        let dropped: Vec<Arc<T>> = w.unsaved.drain(..excess).collect();
+        w.lost += excess as u64;
+        if limit > 0 {
+            tracing::error!(log = %self.inner.dir.display(), first = dropped[0].seq(),
+                last = dropped[excess - 1].seq(),
+                "records that cannot be written no longer fit in memory; they are lost");
+        }
+    }
+
+    /// Publishes whether the files can be written, logging each change once.
+    fn report(&self, stored: std::io::Result<()>) {
+        match stored {
+            Err(e) => {
+                let text = e.to_string();
+                let keep = self.inner.config.unsaved_limit;
+                self.inner.health.send_if_modified(|h| {
+                    let changed = h.is_none();
+                    if changed && keep == 0 {
+                        tracing::error!(log = %self.inner.dir.display(), error = %text,
+                            "cannot write the log; records are delivered live only until it can");
+                    } else if changed {
+                        tracing::error!(log = %self.inner.dir.display(), error = %text, keep,
+                            "cannot write the log; records are delivered live and kept in memory until it can");
+                    }
+                    *h = Some(text);
+                    changed
+                });
+            }
+            Ok(()) => {
+                self.inner.health.send_if_modified(|h| {
+                    let changed = h.take().is_some();
+                    if changed {
+                        tracing::info!(log = %self.inner.dir.display(), "the log is written again");
+                    }
+                    changed
+                });
+            }
+        }
+    }
+
+    /// Tries again to write the records kept in memory; true when none is left unsaved.
+    pub fn retry_unsaved(&self) -> bool {
+        let mut w = self.inner.writer.lock().expect("log writer poisoned");
+        if w.unsaved.is_empty() {
+            return true;
+        }
+        let mut buf = std::mem::take(&mut w.spare);
+        let stored = self.store(&mut w, &mut buf, &[]);
+        buf.clear();
+        w.spare = buf;
+        self.report(stored);
+        w.unsaved.is_empty()
+    }
+
+    /// How many records were dropped unsaved (over [`SeqLogConfig::unsaved_limit`], or
+    /// every unwritable one when it is 0) since the last call; resets the count.
+    pub fn take_lost(&self) -> u64 {
+        std::mem::take(&mut self.inner.writer.lock().expect("log writer poisoned").lost)
+    }
+
+    /// Writes an index entry for `record` when one is due.
+    fn index_if_due(&self, w: &mut Writer<T>, record: &T) -> std::io::Result<()> {
         if w.since_index >= self.inner.config.index_every {
             let entry = IndexEntry {
                 seq: record.seq(),
@@ -328,22 +443,14 @@ impl<T: Sequenced> SeqLog<T> {
             w.segments.last_mut().expect("a segment").index.push(entry);
             w.since_index = 0;
         }
-        let before = buf.len();
-        record.write_json(buf);
-        buf.push(b'\n');
-        let n = (buf.len() - before) as u64;
-        w.len += n;
-        w.since_index += n;
-        if w.len >= self.inner.config.segment_bytes {
-            flush(w, buf)?;
-            self.rotate(w)?;
-        }
         Ok(())
     }
 
-    fn rotate(&self, w: &mut Writer) -> std::io::Result<()> {
+    /// Closes the current segment and starts one whose first record is `first_seq` (or, if
+    /// records were lost meanwhile, a later one).
+    fn rotate(&self, w: &mut Writer<T>, first_seq: u64) -> std::io::Result<()> {
         w.file.sync_data()?;
-        let segment = new_segment(&self.inner.dir, &self.inner.stem, w.next_seq);
+        let segment = new_segment(&self.inner.dir, &self.inner.stem, first_seq);
         w.file = append_file(&segment.path).map_err(|e| e.source)?;
         w.index_file = append_file(&segment.index_path()).map_err(|e| e.source)?;
         w.segments.push(segment);
@@ -381,8 +488,17 @@ impl<T: Sequenced> SeqLog<T> {
         w.segments.first().map_or(w.next_seq, |s| s.first_seq)
     }
 
-    /// Flushes the current segment and its index to disk.
+    /// Writes any records kept in memory and flushes the current segment and its index to
+    /// disk. Records that still cannot be written are lost with the process: that is logged
+    /// with their seqs.
     pub fn sync(&self) -> std::io::Result<()> {
+        if !self.retry_unsaved() {
+            let w = self.inner.writer.lock().expect("log writer poisoned");
+            if let (Some(first), Some(last)) = (w.unsaved.front(), w.unsaved.back()) {
+                tracing::error!(log = %self.inner.dir.display(), first = first.seq(),
+                    last = last.seq(), "records that could not be written are lost at exit");
+            }
+        }
         let w = self.inner.writer.lock().expect("log writer poisoned");
         w.file.sync_data()?;
         w.index_file.sync_data()
@@ -397,7 +513,8 @@ impl<T: Sequenced> SeqLog<T> {
             .clone()
     }
 
-    /// Up to `limit` records with `seq > after`, oldest first, from the files (blocking).
+    /// Up to `limit` records with `seq > after`, oldest first, from the files (blocking),
+    /// and then from the records kept in memory while the files cannot be written.
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Arc<T>>, SeqLogError> {
         self.read_after_within(after, limit, usize::MAX)
     }
@@ -411,12 +528,25 @@ impl<T: Sequenced> SeqLog<T> {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<Arc<T>>, SeqLogError> {
-        let segments = self.segments();
+        // Unsaved records first: one written meanwhile is then in the files or in this copy.
+        let (segments, unsaved) = {
+            let w = self.inner.writer.lock().expect("log writer poisoned");
+            let unsaved: Vec<Arc<T>> = w
+                .unsaved
+                .iter()
+                .filter(|r| r.seq() > after)
+                .take(limit)
+                .cloned()
+                .collect();
+            (w.segments.clone(), unsaved)
+        };
         let mut bytes = 0usize;
         let start = segments
             .partition_point(|s| s.first_seq <= after.saturating_add(1))
             .saturating_sub(1);
         let mut out = Vec::new();
+        // Stopped by `limit` or `max_bytes`: unsaved records would skip what is left on file.
+        let mut cut_short = false;
         for segment in &segments[start..] {
             let offset = segment
                 .index
@@ -433,11 +563,18 @@ impl<T: Sequenced> SeqLog<T> {
             });
             match done {
                 Ok(true) => {}
-                Ok(false) => break,
+                Ok(false) => {
+                    cut_short = true;
+                    break;
+                }
                 // A segment rotated away while we read it: what is left is newer.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(err(&segment.path)(e)),
             }
+        }
+        if !cut_short {
+            let on_file = out.last().map_or(after, |r| r.seq());
+            out.extend(unsaved.into_iter().filter(|r| r.seq() > on_file));
         }
         out.truncate(limit);
         Ok(out)
@@ -606,25 +743,42 @@ impl<T: Sequenced> Follower<T> {
     }
 }
 
+/// Queues one record's line in `buf`.
+fn push_line<T: Sequenced>(w: &mut Writer<T>, buf: &mut Vec<u8>, record: &T) {
+    let before = buf.len();
+    record.write_json(buf);
+    buf.push(b'\n');
+    let n = (buf.len() - before) as u64;
+    w.len += n;
+    w.since_index += n;
+}
+
 /// Writes the queued lines; on failure cuts the file back to the last whole line written
 /// before them, so no half line stays.
-fn flush(w: &mut Writer, buf: &mut Vec<u8>) -> std::io::Result<()> {
+fn flush<T>(w: &mut Writer<T>, buf: &mut Vec<u8>) -> std::io::Result<()> {
     if buf.is_empty() {
         return Ok(());
     }
-    let before = w.len - buf.len() as u64;
     let result = w.file.write_all(buf);
-    buf.clear();
     if result.is_err() {
-        let _ = w.file.set_len(before);
-        w.len = before;
-        // Index entries for the lines just cut must not point into later ones.
-        let segment = w.segments.last_mut().expect("a segment");
-        segment.index.retain(|e| e.offset < before);
-        let _ = w.index_file.set_len((segment.index.len() * ENTRY) as u64);
-        w.since_index = u64::MAX;
+        cut_back(w, buf);
     }
+    buf.clear();
     result
+}
+
+/// Forgets the queued lines: the file (which may hold part of them) and its index are cut
+/// back to the last whole line written before them.
+fn cut_back<T>(w: &mut Writer<T>, buf: &mut Vec<u8>) {
+    let before = w.len - buf.len() as u64;
+    buf.clear();
+    let _ = w.file.set_len(before);
+    w.len = before;
+    // Index entries for the lines just cut must not point into later ones.
+    let segment = w.segments.last_mut().expect("a segment");
+    segment.index.retain(|e| e.offset < before);
+    let _ = w.index_file.set_len((segment.index.len() * ENTRY) as u64);
+    w.since_index = u64::MAX;
 }
 
 fn list_segments(dir: &Path, stem: &str) -> std::io::Result<Vec<Segment>> {
@@ -663,30 +817,117 @@ fn append_file(path: &Path) -> Result<File, SeqLogError> {
         .map_err(err(path))
 }
 
-fn load_index(segment: &Segment) -> std::io::Result<Vec<IndexEntry>> {
+/// The index of `segment`, checked against the segment: entries must name, in increasing
+/// order, the seq of the record that starts at their offset, within the segment's seqs
+/// (from its first seq, below `below`, the next segment's). An index is only a cache, so
+/// one that disagrees (damaged, left over from another file, or with entries for records a
+/// crash cut off) is rebuilt from the segment, with a warning naming it.
+fn load_checked_index<T: Sequenced>(
+    segment: &Segment,
+    below: u64,
+    every: u64,
+) -> std::io::Result<Vec<IndexEntry>> {
+    let path = segment.index_path();
     let mut bytes = Vec::new();
-    match File::open(segment.index_path()) {
+    match File::open(&path) {
         Ok(mut f) => {
             f.read_to_end(&mut bytes)?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let whole = bytes.len() / ENTRY * ENTRY;
-    if whole != bytes.len() {
-        OpenOptions::new()
-            .write(true)
-            .open(segment.index_path())?
-            .set_len(whole as u64)?;
-    }
-    let seg_len = std::fs::metadata(&segment.path)
-        .map(|m| m.len())
-        .unwrap_or(0);
-    Ok(bytes[..whole]
-        .chunks(ENTRY)
+    let entries: Vec<IndexEntry> = bytes
+        .chunks_exact(ENTRY)
         .map(IndexEntry::from_bytes)
-        .take_while(|e| e.offset < seg_len.max(1))
-        .collect())
+        .collect();
+    let seg_len = std::fs::metadata(&segment.path).map_or(0, |m| m.len());
+    let problem = match entries.iter().position(|e| e.offset >= seg_len) {
+        // After a crash: entries written for records that never reached the segment.
+        Some(i) => format!("entry {i} points past the end of the segment ({seg_len} bytes)"),
+        None => match check_index(segment, &entries, below) {
+            Ok(()) if entries.len() * ENTRY == bytes.len() => return Ok(entries),
+            Ok(()) => "it ends with a partial entry".to_owned(),
+            Err(problem) => problem,
+        },
+    };
+    tracing::warn!(index = %path.display(), %problem,
+        "the log index disagrees with its segment; rebuilding it from the segment");
+    let entries = build_index::<T>(&segment.path, every)?;
+    let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_bytes()).collect();
+    crate::state::write_atomically(&path, &bytes, 0o600)?;
+    Ok(entries)
+}
+
+/// Whether each entry names the record at its offset: offsets and seqs increasing, seqs
+/// within `[segment.first_seq, below)`, and the line at each offset starting with
+/// `{"seq":<its seq>`. Says what is wrong otherwise.
+fn check_index(segment: &Segment, entries: &[IndexEntry], below: u64) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let file = File::open(&segment.path).map_err(|e| format!("cannot read the segment: {e}"))?;
+    let mut previous: Option<IndexEntry> = None;
+    let mut head = [0u8; 48];
+    for (i, entry) in entries.iter().enumerate() {
+        if entry.seq < segment.first_seq || entry.seq >= below {
+            return Err(format!(
+                "entry {i} names seq {}, outside the segment's seqs {}..{below}",
+                entry.seq, segment.first_seq
+            ));
+        }
+        if let Some(p) = previous {
+            if entry.seq <= p.seq || entry.offset <= p.offset {
+                return Err(format!("entry {i} does not follow entry {}", i - 1));
+            }
+        }
+        // The byte before the offset (a line's end) and the start of the line.
+        let from = entry.offset.saturating_sub(1);
+        let n = file
+            .read_at(&mut head, from)
+            .map_err(|e| format!("cannot read the segment: {e}"))?;
+        let (before, line) = if entry.offset == 0 {
+            (b'\n', &head[..n])
+        } else {
+            (head[0], &head[1.min(n)..n])
+        };
+        if before != b'\n' || seq_prefix(line) != Some(entry.seq) {
+            return Err(format!(
+                "entry {i} says seq {} starts at byte {}, and it does not",
+                entry.seq, entry.offset
+            ));
+        }
+        previous = Some(*entry);
+    }
+    Ok(())
+}
+
+/// An index of the segment at `path` read from the segment itself: an entry for the first
+/// whole, readable record and then for the first one after every `every` bytes, as appends
+/// make them.
+fn build_index<T: Sequenced>(path: &Path, every: u64) -> std::io::Result<Vec<IndexEntry>> {
+    let mut reader = BufReader::with_capacity(64 * 1024, File::open(path)?);
+    let mut entries: Vec<IndexEntry> = Vec::new();
+    let (mut offset, mut since_index) = (0u64, every);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)? as u64;
+        if n == 0 || line.last() != Some(&b'\n') {
+            return Ok(entries);
+        }
+        if since_index >= every {
+            let record = T::read_json(&line).ok();
+            let increasing = |r: &T| entries.last().is_none_or(|e| r.seq() > e.seq);
+            if let Some(record) = record.filter(increasing) {
+                entries.push(IndexEntry {
+                    seq: record.seq(),
+                    time_ns: nanos(record.time()),
+                    offset,
+                });
+                since_index = 0;
+            }
+        }
+        offset += n;
+        since_index += n;
+    }
 }
 
 /// Finds the end of the last whole record of the newest segment, cuts anything after it,
@@ -746,7 +987,19 @@ fn repair_tail<T: Sequenced>(segment: &mut Segment) -> std::io::Result<(u64, u64
             .open(segment.index_path())?;
         index.set_len((kept * ENTRY) as u64)?;
     }
-    Ok((last_seq + 1, good_len))
+    let next_seq = last_seq
+        .checked_add(1)
+        .filter(|next| *next < u64::MAX)
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "its last record has seq {last_seq}, which leaves no room for new ones; \
+                     the segment is damaged: move it away"
+                ),
+            )
+        })?;
+    Ok((next_seq, good_len))
 }
 
 /// The seq of a stored line from its `{"seq":N,` prefix.
@@ -815,6 +1068,7 @@ mod tests {
             max_segments: 3,
             index_every: 512,
             broadcast_capacity: 16,
+            unsaved_limit: 0,
         }
     }
 
@@ -911,6 +1165,221 @@ mod tests {
             let got = log.read_after(after, 1).unwrap();
             assert_eq!(got[0].seq, after + 1, "reading after {after}");
         }
+    }
+
+    /// A log of 100 records indexed every 256 bytes, closed; returns its one segment.
+    fn indexed_log(dir: &Path) -> Segment {
+        let config = SeqLogConfig {
+            index_every: 256,
+            ..SeqLogConfig::default()
+        };
+        let log: SeqLog<Rec> = SeqLog::open(dir, "p", config).unwrap();
+        for i in 0..100 {
+            add(&log, &format!("record {i}"));
+        }
+        let mut segments = list_segments(dir, "p").unwrap();
+        assert_eq!(segments.len(), 1);
+        segments.pop().unwrap()
+    }
+
+    fn index_entries(segment: &Segment) -> Vec<IndexEntry> {
+        std::fs::read(segment.index_path())
+            .unwrap()
+            .chunks_exact(ENTRY)
+            .map(IndexEntry::from_bytes)
+            .collect()
+    }
+
+    /// Rewrites every index entry's seq with `seq(i)`, keeping offsets and times.
+    fn damage_index_seqs(segment: &Segment, seq: impl Fn(usize) -> u64) {
+        let damaged: Vec<u8> = index_entries(segment)
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, e)| IndexEntry { seq: seq(i), ..e }.to_bytes())
+            .collect();
+        std::fs::write(segment.index_path(), damaged).unwrap();
+    }
+
+    /// Reopens the log and checks it is numbered as written: 100 records, the next is 101,
+    /// every seq readable through the index, and the index is whole again.
+    fn assert_numbering_intact(dir: &Path, good: &[IndexEntry]) {
+        let config = SeqLogConfig {
+            index_every: 256,
+            ..SeqLogConfig::default()
+        };
+        let log: SeqLog<Rec> = SeqLog::open(dir, "p", config).unwrap();
+        assert_eq!(log.last_seq(), 100);
+        for after in [0u64, 1, 37, 98, 99] {
+            let got = log.read_after(after, 1).unwrap();
+            assert_eq!(got[0].seq, after + 1, "reading after {after}");
+        }
+        let segment = list_segments(dir, "p").unwrap().pop().unwrap();
+        assert_eq!(index_entries(&segment), good, "the index was rebuilt");
+        assert_eq!(add(&log, "next"), 101);
+    }
+
+    #[test]
+    fn an_index_with_huge_seqs_is_rebuilt_not_believed() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment = indexed_log(dir.path());
+        let good = index_entries(&segment);
+        assert!(good.len() > 5, "{good:?}");
+        damage_index_seqs(&segment, |i| (1u64 << 56) + i as u64);
+        assert_numbering_intact(dir.path(), &good);
+    }
+
+    #[test]
+    fn an_index_near_or_at_u64_max_neither_wraps_nor_hides_records() {
+        for top in [u64::MAX - 1, u64::MAX] {
+            let dir = tempfile::tempdir().unwrap();
+            let segment = indexed_log(dir.path());
+            let good = index_entries(&segment);
+            let n = good.len();
+            damage_index_seqs(&segment, |i| top - (n - 1 - i) as u64);
+            assert_numbering_intact(dir.path(), &good);
+        }
+    }
+
+    #[test]
+    fn an_index_whose_offsets_point_elsewhere_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment = indexed_log(dir.path());
+        let good = index_entries(&segment);
+        let shifted: Vec<u8> = good
+            .iter()
+            .flat_map(|e| {
+                IndexEntry {
+                    offset: e.offset + 7,
+                    ..*e
+                }
+                .to_bytes()
+            })
+            .collect();
+        std::fs::write(segment.index_path(), shifted).unwrap();
+        assert_numbering_intact(dir.path(), &good);
+        // Garbage of a whole number of entries, too.
+        let dir = tempfile::tempdir().unwrap();
+        let segment = indexed_log(dir.path());
+        let good = index_entries(&segment);
+        std::fs::write(segment.index_path(), vec![0xA5u8; ENTRY * 4]).unwrap();
+        assert_numbering_intact(dir.path(), &good);
+    }
+
+    #[test]
+    fn a_record_at_u64_max_is_an_error_naming_the_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment = indexed_log(dir.path());
+        let last = Rec {
+            seq: u64::MAX,
+            time: OffsetDateTime::now_utc(),
+            text: "the end".into(),
+        };
+        let mut line = serde_json::to_vec(&last).unwrap();
+        line.push(b'\n');
+        OpenOptions::new()
+            .append(true)
+            .open(&segment.path)
+            .unwrap()
+            .write_all(&line)
+            .unwrap();
+        let err = SeqLog::<Rec>::open(dir.path(), "p", SeqLogConfig::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(&segment.path.display().to_string()) && err.contains("no room"),
+            "{err}"
+        );
+    }
+
+    /// A 64 KiB tmpfs at `path`, unmounted when dropped; `None` where mounting is not
+    /// permitted (not root).
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        fn mount(path: &Path) -> Option<Self> {
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+                .arg(path)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then(|| Tmpfs(path.to_owned()))
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    #[test]
+    fn records_that_cannot_be_written_wait_in_memory_and_overflow_as_a_counted_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(_mount) = Tmpfs::mount(dir.path()) else {
+            eprintln!("SKIPPED: mounting a tmpfs needs CAP_SYS_ADMIN here");
+            return;
+        };
+        let config = SeqLogConfig {
+            unsaved_limit: 5,
+            ..SeqLogConfig::default()
+        };
+        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", config).unwrap();
+        let health = log.health();
+        add(&log, "stored");
+        let filler = dir.path().join("filler");
+        std::fs::write(&filler, vec![0u8; 64 * 1024]).ok();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&filler)
+            .unwrap();
+        while f.write_all(&[0u8; 512]).is_ok() {}
+        // Big records: the segment's last page cannot take even one.
+        let big = "x".repeat(8192);
+        for _ in 0..3 {
+            add(&log, &big);
+        }
+        assert!(health.borrow().is_some(), "the failure is reported");
+        // Kept in memory, readers see them.
+        let seqs: Vec<u64> = log
+            .read_after(0, 100)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        for _ in 0..4 {
+            add(&log, &big);
+        }
+        // 7 unsaved, 5 kept: 2 and 3 are lost.
+        assert_eq!(log.take_lost(), 2);
+        let seqs: Vec<u64> = log
+            .read_after(0, 100)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, [1, 4, 5, 6, 7, 8]);
+        assert!(!log.retry_unsaved(), "still full");
+
+        drop(f);
+        std::fs::remove_file(&filler).unwrap();
+        assert!(log.retry_unsaved(), "written once space returns");
+        assert!(health.borrow().is_none());
+        assert_eq!(add(&log, "after"), 9);
+        drop(log);
+        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", config).unwrap();
+        let seqs: Vec<u64> = log
+            .read_after(0, 100)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, [1, 4, 5, 6, 7, 8, 9], "on file, in order");
     }
 
     #[test]

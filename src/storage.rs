@@ -48,17 +48,46 @@ impl Default for Quotas {
     }
 }
 
-/// Why the store could not be opened.
+/// Why the store could not be opened. The daemon refuses to start with any of these (see
+/// docs/OPERATIONS.md, "Damaged plugin storage").
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "cannot open the plugin storage {path}: {reason} (is another torud using this data directory?)"
-)]
-pub struct OpenError {
-    /// The database file.
-    pub path: String,
-    /// What failed.
-    pub reason: String,
+pub enum OpenError {
+    /// Another process holds the database's lock.
+    #[error(
+        "cannot open the plugin storage {path}: another torud is using this data directory; \
+         stop it, or give this daemon its own --data-dir"
+    )]
+    InUse {
+        /// The database file.
+        path: String,
+    },
+    /// The file is not a whole redb database: truncated, or its header overwritten.
+    #[error(
+        "the plugin storage {path} is damaged: {reason}. torud does not start on damaged \
+         storage: restore the file from a backup, or move it away to start with empty plugin \
+         storage (the plugins' stored keys are then lost)"
+    )]
+    Damaged {
+        /// The database file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Any other failure (permissions, a full disk, ...).
+    #[error("cannot open the plugin storage {path}: {reason}")]
+    Failed {
+        /// The database file.
+        path: String,
+        /// What failed.
+        reason: String,
+    },
 }
+
+/// The first bytes of every redb database file (redb's own magic number).
+const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+/// Name of the thread that opens the database; a panic there is reported as damage, not
+/// printed by the default panic hook.
+const OPEN_THREAD: &str = "torud-storage-open";
 
 /// The store; clones share it.
 #[derive(Clone)]
@@ -82,21 +111,52 @@ fn internal(e: impl Into<redb::Error>) -> StorageError {
 }
 
 impl Storage {
-    /// Opens (or creates) the database at `path` and its tables.
+    /// Opens (or creates) the database at `path` and its tables. A file that is not a whole
+    /// redb database is [`OpenError::Damaged`], never a panic: redb asserts on some damage
+    /// (a truncated file), so it opens on a thread of its own whose panic is caught.
     pub fn open(path: &Path, quotas: Quotas) -> Result<Self, OpenError> {
-        let text = |e: redb::Error| e.to_string();
-        let open = || -> Result<Database, String> {
-            let db = Database::create(path).map_err(|e| text(e.into()))?;
-            let tx = db.begin_write().map_err(|e| text(e.into()))?;
-            tx.open_table(DATA).map_err(|e| text(e.into()))?;
-            tx.open_table(USAGE).map_err(|e| text(e.into()))?;
-            tx.commit().map_err(|e| text(e.into()))?;
-            Ok(db)
-        };
-        let db = open().map_err(|reason| OpenError {
-            path: path.display().to_string(),
+        let shown = path.display().to_string();
+        check_header(path).map_err(|reason| OpenError::Damaged {
+            path: shown.clone(),
             reason,
         })?;
+        quiet_panics_of_open_thread();
+        let owned = path.to_owned();
+        let opened = std::thread::Builder::new()
+            .name(OPEN_THREAD.into())
+            .spawn(move || open_tables(&owned))
+            .map_err(|e| OpenError::Failed {
+                path: shown.clone(),
+                reason: format!("cannot start a thread: {e}"),
+            })?
+            .join();
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => {
+                return Err(match *e {
+                    redb::Error::DatabaseAlreadyOpen => OpenError::InUse { path: shown },
+                    e @ redb::Error::Corrupted(_) => OpenError::Damaged {
+                        path: shown,
+                        reason: e.to_string(),
+                    },
+                    e => OpenError::Failed {
+                        path: shown,
+                        reason: e.to_string(),
+                    },
+                });
+            }
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                return Err(OpenError::Damaged {
+                    path: shown,
+                    reason: format!("redb cannot read it ({what}); it is probably truncated"),
+                });
+            }
+        };
         Ok(Storage {
             db: Arc::new(db),
             quotas,
@@ -110,6 +170,63 @@ impl Storage {
             name: name.into(),
         }
     }
+}
+
+/// Opens the database and makes sure its tables exist.
+fn open_tables(path: &Path) -> Result<Database, Box<redb::Error>> {
+    fn boxed(e: impl Into<redb::Error>) -> Box<redb::Error> {
+        Box::new(e.into())
+    }
+    let db = Database::create(path).map_err(boxed)?;
+    let tx = db.begin_write().map_err(boxed)?;
+    tx.open_table(DATA).map_err(boxed)?;
+    tx.open_table(USAGE).map_err(boxed)?;
+    tx.commit().map_err(boxed)?;
+    Ok(db)
+}
+
+/// A file that exists and is not empty must start with redb's magic number (an empty or
+/// missing file is a new database). Says what is wrong otherwise.
+fn check_header(path: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        // Missing: created. Unreadable: redb's own error says why.
+        Err(_) => return Ok(()),
+    };
+    let mut head = Vec::with_capacity(REDB_MAGIC.len());
+    (&mut file)
+        .take(REDB_MAGIC.len() as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if head.is_empty() || head == REDB_MAGIC {
+        return Ok(());
+    }
+    if REDB_MAGIC.starts_with(&head) {
+        return Err(format!(
+            "it is {} bytes long, shorter than a redb header; it was truncated",
+            head.len()
+        ));
+    }
+    Err(
+        "it does not start with a redb header (its first bytes were overwritten, or it is not \
+         a redb database)"
+            .into(),
+    )
+}
+
+/// Keeps the default panic hook from printing a panic of the storage-open thread (the open
+/// reports it as damage); every other panic is printed as before. Installed once.
+fn quiet_panics_of_open_thread() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name() != Some(OPEN_THREAD) {
+                previous(info);
+            }
+        }));
+    });
 }
 
 impl Namespace {
@@ -298,6 +415,65 @@ mod tests {
             StorageAnswer::Value(v) => v,
             other => panic!("{other:?}"),
         }
+    }
+
+    fn damaged_reason(path: &Path) -> String {
+        match Storage::open(path, Quotas::default()) {
+            Err(e @ OpenError::Damaged { .. }) => e.to_string(),
+            Err(e) => panic!("not reported as damage: {e}"),
+            Ok(_) => panic!("a damaged file opened"),
+        }
+    }
+
+    fn a_store_with_one_key(dir: &Path) -> std::path::PathBuf {
+        let path = dir.join("s.redb");
+        let s = Storage::open(&path, Quotas::default()).unwrap();
+        set(&s.namespace("a"), "k", &"v".repeat(100_000)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_truncated_file_is_named_as_damaged_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = a_store_with_one_key(dir.path());
+        let len = std::fs::metadata(&path).unwrap().len();
+        for keep in [len / 2, 4096, 5] {
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            file.set_len(keep).unwrap();
+            let text = damaged_reason(&path);
+            assert!(
+                text.contains("s.redb")
+                    && text.contains("truncated")
+                    && !text.contains("another torud"),
+                "{keep} bytes: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_overwritten_header_is_named_as_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = a_store_with_one_key(dir.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[..4096].fill(0x5a);
+        std::fs::write(&path, bytes).unwrap();
+        let text = damaged_reason(&path);
+        assert!(
+            text.contains("s.redb")
+                && text.contains("redb header")
+                && !text.contains("another torud"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_database_in_use_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = a_store_with_one_key(dir.path());
+        let _first = Storage::open(&path, Quotas::default()).unwrap();
+        let err = Storage::open(&path, Quotas::default()).err().unwrap();
+        assert!(matches!(err, OpenError::InUse { .. }), "{err}");
+        assert!(err.to_string().contains("another torud is using"), "{err}");
     }
 
     fn store(quotas: Quotas) -> (tempfile::TempDir, Storage) {

@@ -109,3 +109,96 @@ async fn watch_filters_by_plugin() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn a_replay_reports_events_missing_from_the_log_as_a_gap() {
+    let mut d = Daemon::new(&[]);
+    d.install_hello("hello");
+    d.start().await;
+    let mut client = d.client().await;
+    let mut all = Events::watch(&mut client, Some(0)).await;
+    all.wait_added(&["hello"]).await;
+    enable(&mut client, "hello").await;
+    disable(&mut client, "hello").await;
+    // added, starting, running, stopping, stopped.
+    while all.seen.len() < 5 {
+        all.next_within(SECS10)
+            .await
+            .expect("the first five events");
+    }
+    assert_eq!(d.stop().await.code(), Some(0));
+
+    // Events 3 and 4 go missing from the log, as if they could never be stored.
+    let events_dir = d.data_dir.join("events");
+    let segment = std::fs::read_dir(&events_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .unwrap();
+    let text = std::fs::read_to_string(&segment).unwrap();
+    let kept: String = text
+        .lines()
+        .filter(|l| !l.starts_with("{\"seq\":3,") && !l.starts_with("{\"seq\":4,"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&segment, kept).unwrap();
+
+    d.start().await;
+    let mut client = d.client().await;
+    let mut replay = Events::watch(&mut client, Some(0)).await;
+    while replay.seen.len() < 3 {
+        replay.next_within(SECS10).await.expect("the events kept");
+    }
+    let seqs: Vec<u64> = replay.seen.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [1, 2, 5]);
+    assert_eq!(replay.gaps.len(), 1, "{:?}", replay.gaps);
+    let gap = &replay.gaps[0];
+    assert_eq!((gap.first_seq, gap.last_seq), (3, 4));
+    assert!(
+        gap.reason.contains("not in the event log"),
+        "{}",
+        gap.reason
+    );
+
+    // From inside the hole, and with a filter that matches none of the kept events, the
+    // gap is still reported.
+    let req = pb::WatchEventsRequest {
+        after_seq: Some(3),
+        plugin_ids: vec!["someone-else".into()],
+    };
+    let mut stream = client.watch_events(req).await.unwrap().into_inner();
+    let first = tokio::time::timeout(SECS10, stream.message())
+        .await
+        .expect("a gap message")
+        .unwrap()
+        .unwrap();
+    let gap = first.gap.expect("a gap first");
+    assert_eq!((gap.first_seq, gap.last_seq), (4, 4));
+
+    // toructl shows the gap too, in both outputs.
+    let toructl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_toructl"))
+            .args(["--addr", &d.addr])
+            .arg("--data-dir")
+            .arg(&d.data_dir)
+            .args(args)
+            .env_remove("TORUD_ADDR")
+            .env_remove("TORUD_TOKEN")
+            .env_remove("TORUD_DATA_DIR")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = toructl(&["events"]);
+    assert!(table.contains("GAP: events 3 to 4 are missing"), "{table}");
+    let json = toructl(&["-o", "json", "events"]);
+    let gap_line: serde_json::Value = json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v.get("gap").is_some())
+        .expect("a gap line");
+    assert_eq!(gap_line["gap"]["first_seq"], 3);
+    assert_eq!(gap_line["gap"]["last_seq"], 4);
+    d.stop().await;
+}

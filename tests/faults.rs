@@ -306,3 +306,140 @@ async fn a_sigkilled_daemon_restarts_with_state_events_and_logs_intact() {
         "the notes of both runs are kept"
     );
 }
+
+/// The enabled flag of `id` in `state.json`, if it has one.
+fn saved_enabled(d: &Daemon, id: &str) -> Option<bool> {
+    let text = std::fs::read_to_string(d.data_dir.join("state.json")).ok()?;
+    let file: serde_json::Value = serde_json::from_str(&text).unwrap();
+    file["plugins"][id].as_bool()
+}
+
+#[tokio::test]
+async fn an_enable_or_disable_that_cannot_be_saved_changes_nothing() {
+    let mut d = Daemon::new(&[]);
+    let Some(_mount) = Tmpfs::mount(&d.data_dir, "16m") else {
+        eprintln!("SKIPPED: mounting a size-capped tmpfs needs CAP_SYS_ADMIN here");
+        return;
+    };
+    d.install_fixture("on", "normal", &[]);
+    d.install_fixture("off", "normal", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["on", "off"])
+        .await;
+    let running = enable(&mut client, "on").await;
+    let filler = fill(&d.data_dir);
+
+    let err = client
+        .disable_plugin(torud::pb::DisablePluginRequest {
+            plugin_id: "on".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("could not save"), "{err:?}");
+    let on = get(&mut client, "on").await;
+    assert!(on.enabled, "a disable that was not saved must not show");
+    assert_eq!(state_of(&on), torud::pb::PluginState::Running);
+    assert_eq!(on.pid, running.pid, "the plugin was not stopped");
+    assert_eq!(saved_enabled(&d, "on"), Some(true));
+
+    let err = client
+        .enable_plugin(torud::pb::EnablePluginRequest {
+            plugin_id: "off".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("could not save"), "{err:?}");
+    let off = get(&mut client, "off").await;
+    assert!(!off.enabled, "an enable that was not saved must not show");
+    assert_eq!(state_of(&off), torud::pb::PluginState::Stopped);
+    assert_eq!(saved_enabled(&d, "off"), None);
+
+    // Space returns: the same calls succeed and are saved.
+    std::fs::remove_file(filler).unwrap();
+    assert!(!disable(&mut client, "on").await.enabled);
+    assert_eq!(saved_enabled(&d, "on"), Some(false));
+    assert!(enable(&mut client, "off").await.enabled);
+    assert_eq!(saved_enabled(&d, "off"), Some(true));
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn events_on_a_full_disk_are_kept_replayed_and_stored_when_space_returns() {
+    let mut d = Daemon::new(&[]);
+    let Some(_mount) = Tmpfs::mount(&d.data_dir.join("events"), "1m") else {
+        eprintln!("SKIPPED: mounting a size-capped tmpfs needs CAP_SYS_ADMIN here");
+        return;
+    };
+    d.install_fixture("fx", "normal", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut live = Events::watch(&mut client, Some(0)).await;
+    live.wait_added(&["fx"]).await;
+
+    let filler = fill(&d.data_dir.join("events"));
+    // The segment's last page has room for a few events; restarts make more than fit.
+    enable(&mut client, "fx").await;
+    for _ in 0..8 {
+        client
+            .restart_plugin(torud::pb::RestartPluginRequest {
+                plugin_id: "fx".into(),
+            })
+            .await
+            .unwrap();
+    }
+    disable(&mut client, "fx").await;
+    let degraded = live
+        .wait_for("event storage degraded", SECS10, |e| {
+            e.kind == torud::pb::EventKind::EventStorageDegraded as i32
+        })
+        .await;
+    assert!(
+        degraded.reason.contains("No space left"),
+        "{}",
+        degraded.reason
+    );
+    live.wait_for("fx to stop for good", SECS10, |e| {
+        e.plugin_id == "fx"
+            && e.to_state == torud::pb::PluginState::Stopped as i32
+            && e.reason.contains("disabled")
+    })
+    .await;
+    let seen_live = live.seen.clone();
+
+    // While the disk is full, a replay still has every event, in order, with no gap.
+    let mut replay = Events::watch(&mut client, Some(0)).await;
+    while replay.seen.len() < seen_live.len() {
+        replay.next_within(SECS10).await.expect("a replayed event");
+    }
+    assert_eq!(replay.seen, seen_live);
+    assert!(replay.gaps.is_empty(), "{:?}", replay.gaps);
+
+    // Space returns: the kept events are written, and that is said.
+    std::fs::remove_file(filler).unwrap();
+    let resumed = live
+        .wait_for("event storage resumed", SECS10, |e| {
+            e.kind == torud::pb::EventKind::EventStorageResumed as i32
+        })
+        .await;
+    assert!(
+        resumed.reason.contains("every event kept"),
+        "{}",
+        resumed.reason
+    );
+    let seen_live = live.seen.clone();
+
+    // After a restart every event, delivered live during the full spell, is on file.
+    assert_eq!(d.stop().await.code(), Some(0));
+    d.start().await;
+    let mut client = d.client().await;
+    let mut after = Events::watch(&mut client, Some(0)).await;
+    while after.seen.len() < seen_live.len() {
+        after.next_within(SECS10).await.expect("a stored event");
+    }
+    assert_eq!(after.seen[..seen_live.len()], seen_live[..]);
+    assert!(after.gaps.is_empty(), "{:?}", after.gaps);
+    d.stop().await;
+}

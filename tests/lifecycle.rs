@@ -862,3 +862,31 @@ async fn racing_clients_that_give_up_leave_no_queued_flapping_and_the_last_call_
     );
     drop(d);
 }
+
+#[tokio::test]
+async fn a_plugin_enabled_by_enable_new_plugins_stays_enabled_without_the_flag() {
+    let mut d = Daemon::new(&["--enable-new-plugins"]);
+    d.install_hello("hello");
+    d.start().await;
+    let mut client = d.client().await;
+    let first_run = Events::watch(&mut client, Some(0))
+        .await
+        .wait_state("hello", PluginState::Running, SECS10)
+        .await;
+    let state = std::fs::read_to_string(d.data_dir.join("state.json")).unwrap();
+    assert!(state.contains("\"hello\": true"), "{state}");
+    d.stop().await;
+
+    d.args.retain(|a| a != "--enable-new-plugins");
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_for("hello to run again without the flag", SECS10, |e| {
+            e.plugin_id == "hello"
+                && e.to_state == PluginState::Running as i32
+                && e.seq > first_run.seq
+        })
+        .await;
+    assert!(get(&mut client, "hello").await.enabled);
+}

@@ -279,3 +279,84 @@ async fn the_python_sdk_example_keeps_kv_across_restarts_and_echoes_calls() {
         Some("1")
     );
 }
+
+/// Runs `torud serve` on `d`'s directories until it exits; returns its exit code and stderr.
+fn serve_until_exit(d: &Daemon) -> (Option<i32>, String) {
+    let out = std::process::Command::new(TORUD)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--plugins-dir")
+        .arg(&d.plugins_dir)
+        .arg("--data-dir")
+        .arg(&d.data_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A data directory whose `storage.redb` holds one key, damaged by `damage`.
+fn damaged_storage(damage: impl FnOnce(&std::path::Path)) -> (Daemon, std::path::PathBuf) {
+    let d = Daemon::new(&[]);
+    std::fs::create_dir_all(&d.data_dir).unwrap();
+    let path = d.data_dir.join("storage.redb");
+    {
+        let storage = torud::storage::Storage::open(&path, Default::default()).unwrap();
+        storage
+            .namespace("p")
+            .apply_blocking(&toru_plugin_sdk::storage_wire::StorageOp::Set {
+                key: "k".into(),
+                value: "v".repeat(50_000),
+            })
+            .unwrap();
+    }
+    damage(&path);
+    (d, path)
+}
+
+#[test]
+fn a_truncated_or_overwritten_storage_file_stops_the_daemon_with_a_clear_error() {
+    let truncate = |path: &std::path::Path| {
+        let len = std::fs::metadata(path).unwrap().len();
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.set_len(len / 2).unwrap();
+    };
+    let overwrite = |path: &std::path::Path| {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[..4096].fill(0x41);
+        std::fs::write(path, bytes).unwrap();
+    };
+    for (what, damage) in [
+        ("truncated", &truncate as &dyn Fn(&std::path::Path)),
+        ("overwritten", &overwrite),
+    ] {
+        let (d, path) = damaged_storage(damage);
+        let (code, stderr) = serve_until_exit(&d);
+        assert_eq!(code, Some(1), "{what}: {stderr}");
+        assert!(
+            stderr.contains(&path.display().to_string()) && stderr.contains("is damaged"),
+            "{what}: {stderr}"
+        );
+        assert!(!stderr.contains("another torud"), "{what}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_second_daemon_on_the_same_data_directory_is_told_so() {
+    let mut d = Daemon::new(&[]);
+    d.start().await;
+    let (code, stderr) = serve_until_exit(&d);
+    assert_eq!(code, Some(1), "{stderr}");
+    // The control socket notices first; the storage lock says the same (unit-tested).
+    assert!(
+        stderr.contains("another daemon is serving this data directory")
+            || stderr.contains("another torud is using this data directory"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("damaged"), "{stderr}");
+    d.stop().await;
+}

@@ -41,6 +41,8 @@ fn event_kind(k: EventKind) -> pb::EventKind {
         EventKind::PluginUpdated => pb::EventKind::PluginUpdated,
         EventKind::LoggingDegraded => pb::EventKind::LoggingDegraded,
         EventKind::LoggingResumed => pb::EventKind::LoggingResumed,
+        EventKind::EventStorageDegraded => pb::EventKind::EventStorageDegraded,
+        EventKind::EventStorageResumed => pb::EventKind::EventStorageResumed,
     }
 }
 

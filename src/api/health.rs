@@ -59,7 +59,9 @@ pub async fn bridge(mut reporter: HealthReporter, supervisor: Supervisor) {
             EventKind::PluginSkipped
             | EventKind::PluginUpdated
             | EventKind::LoggingDegraded
-            | EventKind::LoggingResumed => {}
+            | EventKind::LoggingResumed
+            | EventKind::EventStorageDegraded
+            | EventKind::EventStorageResumed => {}
         }
     }
 }

@@ -93,6 +93,25 @@ fn decode_page_token(token: &str) -> Result<Option<String>, Status> {
     Ok(Some(id))
 }
 
+/// The gap message for the events between `last` and `next` (exclusive), if any: they were
+/// numbered but the event log does not hold them. Reported whatever the plugin filter, as
+/// nobody can tell which plugins they were about.
+fn missing_events(last: u64, next: u64) -> Option<pb::WatchEventsResponse> {
+    let first = last.checked_add(1)?;
+    (next > first).then(|| pb::WatchEventsResponse {
+        event: None,
+        gap: Some(pb::EventGap {
+            first_seq: first,
+            last_seq: next - 1,
+            reason: format!(
+                "events {first} to {} are not in the event log: they could not be stored \
+                 (for example on a full disk) and were delivered live only",
+                next - 1
+            ),
+        }),
+    })
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -266,6 +285,8 @@ impl PluginService for PluginApi {
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let stop = self.stop.clone();
         tokio::spawn(async move {
+            // The seq of the last event read; a jump past it is a hole in the event log.
+            let mut last = follower.cursor();
             loop {
                 let next = tokio::select! {
                     next = follower.next() => next,
@@ -276,11 +297,18 @@ impl PluginService for PluginApi {
                     None => break,
                     Some(Err(e)) => Err(Status::internal(e.to_string())),
                     Some(Ok(event)) => {
+                        if let Some(gap) = missing_events(last, event.seq) {
+                            if tx.send(Ok(gap)).await.is_err() {
+                                break;
+                            }
+                        }
+                        last = event.seq;
                         if !filter.is_empty() && !filter.contains(&event.body.plugin_id) {
                             continue;
                         }
                         Ok(pb::WatchEventsResponse {
                             event: Some(convert::event(&event)),
+                            gap: None,
                         })
                     }
                 };

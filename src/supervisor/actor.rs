@@ -154,7 +154,7 @@ impl Actor {
     /// Runs the state machine until the plugin is removed or the daemon shuts down.
     pub(super) async fn run(mut self) {
         let mut next = if self.status.borrow().enabled {
-            Next::Start
+            self.keep_default_enable().await
         } else {
             Next::Idle
         };
@@ -237,8 +237,40 @@ impl Actor {
         self.ctx.events.append(draft);
     }
 
+    /// A plugin enabled by `--enable-new-plugins` (no saved decision yet) has that decision
+    /// saved like an operator's, before it starts, so it stays enabled without the flag. When
+    /// it cannot be saved the plugin is not started: what runs is what a restart would run.
+    async fn keep_default_enable(&mut self) -> Next {
+        if self.ctx.state.get(&self.id).is_some() {
+            return Next::Start;
+        }
+        self.status.send_modify(|s| s.enabled = false);
+        match self.save_enabled(true).await {
+            Ok(()) => Next::Start,
+            Err(e) => {
+                let reason = format!("not started by --enable-new-plugins: {e}");
+                tracing::error!(plugin = %self.id, "{reason}");
+                self.status.send_modify(|s| s.last_error = Some(reason));
+                Next::Idle
+            }
+        }
+    }
+
+    /// Saves the enabled flag durably, then records it in the status. An operator's enable
+    /// or disable calls this before acting, so a failed save leaves the plugin as it was and
+    /// the answer, the running plugin and `state.json` agree.
+    async fn save_enabled(&mut self, enabled: bool) -> Result<(), SupervisorError> {
+        if let Some(previous) = self.persisting.take() {
+            let _ = previous.await;
+        }
+        self.ctx.state.set(&self.id, enabled).await?;
+        self.status.send_modify(|s| s.enabled = enabled);
+        Ok(())
+    }
+
     /// Records the enabled flag now and persists it in the background; the write is
-    /// awaited before any waiter is answered.
+    /// awaited before any waiter is answered. Only for a disable the daemon decides (the
+    /// plugin cannot run either way); an operator's goes through [`Actor::save_enabled`].
     fn set_enabled(&mut self, enabled: bool) {
         self.status.send_modify(|s| s.enabled = enabled);
         let state = self.ctx.state.clone();
@@ -288,13 +320,19 @@ impl Actor {
             match cmd {
                 None => return Next::Exit,
                 Some(Command::Enable(reply)) => {
-                    self.set_enabled(true);
+                    if let Err(e) = self.save_enabled(true).await {
+                        let _ = reply.send(Err(e));
+                        continue;
+                    }
                     self.status.send_modify(|s| s.consecutive_failures = 0);
                     self.waiters.push(reply);
                     return Next::Start;
                 }
                 Some(Command::Disable(reply)) => {
-                    self.set_enabled(false);
+                    if let Err(e) = self.save_enabled(false).await {
+                        let _ = reply.send(Err(e));
+                        continue;
+                    }
                     if self.status.borrow().state != PluginState::Stopped {
                         self.transition(PluginState::Stopped, "disabled by operator", None, |_| {});
                     }
@@ -330,7 +368,10 @@ impl Actor {
                     return Next::Start;
                 }
                 Some(Command::Disable(reply)) => {
-                    self.set_enabled(false);
+                    if let Err(e) = self.save_enabled(false).await {
+                        let _ = reply.send(Err(e));
+                        continue;
+                    }
                     self.transition(PluginState::Stopped, "disabled by operator", None, |_| {});
                     self.reply(reply).await;
                     return Next::Idle;
@@ -516,6 +557,10 @@ impl Actor {
                     Some(Command::Enable(reply)) | Some(Command::Restart(reply)) => self.waiters.push(reply),
                     Some(Command::Update(spec)) => self.update_spec(spec),
                     Some(Command::Disable(reply)) => {
+                        if let Err(e) = self.save_enabled(false).await {
+                            let _ = reply.send(Err(e));
+                            continue;
+                        }
                         self.stop_and_disable(Run { process, link: take_link(&early_link), since: Instant::now(), ready: false }, reply).await;
                         return Next::Idle;
                     }
@@ -612,6 +657,10 @@ impl Actor {
                         }
                     }
                     Some(Command::Disable(reply)) => {
+                        if let Err(e) = self.save_enabled(false).await {
+                            let _ = reply.send(Err(e));
+                            continue;
+                        }
                         self.stop_and_disable(run, reply).await;
                         return Next::Idle;
                     }
@@ -638,8 +687,8 @@ impl Actor {
         }
     }
 
+    /// Stops a plugin whose disable is already saved, and answers.
     async fn stop_and_disable(&mut self, run: Run, reply: Reply) {
-        self.set_enabled(false);
         self.stop(run, "disabled by operator").await;
         self.reply(reply).await;
         self.answer_waiters(Err(SupervisorError::Interrupted(

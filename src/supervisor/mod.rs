@@ -250,6 +250,10 @@ impl Supervisor {
                 cancel: CancellationToken::new(),
             }),
         };
+        supervisor.inner.tracker.spawn(report_event_storage_health(
+            supervisor.inner.ctx.events.clone(),
+            supervisor.inner.cancel.clone(),
+        ));
         let first = supervisor.clone();
         supervisor.inner.tracker.spawn(async move {
             if let Some(cgroups) = first.inner.ctx.isolation.cgroups() {
@@ -726,6 +730,50 @@ impl Supervisor {
         if let Err(e) = self.inner.ctx.events.sync() {
             tracing::warn!(error = %e, "could not sync the event log");
         }
+    }
+}
+
+/// How often events kept in memory are written again while the event log is degraded.
+const EVENT_STORAGE_RETRY: Duration = Duration::from_secs(1);
+
+/// Turns the event log's health changes into events: degraded when events cannot be
+/// written, resumed (saying whether any was lost) when they can again. While degraded it
+/// retries writing the events kept in memory, so recovery does not wait for the next event.
+async fn report_event_storage_health(events: EventLog, cancel: CancellationToken) {
+    let mut health = events.health();
+    loop {
+        tokio::select! {
+            changed = health.changed() => if changed.is_err() { return },
+            _ = cancel.cancelled() => return,
+        }
+        let Some(error) = health.borrow_and_update().clone() else {
+            continue;
+        };
+        events.append(
+            EventDraft::new("", EventKind::EventStorageDegraded).reason(format!(
+                "cannot write the event log: {error}; events are still delivered live, and up \
+                 to {} are kept in memory and written when it can be written again",
+                crate::events::UNSAVED_EVENTS
+            )),
+        );
+        let mut retry = tokio::time::interval(EVENT_STORAGE_RETRY);
+        while !events.retry_unsaved() {
+            tokio::select! {
+                _ = retry.tick() => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+        health.borrow_and_update();
+        let reason = match events.take_lost() {
+            0 => "the event log is written again; every event kept in memory meanwhile was \
+                  written"
+                .to_owned(),
+            lost => format!(
+                "the event log is written again; {lost} events did not fit in memory and are \
+                 lost (a replay reports them as a gap)"
+            ),
+        };
+        events.append(EventDraft::new("", EventKind::EventStorageResumed).reason(reason));
     }
 }
 

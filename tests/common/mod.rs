@@ -365,6 +365,8 @@ pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> b
 pub struct Events {
     stream: tonic::Streaming<pb::WatchEventsResponse>,
     pub seen: Vec<pb::Event>,
+    /// Gaps the stream reported (events the event log does not hold).
+    pub gaps: Vec<pb::EventGap>,
 }
 
 impl Events {
@@ -377,19 +379,28 @@ impl Events {
         Events {
             stream,
             seen: Vec::new(),
+            gaps: Vec::new(),
         }
     }
 
     /// The next event, or `None` if none comes within `limit`.
+    /// Gaps are recorded in `gaps` and skipped.
     pub async fn next_within(&mut self, limit: Duration) -> Option<pb::Event> {
-        match tokio::time::timeout(limit, self.stream.message()).await {
-            Ok(Ok(Some(resp))) => {
-                let event = resp.event.unwrap();
-                self.seen.push(event.clone());
-                Some(event)
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.stream.message()).await {
+                Ok(Ok(Some(resp))) => match (resp.event, resp.gap) {
+                    (Some(event), _) => {
+                        self.seen.push(event.clone());
+                        return Some(event);
+                    }
+                    (None, Some(gap)) => self.gaps.push(gap),
+                    (None, None) => panic!("an empty WatchEvents message"),
+                },
+                Ok(other) => panic!("event stream ended: {other:?}"),
+                Err(_) => return None,
             }
-            Ok(other) => panic!("event stream ended: {other:?}"),
-            Err(_) => None,
         }
     }
 

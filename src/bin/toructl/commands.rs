@@ -482,13 +482,38 @@ pub async fn events(conn: &Conn, out: Output, args: EventsArgs) -> Result {
         let Some(resp) = next.map_err(status_line)? else {
             break;
         };
-        let Some(e) = resp.event else { continue };
+        let Some(e) = resp.event else {
+            if let Some(gap) = resp.gap {
+                print_gap(out, &gap);
+            }
+            continue;
+        };
         match out {
             Output::Json => print_json(&render::event_json(&e), false),
             Output::Table => outln!("{}", render::event_line(&e)),
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the events a replay cannot send (the event log does not hold them).
+fn print_gap(out: Output, gap: &pb::EventGap) {
+    match out {
+        Output::Json => print_json(
+            &serde_json::json!({"gap": {
+                "first_seq": gap.first_seq,
+                "last_seq": gap.last_seq,
+                "reason": gap.reason,
+            }}),
+            false,
+        ),
+        Output::Table => outln!(
+            "GAP: events {} to {} are missing: {}",
+            gap.first_seq,
+            gap.last_seq,
+            gap.reason
+        ),
+    }
 }
 
 /// `health [IDS]`: `grpc.health.v1` checks of the daemon (`""`) and plugins

@@ -45,31 +45,42 @@ const (
 	EventKind_EVENT_KIND_LOGGING_DEGRADED EventKind = 7
 	// The plugin's log is written again after being degraded.
 	EventKind_EVENT_KIND_LOGGING_RESUMED EventKind = 8
+	// The daemon's event log cannot be written (for example the disk is full); `reason`
+	// says why. Events are still delivered live and kept in memory (up to a limit) until
+	// they can be written; `plugin_id` is empty.
+	EventKind_EVENT_KIND_EVENT_STORAGE_DEGRADED EventKind = 9
+	// The event log is written again; `reason` says whether any event was lost meanwhile
+	// (a replay then reports those seqs as a gap). `plugin_id` is empty.
+	EventKind_EVENT_KIND_EVENT_STORAGE_RESUMED EventKind = 10
 )
 
 // Enum value maps for EventKind.
 var (
 	EventKind_name = map[int32]string{
-		0: "EVENT_KIND_UNSPECIFIED",
-		1: "EVENT_KIND_STATE_CHANGED",
-		2: "EVENT_KIND_HEALTH_CHANGED",
-		3: "EVENT_KIND_PLUGIN_ADDED",
-		4: "EVENT_KIND_PLUGIN_REMOVED",
-		5: "EVENT_KIND_PLUGIN_SKIPPED",
-		6: "EVENT_KIND_PLUGIN_UPDATED",
-		7: "EVENT_KIND_LOGGING_DEGRADED",
-		8: "EVENT_KIND_LOGGING_RESUMED",
+		0:  "EVENT_KIND_UNSPECIFIED",
+		1:  "EVENT_KIND_STATE_CHANGED",
+		2:  "EVENT_KIND_HEALTH_CHANGED",
+		3:  "EVENT_KIND_PLUGIN_ADDED",
+		4:  "EVENT_KIND_PLUGIN_REMOVED",
+		5:  "EVENT_KIND_PLUGIN_SKIPPED",
+		6:  "EVENT_KIND_PLUGIN_UPDATED",
+		7:  "EVENT_KIND_LOGGING_DEGRADED",
+		8:  "EVENT_KIND_LOGGING_RESUMED",
+		9:  "EVENT_KIND_EVENT_STORAGE_DEGRADED",
+		10: "EVENT_KIND_EVENT_STORAGE_RESUMED",
 	}
 	EventKind_value = map[string]int32{
-		"EVENT_KIND_UNSPECIFIED":      0,
-		"EVENT_KIND_STATE_CHANGED":    1,
-		"EVENT_KIND_HEALTH_CHANGED":   2,
-		"EVENT_KIND_PLUGIN_ADDED":     3,
-		"EVENT_KIND_PLUGIN_REMOVED":   4,
-		"EVENT_KIND_PLUGIN_SKIPPED":   5,
-		"EVENT_KIND_PLUGIN_UPDATED":   6,
-		"EVENT_KIND_LOGGING_DEGRADED": 7,
-		"EVENT_KIND_LOGGING_RESUMED":  8,
+		"EVENT_KIND_UNSPECIFIED":            0,
+		"EVENT_KIND_STATE_CHANGED":          1,
+		"EVENT_KIND_HEALTH_CHANGED":         2,
+		"EVENT_KIND_PLUGIN_ADDED":           3,
+		"EVENT_KIND_PLUGIN_REMOVED":         4,
+		"EVENT_KIND_PLUGIN_SKIPPED":         5,
+		"EVENT_KIND_PLUGIN_UPDATED":         6,
+		"EVENT_KIND_LOGGING_DEGRADED":       7,
+		"EVENT_KIND_LOGGING_RESUMED":        8,
+		"EVENT_KIND_EVENT_STORAGE_DEGRADED": 9,
+		"EVENT_KIND_EVENT_STORAGE_RESUMED":  10,
 	}
 )
 
@@ -257,7 +268,7 @@ const file_toru_v1_event_proto_rawDesc = "" +
 	"\ahealthy\x18\v \x01(\bR\ahealthy\x1a:\n" +
 	"\fDetailsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\x9f\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xec\x02\n" +
 	"\tEventKind\x12\x1a\n" +
 	"\x16EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18EVENT_KIND_STATE_CHANGED\x10\x01\x12\x1d\n" +
@@ -267,7 +278,10 @@ const file_toru_v1_event_proto_rawDesc = "" +
 	"\x19EVENT_KIND_PLUGIN_SKIPPED\x10\x05\x12\x1d\n" +
 	"\x19EVENT_KIND_PLUGIN_UPDATED\x10\x06\x12\x1f\n" +
 	"\x1bEVENT_KIND_LOGGING_DEGRADED\x10\a\x12\x1e\n" +
-	"\x1aEVENT_KIND_LOGGING_RESUMED\x10\bB;Z9github.com/toru-project/torud/clients/go/torupb/v1;torupbb\x06proto3"
+	"\x1aEVENT_KIND_LOGGING_RESUMED\x10\b\x12%\n" +
+	"!EVENT_KIND_EVENT_STORAGE_DEGRADED\x10\t\x12$\n" +
+	" EVENT_KIND_EVENT_STORAGE_RESUMED\x10\n" +
+	"B;Z9github.com/toru-project/torud/clients/go/torupb/v1;torupbb\x06proto3"
 
 var (
 	file_toru_v1_event_proto_rawDescOnce sync.Once

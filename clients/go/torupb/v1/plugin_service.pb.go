@@ -674,11 +674,15 @@ func (x *WatchEventsRequest) GetPluginIds() []string {
 	return nil
 }
 
-// One message of the WatchEvents stream.
+// One message of the WatchEvents stream: an event, or (with `event` unset) a gap.
 type WatchEventsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The event.
-	Event         *Event `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
+	Event *Event `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
+	// Set instead of `event` when events in a range were numbered but are not in the event
+	// log (they could not be stored, for example on a full disk, and were delivered live
+	// only), so a replay never skips them silently. The next message continues after it.
+	Gap           *EventGap `protobuf:"bytes,2,opt,name=gap,proto3" json:"gap,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -720,6 +724,77 @@ func (x *WatchEventsResponse) GetEvent() *Event {
 	return nil
 }
 
+func (x *WatchEventsResponse) GetGap() *EventGap {
+	if x != nil {
+		return x.Gap
+	}
+	return nil
+}
+
+// Events a WatchEvents replay cannot send, because the event log does not hold them.
+type EventGap struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The first missing seq.
+	FirstSeq uint64 `protobuf:"varint,1,opt,name=first_seq,json=firstSeq,proto3" json:"first_seq,omitempty"`
+	// The last missing seq (inclusive).
+	LastSeq uint64 `protobuf:"varint,2,opt,name=last_seq,json=lastSeq,proto3" json:"last_seq,omitempty"`
+	// Why, for people.
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EventGap) Reset() {
+	*x = EventGap{}
+	mi := &file_toru_v1_plugin_service_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EventGap) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EventGap) ProtoMessage() {}
+
+func (x *EventGap) ProtoReflect() protoreflect.Message {
+	mi := &file_toru_v1_plugin_service_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EventGap.ProtoReflect.Descriptor instead.
+func (*EventGap) Descriptor() ([]byte, []int) {
+	return file_toru_v1_plugin_service_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *EventGap) GetFirstSeq() uint64 {
+	if x != nil {
+		return x.FirstSeq
+	}
+	return 0
+}
+
+func (x *EventGap) GetLastSeq() uint64 {
+	if x != nil {
+		return x.LastSeq
+	}
+	return 0
+}
+
+func (x *EventGap) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 // One header field; a name may repeat.
 type Header struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -733,7 +808,7 @@ type Header struct {
 
 func (x *Header) Reset() {
 	*x = Header{}
-	mi := &file_toru_v1_plugin_service_proto_msgTypes[14]
+	mi := &file_toru_v1_plugin_service_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -745,7 +820,7 @@ func (x *Header) String() string {
 func (*Header) ProtoMessage() {}
 
 func (x *Header) ProtoReflect() protoreflect.Message {
-	mi := &file_toru_v1_plugin_service_proto_msgTypes[14]
+	mi := &file_toru_v1_plugin_service_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -758,7 +833,7 @@ func (x *Header) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Header.ProtoReflect.Descriptor instead.
 func (*Header) Descriptor() ([]byte, []int) {
-	return file_toru_v1_plugin_service_proto_rawDescGZIP(), []int{14}
+	return file_toru_v1_plugin_service_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Header) GetName() string {
@@ -795,7 +870,7 @@ type CallPluginRequest struct {
 
 func (x *CallPluginRequest) Reset() {
 	*x = CallPluginRequest{}
-	mi := &file_toru_v1_plugin_service_proto_msgTypes[15]
+	mi := &file_toru_v1_plugin_service_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -807,7 +882,7 @@ func (x *CallPluginRequest) String() string {
 func (*CallPluginRequest) ProtoMessage() {}
 
 func (x *CallPluginRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_toru_v1_plugin_service_proto_msgTypes[15]
+	mi := &file_toru_v1_plugin_service_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -820,7 +895,7 @@ func (x *CallPluginRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CallPluginRequest.ProtoReflect.Descriptor instead.
 func (*CallPluginRequest) Descriptor() ([]byte, []int) {
-	return file_toru_v1_plugin_service_proto_rawDescGZIP(), []int{15}
+	return file_toru_v1_plugin_service_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CallPluginRequest) GetPluginId() string {
@@ -873,7 +948,7 @@ type CallPluginResponse struct {
 
 func (x *CallPluginResponse) Reset() {
 	*x = CallPluginResponse{}
-	mi := &file_toru_v1_plugin_service_proto_msgTypes[16]
+	mi := &file_toru_v1_plugin_service_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -885,7 +960,7 @@ func (x *CallPluginResponse) String() string {
 func (*CallPluginResponse) ProtoMessage() {}
 
 func (x *CallPluginResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_toru_v1_plugin_service_proto_msgTypes[16]
+	mi := &file_toru_v1_plugin_service_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -898,7 +973,7 @@ func (x *CallPluginResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CallPluginResponse.ProtoReflect.Descriptor instead.
 func (*CallPluginResponse) Descriptor() ([]byte, []int) {
-	return file_toru_v1_plugin_service_proto_rawDescGZIP(), []int{16}
+	return file_toru_v1_plugin_service_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CallPluginResponse) GetStatus() int32 {
@@ -962,9 +1037,14 @@ const file_toru_v1_plugin_service_proto_rawDesc = "" +
 	"\n" +
 	"plugin_ids\x18\x02 \x03(\tR\tpluginIdsB\f\n" +
 	"\n" +
-	"_after_seq\";\n" +
+	"_after_seq\"`\n" +
 	"\x13WatchEventsResponse\x12$\n" +
-	"\x05event\x18\x01 \x01(\v2\x0e.toru.v1.EventR\x05event\"2\n" +
+	"\x05event\x18\x01 \x01(\v2\x0e.toru.v1.EventR\x05event\x12#\n" +
+	"\x03gap\x18\x02 \x01(\v2\x11.toru.v1.EventGapR\x03gap\"Z\n" +
+	"\bEventGap\x12\x1b\n" +
+	"\tfirst_seq\x18\x01 \x01(\x04R\bfirstSeq\x12\x19\n" +
+	"\blast_seq\x18\x02 \x01(\x04R\alastSeq\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"2\n" +
 	"\x06Header\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value\"\x9b\x01\n" +
@@ -1001,7 +1081,7 @@ func file_toru_v1_plugin_service_proto_rawDescGZIP() []byte {
 	return file_toru_v1_plugin_service_proto_rawDescData
 }
 
-var file_toru_v1_plugin_service_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_toru_v1_plugin_service_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_toru_v1_plugin_service_proto_goTypes = []any{
 	(*ListPluginsRequest)(nil),    // 0: toru.v1.ListPluginsRequest
 	(*ListPluginsResponse)(nil),   // 1: toru.v1.ListPluginsResponse
@@ -1017,45 +1097,47 @@ var file_toru_v1_plugin_service_proto_goTypes = []any{
 	(*RescanPluginsResponse)(nil), // 11: toru.v1.RescanPluginsResponse
 	(*WatchEventsRequest)(nil),    // 12: toru.v1.WatchEventsRequest
 	(*WatchEventsResponse)(nil),   // 13: toru.v1.WatchEventsResponse
-	(*Header)(nil),                // 14: toru.v1.Header
-	(*CallPluginRequest)(nil),     // 15: toru.v1.CallPluginRequest
-	(*CallPluginResponse)(nil),    // 16: toru.v1.CallPluginResponse
-	(*Plugin)(nil),                // 17: toru.v1.Plugin
-	(*SkippedPlugin)(nil),         // 18: toru.v1.SkippedPlugin
-	(*Event)(nil),                 // 19: toru.v1.Event
+	(*EventGap)(nil),              // 14: toru.v1.EventGap
+	(*Header)(nil),                // 15: toru.v1.Header
+	(*CallPluginRequest)(nil),     // 16: toru.v1.CallPluginRequest
+	(*CallPluginResponse)(nil),    // 17: toru.v1.CallPluginResponse
+	(*Plugin)(nil),                // 18: toru.v1.Plugin
+	(*SkippedPlugin)(nil),         // 19: toru.v1.SkippedPlugin
+	(*Event)(nil),                 // 20: toru.v1.Event
 }
 var file_toru_v1_plugin_service_proto_depIdxs = []int32{
-	17, // 0: toru.v1.ListPluginsResponse.plugins:type_name -> toru.v1.Plugin
-	18, // 1: toru.v1.ListPluginsResponse.skipped:type_name -> toru.v1.SkippedPlugin
-	17, // 2: toru.v1.GetPluginResponse.plugin:type_name -> toru.v1.Plugin
-	17, // 3: toru.v1.EnablePluginResponse.plugin:type_name -> toru.v1.Plugin
-	17, // 4: toru.v1.DisablePluginResponse.plugin:type_name -> toru.v1.Plugin
-	17, // 5: toru.v1.RestartPluginResponse.plugin:type_name -> toru.v1.Plugin
-	18, // 6: toru.v1.RescanPluginsResponse.skipped:type_name -> toru.v1.SkippedPlugin
-	19, // 7: toru.v1.WatchEventsResponse.event:type_name -> toru.v1.Event
-	14, // 8: toru.v1.CallPluginRequest.headers:type_name -> toru.v1.Header
-	14, // 9: toru.v1.CallPluginResponse.headers:type_name -> toru.v1.Header
-	0,  // 10: toru.v1.PluginService.ListPlugins:input_type -> toru.v1.ListPluginsRequest
-	2,  // 11: toru.v1.PluginService.GetPlugin:input_type -> toru.v1.GetPluginRequest
-	4,  // 12: toru.v1.PluginService.EnablePlugin:input_type -> toru.v1.EnablePluginRequest
-	6,  // 13: toru.v1.PluginService.DisablePlugin:input_type -> toru.v1.DisablePluginRequest
-	8,  // 14: toru.v1.PluginService.RestartPlugin:input_type -> toru.v1.RestartPluginRequest
-	10, // 15: toru.v1.PluginService.RescanPlugins:input_type -> toru.v1.RescanPluginsRequest
-	12, // 16: toru.v1.PluginService.WatchEvents:input_type -> toru.v1.WatchEventsRequest
-	15, // 17: toru.v1.PluginService.CallPlugin:input_type -> toru.v1.CallPluginRequest
-	1,  // 18: toru.v1.PluginService.ListPlugins:output_type -> toru.v1.ListPluginsResponse
-	3,  // 19: toru.v1.PluginService.GetPlugin:output_type -> toru.v1.GetPluginResponse
-	5,  // 20: toru.v1.PluginService.EnablePlugin:output_type -> toru.v1.EnablePluginResponse
-	7,  // 21: toru.v1.PluginService.DisablePlugin:output_type -> toru.v1.DisablePluginResponse
-	9,  // 22: toru.v1.PluginService.RestartPlugin:output_type -> toru.v1.RestartPluginResponse
-	11, // 23: toru.v1.PluginService.RescanPlugins:output_type -> toru.v1.RescanPluginsResponse
-	13, // 24: toru.v1.PluginService.WatchEvents:output_type -> toru.v1.WatchEventsResponse
-	16, // 25: toru.v1.PluginService.CallPlugin:output_type -> toru.v1.CallPluginResponse
-	18, // [18:26] is the sub-list for method output_type
-	10, // [10:18] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	18, // 0: toru.v1.ListPluginsResponse.plugins:type_name -> toru.v1.Plugin
+	19, // 1: toru.v1.ListPluginsResponse.skipped:type_name -> toru.v1.SkippedPlugin
+	18, // 2: toru.v1.GetPluginResponse.plugin:type_name -> toru.v1.Plugin
+	18, // 3: toru.v1.EnablePluginResponse.plugin:type_name -> toru.v1.Plugin
+	18, // 4: toru.v1.DisablePluginResponse.plugin:type_name -> toru.v1.Plugin
+	18, // 5: toru.v1.RestartPluginResponse.plugin:type_name -> toru.v1.Plugin
+	19, // 6: toru.v1.RescanPluginsResponse.skipped:type_name -> toru.v1.SkippedPlugin
+	20, // 7: toru.v1.WatchEventsResponse.event:type_name -> toru.v1.Event
+	14, // 8: toru.v1.WatchEventsResponse.gap:type_name -> toru.v1.EventGap
+	15, // 9: toru.v1.CallPluginRequest.headers:type_name -> toru.v1.Header
+	15, // 10: toru.v1.CallPluginResponse.headers:type_name -> toru.v1.Header
+	0,  // 11: toru.v1.PluginService.ListPlugins:input_type -> toru.v1.ListPluginsRequest
+	2,  // 12: toru.v1.PluginService.GetPlugin:input_type -> toru.v1.GetPluginRequest
+	4,  // 13: toru.v1.PluginService.EnablePlugin:input_type -> toru.v1.EnablePluginRequest
+	6,  // 14: toru.v1.PluginService.DisablePlugin:input_type -> toru.v1.DisablePluginRequest
+	8,  // 15: toru.v1.PluginService.RestartPlugin:input_type -> toru.v1.RestartPluginRequest
+	10, // 16: toru.v1.PluginService.RescanPlugins:input_type -> toru.v1.RescanPluginsRequest
+	12, // 17: toru.v1.PluginService.WatchEvents:input_type -> toru.v1.WatchEventsRequest
+	16, // 18: toru.v1.PluginService.CallPlugin:input_type -> toru.v1.CallPluginRequest
+	1,  // 19: toru.v1.PluginService.ListPlugins:output_type -> toru.v1.ListPluginsResponse
+	3,  // 20: toru.v1.PluginService.GetPlugin:output_type -> toru.v1.GetPluginResponse
+	5,  // 21: toru.v1.PluginService.EnablePlugin:output_type -> toru.v1.EnablePluginResponse
+	7,  // 22: toru.v1.PluginService.DisablePlugin:output_type -> toru.v1.DisablePluginResponse
+	9,  // 23: toru.v1.PluginService.RestartPlugin:output_type -> toru.v1.RestartPluginResponse
+	11, // 24: toru.v1.PluginService.RescanPlugins:output_type -> toru.v1.RescanPluginsResponse
+	13, // 25: toru.v1.PluginService.WatchEvents:output_type -> toru.v1.WatchEventsResponse
+	17, // 26: toru.v1.PluginService.CallPlugin:output_type -> toru.v1.CallPluginResponse
+	19, // [19:27] is the sub-list for method output_type
+	11, // [11:19] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_toru_v1_plugin_service_proto_init() }
@@ -1072,7 +1154,7 @@ func file_toru_v1_plugin_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_toru_v1_plugin_service_proto_rawDesc), len(file_toru_v1_plugin_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   17,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

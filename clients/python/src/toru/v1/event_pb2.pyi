@@ -47,6 +47,15 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     """
     EVENT_KIND_LOGGING_RESUMED: _EventKind.ValueType  # 8
     """The plugin's log is written again after being degraded."""
+    EVENT_KIND_EVENT_STORAGE_DEGRADED: _EventKind.ValueType  # 9
+    """The daemon's event log cannot be written (for example the disk is full); `reason`
+    says why. Events are still delivered live and kept in memory (up to a limit) until
+    they can be written; `plugin_id` is empty.
+    """
+    EVENT_KIND_EVENT_STORAGE_RESUMED: _EventKind.ValueType  # 10
+    """The event log is written again; `reason` says whether any event was lost meanwhile
+    (a replay then reports those seqs as a gap). `plugin_id` is empty.
+    """
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
     """What an event records."""
@@ -71,6 +80,15 @@ why. The plugin keeps running; its records still reach live subscribers.
 """
 EVENT_KIND_LOGGING_RESUMED: EventKind.ValueType  # 8
 """The plugin's log is written again after being degraded."""
+EVENT_KIND_EVENT_STORAGE_DEGRADED: EventKind.ValueType  # 9
+"""The daemon's event log cannot be written (for example the disk is full); `reason`
+says why. Events are still delivered live and kept in memory (up to a limit) until
+they can be written; `plugin_id` is empty.
+"""
+EVENT_KIND_EVENT_STORAGE_RESUMED: EventKind.ValueType  # 10
+"""The event log is written again; `reason` says whether any event was lost meanwhile
+(a replay then reports those seqs as a gap). `plugin_id` is empty.
+"""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final

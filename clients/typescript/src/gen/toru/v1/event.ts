@@ -36,6 +36,17 @@ export enum EventKind {
   EVENT_KIND_LOGGING_DEGRADED = 7,
   /** EVENT_KIND_LOGGING_RESUMED - The plugin's log is written again after being degraded. */
   EVENT_KIND_LOGGING_RESUMED = 8,
+  /**
+   * EVENT_KIND_EVENT_STORAGE_DEGRADED - The daemon's event log cannot be written (for example the disk is full); `reason`
+   * says why. Events are still delivered live and kept in memory (up to a limit) until
+   * they can be written; `plugin_id` is empty.
+   */
+  EVENT_KIND_EVENT_STORAGE_DEGRADED = 9,
+  /**
+   * EVENT_KIND_EVENT_STORAGE_RESUMED - The event log is written again; `reason` says whether any event was lost meanwhile
+   * (a replay then reports those seqs as a gap). `plugin_id` is empty.
+   */
+  EVENT_KIND_EVENT_STORAGE_RESUMED = 10,
   UNRECOGNIZED = -1,
 }
 
@@ -68,6 +79,12 @@ export function eventKindFromJSON(object: any): EventKind {
     case 8:
     case "EVENT_KIND_LOGGING_RESUMED":
       return EventKind.EVENT_KIND_LOGGING_RESUMED;
+    case 9:
+    case "EVENT_KIND_EVENT_STORAGE_DEGRADED":
+      return EventKind.EVENT_KIND_EVENT_STORAGE_DEGRADED;
+    case 10:
+    case "EVENT_KIND_EVENT_STORAGE_RESUMED":
+      return EventKind.EVENT_KIND_EVENT_STORAGE_RESUMED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -95,6 +112,10 @@ export function eventKindToJSON(object: EventKind): string {
       return "EVENT_KIND_LOGGING_DEGRADED";
     case EventKind.EVENT_KIND_LOGGING_RESUMED:
       return "EVENT_KIND_LOGGING_RESUMED";
+    case EventKind.EVENT_KIND_EVENT_STORAGE_DEGRADED:
+      return "EVENT_KIND_EVENT_STORAGE_DEGRADED";
+    case EventKind.EVENT_KIND_EVENT_STORAGE_RESUMED:
+      return "EVENT_KIND_EVENT_STORAGE_RESUMED";
     case EventKind.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

@@ -122,10 +122,28 @@ export interface WatchEventsRequest {
   pluginIds: string[];
 }
 
-/** One message of the WatchEvents stream. */
+/** One message of the WatchEvents stream: an event, or (with `event` unset) a gap. */
 export interface WatchEventsResponse {
   /** The event. */
-  event: Event | undefined;
+  event:
+    | Event
+    | undefined;
+  /**
+   * Set instead of `event` when events in a range were numbered but are not in the event
+   * log (they could not be stored, for example on a full disk, and were delivered live
+   * only), so a replay never skips them silently. The next message continues after it.
+   */
+  gap: EventGap | undefined;
+}
+
+/** Events a WatchEvents replay cannot send, because the event log does not hold them. */
+export interface EventGap {
+  /** The first missing seq. */
+  firstSeq: number;
+  /** The last missing seq (inclusive). */
+  lastSeq: number;
+  /** Why, for people. */
+  reason: string;
 }
 
 /** One header field; a name may repeat. */
@@ -1196,13 +1214,16 @@ export const WatchEventsRequest: MessageFns<WatchEventsRequest> = {
 };
 
 function createBaseWatchEventsResponse(): WatchEventsResponse {
-  return { event: undefined };
+  return { event: undefined, gap: undefined };
 }
 
 export const WatchEventsResponse: MessageFns<WatchEventsResponse> = {
   encode(message: WatchEventsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.event !== undefined) {
       Event.encode(message.event, writer.uint32(10).fork()).join();
+    }
+    if (message.gap !== undefined) {
+      EventGap.encode(message.gap, writer.uint32(18).fork()).join();
     }
     return writer;
   },
@@ -1228,6 +1249,14 @@ export const WatchEventsResponse: MessageFns<WatchEventsResponse> = {
             message.event = Event.decode(reader, reader.uint32());
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.gap = EventGap.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1241,13 +1270,19 @@ export const WatchEventsResponse: MessageFns<WatchEventsResponse> = {
   },
 
   fromJSON(object: any): WatchEventsResponse {
-    return { event: isSet(object.event) ? Event.fromJSON(object.event) : undefined };
+    return {
+      event: isSet(object.event) ? Event.fromJSON(object.event) : undefined,
+      gap: isSet(object.gap) ? EventGap.fromJSON(object.gap) : undefined,
+    };
   },
 
   toJSON(message: WatchEventsResponse): unknown {
     const obj: any = {};
     if (message.event !== undefined) {
       obj.event = Event.toJSON(message.event);
+    }
+    if (message.gap !== undefined) {
+      obj.gap = EventGap.toJSON(message.gap);
     }
     return obj;
   },
@@ -1258,6 +1293,116 @@ export const WatchEventsResponse: MessageFns<WatchEventsResponse> = {
   fromPartial<I extends Exact<DeepPartial<WatchEventsResponse>, I>>(object: I): WatchEventsResponse {
     const message = createBaseWatchEventsResponse();
     message.event = (object.event !== undefined && object.event !== null) ? Event.fromPartial(object.event) : undefined;
+    message.gap = (object.gap !== undefined && object.gap !== null) ? EventGap.fromPartial(object.gap) : undefined;
+    return message;
+  },
+};
+
+function createBaseEventGap(): EventGap {
+  return { firstSeq: 0, lastSeq: 0, reason: "" };
+}
+
+export const EventGap: MessageFns<EventGap> = {
+  encode(message: EventGap, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.firstSeq !== 0) {
+      writer.uint32(8).uint64(message.firstSeq);
+    }
+    if (message.lastSeq !== 0) {
+      writer.uint32(16).uint64(message.lastSeq);
+    }
+    if (message.reason !== "") {
+      writer.uint32(26).string(message.reason);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): EventGap {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEventGap();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.firstSeq = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.lastSeq = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): EventGap {
+    return {
+      firstSeq: isSet(object.firstSeq)
+        ? globalThis.Number(object.firstSeq)
+        : isSet(object.first_seq)
+        ? globalThis.Number(object.first_seq)
+        : 0,
+      lastSeq: isSet(object.lastSeq)
+        ? globalThis.Number(object.lastSeq)
+        : isSet(object.last_seq)
+        ? globalThis.Number(object.last_seq)
+        : 0,
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+    };
+  },
+
+  toJSON(message: EventGap): unknown {
+    const obj: any = {};
+    if (message.firstSeq !== 0) {
+      obj.firstSeq = Math.round(message.firstSeq);
+    }
+    if (message.lastSeq !== 0) {
+      obj.lastSeq = Math.round(message.lastSeq);
+    }
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<EventGap>, I>>(base?: I): EventGap {
+    return EventGap.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<EventGap>, I>>(object: I): EventGap {
+    const message = createBaseEventGap();
+    message.firstSeq = object.firstSeq ?? 0;
+    message.lastSeq = object.lastSeq ?? 0;
+    message.reason = object.reason ?? "";
     return message;
   },
 };
