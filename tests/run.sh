@@ -13,6 +13,23 @@ GRPCURL_VERSION=v1.9.3
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Run as root, torud runs each plugin under its own unprivileged uid, which must be able to
+# traverse the directories leading to the plugins (and to the files a script plugin reads).
+# A checkout under a 0700 directory (a home directory, `mktemp -d`) would hide them: let
+# those directories be traversed (o+x only: nothing becomes listable or readable).
+traversable() {
+  [ "$(id -u)" = 0 ] || return 0
+  local dir
+  dir="$(cd "$1" && pwd)"
+  while [ "$dir" != / ]; do
+    if [ -z "$(find "$dir" -maxdepth 0 -perm -o+x)" ]; then
+      printf 'note: chmod o+x %s (plugin users must reach the plugins below it)\n' "$dir"
+      chmod o+x "$dir"
+    fi
+    dir="$(dirname "$dir")"
+  done
+}
+
 need_apt=()
 command -v python3 >/dev/null || need_apt+=(python3)
 command -v cc >/dev/null || need_apt+=(build-essential)
@@ -36,6 +53,8 @@ fi
 target="${CARGO_TARGET_DIR:-target}"
 mkdir -p "$target/client-tools/bin"
 tools="$(cd "$target/client-tools" && pwd)" # generators, grpcurl, the Python venv
+traversable .
+traversable "$target"
 # `go install` leaves no version in `grpcurl -version`; the module version is in the binary.
 if ! go version -m "$tools/bin/grpcurl" 2>/dev/null | grep -q "mod.*github.com/fullstorydev/grpcurl[[:space:]]*$GRPCURL_VERSION"; then
   step "installing grpcurl $GRPCURL_VERSION (go install)"

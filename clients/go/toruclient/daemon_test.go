@@ -62,6 +62,10 @@ func run(m *testing.M) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	// Run as root, torud runs each plugin under its own uid, which must reach its executable.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return 0, err
+	}
 	defer os.RemoveAll(dir)
 	plugins := filepath.Join(dir, "plugins")
 	dataDir = filepath.Join(dir, "data")

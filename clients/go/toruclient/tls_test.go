@@ -26,7 +26,16 @@ func TestTLSWithClientCertificate(t *testing.T) {
 	if target == "" {
 		target = filepath.Join(root, "target")
 	}
-	dir := t.TempDir()
+	// Not t.TempDir(): its parent is 0700, and run as root, torud runs each plugin under its
+	// own uid, which must reach its executable.
+	dir, err := os.MkdirTemp("", "torud-go-tls-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	pki := filepath.Join(dir, "pki")
 	if out, err := exec.Command("bash", filepath.Join(root, "clients", "test-pki.sh"), pki).CombinedOutput(); err != nil {
 		t.Fatalf("%v: %s", err, out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,15 @@ def _first_line(process: subprocess.Popen[str], timeout: float) -> str:
     return box[0].strip()
 
 
+def plugin_root(prefix: str) -> Path:
+    """A fresh directory under the system's temporary directory that the daemon's plugin
+    users can traverse (run as root, torud runs each plugin under its own uid, which must
+    reach its executable; pytest's own temporary directories are 0700)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    return root
+
+
 def wait_running(client: Client, ids: set[str], timeout: float = 20) -> None:
     """Replays and follows events until every plugin in ``ids`` is RUNNING."""
     missing = set(ids)
@@ -56,13 +66,13 @@ def wait_running(client: Client, ids: set[str], timeout: float = 20) -> None:
 
 
 @pytest.fixture(scope="session")
-def daemon(tmp_path_factory: pytest.TempPathFactory):
+def daemon():
     torud = Path(os.environ.get("TORUD_BIN", TARGET / "debug" / "torud"))
     hello = TARGET / "debug" / "examples" / "hello-plugin"
     for path in (torud, hello):
         if not path.exists():
             pytest.fail(f"{path} is missing: run `cargo build --bins --examples` first")
-    root = tmp_path_factory.mktemp("torud")
+    root = plugin_root("torud-py-")
     plugins = root / "plugins"
     plugins.mkdir()
     shutil.copy(hello, plugins / "hello.binary")
@@ -85,6 +95,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory):
     process.terminate()
     process.wait(30)
     stderr.close()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture()

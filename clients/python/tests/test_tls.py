@@ -9,14 +9,14 @@ import subprocess
 import grpc
 import pytest
 
-from conftest import ROOT, TARGET, _first_line, wait_running
+from conftest import ROOT, TARGET, _first_line, plugin_root, wait_running
 from toru import connect
 from toru.v1 import plugin_service_pb2
 
 
 @pytest.fixture(scope="module")
-def tls_daemon(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("tls")
+def tls_daemon():
+    root = plugin_root("torud-py-tls-")
     pki = root / "pki"
     subprocess.run(["bash", ROOT / "clients" / "test-pki.sh", pki], check=True)
     plugins = root / "plugins"
@@ -33,6 +33,7 @@ def tls_daemon(tmp_path_factory: pytest.TempPathFactory):
     yield f"https://localhost:{port}", pki, root / "data"
     process.terminate()
     process.wait(30)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_tls_with_a_client_certificate(tls_daemon):

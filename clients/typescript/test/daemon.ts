@@ -32,6 +32,8 @@ export async function startDaemon(extraArgs: (dir: string) => string[] = () => [
     assert.ok(fs.existsSync(file), `${file} is missing: run \`cargo build --bins --examples\``);
   }
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "torud-ts-"));
+  // Run as root, torud runs each plugin under its own uid, which must reach its executable.
+  fs.chmodSync(dir, 0o755);
   const plugins = path.join(dir, "plugins");
   const dataDir = path.join(dir, "data");
   fs.mkdirSync(plugins);
