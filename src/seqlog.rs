@@ -1318,6 +1318,48 @@ mod tests {
     }
 
     #[test]
+    fn a_read_cut_by_its_byte_budget_does_not_skip_to_records_kept_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(_mount) = Tmpfs::mount(dir.path()) else {
+            eprintln!("SKIPPED: mounting a tmpfs needs CAP_SYS_ADMIN here");
+            return;
+        };
+        let config = SeqLogConfig {
+            unsaved_limit: 5,
+            ..SeqLogConfig::default()
+        };
+        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", config).unwrap();
+        for _ in 0..3 {
+            add(&log, "stored");
+        }
+        let filler = dir.path().join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[0u8; 512]).is_ok() {}
+        add(&log, &"x".repeat(8192));
+        assert!(
+            log.health().borrow().is_some(),
+            "the last record is unsaved"
+        );
+        let all: Vec<u64> = log
+            .read_after(0, 100)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(all, [1, 2, 3, 4]);
+        // One record per read: each read must continue where the last stopped.
+        let mut seqs = Vec::new();
+        let mut after = 0;
+        loop {
+            let batch = log.read_after_within(after, 100, 1).unwrap();
+            let Some(last) = batch.last() else { break };
+            after = last.seq;
+            seqs.extend(batch.iter().map(|r| r.seq));
+        }
+        assert_eq!(seqs, [1, 2, 3, 4]);
+    }
+
+    #[test]
     fn records_that_cannot_be_written_wait_in_memory_and_overflow_as_a_counted_hole() {
         let dir = tempfile::tempdir().unwrap();
         let Some(_mount) = Tmpfs::mount(dir.path()) else {
