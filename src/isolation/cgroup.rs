@@ -98,6 +98,8 @@ impl CgroupRoot {
                     procs: None,
                 };
                 stale.kill_all(Duration::from_secs(5)).await;
+                // Its `Drop` removes the directory: drop it before making the new one.
+                drop(stale);
                 let _ = std::fs::create_dir(&dir);
             }
             Err(e) => return Err(e),
@@ -227,5 +229,26 @@ mod tests {
         assert_eq!(mount, PathBuf::from("/sys/fs/cgroup/unified x"));
         assert_eq!(root, "/");
         assert!(cgroup2_mount("26 30 0:23 / /x rw - cgroup cgroup rw\n").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stale_plugin_cgroup_is_emptied_and_made_again() {
+        let data = tempfile::tempdir().unwrap();
+        let root = match CgroupRoot::prepare(data.path()) {
+            Ok(root) => root,
+            Err(why) => {
+                eprintln!("SKIPPED: no cgroups here: {why}");
+                return;
+            }
+        };
+        // Left by a stop that could not finish.
+        std::fs::create_dir(root.dir.join("stale")).unwrap();
+        let cgroup = root
+            .plugin("stale")
+            .await
+            .expect("a stale cgroup is reused");
+        assert!(cgroup.dir.join("cgroup.procs").exists());
+        assert!(cgroup.kill_all(Duration::from_secs(5)).await);
+        let _ = std::fs::remove_dir(&root.dir);
     }
 }

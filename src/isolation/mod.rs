@@ -146,7 +146,16 @@ impl Isolation {
             })?;
             chosen.insert(id.clone(), user);
         }
-        let cgroups = CgroupRoot::prepare(&config.data_dir);
+        // Without root, plugins share the daemon's uid and so could write to any cgroup it
+        // owns (join another, or kill one): a delegated cgroup would hand them a weapon.
+        let cgroups = if root {
+            CgroupRoot::prepare(&config.data_dir)
+        } else {
+            Err(
+                "the daemon is not root, and plugins sharing its uid could write to its cgroups"
+                    .into(),
+            )
+        };
         let sandbox = (!root).then(|| {
             // Plugins share this uid: keep them out of /proc/<daemon>/{environ,fd,root,mem}.
             // SAFETY: a plain prctl.

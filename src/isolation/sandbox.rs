@@ -72,7 +72,7 @@ impl Support {
             "a private mount namespace per plugin showing only its own directories"
         } else {
             "NO private mount namespaces (unprivileged user namespaces are disabled: plugins \
-             can read the data directory)"
+             can read the data directory and use the control socket)"
         };
         let landlock = match self.landlock_abi {
             0 | 1 => "NO Landlock domain (plugins may ptrace or signal each other)".to_owned(),

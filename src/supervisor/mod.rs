@@ -168,6 +168,9 @@ struct Tally {
     seen: HashMap<String, PathBuf>,
     /// Files not loaded; a known plugin whose file is among them keeps running.
     failed: HashSet<PathBuf>,
+    /// New specs for known plugins, sent to their actors once the table's lock is released:
+    /// waiting for room in a queue racing callers filled, never dropped.
+    updates: Vec<(mpsc::Sender<Command>, PluginSpec)>,
 }
 
 /// State shared by all actors.
@@ -480,14 +483,19 @@ impl Supervisor {
             report: RescanReport::default(),
             seen: HashMap::new(),
             failed: HashSet::new(),
+            updates: Vec::new(),
         };
         self.take_probes(candidates, probes, &mut tally).await;
         let Tally {
             mut report,
             seen,
             failed,
+            updates,
             ..
         } = tally;
+        for (commands, spec) in updates {
+            let _ = commands.send(Command::Update(spec)).await;
+        }
         let gone: Vec<(String, PluginHandle)> = {
             let mut plugins = self.inner.plugins.write().expect("plugin table poisoned");
             let ids: Vec<String> = plugins
@@ -588,11 +596,11 @@ impl Supervisor {
             Some(later) => {
                 self.note_skipped(duplicate(later, &spec.binary_path), tally);
                 tally.seen.insert(id, spec.binary_path.clone());
-                self.add_or_update(spec, identity, &mut tally.report);
+                self.add_or_update(spec, identity, tally);
             }
             None => {
                 tally.seen.insert(id, spec.binary_path.clone());
-                self.add_or_update(spec, identity, &mut tally.report);
+                self.add_or_update(spec, identity, tally);
             }
         }
     }
@@ -618,14 +626,11 @@ impl Supervisor {
         tally.report.skipped.push(skipped);
     }
 
-    /// Adds a newly discovered plugin (its actor starts it if enabled), or updates a known
-    /// one's spec. `identity` is its file's before the probe that gave `spec`.
-    fn add_or_update(
-        &self,
-        spec: PluginSpec,
-        identity: Option<FileIdentity>,
-        report: &mut RescanReport,
-    ) {
+    /// Adds a newly discovered plugin (its actor starts it if enabled), or queues a known
+    /// one's new spec in `tally.updates`. `identity` is its file's before the probe that
+    /// gave `spec`.
+    fn add_or_update(&self, spec: PluginSpec, identity: Option<FileIdentity>, tally: &mut Tally) {
+        let report = &mut tally.report;
         let ctx = &self.inner.ctx;
         let id = spec.metadata.id.clone();
         let mut plugins = self.inner.plugins.write().expect("plugin table poisoned");
@@ -633,7 +638,9 @@ impl Supervisor {
             let old = existing.status.borrow().spec.clone();
             if old != spec {
                 let moved = old.binary_path != spec.binary_path;
-                let _ = existing.commands.try_send(Command::Update(spec.clone()));
+                tally
+                    .updates
+                    .push((existing.commands.clone(), spec.clone()));
                 let reason = if moved {
                     format!(
                         "now provided by {} (restarted if running)",
@@ -742,11 +749,13 @@ const EVENT_STORAGE_RETRY: Duration = Duration::from_secs(1);
 async fn report_event_storage_health(events: EventLog, cancel: CancellationToken) {
     let mut health = events.health();
     loop {
-        tokio::select! {
-            changed = health.changed() => if changed.is_err() { return },
-            _ = cancel.cancelled() => return,
-        }
+        // The current value, not only changes: a failure that came while the last spell was
+        // being closed starts the next one.
         let Some(error) = health.borrow_and_update().clone() else {
+            tokio::select! {
+                changed = health.changed() => if changed.is_err() { return },
+                _ = cancel.cancelled() => return,
+            }
             continue;
         };
         events.append(
@@ -763,7 +772,6 @@ async fn report_event_storage_health(events: EventLog, cancel: CancellationToken
                 _ = cancel.cancelled() => return,
             }
         }
-        health.borrow_and_update();
         let reason = match events.take_lost() {
             0 => "the event log is written again; every event kept in memory meanwhile was \
                   written"
