@@ -97,36 +97,44 @@ impl EnabledStore {
     /// Records a decision and writes the file durably before returning. When the write
     /// fails, the decision is taken back, so the map never claims what the disk lacks.
     pub async fn set(&self, id: &str, enabled: bool) -> Result<(), StateError> {
-        let previous = {
-            let mut state = self.inner.state.lock().expect("state lock poisoned");
-            if state.get(id) == Some(&enabled) {
-                return Ok(());
-            }
-            state.insert(id.to_owned(), enabled)
-        };
         let inner = self.inner.clone();
-        let result = tokio::task::spawn_blocking(move || inner.write_file())
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || inner.set_and_write(&id, enabled))
             .await
-            .expect("state writer panicked");
-        if result.is_err() {
-            let mut state = self.inner.state.lock().expect("state lock poisoned");
-            if state.get(id) == Some(&enabled) {
-                match previous {
-                    Some(value) => state.insert(id.to_owned(), value),
-                    None => state.remove(id),
-                };
-            }
-        }
-        result
+            .expect("state writer panicked")
     }
 }
 
 impl Inner {
-    fn write_file(&self) -> Result<(), StateError> {
+    /// One decision, written, or taken back when the write fails. The write lock is held
+    /// throughout, so another plugin's write can never put a decision on disk whose own
+    /// write failed (and was taken back).
+    fn set_and_write(&self, id: &str, enabled: bool) -> Result<(), StateError> {
         let _guard = self.write.lock().expect("state write lock poisoned");
+        let (previous, plugins) = {
+            let mut state = self.state.lock().expect("state lock poisoned");
+            if state.get(id) == Some(&enabled) {
+                return Ok(());
+            }
+            let previous = state.insert(id.to_owned(), enabled);
+            (previous, state.clone())
+        };
+        let result = self.write_file(plugins);
+        if result.is_err() {
+            let mut state = self.state.lock().expect("state lock poisoned");
+            match previous {
+                Some(value) => state.insert(id.to_owned(), value),
+                None => state.remove(id),
+            };
+        }
+        result
+    }
+
+    /// Writes `plugins` as the file; the caller holds the write lock.
+    fn write_file(&self, plugins: BTreeMap<String, bool>) -> Result<(), StateError> {
         let file = StateFile {
             version: 1,
-            plugins: self.state.lock().expect("state lock poisoned").clone(),
+            plugins,
         };
         let bytes = serde_json::to_vec_pretty(&file).expect("state serialises");
         write_atomically(&self.path, &bytes, 0o600).map_err(|source| StateError::Io {
