@@ -1317,24 +1317,43 @@ mod tests {
         }
     }
 
+    /// A log keeping up to 5 unwritable records in memory, on a small tmpfs of its own
+    /// mounted on `dir`; `None` (with a SKIPPED line) where mounting needs a privilege this
+    /// run lacks. Keep the mount as long as the log.
+    fn log_on_small_tmpfs(dir: &Path) -> Option<(Tmpfs, SeqLog<Rec>)> {
+        let Some(mount) = Tmpfs::mount(dir) else {
+            eprintln!("SKIPPED: mounting a tmpfs needs CAP_SYS_ADMIN here");
+            return None;
+        };
+        let log = SeqLog::open(dir, "p", keeping_five()).unwrap();
+        Some((mount, log))
+    }
+
+    /// The default configuration, keeping up to 5 unwritable records in memory.
+    fn keeping_five() -> SeqLogConfig {
+        SeqLogConfig {
+            unsaved_limit: 5,
+            ..SeqLogConfig::default()
+        }
+    }
+
+    /// Fills the file system holding `path` with that file, kept open.
+    fn fill(path: &Path) -> std::fs::File {
+        let mut f = std::fs::File::create(path).unwrap();
+        while f.write_all(&[0u8; 512]).is_ok() {}
+        f
+    }
+
     #[test]
     fn a_read_cut_by_its_byte_budget_does_not_skip_to_records_kept_in_memory() {
         let dir = tempfile::tempdir().unwrap();
-        let Some(_mount) = Tmpfs::mount(dir.path()) else {
-            eprintln!("SKIPPED: mounting a tmpfs needs CAP_SYS_ADMIN here");
+        let Some((_mount, log)) = log_on_small_tmpfs(dir.path()) else {
             return;
         };
-        let config = SeqLogConfig {
-            unsaved_limit: 5,
-            ..SeqLogConfig::default()
-        };
-        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", config).unwrap();
         for _ in 0..3 {
             add(&log, "stored");
         }
-        let filler = dir.path().join("filler");
-        let mut f = std::fs::File::create(&filler).unwrap();
-        while f.write_all(&[0u8; 512]).is_ok() {}
+        let _full = fill(&dir.path().join("filler"));
         add(&log, &"x".repeat(8192));
         assert!(
             log.health().borrow().is_some(),
@@ -1362,24 +1381,13 @@ mod tests {
     #[test]
     fn records_that_cannot_be_written_wait_in_memory_and_overflow_as_a_counted_hole() {
         let dir = tempfile::tempdir().unwrap();
-        let Some(_mount) = Tmpfs::mount(dir.path()) else {
-            eprintln!("SKIPPED: mounting a tmpfs needs CAP_SYS_ADMIN here");
+        let Some((_mount, log)) = log_on_small_tmpfs(dir.path()) else {
             return;
         };
-        let config = SeqLogConfig {
-            unsaved_limit: 5,
-            ..SeqLogConfig::default()
-        };
-        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", config).unwrap();
         let health = log.health();
         add(&log, "stored");
         let filler = dir.path().join("filler");
-        std::fs::write(&filler, vec![0u8; 64 * 1024]).ok();
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&filler)
-            .unwrap();
-        while f.write_all(&[0u8; 512]).is_ok() {}
+        let f = fill(&filler);
         // Big records: the segment's last page cannot take even one.
         let big = "x".repeat(8192);
         for _ in 0..3 {
@@ -1414,7 +1422,7 @@ mod tests {
         assert!(health.borrow().is_none());
         assert_eq!(add(&log, "after"), 9);
         drop(log);
-        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", config).unwrap();
+        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", keeping_five()).unwrap();
         let seqs: Vec<u64> = log
             .read_after(0, 100)
             .unwrap()
