@@ -200,6 +200,7 @@ pub async fn check(opts: &CheckOptions) -> Report {
         limits: limits.clone(),
         run_as,
         hide: None,
+        cgroups: None,
     };
     let spec = match probe(dir, path.clone(), probe_opts).await {
         Ok(spec) => spec,

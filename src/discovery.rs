@@ -59,6 +59,9 @@ pub struct ProbeOptions {
     pub run_as: Option<Credentials>,
     /// Hide the data directory from the `--metadata` process (a daemon that is not root).
     pub hide: Option<crate::isolation::sandbox::Hide>,
+    /// Where each `--metadata` process gets a cgroup of its own, killed whole when the probe
+    /// ends, so nothing it started (a `setsid()` grandchild) outlives it.
+    pub cgroups: Option<crate::isolation::CgroupRoot>,
 }
 
 impl ProbeOptions {
@@ -74,6 +77,7 @@ impl ProbeOptions {
             limits: config.plugin_limits.clone(),
             run_as: isolation.probe_credentials(),
             hide: isolation.probe_hide(config),
+            cgroups: isolation.cgroups().cloned(),
         }
     }
 }
@@ -239,6 +243,16 @@ pub async fn probe(dir: PathBuf, path: PathBuf, opts: ProbeOptions) -> Probe {
     })
 }
 
+/// How long the processes a `--metadata` probe left in its cgroup may take to die.
+const PROBE_KILL_LIMIT: Duration = Duration::from_secs(2);
+
+/// A cgroup name for one probe that no plugin id can take (ids have no `_`).
+fn probe_cgroup_name() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("probe_{n}")
+}
+
 /// Runs `path --metadata` and returns its stdout, or why it failed.
 async fn run_metadata(path: &Path, opts: &ProbeOptions) -> Result<Vec<u8>, String> {
     let sandbox = opts
@@ -247,8 +261,17 @@ async fn run_metadata(path: &Path, opts: &ProbeOptions) -> Result<Vec<u8>, Strin
         .map(|hide| hide.sandbox())
         .transpose()
         .map_err(|e| format!("cannot prepare the sandbox of --metadata: {e}"))?;
+    let mut cgroup = match &opts.cgroups {
+        Some(root) => Some(
+            root.plugin(&probe_cgroup_name())
+                .await
+                .map_err(|e| format!("cannot make a cgroup for --metadata: {e}"))?,
+        ),
+        None => None,
+    };
     let confinement = Confinement {
         sandbox,
+        cgroup_procs: cgroup.as_mut().and_then(|c| c.take_procs()),
         ..Confinement::user(opts.run_as)
     };
     let mut cmd = plugin_command(
@@ -277,6 +300,9 @@ async fn run_metadata(path: &Path, opts: &ProbeOptions) -> Result<Vec<u8>, Strin
     };
     let outcome = tokio::time::timeout(opts.timeout, work).await;
     signal_group(pid, libc::SIGKILL);
+    if let Some(cgroup) = cgroup {
+        cgroup.kill_all(PROBE_KILL_LIMIT).await;
+    }
     let (out, err, status) = match outcome {
         Ok(done) => done,
         Err(_) => {

@@ -238,6 +238,32 @@ async fn daemon_with_a_setsid_grandchild() -> (Daemon, Client, u32) {
 }
 
 #[tokio::test]
+async fn a_setsid_grandchild_of_a_metadata_probe_does_not_outlive_the_probe() {
+    let mut d = Daemon::new(&[]);
+    // The probe has no directory of its own: it leaves the pid in a world-writable one.
+    let drop_box = d.root.path().join("drop");
+    std::fs::create_dir(&drop_box).unwrap();
+    std::fs::set_permissions(&drop_box, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let pid_file = drop_box.join("grandchild.pid");
+    d.install_fixture(
+        "prober",
+        "normal",
+        &["--probe-grandchild", pid_file.to_str().unwrap()],
+    );
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["prober"])
+        .await;
+    let grandchild = read_pid(&pid_file).await;
+    wait_until("the probe's grandchild to die", SECS10, || {
+        process_gone(grandchild)
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_setsid_grandchild_does_not_outlive_disable() {
     let (_d, mut client, grandchild) = daemon_with_a_setsid_grandchild().await;
     disable(&mut client, "forker").await;
