@@ -268,6 +268,18 @@ impl Actor {
         Ok(())
     }
 
+    /// Saves an operator's disable before acting on it. When it cannot be saved, the caller
+    /// is answered with the error and nothing is given back: the plugin stays as it was.
+    async fn save_disable(&mut self, reply: Reply) -> Option<Reply> {
+        match self.save_enabled(false).await {
+            Ok(()) => Some(reply),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                None
+            }
+        }
+    }
+
     /// Records the enabled flag now and persists it in the background; the write is
     /// awaited before any waiter is answered. Only for a disable the daemon decides (the
     /// plugin cannot run either way); an operator's goes through [`Actor::save_enabled`].
@@ -329,10 +341,9 @@ impl Actor {
                     return Next::Start;
                 }
                 Some(Command::Disable(reply)) => {
-                    if let Err(e) = self.save_enabled(false).await {
-                        let _ = reply.send(Err(e));
+                    let Some(reply) = self.save_disable(reply).await else {
                         continue;
-                    }
+                    };
                     if self.status.borrow().state != PluginState::Stopped {
                         self.transition(PluginState::Stopped, "disabled by operator", None, |_| {});
                     }
@@ -368,10 +379,9 @@ impl Actor {
                     return Next::Start;
                 }
                 Some(Command::Disable(reply)) => {
-                    if let Err(e) = self.save_enabled(false).await {
-                        let _ = reply.send(Err(e));
+                    let Some(reply) = self.save_disable(reply).await else {
                         continue;
-                    }
+                    };
                     self.transition(PluginState::Stopped, "disabled by operator", None, |_| {});
                     self.reply(reply).await;
                     return Next::Idle;
@@ -557,10 +567,9 @@ impl Actor {
                     Some(Command::Enable(reply)) | Some(Command::Restart(reply)) => self.waiters.push(reply),
                     Some(Command::Update(spec)) => self.update_spec(spec),
                     Some(Command::Disable(reply)) => {
-                        if let Err(e) = self.save_enabled(false).await {
-                            let _ = reply.send(Err(e));
+                        let Some(reply) = self.save_disable(reply).await else {
                             continue;
-                        }
+                        };
                         self.stop_and_disable(Run { process, link: take_link(&early_link), since: Instant::now(), ready: false }, reply).await;
                         return Next::Idle;
                     }
@@ -657,10 +666,9 @@ impl Actor {
                         }
                     }
                     Some(Command::Disable(reply)) => {
-                        if let Err(e) = self.save_enabled(false).await {
-                            let _ = reply.send(Err(e));
+                        let Some(reply) = self.save_disable(reply).await else {
                             continue;
-                        }
+                        };
                         self.stop_and_disable(run, reply).await;
                         return Next::Idle;
                     }
@@ -825,7 +833,6 @@ impl Actor {
         Next::Backoff(at)
     }
 
-    /// Turns the plugin off for a reason an operator must act on.
     /// Whether the running process was started from another file than the one that now
     /// provides the plugin (a rescan moved the id to the first file by name declaring it).
     fn runs_another_file(&self) -> bool {
@@ -851,6 +858,7 @@ impl Actor {
         Ok(())
     }
 
+    /// Turns the plugin off for a reason an operator must act on.
     async fn disable_for(&mut self, reason: String) -> Next {
         self.set_enabled(false);
         self.transition(PluginState::Disabled, reason.clone(), None, |s| {
