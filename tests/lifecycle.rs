@@ -890,3 +890,50 @@ async fn a_plugin_enabled_by_enable_new_plugins_stays_enabled_without_the_flag()
         .await;
     assert!(get(&mut client, "hello").await.enabled);
 }
+
+#[tokio::test]
+async fn a_disable_while_a_start_is_prepared_spawns_nothing() {
+    let mut d = Daemon::new(&[]);
+    // Slow to answer --metadata (and to start): the re-check before the start takes a while.
+    let file = d.plugins_dir.join("prep.binary");
+    let script =
+        format!("#!/bin/sh\nsleep 1\nexec python3 {FIXTURE} --id prep --mode normal \"$@\"\n");
+    write_executable(&file, &script);
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["prep"])
+        .await;
+    // Rewritten: the start probes it again before spawning anything.
+    write_executable(&file, &script);
+    let mut enabling = client.clone();
+    let enable = tokio::spawn(async move { enabling.enable_plugin(id_req("prep")).await });
+    let probing = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
+            std::fs::read(p.path().join("cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("prep.binary") && c.contains("--metadata")
+            })
+        })
+    };
+    wait_until("the re-check's --metadata to run", SECS10, probing).await;
+    let plugin = disable(&mut client, "prep").await;
+    assert_eq!(state_of(&plugin), PluginState::Stopped);
+    let err = enable.await.unwrap().unwrap_err();
+    assert!(err.message().contains("disabled"), "{err:?}");
+    let spawned = std::cell::Cell::new(false);
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_for("the disable's event", SECS10, |e| {
+            if e.plugin_id == "prep" && e.reason == "spawned" {
+                spawned.set(true);
+            }
+            e.plugin_id == "prep" && e.reason == "disabled by operator"
+        })
+        .await;
+    assert!(
+        !spawned.get(),
+        "a disable taken during the re-check still spawned the plugin"
+    );
+}

@@ -268,6 +268,43 @@ impl Actor {
         Ok(())
     }
 
+    /// Takes the commands that came while a start was being prepared (the id re-check, the
+    /// pin's hash, the cgroup), before anything is spawned: a disable, a removal or the
+    /// daemon's shutdown ends the start here, with no process to stop. The others are kept
+    /// as during a start.
+    async fn stop_before_spawn(&mut self) -> Option<Next> {
+        if self.cancel.is_cancelled() {
+            return Some(Next::Exit);
+        }
+        while let Ok(command) = self.commands.try_recv() {
+            if command.abandoned() {
+                continue;
+            }
+            match command {
+                Command::Enable(reply) | Command::Restart(reply) => self.waiters.push(reply),
+                Command::Update(spec) => self.update_spec(spec),
+                Command::Disable(reply) => {
+                    let Some(reply) = self.save_disable(reply).await else {
+                        continue;
+                    };
+                    self.transition(PluginState::Stopped, "disabled by operator", None, |_| {});
+                    self.reply(reply).await;
+                    self.answer_waiters(Err(SupervisorError::Interrupted(
+                        self.id.clone(),
+                        "it was disabled".into(),
+                    )))
+                    .await;
+                    return Some(Next::Idle);
+                }
+                Command::Remove(done) => {
+                    let _ = done.send(());
+                    return Some(Next::Exit);
+                }
+            }
+        }
+        None
+    }
+
     /// Saves an operator's disable before acting on it. When it cannot be saved, the caller
     /// is answered with the error and nothing is given back: the plugin stays as it was.
     async fn save_disable(&mut self, reply: Reply) -> Option<Reply> {
@@ -496,6 +533,9 @@ impl Actor {
                 return self.failed_run(None, None, reason).await;
             }
         };
+        if let Some(next) = self.stop_before_spawn().await {
+            return next;
+        }
         let confinement = Confinement {
             credentials: who.credentials(),
             cgroup_procs,
