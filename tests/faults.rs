@@ -443,3 +443,38 @@ async fn events_on_a_full_disk_are_kept_replayed_and_stored_when_space_returns()
     assert!(after.gaps.is_empty(), "{:?}", after.gaps);
     d.stop().await;
 }
+
+#[tokio::test]
+async fn a_plugin_user_that_cannot_be_recorded_yet_is_retried_not_disabled() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: plugin users exist only when the daemon runs as root");
+        return;
+    }
+    let mut d = Daemon::new(&["--backoff-base", "50ms"]);
+    d.install_fixture("late", "normal", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events.wait_added(&["late"]).await;
+    // users.json is written through users.tmp: a directory there makes the write fail.
+    let blocker = d.data_dir.join("users.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let mut enabling = client.clone();
+    let enable = tokio::spawn(async move {
+        let req = torud::pb::EnablePluginRequest {
+            plugin_id: "late".into(),
+        };
+        enabling.enable_plugin(req).await
+    });
+    events
+        .wait_for("a failed start naming users.json", SECS10, |e| {
+            e.plugin_id == "late" && e.reason.contains("users.json")
+        })
+        .await;
+    std::fs::remove_dir(&blocker).unwrap();
+    events
+        .wait_state("late", torud::pb::PluginState::Running, SECS10)
+        .await;
+    assert!(get(&mut client, "late").await.enabled);
+    let _ = enable.await;
+}

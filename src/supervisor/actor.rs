@@ -455,6 +455,10 @@ impl Actor {
         let isolation = &self.ctx.isolation;
         let who = match isolation.identity(&cfg, &self.id) {
             Ok(who) => who,
+            // Writing users.json can fail for a while (a full disk): back off and try again.
+            Err(e @ crate::isolation::IsolationError::UsersFile { .. }) => {
+                return self.failed_run(None, None, e.to_string()).await
+            }
             Err(e) => return self.disable_for(e.to_string()).await,
         };
         if let Err(e) = isolation.prepare_plugin_dirs(&cfg, &self.id, &who) {
