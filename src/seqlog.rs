@@ -1337,6 +1337,15 @@ mod tests {
         }
     }
 
+    /// The seqs of every record `log` can give, files and memory.
+    fn all_seqs(log: &SeqLog<Rec>) -> Vec<u64> {
+        log.read_after(0, 100)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect()
+    }
+
     /// Fills the file system holding `path` with that file, kept open.
     fn fill(path: &Path) -> std::fs::File {
         let mut f = std::fs::File::create(path).unwrap();
@@ -1359,12 +1368,7 @@ mod tests {
             log.health().borrow().is_some(),
             "the last record is unsaved"
         );
-        let all: Vec<u64> = log
-            .read_after(0, 100)
-            .unwrap()
-            .iter()
-            .map(|r| r.seq)
-            .collect();
+        let all = all_seqs(&log);
         assert_eq!(all, [1, 2, 3, 4]);
         // One record per read: each read must continue where the last stopped.
         let mut seqs = Vec::new();
@@ -1395,24 +1399,14 @@ mod tests {
         }
         assert!(health.borrow().is_some(), "the failure is reported");
         // Kept in memory, readers see them.
-        let seqs: Vec<u64> = log
-            .read_after(0, 100)
-            .unwrap()
-            .iter()
-            .map(|r| r.seq)
-            .collect();
+        let seqs = all_seqs(&log);
         assert_eq!(seqs, [1, 2, 3, 4]);
         for _ in 0..4 {
             add(&log, &big);
         }
         // 7 unsaved, 5 kept: 2 and 3 are lost.
         assert_eq!(log.take_lost(), 2);
-        let seqs: Vec<u64> = log
-            .read_after(0, 100)
-            .unwrap()
-            .iter()
-            .map(|r| r.seq)
-            .collect();
+        let seqs = all_seqs(&log);
         assert_eq!(seqs, [1, 4, 5, 6, 7, 8]);
         assert!(!log.retry_unsaved(), "still full");
 
@@ -1423,12 +1417,7 @@ mod tests {
         assert_eq!(add(&log, "after"), 9);
         drop(log);
         let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", keeping_five()).unwrap();
-        let seqs: Vec<u64> = log
-            .read_after(0, 100)
-            .unwrap()
-            .iter()
-            .map(|r| r.seq)
-            .collect();
+        let seqs = all_seqs(&log);
         assert_eq!(seqs, [1, 4, 5, 6, 7, 8, 9], "on file, in order");
     }
 
