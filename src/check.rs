@@ -186,13 +186,8 @@ pub async fn check(opts: &CheckOptions) -> Report {
     // The daemon's default limits, so a plugin that passes here fits under them.
     let limits = crate::config::PluginLimits::default();
     // Run as root, the plugin gets an unprivileged user, as under the daemon.
-    let run_as = crate::isolation::daemon_is_root().then(|| {
-        let first = crate::isolation::UidRange::default().first;
-        crate::process::Credentials {
-            uid: first,
-            gid: first,
-        }
-    });
+    let run_as = crate::isolation::daemon_is_root()
+        .then(|| crate::isolation::UidRange::default().probe_credentials());
     let probe_opts = ProbeOptions {
         timeout: limit,
         env_allowlist: env_allowlist.clone(),

@@ -202,10 +202,7 @@ impl Isolation {
     /// Who `--metadata` probes and `torud plugin check` run as: the range's first uid when
     /// the daemon is root (they need no data), the daemon's user otherwise.
     pub fn probe_credentials(&self) -> Option<Credentials> {
-        self.users.as_ref().map(|u| Credentials {
-            uid: u.range().first,
-            gid: u.range().first,
-        })
+        self.users.as_ref().map(|u| u.range().probe_credentials())
     }
 
     /// How probes hide the data directory, when the daemon is not root.

@@ -24,6 +24,17 @@ pub struct UidRange {
     pub last: u32,
 }
 
+impl UidRange {
+    /// Who `--metadata` probes (and `torud plugin check`) run as: the range's first uid,
+    /// with the same gid.
+    pub fn probe_credentials(&self) -> crate::process::Credentials {
+        crate::process::Credentials {
+            uid: self.first,
+            gid: self.first,
+        }
+    }
+}
+
 impl Default for UidRange {
     fn default() -> Self {
         UidRange {
