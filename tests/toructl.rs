@@ -422,6 +422,12 @@ async fn tls_with_a_client_certificate() {
     ]);
     d.install_hello("hello");
     d.start().await;
+    // The listener answers before the first scan has found every plugin.
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["hello"])
+        .await;
     let port = d.addr.rsplit(':').next().unwrap().to_owned();
     let addr = format!("https://localhost:{port}");
     let dir = d.data_dir.display().to_string();
