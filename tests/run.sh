@@ -66,7 +66,7 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 step "cargo test (unit, SDK, integration against the real daemon, toructl, README, doc tests)"
 log="$(mktemp -d)"
 trap 'rm -rf "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log/rust"
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log/rust"
 # The client tests below start target/debug/torud with the hello-plugin example.
 cargo build --locked --bins --examples
 
