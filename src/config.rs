@@ -6,14 +6,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use crate::auth::TokenSource;
+pub use crate::api::auth::TokenSource;
 
-/// The control socket's name in the data directory.
-pub const CONTROL_SOCKET: &str = "torud.sock";
-/// The generated admin token's file name in the data directory.
-pub const ADMIN_TOKEN_FILE: &str = "admin.token";
-/// The generated read-only token's file name in the data directory.
-pub const READ_TOKEN_FILE: &str = "read.token";
+/// The data directory's files a local client reads are part of the API.
+pub use torud_api::{ADMIN_TOKEN_FILE, CONTROL_SOCKET, READ_TOKEN_FILE};
 
 /// Everything `torud serve` can be told.
 #[derive(Debug, Clone)]
@@ -50,11 +46,11 @@ pub struct Config {
     /// binary differs is refused at start.
     pub pins: std::collections::BTreeMap<String, String>,
     /// Per-plugin quotas of the durable storage.
-    pub storage_quotas: crate::storage::Quotas,
+    pub storage_quotas: crate::store::storage::Quotas,
     /// Uids (and equal gids) for plugins' dynamic users when the daemon is root.
-    pub plugin_uid_range: crate::isolation::UidRange,
+    pub plugin_uid_range: crate::plugin::isolation::UidRange,
     /// Users chosen for particular plugins (`--plugin-user ID=USER|UID`), by plugin id.
-    pub plugin_users: std::collections::BTreeMap<String, crate::isolation::UserChoice>,
+    pub plugin_users: std::collections::BTreeMap<String, crate::plugin::isolation::UserChoice>,
 }
 
 /// Resource limits (rlimits) set in every plugin process before it runs; `None` inherits
@@ -241,11 +237,11 @@ impl Config {
                 insecure_plaintext_non_loopback: false,
             },
             grpc: GrpcLimits::default(),
-            max_log_line: crate::capture::DEFAULT_MAX_LINE,
-            max_metadata_bytes: crate::discovery::DEFAULT_MAX_METADATA_BYTES,
+            max_log_line: crate::logs::capture::DEFAULT_MAX_LINE,
+            max_metadata_bytes: crate::plugin::discovery::DEFAULT_MAX_METADATA_BYTES,
             plugin_limits: PluginLimits::default(),
             pins: Default::default(),
-            storage_quotas: crate::storage::Quotas::default(),
+            storage_quotas: crate::store::storage::Quotas::default(),
             plugin_uid_range: Default::default(),
             plugin_users: Default::default(),
             data_dir,

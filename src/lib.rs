@@ -4,30 +4,13 @@
 #![warn(missing_docs)]
 
 pub mod api;
-pub mod auth;
-pub mod bridge;
-pub mod capture;
-pub mod check;
 pub mod config;
-pub mod connection;
-pub mod discovery;
-pub mod events;
-pub mod isolation;
+pub mod logs;
 pub mod model;
-pub mod process;
-pub mod seqlog;
-pub mod server;
-pub mod state;
-pub mod storage;
+pub mod plugin;
+pub mod store;
 pub mod supervisor;
-pub mod text;
-pub mod throttle;
 
-/// Code generated from `proto/toru/v1/*.proto`. Only `api/` (and clients) use it.
-pub mod pb {
-    #![allow(missing_docs, clippy::all)]
-    tonic::include_proto!("toru.v1");
-
-    /// Encoded file descriptor set of the `toru.v1` protos, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("toru_descriptor");
-}
+/// The encoded file descriptor set of the `toru.v1` protos (with their imports), written by
+/// `build.rs`, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("toru_descriptor");

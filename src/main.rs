@@ -1,5 +1,5 @@
 //! The `torud` binary: parses flags (each with a `TORUD_*` environment equivalent), sets up
-//! logging and signals, and hands over to [`torud::server::run`].
+//! logging and signals, and hands over to [`torud::api::server::run`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -183,12 +183,12 @@ struct ServeArgs {
     /// FIRST-LAST. The first is used by `--metadata` probes; each plugin gets one of the
     /// others, kept in <data-dir>/users.json.
     #[arg(long, env = "TORUD_PLUGIN_UID_RANGE", default_value = "524288-589823")]
-    plugin_uid_range: torud::isolation::UidRange,
+    plugin_uid_range: torud::plugin::isolation::UidRange,
     /// Run a plugin as a given user instead of its own dynamic one: ID=USER or ID=UID
     /// (`root` only when named like this, for plugins that manage the system). Repeat for
     /// several plugins.
-    #[arg(long = "plugin-user", env = "TORUD_PLUGIN_USERS", value_delimiter = ',', value_parser = torud::isolation::users::parse_plugin_user)]
-    plugin_users: Vec<(String, torud::isolation::UserChoice)>,
+    #[arg(long = "plugin-user", env = "TORUD_PLUGIN_USERS", value_delimiter = ',', value_parser = torud::plugin::isolation::users::parse_plugin_user)]
+    plugin_users: Vec<(String, torud::plugin::isolation::UserChoice)>,
     /// Log filter for the daemon's own logs (stderr), e.g. `info` or `torud=debug`.
     #[arg(long, env = "TORUD_LOG", default_value = "info")]
     log: String,
@@ -241,7 +241,10 @@ fn main() -> ExitCode {
     let args = match Cli::parse().command {
         Command::Serve(args) => args,
         Command::Plugin(PluginCommand::Check { path, timeout }) => {
-            return torud::check::run_cli(torud::check::CheckOptions { path, timeout })
+            return torud::plugin::check::run_cli(torud::plugin::check::CheckOptions {
+                path,
+                timeout,
+            })
         }
     };
     tracing_subscriber::fmt()
@@ -349,7 +352,7 @@ fn main() -> ExitCode {
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
         ) else {
-            return Err(torud::server::ServeError::Signals);
+            return Err(torud::api::server::ServeError::Signals);
         };
         let shutdown = async move {
             tokio::select! {
@@ -357,7 +360,7 @@ fn main() -> ExitCode {
                 _ = int.recv() => tracing::info!("SIGINT received"),
             }
         };
-        torud::server::run(config, shutdown, |addr| {
+        torud::api::server::run(config, shutdown, |addr| {
             println!("torud listening on {addr}");
         })
         .await

@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use torud::pb;
+use torud_api::pb;
 
 /// Regression: the listener was served without TCP_NODELAY, so every unary response waited
 /// for a delayed ACK (about 40 ms on Linux loopback). A median under 20 ms cannot happen

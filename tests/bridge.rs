@@ -9,9 +9,9 @@ use common::*;
 use futures::future::join_all;
 use tonic::transport::Channel;
 use tonic::Code;
-use torud::pb;
-use torud::pb::kv_service_client::KvServiceClient;
-use torud::pb::PluginState;
+use torud_api::pb;
+use torud_api::pb::kv_service_client::KvServiceClient;
+use torud_api::pb::PluginState;
 
 type Kv = KvServiceClient<Channel>;
 
@@ -743,7 +743,11 @@ async fn a_plugin_can_neither_forge_nor_flood_the_daemons_log() {
         .lines()
         .filter(|l| l.contains("dropped a message with an unknown request_id"))
         .count();
-    assert_eq!(warnings, torud::throttle::DEFAULT_LIMIT as usize, "{log}");
+    assert_eq!(
+        warnings,
+        torud::plugin::throttle::DEFAULT_LIMIT as usize,
+        "{log}"
+    );
     assert_eq!(log.matches(reported).count(), 1);
     assert!(
         log.contains("further answers with unknown request ids from this plugin are counted, not logged, for up to 1m"),

@@ -4,8 +4,8 @@
 mod common;
 
 use common::*;
-use torud::pb;
-use torud::pb::PluginState;
+use torud_api::pb;
+use torud_api::pb::PluginState;
 
 #[tokio::test]
 async fn misbehaving_metadata_is_skipped_and_never_delays_the_others() {

@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use torud::pb;
-use torud::pb::PluginState;
+use torud_api::pb;
+use torud_api::pb::PluginState;
 
 #[tokio::test]
 async fn watch_after_seq_returns_exactly_the_missed_events_then_live_ones() {

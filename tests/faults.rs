@@ -134,7 +134,7 @@ async fn a_full_log_disk_degrades_logging_without_stopping_plugins() {
             // This fixture logs each request and does not answer KV: the call fails, the
             // line is what matters.
             let _ = kv
-                .get_value(torud::pb::GetValueRequest {
+                .get_value(torud_api::pb::GetValueRequest {
                     plugin_id: "fx".into(),
                     key,
                 })
@@ -150,7 +150,7 @@ async fn a_full_log_disk_degrades_logging_without_stopping_plugins() {
     }
     let degraded = events
         .wait_for("logging degraded", SECS10, |e| {
-            e.kind == torud::pb::EventKind::LoggingDegraded as i32
+            e.kind == torud_api::pb::EventKind::LoggingDegraded as i32
         })
         .await;
     assert_eq!(degraded.plugin_id, "fx");
@@ -165,7 +165,7 @@ async fn a_full_log_disk_degrades_logging_without_stopping_plugins() {
     );
     let plugin = get(&mut client, "fx").await;
     assert_eq!(plugin.pid, pid, "the plugin kept running");
-    assert_eq!(state_of(&plugin), torud::pb::PluginState::Running);
+    assert_eq!(state_of(&plugin), torud_api::pb::PluginState::Running);
 
     let before = d.log_text("fx").matches("received kv get").count();
     assert!(
@@ -177,7 +177,7 @@ async fn a_full_log_disk_degrades_logging_without_stopping_plugins() {
     kv_get("after".into()).await;
     events
         .wait_for("logging resumed", SECS10, |e| {
-            e.kind == torud::pb::EventKind::LoggingResumed as i32 && e.plugin_id == "fx"
+            e.kind == torud_api::pb::EventKind::LoggingResumed as i32 && e.plugin_id == "fx"
         })
         .await;
     // The line after the full spell was stored.
@@ -188,21 +188,21 @@ async fn a_full_log_disk_degrades_logging_without_stopping_plugins() {
     let kinds: Vec<i32> = events.seen.iter().map(|e| e.kind).collect();
     let degraded_count = kinds
         .iter()
-        .filter(|k| **k == torud::pb::EventKind::LoggingDegraded as i32)
+        .filter(|k| **k == torud_api::pb::EventKind::LoggingDegraded as i32)
         .count();
     assert_eq!(degraded_count, 1, "degraded is reported once, not per line");
     d.stop().await;
 }
 
 /// Every record of `id` oldest first, through QueryLogs pages.
-async fn all_records(d: &Daemon, id: &str) -> Vec<torud::pb::LogRecord> {
-    let mut logs = torud::pb::log_service_client::LogServiceClient::new(d.channel().await);
+async fn all_records(d: &Daemon, id: &str) -> Vec<torud_api::pb::LogRecord> {
+    let mut logs = torud_api::pb::log_service_client::LogServiceClient::new(d.channel().await);
     let mut out = Vec::new();
     let mut token = String::new();
     loop {
         let page = logs
-            .query_logs(torud::pb::QueryLogsRequest {
-                filter: Some(torud::pb::LogFilter {
+            .query_logs(torud_api::pb::QueryLogsRequest {
+                filter: Some(torud_api::pb::LogFilter {
                     plugin_ids: vec![id.into()],
                     min_level: 0,
                     contains: String::new(),
@@ -248,10 +248,10 @@ async fn a_sigkilled_daemon_restarts_with_state_events_and_logs_intact() {
     assert_eq!(lines.len(), 2000);
     // Every event so far, as a watcher saw them.
     let last = get(&mut client, "burst").await;
-    assert_eq!(state_of(&last), torud::pb::PluginState::Stopped);
+    assert_eq!(state_of(&last), torud_api::pb::PluginState::Stopped);
     events
         .wait_for("burst's stop", SECS10, |e| {
-            e.plugin_id == "burst" && e.to_state == torud::pb::PluginState::Stopped as i32
+            e.plugin_id == "burst" && e.to_state == torud_api::pb::PluginState::Stopped as i32
         })
         .await;
     let seen_before = events.seen.clone();
@@ -266,14 +266,14 @@ async fn a_sigkilled_daemon_restarts_with_state_events_and_logs_intact() {
         .wait_for("burst to be discovered again", SECS10, |e| {
             e.seq > last_seq
                 && e.plugin_id == "burst"
-                && e.kind == torud::pb::EventKind::PluginAdded as i32
+                && e.kind == torud_api::pb::EventKind::PluginAdded as i32
         })
         .await;
     replay
         .wait_for("hello to run again after the restart", SECS10, |e| {
             e.seq > last_seq
                 && e.plugin_id == "hello"
-                && e.to_state == torud::pb::PluginState::Running as i32
+                && e.to_state == torud_api::pb::PluginState::Running as i32
         })
         .await;
     // Enabled state: hello runs again, burst stays stopped.
@@ -300,7 +300,7 @@ async fn a_sigkilled_daemon_restarts_with_state_events_and_logs_intact() {
     assert!(
         hello_logs
             .iter()
-            .filter(|r| r.stream == torud::pb::LogStream::Supervisor as i32)
+            .filter(|r| r.stream == torud_api::pb::LogStream::Supervisor as i32)
             .count()
             >= 4,
         "the notes of both runs are kept"
@@ -333,7 +333,7 @@ async fn an_enable_or_disable_that_cannot_be_saved_changes_nothing() {
     let filler = fill(&d.data_dir);
 
     let err = client
-        .disable_plugin(torud::pb::DisablePluginRequest {
+        .disable_plugin(torud_api::pb::DisablePluginRequest {
             plugin_id: "on".into(),
         })
         .await
@@ -341,12 +341,12 @@ async fn an_enable_or_disable_that_cannot_be_saved_changes_nothing() {
     assert!(err.message().contains("could not save"), "{err:?}");
     let on = get(&mut client, "on").await;
     assert!(on.enabled, "a disable that was not saved must not show");
-    assert_eq!(state_of(&on), torud::pb::PluginState::Running);
+    assert_eq!(state_of(&on), torud_api::pb::PluginState::Running);
     assert_eq!(on.pid, running.pid, "the plugin was not stopped");
     assert_eq!(saved_enabled(&d, "on"), Some(true));
 
     let err = client
-        .enable_plugin(torud::pb::EnablePluginRequest {
+        .enable_plugin(torud_api::pb::EnablePluginRequest {
             plugin_id: "off".into(),
         })
         .await
@@ -354,7 +354,7 @@ async fn an_enable_or_disable_that_cannot_be_saved_changes_nothing() {
     assert!(err.message().contains("could not save"), "{err:?}");
     let off = get(&mut client, "off").await;
     assert!(!off.enabled, "an enable that was not saved must not show");
-    assert_eq!(state_of(&off), torud::pb::PluginState::Stopped);
+    assert_eq!(state_of(&off), torud_api::pb::PluginState::Stopped);
     assert_eq!(saved_enabled(&d, "off"), None);
 
     // Space returns: the same calls succeed and are saved.
@@ -384,7 +384,7 @@ async fn events_on_a_full_disk_are_kept_replayed_and_stored_when_space_returns()
     enable(&mut client, "fx").await;
     for _ in 0..8 {
         client
-            .restart_plugin(torud::pb::RestartPluginRequest {
+            .restart_plugin(torud_api::pb::RestartPluginRequest {
                 plugin_id: "fx".into(),
             })
             .await
@@ -393,7 +393,7 @@ async fn events_on_a_full_disk_are_kept_replayed_and_stored_when_space_returns()
     disable(&mut client, "fx").await;
     let degraded = live
         .wait_for("event storage degraded", SECS10, |e| {
-            e.kind == torud::pb::EventKind::EventStorageDegraded as i32
+            e.kind == torud_api::pb::EventKind::EventStorageDegraded as i32
         })
         .await;
     assert!(
@@ -403,7 +403,7 @@ async fn events_on_a_full_disk_are_kept_replayed_and_stored_when_space_returns()
     );
     live.wait_for("fx to stop for good", SECS10, |e| {
         e.plugin_id == "fx"
-            && e.to_state == torud::pb::PluginState::Stopped as i32
+            && e.to_state == torud_api::pb::PluginState::Stopped as i32
             && e.reason.contains("disabled")
     })
     .await;
@@ -421,7 +421,7 @@ async fn events_on_a_full_disk_are_kept_replayed_and_stored_when_space_returns()
     std::fs::remove_file(filler).unwrap();
     let resumed = live
         .wait_for("event storage resumed", SECS10, |e| {
-            e.kind == torud::pb::EventKind::EventStorageResumed as i32
+            e.kind == torud_api::pb::EventKind::EventStorageResumed as i32
         })
         .await;
     assert!(
@@ -461,7 +461,7 @@ async fn a_plugin_user_that_cannot_be_recorded_yet_is_retried_not_disabled() {
     std::fs::create_dir(&blocker).unwrap();
     let mut enabling = client.clone();
     let enable = tokio::spawn(async move {
-        let req = torud::pb::EnablePluginRequest {
+        let req = torud_api::pb::EnablePluginRequest {
             plugin_id: "late".into(),
         };
         enabling.enable_plugin(req).await
@@ -473,7 +473,7 @@ async fn a_plugin_user_that_cannot_be_recorded_yet_is_retried_not_disabled() {
         .await;
     std::fs::remove_dir(&blocker).unwrap();
     events
-        .wait_state("late", torud::pb::PluginState::Running, SECS10)
+        .wait_state("late", torud_api::pb::PluginState::Running, SECS10)
         .await;
     assert!(get(&mut client, "late").await.enabled);
     let _ = enable.await;

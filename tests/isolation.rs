@@ -107,7 +107,7 @@ async fn a_hostile_plugin_reaches_nothing_but_its_own_directory() {
     assert_eq!(owner(&d.data_dir.join("plugins/hostile/mine.txt")), uid);
     assert_eq!(
         state_of(&get(&mut client, "victim").await),
-        torud::pb::PluginState::Running
+        torud_api::pb::PluginState::Running
     );
 }
 
@@ -276,7 +276,7 @@ async fn a_setsid_grandchild_does_not_outlive_disable() {
 #[tokio::test]
 async fn a_setsid_grandchild_does_not_outlive_restart() {
     let (d, mut client, grandchild) = daemon_with_a_setsid_grandchild().await;
-    let req = torud::pb::RestartPluginRequest {
+    let req = torud_api::pb::RestartPluginRequest {
         plugin_id: "forker".into(),
     };
     client.restart_plugin(req).await.unwrap();
@@ -317,7 +317,7 @@ async fn a_plugin_cannot_point_the_daemon_at_another_plugins_socket() {
         .await;
     let victim_uid = owner(&d.data_dir.join("plugins/victim"));
     let err = client
-        .enable_plugin(torud::pb::EnablePluginRequest {
+        .enable_plugin(torud_api::pb::EnablePluginRequest {
             plugin_id: "redirect".into(),
         })
         .await
@@ -350,7 +350,7 @@ async fn an_executable_its_user_cannot_reach_is_a_clear_error() {
     .await;
     std::fs::set_permissions(&d.plugins_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
     let err = client
-        .enable_plugin(torud::pb::EnablePluginRequest {
+        .enable_plugin(torud_api::pb::EnablePluginRequest {
             plugin_id: "fx".into(),
         })
         .await
@@ -467,7 +467,7 @@ async fn without_root_a_hostile_plugin_sees_only_its_own_directories() {
     );
     assert_eq!(
         state_of(&get(&mut client, "victim").await),
-        torud::pb::PluginState::Running
+        torud_api::pb::PluginState::Running
     );
 }
 
@@ -485,7 +485,7 @@ async fn without_root_a_plugin_cannot_point_the_daemon_at_another_plugins_socket
         .await;
     enable(&mut client, "victim").await;
     let err = client
-        .enable_plugin(torud::pb::EnablePluginRequest {
+        .enable_plugin(torud_api::pb::EnablePluginRequest {
             plugin_id: "redirect".into(),
         })
         .await
@@ -528,7 +528,7 @@ async fn without_root_the_control_socket_refuses_clients_in_other_user_namespace
     let mut d = Daemon::new(&[]);
     d.hand_to(65534);
     d.start().await;
-    let socket = d.data_dir.join(torud::config::CONTROL_SOCKET);
+    let socket = d.data_dir.join(torud_api::CONTROL_SOCKET);
     let answered = control_socket_answer(&socket, false);
     assert!(answered > 0, "the daemon's user in its namespace is served");
     assert_eq!(
@@ -542,7 +542,7 @@ async fn without_root_the_control_socket_refuses_clients_in_other_user_namespace
     // Root is served.
     let mut client = d.client().await;
     client
-        .list_plugins(torud::pb::ListPluginsRequest::default())
+        .list_plugins(torud_api::pb::ListPluginsRequest::default())
         .await
         .unwrap();
 }

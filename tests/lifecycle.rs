@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use torud::pb;
-use torud::pb::PluginState;
+use torud_api::pb;
+use torud_api::pb::PluginState;
 
 fn id_req(id: &str) -> pb::EnablePluginRequest {
     pb::EnablePluginRequest {

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use torud::pb;
-use torud::pb::log_service_client::LogServiceClient;
+use torud_api::pb;
+use torud_api::pb::log_service_client::LogServiceClient;
 
 /// The soft and hard values of one line of /proc/<pid>/limits ("Max open files ...").
 fn limit(text: &str, name: &str) -> (String, String) {

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use common::*;
 use tonic::transport::Channel;
-use torud::pb;
-use torud::pb::log_service_client::LogServiceClient;
-use torud::pb::PluginState;
+use torud_api::pb;
+use torud_api::pb::log_service_client::LogServiceClient;
+use torud_api::pb::PluginState;
 
 type Logs = LogServiceClient<Channel>;
 

@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use torud::pb;
-use torud::pb::log_service_client::LogServiceClient;
+use torud_api::pb;
+use torud_api::pb::log_service_client::LogServiceClient;
 
 #[tokio::test]
 async fn sdk_logs_are_stored_with_their_level_and_fields() {

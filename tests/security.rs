@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-use torud::pb;
-use torud::pb::plugin_service_client::PluginServiceClient;
-use torud::pb::PluginState;
+use torud_api::pb;
+use torud_api::pb::plugin_service_client::PluginServiceClient;
+use torud_api::pb::PluginState;
 
 fn mode(path: &std::path::Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -67,7 +67,7 @@ async fn tcp_calls_need_a_token_and_the_read_role_cannot_change_anything() {
     let err = reader.enable_plugin(enable_req("hello")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("admin"), "{}", err.message());
-    let mut kv_reader = torud::pb::kv_service_client::KvServiceClient::with_interceptor(
+    let mut kv_reader = torud_api::pb::kv_service_client::KvServiceClient::with_interceptor(
         d.tcp_channel().await,
         Bearer::new(&d.token("read")).unwrap(),
     );

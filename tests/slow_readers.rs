@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::*;
 use tonic::transport::Channel;
-use torud::pb;
-use torud::pb::log_service_client::LogServiceClient;
+use torud_api::pb;
+use torud_api::pb::log_service_client::LogServiceClient;
 
 /// A request for one plugin's records.
 fn request(
@@ -82,7 +82,7 @@ async fn small_window_channel(d: &Daemon) -> Channel {
         .unwrap()
 }
 
-type ReadLogs = LogServiceClient<tonic::codegen::InterceptedService<Channel, torud::auth::Bearer>>;
+type ReadLogs = LogServiceClient<tonic::codegen::InterceptedService<Channel, torud_api::Bearer>>;
 
 /// Fails the test at once when the daemon's memory passes `ceiling` (so a regression cannot
 /// take the machine's memory with it); returns the RSS.

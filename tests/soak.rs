@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use torud::pb::PluginState;
+use torud_api::pb::PluginState;
 
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

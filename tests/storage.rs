@@ -7,9 +7,9 @@ mod common;
 use common::*;
 use tonic::transport::Channel;
 use tonic::Code;
-use torud::pb;
-use torud::pb::kv_service_client::KvServiceClient;
-use torud::pb::PluginState;
+use torud_api::pb;
+use torud_api::pb::kv_service_client::KvServiceClient;
+use torud_api::pb::PluginState;
 
 type Kv = KvServiceClient<Channel>;
 
@@ -304,7 +304,7 @@ fn damaged_storage(damage: impl FnOnce(&std::path::Path)) -> (Daemon, std::path:
     std::fs::create_dir_all(&d.data_dir).unwrap();
     let path = d.data_dir.join("storage.redb");
     {
-        let storage = torud::storage::Storage::open(&path, Default::default()).unwrap();
+        let storage = torud::store::storage::Storage::open(&path, Default::default()).unwrap();
         storage
             .namespace("p")
             .apply_blocking(&toru_plugin_sdk::storage_wire::StorageOp::Set {

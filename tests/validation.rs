@@ -6,9 +6,9 @@ mod common;
 
 use common::*;
 use tonic::transport::Channel;
-use torud::pb;
-use torud::pb::kv_service_client::KvServiceClient;
-use torud::pb::log_service_client::LogServiceClient;
+use torud_api::pb;
+use torud_api::pb::kv_service_client::KvServiceClient;
+use torud_api::pb::log_service_client::LogServiceClient;
 
 /// Ids that are not plugin ids.
 fn bad_ids() -> Vec<(&'static str, String)> {

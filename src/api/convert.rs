@@ -1,22 +1,14 @@
 //! Conversions between domain types and their protobuf forms, and from domain errors to
 //! `tonic::Status`. The one place where both kinds of type meet.
 
-use prost_types::Timestamp;
-use time::OffsetDateTime;
 use tonic::Status;
 
-use crate::bridge::BridgeError;
 use crate::model::{Event, EventKind, ExitInfo, ExitStatus, PluginState, PluginStatus};
-use crate::pb;
+use crate::plugin::link::BridgeError;
 use crate::supervisor::SupervisorError;
+use torud_api::pb;
 
-/// A protobuf timestamp.
-pub fn timestamp(t: OffsetDateTime) -> Timestamp {
-    Timestamp {
-        seconds: t.unix_timestamp(),
-        nanos: t.nanosecond() as i32,
-    }
-}
+pub use torud_api::timestamp;
 
 /// The protobuf state.
 pub fn state(s: PluginState) -> pb::PluginState {

@@ -9,10 +9,7 @@ use tonic_health::ServingStatus;
 use crate::model::EventKind;
 use crate::supervisor::Supervisor;
 
-/// The `grpc.health.v1` service name of a plugin.
-pub fn service_name(plugin_id: &str) -> String {
-    format!("toru.plugin.{plugin_id}")
-}
+pub use torud_api::health_service_name as service_name;
 
 fn serving(healthy: bool) -> ServingStatus {
     if healthy {

@@ -4,9 +4,9 @@
 use tonic::{Request, Response, Status};
 
 use super::{checked_id, convert};
-use crate::pb;
-use crate::pb::kv_service_server::KvService;
 use crate::supervisor::Supervisor;
+use torud_api::pb;
+use torud_api::pb::kv_service_server::KvService;
 
 /// The `KvService` implementation.
 pub struct KvApi {

@@ -18,12 +18,13 @@ use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::{checked_ids_in, convert, query, truncate};
-use crate::capture::PluginLog;
+use super::{checked_ids_in, convert, truncate};
+use crate::logs::capture::PluginLog;
+use crate::logs::query;
 use crate::model::{LogLevel, LogRecord, LogStream};
-use crate::pb;
-use crate::pb::log_service_server::LogService;
 use crate::supervisor::Supervisor;
+use torud_api::pb;
+use torud_api::pb::log_service_server::LogService;
 
 /// Records per response at most.
 const MAX_BATCH: usize = 4096;
@@ -35,9 +36,9 @@ const MAX_BATCH_BYTES: usize = 32 * 1024;
 /// What one plugin's part of a stream whose client does not read holds at most, about: one
 /// response in the transport (HTTP/2 buffers the response it was given when the client's
 /// window closed, and tonic's encoder up to 32 KiB more), and the records its follower read
-/// from the files but has not sent ([`crate::seqlog::REPLAY_BYTES`]). Live records are shared
+/// from the files but has not sent ([`crate::logs::seqlog::REPLAY_BYTES`]). Live records are shared
 /// with the log's broadcast, whose backlog (about 16 MiB per log) every follower shares.
-pub const STREAM_MEMORY: usize = MAX_BATCH_BYTES + 32 * 1024 + crate::seqlog::REPLAY_BYTES;
+pub const STREAM_MEMORY: usize = MAX_BATCH_BYTES + 32 * 1024 + crate::logs::seqlog::REPLAY_BYTES;
 
 /// What one record adds to a response: its encoded size, plus its field tag and length
 /// prefix.
@@ -512,7 +513,7 @@ impl LogService for LogApi {
 /// One plugin's part of a stream: its records from the start point, in batches and gaps,
 /// each read from the log only when the stream is asked for its next response.
 struct Feed {
-    records: crate::seqlog::SeqLog<LogRecord>,
+    records: crate::logs::seqlog::SeqLog<LogRecord>,
     source: Source,
     batcher: Batcher,
     /// Responses made and not yet handed out (a batch cut short by a gap, and the gap).
@@ -531,7 +532,7 @@ enum Source {
     Read(u64),
 }
 
-type Follower = crate::seqlog::Follower<LogRecord>;
+type Follower = crate::logs::seqlog::Follower<LogRecord>;
 
 impl Feed {
     fn new(id: String, log: &PluginLog, start: Start, upto: Option<u64>, filter: Filter) -> Self {
@@ -654,7 +655,7 @@ async fn follow_batch(
 /// Reads the next records up to `upto` straight from the files (no live following) into
 /// `out`, with gaps where records were rotated away; false once `upto` is reached.
 async fn read_batch(
-    records: &crate::seqlog::SeqLog<LogRecord>,
+    records: &crate::logs::seqlog::SeqLog<LogRecord>,
     upto: u64,
     batcher: &mut Batcher,
     out: &mut VecDeque<pb::StreamLogsResponse>,
@@ -664,7 +665,7 @@ async fn read_batch(
     }
     let (log, from) = (records.clone(), batcher.expected - 1);
     let batch = tokio::task::spawn_blocking(move || {
-        log.read_after_within(from, MAX_BATCH, crate::seqlog::REPLAY_BYTES)
+        log.read_after_within(from, MAX_BATCH, crate::logs::seqlog::REPLAY_BYTES)
     })
     .await
     .map_err(|e| Status::internal(e.to_string()))?

@@ -22,15 +22,15 @@ use toru_plugin_sdk::wire::InitParams;
 use toru_plugin_sdk::{Envelope, MessageType, PROTOCOL_VERSION};
 
 use super::{Context, SupervisorError};
-use crate::bridge::{BridgeError, Link, LinkLimits};
-use crate::capture::PluginLog;
-use crate::connection::{connect_with_retry, send_one, send_one_on, socket_listening};
-use crate::discovery::{self, FileIdentity, ProbeOptions, Recheck};
+use crate::logs::capture::PluginLog;
 use crate::model::{
     EventDraft, EventKind, ExitInfo, LogLevel, PluginSpec, PluginState, PluginStatus,
 };
-use crate::process::{plugin_command, Confinement, Descendants, PluginProcess};
-use crate::state::StateError;
+use crate::plugin::connection::{connect_with_retry, send_one, send_one_on, socket_listening};
+use crate::plugin::discovery::{self, FileIdentity, ProbeOptions, Recheck};
+use crate::plugin::link::{BridgeError, Link, LinkLimits};
+use crate::plugin::process::{plugin_command, Confinement, Descendants, PluginProcess};
+use crate::store::state::StateError;
 
 /// Reply channel of a command that returns the plugin's status.
 pub(super) type Reply = oneshot::Sender<Result<PluginStatus, SupervisorError>>;
@@ -456,7 +456,7 @@ impl Actor {
         let who = match isolation.identity(&cfg, &self.id) {
             Ok(who) => who,
             // Writing users.json can fail for a while (a full disk): back off and try again.
-            Err(e @ crate::isolation::IsolationError::UsersFile { .. }) => {
+            Err(e @ crate::plugin::isolation::IsolationError::UsersFile { .. }) => {
                 return self.failed_run(None, None, e.to_string()).await
             }
             Err(e) => return self.disable_for(e.to_string()).await,
@@ -471,7 +471,7 @@ impl Actor {
             self.id
         );
         if let Some(reason) =
-            crate::isolation::unreachable(&spec.binary_path, who.credentials(), &other_user)
+            crate::plugin::isolation::unreachable(&spec.binary_path, who.credentials(), &other_user)
         {
             return self.disable_for(reason).await;
         }
@@ -928,7 +928,7 @@ fn take_link(slot: &std::sync::Mutex<Option<Link>>) -> Option<Link> {
 /// stays open as the plugin's link and the plugin is ready when it answers `init` with
 /// `ready`; a v1 plugin gets `init` on a connection of its own and is ready once it is sent.
 async fn make_ready(
-    storage: crate::storage::Namespace,
+    storage: crate::store::storage::Namespace,
     socket: PathBuf,
     init: InitParams,
     protocol_version: u32,
@@ -941,7 +941,7 @@ async fn make_ready(
         let mut stream = connect_with_retry(&socket, limit)
             .await
             .map_err(|e| e.to_string())?;
-        let message = Envelope::init(crate::bridge::new_request_id(), &init);
+        let message = Envelope::init(crate::plugin::link::new_request_id(), &init);
         if protocol_version >= 2 {
             let link = Link::persistent(stream, protocol_version, limits, Some(storage));
             *early.lock().expect("early link poisoned") = Some(link.clone());

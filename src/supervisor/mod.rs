@@ -18,13 +18,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use toru_plugin_sdk::wire::{HttpAnswer, HttpCall};
 
-use crate::bridge::{BridgeError, Link};
-use crate::capture::PluginLog;
 use crate::config::{create_dir_with_mode, Config};
-use crate::discovery::{self, FileIdentity, ProbeOptions, Skipped};
-use crate::events::{EventLog, EventLogError};
+use crate::logs::capture::PluginLog;
 use crate::model::{EventDraft, EventKind, PluginSpec, PluginState, PluginStatus};
-use crate::state::{EnabledStore, StateError};
+use crate::plugin::discovery::{self, FileIdentity, ProbeOptions, Skipped};
+use crate::plugin::link::{BridgeError, Link};
+use crate::store::events::{EventLog, EventLogError};
+use crate::store::state::{EnabledStore, StateError};
 use actor::{Actor, Command};
 
 /// How long a rescan holds a probed file back while files before it by name are still
@@ -140,10 +140,10 @@ pub enum StartupError {
     State(#[from] StateError),
     /// The plugins' storage could not be opened.
     #[error(transparent)]
-    Storage(#[from] crate::storage::OpenError),
+    Storage(#[from] crate::store::storage::OpenError),
     /// Plugin isolation could not be prepared.
     #[error(transparent)]
-    Isolation(#[from] crate::isolation::IsolationError),
+    Isolation(#[from] crate::plugin::isolation::IsolationError),
 }
 
 /// What a rescan changed.
@@ -179,9 +179,9 @@ pub(crate) struct Context {
     pub events: EventLog,
     pub state: EnabledStore,
     /// The plugins' durable storage; each plugin's link gets its own namespace.
-    pub storage: crate::storage::Storage,
+    pub storage: crate::store::storage::Storage,
     /// Who plugins run as, their directories, their cgroups.
-    pub isolation: crate::isolation::Isolation,
+    pub isolation: crate::plugin::isolation::Isolation,
 }
 
 #[derive(Clone)]
@@ -216,7 +216,7 @@ impl Supervisor {
     /// Prepares the data directory, opens the event log and state, and starts the first
     /// scan in the background (plugins are added and started as their probes finish).
     pub fn start(config: Config) -> Result<Self, StartupError> {
-        let shared = crate::isolation::shared_dir_mode();
+        let shared = crate::plugin::isolation::shared_dir_mode();
         let dirs = [
             (config.data_dir.clone(), shared),
             (config.run_dir(), shared),
@@ -229,14 +229,15 @@ impl Supervisor {
             create_dir_with_mode(&path, mode)
                 .map_err(|source| StartupError::Dir { path, source })?;
         }
-        let leftovers = crate::process::kill_leftovers(&config.run_dir());
+        let leftovers = crate::plugin::process::kill_leftovers(&config.run_dir());
         if !leftovers.is_empty() {
             tracing::warn!(pids = ?leftovers, "killed plugin processes left over from an earlier run");
         }
         let events = EventLog::open(&config.events_dir())?;
         let state = EnabledStore::load(&config.state_path())?;
-        let storage = crate::storage::Storage::open(&config.storage_path(), config.storage_quotas)?;
-        let isolation = crate::isolation::Isolation::prepare(&config)?;
+        let storage =
+            crate::store::storage::Storage::open(&config.storage_path(), config.storage_quotas)?;
+        let isolation = crate::plugin::isolation::Isolation::prepare(&config)?;
         let supervisor = Supervisor {
             inner: Arc::new(Inner {
                 ctx: Arc::new(Context {
@@ -762,7 +763,7 @@ async fn report_event_storage_health(events: EventLog, cancel: CancellationToken
             EventDraft::new("", EventKind::EventStorageDegraded).reason(format!(
                 "cannot write the event log: {error}; events are still delivered live, and up \
                  to {} are kept in memory and written when it can be written again",
-                crate::events::UNSAVED_EVENTS
+                crate::store::events::UNSAVED_EVENTS
             )),
         );
         let mut retry = tokio::time::interval(EVENT_STORAGE_RETRY);

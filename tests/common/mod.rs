@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
-use torud::pb;
-use torud::pb::plugin_service_client::PluginServiceClient;
+use torud_api::pb;
+use torud_api::pb::plugin_service_client::PluginServiceClient;
 
 pub const TORUD: &str = env!("CARGO_BIN_EXE_torud");
 pub const FIXTURE: &str = concat!(
@@ -173,7 +173,7 @@ impl Daemon {
     /// A channel over the control socket in the data directory (trusted by file
     /// permission, so no token): what most tests use.
     pub async fn channel(&self) -> Channel {
-        let mut socket = self.data_dir.join(torud::config::CONTROL_SOCKET);
+        let mut socket = self.data_dir.join(torud_api::CONTROL_SOCKET);
         if socket.as_os_str().len() >= 100 {
             // Over the kernel's limit for a socket path: connect through a short symlink.
             let link = self.root.path().join("c.sock");
@@ -256,8 +256,8 @@ impl Daemon {
         dest
     }
 
-    pub async fn kv_client(&self) -> torud::pb::kv_service_client::KvServiceClient<Channel> {
-        torud::pb::kv_service_client::KvServiceClient::new(self.channel().await)
+    pub async fn kv_client(&self) -> torud_api::pb::kv_service_client::KvServiceClient<Channel> {
+        torud_api::pb::kv_service_client::KvServiceClient::new(self.channel().await)
     }
 
     /// Installs the Python fixture as `<id>.binary` in `mode`, with extra arguments.
@@ -462,7 +462,7 @@ impl Events {
 /// The client type the tests use.
 pub type Client = PluginServiceClient<Channel>;
 
-pub use torud::auth::Bearer;
+pub use torud_api::Bearer;
 
 /// A plugin client over TCP sending `token`.
 pub type TcpClient = PluginServiceClient<tonic::codegen::InterceptedService<Channel, Bearer>>;

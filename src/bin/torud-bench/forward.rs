@@ -24,11 +24,11 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tonic::{Request, Response, Status};
 use toru_plugin_sdk::wire::InitParams;
 use toru_plugin_sdk::{Envelope, FrameCodec, MessageType};
-use torud::connection::connect_with_retry;
-use torud::pb;
-use torud::pb::kv_service_client::KvServiceClient;
-use torud::pb::kv_service_server::{KvService, KvServiceServer};
-use torud::pb::plugin_service_client::PluginServiceClient;
+use torud::plugin::connection::connect_with_retry;
+use torud_api::pb;
+use torud_api::pb::kv_service_client::KvServiceClient;
+use torud_api::pb::kv_service_server::{KvService, KvServiceServer};
+use torud_api::pb::plugin_service_client::PluginServiceClient;
 
 use crate::{
     authed, connect, num_cpus, sibling, summarize, summary_json, wait_for_hello, Authed,
@@ -286,12 +286,12 @@ pub(crate) async fn baseline_server(plugin: PathBuf) -> BenchResult<()> {
     let socket = dir.path().join("plugin.sock");
     // Spawned like the daemon spawns plugins, so it dies with this process (parent-death
     // signal) when the benchmark kills it.
-    let _child = torud::process::plugin_command(
+    let _child = torud::plugin::process::plugin_command(
         &plugin,
         &[],
         &[],
         &torud::config::PluginLimits::default(),
-        torud::process::Confinement::default(),
+        torud::plugin::process::Confinement::default(),
     )
     .env(toru_plugin_sdk::ENV_PLUGIN_SOCKET, &socket)
     .stdout(Stdio::null())
@@ -320,9 +320,9 @@ pub(crate) async fn baseline_server(plugin: PathBuf) -> BenchResult<()> {
     let table = pending.clone();
     // SDK plugins keep KV in the host's storage: the baseline serves it from the same
     // store the daemon uses, so both sides do the same storage work.
-    let storage = torud::storage::Storage::open(
+    let storage = torud::store::storage::Storage::open(
         &dir.path().join("storage.redb"),
-        torud::storage::Quotas::default(),
+        torud::store::storage::Quotas::default(),
     )?
     .namespace("hello");
     let answers = tx.clone();

@@ -15,9 +15,9 @@ use tokio::process::{Child, Command};
 use tokio_util::codec::Framed;
 use toru_plugin_sdk::wire::InitParams;
 use toru_plugin_sdk::{Envelope, FrameCodec};
-use torud::connection::connect_with_retry;
-use torud::pb;
-use torud::pb::plugin_service_client::PluginServiceClient;
+use torud::plugin::connection::connect_with_retry;
+use torud_api::pb;
+use torud_api::pb::plugin_service_client::PluginServiceClient;
 
 use crate::{
     authed, connect, num_cpus, sibling, summarize, summary_json, wait_for_hello, BenchResult,

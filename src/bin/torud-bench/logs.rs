@@ -15,9 +15,9 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tonic::transport::Channel;
-use torud::pb;
-use torud::pb::log_service_client::LogServiceClient;
-use torud::pb::plugin_service_client::PluginServiceClient;
+use torud_api::pb;
+use torud_api::pb::log_service_client::LogServiceClient;
+use torud_api::pb::plugin_service_client::PluginServiceClient;
 
 use crate::{
     authed, connect, num_cpus, sibling, summarize, summary_json, BenchResult, Daemon, Summary,

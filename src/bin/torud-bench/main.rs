@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use torud::auth::Bearer;
+use torud_api::Bearer;
 
 #[derive(Parser)]
 #[command(
@@ -240,11 +240,11 @@ impl Daemon {
 /// Waits for the first event about the `hello` plugin (replayed from the start) that
 /// matches `pred`.
 pub(crate) async fn wait_for_hello(
-    client: &mut torud::pb::plugin_service_client::PluginServiceClient<crate::Authed>,
+    client: &mut torud_api::pb::plugin_service_client::PluginServiceClient<crate::Authed>,
     what: &str,
-    pred: impl Fn(&torud::pb::Event) -> bool,
+    pred: impl Fn(&torud_api::pb::Event) -> bool,
 ) -> BenchResult<()> {
-    let req = torud::pb::WatchEventsRequest {
+    let req = torud_api::pb::WatchEventsRequest {
         after_seq: Some(0),
         plugin_ids: vec!["hello".into()],
     };

@@ -2,7 +2,7 @@
 //! message that fails to decode (invalid UTF-8 in a string field, a truncated field, a wrong
 //! wire type) is `INVALID_ARGUMENT` naming the field, not `INTERNAL`.
 //!
-//! `build.rs` names this codec for every generated service and client. A request that does
+//! This crate's `build.rs` names this codec for every generated service and client. A request that does
 //! not decode is the caller's mistake; prost's error already names the message and field
 //! (`GetPluginRequest.plugin_id: invalid string value: data is not UTF-8 encoded`).
 //! Generated clients share the codec: an answer that does not decode is reported the same

@@ -854,7 +854,7 @@ fn load_checked_index<T: Sequenced>(
         "the log index disagrees with its segment; rebuilding it from the segment");
     let entries = build_index::<T>(&segment.path, every)?;
     let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_bytes()).collect();
-    crate::state::write_atomically(&path, &bytes, 0o600)?;
+    crate::store::state::write_atomically(&path, &bytes, 0o600)?;
     Ok(entries)
 }
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 use tonic::Request;
-use torud::auth::Bearer;
-use torud::config::{ADMIN_TOKEN_FILE, CONTROL_SOCKET};
+use torud_api::Bearer;
+use torud_api::{ADMIN_TOKEN_FILE, CONTROL_SOCKET};
 
 /// The address used when neither a flag, the environment nor a data directory names one.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:50051";

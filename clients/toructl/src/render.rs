@@ -11,8 +11,8 @@ use prost_types::Timestamp;
 use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use torud::pb;
-pub use torud::text::{escape, escape_text};
+use torud_api::pb;
+pub use torud_api::text::{escape, escape_text};
 
 fn datetime(ts: Option<&Timestamp>) -> Option<OffsetDateTime> {
     let t = ts?;

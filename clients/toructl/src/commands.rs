@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tonic::{Code, Status};
-use torud::pb;
-use torud::pb::kv_service_client::KvServiceClient;
-use torud::pb::log_service_client::LogServiceClient;
-use torud::pb::plugin_service_client::PluginServiceClient;
+use torud_api::pb;
+use torud_api::pb::kv_service_client::KvServiceClient;
+use torud_api::pb::log_service_client::LogServiceClient;
+use torud_api::pb::plugin_service_client::PluginServiceClient;
 
 use crate::connect::Conn;
 use crate::render;
@@ -391,7 +391,7 @@ fn parse_since(text: &str) -> Result<prost_types::Timestamp> {
             time::OffsetDateTime::now_utc() - age
         }
     };
-    Ok(torud::api::convert::timestamp(t))
+    Ok(torud_api::timestamp(t))
 }
 
 /// `logs [IDS] [-f] [--tail N | --since T | --after CURSOR...] [--level L] [--grep TEXT]`.
@@ -542,7 +542,7 @@ pub async fn health(conn: &Conn, out: Output, args: HealthArgs) -> Result {
         let service = if id.is_empty() {
             String::new()
         } else {
-            torud::api::health::service_name(&id)
+            torud_api::health_service_name(&id)
         };
         let req = conn.unary(HealthCheckRequest {
             service: service.clone(),

@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
+use crate::logs::seqlog::{Follower, SeqLog, SeqLogConfig, SeqLogError, Sequenced};
 use crate::model::{Event, EventDraft};
-use crate::seqlog::{Follower, SeqLog, SeqLogConfig, SeqLogError, Sequenced};
 
 /// Events kept in memory while the event log cannot be written (a few MB at most).
 pub const UNSAVED_EVENTS: usize = 10_000;

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use time::OffsetDateTime;
 use tonic::Status;
 
-use crate::capture::PluginLog;
+use crate::logs::capture::PluginLog;
+use crate::logs::seqlog::SeqLog;
 use crate::model::LogRecord;
-use crate::seqlog::SeqLog;
 
 /// Records read from one log at a time.
 const CHUNK: usize = 256;
@@ -22,10 +22,10 @@ const CHUNK: usize = 256;
 /// Records looked at for one page at most. A filter that keeps few records would otherwise
 /// scan the whole history in one call; past this, the page is returned short (even empty)
 /// with a token that continues the scan.
-pub(super) const MAX_SCANNED: usize = 50_000;
+pub(crate) const MAX_SCANNED: usize = 50_000;
 
 /// One plugin's part of a query.
-pub(super) struct Source {
+pub(crate) struct Source {
     /// The plugin.
     pub id: String,
     log: SeqLog<LogRecord>,
@@ -36,7 +36,7 @@ pub(super) struct Source {
 }
 
 /// Bounds of a query.
-pub(super) struct Bounds {
+pub(crate) struct Bounds {
     pub since: Option<OffsetDateTime>,
     pub until: Option<OffsetDateTime>,
     pub after_seq: u64,
@@ -54,7 +54,7 @@ impl Source {
         newest_first: bool,
     ) -> Result<Self, Status> {
         let log = log.records().clone();
-        let internal = |e: crate::seqlog::SeqLogError| Status::internal(e.to_string());
+        let internal = |e: crate::logs::seqlog::SeqLogError| Status::internal(e.to_string());
         let mut lo = log.first_seq().max(bounds.after_seq.saturating_add(1));
         let mut hi = log.last_seq();
         if bounds.before_seq > 0 {
@@ -83,7 +83,7 @@ impl Source {
     /// The next record in the query's order, reading a chunk when the buffer is empty.
     fn peek(&mut self, newest_first: bool) -> Result<Option<&Arc<LogRecord>>, Status> {
         if self.buffer.is_empty() && self.lo <= self.hi {
-            let internal = |e: crate::seqlog::SeqLogError| Status::internal(e.to_string());
+            let internal = |e: crate::logs::seqlog::SeqLogError| Status::internal(e.to_string());
             let (lo, hi) = (self.lo, self.hi);
             let chunk: Vec<Arc<LogRecord>> = if newest_first {
                 let from = hi.saturating_sub(CHUNK as u64 - 1).max(lo);
@@ -105,10 +105,10 @@ impl Source {
 }
 
 /// A page: the records kept, and where each plugin resumes (`None`: done).
-pub(super) type Page<T> = (Vec<T>, Option<BTreeMap<String, u64>>);
+pub(crate) type Page<T> = (Vec<T>, Option<BTreeMap<String, u64>>);
 
 /// How much one page may hold and look at.
-pub(super) struct Budget {
+pub(crate) struct Budget {
     /// Records returned at most.
     pub records: usize,
     /// Bytes of records returned at most (as measured by the caller's `size`); a page
@@ -122,7 +122,7 @@ pub(super) struct Budget {
 /// output (`None`: filtered out), within `budget`, with the per-plugin resume points for the
 /// next page (`None` when none is left). A record that would overflow the byte budget is
 /// left for the next page.
-pub(super) fn page<T>(
+pub(crate) fn page<T>(
     mut sources: Vec<Source>,
     budget: &Budget,
     newest_first: bool,

@@ -23,7 +23,7 @@ use toru_plugin_sdk::Metadata;
 
 use crate::config::PluginLimits;
 use crate::model::PluginSpec;
-use crate::process::{plugin_command, signal_group, Confinement, Credentials};
+use crate::plugin::process::{plugin_command, signal_group, Confinement, Credentials};
 
 /// Largest `--metadata` output accepted.
 pub const DEFAULT_MAX_METADATA_BYTES: usize = 64 * 1024;
@@ -58,17 +58,17 @@ pub struct ProbeOptions {
     /// The user the `--metadata` process runs as (`None`: the daemon's).
     pub run_as: Option<Credentials>,
     /// Hide the data directory from the `--metadata` process (a daemon that is not root).
-    pub hide: Option<crate::isolation::sandbox::Hide>,
+    pub hide: Option<crate::plugin::isolation::sandbox::Hide>,
     /// Where each `--metadata` process gets a cgroup of its own, killed whole when the probe
     /// ends, so nothing it started (a `setsid()` grandchild) outlives it.
-    pub cgroups: Option<crate::isolation::CgroupRoot>,
+    pub cgroups: Option<crate::plugin::isolation::CgroupRoot>,
 }
 
 impl ProbeOptions {
     /// The options the configuration sets.
     pub fn from_config(
         config: &crate::config::Config,
-        isolation: &crate::isolation::Isolation,
+        isolation: &crate::plugin::isolation::Isolation,
     ) -> Self {
         ProbeOptions {
             timeout: config.timing.metadata_timeout,
@@ -232,7 +232,7 @@ pub async fn probe(dir: PathBuf, path: PathBuf, opts: ProbeOptions) -> Probe {
         )));
     }
     let probe_user = "; --metadata runs as the first uid of --plugin-uid-range";
-    if let Some(reason) = crate::isolation::unreachable(&real, opts.run_as, probe_user) {
+    if let Some(reason) = crate::plugin::isolation::unreachable(&real, opts.run_as, probe_user) {
         return Err(skip(reason));
     }
     let stdout = run_metadata(&path, &opts).await.map_err(skip)?;

@@ -21,8 +21,8 @@ use time::OffsetDateTime;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::time::{Duration, Instant};
 
+use crate::logs::seqlog::{SeqLog, SeqLogConfig, SeqLogError, Sequenced};
 use crate::model::{LogLevel, LogRecord, LogStream};
-use crate::seqlog::{SeqLog, SeqLogConfig, SeqLogError, Sequenced};
 
 /// Longest line kept as one record, unless configured otherwise.
 pub const DEFAULT_MAX_LINE: usize = 64 * 1024;

@@ -19,7 +19,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::config::{create_dir_with_mode, Config};
-use crate::process::Credentials;
+use crate::plugin::process::Credentials;
 pub use cgroup::{CgroupRoot, PluginCgroup};
 pub use users::{UidRange, UserChoice, UserTable};
 
@@ -67,7 +67,7 @@ pub fn shared_dir_mode() -> u32 {
 /// own user namespace (a plugin of an unprivileged daemon lives in a namespace of its own).
 /// `Err` says why not; the connection is then closed without an answer.
 pub fn control_peer_allowed(stream: &impl std::os::fd::AsRawFd) -> Result<(), String> {
-    let cred = crate::connection::peer_credentials(stream).map_err(|e| e.to_string())?;
+    let cred = crate::plugin::connection::peer_credentials(stream).map_err(|e| e.to_string())?;
     if cred.uid == 0 {
         return Ok(());
     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::IsolationError;
-use crate::state::write_atomically;
+use crate::store::state::write_atomically;
 
 /// The file, in the data directory, that remembers each plugin's dynamic uid.
 pub const USERS_FILE: &str = "users.json";
@@ -27,8 +27,8 @@ pub struct UidRange {
 impl UidRange {
     /// Who `--metadata` probes (and `torud plugin check`) run as: the range's first uid,
     /// with the same gid.
-    pub fn probe_credentials(&self) -> crate::process::Credentials {
-        crate::process::Credentials {
+    pub fn probe_credentials(&self) -> crate::plugin::process::Credentials {
+        crate::plugin::process::Credentials {
             uid: self.first,
             gid: self.first,
         }

@@ -19,12 +19,12 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use toru_plugin_sdk::wire::{HttpCall, InitParams};
 use toru_plugin_sdk::{Envelope, MessageType, PROTOCOL_VERSION};
 
-use crate::bridge::{new_request_id, Link, LinkLimits};
 use crate::config::DEFAULT_PLUGIN_ENV;
-use crate::connection::{connect_with_retry, send_one, send_one_on};
-use crate::discovery::{probe, ProbeOptions};
-use crate::storage::{Quotas, Storage};
-use crate::text::escape;
+use crate::plugin::connection::{connect_with_retry, send_one, send_one_on};
+use crate::plugin::discovery::{probe, ProbeOptions};
+use crate::plugin::link::{new_request_id, Link, LinkLimits};
+use crate::store::storage::{Quotas, Storage};
+use torud_api::text::escape;
 
 /// How to check.
 #[derive(Debug, Clone)]
@@ -150,7 +150,7 @@ pub fn run_cli(opts: CheckOptions) -> ExitCode {
 fn own_corner(
     root: &Path,
     data_dir: &Path,
-    run_as: Option<crate::process::Credentials>,
+    run_as: Option<crate::plugin::process::Credentials>,
 ) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(data_dir)?;
@@ -186,12 +186,12 @@ pub async fn check(opts: &CheckOptions) -> Report {
     // The daemon's default limits, so a plugin that passes here fits under them.
     let limits = crate::config::PluginLimits::default();
     // Run as root, the plugin gets an unprivileged user, as under the daemon.
-    let run_as = crate::isolation::daemon_is_root()
-        .then(|| crate::isolation::UidRange::default().probe_credentials());
+    let run_as = crate::plugin::isolation::daemon_is_root()
+        .then(|| crate::plugin::isolation::UidRange::default().probe_credentials());
     let probe_opts = ProbeOptions {
         timeout: limit,
         env_allowlist: env_allowlist.clone(),
-        max_bytes: crate::discovery::DEFAULT_MAX_METADATA_BYTES,
+        max_bytes: crate::plugin::discovery::DEFAULT_MAX_METADATA_BYTES,
         limits: limits.clone(),
         run_as,
         hide: None,
@@ -256,12 +256,12 @@ pub async fn check(opts: &CheckOptions) -> Report {
         (toru_plugin_sdk::ENV_INSTANCE_ID, "torud-check".into()),
         (toru_plugin_sdk::ENV_DATA_DIR, data_dir.into_os_string()),
     ];
-    let mut cmd = crate::process::plugin_command(
+    let mut cmd = crate::plugin::process::plugin_command(
         &path,
         &env_allowlist,
         &env,
         &limits,
-        crate::process::Confinement::user(run_as),
+        crate::plugin::process::Confinement::user(run_as),
     );
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = match cmd.spawn() {
@@ -385,7 +385,7 @@ pub async fn check(opts: &CheckOptions) -> Report {
         )
         .await;
     }
-    crate::process::signal_group(pid, libc::SIGKILL);
+    crate::plugin::process::signal_group(pid, libc::SIGKILL);
     if let Some(link) = link {
         link.close("check finished");
     }
@@ -450,7 +450,7 @@ async fn shutdown(
             );
         }
         Err(_) => {
-            crate::process::signal_group(pid, libc::SIGKILL);
+            crate::plugin::process::signal_group(pid, libc::SIGKILL);
             let _ = child.wait().await;
             report.add(
                 "shutdown",
@@ -469,7 +469,7 @@ async fn round_trips(
     link: &Link,
     protocol: u32,
     limit: Duration,
-    storage: Option<&crate::storage::Namespace>,
+    storage: Option<&crate::store::storage::Namespace>,
 ) {
     if protocol >= 2 {
         let sent = Instant::now();
@@ -568,7 +568,7 @@ async fn round_trips(
                 answer.body.len(),
                 ms(sent.elapsed())
             )),
-            Err(crate::bridge::BridgeError::Refused { code, message }) => {
+            Err(crate::plugin::link::BridgeError::Refused { code, message }) => {
                 Outcome::Pass(format!("answered an error ({code}: {message})"))
             }
             Err(e) => Outcome::Fail(e.to_string()),

@@ -30,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 use toru_plugin_sdk::wire::{HttpAnswer, HttpCall};
 use toru_plugin_sdk::{AnswerKind, Envelope, FrameCodec, FrameError, MessageType};
 
-use crate::connection::{connect_patiently, send_one};
-use crate::storage::Namespace;
-use crate::throttle::{Admit, Throttle};
+use crate::plugin::connection::{connect_patiently, send_one};
+use crate::plugin::throttle::{Admit, Throttle};
+use crate::store::storage::Namespace;
 
 /// Storage requests from one plugin served at once; the plugin's further frames wait.
 const STORAGE_IN_FLIGHT: usize = 64;

@@ -18,13 +18,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
+use crate::api::auth::{AuthLayer, TokenError, TokenSource, Tokens};
+use crate::api::health;
 use crate::api::kv::KvApi;
 use crate::api::logs::LogApi;
-use crate::api::{health, PluginApi};
-use crate::auth::{AuthLayer, TokenError, TokenSource, Tokens};
+use crate::api::plugins::PluginApi;
 use crate::config::{create_dir_with_mode, Config, TlsFiles};
-use crate::pb;
 use crate::supervisor::{StartupError, Supervisor};
+use torud_api::pb;
 
 /// How long connections get to close after plugins have stopped. The server has been
 /// draining since shutdown began (streams ended at once, unary calls finished with their
@@ -144,12 +145,14 @@ pub async fn run(
     {
         return Err(ServeError::PlaintextNonLoopback(addr));
     }
-    create_dir_with_mode(&config.data_dir, crate::isolation::shared_dir_mode()).map_err(
-        |source| ServeError::DataDir {
-            path: config.data_dir.clone(),
-            source,
-        },
-    )?;
+    create_dir_with_mode(
+        &config.data_dir,
+        crate::plugin::isolation::shared_dir_mode(),
+    )
+    .map_err(|source| ServeError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
     let tokens = Tokens::load(&config.security.admin_token, &config.security.read_token)?;
     for source in [&config.security.admin_token, &config.security.read_token] {
         if let TokenSource::Generated(path) = source {
@@ -175,7 +178,7 @@ pub async fn run(
     let bridge = tokio::spawn(health::bridge(reporter.clone(), supervisor.clone()));
     let reflection = || {
         tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection()
@@ -236,7 +239,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(
             tokio_stream::StreamExt::filter(UnixListenerStream::new(control), |conn| {
                 let Ok(stream) = conn else { return true };
-                crate::isolation::control_peer_allowed(stream)
+                crate::plugin::isolation::control_peer_allowed(stream)
                     .inspect_err(|why| {
                         tracing::warn!(
                             "control socket: refused a client ({why}); connection closed"

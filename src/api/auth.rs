@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::Status;
 
-use crate::state::write_atomically;
+use crate::store::state::write_atomically;
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,31 +212,6 @@ fn random_token() -> std::io::Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
     Ok(hex::encode(bytes))
-}
-
-/// The client side: adds `authorization: Bearer <token>` to every call (as a tonic
-/// interceptor, or to one request with [`Bearer::apply`]).
-#[derive(Clone)]
-pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl Bearer {
-    /// The header for `token`; an error when the token has characters a header cannot carry.
-    pub fn new(token: &str) -> Result<Self, tonic::metadata::errors::InvalidMetadataValue> {
-        Ok(Bearer(format!("Bearer {token}").parse()?))
-    }
-
-    /// Adds the header to `req`.
-    pub fn apply<T>(&self, req: &mut tonic::Request<T>) {
-        req.metadata_mut()
-            .insert(http::header::AUTHORIZATION.as_str(), self.0.clone());
-    }
-}
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        self.apply(&mut req);
-        Ok(req)
-    }
 }
 
 /// A tower layer that checks tokens in front of every route.

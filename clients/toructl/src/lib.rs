@@ -209,7 +209,8 @@ pub struct HealthArgs {
     pub ids: Vec<String>,
 }
 
-fn main() -> ExitCode {
+/// Runs `toructl` with the process's arguments; the exit code says how it went.
+pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

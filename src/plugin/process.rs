@@ -23,9 +23,9 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
-use crate::capture::{drain_lines, PluginLog, StderrTail};
 use crate::config::PluginLimits;
-use crate::isolation::PluginCgroup;
+use crate::logs::capture::{drain_lines, PluginLog, StderrTail};
+use crate::plugin::isolation::PluginCgroup;
 
 #[cfg(target_env = "gnu")]
 type RlimitResource = libc::__rlimit_resource_t;
@@ -51,7 +51,7 @@ pub struct Confinement {
     /// The plugin's cgroup's `cgroup.procs`, open for writing: the child joins it first.
     pub cgroup_procs: Option<OwnedFd>,
     /// Namespaces and Landlock, for a daemon that is not root.
-    pub sandbox: Option<crate::isolation::sandbox::Sandbox>,
+    pub sandbox: Option<crate::plugin::isolation::sandbox::Sandbox>,
 }
 
 impl Confinement {
