@@ -13,8 +13,14 @@
 //! `no_new_privs` and the parent-death signal (which a uid change would clear).
 //! This module knows nothing of sockets, states or events; who a plugin runs as is decided
 //! by `isolation`.
+//!
+//! Supervision reaches processes through two small traits, [`Spawner`] (start one) and
+//! [`Process`] (its id, wait for its exit, signal it, kill it and all it started, drain its
+//! output), so the actor's timers can be tested with a fake process; [`OsSpawner`] and
+//! [`PluginProcess`] are the real ones.
 
 use std::ffi::OsString;
+use std::future::Future;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -281,6 +287,63 @@ pub enum Descendants {
 /// Bound on the wait for a killed plugin's cgroup to empty.
 const CGROUP_EMPTY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Starts plugin processes: the seam between supervision and the operating system.
+pub trait Spawner: Send + Sync + 'static {
+    /// The process it starts.
+    type Process: Process;
+
+    /// Starts `cmd` (built by [`plugin_command`]) with stdout and stderr drained line by line
+    /// (lines longer than `max_line` split) into `log`; `descendants` says how to find what
+    /// it starts.
+    fn spawn(
+        &self,
+        cmd: Command,
+        log: PluginLog,
+        max_line: usize,
+        descendants: Descendants,
+    ) -> std::io::Result<Self::Process>;
+}
+
+/// What supervision does with a started plugin process.
+pub trait Process: Send + 'static {
+    /// The process id (also its process group id).
+    fn pid(&self) -> u32;
+
+    /// Waits for the process to exit. Cancel-safe; returns at once once it has exited.
+    fn wait(&mut self) -> impl Future<Output = ExitStatus> + Send;
+
+    /// The exit status, if the process has been reaped.
+    fn exit_status(&self) -> Option<ExitStatus>;
+
+    /// Signals the whole process group.
+    fn signal_group(&self, sig: i32);
+
+    /// SIGKILLs the group and waits for the exit, at most `limit`.
+    fn kill_and_wait(&mut self, limit: Duration) -> impl Future<Output = ExitStatus> + Send;
+
+    /// After the exit: kills everything it started, waits (at most `drain_timeout`) for its
+    /// output to be drained, and returns the last lines of its stderr.
+    fn finish(&mut self, drain_timeout: Duration) -> impl Future<Output = Vec<String>> + Send;
+}
+
+/// Spawns real processes: [`PluginProcess::spawn`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OsSpawner;
+
+impl Spawner for OsSpawner {
+    type Process = PluginProcess;
+
+    fn spawn(
+        &self,
+        cmd: Command,
+        log: PluginLog,
+        max_line: usize,
+        descendants: Descendants,
+    ) -> std::io::Result<PluginProcess> {
+        PluginProcess::spawn(cmd, log, max_line, descendants)
+    }
+}
+
 /// A running plugin process with its output being drained into its log.
 pub struct PluginProcess {
     child: Child,
@@ -414,6 +477,32 @@ impl PluginProcess {
             );
         }
         self.stderr_tail.lines()
+    }
+}
+
+impl Process for PluginProcess {
+    fn pid(&self) -> u32 {
+        PluginProcess::pid(self)
+    }
+
+    fn wait(&mut self) -> impl Future<Output = ExitStatus> + Send {
+        PluginProcess::wait(self)
+    }
+
+    fn exit_status(&self) -> Option<ExitStatus> {
+        PluginProcess::exit_status(self)
+    }
+
+    fn signal_group(&self, sig: i32) {
+        PluginProcess::signal_group(self, sig)
+    }
+
+    fn kill_and_wait(&mut self, limit: Duration) -> impl Future<Output = ExitStatus> + Send {
+        PluginProcess::kill_and_wait(self, limit)
+    }
+
+    fn finish(&mut self, drain_timeout: Duration) -> impl Future<Output = Vec<String>> + Send {
+        PluginProcess::finish(self, drain_timeout)
     }
 }
 

@@ -6,7 +6,18 @@
 //! Architecture invariant: nothing else touches a plugin's process or connection. Other
 //! code sends [`Command`]s and reads the [`PluginStatus`] the actor publishes on a `watch`
 //! channel; every transition is also appended to the event log.
+//!
+//! Each state's loop hands the commands it takes to one place, [`Actor::on_command`], which
+//! says what a command means in that [`Phase`]; [`Actor::leave`] then carries the verdict
+//! out, stopping the process first when there is one.
+//!
+//! The actor reaches its process through [`Spawner`] and [`Process`], so its timers
+//! (backoff, crash budget, stable window, stop escalation) are unit-tested with a fake
+//! process under `tokio::time::pause()` (`supervisor/actor_tests.rs`), besides the
+//! integration tests with real plugins. The connection stays real: the fake serves the
+//! plugin's socket in-process with the SDK's codec, so the handshake runs unchanged.
 
+use std::ffi::OsString;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -29,7 +40,9 @@ use crate::model::{
 use crate::plugin::connection::{connect_with_retry, send_one, send_one_on, socket_listening};
 use crate::plugin::discovery::{self, FileIdentity, ProbeOptions, Recheck};
 use crate::plugin::link::{BridgeError, Link, LinkLimits};
-use crate::plugin::process::{plugin_command, Confinement, Descendants, PluginProcess};
+use crate::plugin::process::{
+    plugin_command, Confinement, Descendants, OsSpawner, Process, Spawner,
+};
 use crate::store::state::StateError;
 
 /// Reply channel of a command that returns the plugin's status.
@@ -90,16 +103,16 @@ const MAX_SOCKET_PATH: usize = 107;
 /// A heartbeat in flight.
 type Heartbeat = Pin<Box<dyn Future<Output = Result<(), BridgeError>> + Send>>;
 
-enum Next {
+enum Next<P> {
     Idle,
     Start,
     Backoff(Instant),
-    Run(Box<Run>),
+    Run(Box<Run<P>>),
     Exit,
 }
 
-struct Run {
-    process: PluginProcess,
+struct Run<P> {
+    process: P,
     /// The way requests reach the plugin; `None` until it is ready.
     link: Option<Link>,
     since: Instant,
@@ -107,8 +120,84 @@ struct Run {
     ready: bool,
 }
 
-pub(super) struct Actor {
+impl<P> Run<P> {
+    /// A process whose start is being ended: with its protocol-2 link if it got that far.
+    fn unready(process: P, early_link: &std::sync::Mutex<Option<Link>>) -> Self {
+        Run {
+            process,
+            link: take_link(early_link),
+            since: Instant::now(),
+            ready: false,
+        }
+    }
+}
+
+/// What the actor is doing when a command arrives; decides what the command means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Stopped, disabled or crashed for good: nothing runs, nothing is scheduled.
+    Idle,
+    /// Waiting to restart after a failed run.
+    Backoff,
+    /// Preparing a start, or started and not yet ready.
+    Starting,
+    /// Ready and serving.
+    Running,
+}
+
+/// A command's verdict when the actor leaves its phase for it.
+enum Leave {
+    /// Start: an enable when idle, an enable or restart during a backoff.
+    Start,
+    /// Stop the process for this reason, then start again.
+    Restart(&'static str),
+    /// A saved disable: stop (if anything runs), answer it and the waiters, stay stopped.
+    Disable(Reply),
+    /// Stop (if anything runs) for this reason and end the actor; `done` is told once
+    /// stopped.
+    Exit {
+        reason: &'static str,
+        done: Option<oneshot::Sender<()>>,
+    },
+}
+
+impl Leave {
+    /// Ends the actor without anyone to tell.
+    fn exit(reason: &'static str) -> Self {
+        Leave::Exit { reason, done: None }
+    }
+}
+
+/// Why a start does not go ahead.
+enum Refusal {
+    /// Something an operator must fix: the plugin is disabled.
+    Disable(String),
+    /// Something that may pass: counted as a failed run and retried after a backoff.
+    Retry(String),
+}
+
+impl From<Recheck> for Refusal {
+    fn from(recheck: Recheck) -> Self {
+        match recheck {
+            Recheck::OtherId(reason) => Refusal::Disable(reason),
+            Recheck::Failed(reason) => Refusal::Retry(reason),
+        }
+    }
+}
+
+/// What a start has made ready before spawning.
+struct Prepared {
+    socket: PathBuf,
+    instance_id: String,
+    env: Vec<(&'static str, OsString)>,
+    confinement: Confinement,
+    descendants: Descendants,
+}
+
+/// One plugin's actor; `S` starts its processes (real ones but in unit tests).
+pub(super) struct Actor<S: Spawner = OsSpawner> {
     ctx: Arc<Context>,
+    spawner: S,
     id: String,
     status: watch::Sender<PluginStatus>,
     /// The running plugin's link, published for the request path; `None` unless RUNNING.
@@ -127,6 +216,7 @@ pub(super) struct Actor {
 }
 
 impl Actor {
+    /// An actor for the plugin whose status `status` holds, spawning real processes.
     pub(super) fn new(
         ctx: Arc<Context>,
         status: watch::Sender<PluginStatus>,
@@ -139,6 +229,7 @@ impl Actor {
         let id = status.borrow().id().to_owned();
         Actor {
             ctx,
+            spawner: OsSpawner,
             id,
             status,
             link,
@@ -148,6 +239,26 @@ impl Actor {
             waiters: Vec::new(),
             persisting: None,
             verified,
+        }
+    }
+}
+
+impl<S: Spawner> Actor<S> {
+    /// The same actor, starting its processes with `spawner` instead (a fake, in tests).
+    #[cfg(test)]
+    pub(super) fn with_spawner<T: Spawner>(self, spawner: T) -> Actor<T> {
+        Actor {
+            ctx: self.ctx,
+            spawner,
+            id: self.id,
+            status: self.status,
+            link: self.link,
+            log: self.log,
+            commands: self.commands,
+            cancel: self.cancel,
+            waiters: self.waiters,
+            persisting: self.persisting,
+            verified: self.verified,
         }
     }
 
@@ -240,7 +351,7 @@ impl Actor {
     /// A plugin enabled by `--enable-new-plugins` (no saved decision yet) has that decision
     /// saved like an operator's, before it starts, so it stays enabled without the flag. When
     /// it cannot be saved the plugin is not started: what runs is what a restart would run.
-    async fn keep_default_enable(&mut self) -> Next {
+    async fn keep_default_enable(&mut self) -> Next<S::Process> {
         if self.ctx.state.get(&self.id).is_some() {
             return Next::Start;
         }
@@ -272,7 +383,7 @@ impl Actor {
     /// pin's hash, the cgroup), before anything is spawned: a disable, a removal or the
     /// daemon's shutdown ends the start here, with no process to stop. The others are kept
     /// as during a start.
-    async fn stop_before_spawn(&mut self) -> Option<Next> {
+    async fn stop_before_spawn(&mut self) -> Option<Next<S::Process>> {
         if self.cancel.is_cancelled() {
             return Some(Next::Exit);
         }
@@ -280,29 +391,115 @@ impl Actor {
             if command.abandoned() {
                 continue;
             }
-            match command {
-                Command::Enable(reply) | Command::Restart(reply) => self.waiters.push(reply),
-                Command::Update(spec) => self.update_spec(spec),
-                Command::Disable(reply) => {
-                    let Some(reply) = self.save_disable(reply).await else {
-                        continue;
-                    };
-                    self.transition(PluginState::Stopped, "disabled by operator", None, |_| {});
-                    self.reply(reply).await;
-                    self.answer_waiters(Err(SupervisorError::Interrupted(
-                        self.id.clone(),
-                        "it was disabled".into(),
-                    )))
-                    .await;
-                    return Some(Next::Idle);
-                }
-                Command::Remove(done) => {
-                    let _ = done.send(());
-                    return Some(Next::Exit);
-                }
+            if let Some(leave) = self.on_command(Phase::Starting, Some(command)).await {
+                return Some(self.leave(None, leave).await);
             }
         }
         None
+    }
+
+    /// What a command means in `phase`: carried out here when the actor stays where it is,
+    /// or returned as the verdict [`Actor::leave`] carries out. `None` is the supervisor
+    /// gone.
+    async fn on_command(&mut self, phase: Phase, command: Option<Command>) -> Option<Leave> {
+        let Some(command) = command else {
+            return Some(Leave::exit("supervisor gone"));
+        };
+        match command {
+            Command::Update(spec) => {
+                self.update_spec(spec);
+                (phase == Phase::Running && self.runs_another_file())
+                    .then_some(Leave::Restart("another file now provides this plugin"))
+            }
+            Command::Enable(reply) => match phase {
+                Phase::Idle => {
+                    if let Err(e) = self.save_enabled(true).await {
+                        let _ = reply.send(Err(e));
+                        return None;
+                    }
+                    self.status.send_modify(|s| s.consecutive_failures = 0);
+                    self.waiters.push(reply);
+                    Some(Leave::Start)
+                }
+                Phase::Backoff => {
+                    self.waiters.push(reply);
+                    Some(Leave::Start)
+                }
+                Phase::Starting => {
+                    self.waiters.push(reply);
+                    None
+                }
+                Phase::Running => {
+                    self.reply(reply).await;
+                    None
+                }
+            },
+            Command::Restart(reply) => {
+                if phase == Phase::Idle {
+                    let _ = reply.send(Err(SupervisorError::NotEnabled(self.id.clone())));
+                    return None;
+                }
+                self.waiters.push(reply);
+                match phase {
+                    Phase::Backoff => Some(Leave::Start),
+                    Phase::Running => Some(Leave::Restart("restart requested")),
+                    Phase::Idle | Phase::Starting => None,
+                }
+            }
+            Command::Disable(reply) => {
+                let reply = self.save_disable(reply).await?;
+                if phase != Phase::Idle {
+                    return Some(Leave::Disable(reply));
+                }
+                if self.status.borrow().state != PluginState::Stopped {
+                    self.transition(PluginState::Stopped, "disabled by operator", None, |_| {});
+                }
+                self.reply(reply).await;
+                None
+            }
+            Command::Remove(done) => Some(Leave::Exit {
+                reason: "plugin file removed",
+                done: Some(done),
+            }),
+        }
+    }
+
+    /// Carries out a command's verdict, stopping `run` first when there is one, and says
+    /// where the actor goes next.
+    async fn leave(&mut self, run: Option<Run<S::Process>>, leave: Leave) -> Next<S::Process> {
+        match leave {
+            Leave::Start => Next::Start,
+            Leave::Restart(reason) => {
+                if let Some(run) = run {
+                    self.stop(run, reason).await;
+                }
+                Next::Start
+            }
+            Leave::Disable(reply) => {
+                match run {
+                    Some(run) => self.stop(run, "disabled by operator").await,
+                    None => {
+                        self.transition(PluginState::Stopped, "disabled by operator", None, |_| {})
+                    }
+                }
+                self.reply(reply).await;
+                self.answer_waiters(Err(SupervisorError::Interrupted(
+                    self.id.clone(),
+                    "it was disabled".into(),
+                )))
+                .await;
+                Next::Idle
+            }
+            Leave::Exit { reason, done } => {
+                if let Some(run) = run {
+                    self.stop(run, reason).await;
+                }
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+                Next::Exit
+            }
+        }
     }
 
     /// Saves an operator's disable before acting on it. When it cannot be saved, the caller
@@ -360,124 +557,79 @@ impl Actor {
         self.status.send_modify(|s| s.spec = spec);
     }
 
-    async fn idle(&mut self) -> Next {
+    async fn idle(&mut self) -> Next<S::Process> {
         loop {
-            let cmd = tokio::select! {
-                cmd = next_command(&mut self.commands) => cmd,
-                _ = self.cancel.cancelled() => return Next::Exit,
+            let leave = tokio::select! {
+                cmd = next_command(&mut self.commands) => self.on_command(Phase::Idle, cmd).await,
+                _ = self.cancel.cancelled() => Some(Leave::exit("daemon shutting down")),
             };
-            match cmd {
-                None => return Next::Exit,
-                Some(Command::Enable(reply)) => {
-                    if let Err(e) = self.save_enabled(true).await {
-                        let _ = reply.send(Err(e));
-                        continue;
-                    }
-                    self.status.send_modify(|s| s.consecutive_failures = 0);
-                    self.waiters.push(reply);
-                    return Next::Start;
-                }
-                Some(Command::Disable(reply)) => {
-                    let Some(reply) = self.save_disable(reply).await else {
-                        continue;
-                    };
-                    if self.status.borrow().state != PluginState::Stopped {
-                        self.transition(PluginState::Stopped, "disabled by operator", None, |_| {});
-                    }
-                    self.reply(reply).await;
-                }
-                Some(Command::Restart(reply)) => {
-                    let _ = reply.send(Err(SupervisorError::NotEnabled(self.id.clone())));
-                }
-                Some(Command::Update(spec)) => self.update_spec(spec),
-                Some(Command::Remove(done)) => {
-                    let _ = done.send(());
-                    return Next::Exit;
-                }
+            if let Some(leave) = leave {
+                return self.leave(None, leave).await;
             }
         }
     }
 
-    async fn backoff(&mut self, at: Instant) -> Next {
+    async fn backoff(&mut self, at: Instant) -> Next<S::Process> {
         loop {
-            let cmd = tokio::select! {
-                _ = sleep_until(at) => {
-                    self.status.send_modify(|s| s.restart_count += 1);
-                    return Next::Start;
-                }
-                cmd = next_command(&mut self.commands) => cmd,
-                _ = self.cancel.cancelled() => return Next::Exit,
+            let leave = tokio::select! {
+                _ = sleep_until(at) => Some(Leave::Start),
+                cmd = next_command(&mut self.commands) => self.on_command(Phase::Backoff, cmd).await,
+                _ = self.cancel.cancelled() => Some(Leave::exit("daemon shutting down")),
             };
-            match cmd {
-                None => return Next::Exit,
-                Some(Command::Enable(reply)) | Some(Command::Restart(reply)) => {
-                    self.waiters.push(reply);
-                    self.status.send_modify(|s| s.restart_count += 1);
-                    return Next::Start;
-                }
-                Some(Command::Disable(reply)) => {
-                    let Some(reply) = self.save_disable(reply).await else {
-                        continue;
-                    };
-                    self.transition(PluginState::Stopped, "disabled by operator", None, |_| {});
-                    self.reply(reply).await;
-                    return Next::Idle;
-                }
-                Some(Command::Update(spec)) => self.update_spec(spec),
-                Some(Command::Remove(done)) => {
-                    let _ = done.send(());
-                    return Next::Exit;
-                }
+            let Some(leave) = leave else { continue };
+            if matches!(leave, Leave::Start) {
+                self.status.send_modify(|s| s.restart_count += 1);
             }
+            return self.leave(None, leave).await;
         }
     }
 
-    async fn start(&mut self) -> Next {
+    /// Starts the plugin: prepares (checks, directories, cgroup), spawns, and waits for it
+    /// to become ready.
+    async fn start(&mut self) -> Next<S::Process> {
         if self.cancel.is_cancelled() {
             return Next::Exit;
         }
         let spec = self.status.borrow().spec.clone();
-        let cfg = self.ctx.config.clone();
-        let socket = cfg.socket_path(&self.id);
-        if socket.as_os_str().len() > MAX_SOCKET_PATH {
-            let reason = format!(
-                "socket path {} is {} bytes, over the {MAX_SOCKET_PATH}-byte Unix socket limit; use a shorter --data-dir",
-                socket.display(),
-                socket.as_os_str().len()
-            );
-            return self.disable_for(reason).await;
-        }
-        match self.recheck_id(&spec).await {
-            Ok(()) => {}
-            Err(Recheck::OtherId(reason)) => return self.disable_for(reason).await,
-            Err(Recheck::Failed(reason)) => return self.failed_run(None, None, reason).await,
-        }
-        let isolation = &self.ctx.isolation;
-        let who = match isolation.identity(&cfg, &self.id) {
-            Ok(who) => who,
-            // Writing users.json can fail for a while (a full disk): back off and try again.
-            Err(e @ crate::plugin::isolation::IsolationError::UsersFile { .. }) => {
-                return self.failed_run(None, None, e.to_string()).await
-            }
-            Err(e) => return self.disable_for(e.to_string()).await,
+        let prepared = match self.prepare(&spec).await {
+            Ok(prepared) => prepared,
+            Err(refusal) => return self.refuse(refusal).await,
         };
-        if let Err(e) = isolation.prepare_plugin_dirs(&cfg, &self.id, &who) {
-            return self
-                .failed_run(None, None, format!("cannot prepare its directories: {e}"))
-                .await;
+        if let Some(next) = self.stop_before_spawn().await {
+            return next;
         }
-        let other_user = format!(
-            ", or run it as another user with --plugin-user {}=USER",
-            self.id
-        );
-        if let Some(reason) =
-            crate::plugin::isolation::unreachable(&spec.binary_path, who.credentials(), &other_user)
-        {
-            return self.disable_for(reason).await;
+        let (socket, instance_id) = (prepared.socket.clone(), prepared.instance_id.clone());
+        let process = match self.spawn(&spec, prepared) {
+            Ok(process) => process,
+            Err(reason) => return self.failed_run(None, None, reason).await,
+        };
+        let pid = process.pid();
+        self.transition(PluginState::Starting, "spawned", None, |s| {
+            s.pid = Some(pid);
+            s.started_at = Some(OffsetDateTime::now_utc());
+        });
+        self.await_ready(&spec, process, socket, instance_id).await
+    }
+
+    /// A start that does not go ahead: the plugin is disabled, or the failure counts as a
+    /// failed run.
+    async fn refuse(&mut self, refusal: Refusal) -> Next<S::Process> {
+        match refusal {
+            Refusal::Disable(reason) => self.disable_for(reason).await,
+            Refusal::Retry(reason) => self.failed_run(None, None, reason).await,
         }
+    }
+
+    /// Everything a start needs before spawning: checks that the socket path fits, that the
+    /// file still declares this id, who the plugin runs as (its directories made and its
+    /// executable reachable), its pin, its environment, cgroup and sandbox.
+    async fn prepare(&mut self, spec: &PluginSpec) -> Result<Prepared, Refusal> {
+        let cfg = self.ctx.config.clone();
+        let socket = self.socket_path()?;
+        self.recheck_id(spec).await?;
+        let who = self.identity(spec)?;
         let _ = std::fs::remove_file(&socket);
         let data_dir = cfg.plugin_data_dir(&self.id);
-        let log_dir = cfg.log_dir(&self.id);
         let instance_id = uuid::Uuid::new_v4().to_string();
         let mut env = vec![
             (
@@ -491,81 +643,151 @@ impl Actor {
         if let Some(home) = &who.home {
             env.push(("HOME", home.clone().into_os_string()));
         }
-        if let Some(expected) = cfg.pins.get(&self.id) {
-            let path = spec.binary_path.clone();
-            let found = tokio::task::spawn_blocking(move || sha256_file(&path))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-            match found {
-                Ok(found) if &found == expected => {}
-                Ok(found) => {
-                    let reason = format!(
-                        "binary pinning: {} has sha256 {found}, but {expected} is pinned for {}; \
-                         refusing to start it",
-                        spec.binary_path.display(),
-                        self.id
-                    );
-                    return self.disable_for(reason).await;
-                }
-                Err(e) => {
-                    let reason = format!(
-                        "binary pinning: cannot read {}: {e}",
-                        spec.binary_path.display()
-                    );
-                    return self.disable_for(reason).await;
-                }
-            }
-        }
-        let (descendants, cgroup_procs) = match self.ctx.isolation.cgroups() {
-            Some(root) => match root.plugin(&self.id).await {
-                Ok(mut cgroup) => {
-                    let procs = cgroup.take_procs();
-                    (Descendants::Cgroup(cgroup), procs)
-                }
-                Err(e) => {
-                    let reason =
-                        format!("cannot create its cgroup in {}: {e}", root.dir().display());
-                    return self.failed_run(None, None, reason).await;
-                }
-            },
-            None => (Descendants::Marker(socket.clone()), None),
-        };
-        let sandbox = match self.ctx.isolation.sandbox(&cfg, &self.id).transpose() {
-            Ok(sandbox) => sandbox,
-            Err(e) => {
-                let reason = format!("cannot prepare its private view of the data directory: {e}");
-                return self.failed_run(None, None, reason).await;
-            }
-        };
-        if let Some(next) = self.stop_before_spawn().await {
-            return next;
-        }
+        self.check_pin(spec).await?;
+        let (descendants, cgroup_procs) = self.cgroup(&socket).await?;
+        let sandbox = self
+            .ctx
+            .isolation
+            .sandbox(&cfg, &self.id)
+            .transpose()
+            .map_err(|e| {
+                Refusal::Retry(format!(
+                    "cannot prepare its private view of the data directory: {e}"
+                ))
+            })?;
         let confinement = Confinement {
             credentials: who.credentials(),
             cgroup_procs,
             sandbox,
         };
+        Ok(Prepared {
+            socket,
+            instance_id,
+            env,
+            confinement,
+            descendants,
+        })
+    }
+
+    /// The plugin's socket path, if it fits in `sockaddr_un`.
+    fn socket_path(&self) -> Result<PathBuf, Refusal> {
+        let socket = self.ctx.config.socket_path(&self.id);
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(Refusal::Disable(format!(
+                "socket path {} is {} bytes, over the {MAX_SOCKET_PATH}-byte Unix socket limit; use a shorter --data-dir",
+                socket.display(),
+                socket.as_os_str().len()
+            )));
+        }
+        Ok(socket)
+    }
+
+    /// Who the plugin runs as, with its directories made and its executable checked to be
+    /// within that user's reach.
+    fn identity(&self, spec: &PluginSpec) -> Result<crate::plugin::isolation::Identity, Refusal> {
+        let cfg = &self.ctx.config;
+        let isolation = &self.ctx.isolation;
+        let who = match isolation.identity(cfg, &self.id) {
+            Ok(who) => who,
+            // Writing users.json can fail for a while (a full disk): back off and try again.
+            Err(e @ crate::plugin::isolation::IsolationError::UsersFile { .. }) => {
+                return Err(Refusal::Retry(e.to_string()))
+            }
+            Err(e) => return Err(Refusal::Disable(e.to_string())),
+        };
+        if let Err(e) = isolation.prepare_plugin_dirs(cfg, &self.id, &who) {
+            return Err(Refusal::Retry(format!(
+                "cannot prepare its directories: {e}"
+            )));
+        }
+        let other_user = format!(
+            ", or run it as another user with --plugin-user {}=USER",
+            self.id
+        );
+        if let Some(reason) =
+            crate::plugin::isolation::unreachable(&spec.binary_path, who.credentials(), &other_user)
+        {
+            return Err(Refusal::Disable(reason));
+        }
+        Ok(who)
+    }
+
+    /// Checks the executable against its pinned SHA-256, when one is pinned.
+    async fn check_pin(&self, spec: &PluginSpec) -> Result<(), Refusal> {
+        let Some(expected) = self.ctx.config.pins.get(&self.id) else {
+            return Ok(());
+        };
+        let path = spec.binary_path.clone();
+        let found = tokio::task::spawn_blocking(move || sha256_file(&path))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        match found {
+            Ok(found) if &found == expected => Ok(()),
+            Ok(found) => Err(Refusal::Disable(format!(
+                "binary pinning: {} has sha256 {found}, but {expected} is pinned for {}; \
+                 refusing to start it",
+                spec.binary_path.display(),
+                self.id
+            ))),
+            Err(e) => Err(Refusal::Disable(format!(
+                "binary pinning: cannot read {}: {e}",
+                spec.binary_path.display()
+            ))),
+        }
+    }
+
+    /// How what the plugin starts is found when it stops: its own cgroup (and the
+    /// descriptor the child joins it by), or, without cgroups, its socket marker.
+    async fn cgroup(
+        &self,
+        socket: &std::path::Path,
+    ) -> Result<(Descendants, Option<std::os::fd::OwnedFd>), Refusal> {
+        let Some(root) = self.ctx.isolation.cgroups() else {
+            return Ok((Descendants::Marker(socket.to_path_buf()), None));
+        };
+        match root.plugin(&self.id).await {
+            Ok(mut cgroup) => {
+                let procs = cgroup.take_procs();
+                Ok((Descendants::Cgroup(cgroup), procs))
+            }
+            Err(e) => Err(Refusal::Retry(format!(
+                "cannot create its cgroup in {}: {e}",
+                root.dir().display()
+            ))),
+        }
+    }
+
+    /// Spawns the prepared plugin.
+    fn spawn(&self, spec: &PluginSpec, prepared: Prepared) -> Result<S::Process, String> {
+        let cfg = &self.ctx.config;
         let cmd = plugin_command(
             &spec.binary_path,
             &cfg.plugin_env_allowlist,
-            &env,
+            &prepared.env,
             &cfg.plugin_limits,
-            confinement,
+            prepared.confinement,
         );
-        let spawned = PluginProcess::spawn(cmd, self.log.clone(), cfg.max_log_line, descendants);
-        let mut process = match spawned {
-            Ok(process) => process,
-            Err(e) => {
-                let reason = format!("cannot spawn {}: {e}", spec.binary_path.display());
-                return self.failed_run(None, None, reason).await;
-            }
-        };
-        let pid = process.pid();
-        self.transition(PluginState::Starting, "spawned", None, |s| {
-            s.pid = Some(pid);
-            s.started_at = Some(OffsetDateTime::now_utc());
-        });
+        self.spawner
+            .spawn(
+                cmd,
+                self.log.clone(),
+                cfg.max_log_line,
+                prepared.descendants,
+            )
+            .map_err(|e| format!("cannot spawn {}: {e}", spec.binary_path.display()))
+    }
 
+    /// Connects to the spawned plugin and sends `init`, until it is ready, fails, exits, or a
+    /// command or the daemon's shutdown ends the start.
+    async fn await_ready(
+        &mut self,
+        spec: &PluginSpec,
+        mut process: S::Process,
+        socket: PathBuf,
+        instance_id: String,
+    ) -> Next<S::Process> {
+        let cfg = self.ctx.config.clone();
+        let log_dir = cfg.log_dir(&self.id);
         let init = InitParams {
             instance_id,
             plugin_socket: socket.to_string_lossy().into_owned(),
@@ -587,16 +809,9 @@ impl Actor {
         );
         tokio::pin!(ready);
         loop {
-            tokio::select! {
+            let leave = tokio::select! {
                 result = &mut ready => match result {
-                    Ok(link) => {
-                        // The socket is in run/<id>/, 0700 and the plugin's own.
-                        self.link.send_replace(Some(link.clone()));
-                        self.transition(PluginState::Running, "ready", None, |_| {});
-                        let snapshot = self.snapshot();
-                        self.answer_waiters(Ok(snapshot)).await;
-                        return Next::Run(Box::new(Run { process, link: Some(link), since: Instant::now(), ready: true }));
-                    }
+                    Ok(link) => return self.became_ready(process, link).await,
                     Err(reason) => {
                         let link = take_link(&early_link);
                         return self.failed_run(Some(process), link, reason).await;
@@ -607,35 +822,32 @@ impl Actor {
                     let link = take_link(&early_link);
                     return self.failed_run(Some(process), link, reason).await;
                 }
-                cmd = next_command(&mut self.commands) => match cmd {
-                    Some(Command::Enable(reply)) | Some(Command::Restart(reply)) => self.waiters.push(reply),
-                    Some(Command::Update(spec)) => self.update_spec(spec),
-                    Some(Command::Disable(reply)) => {
-                        let Some(reply) = self.save_disable(reply).await else {
-                            continue;
-                        };
-                        self.stop_and_disable(Run { process, link: take_link(&early_link), since: Instant::now(), ready: false }, reply).await;
-                        return Next::Idle;
-                    }
-                    Some(Command::Remove(done)) => {
-                        self.stop(Run { process, link: take_link(&early_link), since: Instant::now(), ready: false }, "plugin file removed").await;
-                        let _ = done.send(());
-                        return Next::Exit;
-                    }
-                    None => {
-                        self.stop(Run { process, link: take_link(&early_link), since: Instant::now(), ready: false }, "supervisor gone").await;
-                        return Next::Exit;
-                    }
-                },
-                _ = self.cancel.cancelled() => {
-                    self.stop(Run { process, link: take_link(&early_link), since: Instant::now(), ready: false }, "daemon shutting down").await;
-                    return Next::Exit;
-                }
+                cmd = next_command(&mut self.commands) => self.on_command(Phase::Starting, cmd).await,
+                _ = self.cancel.cancelled() => Some(Leave::exit("daemon shutting down")),
+            };
+            if let Some(leave) = leave {
+                let run = Run::unready(process, &early_link);
+                return self.leave(Some(run), leave).await;
             }
         }
     }
 
-    async fn running(&mut self, mut run: Run) -> Next {
+    /// Publishes a ready plugin's link, moves to RUNNING and answers the waiters.
+    async fn became_ready(&mut self, process: S::Process, link: Link) -> Next<S::Process> {
+        // The socket is in run/<id>/, 0700 and the plugin's own.
+        self.link.send_replace(Some(link.clone()));
+        self.transition(PluginState::Running, "ready", None, |_| {});
+        let snapshot = self.snapshot();
+        self.answer_waiters(Ok(snapshot)).await;
+        Next::Run(Box::new(Run {
+            process,
+            link: Some(link),
+            since: Instant::now(),
+            ready: true,
+        }))
+    }
+
+    async fn running(&mut self, mut run: Run<S::Process>) -> Next<S::Process> {
         if self.runs_another_file() {
             self.stop(run, "another file now provides this plugin")
                 .await;
@@ -700,60 +912,22 @@ impl Actor {
                         }
                     }
                 }
-                cmd = next_command(&mut self.commands) => match cmd {
-                    Some(Command::Enable(reply)) => self.reply(reply).await,
-                    Some(Command::Update(spec)) => {
-                        self.update_spec(spec);
-                        if self.runs_another_file() {
-                            self.stop(run, "another file now provides this plugin").await;
-                            return Next::Start;
-                        }
+                cmd = next_command(&mut self.commands) => {
+                    if let Some(leave) = self.on_command(Phase::Running, cmd).await {
+                        return self.leave(Some(run), leave).await;
                     }
-                    Some(Command::Disable(reply)) => {
-                        let Some(reply) = self.save_disable(reply).await else {
-                            continue;
-                        };
-                        self.stop_and_disable(run, reply).await;
-                        return Next::Idle;
-                    }
-                    Some(Command::Restart(reply)) => {
-                        self.stop(run, "restart requested").await;
-                        self.waiters.push(reply);
-                        return Next::Start;
-                    }
-                    Some(Command::Remove(done)) => {
-                        self.stop(run, "plugin file removed").await;
-                        let _ = done.send(());
-                        return Next::Exit;
-                    }
-                    None => {
-                        self.stop(run, "supervisor gone").await;
-                        return Next::Exit;
-                    }
-                },
+                }
                 _ = self.cancel.cancelled() => {
-                    self.stop(run, "daemon shutting down").await;
-                    return Next::Exit;
+                    return self.leave(Some(run), Leave::exit("daemon shutting down")).await;
                 }
             }
         }
     }
 
-    /// Stops a plugin whose disable is already saved, and answers.
-    async fn stop_and_disable(&mut self, run: Run, reply: Reply) {
-        self.stop(run, "disabled by operator").await;
-        self.reply(reply).await;
-        self.answer_waiters(Err(SupervisorError::Interrupted(
-            self.id.clone(),
-            "it was disabled".into(),
-        )))
-        .await;
-    }
-
     /// Stops a process by escalation (`shutdown` message, grace, SIGTERM to the group,
     /// grace, SIGKILL), through STOPPING to STOPPED. A process that never became ready gets
     /// no grace ([`Actor::end_start`]).
-    async fn stop(&mut self, mut run: Run, reason: &str) {
+    async fn stop(&mut self, mut run: Run<S::Process>, reason: &str) {
         self.link.send_replace(None);
         self.transition(PluginState::Stopping, reason, None, |_| {});
         let timing = &self.ctx.config.timing;
@@ -806,7 +980,7 @@ impl Actor {
     /// Ends a start that has not reached ready, promptly: a protocol-2 plugin that got
     /// `init` is asked on its connection to shut down, then the group gets SIGTERM, each with
     /// a short wait ([`STARTING_STOP_GRACE`]); the caller then SIGKILLs what is left.
-    async fn end_start(&mut self, run: &mut Run) {
+    async fn end_start(&mut self, run: &mut Run<S::Process>) {
         let timing = &self.ctx.config.timing;
         if let Some(link) = run.link.as_ref().filter(|l| l.protocol() >= 2) {
             let deadline = Instant::now() + STARTING_STOP_GRACE.min(timing.stop_grace);
@@ -827,10 +1001,10 @@ impl Actor {
     /// disabled after too many failures in a row.
     async fn failed_run(
         &mut self,
-        process: Option<PluginProcess>,
+        process: Option<S::Process>,
         link: Option<Link>,
         reason: String,
-    ) -> Next {
+    ) -> Next<S::Process> {
         self.link.send_replace(None);
         if let Some(link) = link {
             link.close(&reason);
@@ -903,7 +1077,7 @@ impl Actor {
     }
 
     /// Turns the plugin off for a reason an operator must act on.
-    async fn disable_for(&mut self, reason: String) -> Next {
+    async fn disable_for(&mut self, reason: String) -> Next<S::Process> {
         self.set_enabled(false);
         self.transition(PluginState::Disabled, reason.clone(), None, |s| {
             s.last_error = Some(reason.clone());
