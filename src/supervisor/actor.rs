@@ -13,7 +13,7 @@
 //!
 //! The actor reaches its process through [`Spawner`] and [`Process`], so its timers
 //! (backoff, crash budget, stable window, stop escalation) are unit-tested with a fake
-//! process under `tokio::time::pause()` (`supervisor/actor_tests.rs`), besides the
+//! process under `tokio::time::pause()` (`actor/tests.rs`, the fake in `actor/fake.rs`), besides the
 //! integration tests with real plugins. The connection stays real: the fake serves the
 //! plugin's socket in-process with the SDK's codec, so the handshake runs unchanged.
 
@@ -1162,3 +1162,8 @@ fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
     std::io::copy(&mut file, &mut hasher)?;
     Ok(hex::encode(hasher.finalize()))
 }
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;

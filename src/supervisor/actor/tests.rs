@@ -1,0 +1,338 @@
+//! The actor's timers with a fake process ([`super::fake`]) under paused time: the restart
+//! backoff, the crash budget, the stable window that resets it, and the stop's escalation.
+//! Paused time advances only when every task waits on a timer, so the instants these tests
+//! read are exact. Real plugins are covered by `tests/lifecycle.rs` and `tests/faults.rs`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use toru_plugin_sdk::Metadata;
+
+use super::fake::{FakeHandle, FakeSpawner, OnTerm};
+use super::{Actor, Command};
+use crate::config::{Config, Timing};
+use crate::logs::capture::PluginLog;
+use crate::model::{ExitStatus, PluginSpec, PluginState, PluginStatus};
+use crate::plugin::discovery::FileIdentity;
+use crate::plugin::isolation::{Isolation, UserChoice};
+use crate::store::events::EventLog;
+use crate::store::state::EnabledStore;
+use crate::store::storage::Storage;
+use crate::supervisor::{Context, SupervisorError};
+
+const ID: &str = "fake";
+const SECOND: Duration = Duration::from_secs(1);
+/// A crash, as far as the actor can tell.
+const CRASH: ExitStatus = ExitStatus::Code(1);
+
+/// Timing for these tests: the defaults but for the crash budget, which each test sets.
+fn timing(max_failures: u32) -> Timing {
+    Timing {
+        backoff_base: SECOND,
+        backoff_max: 8 * SECOND,
+        max_failures,
+        stable_window: 60 * SECOND,
+        stop_grace: 5 * SECOND,
+        kill_grace: 2 * SECOND,
+        ..Timing::default()
+    }
+}
+
+/// One actor over a fake process, in a data directory of its own.
+struct Bench {
+    commands: mpsc::Sender<Command>,
+    status: watch::Receiver<PluginStatus>,
+    spawned: mpsc::UnboundedReceiver<FakeHandle>,
+    cancel: CancellationToken,
+    actor: JoinHandle<()>,
+    ctx: Arc<Context>,
+    _dir: tempfile::TempDir,
+}
+
+impl Bench {
+    /// An actor for a stopped, disabled plugin (protocol 2) whose processes react to
+    /// SIGTERM as `on_term` says.
+    fn new(timing: Timing, on_term: OnTerm) -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let plugins_dir = dir.path().join("plugins");
+        let mut config = Config::new(plugins_dir.clone(), dir.path().join("data"));
+        config.timing = timing;
+        // The fake serves its socket as this process's user: the plugin must run as it.
+        // SAFETY: getuid cannot fail.
+        let uid = unsafe { libc::getuid() };
+        config.plugin_users.insert(ID.into(), UserChoice::Uid(uid));
+        for dir in [
+            config.run_dir(),
+            config.events_dir(),
+            plugins_dir.clone(),
+            config.data_dir.join("logs"),
+        ] {
+            std::fs::create_dir_all(&dir).expect("data directory");
+        }
+        let binary = plugins_dir.join(format!("{ID}.binary"));
+        std::fs::write(&binary, "never executed").expect("plugin file");
+        let identity = FileIdentity::of(&binary).expect("plugin file's identity");
+        let ctx = Arc::new(Context {
+            events: EventLog::open(&config.events_dir()).expect("event log"),
+            state: EnabledStore::load(&config.state_path()).expect("state"),
+            storage: Storage::open(&config.storage_path(), config.storage_quotas).expect("storage"),
+            isolation: Isolation::prepare(&config).expect("isolation"),
+            config: Arc::new(config),
+        });
+        let log = PluginLog::open(&ctx.config.log_dir(ID), 1 << 20, 2).expect("plugin log");
+        let (status_tx, status) = watch::channel(stopped(binary.clone()));
+        let (link_tx, _) = watch::channel(None);
+        let (commands, commands_rx) = mpsc::channel(8);
+        let cancel = CancellationToken::new();
+        let (spawner, spawned) = FakeSpawner::new(on_term);
+        // The file is the one discovery probed: a start need not probe it again.
+        let verified = Some((binary, identity));
+        let actor = Actor::new(
+            ctx.clone(),
+            status_tx,
+            link_tx,
+            log,
+            commands_rx,
+            cancel.clone(),
+            verified,
+        )
+        .with_spawner(spawner);
+        Bench {
+            commands,
+            status,
+            spawned,
+            cancel,
+            actor: tokio::spawn(actor.run()),
+            ctx,
+            _dir: dir,
+        }
+    }
+
+    /// Sends a command that is answered with the plugin's status; the answer arrives later.
+    async fn ask(
+        &self,
+        command: fn(super::Reply) -> Command,
+    ) -> oneshot::Receiver<Result<PluginStatus, SupervisorError>> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .expect("actor running");
+        answer
+    }
+
+    /// The next process the actor spawns.
+    async fn next_spawn(&mut self) -> FakeHandle {
+        self.spawned.recv().await.expect("actor running")
+    }
+
+    /// Waits until the published status satisfies `done`.
+    async fn until(&mut self, what: &str, done: impl FnMut(&PluginStatus) -> bool) -> PluginStatus {
+        self.status
+            .wait_for(done)
+            .await
+            .unwrap_or_else(|_| panic!("the actor ended before {what}"))
+            .clone()
+    }
+
+    /// Waits until `process` is the running one.
+    async fn until_running(&mut self, process: &FakeHandle) {
+        let pid = process.pid();
+        self.until("running", |s| {
+            s.state == PluginState::Running && s.pid == Some(pid)
+        })
+        .await;
+    }
+
+    /// Starts the plugin, then crashes each of its runs as soon as it is ready, `runs` times;
+    /// returns the processes.
+    async fn crash_runs(&mut self, runs: usize) -> Vec<FakeHandle> {
+        let mut processes = Vec::new();
+        for _ in 0..runs {
+            let process = self.next_spawn().await;
+            self.until_running(&process).await;
+            process.exit(CRASH);
+            processes.push(process);
+        }
+        processes
+    }
+
+    /// Shuts the actor down and removes what the test made outside its directory.
+    async fn end(self) {
+        self.cancel.cancel();
+        self.actor.await.expect("actor did not panic");
+        if let Some(cgroups) = self.ctx.isolation.cgroups() {
+            cgroups.remove();
+        }
+    }
+}
+
+/// The status of a plugin that was just discovered, disabled.
+fn stopped(binary_path: PathBuf) -> PluginStatus {
+    let metadata = Metadata {
+        id: ID.into(),
+        name: "Fake".into(),
+        version: "1.0.0".into(),
+        author: None,
+        icon: "box".into(),
+        route: "/fake".into(),
+        description: None,
+        protocol_version: 2,
+    };
+    PluginStatus {
+        spec: PluginSpec {
+            metadata,
+            binary_path,
+        },
+        enabled: false,
+        state: PluginState::Stopped,
+        healthy: false,
+        pid: None,
+        started_at: None,
+        restart_count: 0,
+        consecutive_failures: 0,
+        next_restart_at: None,
+        last_exit: None,
+        last_error: None,
+    }
+}
+
+/// The time from each spawn to the next.
+fn gaps(processes: &[FakeHandle]) -> Vec<Duration> {
+    processes
+        .windows(2)
+        .map(|pair| pair[1].spawned_at - pair[0].spawned_at)
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn restarts_back_off_doubling_up_to_the_cap() {
+    let mut bench = Bench::new(timing(10), OnTerm::Exit);
+    let enabled = bench.ask(Command::Enable).await;
+    let processes = bench.crash_runs(6).await;
+    let started = enabled
+        .await
+        .expect("answered")
+        .expect("the first start succeeded");
+    assert_eq!(started.state, PluginState::Running);
+    assert_eq!(
+        gaps(&processes),
+        [1, 2, 4, 8, 8].map(|s| s * SECOND),
+        "a run that crashes at once is restarted after 1 s, 2 s, 4 s, … up to backoff_max"
+    );
+    let status = bench
+        .until("the sixth crash", |s| s.consecutive_failures == 6)
+        .await;
+    assert_eq!(status.state, PluginState::Backoff);
+    assert_eq!(status.restart_count, 5);
+    assert_eq!(status.last_exit.map(|e| e.status), Some(CRASH));
+    bench.end().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn too_many_crashes_in_a_row_disable_the_plugin() {
+    let mut bench = Bench::new(timing(3), OnTerm::Exit);
+    let _enabled = bench.ask(Command::Enable).await;
+    bench.crash_runs(3).await;
+    let status = bench
+        .until("the crash budget to run out", |s| {
+            s.state == PluginState::Disabled
+        })
+        .await;
+    assert!(!status.enabled, "a crash loop turns the plugin off");
+    assert_eq!(status.consecutive_failures, 3);
+    let reason = status.last_error.unwrap_or_default();
+    assert!(
+        reason.starts_with("crash loop: 3 consecutive failed runs"),
+        "{reason}"
+    );
+    // Nothing restarts it, however long it waits.
+    tokio::time::sleep(3600 * SECOND).await;
+    assert!(
+        bench.spawned.try_recv().is_err(),
+        "a disabled plugin was restarted"
+    );
+    assert_eq!(
+        bench.ctx.state.get(ID),
+        Some(false),
+        "the disable was not saved"
+    );
+    bench.end().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_outlasting_the_stable_window_resets_backoff_and_budget() {
+    let mut bench = Bench::new(timing(3), OnTerm::Exit);
+    let _enabled = bench.ask(Command::Enable).await;
+    let early = bench.crash_runs(2).await;
+    assert_eq!(gaps(&early), [SECOND]);
+    // The third run stays up: two more failures would have disabled it.
+    let stable = bench.next_spawn().await;
+    assert_eq!(stable.spawned_at - early[1].spawned_at, 2 * SECOND);
+    bench.until_running(&stable).await;
+    bench
+        .until("the stable window", |s| s.consecutive_failures == 0)
+        .await;
+    assert_eq!(
+        stable.spawned_at.elapsed(),
+        60 * SECOND,
+        "the count is reset when the run has lasted the stable window, not before"
+    );
+    let crashed_at = Instant::now();
+    stable.exit(CRASH);
+    // Counted from zero again: the first delay, and one more crash still within the budget.
+    let late = bench.crash_runs(2).await;
+    assert_eq!(late[0].spawned_at - crashed_at, SECOND);
+    assert_eq!(gaps(&late), [2 * SECOND]);
+    let status = bench
+        .until("the budget to run out again", |s| {
+            s.state == PluginState::Disabled
+        })
+        .await;
+    assert_eq!(status.consecutive_failures, 3);
+    bench.end().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_escalates_to_sigterm_then_sigkill_after_each_grace() {
+    let mut bench = Bench::new(timing(3), OnTerm::Ignore);
+    let enabled = bench.ask(Command::Enable).await;
+    let process = bench.next_spawn().await;
+    enabled.await.expect("answered").expect("started");
+    let asked = Instant::now();
+    let disabled = bench.ask(Command::Disable).await;
+    let stopped = disabled.await.expect("answered").expect("disabled");
+    assert_eq!(stopped.state, PluginState::Stopped);
+    assert_eq!(
+        process.signals_after(asked),
+        [(libc::SIGTERM, 5 * SECOND), (libc::SIGKILL, 7 * SECOND)],
+        "ignored: the shutdown message for stop_grace, then SIGTERM for kill_grace"
+    );
+    let exit = stopped.last_exit.expect("the stop records the exit");
+    assert_eq!(exit.status, ExitStatus::Signal(libc::SIGKILL));
+    assert_eq!(
+        exit.stderr_tail,
+        [format!("fake plugin {} ended", process.pid())]
+    );
+    bench.end().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_ends_at_sigterm_when_the_plugin_obeys_it() {
+    let mut bench = Bench::new(timing(3), OnTerm::Exit);
+    let enabled = bench.ask(Command::Enable).await;
+    let process = bench.next_spawn().await;
+    enabled.await.expect("answered").expect("started");
+    let asked = Instant::now();
+    let disabled = bench.ask(Command::Disable).await;
+    let stopped = disabled.await.expect("answered").expect("disabled");
+    assert_eq!(process.signals_after(asked), [(libc::SIGTERM, 5 * SECOND)]);
+    let exit = stopped.last_exit.map(|e| e.status);
+    assert_eq!(exit, Some(ExitStatus::Signal(libc::SIGTERM)));
+    bench.end().await;
+}
