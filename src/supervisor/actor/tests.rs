@@ -29,6 +29,17 @@ const ID: &str = "fake";
 const SECOND: Duration = Duration::from_secs(1);
 /// A crash, as far as the actor can tell.
 const CRASH: ExitStatus = ExitStatus::Code(1);
+/// Longest (paused, so instant) wait for anything: far beyond every timer in [`timing`],
+/// so a broken actor fails the test instead of hanging it.
+const PATIENCE: Duration = Duration::from_secs(600);
+
+/// `future`'s output, or a panic naming `what` when it takes longer than [`PATIENCE`].
+async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(PATIENCE, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("{what}: nothing after {PATIENCE:?}"),
+    }
+}
 
 /// Timing for these tests: the defaults but for the crash budget, which each test sets.
 fn timing(max_failures: u32) -> Timing {
@@ -114,27 +125,25 @@ impl Bench {
     }
 
     /// Sends a command that is answered with the plugin's status; the answer arrives later.
-    async fn ask(
-        &self,
-        command: fn(super::Reply) -> Command,
-    ) -> oneshot::Receiver<Result<PluginStatus, SupervisorError>> {
+    async fn ask(&self, command: fn(super::Reply) -> Command) -> Answer {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(command(reply))
             .await
             .expect("actor running");
-        answer
+        Answer(answer)
     }
 
     /// The next process the actor spawns.
     async fn next_spawn(&mut self) -> FakeHandle {
-        self.spawned.recv().await.expect("actor running")
+        within("a spawn", self.spawned.recv())
+            .await
+            .expect("actor running")
     }
 
     /// Waits until the published status satisfies `done`.
     async fn until(&mut self, what: &str, done: impl FnMut(&PluginStatus) -> bool) -> PluginStatus {
-        self.status
-            .wait_for(done)
+        within(what, self.status.wait_for(done))
             .await
             .unwrap_or_else(|_| panic!("the actor ended before {what}"))
             .clone()
@@ -165,9 +174,25 @@ impl Bench {
     /// Shuts the actor down and removes what the test made outside its directory.
     async fn end(self) {
         self.cancel.cancel();
-        self.actor.await.expect("actor did not panic");
+        within("the actor's end", self.actor)
+            .await
+            .expect("actor did not panic");
         if let Some(cgroups) = self.ctx.isolation.cgroups() {
             cgroups.remove();
+        }
+    }
+}
+
+/// The answer to come to a command.
+struct Answer(oneshot::Receiver<Result<PluginStatus, SupervisorError>>);
+
+impl Answer {
+    /// The status the command answered with; panics on an error.
+    async fn ok(self, what: &str) -> PluginStatus {
+        match within(what, self.0).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(e)) => panic!("{what}: {e}"),
+            Err(_) => panic!("{what}: the actor dropped the command"),
         }
     }
 }
@@ -215,10 +240,7 @@ async fn restarts_back_off_doubling_up_to_the_cap() {
     let mut bench = Bench::new(timing(10), OnTerm::Exit);
     let enabled = bench.ask(Command::Enable).await;
     let processes = bench.crash_runs(6).await;
-    let started = enabled
-        .await
-        .expect("answered")
-        .expect("the first start succeeded");
+    let started = enabled.ok("the first start").await;
     assert_eq!(started.state, PluginState::Running);
     assert_eq!(
         gaps(&processes),
@@ -303,10 +325,10 @@ async fn a_stop_escalates_to_sigterm_then_sigkill_after_each_grace() {
     let mut bench = Bench::new(timing(3), OnTerm::Ignore);
     let enabled = bench.ask(Command::Enable).await;
     let process = bench.next_spawn().await;
-    enabled.await.expect("answered").expect("started");
+    enabled.ok("the start").await;
     let asked = Instant::now();
     let disabled = bench.ask(Command::Disable).await;
-    let stopped = disabled.await.expect("answered").expect("disabled");
+    let stopped = disabled.ok("the disable").await;
     assert_eq!(stopped.state, PluginState::Stopped);
     assert_eq!(
         process.signals_after(asked),
@@ -327,10 +349,10 @@ async fn a_stop_ends_at_sigterm_when_the_plugin_obeys_it() {
     let mut bench = Bench::new(timing(3), OnTerm::Exit);
     let enabled = bench.ask(Command::Enable).await;
     let process = bench.next_spawn().await;
-    enabled.await.expect("answered").expect("started");
+    enabled.ok("the start").await;
     let asked = Instant::now();
     let disabled = bench.ask(Command::Disable).await;
-    let stopped = disabled.await.expect("answered").expect("disabled");
+    let stopped = disabled.ok("the disable").await;
     assert_eq!(process.signals_after(asked), [(libc::SIGTERM, 5 * SECOND)]);
     let exit = stopped.last_exit.map(|e| e.status);
     assert_eq!(exit, Some(ExitStatus::Signal(libc::SIGTERM)));
