@@ -3,8 +3,8 @@
 //!
 //! The process is fake, its connection is not: at spawn the fake binds the socket named in
 //! the command's `TORU_PLUGIN_SOCKET` and serves it in-process with the SDK's frame codec
-//! and envelopes, answering `init` with `ready` and `ping` with `pong` (and ignoring
-//! `shutdown`, so a stop has to escalate). The actor's handshake and heartbeat run as they
+//! and envelopes, answering `init` with `ready` (unless told not to, to hold it in its
+//! start) and `ping` with `pong`, and ignoring `shutdown`, so a stop has to escalate. The actor's handshake and heartbeat run as they
 //! do with a real plugin; nothing about readiness had to move behind the trait. It never
 //! touches a real process: its pids are out of the kernel's range.
 
@@ -37,22 +37,36 @@ pub(super) enum OnTerm {
     Ignore,
 }
 
+/// What a fake process does with `init`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OnInit {
+    /// Answers `ready`: the start succeeds at once.
+    Ready,
+    /// Never answers: the process stays in its start.
+    Ignore,
+}
+
 /// Spawns [`FakeProcess`]es, handing the test a [`FakeHandle`] to each.
 pub(super) struct FakeSpawner {
     spawned: mpsc::UnboundedSender<FakeHandle>,
     next_pid: AtomicU32,
     on_term: OnTerm,
+    on_init: OnInit,
 }
 
 impl FakeSpawner {
-    /// A spawner whose processes react to SIGTERM as `on_term` says, and the receiver of
+    /// A spawner whose processes react to SIGTERM and `init` as told, and the receiver of
     /// the handles to the processes it spawns, in order.
-    pub(super) fn new(on_term: OnTerm) -> (Self, mpsc::UnboundedReceiver<FakeHandle>) {
+    pub(super) fn new(
+        on_term: OnTerm,
+        on_init: OnInit,
+    ) -> (Self, mpsc::UnboundedReceiver<FakeHandle>) {
         let (spawned, handles) = mpsc::unbounded_channel();
         let spawner = FakeSpawner {
             spawned,
             next_pid: AtomicU32::new(FIRST_FAKE_PID),
             on_term,
+            on_init,
         };
         (spawner, handles)
     }
@@ -76,9 +90,11 @@ impl Spawner for FakeSpawner {
             .ok_or_else(|| std::io::Error::other("the command names no plugin socket"))?;
         let listener = UnixListener::bind(socket)?;
         let (exit, _) = watch::channel(None);
+        let (init, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             pid: self.next_pid.fetch_add(1, Ordering::Relaxed),
             exit,
+            init,
             signals: Mutex::new(Vec::new()),
             on_term: self.on_term,
         });
@@ -88,9 +104,9 @@ impl Spawner for FakeSpawner {
         };
         let _ = self.spawned.send(handle);
         Ok(FakeProcess {
-            shared,
+            shared: shared.clone(),
             exit: None,
-            plugin: tokio::spawn(serve(listener)),
+            plugin: tokio::spawn(serve(listener, self.on_init, shared.clone())),
             descendants: Some(descendants),
         })
     }
@@ -101,6 +117,8 @@ struct Shared {
     pid: u32,
     /// Set once, when the process "exits".
     exit: watch::Sender<Option<ExitStatus>>,
+    /// Set when it has received `init`.
+    init: watch::Sender<bool>,
     /// Every signal sent, with when.
     signals: Mutex<Vec<(i32, Instant)>>,
     on_term: OnTerm,
@@ -130,6 +148,12 @@ impl FakeHandle {
     /// Its pid, as the actor publishes it.
     pub(super) fn pid(&self) -> u32 {
         self.shared.pid
+    }
+
+    /// Waits until it has received `init`.
+    pub(super) async fn initialized(&self) {
+        let mut init = self.shared.init.subscribe();
+        let _ = init.wait_for(|&received| received).await;
     }
 
     /// Makes it exit with `status` (a crash, to the actor, while it runs).
@@ -207,22 +231,28 @@ impl Drop for FakeProcess {
 
 /// Accepts connections on the plugin's socket and serves them one after the other (a
 /// protocol-2 host keeps one open); ends, closing them, when the process finishes.
-async fn serve(listener: UnixListener) {
+async fn serve(listener: UnixListener, on_init: OnInit, shared: Arc<Shared>) {
     while let Ok((stream, _)) = listener.accept().await {
-        serve_connection(stream).await;
+        serve_connection(stream, on_init, &shared).await;
     }
 }
 
-/// Answers `init` with `ready` and `ping` with `pong`; reads and ignores everything else.
-async fn serve_connection(stream: UnixStream) {
+/// Answers `init` with `ready` (as `on_init` says) and `ping` with `pong`; reads and
+/// ignores everything else.
+async fn serve_connection(stream: UnixStream, on_init: OnInit, shared: &Shared) {
     let mut framed = Framed::new(stream, FrameCodec::new(DEFAULT_MAX_FRAME_LEN));
     while let Some(Ok(frame)) = framed.next().await {
         let Ok(message) = Envelope::from_slice(&frame) else {
             continue;
         };
         let request_id = message.request_id.clone().unwrap_or_default();
+        if message.lifecycle_action() == Some("init") {
+            shared.init.send_replace(true);
+        }
         let answer = match (message.kind, message.lifecycle_action()) {
-            (MessageType::Lifecycle, Some("init")) => MessageType::Ready,
+            (MessageType::Lifecycle, Some("init")) if on_init == OnInit::Ready => {
+                MessageType::Ready
+            }
             (MessageType::Ping, _) => MessageType::Pong,
             _ => continue,
         };

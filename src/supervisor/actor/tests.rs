@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use toru_plugin_sdk::Metadata;
 
-use super::fake::{FakeHandle, FakeSpawner, OnTerm};
-use super::{Actor, Command};
+use super::fake::{FakeHandle, FakeSpawner, OnInit, OnTerm};
+use super::{Actor, Command, STARTING_STOP_GRACE};
 use crate::config::{Config, Timing};
 use crate::logs::capture::PluginLog;
 use crate::model::{ExitStatus, PluginSpec, PluginState, PluginStatus};
@@ -67,8 +67,8 @@ struct Bench {
 
 impl Bench {
     /// An actor for a stopped, disabled plugin (protocol 2) whose processes react to
-    /// SIGTERM as `on_term` says.
-    fn new(timing: Timing, on_term: OnTerm) -> Self {
+    /// SIGTERM and `init` as told.
+    fn new(timing: Timing, on_term: OnTerm, on_init: OnInit) -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
         let plugins_dir = dir.path().join("plugins");
         let mut config = Config::new(plugins_dir.clone(), dir.path().join("data"));
@@ -100,7 +100,7 @@ impl Bench {
         let (link_tx, _) = watch::channel(None);
         let (commands, commands_rx) = mpsc::channel(8);
         let cancel = CancellationToken::new();
-        let (spawner, spawned) = FakeSpawner::new(on_term);
+        let (spawner, spawned) = FakeSpawner::new(on_term, on_init);
         // The file is the one discovery probed: a start need not probe it again.
         let verified = Some((binary, identity));
         let actor = Actor::new(
@@ -237,7 +237,7 @@ fn gaps(processes: &[FakeHandle]) -> Vec<Duration> {
 
 #[tokio::test(start_paused = true)]
 async fn restarts_back_off_doubling_up_to_the_cap() {
-    let mut bench = Bench::new(timing(10), OnTerm::Exit);
+    let mut bench = Bench::new(timing(10), OnTerm::Exit, OnInit::Ready);
     let enabled = bench.ask(Command::Enable).await;
     let processes = bench.crash_runs(6).await;
     let started = enabled.ok("the first start").await;
@@ -258,7 +258,7 @@ async fn restarts_back_off_doubling_up_to_the_cap() {
 
 #[tokio::test(start_paused = true)]
 async fn too_many_crashes_in_a_row_disable_the_plugin() {
-    let mut bench = Bench::new(timing(3), OnTerm::Exit);
+    let mut bench = Bench::new(timing(3), OnTerm::Exit, OnInit::Ready);
     let _enabled = bench.ask(Command::Enable).await;
     bench.crash_runs(3).await;
     let status = bench
@@ -289,7 +289,7 @@ async fn too_many_crashes_in_a_row_disable_the_plugin() {
 
 #[tokio::test(start_paused = true)]
 async fn a_run_outlasting_the_stable_window_resets_backoff_and_budget() {
-    let mut bench = Bench::new(timing(3), OnTerm::Exit);
+    let mut bench = Bench::new(timing(3), OnTerm::Exit, OnInit::Ready);
     let _enabled = bench.ask(Command::Enable).await;
     let early = bench.crash_runs(2).await;
     assert_eq!(gaps(&early), [SECOND]);
@@ -322,7 +322,7 @@ async fn a_run_outlasting_the_stable_window_resets_backoff_and_budget() {
 
 #[tokio::test(start_paused = true)]
 async fn a_stop_escalates_to_sigterm_then_sigkill_after_each_grace() {
-    let mut bench = Bench::new(timing(3), OnTerm::Ignore);
+    let mut bench = Bench::new(timing(3), OnTerm::Ignore, OnInit::Ready);
     let enabled = bench.ask(Command::Enable).await;
     let process = bench.next_spawn().await;
     enabled.ok("the start").await;
@@ -346,7 +346,7 @@ async fn a_stop_escalates_to_sigterm_then_sigkill_after_each_grace() {
 
 #[tokio::test(start_paused = true)]
 async fn a_stop_ends_at_sigterm_when_the_plugin_obeys_it() {
-    let mut bench = Bench::new(timing(3), OnTerm::Exit);
+    let mut bench = Bench::new(timing(3), OnTerm::Exit, OnInit::Ready);
     let enabled = bench.ask(Command::Enable).await;
     let process = bench.next_spawn().await;
     enabled.ok("the start").await;
@@ -356,5 +356,31 @@ async fn a_stop_ends_at_sigterm_when_the_plugin_obeys_it() {
     assert_eq!(process.signals_after(asked), [(libc::SIGTERM, 5 * SECOND)]);
     let exit = stopped.last_exit.map(|e| e.status);
     assert_eq!(exit, Some(ExitStatus::Signal(libc::SIGTERM)));
+    bench.end().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_during_the_start_skips_the_stop_grace() {
+    let mut bench = Bench::new(timing(3), OnTerm::Ignore, OnInit::Ignore);
+    let enabled = bench.ask(Command::Enable).await;
+    let process = bench.next_spawn().await;
+    // Connected and sent `init`: the stop has the connection to ask on.
+    within("init", process.initialized()).await;
+    let asked = Instant::now();
+    let stopped = bench.ask(Command::Disable).await.ok("the disable").await;
+    assert_eq!(stopped.state, PluginState::Stopped);
+    let grace = STARTING_STOP_GRACE;
+    assert_eq!(
+        process.signals_after(asked),
+        [(libc::SIGTERM, grace), (libc::SIGKILL, 2 * grace)],
+        "a plugin that is not ready gets a short wait after the shutdown message and SIGTERM"
+    );
+    let Err(e) = within("the enable's answer", enabled.0)
+        .await
+        .expect("answered")
+    else {
+        panic!("the enable succeeded though the start was ended");
+    };
+    assert!(e.to_string().contains("disabled"), "{e}");
     bench.end().await;
 }
