@@ -11,6 +11,9 @@ pub use crate::api::auth::TokenSource;
 /// The data directory's files a local client reads are part of the API.
 pub use torud_api::{ADMIN_TOKEN_FILE, CONTROL_SOCKET, READ_TOKEN_FILE};
 
+/// Default for the largest `--metadata` output read from a plugin (`--max-metadata-bytes`).
+pub const DEFAULT_MAX_METADATA_BYTES: usize = 64 * 1024;
+
 /// Everything `torud serve` can be told.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -48,36 +51,13 @@ pub struct Config {
     /// Per-plugin quotas of the durable storage.
     pub storage_quotas: crate::store::storage::Quotas,
     /// Uids (and equal gids) for plugins' dynamic users when the daemon is root.
-    pub plugin_uid_range: crate::plugin::isolation::UidRange,
+    pub plugin_uid_range: crate::plugin::isolation::users::UidRange,
     /// Users chosen for particular plugins (`--plugin-user ID=USER|UID`), by plugin id.
-    pub plugin_users: std::collections::BTreeMap<String, crate::plugin::isolation::UserChoice>,
+    pub plugin_users:
+        std::collections::BTreeMap<String, crate::plugin::isolation::users::UserChoice>,
 }
 
-/// Resource limits (rlimits) set in every plugin process before it runs; `None` inherits
-/// the daemon's.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PluginLimits {
-    /// Address space, in bytes (RLIMIT_AS).
-    pub address_space: Option<u64>,
-    /// Open file descriptors (RLIMIT_NOFILE).
-    pub open_files: Option<u64>,
-    /// Processes and threads of the plugin's user (RLIMIT_NPROC: counted per user, not per
-    /// plugin, and not enforced for root).
-    pub processes: Option<u64>,
-}
-
-impl Default for PluginLimits {
-    fn default() -> Self {
-        PluginLimits {
-            // A guard against runaway allocation, roomy enough for runtimes that reserve
-            // large virtual ranges (Go, the JVM); a cgroup is the tool for real memory caps.
-            address_space: Some(32 * 1024 * 1024 * 1024),
-            // The daemon raises its own limit to the hard one; plugins get a usual one.
-            open_files: Some(4096),
-            processes: None,
-        }
-    }
-}
+pub use crate::plugin::process::PluginLimits;
 
 /// Authentication and transport security of the control plane.
 #[derive(Debug, Clone)]
@@ -238,7 +218,7 @@ impl Config {
             },
             grpc: GrpcLimits::default(),
             max_log_line: crate::logs::capture::DEFAULT_MAX_LINE,
-            max_metadata_bytes: crate::plugin::discovery::DEFAULT_MAX_METADATA_BYTES,
+            max_metadata_bytes: DEFAULT_MAX_METADATA_BYTES,
             plugin_limits: PluginLimits::default(),
             pins: Default::default(),
             storage_quotas: crate::store::storage::Quotas::default(),

@@ -191,7 +191,7 @@ pub async fn check(opts: &CheckOptions) -> Report {
     let probe_opts = ProbeOptions {
         timeout: limit,
         env_allowlist: env_allowlist.clone(),
-        max_bytes: crate::plugin::discovery::DEFAULT_MAX_METADATA_BYTES,
+        max_bytes: crate::config::DEFAULT_MAX_METADATA_BYTES,
         limits: limits.clone(),
         run_as,
         hide: None,
