@@ -9,6 +9,7 @@
 pub mod check;
 pub mod connection;
 pub mod discovery;
+pub mod handshake;
 pub mod isolation;
 pub mod link;
 pub mod process;
