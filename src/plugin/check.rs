@@ -4,9 +4,11 @@
 //! durable storage), and shutdown, and reports each step (passed, failed with the precise
 //! reason, or skipped), what the plugin supports, and the tail of its stderr on failure.
 //!
-//! It reuses the daemon's own pieces (discovery's probe, the process builder, connection
-//! and bridge code, a real storage namespace in a temporary directory), so a plugin that
-//! passes here speaks to the daemon the same way.
+//! It reuses the daemon's own pieces (discovery's probe, the process builder, the
+//! environment, `init`→`ready` handshake and `shutdown` of `handshake`, the bridge, a real
+//! storage namespace in a temporary directory), so a plugin that passes here speaks to the
+//! daemon the same way. What is its own is the reporting, and the capture of the plugin's
+//! output, kept whole in memory to count structured lines and show the last ones.
 //! Architecture invariant: it knows nothing of gRPC, supervision or the data directory.
 
 use std::fmt::Write as _;
@@ -15,15 +17,20 @@ use std::process::{ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-use toru_plugin_sdk::wire::{HttpCall, InitParams};
-use toru_plugin_sdk::{Envelope, MessageType, PROTOCOL_VERSION};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::net::UnixStream;
+use tokio::process::Child;
+use toru_plugin_sdk::storage_wire::{StorageAnswer, StorageOp};
+use toru_plugin_sdk::wire::HttpCall;
+use toru_plugin_sdk::{Envelope, MessageType, Metadata, PROTOCOL_VERSION};
 
-use crate::config::DEFAULT_PLUGIN_ENV;
-use crate::plugin::connection::{connect_with_retry, send_one, send_one_on};
+use crate::config::{PluginLimits, DEFAULT_PLUGIN_ENV};
+use crate::plugin::connection::connect_with_retry;
 use crate::plugin::discovery::{probe, ProbeOptions};
-use crate::plugin::link::{new_request_id, Link, LinkLimits};
-use crate::store::storage::{Quotas, Storage};
+use crate::plugin::handshake::{send_shutdown, Budget, Handshake, Launch, ReadyError};
+use crate::plugin::link::{new_request_id, BridgeError, Link, LinkLimits};
+use crate::plugin::process::{plugin_command, signal_group, Confinement, Credentials};
+use crate::store::storage::{Namespace, Quotas, Storage};
 use torud_api::text::escape;
 
 /// How to check.
@@ -147,11 +154,7 @@ pub fn run_cli(opts: CheckOptions) -> ExitCode {
 
 /// Makes `data_dir` and its parent, and hands the parent to `run_as`; the scratch root
 /// stays the caller's, traversable.
-fn own_corner(
-    root: &Path,
-    data_dir: &Path,
-    run_as: Option<crate::plugin::process::Credentials>,
-) -> std::io::Result<()> {
+fn own_corner(root: &Path, data_dir: &Path, run_as: Option<Credentials>) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(data_dir)?;
     if let Some(who) = run_as {
@@ -163,29 +166,78 @@ fn own_corner(
     Ok(())
 }
 
+/// The instance id the plugin is given.
+const INSTANCE_ID: &str = "torud-check";
+
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-/// Runs every step against the plugin at `opts.path`.
+/// Runs every step against the plugin at `opts.path`: its metadata, a start the way the
+/// daemon starts it, the round trips, shutdown, and what its output shows.
 pub async fn check(opts: &CheckOptions) -> Report {
     let mut report = Report::default();
     let limit = opts.timeout;
-    let path = match opts.path.canonicalize() {
+    let Some(plugin) = read_metadata(&opts.path, limit, &mut report).await else {
+        return report;
+    };
+    let Some(scratch) = Scratch::prepare(&plugin, &mut report) else {
+        return report;
+    };
+    let Some(mut running) = spawn(&plugin, &scratch, &mut report) else {
+        return report;
+    };
+    let link = start(&plugin, &scratch, &mut running, limit, &mut report).await;
+    if let Some(link) = &link {
+        round_trips(
+            &mut report,
+            link,
+            plugin.protocol(),
+            limit,
+            scratch.namespace.as_ref(),
+        )
+        .await;
+    }
+    stop(&mut report, link, &scratch, &mut running, limit).await;
+    report_output(&mut report, &running.output.lines());
+    report
+}
+
+/// The plugin under check, as its `--metadata` declared it, and how the daemon would run it.
+struct Plugin {
+    /// The executable, resolved.
+    path: PathBuf,
+    /// Its metadata.
+    meta: Metadata,
+    /// The environment variables it keeps from the checker's (the daemon's default).
+    env_allowlist: Vec<String>,
+    /// The daemon's default process limits, so a plugin that passes here fits under them.
+    limits: PluginLimits,
+    /// Run as root, the plugin gets an unprivileged user, as under the daemon.
+    run_as: Option<Credentials>,
+}
+
+impl Plugin {
+    fn protocol(&self) -> u32 {
+        self.meta.protocol_version
+    }
+}
+
+/// The `metadata` step: discovery's probe, as the daemon runs it.
+async fn read_metadata(path: &Path, limit: Duration, report: &mut Report) -> Option<Plugin> {
+    let path = match path.canonicalize() {
         Ok(p) => p,
         Err(e) => {
             report.add(
                 "metadata",
                 Outcome::Fail(format!("cannot resolve the file: {e}")),
             );
-            return report;
+            return None;
         }
     };
     let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
     let env_allowlist: Vec<String> = DEFAULT_PLUGIN_ENV.iter().map(|s| s.to_string()).collect();
-    // The daemon's default limits, so a plugin that passes here fits under them.
-    let limits = crate::config::PluginLimits::default();
-    // Run as root, the plugin gets an unprivileged user, as under the daemon.
+    let limits = PluginLimits::default();
     let run_as = crate::plugin::isolation::daemon_is_root()
         .then(|| crate::plugin::isolation::UidRange::default().probe_credentials());
     let probe_opts = ProbeOptions {
@@ -197,27 +249,24 @@ pub async fn check(opts: &CheckOptions) -> Report {
         hide: None,
         cgroups: None,
     };
-    let spec = match probe(dir, path.clone(), probe_opts).await {
-        Ok(spec) => spec,
+    let meta = match probe(dir, path.clone(), probe_opts).await {
+        Ok(spec) => spec.metadata,
         Err(skipped) => {
             report.add("metadata", Outcome::Fail(skipped.reason));
-            return report;
+            return None;
         }
     };
-    let meta = &spec.metadata;
     let protocol = meta.protocol_version;
+    let newer = if protocol > PROTOCOL_VERSION {
+        format!(" (newer than this host's {PROTOCOL_VERSION})")
+    } else {
+        String::new()
+    };
     report.add(
         "metadata",
         Outcome::Pass(format!(
-            "id {}, version {}, route {}, protocol {protocol}{}",
-            meta.id,
-            meta.version,
-            meta.route,
-            if protocol > PROTOCOL_VERSION {
-                format!(" (newer than this host's {PROTOCOL_VERSION})")
-            } else {
-                String::new()
-            }
+            "id {}, version {}, route {}, protocol {protocol}{newer}",
+            meta.id, meta.version, meta.route,
         )),
     );
     report.supports.push(if protocol >= 2 {
@@ -225,181 +274,297 @@ pub async fn check(opts: &CheckOptions) -> Report {
     } else {
         "protocol 1 (a connection per message)".to_owned()
     });
+    Some(Plugin {
+        path,
+        meta,
+        env_allowlist,
+        limits,
+        run_as,
+    })
+}
 
-    let tmp = match tempfile::Builder::new().prefix("torud-check-").tempdir() {
-        Ok(t) => t,
-        Err(e) => {
+/// A temporary directory standing in for the daemon's data directory: the plugin's own
+/// corner (its data directory and socket) and a real storage namespace.
+struct Scratch {
+    /// Removed when the check ends.
+    tmp: tempfile::TempDir,
+    /// The plugin's data directory.
+    data_dir: PathBuf,
+    /// Where the plugin listens.
+    socket: PathBuf,
+    /// Kept open for the namespace.
+    _storage: Option<Storage>,
+    /// The plugin's durable KV, served to its `storage` requests; `None` if it cannot open.
+    namespace: Option<Namespace>,
+}
+
+impl Scratch {
+    /// Makes the directory, handing the plugin's corner to its user; a failure is the
+    /// `start` step's.
+    fn prepare(plugin: &Plugin, report: &mut Report) -> Option<Scratch> {
+        let tmp = match tempfile::Builder::new().prefix("torud-check-").tempdir() {
+            Ok(t) => t,
+            Err(e) => {
+                report.add(
+                    "start",
+                    Outcome::Fail(format!("cannot make a temporary directory: {e}")),
+                );
+                return None;
+            }
+        };
+        let own = tmp.path().join("plugin");
+        let data_dir = own.join("data");
+        let socket = own.join("p.sock");
+        if let Err(e) = own_corner(tmp.path(), &data_dir, plugin.run_as) {
             report.add(
                 "start",
-                Outcome::Fail(format!("cannot make a temporary directory: {e}")),
+                Outcome::Fail(format!("cannot prepare {}: {e}", own.display())),
             );
-            return report;
+            return None;
         }
-    };
-    // The plugin's own corner of the scratch directory, handed to its user when run as root.
-    let own = tmp.path().join("plugin");
-    let data_dir = own.join("data");
-    let socket = own.join("p.sock");
-    if let Err(e) = own_corner(tmp.path(), &data_dir, run_as) {
-        report.add(
-            "start",
-            Outcome::Fail(format!("cannot prepare {}: {e}", own.display())),
-        );
-        return report;
+        let storage = Storage::open(&tmp.path().join("storage.redb"), Quotas::default()).ok();
+        let namespace = storage.as_ref().map(|s| s.namespace(&plugin.meta.id));
+        Some(Scratch {
+            tmp,
+            data_dir,
+            socket,
+            _storage: storage,
+            namespace,
+        })
     }
-    let env = [
-        (
-            toru_plugin_sdk::ENV_PLUGIN_SOCKET,
-            socket.clone().into_os_string(),
-        ),
-        (toru_plugin_sdk::ENV_PLUGIN_ID, meta.id.clone().into()),
-        (toru_plugin_sdk::ENV_INSTANCE_ID, "torud-check".into()),
-        (toru_plugin_sdk::ENV_DATA_DIR, data_dir.into_os_string()),
-    ];
-    let mut cmd = crate::plugin::process::plugin_command(
-        &path,
-        &env_allowlist,
+
+    /// What the plugin is told at start, as the daemon tells it.
+    fn launch(&self, id: &str) -> Launch {
+        Launch {
+            id: id.to_owned(),
+            instance_id: INSTANCE_ID.into(),
+            socket: self.socket.clone(),
+            data_dir: self.data_dir.clone(),
+            log_path: self.tmp.path().to_path_buf(),
+            home: None,
+        }
+    }
+}
+
+/// Everything the plugin writes to stdout and stderr, line by line. The mutex guards the
+/// list only to push a line or copy it, never across `.await`.
+#[derive(Clone, Default)]
+struct Output(Arc<Mutex<Vec<String>>>);
+
+impl Output {
+    /// Reads `pipe` to its end in a task of its own, keeping each line.
+    fn capture(&self, pipe: impl AsyncRead + Send + Unpin + 'static) {
+        let output = self.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(pipe).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                output.0.lock().expect("output poisoned").push(line);
+            }
+        });
+    }
+
+    /// The lines so far, in the order read.
+    fn lines(&self) -> Vec<String> {
+        self.0.lock().expect("output poisoned").clone()
+    }
+}
+
+/// The plugin's process while it is checked.
+struct Running {
+    child: Child,
+    /// Its pid, which is also its process group.
+    pid: u32,
+    output: Output,
+    /// When it was spawned.
+    spawned: Instant,
+}
+
+/// Spawns the plugin as the daemon does (its environment, limits and user), capturing
+/// its output; a failure is the `start` step's.
+fn spawn(plugin: &Plugin, scratch: &Scratch, report: &mut Report) -> Option<Running> {
+    let env = scratch.launch(&plugin.meta.id).env();
+    let mut cmd = plugin_command(
+        &plugin.path,
+        &plugin.env_allowlist,
         &env,
-        &limits,
-        crate::plugin::process::Confinement::user(run_as),
+        &plugin.limits,
+        Confinement::user(plugin.run_as),
     );
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
             report.add("start", Outcome::Fail(format!("cannot spawn it: {e}")));
-            return report;
+            return None;
         }
     };
-    let pid = child.id().unwrap_or(0);
-    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
-    for pipe in [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let lines = lines.clone();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(pipe).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                lines.lock().expect("lines poisoned").push(line);
-            }
-        });
+    let spawned = Instant::now();
+    let output = Output::default();
+    if let Some(out) = child.stdout.take() {
+        output.capture(out);
     }
+    if let Some(err) = child.stderr.take() {
+        output.capture(err);
+    }
+    Some(Running {
+        pid: child.id().unwrap_or(0),
+        child,
+        output,
+        spawned,
+    })
+}
 
-    let storage_file = tmp.path().join("storage.redb");
-    let storage = Storage::open(&storage_file, Quotas::default()).ok();
-    let namespace = storage.as_ref().map(|s| s.namespace(&meta.id));
-    // The daemon's default limits.
-    let limits = LinkLimits::from(&crate::config::BridgeConfig::default());
+/// The `start` and `init` steps: the daemon's handshake, its connection raced against the
+/// plugin's exit. The link requests take once the plugin is ready.
+async fn start(
+    plugin: &Plugin,
+    scratch: &Scratch,
+    running: &mut Running,
+    limit: Duration,
+    report: &mut Report,
+) -> Option<Link> {
+    let stream = connect(&scratch.socket, running, limit, report).await?;
+    let handshake = Handshake {
+        socket: scratch.socket.clone(),
+        init: scratch.launch(&plugin.meta.id).init_params(),
+        protocol: plugin.protocol(),
+        // The daemon's default limits.
+        limits: LinkLimits::from(&crate::config::BridgeConfig::default()),
+        storage: scratch.namespace.clone(),
+    };
+    init(handshake, stream, limit, report).await
+}
 
-    let began = Instant::now();
-    let link = async {
-        let connected = tokio::select! {
-            connected = connect_with_retry(&socket, limit) => connected.map_err(|e| e.to_string()),
-            status = child.wait() => Err(match status {
-                Ok(status) => format!("the plugin exited ({status}) before its socket accepted connections"),
-                Err(e) => format!("cannot wait for the plugin: {e}"),
-            }),
-        };
-        let mut stream = match connected {
-            Ok(s) => s,
-            Err(e) => {
-                report.add("start", Outcome::Fail(e));
-                return None;
-            }
-        };
-        report.add(
-            "start",
-            Outcome::Pass(format!("socket accepting {} after spawn", ms(began.elapsed()))),
-        );
-        let init = Envelope::init(
-            new_request_id(),
-            &InitParams {
-                instance_id: "torud-check".into(),
-                plugin_socket: socket.to_string_lossy().into_owned(),
-                log_path: tmp.path().to_string_lossy().into_owned(),
-                host_protocol_version: PROTOCOL_VERSION,
-            },
-        );
-        if protocol >= 2 {
-            let link = Link::persistent(stream, protocol, limits, namespace.clone());
-            let sent = Instant::now();
-            match link.request(init, limit).await {
-                Ok(a) if a.kind == MessageType::Ready => {
-                    report.add("init", Outcome::Pass(format!("ready {} after init", ms(sent.elapsed()))));
-                    report.supports.push("ready".into());
-                    Some(link)
-                }
-                Ok(a) => {
-                    report.add("init", Outcome::Fail(format!("init was answered with {} instead of ready (same request_id)", a.kind.as_str())));
-                    None
-                }
-                Err(e) => {
-                    report.add("init", Outcome::Fail(format!("no ready after init: {e}; a protocol-2 plugin answers init with {{\"type\":\"ready\"}} carrying init's request_id")));
-                    None
-                }
-            }
-        } else {
-            match send_one_on(&mut stream, &init).await {
-                Ok(()) => {
-                    report.add("init", Outcome::Pass("init written on its own connection".into()));
-                    Some(Link::per_request(socket.clone(), limits))
-                }
-                Err(e) => {
-                    report.add("init", Outcome::Fail(format!("writing init failed: {e}")));
-                    None
-                }
-            }
+/// The `start` step: the plugin's socket accepts a connection before the plugin exits.
+async fn connect(
+    socket: &Path,
+    running: &mut Running,
+    limit: Duration,
+    report: &mut Report,
+) -> Option<UnixStream> {
+    let connected = tokio::select! {
+        connected = connect_with_retry(socket, limit) => connected.map_err(|e| e.to_string()),
+        status = running.child.wait() => Err(match status {
+            Ok(status) => format!("the plugin exited ({status}) before its socket accepted connections"),
+            Err(e) => format!("cannot wait for the plugin: {e}"),
+        }),
+    };
+    match connected {
+        Ok(stream) => {
+            let after = ms(running.spawned.elapsed());
+            report.add(
+                "start",
+                Outcome::Pass(format!("socket accepting {after} after spawn")),
+            );
+            Some(stream)
+        }
+        Err(e) => {
+            report.add("start", Outcome::Fail(e));
+            None
         }
     }
-    .await;
+}
 
-    if let Some(link) = &link {
-        round_trips(&mut report, link, protocol, limit, namespace.as_ref()).await;
-    }
+/// The `init` step: `init` sent, and for protocol 2 answered with `ready`.
+async fn init(
+    handshake: Handshake,
+    stream: UnixStream,
+    limit: Duration,
+    report: &mut Report,
+) -> Option<Link> {
+    let protocol = handshake.protocol;
+    let sent = Instant::now();
+    let outcome = match handshake
+        .ready(stream, Budget::full(limit), |_early| {})
+        .await
+    {
+        Ok(link) if protocol >= 2 => {
+            report.supports.push("ready".into());
+            let after = ms(sent.elapsed());
+            report.add("init", Outcome::Pass(format!("ready {after} after init")));
+            return Some(link);
+        }
+        Ok(link) => {
+            report.add(
+                "init",
+                Outcome::Pass("init written on its own connection".into()),
+            );
+            return Some(link);
+        }
+        Err(ReadyError::Answered(kind)) => format!(
+            "init was answered with {} instead of ready (same request_id)",
+            kind.as_str()
+        ),
+        Err(ReadyError::NoReady { error, .. }) => format!(
+            "no ready after init: {error}; a protocol-2 plugin answers init with \
+             {{\"type\":\"ready\"}} carrying init's request_id"
+        ),
+        Err(ReadyError::SendInit(e)) => format!("writing init failed: {e}"),
+    };
+    report.add("init", Outcome::Fail(outcome));
+    None
+}
 
-    // Shutdown: the message, then the grace the daemon gives.
-    if link.is_none() && matches!(child.try_wait(), Ok(Some(_))) {
+/// The `shutdown` step (skipped when the plugin is already gone), then whatever is left of
+/// the plugin is killed and its link closed.
+async fn stop(
+    report: &mut Report,
+    link: Option<Link>,
+    scratch: &Scratch,
+    running: &mut Running,
+    limit: Duration,
+) {
+    if link.is_none() && matches!(running.child.try_wait(), Ok(Some(_))) {
         report.add(
             "shutdown",
             Outcome::Skip("the plugin is not running".into()),
         );
     } else {
-        shutdown(
-            &mut report,
-            link.as_ref(),
-            protocol,
-            &socket,
-            &mut child,
-            pid,
-            limit,
-        )
-        .await;
+        let outcome = shutdown(link.as_ref(), &scratch.socket, running, limit).await;
+        report.add("shutdown", outcome);
     }
-    crate::plugin::process::signal_group(pid, libc::SIGKILL);
+    signal_group(running.pid, libc::SIGKILL);
     if let Some(link) = link {
         link.close("check finished");
     }
+}
 
-    // Logs: how many stderr/stdout lines are structured records the daemon parses.
-    let lines = lines.lock().expect("lines poisoned").clone();
-    let structured = lines
-        .iter()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .is_some_and(|v| v.get("level").is_some() && v.get("message").is_some())
-        })
-        .count();
+/// Sends `shutdown` and waits (within `limit`) for the plugin to exit 0.
+async fn shutdown(
+    link: Option<&Link>,
+    socket: &Path,
+    running: &mut Running,
+    limit: Duration,
+) -> Outcome {
+    let asked = send_shutdown(link, socket).await.is_ok();
+    let stop_began = Instant::now();
+    match tokio::time::timeout(limit, running.child.wait()).await {
+        Ok(Ok(status)) if asked && status.success() => Outcome::Pass(format!(
+            "exited 0 {} after the shutdown message",
+            ms(stop_began.elapsed())
+        )),
+        Ok(Ok(status)) if asked => Outcome::Fail(format!(
+            "exited with {status} after the shutdown message; exit 0"
+        )),
+        Ok(Ok(status)) => Outcome::Fail(format!(
+            "the shutdown message could not be delivered; the plugin had already exited ({status})"
+        )),
+        Ok(Err(e)) => Outcome::Fail(format!("cannot wait for the plugin: {e}")),
+        Err(_) => {
+            signal_group(running.pid, libc::SIGKILL);
+            let _ = running.child.wait().await;
+            Outcome::Fail(format!(
+                "still running {} after the shutdown message; exit promptly on shutdown",
+                humantime::format_duration(limit)
+            ))
+        }
+    }
+}
+
+/// What the plugin's output shows: how many lines are structured records the daemon
+/// parses, and the last lines, shown when a step failed.
+fn report_output(report: &mut Report, lines: &[String]) {
+    let structured = lines.iter().filter(|l| is_structured(l)).count();
     if structured > 0 {
         report.supports.push(format!(
             "structured logs ({structured} of {} lines)",
@@ -407,151 +572,118 @@ pub async fn check(opts: &CheckOptions) -> Report {
         ));
     }
     report.stderr_tail = lines.iter().rev().take(10).rev().cloned().collect();
-    report
 }
 
-/// Sends `shutdown` and waits (within `limit`) for the plugin to exit 0.
-async fn shutdown(
-    report: &mut Report,
-    link: Option<&Link>,
-    protocol: u32,
-    socket: &Path,
-    child: &mut tokio::process::Child,
-    pid: u32,
-    limit: Duration,
-) {
-    let shutdown = Envelope::shutdown(new_request_id());
-    let asked = match link {
-        Some(l) if protocol >= 2 => l.notify(&shutdown).await.is_ok(),
-        _ => send_one(socket, &shutdown).await.is_ok(),
-    };
-    let stop_began = Instant::now();
-    match tokio::time::timeout(limit, child.wait()).await {
-        Ok(Ok(status)) if asked => {
-            let outcome = if status.success() {
-                Outcome::Pass(format!(
-                    "exited 0 {} after the shutdown message",
-                    ms(stop_began.elapsed())
-                ))
-            } else {
-                Outcome::Fail(format!(
-                    "exited with {status} after the shutdown message; exit 0"
-                ))
-            };
-            report.add("shutdown", outcome);
-        }
-        Ok(Ok(status)) => {
-            report.add("shutdown", Outcome::Fail(format!("the shutdown message could not be delivered; the plugin had already exited ({status})")));
-        }
-        Ok(Err(e)) => {
-            report.add(
-                "shutdown",
-                Outcome::Fail(format!("cannot wait for the plugin: {e}")),
-            );
-        }
-        Err(_) => {
-            crate::plugin::process::signal_group(pid, libc::SIGKILL);
-            let _ = child.wait().await;
-            report.add(
-                "shutdown",
-                Outcome::Fail(format!(
-                    "still running {} after the shutdown message; exit promptly on shutdown",
-                    humantime::format_duration(limit)
-                )),
-            );
-        }
-    }
+/// Whether `line` is a JSON object with `level` and `message`.
+fn is_structured(line: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .is_some_and(|v| v.get("level").is_some() && v.get("message").is_some())
 }
 
-/// KV, call, and (protocol 2) heartbeat, concurrency, cancel and storage steps.
+/// The key the KV steps use.
+const KEY: &str = "torud-check";
+
+/// Heartbeat, KV, call, and (protocol 2) concurrency and cancel steps.
 async fn round_trips(
     report: &mut Report,
     link: &Link,
     protocol: u32,
     limit: Duration,
-    storage: Option<&crate::store::storage::Namespace>,
+    storage: Option<&Namespace>,
 ) {
     if protocol >= 2 {
-        let sent = Instant::now();
-        let outcome = match link.ping(limit).await {
-            Ok(()) => {
-                report.supports.push("heartbeat".into());
-                Outcome::Pass(format!("pong {} after ping", ms(sent.elapsed())))
-            }
-            Err(e) => Outcome::Fail(format!(
-                "ping: {e}; answer ping with pong carrying its request_id"
-            )),
-        };
-        report.add("heartbeat", outcome);
+        heartbeat(report, link, limit).await;
     } else {
         report.add(
             "heartbeat",
             Outcome::Skip("protocol 1 has no heartbeat".into()),
         );
     }
-
-    let key = "torud-check";
-    let value = format!("value-{}", new_request_id());
-    let kv = |action: &'static str, v: Option<String>| async move {
-        link.kv(action, key, v.as_deref(), limit).await
-    };
-    let set = kv("set", Some(value.clone())).await;
-    let set_ok = report.add(
-        "kv set",
-        match &set {
-            Ok(_) => Outcome::Pass(format!("set {key:?}")),
-            Err(e) => Outcome::Fail(format!("{e}")),
-        },
-    );
-    if set_ok {
-        let got = kv("get", None).await;
-        report.add(
-            "kv get",
-            match got {
-                Ok(Some(v)) if v == value => Outcome::Pass("read back the value set".into()),
-                Ok(other) => Outcome::Fail(format!("read {other:?} back after setting {value:?}")),
-                Err(e) => Outcome::Fail(e.to_string()),
-            },
-        );
-        if let Some(ns) = storage {
-            let op = toru_plugin_sdk::storage_wire::StorageOp::Get { key: key.into() };
-            if let Ok(toru_plugin_sdk::storage_wire::StorageAnswer::Value(Some(v))) =
-                ns.apply(op).await
-            {
-                if v == value {
-                    report
-                        .supports
-                        .push("durable storage (KV kept by the host)".into());
-                }
-            }
+    kv(report, link, limit, storage).await;
+    call(report, link, limit).await;
+    if protocol >= 2 {
+        concurrency(report, link, limit).await;
+        cancel(report, link, limit).await;
+    } else {
+        for name in ["concurrency", "cancel"] {
+            report.add(
+                name,
+                Outcome::Skip("protocol 1 has one message per connection".into()),
+            );
         }
-        let deleted = kv("delete", None).await;
-        report.add(
-            "kv delete",
-            match deleted {
-                Ok(Some(v)) if v == value => Outcome::Pass("answered the old value".into()),
-                Ok(None) => Outcome::Pass(
-                    "deleted (answered null; the host cannot tell the key existed)".into(),
-                ),
-                Ok(Some(other)) => {
-                    Outcome::Fail(format!("answered {other:?}; answer the old value or null"))
-                }
-                Err(e) => Outcome::Fail(e.to_string()),
-            },
-        );
-        let gone = kv("get", None).await;
-        report.add(
-            "kv absent",
-            match gone {
-                Ok(None) => Outcome::Pass("a deleted key reads as null".into()),
-                Ok(Some(v)) => Outcome::Fail(format!(
-                    "a deleted key still reads {v:?}; answer null for an absent key"
-                )),
-                Err(e) => Outcome::Fail(e.to_string()),
-            },
-        );
     }
+}
 
+/// The `heartbeat` step: `ping` answered with `pong`.
+async fn heartbeat(report: &mut Report, link: &Link, limit: Duration) {
+    let sent = Instant::now();
+    let outcome = match link.ping(limit).await {
+        Ok(()) => {
+            report.supports.push("heartbeat".into());
+            Outcome::Pass(format!("pong {} after ping", ms(sent.elapsed())))
+        }
+        Err(e) => Outcome::Fail(format!(
+            "ping: {e}; answer ping with pong carrying its request_id"
+        )),
+    };
+    report.add("heartbeat", outcome);
+}
+
+/// The `kv` steps: a value set, read back, deleted, and then absent; and whether the
+/// value reached the host's durable storage.
+async fn kv(report: &mut Report, link: &Link, limit: Duration, storage: Option<&Namespace>) {
+    let value = format!("value-{}", new_request_id());
+    let set = match link.kv("set", KEY, Some(&value), limit).await {
+        Ok(_) => Outcome::Pass(format!("set {KEY:?}")),
+        Err(e) => Outcome::Fail(format!("{e}")),
+    };
+    if !report.add("kv set", set) {
+        return;
+    }
+    let got = match link.kv("get", KEY, None, limit).await {
+        Ok(Some(v)) if v == value => Outcome::Pass("read back the value set".into()),
+        Ok(other) => Outcome::Fail(format!("read {other:?} back after setting {value:?}")),
+        Err(e) => Outcome::Fail(e.to_string()),
+    };
+    report.add("kv get", got);
+    if let Some(ns) = storage {
+        if stored_durably(ns, &value).await {
+            report
+                .supports
+                .push("durable storage (KV kept by the host)".into());
+        }
+    }
+    let deleted = match link.kv("delete", KEY, None, limit).await {
+        Ok(Some(v)) if v == value => Outcome::Pass("answered the old value".into()),
+        Ok(None) => {
+            Outcome::Pass("deleted (answered null; the host cannot tell the key existed)".into())
+        }
+        Ok(Some(other)) => {
+            Outcome::Fail(format!("answered {other:?}; answer the old value or null"))
+        }
+        Err(e) => Outcome::Fail(e.to_string()),
+    };
+    report.add("kv delete", deleted);
+    let gone = match link.kv("get", KEY, None, limit).await {
+        Ok(None) => Outcome::Pass("a deleted key reads as null".into()),
+        Ok(Some(v)) => Outcome::Fail(format!(
+            "a deleted key still reads {v:?}; answer null for an absent key"
+        )),
+        Err(e) => Outcome::Fail(e.to_string()),
+    };
+    report.add("kv absent", gone);
+}
+
+/// Whether the host's storage namespace holds `value` under [`KEY`]: the plugin keeps its
+/// KV in the host's durable storage.
+async fn stored_durably(ns: &Namespace, value: &str) -> bool {
+    let op = StorageOp::Get { key: KEY.into() };
+    matches!(ns.apply(op).await, Ok(StorageAnswer::Value(Some(v))) if v == value)
+}
+
+/// The `call` step: an HTTP call answered, with a response or an error.
+async fn call(report: &mut Report, link: &Link, limit: Duration) {
     let call = HttpCall {
         method: "GET".into(),
         path: "/torud-check?probe=1".into(),
@@ -559,53 +691,50 @@ async fn round_trips(
         body: None,
     };
     let sent = Instant::now();
-    report.add(
-        "call",
-        match link.call(&call, limit).await {
-            Ok(answer) => Outcome::Pass(format!(
-                "status {} with {} body bytes, {} after the call",
-                answer.status,
-                answer.body.len(),
-                ms(sent.elapsed())
-            )),
-            Err(crate::plugin::link::BridgeError::Refused { code, message }) => {
-                Outcome::Pass(format!("answered an error ({code}: {message})"))
-            }
-            Err(e) => Outcome::Fail(e.to_string()),
-        },
-    );
-
-    if protocol < 2 {
-        for name in ["concurrency", "cancel"] {
-            report.add(
-                name,
-                Outcome::Skip("protocol 1 has one message per connection".into()),
-            );
+    let outcome = match link.call(&call, limit).await {
+        Ok(answer) => Outcome::Pass(format!(
+            "status {} with {} body bytes, {} after the call",
+            answer.status,
+            answer.body.len(),
+            ms(sent.elapsed())
+        )),
+        Err(BridgeError::Refused { code, message }) => {
+            Outcome::Pass(format!("answered an error ({code}: {message})"))
         }
-        return;
-    }
-    let many = (0..16).map(|i| {
+        Err(e) => Outcome::Fail(e.to_string()),
+    };
+    report.add("call", outcome);
+}
+
+/// Requests the `concurrency` step keeps in flight at once.
+const CONCURRENT: usize = 16;
+
+/// The `concurrency` step: [`CONCURRENT`] requests in flight at once, all answered.
+async fn concurrency(report: &mut Report, link: &Link, limit: Duration) {
+    let many = (0..CONCURRENT).map(|i| {
         let key = format!("torud-check-{i}");
         async move { link.kv("get", &key, None, limit).await }
     });
-    let results = futures::future::join_all(many).await;
-    let failed: Vec<String> = results
-        .iter()
-        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+    let failed: Vec<String> = futures::future::join_all(many)
+        .await
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| e.to_string()))
         .collect();
-    report.add(
-        "concurrency",
-        if failed.is_empty() {
-            Outcome::Pass("16 requests in flight at once, all answered".into())
-        } else {
-            Outcome::Fail(format!(
-                "{} of 16 concurrent requests failed: {}",
-                failed.len(),
-                failed[0]
-            ))
-        },
-    );
-    // A cancel for a request the plugin already answered (or never saw) must be ignored.
+    let outcome = match failed.first() {
+        None => Outcome::Pass(format!(
+            "{CONCURRENT} requests in flight at once, all answered"
+        )),
+        Some(first) => Outcome::Fail(format!(
+            "{} of {CONCURRENT} concurrent requests failed: {first}",
+            failed.len()
+        )),
+    };
+    report.add("concurrency", outcome);
+}
+
+/// The `cancel` step: a cancel for a request the plugin already answered (or never saw)
+/// is ignored, and the plugin still serves.
+async fn cancel(report: &mut Report, link: &Link, limit: Duration) {
     let cancel = Envelope::bare(MessageType::Cancel, new_request_id());
     let outcome = match link.notify(&cancel).await {
         Ok(()) => match link.ping(limit).await {

@@ -259,7 +259,11 @@ mod tests {
 
     /// Reads the next frame the host sent on `plugin`'s end.
     async fn next_message(plugin: &mut Framed<UnixStream, FrameCodec>) -> Envelope {
-        let frame = plugin.next().await.expect("a frame").expect("a readable frame");
+        let frame = plugin
+            .next()
+            .await
+            .expect("a frame")
+            .expect("a readable frame");
         Envelope::from_slice(&frame).expect("an envelope")
     }
 
@@ -372,7 +376,10 @@ mod tests {
             "{:?}",
             result.err()
         );
-        let reason = early.expect("the early link").closed().await;
+        let closed = early.expect("the early link");
+        let reason = tokio::time::timeout(Duration::from_secs(10), closed.closed())
+            .await
+            .expect("the link was left open");
         assert_eq!(reason, "start failed");
     }
 
@@ -401,13 +408,15 @@ mod tests {
         let mut plugin = Framed::new(plugin, FrameCodec::default());
         let budget = Budget::full(Duration::from_secs(10));
         let link = handshake(1)
-            .ready(host, budget, |_early| panic!("a v1 plugin has no early link"))
+            .ready(host, budget, |_early| {
+                panic!("a v1 plugin has no early link")
+            })
             .await
             .unwrap();
         assert_eq!(link.protocol(), 1);
         let init = next_message(&mut plugin).await;
         assert_eq!(init.lifecycle_action(), Some("init"));
-        assert!(plugin.next().await.is_none(), "the connection stays open");
+        assert!(plugin.next().await.is_none(), "init was not alone on its connection");
     }
 
     #[test]
