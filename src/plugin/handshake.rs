@@ -416,7 +416,10 @@ mod tests {
         assert_eq!(link.protocol(), 1);
         let init = next_message(&mut plugin).await;
         assert_eq!(init.lifecycle_action(), Some("init"));
-        assert!(plugin.next().await.is_none(), "init was not alone on its connection");
+        assert!(
+            plugin.next().await.is_none(),
+            "init was not alone on its connection"
+        );
     }
 
     #[test]
