@@ -8,8 +8,8 @@
 //! it answers `init` with `ready` (same `request_id`); a v1 plugin gets `init` on a
 //! connection of its own and is ready once it is written.
 //!
-//! This module knows nothing of processes, states, retries or reports: the caller spawns
-//! the plugin, races the handshake against its exit, and decides what a failure means.
+//! This module knows nothing of processes, plugin states or reports: the caller spawns the
+//! plugin, races the handshake against its exit, and decides what a failure means.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
