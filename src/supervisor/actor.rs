@@ -18,16 +18,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
-use toru_plugin_sdk::wire::InitParams;
-use toru_plugin_sdk::{Envelope, MessageType, PROTOCOL_VERSION};
 
 use super::{Context, SupervisorError};
 use crate::logs::capture::PluginLog;
 use crate::model::{
     EventDraft, EventKind, ExitInfo, LogLevel, PluginSpec, PluginState, PluginStatus,
 };
-use crate::plugin::connection::{connect_with_retry, send_one, send_one_on, socket_listening};
+use crate::plugin::connection::socket_listening;
 use crate::plugin::discovery::{self, FileIdentity, ProbeOptions, Recheck};
+use crate::plugin::handshake::{send_shutdown, Handshake, Launch};
 use crate::plugin::link::{BridgeError, Link, LinkLimits};
 use crate::plugin::process::{plugin_command, Confinement, Descendants, PluginProcess};
 use crate::store::state::StateError;
@@ -476,21 +475,15 @@ impl Actor {
             return self.disable_for(reason).await;
         }
         let _ = std::fs::remove_file(&socket);
-        let data_dir = cfg.plugin_data_dir(&self.id);
-        let log_dir = cfg.log_dir(&self.id);
-        let instance_id = uuid::Uuid::new_v4().to_string();
-        let mut env = vec![
-            (
-                toru_plugin_sdk::ENV_PLUGIN_SOCKET,
-                socket.clone().into_os_string(),
-            ),
-            (toru_plugin_sdk::ENV_PLUGIN_ID, self.id.clone().into()),
-            (toru_plugin_sdk::ENV_INSTANCE_ID, instance_id.clone().into()),
-            (toru_plugin_sdk::ENV_DATA_DIR, data_dir.into_os_string()),
-        ];
-        if let Some(home) = &who.home {
-            env.push(("HOME", home.clone().into_os_string()));
-        }
+        let launch = Launch {
+            id: self.id.clone(),
+            instance_id: uuid::Uuid::new_v4().to_string(),
+            socket: socket.clone(),
+            data_dir: cfg.plugin_data_dir(&self.id),
+            log_path: cfg.log_dir(&self.id),
+            home: who.home.clone(),
+        };
+        let env = launch.env();
         if let Some(expected) = cfg.pins.get(&self.id) {
             let path = spec.binary_path.clone();
             let found = tokio::task::spawn_blocking(move || sha256_file(&path))
@@ -566,25 +559,23 @@ impl Actor {
             s.started_at = Some(OffsetDateTime::now_utc());
         });
 
-        let init = InitParams {
-            instance_id,
-            plugin_socket: socket.to_string_lossy().into_owned(),
-            log_path: log_dir.to_string_lossy().into_owned(),
-            host_protocol_version: PROTOCOL_VERSION,
-        };
-        let start_timeout = cfg.timing.start_timeout;
-        let limits = LinkLimits::from(&cfg.bridge);
-        // The protocol-2 link exists before it is ready; a stop during the start uses it.
-        let early_link = Arc::new(std::sync::Mutex::new(None));
-        let ready = make_ready(
-            self.ctx.storage.namespace(&self.id),
+        let handshake = Handshake {
             socket,
-            init,
-            spec.metadata.protocol_version,
-            start_timeout,
-            limits,
-            early_link.clone(),
-        );
+            init: launch.init_params(),
+            protocol: spec.metadata.protocol_version,
+            limits: LinkLimits::from(&cfg.bridge),
+            storage: Some(self.ctx.storage.namespace(&self.id)),
+        };
+        // The protocol-2 link exists before it is ready; a stop during the start uses it.
+        let early_link = std::sync::Mutex::new(None);
+        let ready = async {
+            handshake
+                .run(cfg.timing.start_timeout, |link| {
+                    *early_link.lock().expect("early link poisoned") = Some(link.clone());
+                })
+                .await
+                .map_err(|e| e.to_string())
+        };
         tokio::pin!(ready);
         loop {
             tokio::select! {
@@ -763,19 +754,8 @@ impl Actor {
             self.end_start(&mut run).await;
         } else if running {
             let deadline = Instant::now() + timing.stop_grace;
-            let shutdown = Envelope::shutdown(uuid::Uuid::new_v4().to_string());
-            let asked = match &run.link {
-                Some(link) if link.protocol() >= 2 => {
-                    timeout_at(deadline, async { link.notify(&shutdown).await.is_ok() }).await
-                }
-                _ => {
-                    timeout_at(deadline, async {
-                        send_one(&socket, &shutdown).await.is_ok()
-                    })
-                    .await
-                }
-            };
-            if !matches!(asked, Ok(true)) {
+            let asked = timeout_at(deadline, send_shutdown(run.link.as_ref(), &socket)).await;
+            if !matches!(asked, Ok(Ok(()))) {
                 tracing::debug!(plugin = %self.id, "shutdown message not delivered");
             }
             if timeout_at(deadline, run.process.wait()).await.is_err() {
@@ -810,8 +790,8 @@ impl Actor {
         let timing = &self.ctx.config.timing;
         if let Some(link) = run.link.as_ref().filter(|l| l.protocol() >= 2) {
             let deadline = Instant::now() + STARTING_STOP_GRACE.min(timing.stop_grace);
-            let shutdown = Envelope::shutdown(uuid::Uuid::new_v4().to_string());
-            let _ = timeout_at(deadline, link.notify(&shutdown)).await;
+            let socket = self.ctx.config.socket_path(&self.id);
+            let _ = timeout_at(deadline, send_shutdown(Some(link), &socket)).await;
             if timeout_at(deadline, run.process.wait()).await.is_ok() {
                 return;
             }
@@ -922,62 +902,6 @@ impl Actor {
 /// The protocol-2 link of a start still in progress, if it got that far.
 fn take_link(slot: &std::sync::Mutex<Option<Link>>) -> Option<Link> {
     slot.lock().expect("early link poisoned").take()
-}
-
-/// Connects to the plugin's socket and sends `init`. For protocol 2 or later the connection
-/// stays open as the plugin's link and the plugin is ready when it answers `init` with
-/// `ready`; a v1 plugin gets `init` on a connection of its own and is ready once it is sent.
-async fn make_ready(
-    storage: crate::store::storage::Namespace,
-    socket: PathBuf,
-    init: InitParams,
-    protocol_version: u32,
-    limit: Duration,
-    limits: LinkLimits,
-    early: Arc<std::sync::Mutex<Option<Link>>>,
-) -> Result<Link, String> {
-    let began = Instant::now();
-    let work = async {
-        let mut stream = connect_with_retry(&socket, limit)
-            .await
-            .map_err(|e| e.to_string())?;
-        let message = Envelope::init(crate::plugin::link::new_request_id(), &init);
-        if protocol_version >= 2 {
-            let link = Link::persistent(stream, protocol_version, limits, Some(storage));
-            *early.lock().expect("early link poisoned") = Some(link.clone());
-            let left = limit.saturating_sub(began.elapsed());
-            let answer = link.request(message, left).await.map_err(|e| {
-                link.close("start failed");
-                match e {
-                    BridgeError::Timeout(_) => format!(
-                        "not ready within {}: no ready message after init",
-                        humantime::format_duration(limit)
-                    ),
-                    other => format!("no ready message after init: {other}"),
-                }
-            })?;
-            if answer.kind != MessageType::Ready {
-                link.close("start failed");
-                return Err(format!(
-                    "it answered init with {} instead of ready",
-                    answer.kind.as_str()
-                ));
-            }
-            Ok(link)
-        } else {
-            send_one_on(&mut stream, &message)
-                .await
-                .map_err(|e| format!("sending init failed: {e}"))?;
-            Ok(Link::per_request(socket.clone(), limits))
-        }
-    };
-    match timeout(limit, work).await {
-        Ok(result) => result,
-        Err(_) => Err(format!(
-            "not ready within {}",
-            humantime::format_duration(limit)
-        )),
-    }
 }
 
 /// The SHA-256 of a file, lowercase hex.
