@@ -1,10 +1,10 @@
 //! The JSON envelope every protocol message travels in, and constructors for the messages
 //! the host sends.
 //!
-//! Every message built here is valid for the strictest known v1 reader (DESIGN.md): the
-//! `payload` repeats the envelope's `type` and `request_id` (for readers that parse an
-//! internally tagged payload), and `timestamp` is RFC 3339 UTC. Unknown fields are ignored
-//! by every known plugin, so one shape serves all of them.
+//! Every message built here is valid for the strictest known v1 reader (docs/PROTOCOL.md,
+//! "Envelope"): the `payload` repeats the envelope's `type` and `request_id` (for readers
+//! that parse an internally tagged payload), and `timestamp` is RFC 3339 UTC. Unknown
+//! fields are ignored by every known plugin, so one shape serves all of them.
 //! This module knows nothing of sockets or framing.
 
 use base64::Engine;

@@ -65,7 +65,7 @@ pub fn plugin(s: &PluginStatus) -> pb::Plugin {
         enabled: s.enabled,
         state: state(s.state) as i32,
         healthy: s.healthy,
-        pid: s.pid.map_or(0, |p| p as i32),
+        pid: s.pid.unwrap_or(0),
         started_at: s.started_at.map(timestamp),
         restart_count: s.restart_count,
         consecutive_failures: s.consecutive_failures,
