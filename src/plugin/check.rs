@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use toru_plugin_sdk::wire::{HttpCall, InitParams};
-use toru_plugin_sdk::{Envelope, MessageType, PROTOCOL_VERSION};
+use toru_plugin_sdk::{Envelope, KvOp, MessageType, PROTOCOL_VERSION};
 
 use crate::config::DEFAULT_PLUGIN_ENV;
 use crate::plugin::connection::{connect_with_retry, send_one, send_one_on};
@@ -492,10 +492,12 @@ async fn round_trips(
 
     let key = "torud-check";
     let value = format!("value-{}", new_request_id());
-    let kv = |action: &'static str, v: Option<String>| async move {
-        link.kv(action, key, v.as_deref(), limit).await
-    };
-    let set = kv("set", Some(value.clone())).await;
+    let kv = |op: KvOp| async move { link.kv(&op, limit).await };
+    let set = kv(KvOp::Set {
+        key: key.into(),
+        value: value.clone(),
+    })
+    .await;
     let set_ok = report.add(
         "kv set",
         match &set {
@@ -504,7 +506,7 @@ async fn round_trips(
         },
     );
     if set_ok {
-        let got = kv("get", None).await;
+        let got = kv(KvOp::Get { key: key.into() }).await;
         report.add(
             "kv get",
             match got {
@@ -525,7 +527,7 @@ async fn round_trips(
                 }
             }
         }
-        let deleted = kv("delete", None).await;
+        let deleted = kv(KvOp::Delete { key: key.into() }).await;
         report.add(
             "kv delete",
             match deleted {
@@ -539,7 +541,7 @@ async fn round_trips(
                 Err(e) => Outcome::Fail(e.to_string()),
             },
         );
-        let gone = kv("get", None).await;
+        let gone = kv(KvOp::Get { key: key.into() }).await;
         report.add(
             "kv absent",
             match gone {
@@ -568,7 +570,7 @@ async fn round_trips(
                 answer.body.len(),
                 ms(sent.elapsed())
             )),
-            Err(crate::plugin::link::BridgeError::Refused { code, message }) => {
+            Err(crate::plugin::link::LinkError::Refused { code, message }) => {
                 Outcome::Pass(format!("answered an error ({code}: {message})"))
             }
             Err(e) => Outcome::Fail(e.to_string()),
@@ -586,7 +588,7 @@ async fn round_trips(
     }
     let many = (0..16).map(|i| {
         let key = format!("torud-check-{i}");
-        async move { link.kv("get", &key, None, limit).await }
+        async move { link.kv(&KvOp::Get { key }, limit).await }
     });
     let results = futures::future::join_all(many).await;
     let failed: Vec<String> = results

@@ -21,14 +21,14 @@ use tokio_util::sync::CancellationToken;
 use toru_plugin_sdk::wire::InitParams;
 use toru_plugin_sdk::{Envelope, MessageType, PROTOCOL_VERSION};
 
-use super::{Context, SupervisorError};
+use super::{Context, Interruption, SupervisorError};
 use crate::logs::capture::PluginLog;
 use crate::model::{
     EventDraft, EventKind, ExitInfo, LogLevel, PluginSpec, PluginState, PluginStatus,
 };
 use crate::plugin::connection::{connect_with_retry, send_one, send_one_on, socket_listening};
 use crate::plugin::discovery::{self, FileIdentity, ProbeOptions, Recheck};
-use crate::plugin::link::{BridgeError, Link, LinkLimits};
+use crate::plugin::link::{Link, LinkError, LinkLimits};
 use crate::plugin::process::{plugin_command, Confinement, Descendants, PluginProcess};
 use crate::store::state::StateError;
 
@@ -88,7 +88,7 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Unix socket paths longer than this do not fit in `sockaddr_un`.
 const MAX_SOCKET_PATH: usize = 107;
 /// A heartbeat in flight.
-type Heartbeat = Pin<Box<dyn Future<Output = Result<(), BridgeError>> + Send>>;
+type Heartbeat = Pin<Box<dyn Future<Output = Result<(), LinkError>> + Send>>;
 
 enum Next {
     Idle,
@@ -291,7 +291,7 @@ impl Actor {
                     self.reply(reply).await;
                     self.answer_waiters(Err(SupervisorError::Interrupted(
                         self.id.clone(),
-                        "it was disabled".into(),
+                        Interruption::Disabled,
                     )))
                     .await;
                     return Some(Next::Idle);
@@ -337,7 +337,7 @@ impl Actor {
         match self.persisting.take() {
             Some(write) => match write.await {
                 Ok(result) => result.map_err(SupervisorError::from),
-                Err(e) => Err(SupervisorError::Internal(format!("state writer: {e}"))),
+                Err(e) => Err(SupervisorError::StateWriter(Arc::new(e))),
             },
             None => Ok(()),
         }
@@ -745,7 +745,7 @@ impl Actor {
         self.reply(reply).await;
         self.answer_waiters(Err(SupervisorError::Interrupted(
             self.id.clone(),
-            "it was disabled".into(),
+            Interruption::Disabled,
         )))
         .await;
     }
@@ -949,7 +949,7 @@ async fn make_ready(
             let answer = link.request(message, left).await.map_err(|e| {
                 link.close("start failed");
                 match e {
-                    BridgeError::Timeout(_) => format!(
+                    LinkError::Timeout(_) => format!(
                         "not ready within {}: no ready message after init",
                         humantime::format_duration(limit)
                     ),
