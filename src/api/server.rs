@@ -60,9 +60,17 @@ pub enum ServeError {
          --tls-key, listen on a loopback address, or pass --insecure-plaintext-non-loopback"
     )]
     PlaintextNonLoopback(SocketAddr),
-    /// TLS files could not be read or used.
+    /// A TLS file could not be read.
+    #[error("TLS: {path}: {source}")]
+    TlsFile {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The TLS files could not be used.
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(tonic::transport::Error),
     /// The data directory could not be prepared.
     #[error("data directory {path}: {source}")]
     DataDir {
@@ -79,18 +87,24 @@ pub enum ServeError {
     Startup(#[from] StartupError),
     /// Reflection could not be built.
     #[error("cannot build server reflection: {0}")]
-    Reflection(String),
+    Reflection(#[from] tonic_reflection::server::Error),
     /// SIGTERM/SIGINT handlers could not be installed.
     #[error("cannot install the SIGTERM and SIGINT handlers")]
     Signals,
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
-    Transport(String),
+    Transport(#[from] tonic::transport::Error),
+    /// A gRPC server's task panicked.
+    #[error("gRPC server failed: {0}")]
+    ServerTask(#[from] tokio::task::JoinError),
 }
 
 fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServeError> {
     let read = |path: &PathBuf| {
-        std::fs::read(path).map_err(|e| ServeError::Tls(format!("{}: {e}", path.display())))
+        std::fs::read(path).map_err(|source| ServeError::TlsFile {
+            path: path.clone(),
+            source,
+        })
     };
     let mut tls =
         ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
@@ -303,12 +317,8 @@ fn routes(
             .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let max = limits.max_message_bytes;
     let plugins = pb::plugin_service_server::PluginServiceServer::new(PluginApi::new(
         supervisor.clone(),
@@ -360,9 +370,7 @@ impl Servers {
         };
         let mut tcp_builder = builder();
         if let Some(tls) = tls {
-            tcp_builder = tcp_builder
-                .tls_config(tls)
-                .map_err(|e| ServeError::Tls(e.to_string()))?;
+            tcp_builder = tcp_builder.tls_config(tls).map_err(ServeError::Tls)?;
         }
         let tcp = tcp_builder
             .layer(AuthLayer::new(tokens))
@@ -398,13 +406,46 @@ impl Servers {
         match tokio::time::timeout(DRAIN_TIMEOUT, servers).await {
             Ok((tcp, unix)) => [tcp, unix].into_iter().try_for_each(|r| match r {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(ServeError::Transport(e.to_string())),
-                Err(e) => Err(ServeError::Transport(e.to_string())),
+                Ok(Err(e)) => Err(ServeError::Transport(e)),
+                Err(e) => Err(ServeError::ServerTask(e)),
             }),
             Err(_) => {
                 tracing::info!("closing client connections still open after shutdown");
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_tls_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("cert.pem");
+        let files = TlsFiles {
+            cert: cert.clone(),
+            key: dir.path().join("key.pem"),
+            client_ca: None,
+        };
+        let message = tls_config(&files).unwrap_err().to_string();
+        assert!(
+            message.starts_with(&format!("TLS: {}: ", cert.display())),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn plaintext_on_a_reachable_address_is_refused_unless_asked_for() {
+        let mut config = Config::new("/p".into(), "/d".into());
+        config.listen = "0.0.0.0:0".parse().unwrap();
+        assert!(matches!(
+            transport_security(&config),
+            Err(ServeError::PlaintextNonLoopback(_))
+        ));
+        config.security.insecure_plaintext_non_loopback = true;
+        assert!(matches!(transport_security(&config), Ok(None)));
     }
 }
