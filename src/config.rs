@@ -1,6 +1,10 @@
 //! The daemon's configuration as the rest of the code sees it: paths, timings and limits.
 //! Parsing flags and environment variables is `main.rs`'s job; this module only holds the
 //! values and derives the data directory's layout from them.
+//!
+//! Every default is written once, here ([`Config::default`] and the `Default` of each
+//! part) or in the module that owns the limit (and named here); `main.rs`'s flags take
+//! their defaults from [`Config::default`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -198,8 +202,17 @@ pub const DEFAULT_PLUGIN_ENV: &[&str] = &[
     "RUST_BACKTRACE",
 ];
 
+impl Default for Config {
+    /// `torud serve`'s defaults: `./plugins` and `./data`, relative to the working
+    /// directory.
+    fn default() -> Self {
+        Config::new(PathBuf::from("./plugins"), PathBuf::from("./data"))
+    }
+}
+
 impl Config {
-    /// A configuration with the documented defaults.
+    /// A configuration with the defaults of every flag of `torud serve`, for these
+    /// directories.
     pub fn new(plugins_dir: PathBuf, data_dir: PathBuf) -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
@@ -222,7 +235,7 @@ impl Config {
             plugin_limits: PluginLimits::default(),
             pins: Default::default(),
             storage_quotas: crate::store::storage::Quotas::default(),
-            plugin_uid_range: Default::default(),
+            plugin_uid_range: crate::plugin::isolation::UidRange::default(),
             plugin_users: Default::default(),
             data_dir,
         }

@@ -21,7 +21,7 @@ use toru_plugin_sdk::wire::InitParams;
 use toru_plugin_sdk::{Envelope, MessageType, PROTOCOL_VERSION};
 
 use crate::plugin::connection::{connect_with_retry, send_one, send_one_on, ConnectError};
-use crate::plugin::link::{new_request_id, BridgeError, Link, LinkLimits};
+use crate::plugin::link::{new_request_id, Link, LinkError, LinkLimits};
 use crate::store::storage::Namespace;
 
 /// What a plugin is told about itself when it starts: through its environment
@@ -86,7 +86,7 @@ pub enum ReadyError {
         /// The start's whole time limit, as the reason quotes it.
         limit: Duration,
         /// Why the answer did not come.
-        error: BridgeError,
+        error: LinkError,
     },
     /// A protocol-2 plugin answered `init` with another message than `ready`.
     #[error("it answered init with {} instead of ready", .0.as_str())]
@@ -96,9 +96,9 @@ pub enum ReadyError {
     SendInit(std::io::Error),
 }
 
-fn no_ready(limit: Duration, error: &BridgeError) -> String {
+fn no_ready(limit: Duration, error: &LinkError) -> String {
     match error {
-        BridgeError::Timeout(_) => format!(
+        LinkError::Timeout(_) => format!(
             "not ready within {}: no ready message after init",
             humantime::format_duration(limit)
         ),
@@ -219,13 +219,13 @@ impl Handshake {
 
 /// Asks the plugin to shut down: on its link's connection for protocol 2, on a connection
 /// of its own otherwise (no link, or a v1 one).
-pub async fn send_shutdown(link: Option<&Link>, socket: &Path) -> Result<(), BridgeError> {
+pub async fn send_shutdown(link: Option<&Link>, socket: &Path) -> Result<(), LinkError> {
     let shutdown = Envelope::shutdown(new_request_id());
     match link {
         Some(link) if link.protocol() >= 2 => link.notify(&shutdown).await,
         _ => send_one(socket, &shutdown)
             .await
-            .map_err(|e| BridgeError::Unavailable(e.to_string())),
+            .map_err(|e| LinkError::Unavailable(e.to_string())),
     }
 }
 
@@ -307,7 +307,7 @@ mod tests {
         let limit = Duration::from_millis(500);
         let late = ReadyError::NoReady {
             limit,
-            error: BridgeError::Timeout("499ms".into()),
+            error: LinkError::Timeout(Duration::from_millis(499)),
         };
         assert_eq!(
             late.to_string(),
@@ -315,7 +315,7 @@ mod tests {
         );
         let gone = ReadyError::NoReady {
             limit,
-            error: BridgeError::Unavailable("eof".into()),
+            error: LinkError::Unavailable("eof".into()),
         };
         assert_eq!(
             gone.to_string(),
@@ -393,7 +393,7 @@ mod tests {
             matches!(
                 result,
                 Err(ReadyError::NoReady {
-                    error: BridgeError::Unavailable(_),
+                    error: LinkError::Unavailable(_),
                     ..
                 })
             ),

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::{Context, SupervisorError};
+use super::{Context, Interruption, SupervisorError};
 use crate::logs::capture::PluginLog;
 use crate::model::{
     EventDraft, EventKind, ExitInfo, LogLevel, PluginSpec, PluginState, PluginStatus,
@@ -27,7 +27,7 @@ use crate::model::{
 use crate::plugin::connection::socket_listening;
 use crate::plugin::discovery::{self, FileIdentity, ProbeOptions, Recheck};
 use crate::plugin::handshake::{send_shutdown, Handshake, Launch};
-use crate::plugin::link::{BridgeError, Link, LinkLimits};
+use crate::plugin::link::{Link, LinkError, LinkLimits};
 use crate::plugin::process::{plugin_command, Confinement, Descendants, PluginProcess};
 use crate::store::state::StateError;
 
@@ -87,7 +87,7 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Unix socket paths longer than this do not fit in `sockaddr_un`.
 const MAX_SOCKET_PATH: usize = 107;
 /// A heartbeat in flight.
-type Heartbeat = Pin<Box<dyn Future<Output = Result<(), BridgeError>> + Send>>;
+type Heartbeat = Pin<Box<dyn Future<Output = Result<(), LinkError>> + Send>>;
 
 enum Next {
     Idle,
@@ -290,7 +290,7 @@ impl Actor {
                     self.reply(reply).await;
                     self.answer_waiters(Err(SupervisorError::Interrupted(
                         self.id.clone(),
-                        "it was disabled".into(),
+                        Interruption::Disabled,
                     )))
                     .await;
                     return Some(Next::Idle);
@@ -336,7 +336,7 @@ impl Actor {
         match self.persisting.take() {
             Some(write) => match write.await {
                 Ok(result) => result.map_err(SupervisorError::from),
-                Err(e) => Err(SupervisorError::Internal(format!("state writer: {e}"))),
+                Err(e) => Err(SupervisorError::StateWriter(Arc::new(e))),
             },
             None => Ok(()),
         }
@@ -736,7 +736,7 @@ impl Actor {
         self.reply(reply).await;
         self.answer_waiters(Err(SupervisorError::Interrupted(
             self.id.clone(),
-            "it was disabled".into(),
+            Interruption::Disabled,
         )))
         .await;
     }

@@ -20,12 +20,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use toru_plugin_sdk::wire::{HttpAnswer, HttpCall};
+use toru_plugin_sdk::KvOp;
 
 use crate::config::{create_dir_with_mode, Config};
 use crate::logs::capture::PluginLog;
 use crate::model::{EventDraft, EventKind, PluginSpec, PluginState, PluginStatus};
 use crate::plugin::discovery::{self, FileIdentity, ProbeOptions, Skipped};
-use crate::plugin::link::{BridgeError, Link};
+use crate::plugin::link::{Link, LinkError};
 use crate::store::events::{EventLog, EventLogError};
 use crate::store::state::{EnabledStore, StateError};
 use actor::{Actor, Command};
@@ -65,10 +66,10 @@ pub enum SupervisorError {
     },
     /// The start was abandoned.
     #[error("plugin {0:?} did not become ready: {1}")]
-    Interrupted(String, String),
-    /// The enabled state could not be saved.
+    Interrupted(String, Interruption),
+    /// The enabled state could not be saved. Shared so that every waiter gets the error.
     #[error("could not save the enabled state: {0}")]
-    State(String),
+    State(Arc<StateError>),
     /// The daemon is stopping.
     #[error("the daemon is shutting down")]
     ShuttingDown,
@@ -92,10 +93,18 @@ pub enum SupervisorError {
     },
     /// A forwarded request failed.
     #[error("plugin {0:?}: {1}")]
-    Bridge(String, BridgeError),
-    /// A bug.
-    #[error("internal error: {0}")]
-    Internal(String),
+    Bridge(String, LinkError),
+    /// A bug: the background write of the enabled state panicked or was cancelled.
+    #[error("internal error: state writer: {0}")]
+    StateWriter(Arc<tokio::task::JoinError>),
+}
+
+/// Why a start was abandoned before the plugin became ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Interruption {
+    /// An operator disabled the plugin while it was starting.
+    #[error("it was disabled")]
+    Disabled,
 }
 
 fn retry_at(at: &Option<OffsetDateTime>) -> String {
@@ -120,7 +129,7 @@ fn retry_note(at: &Option<OffsetDateTime>) -> String {
 
 impl From<StateError> for SupervisorError {
     fn from(e: StateError) -> Self {
-        SupervisorError::State(e.to_string())
+        SupervisorError::State(Arc::new(e))
     }
 }
 
@@ -368,51 +377,17 @@ impl Supervisor {
         caller.map_or(default, |c| c.min(default))
     }
 
-    /// Reads a key of a plugin's key space; `None` when absent. `deadline` is the caller's.
-    pub async fn kv_get(
+    /// Forwards a KV operation to a plugin; the plugin's answer (the value read, written,
+    /// or deleted; `None` for an absent key). `deadline` is the caller's.
+    pub async fn kv(
         &self,
         id: &str,
-        key: &str,
-        deadline: Option<Duration>,
-    ) -> Result<Option<String>, SupervisorError> {
-        self.kv(id, "get", key, None, deadline).await
-    }
-
-    /// Writes a key of a plugin's key space.
-    pub async fn kv_set(
-        &self,
-        id: &str,
-        key: &str,
-        value: &str,
-        deadline: Option<Duration>,
-    ) -> Result<(), SupervisorError> {
-        self.kv(id, "set", key, Some(value), deadline)
-            .await
-            .map(|_| ())
-    }
-
-    /// Deletes a key of a plugin's key space; the plugin's answer (the old value, if it
-    /// says).
-    pub async fn kv_delete(
-        &self,
-        id: &str,
-        key: &str,
-        deadline: Option<Duration>,
-    ) -> Result<Option<String>, SupervisorError> {
-        self.kv(id, "delete", key, None, deadline).await
-    }
-
-    async fn kv(
-        &self,
-        id: &str,
-        action: &str,
-        key: &str,
-        value: Option<&str>,
+        op: &KvOp,
         deadline: Option<Duration>,
     ) -> Result<Option<String>, SupervisorError> {
         let link = self.link(id)?;
         let limit = self.bridge_limit(self.inner.ctx.config.bridge.kv_timeout, deadline);
-        link.kv(action, key, value, limit)
+        link.kv(op, limit)
             .await
             .map_err(|e| SupervisorError::Bridge(id.to_owned(), e))
     }

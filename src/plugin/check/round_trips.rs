@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use toru_plugin_sdk::storage_wire::{StorageAnswer, StorageOp};
 use toru_plugin_sdk::wire::HttpCall;
-use toru_plugin_sdk::{Envelope, MessageType};
+use toru_plugin_sdk::{Envelope, KvOp, MessageType};
 
 use super::{ms, Outcome, Report};
-use crate::plugin::link::{new_request_id, BridgeError, Link};
+use crate::plugin::link::{new_request_id, Link, LinkError};
 use crate::store::storage::Namespace;
 
 /// The key the KV steps use.
@@ -66,14 +66,23 @@ async fn heartbeat(report: &mut Report, link: &Link, limit: Duration) {
 /// value reached the host's durable storage.
 async fn kv(report: &mut Report, link: &Link, limit: Duration, storage: Option<&Namespace>) {
     let value = format!("value-{}", new_request_id());
-    let set = match link.kv("set", KEY, Some(&value), limit).await {
+    let set = match link
+        .kv(
+            &KvOp::Set {
+                key: KEY.into(),
+                value: value.clone(),
+            },
+            limit,
+        )
+        .await
+    {
         Ok(_) => Outcome::Pass(format!("set {KEY:?}")),
         Err(e) => Outcome::Fail(format!("{e}")),
     };
     if !report.add("kv set", set) {
         return;
     }
-    let got = match link.kv("get", KEY, None, limit).await {
+    let got = match link.kv(&KvOp::Get { key: KEY.into() }, limit).await {
         Ok(Some(v)) if v == value => Outcome::Pass("read back the value set".into()),
         Ok(other) => Outcome::Fail(format!("read {other:?} back after setting {value:?}")),
         Err(e) => Outcome::Fail(e.to_string()),
@@ -86,7 +95,7 @@ async fn kv(report: &mut Report, link: &Link, limit: Duration, storage: Option<&
                 .push("durable storage (KV kept by the host)".into());
         }
     }
-    let deleted = match link.kv("delete", KEY, None, limit).await {
+    let deleted = match link.kv(&KvOp::Delete { key: KEY.into() }, limit).await {
         Ok(Some(v)) if v == value => Outcome::Pass("answered the old value".into()),
         Ok(None) => {
             Outcome::Pass("deleted (answered null; the host cannot tell the key existed)".into())
@@ -97,7 +106,7 @@ async fn kv(report: &mut Report, link: &Link, limit: Duration, storage: Option<&
         Err(e) => Outcome::Fail(e.to_string()),
     };
     report.add("kv delete", deleted);
-    let gone = match link.kv("get", KEY, None, limit).await {
+    let gone = match link.kv(&KvOp::Get { key: KEY.into() }, limit).await {
         Ok(None) => Outcome::Pass("a deleted key reads as null".into()),
         Ok(Some(v)) => Outcome::Fail(format!(
             "a deleted key still reads {v:?}; answer null for an absent key"
@@ -130,7 +139,7 @@ async fn call(report: &mut Report, link: &Link, limit: Duration) {
             answer.body.len(),
             ms(sent.elapsed())
         )),
-        Err(BridgeError::Refused { code, message }) => {
+        Err(LinkError::Refused { code, message }) => {
             Outcome::Pass(format!("answered an error ({code}: {message})"))
         }
         Err(e) => Outcome::Fail(e.to_string()),
@@ -145,7 +154,7 @@ const CONCURRENT: usize = 16;
 async fn concurrency(report: &mut Report, link: &Link, limit: Duration) {
     let many = (0..CONCURRENT).map(|i| {
         let key = format!("torud-check-{i}");
-        async move { link.kv("get", &key, None, limit).await }
+        async move { link.kv(&KvOp::Get { key }, limit).await }
     });
     let failed: Vec<String> = futures::future::join_all(many)
         .await
