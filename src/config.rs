@@ -235,7 +235,7 @@ impl Config {
             plugin_limits: PluginLimits::default(),
             pins: Default::default(),
             storage_quotas: crate::store::storage::Quotas::default(),
-            plugin_uid_range: crate::plugin::isolation::UidRange::default(),
+            plugin_uid_range: crate::plugin::isolation::users::UidRange::default(),
             plugin_users: Default::default(),
             data_dir,
         }
