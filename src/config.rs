@@ -1,6 +1,10 @@
 //! The daemon's configuration as the rest of the code sees it: paths, timings and limits.
 //! Parsing flags and environment variables is `main.rs`'s job; this module only holds the
 //! values and derives the data directory's layout from them.
+//!
+//! Every default is written once, here ([`Config::default`] and the `Default` of each
+//! part) or in the module that owns the limit (and named here); `main.rs`'s flags take
+//! their defaults from [`Config::default`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,6 +14,9 @@ pub use crate::api::auth::TokenSource;
 
 /// The data directory's files a local client reads are part of the API.
 pub use torud_api::{ADMIN_TOKEN_FILE, CONTROL_SOCKET, READ_TOKEN_FILE};
+
+/// Default for the largest `--metadata` output read from a plugin (`--max-metadata-bytes`).
+pub const DEFAULT_MAX_METADATA_BYTES: usize = 64 * 1024;
 
 /// Everything `torud serve` can be told.
 #[derive(Debug, Clone)]
@@ -48,36 +55,13 @@ pub struct Config {
     /// Per-plugin quotas of the durable storage.
     pub storage_quotas: crate::store::storage::Quotas,
     /// Uids (and equal gids) for plugins' dynamic users when the daemon is root.
-    pub plugin_uid_range: crate::plugin::isolation::UidRange,
+    pub plugin_uid_range: crate::plugin::isolation::users::UidRange,
     /// Users chosen for particular plugins (`--plugin-user ID=USER|UID`), by plugin id.
-    pub plugin_users: std::collections::BTreeMap<String, crate::plugin::isolation::UserChoice>,
+    pub plugin_users:
+        std::collections::BTreeMap<String, crate::plugin::isolation::users::UserChoice>,
 }
 
-/// Resource limits (rlimits) set in every plugin process before it runs; `None` inherits
-/// the daemon's.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PluginLimits {
-    /// Address space, in bytes (RLIMIT_AS).
-    pub address_space: Option<u64>,
-    /// Open file descriptors (RLIMIT_NOFILE).
-    pub open_files: Option<u64>,
-    /// Processes and threads of the plugin's user (RLIMIT_NPROC: counted per user, not per
-    /// plugin, and not enforced for root).
-    pub processes: Option<u64>,
-}
-
-impl Default for PluginLimits {
-    fn default() -> Self {
-        PluginLimits {
-            // A guard against runaway allocation, roomy enough for runtimes that reserve
-            // large virtual ranges (Go, the JVM); a cgroup is the tool for real memory caps.
-            address_space: Some(32 * 1024 * 1024 * 1024),
-            // The daemon raises its own limit to the hard one; plugins get a usual one.
-            open_files: Some(4096),
-            processes: None,
-        }
-    }
-}
+pub use crate::plugin::process::PluginLimits;
 
 /// Authentication and transport security of the control plane.
 #[derive(Debug, Clone)]
@@ -218,8 +202,17 @@ pub const DEFAULT_PLUGIN_ENV: &[&str] = &[
     "RUST_BACKTRACE",
 ];
 
+impl Default for Config {
+    /// `torud serve`'s defaults: `./plugins` and `./data`, relative to the working
+    /// directory.
+    fn default() -> Self {
+        Config::new(PathBuf::from("./plugins"), PathBuf::from("./data"))
+    }
+}
+
 impl Config {
-    /// A configuration with the documented defaults.
+    /// A configuration with the defaults of every flag of `torud serve`, for these
+    /// directories.
     pub fn new(plugins_dir: PathBuf, data_dir: PathBuf) -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
@@ -238,11 +231,11 @@ impl Config {
             },
             grpc: GrpcLimits::default(),
             max_log_line: crate::logs::capture::DEFAULT_MAX_LINE,
-            max_metadata_bytes: crate::plugin::discovery::DEFAULT_MAX_METADATA_BYTES,
+            max_metadata_bytes: DEFAULT_MAX_METADATA_BYTES,
             plugin_limits: PluginLimits::default(),
             pins: Default::default(),
             storage_quotas: crate::store::storage::Quotas::default(),
-            plugin_uid_range: Default::default(),
+            plugin_uid_range: crate::plugin::isolation::users::UidRange::default(),
             plugin_users: Default::default(),
             data_dir,
         }

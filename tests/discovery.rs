@@ -85,7 +85,7 @@ async fn rescan_picks_up_a_new_plugin_and_forgets_a_removed_one() {
     assert_eq!(report.added, ["late"]);
     let plugin = enable(&mut client, "late").await;
     assert_eq!(state_of(&plugin), PluginState::Running);
-    let pid = plugin.pid as u32;
+    let pid = plugin.pid;
     let report = rescan(&mut client).await;
     assert!(report.added.is_empty() && report.removed.is_empty() && report.updated.is_empty());
 
@@ -142,7 +142,7 @@ async fn a_failing_probe_of_a_known_plugin_keeps_it_running() {
     let mut client = d.client().await;
     let mut events = Events::watch(&mut client, Some(0)).await;
     events.wait_added(&["steady"]).await;
-    let pid = enable(&mut client, "steady").await.pid as u32;
+    let pid = enable(&mut client, "steady").await.pid;
 
     // Its file now answers --metadata with garbage: skipped, but not removed.
     d.install_fixture("steady", "garbage-metadata", &[]);
@@ -210,7 +210,7 @@ async fn running(client: &mut Client, id: &str) -> pb::Plugin {
 }
 
 /// The command line of a process, its NULs as spaces.
-fn cmdline(pid: i32) -> String {
+fn cmdline(pid: u32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
         .unwrap_or_default()

@@ -28,7 +28,7 @@ async fn enable_spawns_and_becomes_ready_then_disable_sends_shutdown() {
     assert_eq!(state_of(&plugin), PluginState::Running);
     assert!(plugin.healthy && plugin.enabled);
     assert_eq!(plugin.protocol_version, 2);
-    let pid = plugin.pid as u32;
+    let pid = plugin.pid;
     assert!(pid > 0 && !process_gone(pid));
 
     let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
@@ -86,7 +86,7 @@ async fn enabled_state_persists_across_daemon_restart() {
     let mut client = d.client().await;
     let mut events = Events::watch(&mut client, Some(0)).await;
     events.wait_added(&["keep", "off"]).await;
-    let pid = enable(&mut client, "keep").await.pid as u32;
+    let pid = enable(&mut client, "keep").await.pid;
     let status = d.stop().await;
     assert_eq!(status.code(), Some(0));
     assert!(process_gone(pid), "plugin outlived a SIGTERMed daemon");
@@ -126,7 +126,7 @@ async fn sigkill_of_a_plugin_is_a_crash_then_a_restart_after_the_backoff() {
     let mut client = d.client().await;
     let mut events = Events::watch(&mut client, Some(0)).await;
     events.wait_added(&["hello"]).await;
-    let old_pid = enable(&mut client, "hello").await.pid as u32;
+    let old_pid = enable(&mut client, "hello").await.pid;
 
     signal(old_pid, libc::SIGKILL);
     let crashed = events
@@ -162,7 +162,7 @@ async fn sigkill_of_a_plugin_is_a_crash_then_a_restart_after_the_backoff() {
     let plugin = get(&mut client, "hello").await;
     assert_eq!(state_of(&plugin), PluginState::Running);
     assert!(plugin.healthy);
-    assert_ne!(plugin.pid as u32, old_pid);
+    assert_ne!(plugin.pid, old_pid);
     assert_eq!((plugin.restart_count, plugin.consecutive_failures), (1, 1));
     assert_eq!(
         plugin.last_exit.unwrap().status,
@@ -309,7 +309,7 @@ async fn a_plugin_ignoring_sigterm_is_killed_after_the_grace() {
     let mut client = d.client().await;
     let mut events = Events::watch(&mut client, Some(0)).await;
     events.wait_added(&["stubborn"]).await;
-    let pid = enable(&mut client, "stubborn").await.pid as u32;
+    let pid = enable(&mut client, "stubborn").await.pid;
     let began = Instant::now();
     let plugin = disable(&mut client, "stubborn").await;
     assert!(
@@ -472,7 +472,7 @@ async fn a_protocol_2_plugin_closing_its_connection_is_a_failed_run() {
     events.wait_added(&["dropper"]).await;
     let plugin = enable(&mut client, "dropper").await;
     assert_eq!(plugin.protocol_version, 2);
-    let pid = plugin.pid as u32;
+    let pid = plugin.pid;
     let crashed = events
         .wait_state("dropper", PluginState::Crashed, SECS10)
         .await;
@@ -503,7 +503,7 @@ async fn a_stable_run_resets_the_failure_count() {
     let mut client = d.client().await;
     let mut events = Events::watch(&mut client, Some(0)).await;
     events.wait_added(&["hello"]).await;
-    let pid = enable(&mut client, "hello").await.pid as u32;
+    let pid = enable(&mut client, "hello").await.pid;
     signal(pid, libc::SIGKILL);
     events
         .wait_state("hello", PluginState::Crashed, SECS10)
@@ -552,7 +552,7 @@ async fn a_plugin_that_leaves_its_process_group_is_still_stopped() {
     let mut client = d.client().await;
     let mut events = Events::watch(&mut client, Some(0)).await;
     events.wait_added(&["escaper"]).await;
-    let pid = enable(&mut client, "escaper").await.pid as u32;
+    let pid = enable(&mut client, "escaper").await.pid;
     let req = pb::DisablePluginRequest {
         plugin_id: "escaper".into(),
     };

@@ -167,7 +167,7 @@ async fn a_follower_sees_new_records_and_filters_apply() {
         .await
         .wait_added(&["hello"])
         .await;
-    let pid = enable(&mut client, "hello").await.pid as u32;
+    let pid = enable(&mut client, "hello").await.pid;
     let mut logs = LogServiceClient::new(d.channel().await);
 
     // From now on (by time, so that it does not matter when the stream subscribes).

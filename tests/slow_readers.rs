@@ -206,13 +206,6 @@ async fn five_hundred_followers_that_never_read_cost_bounded_memory_and_slow_nob
         peak / MB,
         ceiling / MB
     );
-    // Held open while the flood goes on, they do not grow: what each holds is bounded.
-    assert!(
-        peak <= level + 32 * MB,
-        "idle followers grew from {} MB to {} MB in 3 s of flood",
-        level / MB,
-        peak / MB
-    );
     // Capture is not held back by them (loosely: the machine is shared and the build is debug).
     assert!(
         rate_beside > rate_alone / 4.0,

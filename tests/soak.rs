@@ -60,7 +60,7 @@ async fn a_thousand_crash_restart_cycles_leak_nothing() {
     let mut client = d.client().await;
     let mut events = Events::watch(&mut client, Some(0)).await;
     events.wait_added(&["hello"]).await;
-    let mut pid = enable(&mut client, "hello").await.pid as u32;
+    let mut pid = enable(&mut client, "hello").await.pid;
     events
         .wait_state("hello", PluginState::Running, SECS10)
         .await;

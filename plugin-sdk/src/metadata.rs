@@ -1,6 +1,6 @@
 //! Plugin metadata: what a plugin prints when run with `--metadata`, and the rules it must
-//! follow (DESIGN.md, protocol v1). Parsing and validation only; running the plugin to get
-//! the text is the daemon's business.
+//! follow (docs/PROTOCOL.md, "Files and discovery"). Parsing and validation only; running
+//! the plugin to get the text is the daemon's business.
 
 use serde::{Deserialize, Serialize};
 

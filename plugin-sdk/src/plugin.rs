@@ -70,6 +70,32 @@ pub enum KvOp {
     },
 }
 
+impl KvOp {
+    /// The operation's name on the wire (the `action` field): `get`, `set` or `delete`.
+    pub fn action(&self) -> &'static str {
+        match self {
+            KvOp::Get { .. } => "get",
+            KvOp::Set { .. } => "set",
+            KvOp::Delete { .. } => "delete",
+        }
+    }
+
+    /// The key the operation is about.
+    pub fn key(&self) -> &str {
+        match self {
+            KvOp::Get { key } | KvOp::Set { key, .. } | KvOp::Delete { key } => key,
+        }
+    }
+
+    /// The value a `set` writes; `None` for the others.
+    pub fn value(&self) -> Option<&str> {
+        match self {
+            KvOp::Set { value, .. } => Some(value),
+            KvOp::Get { .. } | KvOp::Delete { .. } => None,
+        }
+    }
+}
+
 /// An error a handler answers with; the host turns `code` into a gRPC status
 /// (`invalid_argument`, `not_found`, `resource_exhausted`, `unavailable`,
 /// `failed_precondition`, `permission_denied`; anything else is UNKNOWN).

@@ -208,7 +208,9 @@ fn base_context(storage: Storage, fallback_id: String) -> Context {
     }
 }
 
-/// Serves one connection until the host closes it or shutdown is asked.
+/// Serves one connection until the host closes it or shutdown is asked: starts the
+/// answer writer, then reads the host's messages one by one and dispatches each, and once
+/// the reading ends lets the writer send what is queued.
 pub(crate) async fn serve_connection<P, S>(shared: Arc<Shared<P>>, stream: S)
 where
     P: Plugin,
@@ -221,124 +223,192 @@ where
         FramedWrite::new(write, FrameCodec::default()),
         rx,
     ));
-    let pending = Pending::default();
-    let mut ctx = base_context(
-        Storage::connected(tx.clone(), pending.clone()),
-        shared.plugin.metadata().id,
-    );
-    let running: Arc<Mutex<HashMap<String, AbortHandle>>> = Arc::default();
-    // After shutdown is asked the connection stays open while requests in flight and the
-    // shutdown hook finish (they may still need storage answers), at most for twice the
-    // grace.
-    let drained = shared.finished.cancelled();
+    let closing = closing(shared.clone());
+    tokio::pin!(closing);
+    let mut connection = Connection::new(shared, tx);
+    while let Some(env) = next_envelope(&mut frames, closing.as_mut()).await {
+        connection.dispatch(env);
+    }
+    // Its senders (its own and its storage's) go with it: the writer ends once the
+    // answers queued by requests still running are written.
+    drop(connection);
+    let _ = writer.await;
+}
+
+/// Resolves when a connection should close although the host keeps it open: after
+/// shutdown is asked the connection stays open while requests in flight and the shutdown
+/// hook finish (they may still need storage answers), at most for twice the grace.
+async fn closing<P: Plugin>(shared: Arc<Shared<P>>) {
     let grace = async {
         shared.stopped().await;
         tokio::time::sleep(SHUTDOWN_GRACE * 2).await;
     };
-    tokio::pin!(drained, grace);
+    tokio::select! {
+        _ = shared.finished.cancelled() => {}
+        _ = grace => {}
+    }
+}
+
+/// The next envelope from the host, skipping frames that are not one; `None` when the
+/// connection ends (closed by the host, broken, or `closing` resolved).
+async fn next_envelope<R: AsyncRead + Unpin>(
+    frames: &mut FramedRead<R, FrameCodec>,
+    mut closing: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Option<Envelope> {
     loop {
         let frame = tokio::select! {
             frame = frames.next() => frame,
-            _ = &mut drained => break,
-            _ = &mut grace => break,
+            _ = &mut closing => return None,
         };
         let frame = match frame {
             Some(Ok(f)) => f,
             Some(Err(e)) => {
                 tracing::warn!("connection dropped: {e}");
-                break;
+                return None;
             }
-            None => break,
+            None => return None,
         };
-        let env = match Envelope::from_slice(&frame) {
-            Ok(env) => env,
-            Err(e) => {
-                tracing::warn!("ignoring a message that is not a JSON envelope: {e}");
-                continue;
-            }
-        };
+        match Envelope::from_slice(&frame) {
+            Ok(env) => return Some(env),
+            Err(e) => tracing::warn!("ignoring a message that is not a JSON envelope: {e}"),
+        }
+    }
+}
+
+/// One connection's state while its messages are dispatched.
+struct Connection<P> {
+    shared: Arc<Shared<P>>,
+    /// Answers to write, in order (the writer task sends them).
+    tx: mpsc::UnboundedSender<Envelope>,
+    /// Storage requests of this connection's handlers waiting for the host's answers.
+    pending: Pending,
+    /// What handlers get; `init` fills in the host's values.
+    ctx: Context,
+    /// Requests running, by request id, so `cancel` can abort them.
+    running: Arc<Mutex<HashMap<String, AbortHandle>>>,
+}
+
+impl<P: Plugin> Connection<P> {
+    fn new(shared: Arc<Shared<P>>, tx: mpsc::UnboundedSender<Envelope>) -> Self {
+        let pending = Pending::default();
+        let ctx = base_context(
+            Storage::connected(tx.clone(), pending.clone()),
+            shared.plugin.metadata().id,
+        );
+        Connection {
+            shared,
+            tx,
+            pending,
+            ctx,
+            running: Arc::default(),
+        }
+    }
+
+    /// Acts on one message of the host's.
+    fn dispatch(&mut self, env: Envelope) {
         let id = env.request_id.clone().unwrap_or_default();
         match env.kind {
-            MessageType::Lifecycle => match env.lifecycle_action() {
-                Some("init") => {
-                    ctx.instance_id = env.payload["instance_id"]
-                        .as_str()
-                        .map_or(ctx.instance_id.clone(), str::to_owned);
-                    ctx.host_protocol_version = env.payload["protocol_version"]
-                        .as_u64()
-                        .and_then(|v| u32::try_from(v).ok())
-                        .unwrap_or(1);
-                    let _ = shared.init_ctx.set(ctx.clone());
-                    let (shared, ctx, tx) = (shared.clone(), ctx.clone(), tx.clone());
-                    // On a task: init may use storage, whose answers this loop delivers.
-                    tokio::spawn(async move {
-                        match shared.plugin.init(&ctx).await {
-                            Ok(()) => {
-                                tracing::info!(instance_id = %ctx.instance_id,
-                                    host_protocol = ctx.host_protocol_version, "initialised by the host; ready");
-                                let _ = tx.send(Envelope::bare(MessageType::Ready, id));
-                            }
-                            Err(e) => {
-                                tracing::error!("init failed: {e}");
-                                *shared.failure.lock().expect("failure poisoned") = Some(e);
-                                shared.request_stop();
-                            }
-                        }
-                    });
-                }
-                Some("shutdown") => {
-                    tracing::info!("shutdown requested by the host");
-                    shared.request_stop();
-                }
-                other => tracing::warn!("ignoring unknown lifecycle action {other:?}"),
-            },
-            MessageType::Ping => {
-                let _ = tx.send(Envelope::bare(MessageType::Pong, id));
-            }
-            MessageType::Cancel => {
-                if let Some(task) = running.lock().expect("running poisoned").remove(&id) {
-                    task.abort();
-                    tracing::debug!(request_id = %id, "request cancelled by the host");
-                }
-            }
+            MessageType::Lifecycle => self.lifecycle(&env, id),
+            MessageType::Ping => self.send(Envelope::bare(MessageType::Pong, id)),
+            MessageType::Cancel => self.cancel(&id),
             MessageType::Storage => {
-                if !pending.deliver(env) {
+                if !self.pending.deliver(env) {
                     tracing::warn!(request_id = %id, "dropped a storage answer nobody waits for");
                 }
             }
-            MessageType::Http | MessageType::Kv if shared.is_stopping() => {
+            MessageType::Http | MessageType::Kv if self.shared.is_stopping() => {
                 let e = PluginError::new("unavailable", "the plugin is shutting down");
-                let _ = tx.send(Envelope::new(env.kind, id, error_fields(&e)));
+                self.send(Envelope::new(env.kind, id, error_fields(&e)));
             }
-            MessageType::Http | MessageType::Kv => {
-                let (shared2, ctx, tx, running2) =
-                    (shared.clone(), ctx.clone(), tx.clone(), running.clone());
-                let key = id.clone();
-                // The entry goes in before the task can look for it: the lock is held
-                // across the spawn, and the task takes it to remove its entry.
-                let mut table = running.lock().expect("running poisoned");
-                let task = shared.tasks.spawn(async move {
-                    let answer = answer_request(&*shared2.plugin, &ctx, &env).await;
-                    // Answer only if not cancelled meanwhile.
-                    if running2
-                        .lock()
-                        .expect("running poisoned")
-                        .remove(&key)
-                        .is_some()
-                    {
-                        let _ = tx.send(answer);
-                    }
-                });
-                table.insert(id, task.abort_handle());
-            }
+            MessageType::Http | MessageType::Kv => self.start_request(env, id),
             MessageType::Ready | MessageType::Pong | MessageType::Unknown => {
                 tracing::warn!("ignoring a message of type {}", env.kind.as_str());
             }
         }
     }
-    drop(tx);
-    drop(ctx);
-    let _ = writer.await;
+
+    /// Queues an answer; a closed writer means the host is gone, and nobody is left to tell.
+    fn send(&self, answer: Envelope) {
+        let _ = self.tx.send(answer);
+    }
+
+    /// `init` or `shutdown`.
+    fn lifecycle(&mut self, env: &Envelope, id: String) {
+        match env.lifecycle_action() {
+            Some("init") => self.init(env, id),
+            Some("shutdown") => {
+                tracing::info!("shutdown requested by the host");
+                self.shared.request_stop();
+            }
+            other => tracing::warn!("ignoring unknown lifecycle action {other:?}"),
+        }
+    }
+
+    /// Takes the host's values into the context and runs [`Plugin::init`] on a task (init
+    /// may use storage, whose answers this connection delivers), answering `ready` when it
+    /// succeeds and stopping the plugin when it fails.
+    fn init(&mut self, env: &Envelope, id: String) {
+        let ctx = &mut self.ctx;
+        ctx.instance_id = env.payload["instance_id"]
+            .as_str()
+            .map_or(ctx.instance_id.clone(), str::to_owned);
+        ctx.host_protocol_version = env.payload["protocol_version"]
+            .as_u64()
+            .and_then(|v| u32::try_from(v).ok())
+            .unwrap_or(1);
+        let _ = self.shared.init_ctx.set(ctx.clone());
+        let (shared, ctx, tx) = (self.shared.clone(), ctx.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            match shared.plugin.init(&ctx).await {
+                Ok(()) => {
+                    tracing::info!(instance_id = %ctx.instance_id,
+                        host_protocol = ctx.host_protocol_version, "initialised by the host; ready");
+                    let _ = tx.send(Envelope::bare(MessageType::Ready, id));
+                }
+                Err(e) => {
+                    tracing::error!("init failed: {e}");
+                    *shared.failure.lock().expect("failure poisoned") = Some(e);
+                    shared.request_stop();
+                }
+            }
+        });
+    }
+
+    /// Aborts a running request; it is then never answered.
+    fn cancel(&self, id: &str) {
+        if let Some(task) = self.running.lock().expect("running poisoned").remove(id) {
+            task.abort();
+            tracing::debug!(request_id = %id, "request cancelled by the host");
+        }
+    }
+
+    /// Runs an `http` or `kv` request on its own task, answered when it ends unless it was
+    /// cancelled meanwhile.
+    fn start_request(&self, env: Envelope, id: String) {
+        let (shared, ctx, tx, running) = (
+            self.shared.clone(),
+            self.ctx.clone(),
+            self.tx.clone(),
+            self.running.clone(),
+        );
+        let key = id.clone();
+        // The entry goes in before the task can look for it: the lock is held across the
+        // spawn, and the task takes it to remove its entry.
+        let mut table = self.running.lock().expect("running poisoned");
+        let task = self.shared.tasks.spawn(async move {
+            let answer = answer_request(&*shared.plugin, &ctx, &env).await;
+            // Answer only if not cancelled meanwhile.
+            if running
+                .lock()
+                .expect("running poisoned")
+                .remove(&key)
+                .is_some()
+            {
+                let _ = tx.send(answer);
+            }
+        });
+        table.insert(id, task.abort_handle());
+    }
 }
 
 /// Writes answers, flushing only when no more are queued, so a burst goes out in few writes.

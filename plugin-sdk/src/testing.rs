@@ -354,12 +354,7 @@ fn apply(
 /// A request envelope the harness would send for `op` with `request_id`, for tests that
 /// cancel it or craft their own.
 pub fn kv_envelope(request_id: &str, op: &KvOp) -> Envelope {
-    let id = request_id.to_owned();
-    match op {
-        KvOp::Get { key } => Envelope::kv_request(id, "get", key, None),
-        KvOp::Set { key, value } => Envelope::kv_request(id, "set", key, Some(value)),
-        KvOp::Delete { key } => Envelope::kv_request(id, "delete", key, None),
-    }
+    Envelope::kv_request(request_id.to_owned(), op)
 }
 
 /// A `cancel` for `request_id`.

@@ -1,10 +1,10 @@
 //! The JSON envelope every protocol message travels in, and constructors for the messages
 //! the host sends.
 //!
-//! Every message built here is valid for the strictest known v1 reader (DESIGN.md): the
-//! `payload` repeats the envelope's `type` and `request_id` (for readers that parse an
-//! internally tagged payload), and `timestamp` is RFC 3339 UTC. Unknown fields are ignored
-//! by every known plugin, so one shape serves all of them.
+//! Every message built here is valid for the strictest known v1 reader (docs/PROTOCOL.md,
+//! "Envelope"): the `payload` repeats the envelope's `type` and `request_id` (for readers
+//! that parse an internally tagged payload), and `timestamp` is RFC 3339 UTC. Unknown
+//! fields are ignored by every known plugin, so one shape serves all of them.
 //! This module knows nothing of sockets or framing.
 
 use base64::Engine;
@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+
+use crate::plugin::KvOp;
 
 /// The `type` of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,8 +153,9 @@ impl Envelope {
 
     /// A `kv` request. The operation sits both in `payload` and in `payload.payload`, so
     /// plugins that read either place find it.
-    pub fn kv_request(request_id: String, action: &str, key: &str, value: Option<&str>) -> Self {
-        let mut op = json!({ "action": action, "key": key });
+    pub fn kv_request(request_id: String, op: &KvOp) -> Self {
+        let value = op.value();
+        let mut op = json!({ "action": op.action(), "key": op.key() });
         if let Some(value) = value {
             op["value"] = Value::String(value.to_owned());
         }
@@ -500,8 +503,28 @@ mod tests {
     }
 
     #[test]
+    fn kv_request_names_each_op_and_carries_a_value_only_for_set() {
+        for (op, action) in [
+            (KvOp::Get { key: "k".into() }, "get"),
+            (KvOp::Delete { key: "k".into() }, "delete"),
+        ] {
+            let v: Value =
+                serde_json::from_slice(&Envelope::kv_request("r".into(), &op).to_vec()).unwrap();
+            assert_eq!(v["payload"]["action"], action);
+            assert_eq!(v["payload"]["key"], "k");
+            assert!(v["payload"].get("value").is_none(), "{v}");
+        }
+    }
+
+    #[test]
     fn kv_request_is_readable_flat_and_nested() {
-        let env = Envelope::kv_request("r".into(), "set", "k", Some("v"));
+        let env = Envelope::kv_request(
+            "r".into(),
+            &KvOp::Set {
+                key: "k".into(),
+                value: "v".into(),
+            },
+        );
         let v: Value = serde_json::from_slice(&env.to_vec()).unwrap();
         for op in [&v["payload"], &v["payload"]["payload"]] {
             assert_eq!(

@@ -4,7 +4,7 @@
 use tonic::Status;
 
 use crate::model::{Event, EventKind, ExitInfo, ExitStatus, PluginState, PluginStatus};
-use crate::plugin::link::BridgeError;
+use crate::plugin::link::{LinkError, RefusalCode};
 use crate::supervisor::SupervisorError;
 use torud_api::pb;
 
@@ -65,7 +65,7 @@ pub fn plugin(s: &PluginStatus) -> pb::Plugin {
         enabled: s.enabled,
         state: state(s.state) as i32,
         healthy: s.healthy,
-        pid: s.pid.map_or(0, |p| p as i32),
+        pid: s.pid.unwrap_or(0),
         started_at: s.started_at.map(timestamp),
         restart_count: s.restart_count,
         consecutive_failures: s.consecutive_failures,
@@ -108,23 +108,28 @@ impl From<SupervisorError> for Status {
             SupervisorError::PluginsDir { .. } => Status::failed_precondition(msg),
             SupervisorError::NotRunning { .. } => Status::unavailable(msg),
             SupervisorError::Bridge(_, ref b) => match b {
-                BridgeError::Unavailable(_) => Status::unavailable(msg),
-                BridgeError::Timeout(_) => Status::deadline_exceeded(msg),
-                BridgeError::Busy(_) => Status::resource_exhausted(msg),
-                BridgeError::BadAnswer(_) => Status::unknown(msg),
-                BridgeError::Unsupported(_) => Status::invalid_argument(msg),
-                BridgeError::Refused { code, .. } => match code.as_str() {
-                    "invalid_argument" => Status::invalid_argument(msg),
-                    "resource_exhausted" => Status::resource_exhausted(msg),
-                    "not_found" => Status::not_found(msg),
-                    "unavailable" => Status::unavailable(msg),
-                    "failed_precondition" => Status::failed_precondition(msg),
-                    "permission_denied" => Status::permission_denied(msg),
-                    _ => Status::unknown(msg),
-                },
+                LinkError::Unavailable(_) => Status::unavailable(msg),
+                LinkError::Timeout(_) => Status::deadline_exceeded(msg),
+                LinkError::Busy(_) => Status::resource_exhausted(msg),
+                LinkError::BadAnswer(_) => Status::unknown(msg),
+                LinkError::Unsupported(_) => Status::invalid_argument(msg),
+                LinkError::Refused { code, .. } => refused(code, msg),
             },
-            SupervisorError::State(_) | SupervisorError::Internal(_) => Status::internal(msg),
+            SupervisorError::State(_) | SupervisorError::StateWriter(_) => Status::internal(msg),
         }
+    }
+}
+
+/// The status of a plugin's refusal: the gRPC code of the same name, UNKNOWN for others.
+fn refused(code: &RefusalCode, msg: String) -> Status {
+    match code {
+        RefusalCode::InvalidArgument => Status::invalid_argument(msg),
+        RefusalCode::ResourceExhausted => Status::resource_exhausted(msg),
+        RefusalCode::NotFound => Status::not_found(msg),
+        RefusalCode::Unavailable => Status::unavailable(msg),
+        RefusalCode::FailedPrecondition => Status::failed_precondition(msg),
+        RefusalCode::PermissionDenied => Status::permission_denied(msg),
+        RefusalCode::Unknown(_) => Status::unknown(msg),
     }
 }
 
@@ -151,6 +156,67 @@ pub fn caller_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::t
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::state::StateError;
+    use crate::supervisor::Interruption;
+
+    fn refusal(code: &str) -> Status {
+        Status::from(SupervisorError::Bridge(
+            "p".into(),
+            LinkError::Refused {
+                code: RefusalCode::parse(code),
+                message: "no".into(),
+            },
+        ))
+    }
+
+    #[test]
+    fn a_refusal_keeps_its_code_as_the_status() {
+        use tonic::Code;
+        for (code, want) in [
+            ("invalid_argument", Code::InvalidArgument),
+            ("resource_exhausted", Code::ResourceExhausted),
+            ("not_found", Code::NotFound),
+            ("unavailable", Code::Unavailable),
+            ("failed_precondition", Code::FailedPrecondition),
+            ("permission_denied", Code::PermissionDenied),
+            ("internal", Code::Unknown),
+            ("", Code::Unknown),
+        ] {
+            let status = refusal(code);
+            assert_eq!(status.code(), want, "{code:?}");
+            assert_eq!(status.message(), "plugin \"p\": the plugin refused: no");
+            assert_eq!(RefusalCode::parse(code).to_string(), code);
+        }
+    }
+
+    #[test]
+    fn typed_errors_say_what_they_said_as_text() {
+        let interrupted = SupervisorError::Interrupted("p".into(), Interruption::Disabled);
+        assert_eq!(
+            interrupted.to_string(),
+            "plugin \"p\" did not become ready: it was disabled"
+        );
+        assert_eq!(Status::from(interrupted).code(), tonic::Code::Unavailable);
+        let state = SupervisorError::from(StateError::Corrupt {
+            path: "/d/state.json".into(),
+            reason: "eof".into(),
+        });
+        assert_eq!(
+            state.to_string(),
+            "could not save the enabled state: state file /d/state.json is corrupt (eof); \
+             fix or remove it (removing it disables every plugin)"
+        );
+        assert_eq!(Status::from(state).code(), tonic::Code::Internal);
+        let timeout = SupervisorError::Bridge(
+            "p".into(),
+            LinkError::Timeout(std::time::Duration::from_millis(1500)),
+        );
+        assert_eq!(
+            timeout.to_string(),
+            "plugin \"p\": no answer within 1s 500ms"
+        );
+        assert_eq!(Status::from(timeout).code(), tonic::Code::DeadlineExceeded);
+    }
 
     #[test]
     fn reads_grpc_timeout() {

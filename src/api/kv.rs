@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::{checked_id, convert};
 use crate::supervisor::Supervisor;
+use toru_plugin_sdk::KvOp;
 use torud_api::pb;
 use torud_api::pb::kv_service_server::KvService;
 
@@ -41,7 +42,8 @@ impl KvService for KvApi {
         let req = request.into_inner();
         let id = checked_id(&req.plugin_id)?;
         self.check_key(&req.key)?;
-        let value = self.supervisor.kv_get(id, &req.key, deadline).await?;
+        let op = KvOp::Get { key: req.key };
+        let value = self.supervisor.kv(id, &op, deadline).await?;
         Ok(Response::new(pb::GetValueResponse {
             found: value.is_some(),
             value: value.unwrap_or_default(),
@@ -63,9 +65,11 @@ impl KvService for KvApi {
                 req.value.len()
             )));
         }
-        self.supervisor
-            .kv_set(id, &req.key, &req.value, deadline)
-            .await?;
+        let op = KvOp::Set {
+            key: req.key,
+            value: req.value,
+        };
+        self.supervisor.kv(id, &op, deadline).await?;
         Ok(Response::new(pb::SetValueResponse {}))
     }
 
@@ -77,7 +81,8 @@ impl KvService for KvApi {
         let req = request.into_inner();
         let id = checked_id(&req.plugin_id)?;
         self.check_key(&req.key)?;
-        let old = self.supervisor.kv_delete(id, &req.key, deadline).await?;
+        let op = KvOp::Delete { key: req.key };
+        let old = self.supervisor.kv(id, &op, deadline).await?;
         Ok(Response::new(pb::DeleteValueResponse {
             existed: old.is_some(),
         }))

@@ -301,6 +301,11 @@ pub(super) struct PageToken {
     next: std::collections::BTreeMap<String, u64>,
 }
 
+/// A log that cannot be read is the daemon's fault, not the caller's.
+fn internal(e: crate::logs::seqlog::SeqLogError) -> Status {
+    Status::internal(e.to_string())
+}
+
 #[cfg(test)]
 impl PageToken {
     pub(super) fn for_test(query: String, next: std::collections::BTreeMap<String, u64>) -> Self {
@@ -427,17 +432,14 @@ impl LogService for LogApi {
                         None => continue,
                     },
                 };
-                sources.push(query::Source::open(
-                    id.clone(),
-                    log,
-                    &bounds,
-                    resume,
-                    newest_first,
-                )?);
+                sources.push(
+                    query::Source::open(id.clone(), log, &bounds, resume, newest_first)
+                        .map_err(internal)?,
+                );
             }
             let keep = |id: &str, r: &LogRecord| filter.keeps(r).then(|| record(id, r));
-            let (records, resume) =
-                query::page(sources, &budget, newest_first, keep, encoded_cost)?;
+            let (records, resume) = query::page(sources, &budget, newest_first, keep, encoded_cost)
+                .map_err(internal)?;
             let next_page_token = match resume {
                 Some(next) => hex::encode(
                     serde_json::to_vec(&PageToken {

@@ -15,7 +15,10 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
 use crate::api::auth::{AuthLayer, TokenError, TokenSource, Tokens};
@@ -23,7 +26,7 @@ use crate::api::health;
 use crate::api::kv::KvApi;
 use crate::api::logs::LogApi;
 use crate::api::plugins::PluginApi;
-use crate::config::{create_dir_with_mode, Config, TlsFiles};
+use crate::config::{create_dir_with_mode, Config, GrpcLimits, TlsFiles};
 use crate::supervisor::{StartupError, Supervisor};
 use torud_api::pb;
 
@@ -57,9 +60,17 @@ pub enum ServeError {
          --tls-key, listen on a loopback address, or pass --insecure-plaintext-non-loopback"
     )]
     PlaintextNonLoopback(SocketAddr),
-    /// TLS files could not be read or used.
+    /// A TLS file could not be read.
+    #[error("TLS: {path}: {source}")]
+    TlsFile {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The TLS files could not be used.
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(tonic::transport::Error),
     /// The data directory could not be prepared.
     #[error("data directory {path}: {source}")]
     DataDir {
@@ -76,18 +87,24 @@ pub enum ServeError {
     Startup(#[from] StartupError),
     /// Reflection could not be built.
     #[error("cannot build server reflection: {0}")]
-    Reflection(String),
+    Reflection(#[from] tonic_reflection::server::Error),
     /// SIGTERM/SIGINT handlers could not be installed.
     #[error("cannot install the SIGTERM and SIGINT handlers")]
     Signals,
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
-    Transport(String),
+    Transport(#[from] tonic::transport::Error),
+    /// A gRPC server's task panicked.
+    #[error("gRPC server failed: {0}")]
+    ServerTask(#[from] tokio::task::JoinError),
 }
 
 fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServeError> {
     let read = |path: &PathBuf| {
-        std::fs::read(path).map_err(|e| ServeError::Tls(format!("{}: {e}", path.display())))
+        std::fs::read(path).map_err(|source| ServeError::TlsFile {
+            path: path.clone(),
+            source,
+        })
     };
     let mut tls =
         ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
@@ -139,56 +156,169 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
-    let addr = config.listen;
-    let tls = config.security.tls.as_ref().map(tls_config).transpose()?;
-    if tls.is_none() && !addr.ip().is_loopback() && !config.security.insecure_plaintext_non_loopback
-    {
-        return Err(ServeError::PlaintextNonLoopback(addr));
-    }
-    create_dir_with_mode(
-        &config.data_dir,
-        crate::plugin::isolation::shared_dir_mode(),
-    )
-    .map_err(|source| ServeError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
-    let tokens = Tokens::load(&config.security.admin_token, &config.security.read_token)?;
-    for source in [&config.security.admin_token, &config.security.read_token] {
-        if let TokenSource::Generated(path) = source {
-            tracing::info!(path = %path.display(), "token file");
-        }
-    }
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| ServeError::Bind { addr, source })?;
-    let control_path = config.control_socket();
-    let control = bind_control_socket(&control_path)?;
+    let tls = transport_security(&config)?;
+    prepare_data_dir(&config.data_dir)?;
+    let tokens = load_tokens(&config)?;
+    let listeners = Listeners::bind(&config).await?;
     let limits = config.grpc.clone();
     let supervisor = Supervisor::start(config)?;
     tracing::info!("{}", supervisor.isolation_summary());
 
-    let (reporter, health_service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", ServingStatus::Serving)
-        .await;
-    let bridge = tokio::spawn(health::bridge(reporter.clone(), supervisor.clone()));
+    let health = Health::start(&supervisor).await;
+    let stop = CancellationToken::new();
+    let routes = routes(&supervisor, &stop, &limits, health.service())?;
+    let (local, control_path) = (listeners.local, listeners.control_path.clone());
+    let servers = Servers::spawn(listeners, routes, tls, tokens, &limits, &stop)?;
+    tracing::info!(%local, control = %control_path.display(), "listening");
+    on_listening(local);
+
+    shutdown.await;
+    shut_down(health, &stop, &supervisor, servers, &control_path).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Shuts down in order: the daemon reports NOT_SERVING, open streams end, plugins stop (in
+/// parallel, by escalation), the servers drain, the control socket goes.
+async fn shut_down(
+    health: Health,
+    stop: &CancellationToken,
+    supervisor: &Supervisor,
+    servers: Servers,
+    control_path: &Path,
+) -> Result<(), ServeError> {
+    tracing::info!("shutting down: stopping plugins");
+    health.not_serving().await;
+    stop.cancel();
+    supervisor.shutdown().await;
+    health.stop_bridge();
+    let result = servers.drain().await;
+    let _ = std::fs::remove_file(control_path);
+    result
+}
+
+/// TLS for the TCP listener, if configured; refuses plaintext on an address other hosts
+/// can reach unless told to serve it.
+fn transport_security(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError> {
+    let tls = config.security.tls.as_ref().map(tls_config).transpose()?;
+    let addr = config.listen;
+    if tls.is_none() && !addr.ip().is_loopback() && !config.security.insecure_plaintext_non_loopback
+    {
+        return Err(ServeError::PlaintextNonLoopback(addr));
+    }
+    Ok(tls)
+}
+
+/// Creates the data directory with the mode plugins' users need to reach their parts.
+fn prepare_data_dir(data_dir: &Path) -> Result<(), ServeError> {
+    create_dir_with_mode(data_dir, crate::plugin::isolation::shared_dir_mode()).map_err(|source| {
+        ServeError::DataDir {
+            path: data_dir.to_owned(),
+            source,
+        }
+    })
+}
+
+/// Loads (or generates) the admin and read tokens, and says where generated ones are.
+fn load_tokens(config: &Config) -> Result<Tokens, ServeError> {
+    let security = &config.security;
+    let tokens = Tokens::load(&security.admin_token, &security.read_token)?;
+    for source in [&security.admin_token, &security.read_token] {
+        if let TokenSource::Generated(path) = source {
+            tracing::info!(path = %path.display(), "token file");
+        }
+    }
+    Ok(tokens)
+}
+
+/// Both listeners, bound before anything is served.
+struct Listeners {
+    /// The TCP listener of `config.listen`.
+    tcp: TcpListener,
+    /// Its bound address (the port chosen when `listen` asked for port 0).
+    local: SocketAddr,
+    /// The control socket.
+    control: UnixListener,
+    /// Its path, removed at the end.
+    control_path: PathBuf,
+}
+
+impl Listeners {
+    async fn bind(config: &Config) -> Result<Self, ServeError> {
+        let addr = config.listen;
+        let tcp = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        let local = tcp
+            .local_addr()
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        let control_path = config.control_socket();
+        let control = bind_control_socket(&control_path)?;
+        Ok(Listeners {
+            tcp,
+            local,
+            control,
+            control_path,
+        })
+    }
+}
+
+/// The health service and what keeps it current: SERVING for the daemon while it serves,
+/// and each plugin's health bridged from the supervisor.
+struct Health {
+    reporter: HealthReporter,
+    bridge: tokio::task::JoinHandle<()>,
+}
+
+impl Health {
+    async fn start(supervisor: &Supervisor) -> Self {
+        let reporter = HealthReporter::new();
+        reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        let bridge = tokio::spawn(health::bridge(reporter.clone(), supervisor.clone()));
+        Health { reporter, bridge }
+    }
+
+    /// The `grpc.health.v1.Health` service, answering from this reporter.
+    fn service(&self) -> HealthServer<HealthService> {
+        HealthServer::new(HealthService::from_health_reporter(self.reporter.clone()))
+    }
+
+    /// Reports NOT_SERVING for the daemon, first thing at shutdown.
+    async fn not_serving(&self) {
+        self.reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+    }
+
+    /// Stops bridging plugin health (the plugins have stopped).
+    fn stop_bridge(&self) {
+        self.bridge.abort();
+    }
+}
+
+impl Drop for Health {
+    /// An early return (a failed start) stops the bridge too.
+    fn drop(&mut self) {
+        self.stop_bridge();
+    }
+}
+
+/// The gRPC services (plugins, KV, logs, health, reflection), the same on both listeners.
+fn routes(
+    supervisor: &Supervisor,
+    stop: &CancellationToken,
+    limits: &GrpcLimits,
+    health: HealthServer<HealthService>,
+) -> Result<Routes, ServeError> {
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
-
-    let stop = CancellationToken::new();
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let max = limits.max_message_bytes;
     let plugins = pb::plugin_service_server::PluginServiceServer::new(PluginApi::new(
         supervisor.clone(),
@@ -206,38 +336,52 @@ pub async fn run(
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    // The same services on both listeners; only TCP asks for a token.
-    let builder = || {
-        tonic::transport::Server::builder().max_concurrent_streams(limits.max_concurrent_streams)
-    };
-    let mut tcp_builder = builder();
-    if let Some(tls) = tls {
-        tcp_builder = tcp_builder
-            .tls_config(tls)
-            .map_err(|e| ServeError::Tls(e.to_string()))?;
-    }
-    let tcp = tcp_builder
-        .layer(AuthLayer::new(tokens))
-        .add_service(plugins.clone())
-        .add_service(kv.clone())
-        .add_service(logs.clone())
-        .add_service(health_service.clone())
-        .add_service(reflection_v1.clone())
-        .add_service(reflection_v1alpha.clone())
-        .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY, small responses wait for delayed ACKs (~40 ms).
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            stop.clone().cancelled_owned(),
-        );
-    let unix = builder()
+    let mut routes = Routes::builder();
+    routes
         .add_service(plugins)
         .add_service(kv)
         .add_service(logs)
-        .add_service(health_service)
+        .add_service(health)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
-            tokio_stream::StreamExt::filter(UnixListenerStream::new(control), |conn| {
+        .add_service(reflection_v1alpha);
+    Ok(routes.routes())
+}
+
+/// The two servers, each ending when `stop` is cancelled.
+struct Servers {
+    tcp: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    unix: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Servers {
+    /// Serves `routes` on both listeners: TCP behind the token check (and TLS when
+    /// configured), the control socket to the peers it allows.
+    fn spawn(
+        listeners: Listeners,
+        routes: Routes,
+        tls: Option<ServerTlsConfig>,
+        tokens: Tokens,
+        limits: &GrpcLimits,
+        stop: &CancellationToken,
+    ) -> Result<Self, ServeError> {
+        let builder = || {
+            tonic::transport::Server::builder()
+                .max_concurrent_streams(limits.max_concurrent_streams)
+        };
+        let mut tcp_builder = builder();
+        if let Some(tls) = tls {
+            tcp_builder = tcp_builder.tls_config(tls).map_err(ServeError::Tls)?;
+        }
+        let tcp = tcp_builder
+            .layer(AuthLayer::new(tokens))
+            .add_routes(routes.clone())
+            .serve_with_incoming_shutdown(
+                // Without TCP_NODELAY, small responses wait for delayed ACKs (~40 ms).
+                tonic::transport::server::TcpIncoming::from(listeners.tcp).with_nodelay(Some(true)),
+                stop.clone().cancelled_owned(),
+            );
+        let unix = builder().add_routes(routes).serve_with_incoming_shutdown(
+            tokio_stream::StreamExt::filter(UnixListenerStream::new(listeners.control), |conn| {
                 let Ok(stream) = conn else { return true };
                 crate::plugin::isolation::control_peer_allowed(stream)
                     .inspect_err(|why| {
@@ -249,33 +393,59 @@ pub async fn run(
             }),
             stop.clone().cancelled_owned(),
         );
-    let tcp = tokio::spawn(tcp);
-    let unix = tokio::spawn(unix);
-    tracing::info!(%local, control = %control_path.display(), "listening");
-    on_listening(local);
+        Ok(Servers {
+            tcp: tokio::spawn(tcp),
+            unix: tokio::spawn(unix),
+        })
+    }
 
-    shutdown.await;
-    tracing::info!("shutting down: stopping plugins");
-    reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    stop.cancel();
-    supervisor.shutdown().await;
-    bridge.abort();
-    let servers = async { (tcp.await, unix.await) };
-    let result = match tokio::time::timeout(DRAIN_TIMEOUT, servers).await {
-        Ok((tcp, unix)) => [tcp, unix].into_iter().try_for_each(|r| match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(ServeError::Transport(e.to_string())),
-            Err(e) => Err(ServeError::Transport(e.to_string())),
-        }),
-        Err(_) => {
-            tracing::info!("closing client connections still open after shutdown");
-            Ok(())
+    /// Waits for both servers to finish draining, at most [`DRAIN_TIMEOUT`]; connections
+    /// still open then are closed.
+    async fn drain(self) -> Result<(), ServeError> {
+        let servers = async { (self.tcp.await, self.unix.await) };
+        match tokio::time::timeout(DRAIN_TIMEOUT, servers).await {
+            Ok((tcp, unix)) => [tcp, unix].into_iter().try_for_each(|r| match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(ServeError::Transport(e)),
+                Err(e) => Err(ServeError::ServerTask(e)),
+            }),
+            Err(_) => {
+                tracing::info!("closing client connections still open after shutdown");
+                Ok(())
+            }
         }
-    };
-    let _ = std::fs::remove_file(&control_path);
-    result?;
-    tracing::info!("stopped");
-    Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_tls_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("cert.pem");
+        let files = TlsFiles {
+            cert: cert.clone(),
+            key: dir.path().join("key.pem"),
+            client_ca: None,
+        };
+        let message = tls_config(&files).unwrap_err().to_string();
+        assert!(
+            message.starts_with(&format!("TLS: {}: ", cert.display())),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn plaintext_on_a_reachable_address_is_refused_unless_asked_for() {
+        let mut config = Config::new("/p".into(), "/d".into());
+        config.listen = "0.0.0.0:0".parse().unwrap();
+        assert!(matches!(
+            transport_security(&config),
+            Err(ServeError::PlaintextNonLoopback(_))
+        ));
+        config.security.insecure_plaintext_non_loopback = true;
+        assert!(matches!(transport_security(&config), Ok(None)));
+    }
 }

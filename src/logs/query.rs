@@ -10,10 +10,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use time::OffsetDateTime;
-use tonic::Status;
 
 use crate::logs::capture::PluginLog;
-use crate::logs::seqlog::SeqLog;
+use crate::logs::seqlog::{SeqLog, SeqLogError};
 use crate::model::LogRecord;
 
 /// Records read from one log at a time.
@@ -52,19 +51,18 @@ impl Source {
         bounds: &Bounds,
         resume: Option<u64>,
         newest_first: bool,
-    ) -> Result<Self, Status> {
+    ) -> Result<Self, SeqLogError> {
         let log = log.records().clone();
-        let internal = |e: crate::logs::seqlog::SeqLogError| Status::internal(e.to_string());
         let mut lo = log.first_seq().max(bounds.after_seq.saturating_add(1));
         let mut hi = log.last_seq();
         if bounds.before_seq > 0 {
             hi = hi.min(bounds.before_seq - 1);
         }
         if let Some(since) = bounds.since {
-            lo = lo.max(log.seq_at(since).map_err(internal)?);
+            lo = lo.max(log.seq_at(since)?);
         }
         if let Some(until) = bounds.until {
-            hi = hi.min(log.seq_at(until).map_err(internal)?.saturating_sub(1));
+            hi = hi.min(log.seq_at(until)?.saturating_sub(1));
         }
         match (resume, newest_first) {
             (Some(next), false) => lo = lo.max(next),
@@ -81,19 +79,18 @@ impl Source {
     }
 
     /// The next record in the query's order, reading a chunk when the buffer is empty.
-    fn peek(&mut self, newest_first: bool) -> Result<Option<&Arc<LogRecord>>, Status> {
+    fn peek(&mut self, newest_first: bool) -> Result<Option<&Arc<LogRecord>>, SeqLogError> {
         if self.buffer.is_empty() && self.lo <= self.hi {
-            let internal = |e: crate::logs::seqlog::SeqLogError| Status::internal(e.to_string());
             let (lo, hi) = (self.lo, self.hi);
             let chunk: Vec<Arc<LogRecord>> = if newest_first {
                 let from = hi.saturating_sub(CHUNK as u64 - 1).max(lo);
-                let mut part = self.log.read_after(from - 1, CHUNK).map_err(internal)?;
+                let mut part = self.log.read_after(from - 1, CHUNK)?;
                 part.retain(|r| r.seq <= hi);
                 part.reverse();
                 self.hi = from - 1;
                 part
             } else {
-                let mut part = self.log.read_after(lo - 1, CHUNK).map_err(internal)?;
+                let mut part = self.log.read_after(lo - 1, CHUNK)?;
                 part.retain(|r| r.seq <= hi);
                 self.lo = part.last().map_or(hi + 1, |r| r.seq + 1);
                 part
@@ -128,7 +125,7 @@ pub(crate) fn page<T>(
     newest_first: bool,
     keep: impl Fn(&str, &LogRecord) -> Option<T>,
     size: impl Fn(&T) -> usize,
-) -> Result<Page<T>, Status> {
+) -> Result<Page<T>, SeqLogError> {
     let mut out = Vec::new();
     let mut bytes = 0;
     let mut scanned = 0;
@@ -166,7 +163,7 @@ pub(crate) fn page<T>(
 }
 
 /// The source whose next record comes first in the query's order; `None` when all are done.
-fn next_source(sources: &mut [Source], newest_first: bool) -> Result<Option<usize>, Status> {
+fn next_source(sources: &mut [Source], newest_first: bool) -> Result<Option<usize>, SeqLogError> {
     let mut best: Option<(usize, (OffsetDateTime, u64))> = None;
     for (i, source) in sources.iter_mut().enumerate() {
         if let Some(r) = source.peek(newest_first)? {

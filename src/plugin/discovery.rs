@@ -21,12 +21,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use toru_plugin_sdk::Metadata;
 
-use crate::config::PluginLimits;
 use crate::model::PluginSpec;
+use crate::plugin::process::PluginLimits;
 use crate::plugin::process::{plugin_command, signal_group, Confinement, Credentials};
 
-/// Largest `--metadata` output accepted.
-pub const DEFAULT_MAX_METADATA_BYTES: usize = 64 * 1024;
 /// Stderr kept from a failed `--metadata` run, for the reason.
 const MAX_METADATA_STDERR: usize = 2048;
 /// Suffix of plugin executables.

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use toru_plugin_sdk::wire::{HttpAnswer, HttpCall};
-use toru_plugin_sdk::{AnswerKind, Envelope, FrameCodec, FrameError, MessageType};
+use toru_plugin_sdk::{AnswerKind, Envelope, FrameCodec, FrameError, KvOp, MessageType};
 
 use crate::plugin::connection::{connect_patiently, send_one};
 use crate::plugin::throttle::{Admit, Throttle};
@@ -57,13 +57,13 @@ impl From<&crate::config::BridgeConfig> for LinkLimits {
 
 /// Why a request did not get an answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BridgeError {
+pub enum LinkError {
     /// The connection is gone (or went while waiting).
     #[error("the plugin's connection is gone: {0}")]
     Unavailable(String),
-    /// No answer in time; the plugin keeps running and a late answer is dropped.
-    #[error("no answer within {0}")]
-    Timeout(String),
+    /// No answer within this limit; the plugin keeps running and a late answer is dropped.
+    #[error("no answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
     /// Too many requests in flight.
     #[error("{0} requests are already in flight to this plugin (the limit); retry later")]
     Busy(usize),
@@ -77,12 +77,66 @@ pub enum BridgeError {
     /// storage quota is full.
     #[error("the plugin refused: {message}")]
     Refused {
-        /// The error's code (`invalid_argument`, `resource_exhausted`, `not_found`,
-        /// `unavailable`, …; anything else is reported as unknown).
-        code: String,
+        /// The error's code.
+        code: RefusalCode,
         /// The plugin's message.
         message: String,
     },
+}
+
+/// The code of a plugin's error answer, read once where the answer arrives. The known
+/// codes are those the API layer maps to a gRPC status of the same name; any other is
+/// kept as written (for messages) and reported as UNKNOWN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefusalCode {
+    /// `invalid_argument`: the request cannot be accepted as it is.
+    InvalidArgument,
+    /// `resource_exhausted`: for example the plugin's storage quota is full.
+    ResourceExhausted,
+    /// `not_found`.
+    NotFound,
+    /// `unavailable`: worth retrying later.
+    Unavailable,
+    /// `failed_precondition`.
+    FailedPrecondition,
+    /// `permission_denied`.
+    PermissionDenied,
+    /// Any other code (or none: empty), as the plugin wrote it.
+    Unknown(String),
+}
+
+impl RefusalCode {
+    /// The code as written on the wire.
+    pub fn parse(code: &str) -> Self {
+        match code {
+            "invalid_argument" => RefusalCode::InvalidArgument,
+            "resource_exhausted" => RefusalCode::ResourceExhausted,
+            "not_found" => RefusalCode::NotFound,
+            "unavailable" => RefusalCode::Unavailable,
+            "failed_precondition" => RefusalCode::FailedPrecondition,
+            "permission_denied" => RefusalCode::PermissionDenied,
+            other => RefusalCode::Unknown(other.to_owned()),
+        }
+    }
+
+    /// The code as the plugin wrote it.
+    pub fn as_str(&self) -> &str {
+        match self {
+            RefusalCode::InvalidArgument => "invalid_argument",
+            RefusalCode::ResourceExhausted => "resource_exhausted",
+            RefusalCode::NotFound => "not_found",
+            RefusalCode::Unavailable => "unavailable",
+            RefusalCode::FailedPrecondition => "failed_precondition",
+            RefusalCode::PermissionDenied => "permission_denied",
+            RefusalCode::Unknown(code) => code,
+        }
+    }
+}
+
+impl std::fmt::Display for RefusalCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The way to one running plugin; clones share it.
@@ -330,15 +384,15 @@ impl Link {
     }
 
     /// Sends a message that is not answered (lifecycle).
-    pub async fn notify(&self, envelope: &Envelope) -> Result<(), BridgeError> {
+    pub async fn notify(&self, envelope: &Envelope) -> Result<(), LinkError> {
         match &self.inner.transport {
             Transport::Persistent { tx } => tx
                 .send(envelope.to_vec())
                 .await
-                .map_err(|_| BridgeError::Unavailable(self.close_reason())),
+                .map_err(|_| LinkError::Unavailable(self.close_reason())),
             Transport::PerRequest { socket, .. } => send_one(socket, envelope)
                 .await
-                .map_err(|e| BridgeError::Unavailable(e.to_string())),
+                .map_err(|e| LinkError::Unavailable(e.to_string())),
         }
     }
 
@@ -348,15 +402,15 @@ impl Link {
         &self,
         envelope: Envelope,
         limit: Duration,
-    ) -> Result<Envelope, BridgeError> {
+    ) -> Result<Envelope, LinkError> {
         let _slot = InFlight::acquire(&self.inner)?;
         self.exchange(envelope, limit).await
     }
 
-    async fn exchange(&self, envelope: Envelope, limit: Duration) -> Result<Envelope, BridgeError> {
+    async fn exchange(&self, envelope: Envelope, limit: Duration) -> Result<Envelope, LinkError> {
         let bytes = envelope.to_vec();
         if bytes.len() > self.inner.limits.max_frame {
-            return Err(BridgeError::Unsupported(format!(
+            return Err(LinkError::Unsupported(format!(
                 "the request is {} bytes, over the {}-byte frame limit",
                 bytes.len(),
                 self.inner.limits.max_frame
@@ -377,9 +431,7 @@ impl Link {
         };
         match tokio::time::timeout(limit, work).await {
             Ok(result) => result,
-            Err(_) => Err(BridgeError::Timeout(
-                humantime::format_duration(limit).to_string(),
-            )),
+            Err(_) => Err(LinkError::Timeout(limit)),
         }
     }
 
@@ -388,7 +440,7 @@ impl Link {
         tx: &mpsc::Sender<Vec<u8>>,
         id: String,
         bytes: Vec<u8>,
-    ) -> Result<Envelope, BridgeError> {
+    ) -> Result<Envelope, LinkError> {
         let (answer_tx, answer_rx) = oneshot::channel();
         self.inner.pending.lock().insert(id.clone(), answer_tx);
         let mut entry = PendingEntry {
@@ -396,17 +448,17 @@ impl Link {
             id: Some(id),
         };
         if self.inner.closed.is_cancelled() {
-            return Err(BridgeError::Unavailable(self.close_reason()));
+            return Err(LinkError::Unavailable(self.close_reason()));
         }
         tx.send(bytes)
             .await
-            .map_err(|_| BridgeError::Unavailable(self.close_reason()))?;
+            .map_err(|_| LinkError::Unavailable(self.close_reason()))?;
         match answer_rx.await {
             Ok(answer) => {
                 entry.id = None;
                 Ok(answer)
             }
-            Err(_) => Err(BridgeError::Unavailable(self.close_reason())),
+            Err(_) => Err(LinkError::Unavailable(self.close_reason())),
         }
     }
 
@@ -415,9 +467,9 @@ impl Link {
         socket: &std::path::Path,
         id: String,
         bytes: Vec<u8>,
-    ) -> Result<Envelope, BridgeError> {
+    ) -> Result<Envelope, LinkError> {
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
-            BridgeError::Unavailable(format!("{what} {}: {e}", socket.display()))
+            LinkError::Unavailable(format!("{what} {}: {e}", socket.display()))
         };
         let stream = connect_patiently(socket)
             .await
@@ -430,17 +482,17 @@ impl Link {
         let mut frames = FramedRead::new(read, FrameCodec::new(self.inner.limits.max_frame));
         let frame = match frames.next().await {
             Some(Ok(frame)) => frame,
-            Some(Err(e)) => return Err(BridgeError::BadAnswer(e.to_string())),
+            Some(Err(e)) => return Err(LinkError::BadAnswer(e.to_string())),
             None => {
-                return Err(BridgeError::Unavailable(
+                return Err(LinkError::Unavailable(
                     "the plugin closed the connection without answering".into(),
                 ))
             }
         };
         let answer = Envelope::from_slice(&frame)
-            .map_err(|e| BridgeError::BadAnswer(format!("not a JSON envelope: {e}")))?;
+            .map_err(|e| LinkError::BadAnswer(format!("not a JSON envelope: {e}")))?;
         match &answer.request_id {
-            Some(got) if *got != id => Err(BridgeError::BadAnswer(format!(
+            Some(got) if *got != id => Err(LinkError::BadAnswer(format!(
                 "it answered request_id {got:?} to request {id:?}"
             ))),
             _ => Ok(answer),
@@ -448,37 +500,31 @@ impl Link {
     }
 
     /// A KV operation; the answer's `value` (`None` for null).
-    pub async fn kv(
-        &self,
-        action: &str,
-        key: &str,
-        value: Option<&str>,
-        limit: Duration,
-    ) -> Result<Option<String>, BridgeError> {
-        let envelope = Envelope::kv_request(new_request_id(), action, key, value);
+    pub async fn kv(&self, op: &KvOp, limit: Duration) -> Result<Option<String>, LinkError> {
+        let envelope = Envelope::kv_request(new_request_id(), op);
         let answer = self.request(envelope, limit).await?;
         let fields = answer.answer(AnswerKind::Kv).ok_or_else(|| {
             refusal(&answer).unwrap_or_else(|| {
-                BridgeError::BadAnswer("no \"value\" in any accepted shape".into())
+                LinkError::BadAnswer("no \"value\" in any accepted shape".into())
             })
         })?;
         match fields.get("value") {
             None | Some(serde_json::Value::Null) => Ok(None),
             Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(BridgeError::BadAnswer(format!(
+            Some(other) => Err(LinkError::BadAnswer(format!(
                 "\"value\" is {other}, not a string or null"
             ))),
         }
     }
 
     /// An HTTP-style call.
-    pub async fn call(&self, call: &HttpCall, limit: Duration) -> Result<HttpAnswer, BridgeError> {
+    pub async fn call(&self, call: &HttpCall, limit: Duration) -> Result<HttpAnswer, LinkError> {
         let binary = call
             .body
             .as_deref()
             .is_some_and(|b| std::str::from_utf8(b).is_err());
         if binary && self.inner.protocol < 2 {
-            return Err(BridgeError::Unsupported(
+            return Err(LinkError::Unsupported(
                 "the body is not UTF-8, and this plugin speaks protocol 1, which carries only text bodies".into(),
             ));
         }
@@ -487,25 +533,25 @@ impl Link {
             .await?;
         let fields = answer.answer(AnswerKind::Http).ok_or_else(|| {
             refusal(&answer).unwrap_or_else(|| {
-                BridgeError::BadAnswer("no \"status\" in any accepted shape".into())
+                LinkError::BadAnswer("no \"status\" in any accepted shape".into())
             })
         })?;
         let answer =
-            HttpAnswer::from_fields(&fields).map_err(|e| BridgeError::BadAnswer(e.to_string()))?;
+            HttpAnswer::from_fields(&fields).map_err(|e| LinkError::BadAnswer(e.to_string()))?;
         answer
             .check()
-            .map_err(|e| BridgeError::BadAnswer(e.to_string()))?;
+            .map_err(|e| LinkError::BadAnswer(e.to_string()))?;
         Ok(answer)
     }
 
     /// A heartbeat: `ping`, answered by `pong`. Not counted against the in-flight cap, so a
     /// busy plugin is not mistaken for a dead one.
-    pub async fn ping(&self, limit: Duration) -> Result<(), BridgeError> {
+    pub async fn ping(&self, limit: Duration) -> Result<(), LinkError> {
         let ping = Envelope::bare(MessageType::Ping, new_request_id());
         let answer = self.exchange(ping, limit).await?;
         match answer.kind {
             MessageType::Pong => Ok(()),
-            other => Err(BridgeError::BadAnswer(format!(
+            other => Err(LinkError::BadAnswer(format!(
                 "{} instead of pong",
                 other.as_str()
             ))),
@@ -641,7 +687,7 @@ fn foreign_namespace(payload: &serde_json::Value, own: &str) -> Option<String> {
 }
 
 /// The plugin's error answer (`{"error": {"code", "message"}}` in `payload`), if it is one.
-fn refusal(answer: &Envelope) -> Option<BridgeError> {
+fn refusal(answer: &Envelope) -> Option<LinkError> {
     let error = answer.payload.get("error").filter(|e| e.is_object())?;
     let text = |k: &str| {
         error
@@ -650,8 +696,8 @@ fn refusal(answer: &Envelope) -> Option<BridgeError> {
             .unwrap_or_default()
             .to_owned()
     };
-    Some(BridgeError::Refused {
-        code: text("code"),
+    Some(LinkError::Refused {
+        code: RefusalCode::parse(&text("code")),
         message: text("message"),
     })
 }
@@ -660,12 +706,12 @@ fn refusal(answer: &Envelope) -> Option<BridgeError> {
 struct InFlight<'a>(&'a LinkInner);
 
 impl<'a> InFlight<'a> {
-    fn acquire(inner: &'a LinkInner) -> Result<Self, BridgeError> {
+    fn acquire(inner: &'a LinkInner) -> Result<Self, LinkError> {
         let max = inner.limits.max_in_flight;
         let before = inner.in_flight.fetch_add(1, Ordering::AcqRel);
         if before >= max {
             inner.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return Err(BridgeError::Busy(max));
+            return Err(LinkError::Busy(max));
         }
         Ok(InFlight(inner))
     }

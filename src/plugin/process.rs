@@ -29,9 +29,8 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
-use crate::config::PluginLimits;
 use crate::logs::capture::{drain_lines, PluginLog, StderrTail};
-use crate::plugin::isolation::PluginCgroup;
+use crate::plugin::isolation::cgroup::PluginCgroup;
 
 #[cfg(target_env = "gnu")]
 type RlimitResource = libc::__rlimit_resource_t;
@@ -39,6 +38,32 @@ type RlimitResource = libc::__rlimit_resource_t;
 type RlimitResource = libc::c_int;
 use crate::model::ExitStatus;
 use crate::model::LogStream;
+
+/// Resource limits (rlimits) set in every plugin process before it runs; `None` inherits
+/// the daemon's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginLimits {
+    /// Address space, in bytes (RLIMIT_AS).
+    pub address_space: Option<u64>,
+    /// Open file descriptors (RLIMIT_NOFILE).
+    pub open_files: Option<u64>,
+    /// Processes and threads of the plugin's user (RLIMIT_NPROC: counted per user, not per
+    /// plugin, and not enforced for root).
+    pub processes: Option<u64>,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits {
+            // A guard against runaway allocation, roomy enough for runtimes that reserve
+            // large virtual ranges (Go, the JVM); a cgroup is the tool for real memory caps.
+            address_space: Some(32 * 1024 * 1024 * 1024),
+            // The daemon raises its own limit to the hard one; plugins get a usual one.
+            open_files: Some(4096),
+            processes: None,
+        }
+    }
+}
 
 /// A user to switch to before exec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

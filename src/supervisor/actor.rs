@@ -17,7 +17,6 @@
 //! integration tests with real plugins. The connection stays real: the fake serves the
 //! plugin's socket in-process with the SDK's codec, so the handshake runs unchanged.
 
-use std::ffi::OsString;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -29,17 +28,16 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
-use toru_plugin_sdk::wire::InitParams;
-use toru_plugin_sdk::{Envelope, MessageType, PROTOCOL_VERSION};
 
-use super::{Context, SupervisorError};
+use super::{Context, Interruption, SupervisorError};
 use crate::logs::capture::PluginLog;
 use crate::model::{
     EventDraft, EventKind, ExitInfo, LogLevel, PluginSpec, PluginState, PluginStatus,
 };
-use crate::plugin::connection::{connect_with_retry, send_one, send_one_on, socket_listening};
+use crate::plugin::connection::socket_listening;
 use crate::plugin::discovery::{self, FileIdentity, ProbeOptions, Recheck};
-use crate::plugin::link::{BridgeError, Link, LinkLimits};
+use crate::plugin::handshake::{send_shutdown, Handshake, Launch};
+use crate::plugin::link::{Link, LinkError, LinkLimits};
 use crate::plugin::process::{
     plugin_command, Confinement, Descendants, OsSpawner, Process, Spawner,
 };
@@ -101,7 +99,7 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Unix socket paths longer than this do not fit in `sockaddr_un`.
 const MAX_SOCKET_PATH: usize = 107;
 /// A heartbeat in flight.
-type Heartbeat = Pin<Box<dyn Future<Output = Result<(), BridgeError>> + Send>>;
+type Heartbeat = Pin<Box<dyn Future<Output = Result<(), LinkError>> + Send>>;
 
 enum Next<P> {
     Idle,
@@ -187,9 +185,8 @@ impl From<Recheck> for Refusal {
 
 /// What a start has made ready before spawning.
 struct Prepared {
-    socket: PathBuf,
-    instance_id: String,
-    env: Vec<(&'static str, OsString)>,
+    /// The plugin's environment and `init`.
+    launch: Launch,
     confinement: Confinement,
     descendants: Descendants,
 }
@@ -485,7 +482,7 @@ impl<S: Spawner> Actor<S> {
                 self.reply(reply).await;
                 self.answer_waiters(Err(SupervisorError::Interrupted(
                     self.id.clone(),
-                    "it was disabled".into(),
+                    Interruption::Disabled,
                 )))
                 .await;
                 Next::Idle
@@ -534,7 +531,7 @@ impl<S: Spawner> Actor<S> {
         match self.persisting.take() {
             Some(write) => match write.await {
                 Ok(result) => result.map_err(SupervisorError::from),
-                Err(e) => Err(SupervisorError::Internal(format!("state writer: {e}"))),
+                Err(e) => Err(SupervisorError::StateWriter(Arc::new(e))),
             },
             None => Ok(()),
         }
@@ -598,8 +595,12 @@ impl<S: Spawner> Actor<S> {
         if let Some(next) = self.stop_before_spawn().await {
             return next;
         }
-        let (socket, instance_id) = (prepared.socket.clone(), prepared.instance_id.clone());
-        let process = match self.spawn(&spec, prepared) {
+        let process = match self.spawn(
+            &spec,
+            &prepared.launch,
+            prepared.confinement,
+            prepared.descendants,
+        ) {
             Ok(process) => process,
             Err(reason) => return self.failed_run(None, None, reason).await,
         };
@@ -608,7 +609,7 @@ impl<S: Spawner> Actor<S> {
             s.pid = Some(pid);
             s.started_at = Some(OffsetDateTime::now_utc());
         });
-        self.await_ready(&spec, process, socket, instance_id).await
+        self.await_ready(&spec, process, prepared.launch).await
     }
 
     /// A start that does not go ahead: the plugin is disabled, or the failure counts as a
@@ -629,20 +630,14 @@ impl<S: Spawner> Actor<S> {
         self.recheck_id(spec).await?;
         let who = self.identity(spec)?;
         let _ = std::fs::remove_file(&socket);
-        let data_dir = cfg.plugin_data_dir(&self.id);
-        let instance_id = uuid::Uuid::new_v4().to_string();
-        let mut env = vec![
-            (
-                toru_plugin_sdk::ENV_PLUGIN_SOCKET,
-                socket.clone().into_os_string(),
-            ),
-            (toru_plugin_sdk::ENV_PLUGIN_ID, self.id.clone().into()),
-            (toru_plugin_sdk::ENV_INSTANCE_ID, instance_id.clone().into()),
-            (toru_plugin_sdk::ENV_DATA_DIR, data_dir.into_os_string()),
-        ];
-        if let Some(home) = &who.home {
-            env.push(("HOME", home.clone().into_os_string()));
-        }
+        let launch = Launch {
+            id: self.id.clone(),
+            instance_id: uuid::Uuid::new_v4().to_string(),
+            socket: socket.clone(),
+            data_dir: cfg.plugin_data_dir(&self.id),
+            log_path: cfg.log_dir(&self.id),
+            home: who.home.clone(),
+        };
         self.check_pin(spec).await?;
         let (descendants, cgroup_procs) = self.cgroup(&socket).await?;
         let sandbox = self
@@ -661,9 +656,7 @@ impl<S: Spawner> Actor<S> {
             sandbox,
         };
         Ok(Prepared {
-            socket,
-            instance_id,
-            env,
+            launch,
             confinement,
             descendants,
         })
@@ -758,22 +751,23 @@ impl<S: Spawner> Actor<S> {
     }
 
     /// Spawns the prepared plugin.
-    fn spawn(&self, spec: &PluginSpec, prepared: Prepared) -> Result<S::Process, String> {
+    fn spawn(
+        &self,
+        spec: &PluginSpec,
+        launch: &Launch,
+        confinement: Confinement,
+        descendants: Descendants,
+    ) -> Result<S::Process, String> {
         let cfg = &self.ctx.config;
         let cmd = plugin_command(
             &spec.binary_path,
             &cfg.plugin_env_allowlist,
-            &prepared.env,
+            &launch.env(),
             &cfg.plugin_limits,
-            prepared.confinement,
+            confinement,
         );
         self.spawner
-            .spawn(
-                cmd,
-                self.log.clone(),
-                cfg.max_log_line,
-                prepared.descendants,
-            )
+            .spawn(cmd, self.log.clone(), cfg.max_log_line, descendants)
             .map_err(|e| format!("cannot spawn {}: {e}", spec.binary_path.display()))
     }
 
@@ -783,30 +777,26 @@ impl<S: Spawner> Actor<S> {
         &mut self,
         spec: &PluginSpec,
         mut process: S::Process,
-        socket: PathBuf,
-        instance_id: String,
+        launch: Launch,
     ) -> Next<S::Process> {
         let cfg = self.ctx.config.clone();
-        let log_dir = cfg.log_dir(&self.id);
-        let init = InitParams {
-            instance_id,
-            plugin_socket: socket.to_string_lossy().into_owned(),
-            log_path: log_dir.to_string_lossy().into_owned(),
-            host_protocol_version: PROTOCOL_VERSION,
+        let handshake = Handshake {
+            init: launch.init_params(),
+            socket: launch.socket,
+            protocol: spec.metadata.protocol_version,
+            limits: LinkLimits::from(&cfg.bridge),
+            storage: Some(self.ctx.storage.namespace(&self.id)),
         };
-        let start_timeout = cfg.timing.start_timeout;
-        let limits = LinkLimits::from(&cfg.bridge);
         // The protocol-2 link exists before it is ready; a stop during the start uses it.
-        let early_link = Arc::new(std::sync::Mutex::new(None));
-        let ready = make_ready(
-            self.ctx.storage.namespace(&self.id),
-            socket,
-            init,
-            spec.metadata.protocol_version,
-            start_timeout,
-            limits,
-            early_link.clone(),
-        );
+        let early_link = std::sync::Mutex::new(None);
+        let ready = async {
+            handshake
+                .run(cfg.timing.start_timeout, |link| {
+                    *early_link.lock().expect("early link poisoned") = Some(link.clone());
+                })
+                .await
+                .map_err(|e| e.to_string())
+        };
         tokio::pin!(ready);
         loop {
             let leave = tokio::select! {
@@ -937,19 +927,8 @@ impl<S: Spawner> Actor<S> {
             self.end_start(&mut run).await;
         } else if running {
             let deadline = Instant::now() + timing.stop_grace;
-            let shutdown = Envelope::shutdown(uuid::Uuid::new_v4().to_string());
-            let asked = match &run.link {
-                Some(link) if link.protocol() >= 2 => {
-                    timeout_at(deadline, async { link.notify(&shutdown).await.is_ok() }).await
-                }
-                _ => {
-                    timeout_at(deadline, async {
-                        send_one(&socket, &shutdown).await.is_ok()
-                    })
-                    .await
-                }
-            };
-            if !matches!(asked, Ok(true)) {
+            let asked = timeout_at(deadline, send_shutdown(run.link.as_ref(), &socket)).await;
+            if !matches!(asked, Ok(Ok(()))) {
                 tracing::debug!(plugin = %self.id, "shutdown message not delivered");
             }
             if timeout_at(deadline, run.process.wait()).await.is_err() {
@@ -984,8 +963,8 @@ impl<S: Spawner> Actor<S> {
         let timing = &self.ctx.config.timing;
         if let Some(link) = run.link.as_ref().filter(|l| l.protocol() >= 2) {
             let deadline = Instant::now() + STARTING_STOP_GRACE.min(timing.stop_grace);
-            let shutdown = Envelope::shutdown(uuid::Uuid::new_v4().to_string());
-            let _ = timeout_at(deadline, link.notify(&shutdown)).await;
+            let socket = self.ctx.config.socket_path(&self.id);
+            let _ = timeout_at(deadline, send_shutdown(Some(link), &socket)).await;
             if timeout_at(deadline, run.process.wait()).await.is_ok() {
                 return;
             }
@@ -1096,62 +1075,6 @@ impl<S: Spawner> Actor<S> {
 /// The protocol-2 link of a start still in progress, if it got that far.
 fn take_link(slot: &std::sync::Mutex<Option<Link>>) -> Option<Link> {
     slot.lock().expect("early link poisoned").take()
-}
-
-/// Connects to the plugin's socket and sends `init`. For protocol 2 or later the connection
-/// stays open as the plugin's link and the plugin is ready when it answers `init` with
-/// `ready`; a v1 plugin gets `init` on a connection of its own and is ready once it is sent.
-async fn make_ready(
-    storage: crate::store::storage::Namespace,
-    socket: PathBuf,
-    init: InitParams,
-    protocol_version: u32,
-    limit: Duration,
-    limits: LinkLimits,
-    early: Arc<std::sync::Mutex<Option<Link>>>,
-) -> Result<Link, String> {
-    let began = Instant::now();
-    let work = async {
-        let mut stream = connect_with_retry(&socket, limit)
-            .await
-            .map_err(|e| e.to_string())?;
-        let message = Envelope::init(crate::plugin::link::new_request_id(), &init);
-        if protocol_version >= 2 {
-            let link = Link::persistent(stream, protocol_version, limits, Some(storage));
-            *early.lock().expect("early link poisoned") = Some(link.clone());
-            let left = limit.saturating_sub(began.elapsed());
-            let answer = link.request(message, left).await.map_err(|e| {
-                link.close("start failed");
-                match e {
-                    BridgeError::Timeout(_) => format!(
-                        "not ready within {}: no ready message after init",
-                        humantime::format_duration(limit)
-                    ),
-                    other => format!("no ready message after init: {other}"),
-                }
-            })?;
-            if answer.kind != MessageType::Ready {
-                link.close("start failed");
-                return Err(format!(
-                    "it answered init with {} instead of ready",
-                    answer.kind.as_str()
-                ));
-            }
-            Ok(link)
-        } else {
-            send_one_on(&mut stream, &message)
-                .await
-                .map_err(|e| format!("sending init failed: {e}"))?;
-            Ok(Link::per_request(socket.clone(), limits))
-        }
-    };
-    match timeout(limit, work).await {
-        Ok(result) => result,
-        Err(_) => Err(format!(
-            "not ready within {}",
-            humantime::format_duration(limit)
-        )),
-    }
 }
 
 /// The SHA-256 of a file, lowercase hex.

@@ -2,12 +2,15 @@
 //! them. [`Supervisor`] is a cheap cloneable handle; the API layer holds one.
 //!
 //! Architecture invariant: the plugin table is a `std` lock taken only to look up, insert or
-//! remove a handle, never across `.await`; a slow or stuck plugin only ever blocks its own
-//! actor. Only rescans are serialised (by their own async mutex).
+//! remove a handle, never across `.await` and never across file I/O: a new plugin's log is
+//! opened and its events written before or after the insert, not under it (a unit test
+//! checks). A slow or stuck plugin only ever blocks its own actor. Only rescans are
+//! serialised (by their own async mutex), and only a rescan adds or removes plugins, so an
+//! id a rescan finds absent stays absent until it inserts it.
 
 mod actor;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{btree_map, BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -17,12 +20,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use toru_plugin_sdk::wire::{HttpAnswer, HttpCall};
+use toru_plugin_sdk::KvOp;
 
 use crate::config::{create_dir_with_mode, Config};
 use crate::logs::capture::PluginLog;
 use crate::model::{EventDraft, EventKind, PluginSpec, PluginState, PluginStatus};
 use crate::plugin::discovery::{self, FileIdentity, ProbeOptions, Skipped};
-use crate::plugin::link::{BridgeError, Link};
+use crate::plugin::link::{Link, LinkError};
 use crate::store::events::{EventLog, EventLogError};
 use crate::store::state::{EnabledStore, StateError};
 use actor::{Actor, Command};
@@ -62,10 +66,10 @@ pub enum SupervisorError {
     },
     /// The start was abandoned.
     #[error("plugin {0:?} did not become ready: {1}")]
-    Interrupted(String, String),
-    /// The enabled state could not be saved.
+    Interrupted(String, Interruption),
+    /// The enabled state could not be saved. Shared so that every waiter gets the error.
     #[error("could not save the enabled state: {0}")]
-    State(String),
+    State(Arc<StateError>),
     /// The daemon is stopping.
     #[error("the daemon is shutting down")]
     ShuttingDown,
@@ -89,10 +93,18 @@ pub enum SupervisorError {
     },
     /// A forwarded request failed.
     #[error("plugin {0:?}: {1}")]
-    Bridge(String, BridgeError),
-    /// A bug.
-    #[error("internal error: {0}")]
-    Internal(String),
+    Bridge(String, LinkError),
+    /// A bug: the background write of the enabled state panicked or was cancelled.
+    #[error("internal error: state writer: {0}")]
+    StateWriter(Arc<tokio::task::JoinError>),
+}
+
+/// Why a start was abandoned before the plugin became ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Interruption {
+    /// An operator disabled the plugin while it was starting.
+    #[error("it was disabled")]
+    Disabled,
 }
 
 fn retry_at(at: &Option<OffsetDateTime>) -> String {
@@ -117,7 +129,7 @@ fn retry_note(at: &Option<OffsetDateTime>) -> String {
 
 impl From<StateError> for SupervisorError {
     fn from(e: StateError) -> Self {
-        SupervisorError::State(e.to_string())
+        SupervisorError::State(Arc::new(e))
     }
 }
 
@@ -160,7 +172,10 @@ pub struct RescanReport {
 }
 
 /// What one rescan has found so far.
-struct Tally {
+struct Tally<'a> {
+    /// The rescan lock, held for the whole scan: whoever has the tally is the only one
+    /// adding plugins to the table or removing them.
+    _serial: tokio::sync::MutexGuard<'a, ()>,
     /// Files the previous scan skipped (their events are not repeated).
     previous_skips: Vec<Skipped>,
     report: RescanReport,
@@ -202,11 +217,13 @@ pub struct Supervisor {
 
 struct Inner {
     ctx: Arc<Context>,
-    /// Plugin handles by id; locked only to look up, insert or remove.
+    /// Plugin handles by id; locked only to look up, insert or remove, never across file
+    /// I/O or `.await` (list and lookups must not wait for a disk).
     plugins: RwLock<BTreeMap<String, PluginHandle>>,
     /// Files the last scan skipped; locked only to copy or replace.
     skipped: Mutex<Vec<Skipped>>,
-    /// Serialises rescans (held across the directory probe; nothing else takes it).
+    /// Serialises rescans (held across the directory probe; nothing else takes it). Held
+    /// by each scan's [`Tally`].
     rescan: tokio::sync::Mutex<()>,
     tracker: TaskTracker,
     cancel: CancellationToken,
@@ -360,51 +377,17 @@ impl Supervisor {
         caller.map_or(default, |c| c.min(default))
     }
 
-    /// Reads a key of a plugin's key space; `None` when absent. `deadline` is the caller's.
-    pub async fn kv_get(
+    /// Forwards a KV operation to a plugin; the plugin's answer (the value read, written,
+    /// or deleted; `None` for an absent key). `deadline` is the caller's.
+    pub async fn kv(
         &self,
         id: &str,
-        key: &str,
-        deadline: Option<Duration>,
-    ) -> Result<Option<String>, SupervisorError> {
-        self.kv(id, "get", key, None, deadline).await
-    }
-
-    /// Writes a key of a plugin's key space.
-    pub async fn kv_set(
-        &self,
-        id: &str,
-        key: &str,
-        value: &str,
-        deadline: Option<Duration>,
-    ) -> Result<(), SupervisorError> {
-        self.kv(id, "set", key, Some(value), deadline)
-            .await
-            .map(|_| ())
-    }
-
-    /// Deletes a key of a plugin's key space; the plugin's answer (the old value, if it
-    /// says).
-    pub async fn kv_delete(
-        &self,
-        id: &str,
-        key: &str,
-        deadline: Option<Duration>,
-    ) -> Result<Option<String>, SupervisorError> {
-        self.kv(id, "delete", key, None, deadline).await
-    }
-
-    async fn kv(
-        &self,
-        id: &str,
-        action: &str,
-        key: &str,
-        value: Option<&str>,
+        op: &KvOp,
         deadline: Option<Duration>,
     ) -> Result<Option<String>, SupervisorError> {
         let link = self.link(id)?;
         let limit = self.bridge_limit(self.inner.ctx.config.bridge.kv_timeout, deadline);
-        link.kv(action, key, value, limit)
+        link.kv(op, limit)
             .await
             .map_err(|e| SupervisorError::Bridge(id.to_owned(), e))
     }
@@ -467,7 +450,7 @@ impl Supervisor {
     /// with its previous metadata. Of several files declaring one id, the first by file name
     /// (byte order) provides it, at every scan; the others are skipped naming it.
     pub async fn rescan(&self) -> Result<RescanReport, SupervisorError> {
-        let _serial = self.inner.rescan.lock().await;
+        let serial = self.inner.rescan.lock().await;
         if self.inner.cancel.is_cancelled() {
             return Err(SupervisorError::ShuttingDown);
         }
@@ -480,6 +463,7 @@ impl Supervisor {
                 reason: e.to_string(),
             })?;
         let mut tally = Tally {
+            _serial: serial,
             previous_skips: self.skipped(),
             report: RescanReport::default(),
             seen: HashMap::new(),
@@ -487,7 +471,9 @@ impl Supervisor {
             updates: Vec::new(),
         };
         self.take_probes(candidates, probes, &mut tally).await;
+        // The rescan lock (in the tally) stays held until the removals below are done.
         let Tally {
+            _serial,
             mut report,
             seen,
             failed,
@@ -515,7 +501,7 @@ impl Supervisor {
             if handle.commands.send(Command::Remove(tx)).await.is_ok() {
                 let _ = rx.await;
             }
-            ctx.events.append(
+            self.append_event(
                 EventDraft::new(&id, EventKind::PluginRemoved)
                     .reason("its file is gone from the plugins directory"),
             );
@@ -534,7 +520,7 @@ impl Supervisor {
         &self,
         candidates: Vec<PathBuf>,
         mut probes: mpsc::UnboundedReceiver<discovery::Scanned>,
-        tally: &mut Tally,
+        tally: &mut Tally<'_>,
     ) {
         let mut pending: BTreeSet<PathBuf> = candidates.into_iter().collect();
         let mut held: BTreeMap<PathBuf, (PluginSpec, Option<FileIdentity>)> = BTreeMap::new();
@@ -580,7 +566,11 @@ impl Supervisor {
     /// Takes a probed spec: the first file by name declaring an id provides it; a later one
     /// is skipped naming it, and an earlier one arriving late (after the hold) takes the id
     /// over from it.
-    fn take_spec(&self, (spec, identity): (PluginSpec, Option<FileIdentity>), tally: &mut Tally) {
+    fn take_spec(
+        &self,
+        (spec, identity): (PluginSpec, Option<FileIdentity>),
+        tally: &mut Tally<'_>,
+    ) {
         let id = spec.metadata.id.clone();
         let duplicate = |path: PathBuf, first: &std::path::Path| Skipped {
             reason: format!(
@@ -608,7 +598,7 @@ impl Supervisor {
 
     /// Reports a file not loaded: in the skipped list at once, in the report, and as an
     /// event unless the previous scan skipped it for the same reason.
-    fn note_skipped(&self, skipped: Skipped, tally: &mut Tally) {
+    fn note_skipped(&self, skipped: Skipped, tally: &mut Tally<'_>) {
         tracing::warn!(path = ?skipped.path, reason = ?skipped.reason, "plugin skipped");
         tally.failed.insert(skipped.path.clone());
         // Visible in ListPlugins before its event is out; stale entries of the previous scan
@@ -622,7 +612,7 @@ impl Supervisor {
             let draft = EventDraft::new("", EventKind::PluginSkipped)
                 .reason(skipped.reason.clone())
                 .detail("path", skipped.path.display());
-            self.inner.ctx.events.append(draft);
+            self.append_event(draft);
         }
         tally.report.skipped.push(skipped);
     }
@@ -630,59 +620,123 @@ impl Supervisor {
     /// Adds a newly discovered plugin (its actor starts it if enabled), or queues a known
     /// one's new spec in `tally.updates`. `identity` is its file's before the probe that
     /// gave `spec`.
-    fn add_or_update(&self, spec: PluginSpec, identity: Option<FileIdentity>, tally: &mut Tally) {
-        let report = &mut tally.report;
-        let ctx = &self.inner.ctx;
-        let id = spec.metadata.id.clone();
-        let mut plugins = self.inner.plugins.write().expect("plugin table poisoned");
-        if let Some(existing) = plugins.get(&id) {
-            let old = existing.status.borrow().spec.clone();
-            if old != spec {
-                let moved = old.binary_path != spec.binary_path;
-                tally
-                    .updates
-                    .push((existing.commands.clone(), spec.clone()));
-                let reason = if moved {
-                    format!(
-                        "now provided by {} (restarted if running)",
-                        spec.binary_path.display()
-                    )
-                } else {
-                    "metadata changed; applies from the next start".to_owned()
-                };
-                ctx.events.append(
-                    EventDraft::new(&id, EventKind::PluginUpdated)
-                        .reason(reason)
-                        .detail("version", &spec.metadata.version),
-                );
-                report.updated.push(id);
-            }
+    fn add_or_update(
+        &self,
+        spec: PluginSpec,
+        identity: Option<FileIdentity>,
+        tally: &mut Tally<'_>,
+    ) {
+        let known = {
+            let plugins = self.inner.plugins.read().expect("plugin table poisoned");
+            plugins
+                .get(&spec.metadata.id)
+                .map(|h| (h.commands.clone(), h.status.borrow().spec.clone()))
+        };
+        match known {
+            Some((commands, old)) => self.update(commands, &old, spec, tally),
+            None => self.add(spec, identity, tally),
+        }
+    }
+
+    /// Queues a known plugin's new spec in `tally.updates` (its actor applies it) and
+    /// records the change, when `spec` differs from its `old` one.
+    fn update(
+        &self,
+        commands: mpsc::Sender<Command>,
+        old: &PluginSpec,
+        spec: PluginSpec,
+        tally: &mut Tally<'_>,
+    ) {
+        if *old == spec {
             return;
         }
-        let log = match PluginLog::open(
-            &ctx.config.log_dir(&id),
-            ctx.config.log_segment_bytes,
-            ctx.config.log_segments,
-        ) {
+        let id = spec.metadata.id.clone();
+        let reason = if old.binary_path != spec.binary_path {
+            format!(
+                "now provided by {} (restarted if running)",
+                spec.binary_path.display()
+            )
+        } else {
+            "metadata changed; applies from the next start".to_owned()
+        };
+        self.append_event(
+            EventDraft::new(&id, EventKind::PluginUpdated)
+                .reason(reason)
+                .detail("version", &spec.metadata.version),
+        );
+        tally.updates.push((commands, spec));
+        tally.report.updated.push(id);
+    }
+
+    /// Adds a newly discovered plugin, in steps that keep file I/O off the table's lock:
+    /// open its log, prepare its handle and actor, insert the handle, announce it, start
+    /// the actor. Announced after the insert, so whoever sees the `PluginAdded` event
+    /// finds the plugin; the actor starts after it, so its own events follow.
+    fn add(&self, spec: PluginSpec, identity: Option<FileIdentity>, tally: &mut Tally<'_>) {
+        let ctx = &self.inner.ctx;
+        let id = spec.metadata.id.clone();
+        let log = match self.open_log(&id) {
             Ok(log) => log,
             Err(e) => {
                 tracing::error!(plugin = %id, error = %e, "cannot open the plugin's log");
-                report.skipped.push(Skipped {
+                tally.report.skipped.push(Skipped {
                     path: spec.binary_path.clone(),
                     reason: format!("cannot open its log: {e}"),
                 });
                 return;
             }
         };
+        let added = EventDraft::new(&id, EventKind::PluginAdded)
+            .reason("discovered in the plugins directory")
+            .detail("path", spec.binary_path.display())
+            .detail("version", &spec.metadata.version);
         let enabled = ctx.state.get(&id).unwrap_or(ctx.config.enable_new_plugins);
-        ctx.events.append(
-            EventDraft::new(&id, EventKind::PluginAdded)
-                .reason("discovered in the plugins directory")
-                .detail("path", spec.binary_path.display())
-                .detail("version", &spec.metadata.version),
-        );
         // The probe that found it checked its id: the first start need not probe again.
         let verified = identity.map(|identity| (spec.binary_path.clone(), identity));
+        let (handle, actor) = self.prepare(spec, enabled, log, verified);
+        let log_health = report_log_health(
+            id.clone(),
+            handle.log.records().health(),
+            handle.status.clone(),
+            ctx.events.clone(),
+        );
+        if !self.insert(&id, handle) {
+            // Rescans are serialised and only they insert: a bug, not a race.
+            tracing::error!(plugin = %id, "internal error: the plugin was added twice; keeping the first");
+            return;
+        }
+        self.append_event(added);
+        tokio::spawn(log_health);
+        self.inner.tracker.spawn(actor.run());
+        tally.report.added.push(id);
+    }
+
+    /// Opens (or creates) a plugin's log: reads, and may repair, its files. Never called
+    /// with the plugin table locked.
+    fn open_log(&self, id: &str) -> Result<PluginLog, crate::logs::seqlog::SeqLogError> {
+        before_io();
+        let config = &self.inner.ctx.config;
+        PluginLog::open(
+            &config.log_dir(id),
+            config.log_segment_bytes,
+            config.log_segments,
+        )
+    }
+
+    /// Writes an event (a file append). Never called with the plugin table locked.
+    fn append_event(&self, draft: EventDraft) {
+        before_io();
+        self.inner.ctx.events.append(draft);
+    }
+
+    /// A new plugin's handle and its actor (not running yet), stopped, with no I/O.
+    fn prepare(
+        &self,
+        spec: PluginSpec,
+        enabled: bool,
+        log: PluginLog,
+        verified: Option<(PathBuf, FileIdentity)>,
+    ) -> (PluginHandle, Actor) {
         let status = PluginStatus {
             spec,
             enabled,
@@ -697,16 +751,10 @@ impl Supervisor {
             last_error: None,
         };
         let (status_tx, status_rx) = watch::channel(status);
-        tokio::spawn(report_log_health(
-            id.clone(),
-            log.records().health(),
-            status_rx.clone(),
-            ctx.events.clone(),
-        ));
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (link_tx, link_rx) = watch::channel(None);
         let actor = Actor::new(
-            ctx.clone(),
+            self.inner.ctx.clone(),
             status_tx,
             link_tx,
             log.clone(),
@@ -714,17 +762,26 @@ impl Supervisor {
             self.inner.cancel.child_token(),
             verified,
         );
-        self.inner.tracker.spawn(actor.run());
-        plugins.insert(
-            id.clone(),
-            PluginHandle {
-                commands: cmd_tx,
-                status: status_rx,
-                link: link_rx,
-                log,
-            },
-        );
-        report.added.push(id);
+        let handle = PluginHandle {
+            commands: cmd_tx,
+            status: status_rx,
+            link: link_rx,
+            log,
+        };
+        (handle, actor)
+    }
+
+    /// Puts a new plugin's handle in the table: the one step of adding that takes the
+    /// table's lock, and it does no I/O. False when the id is already there.
+    fn insert(&self, id: &str, handle: PluginHandle) -> bool {
+        let mut plugins = self.inner.plugins.write().expect("plugin table poisoned");
+        match plugins.entry(id.to_owned()) {
+            btree_map::Entry::Vacant(slot) => {
+                slot.insert(handle);
+                true
+            }
+            btree_map::Entry::Occupied(_) => false,
+        }
     }
 
     /// Stops every plugin (in parallel, each by escalation) and waits for all actors.
@@ -806,5 +863,84 @@ async fn report_log_health(
         // Events carry the plugin's health as it is; logging says nothing about it.
         draft.healthy = status.borrow().healthy;
         events.append(draft);
+    }
+}
+
+/// Marks a point where the supervisor is about to do file I/O (a check runs there in
+/// tests: the plugin table must not be locked).
+fn before_io() {
+    #[cfg(test)]
+    tests::BEFORE_IO.with_borrow(|hook| {
+        if let Some(hook) = hook {
+            hook();
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use toru_plugin_sdk::metadata::Metadata;
+
+    use super::*;
+
+    thread_local! {
+        /// Run by [`before_io`] on this thread, when a test sets it.
+        pub(super) static BEFORE_IO: RefCell<Option<Box<dyn Fn()>>> = const { RefCell::new(None) };
+    }
+
+    fn spec(dir: &std::path::Path, version: &str) -> PluginSpec {
+        PluginSpec {
+            metadata: Metadata::new("one", "One", version, "/one"),
+            binary_path: dir.join("one.binary"),
+        }
+    }
+
+    #[tokio::test]
+    async fn adding_and_updating_do_their_file_io_with_the_table_unlocked() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugins_dir = dir.path().join("plugins-dir");
+        std::fs::create_dir(&plugins_dir).unwrap();
+        let config = Config::new(plugins_dir.clone(), dir.path().join("data"));
+        let supervisor = Supervisor::start(config).unwrap();
+        // Waits for the first (empty) scan, then stands in for a rescan.
+        let serial = supervisor.inner.rescan.lock().await;
+        let mut tally = Tally {
+            _serial: serial,
+            previous_skips: Vec::new(),
+            report: RescanReport::default(),
+            seen: HashMap::new(),
+            failed: HashSet::new(),
+            updates: Vec::new(),
+        };
+        // Each I/O point records whether a reader could take the table's lock then.
+        let free_at_io = Arc::new(Mutex::new(Vec::new()));
+        let (probe, seen) = (supervisor.clone(), free_at_io.clone());
+        BEFORE_IO.set(Some(Box::new(move || {
+            let free = probe.inner.plugins.try_write().is_ok();
+            seen.lock().unwrap().push(free);
+        })));
+        supervisor.add_or_update(spec(&plugins_dir, "1.0"), None, &mut tally);
+        supervisor.add_or_update(spec(&plugins_dir, "1.1"), None, &mut tally);
+        BEFORE_IO.set(None);
+
+        assert_eq!(
+            (
+                tally.report.added.as_slice(),
+                tally.report.updated.as_slice()
+            ),
+            (["one".to_owned()].as_slice(), ["one".to_owned()].as_slice())
+        );
+        assert_eq!(supervisor.get("one").unwrap().spec.metadata.version, "1.0");
+        let free_at_io = free_at_io.lock().unwrap().clone();
+        assert!(
+            free_at_io.iter().all(|free| *free),
+            "file I/O ran with the plugin table locked: {free_at_io:?}"
+        );
+        // Opening the log, the added event, the updated event.
+        assert_eq!(free_at_io.len(), 3, "every I/O point was reached");
+        drop(tally);
+        supervisor.shutdown().await;
     }
 }

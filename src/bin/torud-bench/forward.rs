@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tonic::{Request, Response, Status};
 use toru_plugin_sdk::wire::InitParams;
-use toru_plugin_sdk::{Envelope, FrameCodec, MessageType};
+use toru_plugin_sdk::{Envelope, FrameCodec, KvOp, MessageType};
 use torud::plugin::connection::connect_with_retry;
 use torud_api::pb;
 use torud_api::pb::kv_service_client::KvServiceClient;
@@ -227,15 +227,8 @@ impl Forwarder {
         rx.await.map_err(|_| Status::unavailable("plugin gone"))
     }
 
-    async fn kv(
-        &self,
-        action: &str,
-        key: &str,
-        value: Option<&str>,
-    ) -> Result<Option<String>, Status> {
-        let answer = self
-            .request(|id| Envelope::kv_request(id, action, key, value))
-            .await?;
+    async fn kv(&self, op: KvOp) -> Result<Option<String>, Status> {
+        let answer = self.request(|id| Envelope::kv_request(id, &op)).await?;
         let fields = answer
             .answer(toru_plugin_sdk::AnswerKind::Kv)
             .ok_or_else(|| Status::unknown("bad answer"))?;
@@ -252,7 +245,11 @@ impl KvService for Forwarder {
         &self,
         r: Request<pb::GetValueRequest>,
     ) -> Result<Response<pb::GetValueResponse>, Status> {
-        let value = self.kv("get", &r.get_ref().key, None).await?;
+        let value = self
+            .kv(KvOp::Get {
+                key: r.into_inner().key,
+            })
+            .await?;
         Ok(Response::new(pb::GetValueResponse {
             found: value.is_some(),
             value: value.unwrap_or_default(),
@@ -264,7 +261,11 @@ impl KvService for Forwarder {
         r: Request<pb::SetValueRequest>,
     ) -> Result<Response<pb::SetValueResponse>, Status> {
         let req = r.into_inner();
-        self.kv("set", &req.key, Some(&req.value)).await?;
+        self.kv(KvOp::Set {
+            key: req.key,
+            value: req.value,
+        })
+        .await?;
         Ok(Response::new(pb::SetValueResponse {}))
     }
 
@@ -272,7 +273,11 @@ impl KvService for Forwarder {
         &self,
         r: Request<pb::DeleteValueRequest>,
     ) -> Result<Response<pb::DeleteValueResponse>, Status> {
-        let old = self.kv("delete", &r.get_ref().key, None).await?;
+        let old = self
+            .kv(KvOp::Delete {
+                key: r.into_inner().key,
+            })
+            .await?;
         Ok(Response::new(pb::DeleteValueResponse {
             existed: old.is_some(),
         }))

@@ -111,7 +111,7 @@ pub(crate) async fn run(iterations: usize, json_path: Option<PathBuf>) -> BenchR
     };
     let mut events = client.watch_events(watch).await?.into_inner();
     let (mut crash_d, mut crash_b) = (Vec::new(), Vec::new());
-    let mut pid = client
+    let pid = client
         .get_plugin(pb::GetPluginRequest {
             plugin_id: "hello".into(),
         })
@@ -120,6 +120,7 @@ pub(crate) async fn run(iterations: usize, json_path: Option<PathBuf>) -> BenchR
         .plugin
         .ok_or("no plugin")?
         .pid;
+    let mut pid = i32::try_from(pid).map_err(|_| format!("pid {pid} is out of range"))?;
     for i in 0..iterations + warmup {
         let began = Instant::now();
         // SAFETY: plain syscall on a pid the daemon reported for its running plugin.

@@ -35,12 +35,14 @@ impl UidRange {
     }
 }
 
+/// The default range, as `--plugin-uid-range` writes it: the 65536 uids from 524288.
+pub const DEFAULT_UID_RANGE: &str = "524288-589823";
+
 impl Default for UidRange {
     fn default() -> Self {
-        UidRange {
-            first: 524_288,
-            last: 524_288 + 65_535,
-        }
+        DEFAULT_UID_RANGE
+            .parse()
+            .expect("DEFAULT_UID_RANGE is a valid range")
     }
 }
 
@@ -240,6 +242,17 @@ impl UserTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_range_is_the_65536_uids_from_524288() {
+        assert_eq!(
+            UidRange::default(),
+            UidRange {
+                first: 524_288,
+                last: 524_288 + 65_535
+            }
+        );
+    }
 
     #[test]
     fn uids_are_allocated_once_and_kept_across_reloads() {

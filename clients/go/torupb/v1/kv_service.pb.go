@@ -26,7 +26,8 @@ type GetValueRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The plugin whose key space is read.
 	PluginId string `protobuf:"bytes,1,opt,name=plugin_id,json=pluginId,proto3" json:"plugin_id,omitempty"`
-	// The key: 1 to 512 bytes.
+	// The key: 1 byte up to the daemon's --max-kv-key-bytes (512 by default; torud's
+	// defaults are defined in its src/config.rs).
 	Key           string `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -136,9 +137,10 @@ type SetValueRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The plugin whose key space is written.
 	PluginId string `protobuf:"bytes,1,opt,name=plugin_id,json=pluginId,proto3" json:"plugin_id,omitempty"`
-	// The key: 1 to 512 bytes.
+	// The key: 1 byte up to the daemon's --max-kv-key-bytes (512 by default; torud's
+	// defaults are defined in its src/config.rs).
 	Key string `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
-	// The value: at most 1 MiB.
+	// The value: at most the daemon's --max-kv-value-bytes (1 MiB by default).
 	Value         string `protobuf:"bytes,3,opt,name=value,proto3" json:"value,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -237,7 +239,8 @@ type DeleteValueRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The plugin whose key space is written.
 	PluginId string `protobuf:"bytes,1,opt,name=plugin_id,json=pluginId,proto3" json:"plugin_id,omitempty"`
-	// The key: 1 to 512 bytes.
+	// The key: 1 byte up to the daemon's --max-kv-key-bytes (512 by default; torud's
+	// defaults are defined in its src/config.rs).
 	Key           string `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

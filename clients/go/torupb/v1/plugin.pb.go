@@ -120,8 +120,9 @@ type Plugin struct {
 	State PluginState `protobuf:"varint,10,opt,name=state,proto3,enum=toru.v1.PluginState" json:"state,omitempty"`
 	// True when the plugin is running and reachable over its socket.
 	Healthy bool `protobuf:"varint,11,opt,name=healthy,proto3" json:"healthy,omitempty"`
-	// Process id of the running plugin; 0 when no process runs.
-	Pid int32 `protobuf:"varint,12,opt,name=pid,proto3" json:"pid,omitempty"`
+	// Process id of the running plugin; 0 when no process runs. Unsigned, like LogRecord.pid
+	// (it was int32, which encodes every pid identically on the wire).
+	Pid uint32 `protobuf:"varint,12,opt,name=pid,proto3" json:"pid,omitempty"`
 	// When the current process was spawned; unset when none runs.
 	StartedAt *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
 	// How many times the supervisor restarted the plugin after a failure since the daemon started.
@@ -247,7 +248,7 @@ func (x *Plugin) GetHealthy() bool {
 	return false
 }
 
-func (x *Plugin) GetPid() int32 {
+func (x *Plugin) GetPid() uint32 {
 	if x != nil {
 		return x.Pid
 	}
@@ -482,7 +483,7 @@ const file_toru_v1_plugin_proto_rawDesc = "" +
 	"\x05state\x18\n" +
 	" \x01(\x0e2\x14.toru.v1.PluginStateR\x05state\x12\x18\n" +
 	"\ahealthy\x18\v \x01(\bR\ahealthy\x12\x10\n" +
-	"\x03pid\x18\f \x01(\x05R\x03pid\x129\n" +
+	"\x03pid\x18\f \x01(\rR\x03pid\x129\n" +
 	"\n" +
 	"started_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt\x12#\n" +
 	"\rrestart_count\x18\x0e \x01(\rR\frestartCount\x121\n" +

@@ -27,7 +27,9 @@ class GetValueRequest(_message.Message):
     plugin_id: _builtins.str
     """The plugin whose key space is read."""
     key: _builtins.str
-    """The key: 1 to 512 bytes."""
+    """The key: 1 byte up to the daemon's --max-kv-key-bytes (512 by default; torud's
+    defaults are defined in its src/config.rs).
+    """
     def __init__(
         self,
         *,
@@ -80,9 +82,11 @@ class SetValueRequest(_message.Message):
     plugin_id: _builtins.str
     """The plugin whose key space is written."""
     key: _builtins.str
-    """The key: 1 to 512 bytes."""
+    """The key: 1 byte up to the daemon's --max-kv-key-bytes (512 by default; torud's
+    defaults are defined in its src/config.rs).
+    """
     value: _builtins.str
-    """The value: at most 1 MiB."""
+    """The value: at most the daemon's --max-kv-value-bytes (1 MiB by default)."""
     def __init__(
         self,
         *,
@@ -126,7 +130,9 @@ class DeleteValueRequest(_message.Message):
     plugin_id: _builtins.str
     """The plugin whose key space is written."""
     key: _builtins.str
-    """The key: 1 to 512 bytes."""
+    """The key: 1 byte up to the daemon's --max-kv-key-bytes (512 by default; torud's
+    defaults are defined in its src/config.rs).
+    """
     def __init__(
         self,
         *,

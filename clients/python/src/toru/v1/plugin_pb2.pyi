@@ -112,7 +112,9 @@ class Plugin(_message.Message):
     healthy: _builtins.bool
     """True when the plugin is running and reachable over its socket."""
     pid: _builtins.int
-    """Process id of the running plugin; 0 when no process runs."""
+    """Process id of the running plugin; 0 when no process runs. Unsigned, like LogRecord.pid
+    (it was int32, which encodes every pid identically on the wire).
+    """
     restart_count: _builtins.int
     """How many times the supervisor restarted the plugin after a failure since the daemon started."""
     consecutive_failures: _builtins.int

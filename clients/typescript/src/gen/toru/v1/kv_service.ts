@@ -27,7 +27,10 @@ export const protobufFileName = "toru/v1/kv_service.proto";
 export interface GetValueRequest {
   /** The plugin whose key space is read. */
   pluginId: string;
-  /** The key: 1 to 512 bytes. */
+  /**
+   * The key: 1 byte up to the daemon's --max-kv-key-bytes (512 by default; torud's
+   * defaults are defined in its src/config.rs).
+   */
   key: string;
 }
 
@@ -43,9 +46,12 @@ export interface GetValueResponse {
 export interface SetValueRequest {
   /** The plugin whose key space is written. */
   pluginId: string;
-  /** The key: 1 to 512 bytes. */
+  /**
+   * The key: 1 byte up to the daemon's --max-kv-key-bytes (512 by default; torud's
+   * defaults are defined in its src/config.rs).
+   */
   key: string;
-  /** The value: at most 1 MiB. */
+  /** The value: at most the daemon's --max-kv-value-bytes (1 MiB by default). */
   value: string;
 }
 
@@ -57,7 +63,10 @@ export interface SetValueResponse {
 export interface DeleteValueRequest {
   /** The plugin whose key space is written. */
   pluginId: string;
-  /** The key: 1 to 512 bytes. */
+  /**
+   * The key: 1 byte up to the daemon's --max-kv-key-bytes (512 by default; torud's
+   * defaults are defined in its src/config.rs).
+   */
   key: string;
 }
 

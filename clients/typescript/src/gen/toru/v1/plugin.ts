@@ -114,7 +114,10 @@ export interface Plugin {
   state: PluginState;
   /** True when the plugin is running and reachable over its socket. */
   healthy: boolean;
-  /** Process id of the running plugin; 0 when no process runs. */
+  /**
+   * Process id of the running plugin; 0 when no process runs. Unsigned, like LogRecord.pid
+   * (it was int32, which encodes every pid identically on the wire).
+   */
   pid: number;
   /** When the current process was spawned; unset when none runs. */
   startedAt:
@@ -224,7 +227,7 @@ export const Plugin: MessageFns<Plugin> = {
       writer.uint32(88).bool(message.healthy);
     }
     if (message.pid !== 0) {
-      writer.uint32(96).int32(message.pid);
+      writer.uint32(96).uint32(message.pid);
     }
     if (message.startedAt !== undefined) {
       Timestamp.encode(toTimestamp(message.startedAt), writer.uint32(106).fork()).join();
@@ -356,7 +359,7 @@ export const Plugin: MessageFns<Plugin> = {
               break;
             }
 
-            message.pid = reader.int32();
+            message.pid = reader.uint32();
             continue;
           }
           case 13: {
