@@ -10,8 +10,7 @@
 //! oldest are deleted beyond a count; [`SeqLog::first_seq`] tells what is still kept.
 //!
 //! Durability: a record is written to the file (one `write`) before it is broadcast; files
-//! are fsynced on [`SeqLog::sync`] (shutdown) and a segment once when a rotation closes it,
-//! not per record. When the files cannot be
+//! are fsynced on [`SeqLog::sync`] (shutdown), not per record. When the files cannot be
 //! written (a full disk), records are still broadcast, [`SeqLog::health`] says so, and up
 //! to [`SeqLogConfig::unsaved_limit`] of them wait in memory, visible to readers, to be
 //! written in order once they can; any dropped beyond that leave a hole in the numbering
@@ -22,17 +21,6 @@
 //! seq; seqs and offsets increase, within the segment's seqs) and an index that disagrees
 //! is rebuilt from the segment, so a damaged index never renumbers the log. Seqs never
 //! wrap: a segment whose last seq leaves no room is an error naming it.
-//!
-//! Locking: one `std` mutex, the writer's, orders numbering, the file writes and the
-//! broadcast, so it is held across the `write` of a batch and, at a rotation, across
-//! opening the next segment's files (the next record must go to the new file, in order).
-//! It is never held across an fsync or a deletion: a rotation leaves the closed segment's
-//! fsync and the deletion of segments beyond the count to the appender that rotated, once
-//! it has released the lock, so other appenders and readers never wait for the disk. A
-//! closed segment waiting for its fsync stays listed, and [`SeqLog::sync`] flushes it too.
-//! If the machine stops between the rotation and that fsync, the closed segment may lose
-//! its last lines while the new one holds later records: readers skip a damaged line in
-//! the middle, and seqs are never reused.
 //! This module knows nothing of what the records mean.
 
 use std::collections::VecDeque;
@@ -184,36 +172,6 @@ fn index_path(segment: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// A segment a rotation closed: no record is written to it again.
-#[derive(Clone)]
-struct Closed {
-    path: PathBuf,
-    file: Arc<File>,
-}
-
-/// The file work a rotation leaves for after the writer lock: fsyncing the segments it
-/// closed, deleting the files beyond the count.
-#[derive(Default)]
-struct AfterRotation {
-    closed: Vec<Closed>,
-    expired: Vec<PathBuf>,
-}
-
-impl AfterRotation {
-    /// Takes the work waiting in `w`; the closed segments stay listed (for
-    /// [`SeqLog::sync`]) until flushed.
-    fn take<T>(w: &mut Writer<T>) -> Self {
-        AfterRotation {
-            closed: w.unflushed.clone(),
-            expired: std::mem::take(&mut w.expired),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.closed.is_empty() && self.expired.is_empty()
-    }
-}
-
 /// Handle to a log; clones share it.
 pub struct SeqLog<T> {
     inner: Arc<Inner<T>>,
@@ -232,8 +190,7 @@ struct Inner<T> {
     stem: String,
     config: SeqLogConfig,
     /// Numbering, the file append, rotation and the broadcast, in one order. Held for one
-    /// write (or one rotation's opening of files), never across `.await`, an fsync or a
-    /// deletion (see the module's "Locking").
+    /// write (or one rotation), never across `.await`.
     writer: Mutex<Writer<T>>,
     tx: broadcast::Sender<Chunk<T>>,
     /// `Some(error)` while appends cannot be written to the files.
@@ -244,17 +201,8 @@ struct Inner<T> {
 struct Writer<T> {
     /// Kept segments, oldest first; the last is the one being written.
     segments: Vec<Segment>,
-    /// The segment being written; shared so [`SeqLog::sync`] can fsync it without the lock.
-    file: Arc<File>,
-    /// Its index, shared for the same reason.
-    index_file: Arc<File>,
-    /// Segments closed by a rotation and not yet known to be on disk. Each is fsynced by
-    /// the appender that rotated, after releasing the lock, then dropped from here;
-    /// [`SeqLog::sync`] flushes those still listed.
-    unflushed: Vec<Closed>,
-    /// Segment and index files rotated out beyond the count, to be deleted once the lock
-    /// is released.
-    expired: Vec<PathBuf>,
+    file: File,
+    index_file: File,
     len: u64,
     since_index: u64,
     next_seq: u64,
@@ -301,10 +249,8 @@ impl<T: Sequenced> SeqLog<T> {
                 config,
                 writer: Mutex::new(Writer {
                     segments,
-                    file: Arc::new(file),
-                    index_file: Arc::new(index_file),
-                    unflushed: Vec::new(),
-                    expired: Vec::new(),
+                    file,
+                    index_file,
                     len,
                     since_index,
                     next_seq,
@@ -336,21 +282,6 @@ impl<T: Sequenced> SeqLog<T> {
     ) -> Vec<Arc<T>> {
         let drafts = drafts.into_iter();
         let mut w = self.inner.writer.lock().expect("log writer poisoned");
-        let records = self.append_locked(&mut w, drafts, &mut make);
-        let after = AfterRotation::take(&mut w);
-        drop(w);
-        let _ = self.finish_rotation(after);
-        records
-    }
-
-    /// [`SeqLog::append_all`]'s work under the writer lock: numbering, the write, the
-    /// broadcast.
-    fn append_locked<D>(
-        &self,
-        w: &mut Writer<T>,
-        drafts: impl Iterator<Item = D>,
-        make: &mut impl FnMut(u64, D) -> T,
-    ) -> Vec<Arc<T>> {
         let mut records = Vec::with_capacity(drafts.size_hint().0);
         for draft in drafts {
             records.push(Arc::new(make(w.next_seq, draft)));
@@ -358,7 +289,7 @@ impl<T: Sequenced> SeqLog<T> {
             w.next_seq = w.next_seq.checked_add(1).expect("log seq overflow");
         }
         let mut buf = std::mem::take(&mut w.spare);
-        let stored = self.store(w, &mut buf, &records);
+        let stored = self.store(&mut w, &mut buf, &records);
         self.report(stored);
         if buf.capacity() <= 4 * 1024 * 1024 {
             buf.clear();
@@ -491,42 +422,7 @@ impl<T: Sequenced> SeqLog<T> {
         buf.clear();
         w.spare = buf;
         self.report(stored);
-        let all_stored = w.unsaved.is_empty();
-        let after = AfterRotation::take(&mut w);
-        drop(w);
-        let _ = self.finish_rotation(after);
-        all_stored
-    }
-
-    /// Does the file work rotations left, with the writer lock released: fsyncs the closed
-    /// segments (then forgets them), deletes the expired files. A failed fsync is logged
-    /// and returned: the segment's last records may not survive a machine stop.
-    fn finish_rotation(&self, after: AfterRotation) -> std::io::Result<()> {
-        if after.is_empty() {
-            return Ok(());
-        }
-        let mut result = Ok(());
-        for closed in &after.closed {
-            if let Err(e) = fsync(&closed.file) {
-                tracing::error!(segment = %closed.path.display(), error = %e,
-                    "cannot flush a closed log segment to disk; its last records may be lost \
-                     if the machine stops before the system writes them");
-                result = result.and(Err(e));
-            }
-        }
-        if !after.closed.is_empty() {
-            let mut w = self.inner.writer.lock().expect("log writer poisoned");
-            w.unflushed.retain(|c| {
-                !after
-                    .closed
-                    .iter()
-                    .any(|done| Arc::ptr_eq(&c.file, &done.file))
-            });
-        }
-        for path in after.expired {
-            let _ = std::fs::remove_file(path);
-        }
-        result
+        w.unsaved.is_empty()
     }
 
     /// How many records were dropped unsaved (over [`SeqLogConfig::unsaved_limit`], or
@@ -543,7 +439,7 @@ impl<T: Sequenced> SeqLog<T> {
                 time_ns: nanos(record.time()),
                 offset: w.len,
             };
-            w.index_file.as_ref().write_all(&entry.to_bytes())?;
+            w.index_file.write_all(&entry.to_bytes())?;
             w.segments.last_mut().expect("a segment").index.push(entry);
             w.since_index = 0;
         }
@@ -551,27 +447,20 @@ impl<T: Sequenced> SeqLog<T> {
     }
 
     /// Closes the current segment and starts one whose first record is `first_seq` (or, if
-    /// records were lost meanwhile, a later one). Only opens files: the closed segment's
-    /// fsync and the deletion of expired ones wait in `w` for [`SeqLog::finish_rotation`],
-    /// after the lock.
+    /// records were lost meanwhile, a later one).
     fn rotate(&self, w: &mut Writer<T>, first_seq: u64) -> std::io::Result<()> {
+        w.file.sync_data()?;
         let segment = new_segment(&self.inner.dir, &self.inner.stem, first_seq);
-        let file = append_file(&segment.path).map_err(|e| e.source)?;
-        let index_file = append_file(&segment.index_path()).map_err(|e| e.source)?;
-        let closed = Closed {
-            path: w.segments.last().expect("a segment").path.clone(),
-            file: std::mem::replace(&mut w.file, Arc::new(file)),
-        };
-        w.unflushed.push(closed);
-        w.index_file = Arc::new(index_file);
+        w.file = append_file(&segment.path).map_err(|e| e.source)?;
+        w.index_file = append_file(&segment.index_path()).map_err(|e| e.source)?;
         w.segments.push(segment);
         w.len = 0;
         w.since_index = self.inner.config.index_every;
         let max = self.inner.config.max_segments;
         while max > 0 && w.segments.len() > max {
             let old = w.segments.remove(0);
-            w.expired.push(old.index_path());
-            w.expired.push(old.path);
+            let _ = std::fs::remove_file(&old.path);
+            let _ = std::fs::remove_file(old.index_path());
         }
         Ok(())
     }
@@ -600,9 +489,8 @@ impl<T: Sequenced> SeqLog<T> {
     }
 
     /// Writes any records kept in memory and flushes the current segment and its index to
-    /// disk, and any segment a rotation closed that is not flushed yet. Records that still
-    /// cannot be written are lost with the process: that is logged with their seqs. The
-    /// fsyncs run with the writer lock released.
+    /// disk. Records that still cannot be written are lost with the process: that is logged
+    /// with their seqs.
     pub fn sync(&self) -> std::io::Result<()> {
         if !self.retry_unsaved() {
             let w = self.inner.writer.lock().expect("log writer poisoned");
@@ -611,14 +499,9 @@ impl<T: Sequenced> SeqLog<T> {
                     last = last.seq(), "records that could not be written are lost at exit");
             }
         }
-        let (file, index_file, after) = {
-            let mut w = self.inner.writer.lock().expect("log writer poisoned");
-            let after = AfterRotation::take(&mut w);
-            (w.file.clone(), w.index_file.clone(), after)
-        };
-        self.finish_rotation(after)?;
-        fsync(&file)?;
-        fsync(&index_file)
+        let w = self.inner.writer.lock().expect("log writer poisoned");
+        w.file.sync_data()?;
+        w.index_file.sync_data()
     }
 
     fn segments(&self) -> Vec<Segment> {
@@ -876,7 +759,7 @@ fn flush<T>(w: &mut Writer<T>, buf: &mut Vec<u8>) -> std::io::Result<()> {
     if buf.is_empty() {
         return Ok(());
     }
-    let result = w.file.as_ref().write_all(buf);
+    let result = w.file.write_all(buf);
     if result.is_err() {
         cut_back(w, buf);
     }
@@ -896,13 +779,6 @@ fn cut_back<T>(w: &mut Writer<T>, buf: &mut Vec<u8>) {
     segment.index.retain(|e| e.offset < before);
     let _ = w.index_file.set_len((segment.index.len() * ENTRY) as u64);
     w.since_index = u64::MAX;
-}
-
-/// Flushes a file's data to disk. Never called with the writer lock held (tests check).
-fn fsync(file: &File) -> std::io::Result<()> {
-    #[cfg(test)]
-    tests::before_fsync();
-    file.sync_data()
 }
 
 fn list_segments(dir: &Path, stem: &str) -> std::io::Result<Vec<Segment>> {
@@ -1166,23 +1042,8 @@ fn read_segment<T: Sequenced>(
 
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
-
     use super::*;
     use serde::Deserialize;
-
-    thread_local! {
-        /// Run by [`fsync`] on this thread before it flushes a file, when a test sets it.
-        static BEFORE_FSYNC: RefCell<Option<Box<dyn Fn()>>> = const { RefCell::new(None) };
-    }
-
-    pub(super) fn before_fsync() {
-        BEFORE_FSYNC.with_borrow(|hook| {
-            if let Some(hook) = hook {
-                hook();
-            }
-        });
-    }
 
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     struct Rec {
@@ -1677,45 +1538,5 @@ mod tests {
         );
         assert_eq!(seqs(log.read_after_within(5, 100, 1).unwrap()), [6]);
         assert_eq!(log.read_after(0, 100).unwrap().len(), 40);
-    }
-
-    #[test]
-    fn fsyncs_run_with_the_writer_lock_released() {
-        let dir = tempfile::tempdir().unwrap();
-        let log: SeqLog<Rec> = SeqLog::open(dir.path(), "p", small()).unwrap();
-        // Each fsync records whether another appender could take the writer lock then.
-        let free_at_fsync = Arc::new(Mutex::new(Vec::new()));
-        let (probe, seen) = (log.clone(), free_at_fsync.clone());
-        BEFORE_FSYNC.set(Some(Box::new(move || {
-            let free = probe.inner.writer.try_lock().is_ok();
-            seen.lock().unwrap().push(free);
-        })));
-        for i in 0..200 {
-            add(&log, &format!("line {i}"));
-        }
-        let rotations = free_at_fsync.lock().unwrap().len();
-        log.sync().unwrap();
-        BEFORE_FSYNC.set(None);
-        let free_at_fsync = free_at_fsync.lock().unwrap();
-        assert!(rotations >= 3, "the appends rotated: {rotations} fsyncs");
-        assert_eq!(
-            free_at_fsync.len(),
-            rotations + 2,
-            "sync flushes segment and index"
-        );
-        assert!(
-            free_at_fsync.iter().all(|free| *free),
-            "an fsync ran under the writer lock: {free_at_fsync:?}"
-        );
-        assert!(
-            log.inner.writer.lock().unwrap().unflushed.is_empty(),
-            "flushed segments are forgotten"
-        );
-        let kept = std::fs::read_dir(dir.path()).unwrap().count();
-        assert_eq!(
-            kept,
-            2 * small().max_segments,
-            "expired segments were deleted"
-        );
     }
 }
