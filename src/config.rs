@@ -10,8 +10,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use crate::api::auth::TokenSource;
-
 /// The data directory's files a local client reads are part of the API.
 pub use torud_api::{ADMIN_TOKEN_FILE, CONTROL_SOCKET, READ_TOKEN_FILE};
 
@@ -62,6 +60,17 @@ pub struct Config {
 }
 
 pub use crate::plugin::process::PluginLimits;
+
+/// Where a role's token comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// The token itself (from the environment).
+    Value(String),
+    /// A file holding it (surrounding whitespace ignored).
+    File(PathBuf),
+    /// Generated into this file on first start, read back afterwards.
+    Generated(PathBuf),
+}
 
 /// Authentication and transport security of the control plane.
 #[derive(Debug, Clone)]

@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::Status;
 
+pub use crate::config::TokenSource;
 use crate::store::state::write_atomically;
 
 /// What a caller may do.
@@ -62,17 +63,6 @@ pub fn required_role(path: &str) -> Option<Role> {
         // Every other method, and any unknown path, needs the admin token.
         Some(Role::Admin)
     }
-}
-
-/// Where a role's token comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenSource {
-    /// The token itself (from the environment).
-    Value(String),
-    /// A file holding it (surrounding whitespace ignored).
-    File(PathBuf),
-    /// Generated into this file on first start, read back afterwards.
-    Generated(PathBuf),
 }
 
 /// Errors loading tokens; each names the file.

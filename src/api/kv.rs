@@ -1,5 +1,5 @@
 //! `toru.v1.KvService`: key-value operations forwarded to a plugin. Validates keys and values
-//! against the configured limits; everything else is the supervisor's and the bridge's.
+//! against the configured limits; everything else is the supervisor's and the plugin link's.
 
 use tonic::{Request, Response, Status};
 

@@ -1,5 +1,5 @@
 //! The record codec of plugin logs: how one line of a plugin's output becomes a
-//! [`LogRecord`] ([`parse_line`]), and how records are written to and read back from a log
+//! [`LogRecord`] (`parse_line`), and how records are written to and read back from a log
 //! file's JSON lines (the [`Sequenced`] impl of [`LogRecord`]).
 //!
 //! A line that is a JSON object with a string `message` (and, if present, a string `level`

@@ -448,6 +448,13 @@ impl<T: Sequenced> SeqLog<T> {
 
     /// Closes the current segment and starts one whose first record is `first_seq` (or, if
     /// records were lost meanwhile, a later one).
+    ///
+    /// Runs under the writer lock, fsync included, on purpose: no record reaches the next
+    /// segment before the closed one is durable, so a crash can cut the tail but never
+    /// leave a hole before later records; and a failed fsync fails this append, whose
+    /// records are then kept in memory and the log reported degraded. The cost is one
+    /// segment's fsync per segment (10 MB of plugin logs), paid by the appender that
+    /// crosses the boundary and by whoever waits for the lock meanwhile.
     fn rotate(&self, w: &mut Writer<T>, first_seq: u64) -> std::io::Result<()> {
         w.file.sync_data()?;
         let segment = new_segment(&self.inner.dir, &self.inner.stem, first_seq);

@@ -1,6 +1,6 @@
 //! Reaching a plugin's socket: waiting for it to accept, connecting while its backlog is
 //! full, Toru's one-message-per-connection discipline for v1 plugins, and the non-intrusive
-//! v1 health check. The multiplexed request path is `bridge.rs`'s.
+//! v1 health check. The multiplexed request path is `link.rs`'s.
 //! A plugin cannot point the daemon at another plugin's socket: the socket file is opened
 //! without following links and connected through its descriptor, and every connection is
 //! checked against the peer's credentials (the listener must run as the owner of the

@@ -2,8 +2,8 @@
 //! (`data/storage.redb`).
 //!
 //! Every entry is keyed by `(namespace, key)`; a namespace is a plugin id, and callers get a
-//! [`Namespace`] bound to one id by the daemon (the bridge binds it to the connection it
-//! spawned), so nothing a plugin sends can name another namespace. Each write is one redb
+//! [`Namespace`] bound to one id by the daemon (the plugin link binds it to the connection
+//! the actor made), so nothing a plugin sends can name another namespace. Each write is one redb
 //! write transaction committed with immediate durability (fsynced) before it returns, and
 //! updates the namespace's usage (keys, bytes) in the same transaction, so quotas are exact
 //! and a crash never leaves usage and data out of step.

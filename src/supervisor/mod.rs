@@ -700,12 +700,14 @@ impl Supervisor {
             handle.status.clone(),
             ctx.events.clone(),
         );
+        // The event first, as before the table had its own step: whoever lists the plugin
+        // can already find its PluginAdded event.
+        self.append_event(added);
         if !self.insert(&id, handle) {
             // Rescans are serialised and only they insert: a bug, not a race.
             tracing::error!(plugin = %id, "internal error: the plugin was added twice; keeping the first");
             return;
         }
-        self.append_event(added);
         tokio::spawn(log_health);
         self.inner.tracker.spawn(actor.run());
         tally.report.added.push(id);

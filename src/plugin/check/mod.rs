@@ -5,11 +5,12 @@
 //! reason, or skipped), what the plugin supports, and the tail of its stderr on failure.
 //!
 //! It reuses the daemon's own pieces (discovery's probe, the process builder, the
-//! environment, `init`→`ready` handshake and `shutdown` of `handshake`, the bridge, a real
+//! environment, `init`→`ready` handshake and `shutdown` of `handshake`, the link, a real
 //! storage namespace in a temporary directory), so a plugin that passes here speaks to the
 //! daemon the same way. What is its own is the reporting, and the capture of the plugin's
 //! output, kept whole in memory to count structured lines and show the last ones.
-//! Architecture invariant: it knows nothing of gRPC, supervision or the data directory.
+//! Architecture invariant: it knows nothing of gRPC (of `torud-api` it uses only the text
+//! escaping), supervision or the data directory.
 
 mod report;
 mod round_trips;
