@@ -142,6 +142,23 @@ pub struct PluginStatus {
 }
 
 impl PluginStatus {
+    /// A plugin just known: stopped, never started, healthy only once it runs.
+    pub fn new(spec: PluginSpec, enabled: bool) -> Self {
+        PluginStatus {
+            spec,
+            enabled,
+            state: PluginState::Stopped,
+            healthy: false,
+            pid: None,
+            started_at: None,
+            restart_count: 0,
+            consecutive_failures: 0,
+            next_restart_at: None,
+            last_exit: None,
+            last_error: None,
+        }
+    }
+
     /// The plugin's id.
     pub fn id(&self) -> &str {
         &self.spec.metadata.id

@@ -598,7 +598,10 @@ async fn the_cgroups_of_a_sigkilled_daemon_are_emptied_at_the_next_start() {
         || process_gone(grandchild),
     )
     .await;
-    assert!(d
-        .daemon_stderr()
-        .contains("killed plugin processes left over from an earlier run"));
+    // The sweep says so once the cgroup is empty, which can be just after the process is.
+    wait_until("the sweep to report it", SECS10, || {
+        d.daemon_stderr()
+            .contains("killed plugin processes left over from an earlier run")
+    })
+    .await;
 }

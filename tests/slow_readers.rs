@@ -216,16 +216,23 @@ async fn five_hundred_followers_that_never_read_cost_bounded_memory_and_slow_nob
         "ListPlugins took {slowest:?} while idle followers were open"
     );
 
-    // Cancelled, they give their memory back.
+    // Cancelled, they give their memory back: at least half of what they took (the
+    // allocator keeps some freed pages for reuse; a leak would keep all of it).
     drop(streams);
     drop(channels);
+    let taken = peak.max(level).saturating_sub(baseline);
+    let returned = baseline + taken / 2 + 10 * MB;
     let mut after = 0;
     wait_until(
-        "the idle followers' memory returned",
+        &format!(
+            "the idle followers' memory returned (under {} MB; they took {} MB)",
+            returned / MB,
+            taken / MB
+        ),
         Duration::from_secs(10),
         || {
             after = rss(d.pid());
-            after <= baseline + 25 * MB
+            after <= returned
         },
     )
     .await;

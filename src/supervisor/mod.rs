@@ -739,19 +739,7 @@ impl Supervisor {
         log: PluginLog,
         verified: Option<(PathBuf, FileIdentity)>,
     ) -> (PluginHandle, Actor) {
-        let status = PluginStatus {
-            spec,
-            enabled,
-            state: PluginState::Stopped,
-            healthy: false,
-            pid: None,
-            started_at: None,
-            restart_count: 0,
-            consecutive_failures: 0,
-            next_restart_at: None,
-            last_exit: None,
-            last_error: None,
-        };
+        let status = PluginStatus::new(spec, enabled);
         let (status_tx, status_rx) = watch::channel(status);
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (link_tx, link_rx) = watch::channel(None);

@@ -209,22 +209,13 @@ fn stopped(binary_path: PathBuf) -> PluginStatus {
         description: None,
         protocol_version: 2,
     };
-    PluginStatus {
-        spec: PluginSpec {
+    PluginStatus::new(
+        PluginSpec {
             metadata,
             binary_path,
         },
-        enabled: false,
-        state: PluginState::Stopped,
-        healthy: false,
-        pid: None,
-        started_at: None,
-        restart_count: 0,
-        consecutive_failures: 0,
-        next_restart_at: None,
-        last_exit: None,
-        last_error: None,
-    }
+        false,
+    )
 }
 
 /// The time from each spawn to the next.
