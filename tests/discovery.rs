@@ -406,3 +406,72 @@ async fn control_characters_in_metadata_or_a_file_name_are_refused_with_a_reason
     let ids: Vec<&str> = list.plugins.iter().map(|p| p.id.as_str()).collect();
     assert_eq!(ids, ["good"]);
 }
+
+#[tokio::test]
+async fn the_first_answers_wait_for_the_whole_plugins_directory() {
+    let mut d = Daemon::new(&["--enable-new-plugins"]);
+    d.install_fixture("quick", "normal", &[]);
+    // Its --metadata takes 1.5 s: the daemon listens long before the first scan ends.
+    d.install_fixture("slow", "slow-metadata", &["--ms", "1500"]);
+    d.start().await;
+    let began = std::time::Instant::now();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
+    let daemon = || tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    };
+    use tonic_health::pb::health_check_response::ServingStatus;
+    // Health answers at once, and says the daemon is not ready yet.
+    let early = health.check(daemon()).await.unwrap().into_inner().status;
+    assert!(
+        began.elapsed() < std::time::Duration::from_millis(1000),
+        "health was held"
+    );
+    assert_eq!(early, ServingStatus::NotServing as i32);
+
+    // The first ListPlugins lists the slow plugin too, and naming it works at once.
+    let mut client = d.client().await;
+    let list = client
+        .list_plugins(pb::ListPluginsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = list.plugins.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["quick", "slow"]);
+    client
+        .get_plugin(pb::GetPluginRequest {
+            plugin_id: "slow".into(),
+        })
+        .await
+        .unwrap();
+
+    // Ready once both enabled plugins have started.
+    let mut watch = health.watch(daemon()).await.unwrap().into_inner();
+    tokio::time::timeout(SECS10, async {
+        while let Some(status) = watch.message().await.unwrap() {
+            if status.status == ServingStatus::Serving as i32 {
+                return;
+            }
+        }
+        panic!("the health stream ended");
+    })
+    .await
+    .expect("the daemon became ready");
+    for id in ["quick", "slow"] {
+        let plugin = client
+            .get_plugin(pb::GetPluginRequest {
+                plugin_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .plugin
+            .unwrap();
+        assert_eq!(
+            plugin.state,
+            PluginState::Running as i32,
+            "{id}: {plugin:?}\n{}",
+            d.daemon_stderr()
+        );
+    }
+    assert!(d.daemon_stderr().contains("ready"));
+}

@@ -13,6 +13,7 @@ pub mod health;
 pub mod kv;
 pub mod logs;
 pub mod plugins;
+pub mod readiness;
 pub mod server;
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use crate::api::health;
 use crate::api::kv::KvApi;
 use crate::api::logs::LogApi;
 use crate::api::plugins::PluginApi;
+use crate::api::readiness::HoldLayer;
 use crate::config::{create_dir_with_mode, Config, GrpcLimits, TlsFiles};
 use crate::supervisor::{StartupError, Supervisor};
 use torud_api::pb;
@@ -168,7 +169,8 @@ pub async fn run(
     let stop = CancellationToken::new();
     let routes = routes(&supervisor, &stop, &limits, health.service())?;
     let (local, control_path) = (listeners.local, listeners.control_path.clone());
-    let servers = Servers::spawn(listeners, routes, tls, tokens, &limits, &stop)?;
+    let hold = HoldLayer::new(supervisor.discovery());
+    let servers = Servers::spawn(listeners, routes, tls, tokens, hold, &limits, &stop)?;
     tracing::info!(%local, control = %control_path.display(), "listening");
     on_listening(local);
 
@@ -263,21 +265,29 @@ impl Listeners {
     }
 }
 
-/// The health service and what keeps it current: SERVING for the daemon while it serves,
-/// and each plugin's health bridged from the supervisor.
+/// The health service and what keeps it current: for the daemon, NOT_SERVING until it is
+/// ready ([`Supervisor::settled`]: the first scan ended and every enabled plugin started or
+/// failed), then SERVING until shutdown; and each plugin's health bridged from the
+/// supervisor.
 struct Health {
     reporter: HealthReporter,
     bridge: tokio::task::JoinHandle<()>,
+    ready: tokio::task::JoinHandle<()>,
 }
 
 impl Health {
     async fn start(supervisor: &Supervisor) -> Self {
         let reporter = HealthReporter::new();
         reporter
-            .set_service_status("", ServingStatus::Serving)
+            .set_service_status("", ServingStatus::NotServing)
             .await;
         let bridge = tokio::spawn(health::bridge(reporter.clone(), supervisor.clone()));
-        Health { reporter, bridge }
+        let ready = tokio::spawn(report_ready(reporter.clone(), supervisor.clone()));
+        Health {
+            reporter,
+            bridge,
+            ready,
+        }
     }
 
     /// The `grpc.health.v1.Health` service, answering from this reporter.
@@ -287,6 +297,7 @@ impl Health {
 
     /// Reports NOT_SERVING for the daemon, first thing at shutdown.
     async fn not_serving(&self) {
+        self.ready.abort();
         self.reporter
             .set_service_status("", ServingStatus::NotServing)
             .await;
@@ -302,7 +313,29 @@ impl Drop for Health {
     /// An early return (a failed start) stops the bridge too.
     fn drop(&mut self) {
         self.stop_bridge();
+        self.ready.abort();
     }
+}
+
+/// Says SERVING for the daemon once it is ready, and logs what it is ready with.
+async fn report_ready(reporter: HealthReporter, supervisor: Supervisor) {
+    supervisor.settled().await;
+    let plugins = supervisor.list();
+    let running = plugins
+        .iter()
+        .filter(|p| p.state == crate::model::PluginState::Running)
+        .count();
+    let enabled = plugins.iter().filter(|p| p.enabled).count();
+    tracing::info!(
+        plugins = plugins.len(),
+        enabled,
+        running,
+        skipped = supervisor.skipped().len(),
+        "ready"
+    );
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
 }
 
 /// The gRPC services (plugins, KV, logs, health, reflection), the same on both listeners.
@@ -361,12 +394,14 @@ impl Servers {
         routes: Routes,
         tls: Option<ServerTlsConfig>,
         tokens: Tokens,
+        hold: HoldLayer,
         limits: &GrpcLimits,
         stop: &CancellationToken,
     ) -> Result<Self, ServeError> {
         let builder = || {
             tonic::transport::Server::builder()
                 .max_concurrent_streams(limits.max_concurrent_streams)
+                .layer(hold.clone())
         };
         let mut tcp_builder = builder();
         if let Some(tls) = tls {

@@ -225,6 +225,9 @@ struct Inner {
     /// Serialises rescans (held across the directory probe; nothing else takes it). Held
     /// by each scan's [`Tally`].
     rescan: tokio::sync::Mutex<()>,
+    /// `true` once the first scan of the plugins directory has ended (every probe answered
+    /// or timed out); the control plane holds plugin-naming calls until then.
+    discovered: watch::Sender<bool>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -267,6 +270,7 @@ impl Supervisor {
                 plugins: RwLock::new(BTreeMap::new()),
                 skipped: Mutex::new(Vec::new()),
                 rescan: tokio::sync::Mutex::new(()),
+                discovered: watch::Sender::new(false),
                 tracker: TaskTracker::new(),
                 cancel: CancellationToken::new(),
             }),
@@ -289,8 +293,45 @@ impl Supervisor {
             if let Err(e) = first.rescan().await {
                 tracing::error!(error = %e, "initial plugin scan failed");
             }
+            first.inner.discovered.send_replace(true);
         });
         Ok(supervisor)
+    }
+
+    /// Whether the first scan of the plugins directory has ended: `true` from then on.
+    pub fn discovery(&self) -> watch::Receiver<bool> {
+        self.inner.discovered.subscribe()
+    }
+
+    /// Waits until the daemon is ready: the first scan has ended and every plugin meant to
+    /// run when it ended (enabled in `state.json`, or new under `--enable-new-plugins`)
+    /// has started or failed: running, backing off, crashed, disabled, or stopped with a
+    /// reason or by an operator. Plugins enabled later by a caller are not waited for. Each
+    /// start is bounded by the start timeout, so this ends.
+    pub async fn settled(&self) {
+        let _ = self.discovery().wait_for(|done| *done).await;
+        let ctx = &self.inner.ctx;
+        // Decided by the saved decision, not the status's flag: a new plugin's status says
+        // enabled only once `--enable-new-plugins`' decision is saved, just before it starts.
+        let meant_to_run = |id: &str| ctx.state.get(id).unwrap_or(ctx.config.enable_new_plugins);
+        let watchers: Vec<watch::Receiver<PluginStatus>> = self
+            .inner
+            .plugins
+            .read()
+            .expect("plugin table poisoned")
+            .iter()
+            .filter(|(id, _)| meant_to_run(id))
+            .map(|(_, h)| h.status.clone())
+            .collect();
+        for mut status in watchers {
+            let unsettled = |s: &PluginStatus| {
+                matches!(s.state, PluginState::Stopped | PluginState::Starting)
+                    && s.last_error.is_none()
+                    && meant_to_run(s.id())
+            };
+            // An actor that ended (shutdown) counts as settled.
+            let _ = status.wait_for(|s| !unsettled(s)).await;
+        }
     }
 
     /// One line saying what plugin isolation is in force.
