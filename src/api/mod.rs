@@ -15,6 +15,7 @@ pub mod logs;
 pub mod plugins;
 pub mod readiness;
 pub mod server;
+pub mod systemd;
 
 #[cfg(test)]
 pub(crate) use plugins::decode_page_token;

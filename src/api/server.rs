@@ -27,6 +27,7 @@ use crate::api::kv::KvApi;
 use crate::api::logs::LogApi;
 use crate::api::plugins::PluginApi;
 use crate::api::readiness::HoldLayer;
+use crate::api::systemd;
 use crate::config::{create_dir_with_mode, Config, GrpcLimits, TlsFiles};
 use crate::supervisor::{StartupError, Supervisor};
 use torud_api::pb;
@@ -157,6 +158,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
+    let watchdog = systemd::spawn_watchdog();
     let tls = transport_security(&config)?;
     prepare_data_dir(&config.data_dir)?;
     let tokens = load_tokens(&config)?;
@@ -172,10 +174,15 @@ pub async fn run(
     let hold = HoldLayer::new(supervisor.discovery());
     let servers = Servers::spawn(listeners, routes, tls, tokens, hold, &limits, &stop)?;
     tracing::info!(%local, control = %control_path.display(), "listening");
+    systemd::status("listening; scanning the plugins directory");
     on_listening(local);
 
     shutdown.await;
-    shut_down(health, &stop, &supervisor, servers, &control_path).await?;
+    let result = shut_down(health, &stop, &supervisor, servers, &control_path).await;
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
+    result?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -190,6 +197,7 @@ async fn shut_down(
     control_path: &Path,
 ) -> Result<(), ServeError> {
     tracing::info!("shutting down: stopping plugins");
+    systemd::stopping();
     health.not_serving().await;
     stop.cancel();
     supervisor.shutdown().await;
@@ -326,16 +334,15 @@ async fn report_ready(reporter: HealthReporter, supervisor: Supervisor) {
         .filter(|p| p.state == crate::model::PluginState::Running)
         .count();
     let enabled = plugins.iter().filter(|p| p.enabled).count();
-    tracing::info!(
-        plugins = plugins.len(),
-        enabled,
-        running,
-        skipped = supervisor.skipped().len(),
-        "ready"
-    );
+    let skipped = supervisor.skipped().len();
+    tracing::info!(plugins = plugins.len(), enabled, running, skipped, "ready");
     reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
+    systemd::ready(&format!(
+        "ready: {} plugins, {enabled} enabled, {running} running, {skipped} skipped",
+        plugins.len()
+    ));
 }
 
 /// The gRPC services (plugins, KV, logs, health, reflection), the same on both listeners.
