@@ -427,6 +427,19 @@ async fn the_first_answers_wait_for_the_whole_plugins_directory() {
         "health was held"
     );
     assert_eq!(early, ServingStatus::NotServing as i32);
+    // A call without a token is refused at once, not held.
+    let mut anonymous =
+        torud_api::pb::plugin_service_client::PluginServiceClient::new(d.tcp_channel().await);
+    let refused = anonymous
+        .list_plugins(pb::ListPluginsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    assert!(
+        began.elapsed() < std::time::Duration::from_millis(1200),
+        "the refusal was held: {:?}",
+        began.elapsed()
+    );
 
     // The first ListPlugins lists the slow plugin too, and naming it works at once.
     let mut client = d.client().await;

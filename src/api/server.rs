@@ -408,33 +408,41 @@ impl Servers {
         let builder = || {
             tonic::transport::Server::builder()
                 .max_concurrent_streams(limits.max_concurrent_streams)
-                .layer(hold.clone())
         };
         let mut tcp_builder = builder();
         if let Some(tls) = tls {
             tcp_builder = tcp_builder.tls_config(tls).map_err(ServeError::Tls)?;
         }
+        // Layers added first see a request first: a call without a valid token is refused
+        // at once, never held until the first scan ends.
         let tcp = tcp_builder
             .layer(AuthLayer::new(tokens))
+            .layer(hold.clone())
             .add_routes(routes.clone())
             .serve_with_incoming_shutdown(
                 // Without TCP_NODELAY, small responses wait for delayed ACKs (~40 ms).
                 tonic::transport::server::TcpIncoming::from(listeners.tcp).with_nodelay(Some(true)),
                 stop.clone().cancelled_owned(),
             );
-        let unix = builder().add_routes(routes).serve_with_incoming_shutdown(
-            tokio_stream::StreamExt::filter(UnixListenerStream::new(listeners.control), |conn| {
-                let Ok(stream) = conn else { return true };
-                crate::plugin::isolation::control_peer_allowed(stream)
-                    .inspect_err(|why| {
-                        tracing::warn!(
-                            "control socket: refused a client ({why}); connection closed"
-                        )
-                    })
-                    .is_ok()
-            }),
-            stop.clone().cancelled_owned(),
-        );
+        let unix = builder()
+            .layer(hold)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(
+                tokio_stream::StreamExt::filter(
+                    UnixListenerStream::new(listeners.control),
+                    |conn| {
+                        let Ok(stream) = conn else { return true };
+                        crate::plugin::isolation::control_peer_allowed(stream)
+                            .inspect_err(|why| {
+                                tracing::warn!(
+                                    "control socket: refused a client ({why}); connection closed"
+                                )
+                            })
+                            .is_ok()
+                    },
+                ),
+                stop.clone().cancelled_owned(),
+            );
         Ok(Servers {
             tcp: tokio::spawn(tcp),
             unix: tokio::spawn(unix),
