@@ -411,8 +411,8 @@ async fn control_characters_in_metadata_or_a_file_name_are_refused_with_a_reason
 async fn the_first_answers_wait_for_the_whole_plugins_directory() {
     let mut d = Daemon::new(&["--enable-new-plugins"]);
     d.install_fixture("quick", "normal", &[]);
-    // Its --metadata takes 1.5 s: the daemon listens long before the first scan ends.
-    d.install_fixture("slow", "slow-metadata", &["--ms", "1500"]);
+    // Its --metadata takes 2.5 s: the daemon listens long before the first scan ends.
+    d.install_fixture("slow", "slow-metadata", &["--ms", "2500"]);
     d.start().await;
     let began = std::time::Instant::now();
     let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
@@ -423,7 +423,7 @@ async fn the_first_answers_wait_for_the_whole_plugins_directory() {
     // Health answers at once, and says the daemon is not ready yet.
     let early = health.check(daemon()).await.unwrap().into_inner().status;
     assert!(
-        began.elapsed() < std::time::Duration::from_millis(1000),
+        began.elapsed() < std::time::Duration::from_millis(2000),
         "health was held"
     );
     assert_eq!(early, ServingStatus::NotServing as i32);
@@ -436,7 +436,7 @@ async fn the_first_answers_wait_for_the_whole_plugins_directory() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     assert!(
-        began.elapsed() < std::time::Duration::from_millis(1200),
+        began.elapsed() < std::time::Duration::from_millis(2000),
         "the refusal was held: {:?}",
         began.elapsed()
     );
