@@ -199,6 +199,14 @@ pub(crate) struct Context {
     pub isolation: crate::plugin::isolation::Isolation,
 }
 
+impl Context {
+    /// Whether plugin `id` is meant to run: its saved decision, or for a plugin with none
+    /// yet, `--enable-new-plugins`.
+    pub fn meant_to_run(&self, id: &str) -> bool {
+        self.state.get(id).unwrap_or(self.config.enable_new_plugins)
+    }
+}
+
 #[derive(Clone)]
 struct PluginHandle {
     commands: mpsc::Sender<Command>,
@@ -313,21 +321,20 @@ impl Supervisor {
         let ctx = &self.inner.ctx;
         // Decided by the saved decision, not the status's flag: a new plugin's status says
         // enabled only once `--enable-new-plugins`' decision is saved, just before it starts.
-        let meant_to_run = |id: &str| ctx.state.get(id).unwrap_or(ctx.config.enable_new_plugins);
         let watchers: Vec<watch::Receiver<PluginStatus>> = self
             .inner
             .plugins
             .read()
             .expect("plugin table poisoned")
             .iter()
-            .filter(|(id, _)| meant_to_run(id))
+            .filter(|(id, _)| ctx.meant_to_run(id))
             .map(|(_, h)| h.status.clone())
             .collect();
         for mut status in watchers {
             let unsettled = |s: &PluginStatus| {
                 matches!(s.state, PluginState::Stopped | PluginState::Starting)
                     && s.last_error.is_none()
-                    && meant_to_run(s.id())
+                    && ctx.meant_to_run(s.id())
             };
             // An actor that ended (shutdown) counts as settled.
             let _ = status.wait_for(|s| !unsettled(s)).await;
@@ -731,7 +738,7 @@ impl Supervisor {
             .reason("discovered in the plugins directory")
             .detail("path", spec.binary_path.display())
             .detail("version", &spec.metadata.version);
-        let enabled = ctx.state.get(&id).unwrap_or(ctx.config.enable_new_plugins);
+        let enabled = ctx.meant_to_run(&id);
         // The probe that found it checked its id: the first start need not probe again.
         let verified = identity.map(|identity| (spec.binary_path.clone(), identity));
         let (handle, actor) = self.prepare(spec, enabled, log, verified);
