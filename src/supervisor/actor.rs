@@ -625,7 +625,7 @@ impl<S: Spawner> Actor<S> {
     /// file still declares this id, who the plugin runs as (its directories made and its
     /// executable reachable), its pin, its environment, cgroup and sandbox.
     async fn prepare(&mut self, spec: &PluginSpec) -> Result<Prepared, Refusal> {
-        let cfg = self.ctx.config.clone();
+        let cfg = self.ctx.config();
         let socket = self.socket_path()?;
         self.recheck_id(spec).await?;
         let who = self.identity(spec)?;
@@ -664,7 +664,7 @@ impl<S: Spawner> Actor<S> {
 
     /// The plugin's socket path, if it fits in `sockaddr_un`.
     fn socket_path(&self) -> Result<PathBuf, Refusal> {
-        let socket = self.ctx.config.socket_path(&self.id);
+        let socket = self.ctx.config().socket_path(&self.id);
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(Refusal::Disable(format!(
                 "socket path {} is {} bytes, over the {MAX_SOCKET_PATH}-byte Unix socket limit; use a shorter --data-dir",
@@ -678,9 +678,9 @@ impl<S: Spawner> Actor<S> {
     /// Who the plugin runs as, with its directories made and its executable checked to be
     /// within that user's reach.
     fn identity(&self, spec: &PluginSpec) -> Result<crate::plugin::isolation::Identity, Refusal> {
-        let cfg = &self.ctx.config;
+        let cfg = self.ctx.config();
         let isolation = &self.ctx.isolation;
-        let who = match isolation.identity(cfg, &self.id) {
+        let who = match isolation.identity(&cfg, &self.id) {
             Ok(who) => who,
             // Writing users.json can fail for a while (a full disk): back off and try again.
             Err(e @ crate::plugin::isolation::IsolationError::UsersFile { .. }) => {
@@ -688,7 +688,7 @@ impl<S: Spawner> Actor<S> {
             }
             Err(e) => return Err(Refusal::Disable(e.to_string())),
         };
-        if let Err(e) = isolation.prepare_plugin_dirs(cfg, &self.id, &who) {
+        if let Err(e) = isolation.prepare_plugin_dirs(&cfg, &self.id, &who) {
             return Err(Refusal::Retry(format!(
                 "cannot prepare its directories: {e}"
             )));
@@ -707,7 +707,8 @@ impl<S: Spawner> Actor<S> {
 
     /// Checks the executable against its pinned SHA-256, when one is pinned.
     async fn check_pin(&self, spec: &PluginSpec) -> Result<(), Refusal> {
-        let Some(expected) = self.ctx.config.pins.get(&self.id) else {
+        let config = self.ctx.config();
+        let Some(expected) = config.pins.get(&self.id) else {
             return Ok(());
         };
         let path = spec.binary_path.clone();
@@ -758,7 +759,7 @@ impl<S: Spawner> Actor<S> {
         confinement: Confinement,
         descendants: Descendants,
     ) -> Result<S::Process, String> {
-        let cfg = &self.ctx.config;
+        let cfg = self.ctx.config();
         let cmd = plugin_command(
             &spec.binary_path,
             &cfg.plugin_env_allowlist,
@@ -779,7 +780,7 @@ impl<S: Spawner> Actor<S> {
         mut process: S::Process,
         launch: Launch,
     ) -> Next<S::Process> {
-        let cfg = self.ctx.config.clone();
+        let cfg = self.ctx.config();
         let handshake = Handshake {
             init: launch.init_params(),
             socket: launch.socket,
@@ -843,12 +844,12 @@ impl<S: Spawner> Actor<S> {
                 .await;
             return Next::Start;
         }
-        let timing = self.ctx.config.timing.clone();
+        let timing = self.ctx.config().timing.clone();
         let stable_at = run.since + timing.stable_window;
         let mut stable = self.status.borrow().consecutive_failures == 0;
         let link = run.link.clone().expect("a running plugin has a link");
         let persistent = link.protocol() >= 2;
-        let socket = self.ctx.config.socket_path(&self.id);
+        let socket = self.ctx.config().socket_path(&self.id);
         let mut health = tokio::time::interval_at(
             Instant::now() + timing.health_interval,
             timing.health_interval,
@@ -920,8 +921,8 @@ impl<S: Spawner> Actor<S> {
     async fn stop(&mut self, mut run: Run<S::Process>, reason: &str) {
         self.link.send_replace(None);
         self.transition(PluginState::Stopping, reason, None, |_| {});
-        let timing = &self.ctx.config.timing;
-        let socket = self.ctx.config.socket_path(&self.id);
+        let timing = self.ctx.config().timing.clone();
+        let socket = self.ctx.config().socket_path(&self.id);
         let running = run.process.exit_status().is_none();
         if running && !run.ready {
             self.end_start(&mut run).await;
@@ -960,10 +961,10 @@ impl<S: Spawner> Actor<S> {
     /// `init` is asked on its connection to shut down, then the group gets SIGTERM, each with
     /// a short wait ([`STARTING_STOP_GRACE`]); the caller then SIGKILLs what is left.
     async fn end_start(&mut self, run: &mut Run<S::Process>) {
-        let timing = &self.ctx.config.timing;
+        let timing = self.ctx.config().timing.clone();
         if let Some(link) = run.link.as_ref().filter(|l| l.protocol() >= 2) {
             let deadline = Instant::now() + STARTING_STOP_GRACE.min(timing.stop_grace);
-            let socket = self.ctx.config.socket_path(&self.id);
+            let socket = self.ctx.config().socket_path(&self.id);
             let _ = timeout_at(deadline, send_shutdown(Some(link), &socket)).await;
             if timeout_at(deadline, run.process.wait()).await.is_ok() {
                 return;
@@ -1000,9 +1001,9 @@ impl<S: Spawner> Actor<S> {
             }
             None => None,
         };
-        let _ = std::fs::remove_file(self.ctx.config.socket_path(&self.id));
+        let _ = std::fs::remove_file(self.ctx.config().socket_path(&self.id));
         let failures = self.status.borrow().consecutive_failures + 1;
-        let timing = self.ctx.config.timing.clone();
+        let timing = self.ctx.config().timing.clone();
         self.transition(PluginState::Crashed, reason.clone(), exit, |s| {
             s.consecutive_failures = failures;
             s.last_error = Some(reason.clone());
@@ -1048,8 +1049,8 @@ impl<S: Spawner> Actor<S> {
                 return Ok(());
             }
         }
-        let cfg = &self.ctx.config;
-        let opts = ProbeOptions::from_config(cfg, &self.ctx.isolation);
+        let cfg = self.ctx.config();
+        let opts = ProbeOptions::from_config(&cfg, &self.ctx.isolation);
         let identity = discovery::recheck(&cfg.plugins_dir, path, &self.id, opts).await?;
         self.verified = Some((path.clone(), identity));
         Ok(())

@@ -190,7 +190,9 @@ struct Tally<'a> {
 
 /// State shared by all actors.
 pub(crate) struct Context {
-    pub config: Arc<Config>,
+    /// The configuration in force; a reload swaps it whole, and each use takes the one in
+    /// force at that moment ([`Context::config`]).
+    pub config: arc_swap::ArcSwap<Config>,
     pub events: EventLog,
     pub state: EnabledStore,
     /// The plugins' durable storage; each plugin's link gets its own namespace.
@@ -200,10 +202,17 @@ pub(crate) struct Context {
 }
 
 impl Context {
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
     /// Whether plugin `id` is meant to run: its saved decision, or for a plugin with none
     /// yet, `--enable-new-plugins`.
     pub fn meant_to_run(&self, id: &str) -> bool {
-        self.state.get(id).unwrap_or(self.config.enable_new_plugins)
+        self.state
+            .get(id)
+            .unwrap_or_else(|| self.config().plugin(id).enable_when_new)
     }
 }
 
@@ -269,7 +278,7 @@ impl Supervisor {
         let supervisor = Supervisor {
             inner: Arc::new(Inner {
                 ctx: Arc::new(Context {
-                    config: Arc::new(config),
+                    config: arc_swap::ArcSwap::from_pointee(config),
                     events,
                     state,
                     storage,
@@ -434,7 +443,7 @@ impl Supervisor {
         deadline: Option<Duration>,
     ) -> Result<Option<String>, SupervisorError> {
         let link = self.link(id)?;
-        let limit = self.bridge_limit(self.inner.ctx.config.bridge.kv_timeout, deadline);
+        let limit = self.bridge_limit(self.inner.ctx.config.load().kv_timeout_of(id), deadline);
         link.kv(op, limit)
             .await
             .map_err(|e| SupervisorError::Bridge(id.to_owned(), e))
@@ -448,15 +457,15 @@ impl Supervisor {
         deadline: Option<Duration>,
     ) -> Result<HttpAnswer, SupervisorError> {
         let link = self.link(id)?;
-        let limit = self.bridge_limit(self.inner.ctx.config.bridge.call_timeout, deadline);
+        let limit = self.bridge_limit(self.inner.ctx.config.load().call_timeout_of(id), deadline);
         link.call(call, limit)
             .await
             .map_err(|e| SupervisorError::Bridge(id.to_owned(), e))
     }
 
     /// The configuration's bridge limits.
-    pub fn bridge_config(&self) -> &crate::config::BridgeConfig {
-        &self.inner.ctx.config.bridge
+    pub fn bridge_config(&self) -> crate::config::BridgeConfig {
+        self.inner.ctx.config().bridge.clone()
     }
 
     fn handle(&self, id: &str) -> Result<PluginHandle, SupervisorError> {
@@ -503,8 +512,8 @@ impl Supervisor {
             return Err(SupervisorError::ShuttingDown);
         }
         let ctx = &self.inner.ctx;
-        let dir = ctx.config.plugins_dir.clone();
-        let opts = ProbeOptions::from_config(&ctx.config, &ctx.isolation);
+        let dir = ctx.config().plugins_dir.clone();
+        let opts = ProbeOptions::from_config(&ctx.config(), &ctx.isolation);
         let (candidates, probes) =
             discovery::scan(&dir, opts).map_err(|e| SupervisorError::PluginsDir {
                 path: dir.clone(),
@@ -765,12 +774,9 @@ impl Supervisor {
     /// with the plugin table locked.
     fn open_log(&self, id: &str) -> Result<PluginLog, crate::logs::seqlog::SeqLogError> {
         before_io();
-        let config = &self.inner.ctx.config;
-        PluginLog::open(
-            &config.log_dir(id),
-            config.log_segment_bytes,
-            config.log_segments,
-        )
+        let config = self.inner.ctx.config();
+        let own = config.plugin(id);
+        PluginLog::open(&config.log_dir(id), own.log_segment_bytes, own.log_segments)
     }
 
     /// Writes an event (a file append). Never called with the plugin table locked.

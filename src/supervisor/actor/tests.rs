@@ -93,9 +93,9 @@ impl Bench {
             state: EnabledStore::load(&config.state_path()).expect("state"),
             storage: Storage::open(&config.storage_path(), config.storage_quotas).expect("storage"),
             isolation: Isolation::prepare(&config).expect("isolation"),
-            config: Arc::new(config),
+            config: arc_swap::ArcSwap::from_pointee(config),
         });
-        let log = PluginLog::open(&ctx.config.log_dir(ID), 1 << 20, 2).expect("plugin log");
+        let log = PluginLog::open(&ctx.config().log_dir(ID), 1 << 20, 2).expect("plugin log");
         let (status_tx, status) = watch::channel(stopped(binary.clone()));
         let (link_tx, _) = watch::channel(None);
         let (commands, commands_rx) = mpsc::channel(8);

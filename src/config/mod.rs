@@ -1,11 +1,23 @@
-//! The daemon's configuration as the rest of the code sees it: paths, timings and limits.
-//! Parsing flags and environment variables is `main.rs`'s job; this module only holds the
-//! values and derives the data directory's layout from them.
+//! The daemon's configuration as the rest of the code sees it: paths, timings and limits,
+//! daemon-wide and per plugin ([`Config::plugin`]).
+//!
+//! Where it comes from: [`settings`] is one layer of it (flags, environment variables or
+//! the config file, which share one struct); [`file`] reads and checks the config file;
+//! [`Loader`] stacks the layers (flag > environment > file > default) and does it again on
+//! a reload. [`values`] holds the checked value types they share.
 //!
 //! Every default is written once, here ([`Config::default`] and the `Default` of each
-//! part) or in the module that owns the limit (and named here); `main.rs`'s flags take
-//! their defaults from [`Config::default`].
+//! part) or in the module that owns the limit (and named here).
 
+pub mod file;
+pub mod settings;
+pub mod values;
+
+pub use file::{ConfigError, Loader, DEFAULT_CONFIG_FILE};
+pub use settings::{PluginSettings, Settings};
+pub use values::RestartPolicy;
+
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,11 +25,18 @@ use std::time::Duration;
 /// The data directory's files a local client reads are part of the API.
 pub use torud_api::{ADMIN_TOKEN_FILE, CONTROL_SOCKET, READ_TOKEN_FILE};
 
+/// The shortest health-check interval honoured; a shorter `health-interval` is raised to
+/// it, so that checks never spin.
+pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The daemon's log filter when none is given or the one given cannot be read.
+pub const DEFAULT_LOG_FILTER: &str = "info";
+
 /// Default for the largest `--metadata` output read from a plugin (`--max-metadata-bytes`).
 pub const DEFAULT_MAX_METADATA_BYTES: usize = 64 * 1024;
 
 /// Everything `torud serve` can be told.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// TCP address of the gRPC control plane (port 0 picks a free port).
     pub listen: SocketAddr,
@@ -57,6 +76,13 @@ pub struct Config {
     /// Users chosen for particular plugins (`--plugin-user ID=USER|UID`), by plugin id.
     pub plugin_users:
         std::collections::BTreeMap<String, crate::plugin::isolation::users::UserChoice>,
+    /// What to do when a plugin's process ends on its own.
+    pub restart: RestartPolicy,
+    /// Settings of particular plugins (`[plugins.<id>]`), by plugin id; see
+    /// [`Config::plugin`].
+    pub plugins: BTreeMap<String, PluginSettings>,
+    /// Filter of the daemon's own logs (`tracing_subscriber`'s `EnvFilter` syntax).
+    pub log_filter: String,
 }
 
 pub use crate::plugin::process::PluginLimits;
@@ -73,7 +99,7 @@ pub enum TokenSource {
 }
 
 /// Authentication and transport security of the control plane.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SecurityConfig {
     /// Where the admin token comes from.
     pub admin_token: TokenSource,
@@ -86,7 +112,7 @@ pub struct SecurityConfig {
 }
 
 /// PEM files of the TCP listener's TLS.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsFiles {
     /// The certificate chain.
     pub cert: PathBuf,
@@ -97,7 +123,7 @@ pub struct TlsFiles {
 }
 
 /// Limits of the gRPC server.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GrpcLimits {
     /// Largest request or response message, in bytes.
     pub max_message_bytes: usize,
@@ -115,7 +141,7 @@ impl Default for GrpcLimits {
 }
 
 /// How long the supervisor waits for things, and how it backs off.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Timing {
     /// Longest a plugin may take to answer `--metadata`.
     pub metadata_timeout: Duration,
@@ -164,7 +190,7 @@ impl Timing {
 }
 
 /// Timeouts and limits of forwarded requests.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BridgeConfig {
     /// Longest a KV operation may wait for its answer (the caller's deadline may be shorter).
     pub kv_timeout: Duration,
@@ -246,8 +272,83 @@ impl Config {
             storage_quotas: crate::store::storage::Quotas::default(),
             plugin_uid_range: crate::plugin::isolation::users::UidRange::default(),
             plugin_users: Default::default(),
+            restart: RestartPolicy::default(),
+            plugins: BTreeMap::new(),
+            log_filter: DEFAULT_LOG_FILTER.to_owned(),
             data_dir,
         }
+    }
+
+    /// Longest a forwarded call to plugin `id` waits for it (per request: no copying).
+    pub fn call_timeout_of(&self, id: &str) -> Duration {
+        let own = self.plugins.get(id).and_then(|s| s.call_timeout);
+        own.map_or(self.bridge.call_timeout, |s| s.0)
+    }
+
+    /// Longest a forwarded KV operation on plugin `id` waits for it.
+    pub fn kv_timeout_of(&self, id: &str) -> Duration {
+        let own = self.plugins.get(id).and_then(|s| s.kv_timeout);
+        own.map_or(self.bridge.kv_timeout, |s| s.0)
+    }
+
+    /// The settings that apply to plugin `id`: its own section's, else the daemon-wide
+    /// ones.
+    pub fn plugin(&self, id: &str) -> PluginConfig {
+        let own = self.plugins.get(id).cloned().unwrap_or_default();
+        let span = |own: Option<values::Span>, wide: Duration| own.map_or(wide, |s| s.0);
+        let limit = |own: Option<u64>, wide: Option<u64>| match own {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => wide,
+        };
+        let t = &self.timing;
+        PluginConfig {
+            timing: Timing {
+                start_timeout: span(own.start_timeout, t.start_timeout),
+                backoff_base: span(own.backoff_base, t.backoff_base),
+                backoff_max: span(own.backoff_max, t.backoff_max),
+                max_failures: own.max_failures.map_or(t.max_failures, |n| n.as_u32()),
+                stable_window: span(own.stable_window, t.stable_window),
+                ..t.clone()
+            },
+            kv_timeout: self.kv_timeout_of(id),
+            call_timeout: self.call_timeout_of(id),
+            restart: own.restart.unwrap_or(self.restart),
+            limits: PluginLimits {
+                address_space: limit(own.max_address_space, self.plugin_limits.address_space),
+                open_files: limit(own.max_open_files, self.plugin_limits.open_files),
+                processes: limit(own.max_processes, self.plugin_limits.processes),
+            },
+            launch: Launch {
+                args: own.args.into_iter().flatten().map(|a| a.0).collect(),
+                env: own
+                    .env
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(name, value)| (name.0, value))
+                    .collect(),
+                working_dir: own.working_dir.map(|p| p.0),
+            },
+            enable_when_new: own.enable_when_new.unwrap_or(self.enable_new_plugins),
+            log_segment_bytes: own
+                .log_segment_bytes
+                .map_or(self.log_segment_bytes, |n| n.0),
+            log_segments: own.log_segments.map_or(self.log_segments, |n| n.as_usize()),
+        }
+    }
+
+    /// Moves the data directory to `dir` (the same one made absolute, say), with the token
+    /// files generated there.
+    pub fn relocate_data_dir(&mut self, dir: PathBuf) {
+        for (source, file) in [
+            (&mut self.security.admin_token, ADMIN_TOKEN_FILE),
+            (&mut self.security.read_token, READ_TOKEN_FILE),
+        ] {
+            if *source == TokenSource::Generated(self.data_dir.join(file)) {
+                *source = TokenSource::Generated(dir.join(file));
+            }
+        }
+        self.data_dir = dir;
     }
 
     /// The control socket (trusted by file permission, no token).
@@ -294,6 +395,40 @@ impl Config {
     pub fn events_dir(&self) -> PathBuf {
         self.data_dir.join("events")
     }
+}
+
+/// The settings that apply to one plugin ([`Config::plugin`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginConfig {
+    /// Its timings (start timeout, backoff, crash budget, stable window are its own).
+    pub timing: Timing,
+    /// Longest a forwarded KV operation waits for it.
+    pub kv_timeout: Duration,
+    /// Longest a forwarded call waits for it.
+    pub call_timeout: Duration,
+    /// What to do when its process ends on its own.
+    pub restart: RestartPolicy,
+    /// Its resource limits.
+    pub limits: PluginLimits,
+    /// How its process is started, beyond what every plugin gets.
+    pub launch: Launch,
+    /// Whether it is enabled when first seen.
+    pub enable_when_new: bool,
+    /// Size of one segment of its log.
+    pub log_segment_bytes: u64,
+    /// Segments of its log kept.
+    pub log_segments: usize,
+}
+
+/// How one plugin's process is started, beyond what every plugin gets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Launch {
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Its own environment variables (values secret).
+    pub env: BTreeMap<String, values::Secret>,
+    /// The directory it starts in; `None` for its data directory.
+    pub working_dir: Option<PathBuf>,
 }
 
 /// Makes a directory (and parents) and sets its mode.

@@ -1,0 +1,450 @@
+//! One layer of settings, as flags, environment variables or the config file give them:
+//! every field optional, `None` meaning "this layer does not say". The same struct is
+//! `torud serve`'s flags (clap, each with a `TORUD_*` variable) and the config file's
+//! top level (serde, keys named like the flags), so the two cannot drift apart.
+//!
+//! Layers stack with [`Settings::over`] (flag > environment > file: clap already puts a
+//! flag over its variable) and land on [`Config::default`]'s values with
+//! [`Settings::apply`]. A plugin's own section (`[plugins.<id>]`, [`PluginSettings`])
+//! overrides the daemon-wide values for that plugin alone.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::builder::BoolishValueParser;
+use serde::{Deserialize, Serialize};
+
+use super::values::{
+    AbsolutePath, Arg, AtLeast, EnvName, ForPlugin, PluginId, RestartPolicy, Secret, Sha256Hex,
+    Span, UserName,
+};
+use super::{Config, GrpcLimits, PluginLimits, TlsFiles, TokenSource};
+use crate::plugin::isolation::users::UidRange;
+
+/// Settings of `torud serve`: its flags, and the config file's top-level keys.
+#[derive(Debug, Clone, Default, PartialEq, clap::Args, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    /// Address of the gRPC control plane (port 0 picks a free port) [default: 127.0.0.1:50051].
+    #[arg(long, env = "TORUD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory scanned for `*.binary` plugin executables, created if missing
+    /// [default: ./plugins].
+    #[arg(long, env = "TORUD_PLUGINS_DIR")]
+    pub plugins_dir: Option<PathBuf>,
+    /// Directory for state, events, logs, sockets and plugin data, created if missing
+    /// [default: ./data].
+    #[arg(long, env = "TORUD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Enable plugins that have no saved enabled/disabled state yet (first discovery).
+    #[arg(long, env = "TORUD_ENABLE_NEW_PLUGINS", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub enable_new_plugins: Option<bool>,
+    /// Longest a plugin may take to answer `--metadata` [default: 5s].
+    #[arg(long, env = "TORUD_METADATA_TIMEOUT")]
+    pub metadata_timeout: Option<Span>,
+    /// Longest a plugin may take from spawn to ready (socket accepting, init sent)
+    /// [default: 10s].
+    #[arg(long, env = "TORUD_START_TIMEOUT")]
+    pub start_timeout: Option<Span>,
+    /// What to do when a plugin's process ends on its own [default: always].
+    #[arg(long, env = "TORUD_RESTART")]
+    pub restart: Option<RestartPolicy>,
+    /// First restart delay after a failure; doubles with each consecutive failure
+    /// [default: 1s].
+    #[arg(long, env = "TORUD_BACKOFF_BASE")]
+    pub backoff_base: Option<Span>,
+    /// Largest restart delay [default: 16s].
+    #[arg(long, env = "TORUD_BACKOFF_MAX")]
+    pub backoff_max: Option<Span>,
+    /// Consecutive failed runs after which a plugin is disabled ("crash loop") [default: 10].
+    #[arg(long, env = "TORUD_MAX_FAILURES")]
+    pub max_failures: Option<AtLeast<1>>,
+    /// A run that stays up this long resets the consecutive failure count [default: 1m].
+    #[arg(long, env = "TORUD_STABLE_WINDOW")]
+    pub stable_window: Option<Span>,
+    /// Wait after the shutdown message before SIGTERM [default: 5s].
+    #[arg(long, env = "TORUD_STOP_GRACE")]
+    pub stop_grace: Option<Span>,
+    /// Wait after SIGTERM before SIGKILL [default: 2s].
+    #[arg(long, env = "TORUD_KILL_GRACE")]
+    pub kill_grace: Option<Span>,
+    /// How often the socket of a running v1 plugin is checked for health [default: 5s].
+    #[arg(long, env = "TORUD_HEALTH_INTERVAL")]
+    pub health_interval: Option<Span>,
+    /// Longest a forwarded KV operation waits for the plugin (the caller's deadline may be
+    /// shorter) [default: 5s].
+    #[arg(long, env = "TORUD_KV_TIMEOUT")]
+    pub kv_timeout: Option<Span>,
+    /// Longest a forwarded call waits for the plugin (the caller's deadline may be shorter)
+    /// [default: 30s].
+    #[arg(long, env = "TORUD_CALL_TIMEOUT")]
+    pub call_timeout: Option<Span>,
+    /// Largest frame accepted from a plugin, in bytes; a larger one resets its connection
+    /// [default: 16777216] (16 MiB).
+    #[arg(long, env = "TORUD_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<AtLeast<1024>>,
+    /// Requests in flight to one plugin at once; more get RESOURCE_EXHAUSTED [default: 1024].
+    #[arg(long, env = "TORUD_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<AtLeast<1>>,
+    /// Size of one segment of a plugin's log, in bytes [default: 10485760] (10 MiB).
+    #[arg(long, env = "TORUD_LOG_SEGMENT_BYTES")]
+    pub log_segment_bytes: Option<AtLeast<4096>>,
+    /// Segments of a plugin's log kept; older ones are deleted [default: 5].
+    #[arg(long, env = "TORUD_LOG_SEGMENTS")]
+    pub log_segments: Option<AtLeast<1>>,
+    /// Extra environment variables passed to plugins (comma-separated names), beyond the
+    /// default allowlist and the TORU_* variables.
+    #[arg(long, env = "TORUD_PLUGIN_ENV", value_delimiter = ',')]
+    pub plugin_env: Option<Vec<EnvName>>,
+    /// File holding the admin token (full access over TCP). Or set TORUD_ADMIN_TOKEN to the
+    /// token itself. Without either, one is generated into <data-dir>/admin.token.
+    #[arg(long, env = "TORUD_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// File holding the read-only token (list, get, query, stream, watch). Or set
+    /// TORUD_READ_TOKEN. Without either, one is generated into <data-dir>/read.token.
+    #[arg(long, env = "TORUD_READ_TOKEN_FILE")]
+    pub read_token_file: Option<PathBuf>,
+    /// PEM certificate chain for TLS on the TCP listener (with --tls-key).
+    #[arg(long, env = "TORUD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the TCP listener (with --tls-cert).
+    #[arg(long, env = "TORUD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: when given, TCP clients must present a certificate signed by one.
+    #[arg(long, env = "TORUD_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve plaintext gRPC on a non-loopback address (tokens then cross the network in
+    /// the clear). Without TLS, a non-loopback --listen is refused unless this is given.
+    #[arg(long, env = "TORUD_INSECURE_PLAINTEXT_NON_LOOPBACK", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub insecure_plaintext_non_loopback: Option<bool>,
+    /// Largest gRPC request or response message, in bytes [default: 4194304] (4 MiB).
+    #[arg(long, env = "TORUD_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<AtLeast<1024>>,
+    /// Concurrent gRPC streams (calls, subscriptions) per client connection
+    /// [default: 1024].
+    #[arg(long, env = "TORUD_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<AtLeast<1>>,
+    /// Longest KV key accepted, in bytes [default: 512].
+    #[arg(long, env = "TORUD_MAX_KV_KEY_BYTES")]
+    pub max_kv_key_bytes: Option<AtLeast<1>>,
+    /// Longest KV value accepted, in bytes [default: 1048576] (1 MiB).
+    #[arg(long, env = "TORUD_MAX_KV_VALUE_BYTES")]
+    pub max_kv_value_bytes: Option<AtLeast<1>>,
+    /// Longest line of plugin output kept as one log record; longer lines are split into
+    /// continued records [default: 65536] (64 KiB).
+    #[arg(long, env = "TORUD_MAX_LOG_LINE_BYTES")]
+    pub max_log_line_bytes: Option<AtLeast<16>>,
+    /// Most bytes a plugin's `--metadata` may print [default: 65536] (64 KiB).
+    #[arg(long, env = "TORUD_MAX_METADATA_BYTES")]
+    pub max_metadata_bytes: Option<AtLeast<64>>,
+    /// Address-space limit (RLIMIT_AS) of every plugin process, in bytes; 0 inherits the
+    /// daemon's [default: 34359738368] (32 GiB).
+    #[arg(long, env = "TORUD_PLUGIN_MAX_ADDRESS_SPACE")]
+    pub plugin_max_address_space: Option<u64>,
+    /// Open-file limit (RLIMIT_NOFILE) of every plugin process; 0 inherits the daemon's
+    /// [default: 4096].
+    #[arg(long, env = "TORUD_PLUGIN_MAX_OPEN_FILES")]
+    pub plugin_max_open_files: Option<u64>,
+    /// Process limit (RLIMIT_NPROC, counted per user, not enforced for root) of every
+    /// plugin process; 0 inherits the daemon's [default: 0].
+    #[arg(long, env = "TORUD_PLUGIN_MAX_PROCESSES")]
+    pub plugin_max_processes: Option<u64>,
+    /// Pin a plugin's binary: ID=SHA256 (hex). A plugin whose binary has another hash is
+    /// refused at start. Repeat for several plugins.
+    #[arg(long, env = "TORUD_PINS", value_delimiter = ',')]
+    pub pin: Option<Vec<ForPlugin<Sha256Hex>>>,
+    /// Keys one plugin may keep in its durable storage [default: 100000].
+    #[arg(long, env = "TORUD_STORAGE_MAX_KEYS")]
+    pub storage_max_keys: Option<AtLeast<1>>,
+    /// Bytes (keys plus values) one plugin may keep in its durable storage
+    /// [default: 67108864] (64 MiB).
+    #[arg(long, env = "TORUD_STORAGE_MAX_BYTES")]
+    pub storage_max_bytes: Option<AtLeast<1>>,
+    /// Uids (with equal gids) for plugins' own users when the daemon runs as root:
+    /// FIRST-LAST. The first is used by `--metadata` probes; each plugin gets one of the
+    /// others, kept in <data-dir>/users.json [default: 524288-589823].
+    #[arg(long, env = "TORUD_PLUGIN_UID_RANGE")]
+    #[serde(default, with = "as_text")]
+    pub plugin_uid_range: Option<UidRange>,
+    /// Run a plugin as a given user instead of its own dynamic one: ID=USER or ID=UID
+    /// (`root` only when named like this, for plugins that manage the system). Repeat for
+    /// several plugins.
+    #[arg(long, env = "TORUD_PLUGIN_USERS", value_delimiter = ',')]
+    pub plugin_user: Option<Vec<ForPlugin<UserName>>>,
+    /// Log filter for the daemon's own logs (stderr), e.g. `info` or `torud=debug`
+    /// [default: info].
+    #[arg(long, env = "TORUD_LOG")]
+    pub log: Option<String>,
+    /// Settings of particular plugins (`[plugins.<id>]` in the config file only).
+    #[arg(skip)]
+    pub plugins: Option<BTreeMap<PluginId, PluginSettings>>,
+}
+
+/// A plugin's own settings (`[plugins.<id>]`): each overrides the daemon-wide value for
+/// this plugin alone.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PluginSettings {
+    /// Environment variables given to this plugin only. Their values are never logged and
+    /// never returned by the API.
+    pub env: Option<BTreeMap<EnvName, Secret>>,
+    /// Arguments the plugin is started with.
+    pub args: Option<Vec<Arg>>,
+    /// The working directory it starts in (absolute; default: its data directory).
+    pub working_dir: Option<AbsolutePath>,
+    /// Whether it is enabled when first seen (no saved state yet); the daemon-wide
+    /// `enable-new-plugins` otherwise.
+    pub enable_when_new: Option<bool>,
+    /// Longest it may take from spawn to ready.
+    pub start_timeout: Option<Span>,
+    /// Longest a forwarded call waits for it.
+    pub call_timeout: Option<Span>,
+    /// Longest a forwarded KV operation waits for it.
+    pub kv_timeout: Option<Span>,
+    /// What to do when its process ends on its own.
+    pub restart: Option<RestartPolicy>,
+    /// First restart delay after a failure.
+    pub backoff_base: Option<Span>,
+    /// Largest restart delay.
+    pub backoff_max: Option<Span>,
+    /// Consecutive failed runs after which it is disabled.
+    pub max_failures: Option<AtLeast<1>>,
+    /// A run that stays up this long resets its consecutive failure count.
+    pub stable_window: Option<Span>,
+    /// Its address-space limit (RLIMIT_AS), in bytes; 0 inherits the daemon's.
+    pub max_address_space: Option<u64>,
+    /// Its open-file limit (RLIMIT_NOFILE); 0 inherits the daemon's.
+    pub max_open_files: Option<u64>,
+    /// Its process limit (RLIMIT_NPROC); 0 inherits the daemon's.
+    pub max_processes: Option<u64>,
+    /// The SHA-256 its binary must have.
+    pub pin: Option<Sha256Hex>,
+    /// The user it runs as instead of its own dynamic one (a name or a uid).
+    pub user: Option<UserName>,
+    /// Size of one segment of its log, in bytes.
+    pub log_segment_bytes: Option<AtLeast<4096>>,
+    /// Segments of its log kept.
+    pub log_segments: Option<AtLeast<1>>,
+}
+
+/// `UidRange` through its text form (`FIRST-LAST`), in the file as on the command line.
+mod as_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::plugin::isolation::users::UidRange;
+
+    pub fn serialize<S: Serializer>(range: &Option<UidRange>, s: S) -> Result<S::Ok, S::Error> {
+        match range {
+            Some(r) => s.serialize_str(&format!("{}-{}", r.first, r.last)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<UidRange>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| t.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// A setting that cannot take effect as given, named by its key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct SettingError {
+    /// The key (the flag's long name; `plugins.<id>.<key>` for a plugin's section).
+    pub key: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl SettingError {
+    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        SettingError {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Fills each field this layer leaves unsaid from `lower`.
+macro_rules! stack {
+    ($upper:expr, $lower:expr; $($field:ident),* $(,)?) => {
+        Settings { $($field: $upper.$field.or($lower.$field),)* }
+    };
+}
+
+impl Settings {
+    /// This layer over `lower`: each setting this layer gives wins, lists included (a flag
+    /// `--pin` replaces the file's `pin` list; plugins' own sections are the file's alone).
+    pub fn over(self, lower: Settings) -> Settings {
+        stack!(self, lower;
+            listen, plugins_dir, data_dir, enable_new_plugins, metadata_timeout, start_timeout,
+            restart, backoff_base, backoff_max, max_failures, stable_window, stop_grace,
+            kill_grace, health_interval, kv_timeout, call_timeout, max_frame_bytes,
+            max_in_flight, log_segment_bytes, log_segments, plugin_env, admin_token_file,
+            read_token_file, tls_cert, tls_key, tls_client_ca, insecure_plaintext_non_loopback,
+            max_message_bytes, max_concurrent_streams, max_kv_key_bytes, max_kv_value_bytes,
+            max_log_line_bytes, max_metadata_bytes, plugin_max_address_space,
+            plugin_max_open_files, plugin_max_processes, pin, storage_max_keys,
+            storage_max_bytes, plugin_uid_range, plugin_user, log, plugins,
+        )
+    }
+
+    /// The configuration these settings describe: `Config::default`'s values with every
+    /// setting given applied. Paths are kept as given (the caller makes them absolute);
+    /// tokens named by a variable (`TORUD_ADMIN_TOKEN`, `TORUD_READ_TOKEN`) are read from
+    /// `env`.
+    pub fn apply(self, env: impl Fn(&str) -> Option<String>) -> Result<Config, SettingError> {
+        let defaults = Config::default();
+        let mut c = Config::new(
+            self.plugins_dir.unwrap_or(defaults.plugins_dir),
+            self.data_dir.unwrap_or(defaults.data_dir),
+        );
+        set(&mut c.listen, self.listen);
+        set(&mut c.enable_new_plugins, self.enable_new_plugins);
+        set(&mut c.restart, self.restart);
+        let t = &mut c.timing;
+        set(&mut t.metadata_timeout, self.metadata_timeout.map(|s| s.0));
+        set(&mut t.start_timeout, self.start_timeout.map(|s| s.0));
+        set(&mut t.backoff_base, self.backoff_base.map(|s| s.0));
+        set(&mut t.backoff_max, self.backoff_max.map(|s| s.0));
+        set(&mut t.max_failures, self.max_failures.map(AtLeast::as_u32));
+        set(&mut t.stable_window, self.stable_window.map(|s| s.0));
+        set(&mut t.stop_grace, self.stop_grace.map(|s| s.0));
+        set(&mut t.kill_grace, self.kill_grace.map(|s| s.0));
+        set(&mut t.health_interval, self.health_interval.map(|s| s.0));
+        t.health_interval = t.health_interval.max(super::MIN_HEALTH_INTERVAL);
+        let b = &mut c.bridge;
+        set(&mut b.kv_timeout, self.kv_timeout.map(|s| s.0));
+        set(&mut b.call_timeout, self.call_timeout.map(|s| s.0));
+        set(
+            &mut b.max_frame,
+            self.max_frame_bytes.map(AtLeast::as_usize),
+        );
+        set(
+            &mut b.max_in_flight,
+            self.max_in_flight.map(AtLeast::as_usize),
+        );
+        set(&mut b.max_key, self.max_kv_key_bytes.map(AtLeast::as_usize));
+        set(
+            &mut b.max_value,
+            self.max_kv_value_bytes.map(AtLeast::as_usize),
+        );
+        set(
+            &mut c.log_segment_bytes,
+            self.log_segment_bytes.map(|n| n.0),
+        );
+        set(
+            &mut c.log_segments,
+            self.log_segments.map(AtLeast::as_usize),
+        );
+        set(
+            &mut c.max_log_line,
+            self.max_log_line_bytes.map(AtLeast::as_usize),
+        );
+        set(
+            &mut c.max_metadata_bytes,
+            self.max_metadata_bytes.map(AtLeast::as_usize),
+        );
+        c.grpc = GrpcLimits {
+            max_message_bytes: self
+                .max_message_bytes
+                .map_or(c.grpc.max_message_bytes, AtLeast::as_usize),
+            max_concurrent_streams: self
+                .max_concurrent_streams
+                .map_or(c.grpc.max_concurrent_streams, AtLeast::as_u32),
+        };
+        c.plugin_limits = PluginLimits {
+            address_space: limit(self.plugin_max_address_space, c.plugin_limits.address_space),
+            open_files: limit(self.plugin_max_open_files, c.plugin_limits.open_files),
+            processes: limit(self.plugin_max_processes, c.plugin_limits.processes),
+        };
+        set(
+            &mut c.storage_quotas.max_keys,
+            self.storage_max_keys.map(|n| n.0),
+        );
+        set(
+            &mut c.storage_quotas.max_bytes,
+            self.storage_max_bytes.map(|n| n.0),
+        );
+        set(&mut c.plugin_uid_range, self.plugin_uid_range);
+        set(&mut c.log_filter, self.log);
+        c.plugin_env_allowlist
+            .extend(self.plugin_env.into_iter().flatten().map(|n| n.0));
+        c.security.admin_token = token_source(
+            env("TORUD_ADMIN_TOKEN"),
+            self.admin_token_file,
+            c.security.admin_token,
+        );
+        c.security.read_token = token_source(
+            env("TORUD_READ_TOKEN"),
+            self.read_token_file,
+            c.security.read_token,
+        );
+        c.security.tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
+            (Some(_), None) => return Err(SettingError::new("tls-cert", "needs tls-key too")),
+            (None, Some(_)) => return Err(SettingError::new("tls-key", "needs tls-cert too")),
+            (None, None) if self.tls_client_ca.is_some() => {
+                return Err(SettingError::new(
+                    "tls-client-ca",
+                    "needs tls-cert and tls-key too",
+                ))
+            }
+            (None, None) => None,
+        };
+        set(
+            &mut c.security.insecure_plaintext_non_loopback,
+            self.insecure_plaintext_non_loopback,
+        );
+        let plugins = self.plugins.unwrap_or_default();
+        for (id, section) in &plugins {
+            if let Some(pin) = &section.pin {
+                c.pins.insert(id.0.clone(), pin.0.clone());
+            }
+            if let Some(user) = &section.user {
+                c.plugin_users.insert(id.0.clone(), user.0.clone());
+            }
+        }
+        // A flag's (or the top-level list's) pin and user win over a plugin's section.
+        for pin in self.pin.into_iter().flatten() {
+            c.pins.insert(pin.id.0, pin.value.0);
+        }
+        for user in self.plugin_user.into_iter().flatten() {
+            c.plugin_users.insert(user.id.0, user.value.0);
+        }
+        c.plugins = plugins.into_iter().map(|(id, s)| (id.0, s)).collect();
+        Ok(c)
+    }
+}
+
+/// Replaces `slot` with `value` when the layer gave one.
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *slot = value;
+    }
+}
+
+/// An rlimit setting: 0 inherits the daemon's, nothing given keeps the default.
+fn limit(given: Option<u64>, default: Option<u64>) -> Option<u64> {
+    match given {
+        Some(0) => None,
+        Some(n) => Some(n),
+        None => default,
+    }
+}
+
+/// Where a token comes from: the variable holding it, else the file named, else the
+/// default (generated into the data directory).
+fn token_source(value: Option<String>, file: Option<PathBuf>, default: TokenSource) -> TokenSource {
+    match (value.filter(|v| !v.is_empty()), file) {
+        (Some(value), _) => TokenSource::Value(value),
+        (None, Some(file)) => TokenSource::File(file),
+        (None, None) => default,
+    }
+}
