@@ -272,6 +272,28 @@ mod tests {
         assert!(checked >= 30, "only {checked} flags name their default");
     }
 
+    /// The README's table of flags names every flag of `torud serve`.
+    #[test]
+    fn the_readme_lists_every_flag() {
+        let readme = include_str!("../README.md");
+        let command = Cli::command();
+        let serve = command.find_subcommand("serve").unwrap();
+        let missing: Vec<String> = serve
+            .get_arguments()
+            .filter_map(|arg| arg.get_long())
+            .filter(|long| {
+                *long != "help"
+                    && !readme.contains(&format!("| `--{long}"))
+                    && !readme.contains(&format!(", `--{long}`"))
+            })
+            .map(str::to_owned)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "README.md's flag table lacks {missing:?}"
+        );
+    }
+
     #[test]
     fn flags_override_the_defaults() {
         let config = serve_args(&[

@@ -3,7 +3,7 @@
 //! the folders cannot drift from the diagram unnoticed.
 //!
 //! Layers, top to bottom: `api/` (the only place that knows gRPC), `supervisor/`, the
-//! `plugin/` side, then the `logs/` pipeline and the `store/`s (peers). `config.rs` and `model.rs` sit
+//! `plugin/` side, then the `logs/` pipeline and the `store/`s (peers). `config/` and `model.rs` sit
 //! beside them. A module's `#[cfg(test)] mod tests` is not counted.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -265,6 +265,29 @@ enable-when-new = true
         assert_eq!(e.key, "tls-cert");
     }
 
+    /// The packaged example is valid as shipped and with every commented-out setting
+    /// turned on.
+    #[test]
+    fn the_packaged_example_is_valid() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/torud.toml"));
+        let text = std::fs::read_to_string(path).unwrap();
+        let shipped = parse(path, &text).unwrap().apply(|_| None).unwrap();
+        assert_eq!(shipped.data_dir, Path::new("/var/lib/torud/data"));
+        let enabled: String = text
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest) if rest.starts_with('[') || rest.contains(" = ") => rest,
+                _ => line,
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let all = parse(path, &enabled).unwrap().apply(|_| None).unwrap();
+        let weather = all.plugin("weather");
+        assert_eq!(weather.launch.args, ["--region", "eu"]);
+        assert_eq!(weather.restart, super::super::RestartPolicy::OnFailure);
+        assert!(all.pins.contains_key("weather"));
+    }
+
     #[test]
     fn a_named_file_must_exist_the_default_one_need_not() {
         let missing = Loader::new(Settings::default(), Some("/nonexistent/torud.toml".into()));
