@@ -117,9 +117,10 @@ enum MainError {
 
 /// The configuration of `torud serve`: flag > environment > config file > default, with
 /// the plugins and data directories created and made absolute.
-fn load_config(args: ServeArgs) -> Result<(Config, Loader), MainError> {
+fn load_config(args: ServeArgs) -> Result<(Config, Vec<String>, Loader), MainError> {
     let loader = Loader::new(args.settings, args.config);
-    let mut config = loader.load()?.config;
+    let loaded = loader.load()?;
+    let mut config = loaded.config;
     config.plugins_dir =
         absolute_dir(&config.plugins_dir).map_err(|source| MainError::PluginsDir {
             path: config.plugins_dir.clone(),
@@ -130,7 +131,7 @@ fn load_config(args: ServeArgs) -> Result<(Config, Loader), MainError> {
         source,
     })?;
     config.relocate_data_dir(data_dir);
-    Ok((config, loader))
+    Ok((config, loaded.warnings, loader))
 }
 
 fn absolute_dir(path: &Path) -> std::io::Result<PathBuf> {
@@ -199,8 +200,11 @@ fn main() -> ExitCode {
             return check::run_cli(check::CheckOptions { path, timeout })
         }
     };
-    let result = load_config(args).and_then(|(config, _loader)| {
+    let result = load_config(args).and_then(|(config, warnings, _loader)| {
         init_logging(&config.log_filter);
+        for warning in warnings {
+            tracing::warn!("{warning}");
+        }
         raise_open_file_limit();
         serve(config)
     });

@@ -97,6 +97,8 @@ pub struct Loaded {
     pub settings: Settings,
     /// The file read, if any.
     pub file: Option<PathBuf>,
+    /// What the operator should fix though it stops nothing (logged by the caller).
+    pub warnings: Vec<String>,
 }
 
 impl Loader {
@@ -118,13 +120,16 @@ impl Loader {
 
     /// Reads the file (anew) and stacks flag > environment > file > default.
     pub fn load(&self) -> Result<Loaded, ConfigError> {
+        let mut warnings = Vec::new();
         let file_layer = match self.file() {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.to_path_buf(),
                     source,
                 })?;
-                parse(path, &text)?
+                let layer = parse(path, &text)?;
+                warnings.extend(exposed_secrets(path, &layer));
+                layer
             }
             None => Settings::default(),
         };
@@ -134,8 +139,30 @@ impl Loader {
             config,
             settings,
             file: self.file().map(Path::to_path_buf),
+            warnings,
         })
     }
+}
+
+/// A warning when the file gives plugins secrets (`env`) yet other users may read it:
+/// plugins run as other users and could read each other's secrets there.
+fn exposed_secrets(path: &Path, layer: &Settings) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let has_secrets = layer
+        .plugins
+        .iter()
+        .flatten()
+        .any(|(_, s)| s.env.as_ref().is_some_and(|env| !env.is_empty()));
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (has_secrets && mode & 0o077 != 0).then(|| {
+        format!(
+            "config file {} holds plugins' env secrets but its mode is {:o}: other users \
+             (plugins among them) may read it; make it 0600 (chmod 600 {})",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        )
+    })
 }
 
 #[cfg(test)]
@@ -286,6 +313,24 @@ enable-when-new = true
         assert_eq!(weather.launch.args, ["--region", "eu"]);
         assert_eq!(weather.restart, super::super::RestartPolicy::OnFailure);
         assert!(all.pins.contains_key("weather"));
+    }
+
+    #[test]
+    fn secrets_in_a_file_others_may_read_are_warned_of() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("torud.toml");
+        std::fs::write(&path, "[plugins.a.env]\nKEY = \"v\"\n").unwrap();
+        let loader = Loader::new(Settings::default(), Some(path.clone()));
+        let chmod = |mode| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode));
+        chmod(0o644).unwrap();
+        let warnings = loader.load().unwrap().warnings;
+        assert!(
+            warnings.len() == 1 && warnings[0].contains("chmod 600"),
+            "{warnings:?}"
+        );
+        chmod(0o600).unwrap();
+        assert!(loader.load().unwrap().warnings.is_empty());
     }
 
     #[test]
