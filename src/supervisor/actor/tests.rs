@@ -423,7 +423,10 @@ async fn on_failure_leaves_a_clean_exit_stopped() {
         .until("the clean exit", |s| s.state == PluginState::Stopped)
         .await;
     assert!(status.enabled, "a clean exit does not disable it");
-    assert_eq!(status.last_exit.map(|e| e.status), Some(ExitStatus::Code(0)));
+    assert_eq!(
+        status.last_exit.map(|e| e.status),
+        Some(ExitStatus::Code(0))
+    );
     assert_eq!((status.last_error, status.next_restart_at), (None, None));
     assert_eq!(status.consecutive_failures, 0, "a clean exit is no failure");
     let last = bench.transitions().await.pop().expect("a state change");
@@ -434,7 +437,9 @@ async fn on_failure_leaves_a_clean_exit_stopped() {
             "exited cleanly; restart policy on-failure".to_owned()
         )
     );
-    bench.never_spawns_again("a plugin that exited cleanly").await;
+    bench
+        .never_spawns_again("a plugin that exited cleanly")
+        .await;
     // An operator's restart starts it again, though it is idle.
     let restarted = bench.ask(Command::Restart).await;
     let again = bench.next_spawn().await;
@@ -480,7 +485,9 @@ async fn never_leaves_a_crash_crashed_until_an_operator_restarts_it() {
         ),
         "no backoff follows, and the budget of one failure did not disable it"
     );
-    bench.never_spawns_again("a crashed plugin under never").await;
+    bench
+        .never_spawns_again("a crashed plugin under never")
+        .await;
     let restarted = bench.ask(Command::Restart).await;
     let again = bench.next_spawn().await;
     assert_eq!(restarted.ok("the restart").await.pid, Some(again.pid()));
@@ -552,6 +559,8 @@ async fn a_plugins_own_backoff_and_crash_budget_win() {
         })
         .await;
     assert_eq!(status.consecutive_failures, 3);
-    bench.never_spawns_again("a plugin out of its own budget").await;
+    bench
+        .never_spawns_again("a plugin out of its own budget")
+        .await;
     bench.end().await;
 }
