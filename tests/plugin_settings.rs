@@ -106,7 +106,7 @@ async fn a_plugins_own_settings_reach_it_and_its_secret_nothing_else() {
 args = ["serve", "--api-url=https://example.test", "two words"]
 working-dir = "{}"
 max-open-files = 333
-env = {{ API_KEY = "{SECRET}", TZ = "Europe/Paris" }}
+env = {{ API_KEY = "{SECRET}", TZ = "Europe/Paris", HOME = "/srv/tuned-home" }}
 "#,
             work.display()
         ),
@@ -123,6 +123,11 @@ env = {{ API_KEY = "{SECRET}", TZ = "Europe/Paris" }}
     let tuned = Seen::of(&d, "tuned");
     assert_eq!(tuned.var("API_KEY"), Some(SECRET));
     assert_eq!(tuned.var("TZ"), Some("Europe/Paris"), "its own value wins");
+    assert_eq!(
+        tuned.var("HOME"),
+        Some("/srv/tuned-home"),
+        "its own HOME wins over its user's"
+    );
     assert_eq!(tuned.var("TORU_PLUGIN_ID"), Some("tuned"));
     assert_eq!(
         tuned.args,
@@ -135,6 +140,8 @@ env = {{ API_KEY = "{SECRET}", TZ = "Europe/Paris" }}
     let plain = Seen::of(&d, "plain");
     assert_eq!(plain.var("API_KEY"), None);
     assert_eq!(plain.var("TZ"), Some("UTC"));
+    let plain_home = d.data_dir.join("plugins/plain");
+    assert_eq!(plain.var("HOME"), plain_home.to_str(), "its own user's");
     assert_eq!(plain.var("TORU_PLUGIN_ID"), Some("plain"));
     assert!(plain.args.is_empty(), "{:?}", plain.args);
     assert_eq!(plain.cwd, std::env::current_dir().unwrap());
