@@ -427,7 +427,7 @@ pub struct Launch {
     pub args: Vec<String>,
     /// Its own environment variables (values secret).
     pub env: BTreeMap<String, values::Secret>,
-    /// The directory it starts in; `None` for its data directory.
+    /// The directory it starts in; `None` keeps the daemon's working directory.
     pub working_dir: Option<PathBuf>,
 }
 

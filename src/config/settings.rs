@@ -191,7 +191,9 @@ pub struct PluginSettings {
     pub env: Option<BTreeMap<EnvName, Secret>>,
     /// Arguments the plugin is started with.
     pub args: Option<Vec<Arg>>,
-    /// The working directory it starts in (absolute; default: its data directory).
+    /// The working directory it starts in (absolute; default: the daemon's own). It is
+    /// entered as the plugin's user, in its sandbox; in the data directory only the plugin's
+    /// own directory may be.
     pub working_dir: Option<AbsolutePath>,
     /// Whether it is enabled when first seen (no saved state yet); the daemon-wide
     /// `enable-new-plugins` otherwise.

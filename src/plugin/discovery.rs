@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use toru_plugin_sdk::Metadata;
 
+use crate::config::Launch;
 use crate::model::PluginSpec;
 use crate::plugin::process::PluginLimits;
 use crate::plugin::process::{plugin_command, signal_group, Confinement, Credentials};
@@ -272,9 +273,11 @@ async fn run_metadata(path: &Path, opts: &ProbeOptions) -> Result<Vec<u8>, Strin
         cgroup_procs: cgroup.as_mut().and_then(|c| c.take_procs()),
         ..Confinement::user(opts.run_as)
     };
+    // The probe is not the plugin's run: none of its own arguments, environment or directory.
     let mut cmd = plugin_command(
         path,
         &opts.env_allowlist,
+        &Launch::default(),
         &[] as &[(&str, OsString)],
         &opts.limits,
         confinement,

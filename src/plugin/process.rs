@@ -1,6 +1,7 @@
 //! Plugin processes: how they are spawned (own process group, parent-death signal, a clean
-//! environment, no inherited descriptors, its cgroup and its user), signalled, reaped, and
-//! how everything a plugin started is killed when it stops.
+//! environment with the plugin's own variables, its arguments and working directory, no
+//! inherited descriptors, its cgroup and its user), signalled, reaped, and how everything a
+//! plugin started is killed when it stops.
 //!
 //! Architecture invariant: every plugin process — the long-running one and the short
 //! `--metadata` one — is its own process-group leader with `PR_SET_PDEATHSIG = SIGKILL`, so
@@ -9,8 +10,9 @@
 //! spawned the child exits, so children are only spawned from async tasks (tokio's worker
 //! threads live as long as the runtime), never from `spawn_blocking` threads.
 //! Before exec the child joins its cgroup (while still root), marks every descriptor above
-//! 2 close-on-exec, and only then switches user (groups cleared, gid, uid), sets
-//! `no_new_privs` and the parent-death signal (which a uid change would clear).
+//! 2 close-on-exec, enters its sandbox, and only then switches user (groups cleared, gid,
+//! uid), sets `no_new_privs`, enters its working directory (as its user, in its view) and
+//! sets the parent-death signal (which a uid change would clear).
 //! This module knows nothing of sockets, states or events; who a plugin runs as is decided
 //! by `isolation`.
 //!
@@ -19,9 +21,10 @@
 //! output), so the actor's timers can be tested with a fake process; [`OsSpawner`] and
 //! [`PluginProcess`] are the real ones.
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
 use std::future::Future;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -29,6 +32,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
+use crate::config::Launch;
 use crate::logs::capture::{drain_lines, PluginLog, StderrTail};
 use crate::plugin::isolation::cgroup::PluginCgroup;
 
@@ -98,25 +102,40 @@ impl Confinement {
 
 /// Builds a command for a plugin executable with only the allowlisted environment, its own
 /// process group, the parent-death signal, `limits`, no inherited descriptors beyond stdio,
-/// and `confinement`.
+/// and `confinement`; `launch` adds the plugin's own arguments, environment and working
+/// directory.
+///
+/// The environment is stacked, later winning: the allowlisted variables of the daemon's,
+/// then the plugin's own (`launch.env`, whose secret values are exposed here and nowhere
+/// else), then `host_env` (the `TORU_*` variables, which always win, and `HOME`).
+///
+/// The working directory is entered last in the child, after the sandbox and the user
+/// switch: as the plugin's own user and in its own view of the file system (a directory
+/// its sandbox hides cannot be entered). Without one the plugin keeps the daemon's.
 pub fn plugin_command(
     binary: &Path,
     allowlist: &[String],
-    extra_env: &[(&str, OsString)],
+    launch: &Launch,
+    host_env: &[(&str, OsString)],
     limits: &PluginLimits,
     confinement: Confinement,
 ) -> Command {
     let mut cmd = Command::new(binary);
+    cmd.args(&launch.args);
     cmd.env_clear();
     for name in allowlist {
         if let Some(value) = std::env::var_os(name) {
             cmd.env(name, value);
         }
     }
-    for (name, value) in extra_env {
+    for (name, value) in &launch.env {
+        cmd.env(name, value.expose());
+    }
+    for (name, value) in host_env {
         cmd.env(name, value);
     }
     cmd.stdin(Stdio::null()).process_group(0).kill_on_drop(true);
+    let working_dir = working_dir_in_child(&mut cmd, launch.working_dir.as_deref());
     let daemon_pid = std::process::id() as libc::pid_t;
     let rlimits: Vec<(RlimitResource, u64)> = [
         (libc::RLIMIT_AS, limits.address_space),
@@ -133,9 +152,9 @@ pub fn plugin_command(
     } = confinement;
     // SAFETY: the closure runs in the forked child before exec and only calls
     // async-signal-safe functions (write, setrlimit, close_range, fcntl, setgroups, setgid,
-    // setuid, prctl, getppid, _exit, and in `Sandbox::enter` unshare, open, dup3, mount,
+    // setuid, chdir, prctl, getppid, _exit, and in `Sandbox::enter` unshare, open, dup3, mount,
     // mkdir and the Landlock calls); `rlimits`, the descriptor and the sandbox's paths were
-    // made before the fork, so nothing allocates.
+    // made before the fork (the working directory's too), so nothing allocates.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(procs) = &cgroup_procs {
@@ -166,6 +185,12 @@ pub fn plugin_command(
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            // As the plugin's user, in its view: what it could not reach is refused here.
+            if let Some(dir) = &working_dir {
+                if libc::chdir(dir.as_ptr()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             // After the uid change, which clears it.
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
@@ -185,6 +210,20 @@ pub fn plugin_command(
         });
     }
     cmd
+}
+
+/// The working directory as the child's `chdir` takes it, made before the fork. Only a path
+/// holding a NUL byte cannot be made so: it is then given to the standard library, whose
+/// spawn refuses it.
+fn working_dir_in_child(cmd: &mut Command, dir: Option<&Path>) -> Option<CString> {
+    let dir = dir?;
+    match CString::new(dir.as_os_str().as_bytes()) {
+        Ok(dir) => Some(dir),
+        Err(_) => {
+            cmd.current_dir(dir);
+            None
+        }
+    }
 }
 
 /// Marks every descriptor above 2 close-on-exec, so nothing the daemon inherited or

@@ -11,6 +11,25 @@
 //! says what a command means in that [`Phase`]; [`Actor::leave`] then carries the verdict
 //! out, stopping the process first when there is one.
 //!
+//! What follows when a running plugin's process ends on its own is its restart policy's
+//! (`restart`, daemon-wide or in its `[plugins.<id>]` section; read when the process ends,
+//! so a reload applies to the next exit):
+//! - `always` (the default): any exit, clean or not, is a failed run: CRASHED, then BACKOFF
+//!   and a restart after the backoff delay.
+//! - `on-failure`: an exit with code 0 leaves the plugin STOPPED, still enabled and not
+//!   restarted (the event says why); a crash (non-zero code, signal, lost connection) or a
+//!   failed start is a failed run, as under `always`.
+//! - `never`: nothing is restarted. A clean exit leaves it STOPPED; a crash or failed start
+//!   leaves it CRASHED with the reason, with no backoff and no next restart. It stays
+//!   enabled: an operator's restart or enable starts it again, and so does the daemon's own
+//!   start.
+//!
+//! A failed start is a failed run whatever its exit code: it never became ready. The crash
+//! budget (`max-failures` failed runs in a row disable the plugin) counts toward restarts
+//! only, so it never applies under `never`. Timings (start timeout, stable window, backoff,
+//! crash budget) are the plugin's own ([`crate::config::Config::plugin`]), read at the
+//! moment of use.
+//!
 //! The actor reaches its process through [`Spawner`] and [`Process`], so its timers
 //! (backoff, crash budget, stable window, stop escalation) are unit-tested with a fake
 //! process under `tokio::time::pause()` (`actor/tests.rs`, the fake in `actor/fake.rs`), besides the
@@ -29,10 +48,11 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::{Context, Interruption, SupervisorError};
+use super::{AfterFailure, Context, Interruption, SupervisorError};
+use crate::config::{PluginConfig, RestartPolicy};
 use crate::logs::capture::PluginLog;
 use crate::model::{
-    EventDraft, EventKind, ExitInfo, LogLevel, PluginSpec, PluginState, PluginStatus,
+    EventDraft, EventKind, ExitInfo, ExitStatus, LogLevel, PluginSpec, PluginState, PluginStatus,
 };
 use crate::plugin::connection::socket_listening;
 use crate::plugin::discovery::{self, FileIdentity, ProbeOptions, Recheck};
@@ -185,6 +205,8 @@ impl From<Recheck> for Refusal {
 
 /// What a start has made ready before spawning.
 struct Prepared {
+    /// The plugin's settings, as checked (its working directory) for this start.
+    settings: PluginConfig,
     /// The plugin's environment and `init`.
     launch: Launch,
     confinement: Confinement,
@@ -432,15 +454,20 @@ impl<S: Spawner> Actor<S> {
                 }
             },
             Command::Restart(reply) => {
-                if phase == Phase::Idle {
+                if phase == Phase::Idle && !self.status.borrow().enabled {
                     let _ = reply.send(Err(SupervisorError::NotEnabled(self.id.clone())));
                     return None;
                 }
                 self.waiters.push(reply);
                 match phase {
+                    // Enabled and idle: its restart policy left it stopped or crashed.
+                    Phase::Idle => {
+                        self.status.send_modify(|s| s.consecutive_failures = 0);
+                        Some(Leave::Start)
+                    }
                     Phase::Backoff => Some(Leave::Start),
                     Phase::Running => Some(Leave::Restart("restart requested")),
-                    Phase::Idle | Phase::Starting => None,
+                    Phase::Starting => None,
                 }
             }
             Command::Disable(reply) => {
@@ -597,6 +624,7 @@ impl<S: Spawner> Actor<S> {
         }
         let process = match self.spawn(
             &spec,
+            &prepared.settings,
             &prepared.launch,
             prepared.confinement,
             prepared.descendants,
@@ -626,17 +654,23 @@ impl<S: Spawner> Actor<S> {
     /// executable reachable), its pin, its environment, cgroup and sandbox.
     async fn prepare(&mut self, spec: &PluginSpec) -> Result<Prepared, Refusal> {
         let cfg = self.ctx.config();
+        let settings = cfg.plugin(&self.id);
         let socket = self.socket_path()?;
         self.recheck_id(spec).await?;
         let who = self.identity(spec)?;
+        if let Some(dir) = &settings.launch.working_dir {
+            self.check_working_dir(&cfg, dir, &who)?;
+        }
         let _ = std::fs::remove_file(&socket);
+        // A HOME of the plugin's own settings wins over its user's.
+        let own_home = settings.launch.env.contains_key("HOME");
         let launch = Launch {
             id: self.id.clone(),
             instance_id: uuid::Uuid::new_v4().to_string(),
             socket: socket.clone(),
             data_dir: cfg.plugin_data_dir(&self.id),
             log_path: cfg.log_dir(&self.id),
-            home: who.home.clone(),
+            home: who.home.clone().filter(|_| !own_home),
         };
         self.check_pin(spec).await?;
         let (descendants, cgroup_procs) = self.cgroup(&socket).await?;
@@ -656,10 +690,53 @@ impl<S: Spawner> Actor<S> {
             sandbox,
         };
         Ok(Prepared {
+            settings,
             launch,
             confinement,
             descendants,
         })
+    }
+
+    /// Checks that the plugin's working directory exists, is a directory its user can
+    /// enter, and is no part of the data directory but its own. (The child enters it as its
+    /// user, in its sandbox, and fails to spawn if it cannot: this says why beforehand.)
+    fn check_working_dir(
+        &self,
+        cfg: &crate::config::Config,
+        dir: &std::path::Path,
+        who: &crate::plugin::isolation::Identity,
+    ) -> Result<(), Refusal> {
+        let key = format!("plugins.{}.working-dir", self.id);
+        let shown = dir.display();
+        let meta = match std::fs::metadata(dir) {
+            Ok(meta) => meta,
+            // It may be made (mounted, provisioned) later: retried after a backoff.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Refusal::Retry(format!(
+                    "its working directory {shown} does not exist; create it, or change {key}"
+                )))
+            }
+            Err(e) => {
+                return Err(Refusal::Disable(format!(
+                    "its working directory {shown} cannot be used ({e}); change {key}"
+                )))
+            }
+        };
+        if !meta.is_dir() {
+            return Err(Refusal::Disable(format!(
+                "its working directory {shown} is not a directory; change {key}"
+            )));
+        }
+        if let Some(reason) = foreign_part_of_data_dir(cfg, &self.id, dir) {
+            return Err(Refusal::Disable(format!(
+                "its working directory {shown} {reason}; change {key}"
+            )));
+        }
+        let fix = format!(", or change {key}");
+        match crate::plugin::isolation::cannot_enter(dir, who.credentials(), &fix) {
+            Some(reason) => Err(Refusal::Disable(format!("its working directory: {reason}"))),
+            None => Ok(()),
+        }
     }
 
     /// The plugin's socket path, if it fits in `sockaddr_un`.
@@ -755,6 +832,7 @@ impl<S: Spawner> Actor<S> {
     fn spawn(
         &self,
         spec: &PluginSpec,
+        settings: &PluginConfig,
         launch: &Launch,
         confinement: Confinement,
         descendants: Descendants,
@@ -763,13 +841,21 @@ impl<S: Spawner> Actor<S> {
         let cmd = plugin_command(
             &spec.binary_path,
             &cfg.plugin_env_allowlist,
+            &settings.launch,
             &launch.env(),
-            &cfg.plugin_limits,
+            &settings.limits,
             confinement,
         );
+        let binary = spec.binary_path.display();
         self.spawner
             .spawn(cmd, self.log.clone(), cfg.max_log_line, descendants)
-            .map_err(|e| format!("cannot spawn {}: {e}", spec.binary_path.display()))
+            .map_err(|e| match &settings.launch.working_dir {
+                Some(dir) => format!(
+                    "cannot spawn {binary} in its working directory {}: {e}",
+                    dir.display()
+                ),
+                None => format!("cannot spawn {binary}: {e}"),
+            })
     }
 
     /// Connects to the spawned plugin and sends `init`, until it is ready, fails, exits, or a
@@ -781,6 +867,7 @@ impl<S: Spawner> Actor<S> {
         launch: Launch,
     ) -> Next<S::Process> {
         let cfg = self.ctx.config();
+        let start_timeout = cfg.plugin(&self.id).timing.start_timeout;
         let handshake = Handshake {
             init: launch.init_params(),
             socket: launch.socket,
@@ -792,7 +879,7 @@ impl<S: Spawner> Actor<S> {
         let early_link = std::sync::Mutex::new(None);
         let ready = async {
             handshake
-                .run(cfg.timing.start_timeout, |link| {
+                .run(start_timeout, |link| {
                     *early_link.lock().expect("early link poisoned") = Some(link.clone());
                 })
                 .await
@@ -844,7 +931,7 @@ impl<S: Spawner> Actor<S> {
                 .await;
             return Next::Start;
         }
-        let timing = self.ctx.config().timing.clone();
+        let timing = self.ctx.config().plugin(&self.id).timing;
         let stable_at = run.since + timing.stable_window;
         let mut stable = self.status.borrow().consecutive_failures == 0;
         let link = run.link.clone().expect("a running plugin has a link");
@@ -866,16 +953,15 @@ impl<S: Spawner> Actor<S> {
         tokio::pin!(closed);
         loop {
             tokio::select! {
-                status = run.process.wait() => {
-                    let reason = format!("unexpected exit: {status}");
-                    return self.failed_run(Some(run.process), run.link, reason).await;
-                }
+                status = run.process.wait() => return self.exited(run, status).await,
                 why = &mut closed => {
-                    let reason = match timeout(EXIT_AFTER_EOF, run.process.wait()).await {
-                        Ok(status) => format!("unexpected exit: {status}"),
-                        Err(_) => format!("its connection was reset ({why}) while its process was still running"),
+                    return match timeout(EXIT_AFTER_EOF, run.process.wait()).await {
+                        Ok(status) => self.exited(run, status).await,
+                        Err(_) => {
+                            let reason = format!("its connection was reset ({why}) while its process was still running");
+                            self.failed_run(Some(run.process), run.link, reason).await
+                        }
                     };
-                    return self.failed_run(Some(run.process), run.link, reason).await;
                 }
                 _ = sleep_until(stable_at), if !stable => {
                     stable = true;
@@ -977,37 +1063,53 @@ impl<S: Spawner> Actor<S> {
         }
     }
 
-    /// Records a failed run (crash, failed start) and decides what follows: backoff, or
-    /// disabled after too many failures in a row.
+    /// A running plugin's process ended on its own with `status`: a clean exit (code 0)
+    /// leaves it STOPPED unless its restart policy is `always`; anything else is a failed run.
+    async fn exited(&mut self, run: Run<S::Process>, status: ExitStatus) -> Next<S::Process> {
+        let policy = self.ctx.config().plugin(&self.id).restart;
+        if status != ExitStatus::Code(0) || policy == RestartPolicy::Always {
+            let reason = format!("unexpected exit: {status}");
+            return self.failed_run(Some(run.process), run.link, reason).await;
+        }
+        let reason = format!("exited cleanly; restart policy {policy}");
+        let exit = self.reap(Some(run.process), run.link, &reason).await;
+        self.transition(PluginState::Stopped, reason, exit, |_| {});
+        Next::Idle
+    }
+
+    /// Records a failed run (crash, failed start) and decides what follows, by the plugin's
+    /// restart policy: CRASHED for good under `never`; else a backoff, or disabled after
+    /// too many failures in a row.
     async fn failed_run(
         &mut self,
         process: Option<S::Process>,
         link: Option<Link>,
         reason: String,
     ) -> Next<S::Process> {
-        self.link.send_replace(None);
-        if let Some(link) = link {
-            link.close(&reason);
-        }
-        let exit = match process {
-            Some(mut process) => {
-                let status = process.kill_and_wait(REAP_TIMEOUT).await;
-                let stderr_tail = process.finish(DRAIN_TIMEOUT).await;
-                Some(ExitInfo {
-                    status,
-                    time: OffsetDateTime::now_utc(),
-                    stderr_tail,
-                })
-            }
-            None => None,
-        };
-        let _ = std::fs::remove_file(self.ctx.config().socket_path(&self.id));
+        let exit = self.reap(process, link, &reason).await;
         let failures = self.status.borrow().consecutive_failures + 1;
-        let timing = self.ctx.config().timing.clone();
-        self.transition(PluginState::Crashed, reason.clone(), exit, |s| {
+        let settings = self.ctx.config().plugin(&self.id);
+        let restarted = settings.restart != RestartPolicy::Never;
+        let event = if restarted {
+            reason.clone()
+        } else {
+            format!("{reason}; not restarted: restart policy never")
+        };
+        self.transition(PluginState::Crashed, event, exit, |s| {
             s.consecutive_failures = failures;
             s.last_error = Some(reason.clone());
         });
+        if !restarted {
+            let id = self.id.clone();
+            self.answer_waiters(Err(SupervisorError::StartFailed {
+                id,
+                reason,
+                then: AfterFailure::NotRestarted,
+            }))
+            .await;
+            return Next::Idle;
+        }
+        let timing = settings.timing;
         if failures >= timing.max_failures {
             let why = format!("crash loop: {failures} consecutive failed runs; last: {reason}");
             return self.disable_for(why).await;
@@ -1025,10 +1127,39 @@ impl<S: Spawner> Actor<S> {
         self.answer_waiters(Err(SupervisorError::StartFailed {
             id,
             reason,
-            next_restart_at: Some(wall),
+            then: AfterFailure::RetryAt(wall),
         }))
         .await;
         Next::Backoff(at)
+    }
+
+    /// Clears up after a run that is over: withdraws and closes its link (`why` for the
+    /// requests still on it), reaps the process and kills what it started, removes its
+    /// socket. Returns how the process ended, if there was one.
+    async fn reap(
+        &mut self,
+        process: Option<S::Process>,
+        link: Option<Link>,
+        why: &str,
+    ) -> Option<ExitInfo> {
+        self.link.send_replace(None);
+        if let Some(link) = link {
+            link.close(why);
+        }
+        let exit = match process {
+            Some(mut process) => {
+                let status = process.kill_and_wait(REAP_TIMEOUT).await;
+                let stderr_tail = process.finish(DRAIN_TIMEOUT).await;
+                Some(ExitInfo {
+                    status,
+                    time: OffsetDateTime::now_utc(),
+                    stderr_tail,
+                })
+            }
+            None => None,
+        };
+        let _ = std::fs::remove_file(self.ctx.config().socket_path(&self.id));
+        exit
     }
 
     /// Whether the running process was started from another file than the one that now
@@ -1066,7 +1197,7 @@ impl<S: Spawner> Actor<S> {
         self.answer_waiters(Err(SupervisorError::StartFailed {
             id,
             reason,
-            next_restart_at: None,
+            then: AfterFailure::Disabled,
         }))
         .await;
         Next::Idle
@@ -1076,6 +1207,34 @@ impl<S: Spawner> Actor<S> {
 /// The protocol-2 link of a start still in progress, if it got that far.
 fn take_link(slot: &std::sync::Mutex<Option<Link>>) -> Option<Link> {
     slot.lock().expect("early link poisoned").take()
+}
+
+/// Why `dir` may not be plugin `id`'s working directory when it lies in the data directory
+/// (which a sandbox hides, and whose parts are the daemon's or other plugins'): only the
+/// plugin's own directories there may be. `None` when it is one of them, or outside.
+fn foreign_part_of_data_dir(
+    cfg: &crate::config::Config,
+    id: &str,
+    dir: &std::path::Path,
+) -> Option<String> {
+    let real = |path: &std::path::Path| std::fs::canonicalize(path).ok();
+    let (dir, data_dir) = (real(dir)?, real(&cfg.data_dir)?);
+    if !dir.starts_with(&data_dir) {
+        return None;
+    }
+    let own = [cfg.plugin_data_dir(id), cfg.plugin_run_dir(id)];
+    if own
+        .iter()
+        .filter_map(|d| real(d))
+        .any(|d| dir.starts_with(d))
+    {
+        return None;
+    }
+    Some(format!(
+        "is inside the data directory {}, where only its own {} may be",
+        data_dir.display(),
+        cfg.plugin_data_dir(id).display()
+    ))
 }
 
 /// The SHA-256 of a file, lowercase hex.

@@ -54,15 +54,15 @@ pub enum SupervisorError {
     /// A start did not reach ready.
     #[error(
         "plugin {id:?} failed to start: {reason}{}",
-        retry_note(next_restart_at)
+        then.note()
     )]
     StartFailed {
         /// The plugin.
         id: String,
         /// Why.
         reason: String,
-        /// When it is retried; `None` when it was disabled instead.
-        next_restart_at: Option<OffsetDateTime>,
+        /// What follows: a retry, or nothing until an operator acts.
+        then: AfterFailure,
     },
     /// The start was abandoned.
     #[error("plugin {0:?} did not become ready: {1}")]
@@ -116,14 +116,34 @@ fn retry_at(at: &Option<OffsetDateTime>) -> String {
     .unwrap_or_default()
 }
 
-fn retry_note(at: &Option<OffsetDateTime>) -> String {
-    match at {
-        Some(at) => format!(
-            "; it stays enabled and is retried at {}",
-            at.format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default()
-        ),
-        None => "; it was disabled: fix it, then enable it again".to_owned(),
+/// What follows a failed start (or a crash), as a caller waiting on the start is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// It stays enabled and is started again at this time.
+    RetryAt(OffsetDateTime),
+    /// It was disabled: a crash loop, or something an operator must fix.
+    Disabled,
+    /// It stays enabled but crashed, and is not started again: its restart policy is
+    /// `never`.
+    NotRestarted,
+}
+
+impl AfterFailure {
+    /// The end of the error's message: what happens next and what to do.
+    fn note(&self) -> String {
+        match self {
+            AfterFailure::RetryAt(at) => format!(
+                "; it stays enabled and is retried at {}",
+                at.format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default()
+            ),
+            AfterFailure::Disabled => "; it was disabled: fix it, then enable it again".to_owned(),
+            AfterFailure::NotRestarted => {
+                "; it stays enabled but is not restarted (restart policy never): fix it, then \
+                 restart it"
+                    .to_owned()
+            }
+        }
     }
 }
 
@@ -323,7 +343,7 @@ impl Supervisor {
     /// Waits until the daemon is ready: the first scan has ended and every plugin meant to
     /// run when it ended (enabled in `state.json`, or new under `--enable-new-plugins`)
     /// has started or failed: running, backing off, crashed, disabled, or stopped with a
-    /// reason or by an operator. Plugins enabled later by a caller are not waited for. Each
+    /// reason, by an operator, or by its restart policy after a clean exit. Plugins enabled later by a caller are not waited for. Each
     /// start is bounded by the start timeout, so this ends.
     pub async fn settled(&self) {
         let _ = self.discovery().wait_for(|done| *done).await;
@@ -340,8 +360,11 @@ impl Supervisor {
             .map(|(_, h)| h.status.clone())
             .collect();
         for mut status in watchers {
+            // Stopped with an exit: it ran and ended cleanly (its restart policy kept it
+            // stopped), not yet to start.
             let unsettled = |s: &PluginStatus| {
-                matches!(s.state, PluginState::Stopped | PluginState::Starting)
+                let not_run = s.state == PluginState::Stopped && s.last_exit.is_none();
+                (not_run || s.state == PluginState::Starting)
                     && s.last_error.is_none()
                     && ctx.meant_to_run(s.id())
             };

@@ -294,6 +294,7 @@ pub(crate) async fn baseline_server(plugin: PathBuf) -> BenchResult<()> {
     let _child = torud::plugin::process::plugin_command(
         &plugin,
         &[],
+        &torud::config::Launch::default(),
         &[],
         &torud::config::PluginLimits::default(),
         torud::plugin::process::Confinement::default(),

@@ -13,6 +13,7 @@ use tokio::net::UnixStream;
 use tokio::process::Child;
 
 use super::{ms, Outcome, Plugin, Report, Scratch};
+use crate::config::Launch;
 use crate::plugin::connection::connect_with_retry;
 use crate::plugin::handshake::{send_shutdown, Budget, Handshake, ReadyError};
 use crate::plugin::link::{Link, LinkLimits};
@@ -65,6 +66,7 @@ pub(super) fn spawn(plugin: &Plugin, scratch: &Scratch, report: &mut Report) -> 
     let mut cmd = plugin_command(
         &plugin.path,
         &plugin.env_allowlist,
+        &Launch::default(),
         &env,
         &plugin.limits,
         Confinement::user(plugin.run_as),

@@ -290,25 +290,8 @@ fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
 /// user); `None` when it can, or when `who` is `None` (the daemon's own user).
 pub fn unreachable(binary: &Path, who: Option<Credentials>, other_fix: &str) -> Option<String> {
     let who = who?;
-    let mut ancestors: Vec<&Path> = binary.ancestors().skip(1).collect();
-    ancestors.reverse();
-    for dir in ancestors {
-        let Ok(meta) = std::fs::metadata(dir) else {
-            continue;
-        };
-        if !allows(&meta, who, 0o1) {
-            return Some(format!(
-                "its user (uid {}) cannot reach {}: the directory {} is mode {:04o} owned by \
-                 {}:{}; let it be traversed (chmod o+x {}){other_fix}",
-                who.uid,
-                binary.display(),
-                dir.display(),
-                meta.permissions().mode() & 0o7777,
-                meta.uid(),
-                meta.gid(),
-                dir.display()
-            ));
-        }
+    if let Some(reason) = untraversable(binary.ancestors().skip(1), binary, who, other_fix) {
+        return Some(reason);
     }
     let meta = std::fs::metadata(binary).ok()?;
     let script = {
@@ -335,6 +318,44 @@ pub fn unreachable(binary: &Path, who: Option<Credentials>, other_fix: &str) -> 
             meta.gid(),
             if script { "rx" } else { "x" },
         ));
+    }
+    None
+}
+
+/// Why the user `who` cannot enter the directory `dir` (as its working directory): it, or a
+/// directory on the way, is one it cannot traverse; with the fix (`other_fix`). `None` when
+/// it can, or when `who` is `None` (the daemon's own user).
+pub fn cannot_enter(dir: &Path, who: Option<Credentials>, other_fix: &str) -> Option<String> {
+    untraversable(dir.ancestors(), dir, who?, other_fix)
+}
+
+/// Why `who` cannot reach `target`: the first of `dirs` (innermost first, as
+/// [`Path::ancestors`] gives them), counted from the root, that it may not traverse.
+fn untraversable<'a>(
+    dirs: impl Iterator<Item = &'a Path>,
+    target: &Path,
+    who: Credentials,
+    other_fix: &str,
+) -> Option<String> {
+    let mut dirs: Vec<&Path> = dirs.collect();
+    dirs.reverse();
+    for dir in dirs {
+        let Ok(meta) = std::fs::metadata(dir) else {
+            continue;
+        };
+        if !allows(&meta, who, 0o1) {
+            return Some(format!(
+                "its user (uid {}) cannot reach {}: the directory {} is mode {:04o} owned by \
+                 {}:{}; let it be traversed (chmod o+x {}){other_fix}",
+                who.uid,
+                target.display(),
+                dir.display(),
+                meta.permissions().mode() & 0o7777,
+                meta.uid(),
+                meta.gid(),
+                dir.display()
+            ));
+        }
     }
     None
 }

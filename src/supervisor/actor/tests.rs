@@ -1,5 +1,6 @@
 //! The actor's timers with a fake process ([`super::fake`]) under paused time: the restart
-//! backoff, the crash budget, the stable window that resets it, and the stop's escalation.
+//! backoff, the crash budget, the stable window that resets it, the stop's escalation, the
+//! restart policies, and a plugin's own timings over the daemon-wide ones.
 //! Paused time advances only when every task waits on a timer, so the instants these tests
 //! read are exact. Real plugins are covered by `tests/lifecycle.rs` and `tests/faults.rs`.
 
@@ -15,7 +16,8 @@ use toru_plugin_sdk::Metadata;
 
 use super::fake::{FakeHandle, FakeSpawner, OnInit, OnTerm};
 use super::{Actor, Command, STARTING_STOP_GRACE};
-use crate::config::{Config, Timing};
+use crate::config::values::{AtLeast, Span};
+use crate::config::{Config, PluginSettings, RestartPolicy, Timing};
 use crate::logs::capture::PluginLog;
 use crate::model::{ExitStatus, PluginSpec, PluginState, PluginStatus};
 use crate::plugin::discovery::FileIdentity;
@@ -69,10 +71,16 @@ impl Bench {
     /// An actor for a stopped, disabled plugin (protocol 2) whose processes react to
     /// SIGTERM and `init` as told.
     fn new(timing: Timing, on_term: OnTerm, on_init: OnInit) -> Self {
+        Bench::with_own(timing, PluginSettings::default(), on_term, on_init)
+    }
+
+    /// [`Bench::new`], the plugin with `own` settings (its `[plugins.<id>]` section).
+    fn with_own(timing: Timing, own: PluginSettings, on_term: OnTerm, on_init: OnInit) -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
         let plugins_dir = dir.path().join("plugins");
         let mut config = Config::new(plugins_dir.clone(), dir.path().join("data"));
         config.timing = timing;
+        config.plugins.insert(ID.into(), own);
         // The fake serves its socket as this process's user: the plugin must run as it.
         // SAFETY: getuid cannot fail.
         let uid = unsafe { libc::getuid() };
@@ -171,6 +179,26 @@ impl Bench {
         processes
     }
 
+    /// Asserts that nothing is spawned however long it waits.
+    async fn never_spawns_again(&mut self, what: &str) {
+        tokio::time::sleep(3600 * SECOND).await;
+        assert!(self.spawned.try_recv().is_err(), "{what} was restarted");
+    }
+
+    /// The reason of every state change the actor has recorded, in order, with its new state.
+    async fn transitions(&self) -> Vec<(PluginState, String)> {
+        let events = &self.ctx.events;
+        let mut follower = events.follow(Some(0));
+        let mut seen = Vec::new();
+        for _ in 0..events.last_seq() {
+            let event = follower.next().await.expect("event").expect("readable");
+            if let Some(to) = event.body.to_state {
+                seen.push((to, event.body.reason.clone()));
+            }
+        }
+        seen
+    }
+
     /// Shuts the actor down and removes what the test made outside its directory.
     async fn end(self) {
         self.cancel.cancel();
@@ -194,6 +222,14 @@ impl Answer {
             Ok(Err(e)) => panic!("{what}: {e}"),
             Err(_) => panic!("{what}: the actor dropped the command"),
         }
+    }
+}
+
+/// A plugin section with this restart policy.
+fn restart(policy: RestartPolicy) -> PluginSettings {
+    PluginSettings {
+        restart: Some(policy),
+        ..PluginSettings::default()
     }
 }
 
@@ -373,5 +409,158 @@ async fn a_stop_during_the_start_skips_the_stop_grace() {
         panic!("the enable succeeded though the start was ended");
     };
     assert!(e.to_string().contains("disabled"), "{e}");
+    bench.end().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_failure_leaves_a_clean_exit_stopped() {
+    let own = restart(RestartPolicy::OnFailure);
+    let mut bench = Bench::with_own(timing(3), own, OnTerm::Exit, OnInit::Ready);
+    bench.ask(Command::Enable).await.ok("the start").await;
+    let process = bench.next_spawn().await;
+    process.exit(ExitStatus::Code(0));
+    let status = bench
+        .until("the clean exit", |s| s.state == PluginState::Stopped)
+        .await;
+    assert!(status.enabled, "a clean exit does not disable it");
+    assert_eq!(
+        status.last_exit.map(|e| e.status),
+        Some(ExitStatus::Code(0))
+    );
+    assert_eq!((status.last_error, status.next_restart_at), (None, None));
+    assert_eq!(status.consecutive_failures, 0, "a clean exit is no failure");
+    let last = bench.transitions().await.pop().expect("a state change");
+    assert_eq!(
+        last,
+        (
+            PluginState::Stopped,
+            "exited cleanly; restart policy on-failure".to_owned()
+        )
+    );
+    bench
+        .never_spawns_again("a plugin that exited cleanly")
+        .await;
+    // An operator's restart starts it again, though it is idle.
+    let restarted = bench.ask(Command::Restart).await;
+    let again = bench.next_spawn().await;
+    assert_eq!(restarted.ok("the restart").await.pid, Some(again.pid()));
+    bench.end().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_failure_restarts_a_crash_after_the_backoff() {
+    let own = restart(RestartPolicy::OnFailure);
+    let mut bench = Bench::with_own(timing(3), own, OnTerm::Exit, OnInit::Ready);
+    let _enabled = bench.ask(Command::Enable).await;
+    let processes = bench.crash_runs(1).await;
+    let status = bench
+        .until("the backoff", |s| s.state == PluginState::Backoff)
+        .await;
+    assert!(status.next_restart_at.is_some());
+    let again = bench.next_spawn().await;
+    assert_eq!(again.spawned_at - processes[0].spawned_at, SECOND);
+    bench.end().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn never_leaves_a_crash_crashed_until_an_operator_restarts_it() {
+    let own = restart(RestartPolicy::Never);
+    let mut bench = Bench::with_own(timing(1), own, OnTerm::Exit, OnInit::Ready);
+    let _enabled = bench.ask(Command::Enable).await;
+    bench.crash_runs(1).await;
+    let status = bench
+        .until("the crash", |s| s.state == PluginState::Crashed)
+        .await;
+    assert!(status.enabled, "not restarted, but still enabled");
+    assert_eq!(status.next_restart_at, None);
+    assert_eq!(status.last_exit.map(|e| e.status), Some(CRASH));
+    let reason = status.last_error.unwrap_or_default();
+    assert_eq!(reason, format!("unexpected exit: {CRASH}"));
+    let last = bench.transitions().await.pop().expect("a state change");
+    assert_eq!(
+        last,
+        (
+            PluginState::Crashed,
+            format!("{reason}; not restarted: restart policy never")
+        ),
+        "no backoff follows, and the budget of one failure did not disable it"
+    );
+    bench
+        .never_spawns_again("a crashed plugin under never")
+        .await;
+    let restarted = bench.ask(Command::Restart).await;
+    let again = bench.next_spawn().await;
+    assert_eq!(restarted.ok("the restart").await.pid, Some(again.pid()));
+    bench.end().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn never_answers_a_failed_start_with_the_error() {
+    // The plugin's own start timeout, not the daemon-wide 10 s.
+    let own = PluginSettings {
+        start_timeout: Some(Span(2 * SECOND)),
+        ..restart(RestartPolicy::Never)
+    };
+    let mut bench = Bench::with_own(timing(3), own, OnTerm::Exit, OnInit::Ignore);
+    let enabled = bench.ask(Command::Enable).await;
+    let process = bench.next_spawn().await;
+    let Err(e) = within("the enable's answer", enabled.0)
+        .await
+        .expect("answered")
+    else {
+        panic!("the enable succeeded though the plugin never answered init");
+    };
+    assert_eq!(process.spawned_at.elapsed(), 2 * SECOND);
+    let SupervisorError::StartFailed { then, .. } = &e else {
+        panic!("not a failed start: {e}");
+    };
+    assert_eq!(*then, crate::supervisor::AfterFailure::NotRestarted);
+    assert!(e.to_string().contains("restart policy never"), "{e}");
+    let status = bench.status.borrow().clone();
+    assert_eq!(
+        (status.state, status.next_restart_at),
+        (PluginState::Crashed, None)
+    );
+    bench.never_spawns_again("a failed start under never").await;
+    bench.end().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn always_restarts_a_clean_exit() {
+    let own = restart(RestartPolicy::Always);
+    let mut bench = Bench::with_own(timing(3), own, OnTerm::Exit, OnInit::Ready);
+    let _enabled = bench.ask(Command::Enable).await;
+    let first = bench.next_spawn().await;
+    bench.until_running(&first).await;
+    first.exit(ExitStatus::Code(0));
+    let again = bench.next_spawn().await;
+    assert_eq!(again.spawned_at - first.spawned_at, SECOND);
+    bench.until_running(&again).await;
+    assert_eq!(bench.status.borrow().consecutive_failures, 1);
+    bench.end().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_plugins_own_backoff_and_crash_budget_win() {
+    // Daemon-wide: 1 s doubling, ten failures. Its own: 3 s, capped at 5 s, two failures.
+    let own = PluginSettings {
+        backoff_base: Some(Span(3 * SECOND)),
+        backoff_max: Some(Span(5 * SECOND)),
+        max_failures: Some(AtLeast(3)),
+        ..PluginSettings::default()
+    };
+    let mut bench = Bench::with_own(timing(10), own, OnTerm::Exit, OnInit::Ready);
+    let _enabled = bench.ask(Command::Enable).await;
+    let processes = bench.crash_runs(3).await;
+    assert_eq!(gaps(&processes), [3 * SECOND, 5 * SECOND]);
+    let status = bench
+        .until("its own budget to run out", |s| {
+            s.state == PluginState::Disabled
+        })
+        .await;
+    assert_eq!(status.consecutive_failures, 3);
+    bench
+        .never_spawns_again("a plugin out of its own budget")
+        .await;
     bench.end().await;
 }
