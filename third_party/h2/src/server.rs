@@ -1702,13 +1702,24 @@ impl proto::Peer for Peer {
         // header
         if let Some(authority) = pseudo.authority {
             let maybe_authority = uri::Authority::from_maybe_shared(authority.clone().into_inner());
-            parts.authority = Some(maybe_authority.or_else(|why| {
-                malformed!(
+            // torud patch: gRPC clients on a Unix socket (grpcio, grpc-java, older grpcurl)
+            // send the socket's path, raw or percent-encoded, as `:authority`. Outside
+            // CONNECT (which needs its authority), such a value is dropped as if absent, so
+            // the request is served and `Uri::authority()` is `None`, never garbage. See
+            // third_party/h2/TORUD-PATCH.md.
+            match maybe_authority {
+                Ok(authority) => parts.authority = Some(authority),
+                Err(why) if !is_connect => tracing::debug!(
+                    "ignoring malformed authority ({:?}): {}",
+                    authority,
+                    why,
+                ),
+                Err(why) => malformed!(
                     "malformed headers: malformed authority ({:?}): {}",
                     authority,
                     why,
-                )
-            })?);
+                ),
+            }
         }
 
         // A :scheme is required, except CONNECT.
