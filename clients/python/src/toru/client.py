@@ -110,8 +110,10 @@ def connect(
         if sock.exists():
             unix_socket = sock
     if unix_socket is not None:
-        # grpcio would send the socket path, percent-encoded, as :authority, which the
-        # daemon's HTTP/2 server rejects as malformed (RST_STREAM, PROTOCOL_ERROR).
+        # grpcio would send the socket path, percent-encoded, as :authority. torud's patched
+        # HTTP/2 server ignores that (third_party/h2/TORUD-PATCH.md), so this option is not
+        # needed there; "localhost" is kept because it is what grpc-go and tonic send, and
+        # HTTP/2 servers without the patch refuse the path (RST_STREAM, PROTOCOL_ERROR).
         options = [("grpc.default_authority", "localhost")]
         channel = grpc.insecure_channel(f"unix:{os.fspath(unix_socket)}", options=options)
         return Client(channel, token)
