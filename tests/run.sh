@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 
 BUF_VERSION=v1.75.0
 GRPCURL_VERSION=v1.9.3
+# The last grpcurl whose `-unix PATH` dials (1.9.2 and 1.9.3 cannot: fullstorydev/grpcurl#496);
+# tests/stock_clients.rs checks it works on the control socket as it sends the path as authority.
+GRPCURL_1_8_VERSION=v1.8.9
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -47,6 +50,11 @@ if ! go version -m "$tools/bin/grpcurl" 2>/dev/null | grep -q "mod.*github.com/f
   GOBIN="$tools/bin" go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
 fi
 export GRPCURL="$tools/bin/grpcurl"
+if ! go version -m "$tools/grpcurl-1.8/bin/grpcurl" 2>/dev/null | grep -q "mod.*github.com/fullstorydev/grpcurl[[:space:]]*$GRPCURL_1_8_VERSION"; then
+  step "installing grpcurl $GRPCURL_1_8_VERSION (go install)"
+  GOBIN="$tools/grpcurl-1.8/bin" go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_1_8_VERSION"
+fi
+export GRPCURL_1_8="$tools/grpcurl-1.8/bin/grpcurl"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

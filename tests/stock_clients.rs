@@ -239,3 +239,29 @@ async fn grpcurl_on_the_socket_lists_services() {
     }
     d.stop().await;
 }
+
+/// grpcurl 1.8 from `$GRPCURL_1_8` (set by `tests/run.sh`, which installs 1.8.9): the last
+/// release line whose `-unix PATH` dials, sending the path, percent-encoded, as authority.
+#[tokio::test]
+async fn grpcurl_1_8_dash_unix_lists_services() {
+    let grpcurl = std::env::var_os("GRPCURL_1_8")
+        .expect("set GRPCURL_1_8 to a grpcurl 1.8 binary (tests/run.sh installs 1.8.9)");
+    let mut d = Daemon::new(&[]);
+    d.start().await;
+    let socket = control_socket(&d);
+    let out = Command::new(grpcurl)
+        .args(["-plaintext", "-unix"])
+        .arg(&socket)
+        .arg("list")
+        .output()
+        .expect("GRPCURL_1_8 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("toru.v1.PluginService"),
+        "grpcurl 1.8 -unix {} list: {}\n{stdout}{}",
+        socket.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.stop().await;
+}
