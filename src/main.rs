@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use torud::api::server::ServeError;
 #[cfg(test)]
 use torud::config::MIN_HEALTH_INTERVAL;
-use torud::config::{Config, ConfigError, Loader, Settings, DEFAULT_LOG_FILTER};
+use torud::config::{Config, ConfigError, Loader, Settings, Source, DEFAULT_LOG_FILTER};
 use torud::plugin::check;
 
 /// Log capture allocates a few small strings per line; mimalloc makes that markedly
@@ -116,10 +116,12 @@ enum MainError {
 }
 
 /// The configuration of `torud serve`: flag > environment > config file > default, with
-/// the plugins and data directories created and made absolute.
-fn load_config(args: ServeArgs) -> Result<(Config, Loader), MainError> {
+/// the plugins and data directories created and made absolute; and where it came from, for
+/// reloads.
+fn load_config(args: ServeArgs) -> Result<(Config, Source), MainError> {
     let loader = Loader::new(args.settings, args.config);
-    let mut config = loader.load()?.config;
+    let given = loader.load()?.config;
+    let mut config = given.clone();
     config.plugins_dir =
         absolute_dir(&config.plugins_dir).map_err(|source| MainError::PluginsDir {
             path: config.plugins_dir.clone(),
@@ -130,7 +132,7 @@ fn load_config(args: ServeArgs) -> Result<(Config, Loader), MainError> {
         source,
     })?;
     config.relocate_data_dir(data_dir);
-    Ok((config, loader))
+    Ok((config, Source { loader, given }))
 }
 
 fn absolute_dir(path: &Path) -> std::io::Result<PathBuf> {
@@ -157,15 +159,16 @@ fn init_logging(filter: &str) {
         .init();
 }
 
-/// Runs the daemon on a multi-threaded runtime until SIGTERM or SIGINT.
-fn serve(config: Config) -> Result<(), MainError> {
+/// Runs the daemon on a multi-threaded runtime until SIGTERM or SIGINT (SIGHUP reloads the
+/// configuration from `source`).
+fn serve(config: Config, source: Source) -> Result<(), MainError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(MainError::Runtime)?;
     runtime.block_on(async {
         let shutdown = shutdown_signal()?;
-        torud::api::server::run(config, shutdown, |addr| {
+        torud::api::server::run(config, source, shutdown, |addr| {
             println!("torud listening on {addr}");
         })
         .await
@@ -199,10 +202,10 @@ fn main() -> ExitCode {
             return check::run_cli(check::CheckOptions { path, timeout })
         }
     };
-    let result = load_config(args).and_then(|(config, _loader)| {
+    let result = load_config(args).and_then(|(config, source)| {
         init_logging(&config.log_filter);
         raise_open_file_limit();
-        serve(config)
+        serve(config, source)
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

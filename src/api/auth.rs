@@ -44,6 +44,7 @@ pub const READ_METHODS: &[&str] = &[
     "/toru.v1.KvService/GetValue",
     "/toru.v1.LogService/QueryLogs",
     "/toru.v1.LogService/StreamLogs",
+    "/toru.v1.ConfigService/GetConfig",
 ];
 
 /// Services anyone may call: they reveal no plugin data.

@@ -15,7 +15,7 @@ pub mod reload;
 pub mod settings;
 pub mod values;
 
-pub use file::{ConfigError, Loaded, Loader, DEFAULT_CONFIG_FILE};
+pub use file::{ConfigError, Loaded, Loader, Source, DEFAULT_CONFIG_FILE};
 pub use reload::ProcessSettings;
 pub use settings::{PluginSettings, Settings};
 pub use values::RestartPolicy;
