@@ -97,7 +97,11 @@ async fn a_valid_change_is_applied_and_names_the_plugins_whose_launch_changed() 
     let mut config = config_client(&d).await;
     let before = shown(&mut config).await;
     assert_eq!(before.file, file.display().to_string());
-    assert!(before.toml.contains("kv-timeout = \"7s\""), "{}", before.toml);
+    assert!(
+        before.toml.contains("kv-timeout = \"7s\""),
+        "{}",
+        before.toml
+    );
 
     // hello's environment changes (its process keeps the old one), both call timeouts
     // change (applied at once), and the file's kv-timeout changes under a flag.
@@ -121,7 +125,10 @@ async fn a_valid_change_is_applied_and_names_the_plugins_whose_launch_changed() 
 
     let after = shown(&mut config).await.toml;
     assert!(after.contains("call-timeout = \"9s\""), "{after}");
-    assert!(after.contains("kv-timeout = \"7s\""), "the flag still wins: {after}");
+    assert!(
+        after.contains("kv-timeout = \"7s\""),
+        "the flag still wins: {after}"
+    );
     assert!(after.contains("API_KEY = \"(redacted)\""), "{after}");
     assert!(!after.contains(SECRET), "a secret was shown: {after}");
 
@@ -155,10 +162,7 @@ async fn restart_plugins_restarts_those_whose_launch_changed() {
     let r = reload(&mut config, true).await.unwrap();
     assert_eq!(
         needing(&r),
-        [(
-            "hello".into(),
-            vec!["args".into(), "max-open-files".into()]
-        )]
+        [("hello".into(), vec!["args".into(), "max-open-files".into()])]
     );
     let restarted: Vec<(&str, &str)> = r
         .plugins_restarted
@@ -199,7 +203,11 @@ async fn an_invalid_file_changes_nothing_and_says_where() {
     std::fs::write(&file, "call-timeout = \"1s\"\ntls-cert = \"/c.pem\"\n").unwrap();
     let status = reload(&mut config, false).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
-    assert!(status.message().contains("tls-cert"), "{}", status.message());
+    assert!(
+        status.message().contains("tls-cert"),
+        "{}",
+        status.message()
+    );
     assert_eq!(shown(&mut config).await, before, "nothing changed");
     assert_eq!(d.stop().await.code(), Some(0));
 }
@@ -241,8 +249,15 @@ async fn sighup_reloads_the_file() {
     std::fs::write(&file, "call-timeout = \"12s\"\n").unwrap();
     signal(d.pid(), libc::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !shown(&mut config).await.toml.contains("call-timeout = \"12s\"") {
-        assert!(Instant::now() < deadline, "SIGHUP did not reload within 10 s");
+    while !shown(&mut config)
+        .await
+        .toml
+        .contains("call-timeout = \"12s\"")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload within 10 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -254,7 +269,10 @@ async fn sighup_reloads_the_file() {
         assert!(Instant::now() < deadline, "no log of the refused reload");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(shown(&mut config).await.toml.contains("call-timeout = \"12s\""));
+    assert!(shown(&mut config)
+        .await
+        .toml
+        .contains("call-timeout = \"12s\""));
     assert!(
         d.daemon_stderr().contains("call-timeout"),
         "the log names the key"

@@ -414,11 +414,10 @@ fn routes(
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    let config = pb::config_service_server::ConfigServiceServer::new(ConfigApi::new(
-        reloader.clone(),
-    ))
-    .max_decoding_message_size(max)
-    .max_encoding_message_size(max);
+    let config =
+        pb::config_service_server::ConfigServiceServer::new(ConfigApi::new(reloader.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
     let mut routes = Routes::builder();
     routes
         .add_service(plugins)

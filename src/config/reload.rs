@@ -59,7 +59,9 @@ const DAEMON_SETTINGS: &[(&str, Differs)] = &[
     ("max-concurrent-streams", |a, b| {
         a.grpc.max_concurrent_streams != b.grpc.max_concurrent_streams
     }),
-    ("plugin-uid-range", |a, b| a.plugin_uid_range != b.plugin_uid_range),
+    ("plugin-uid-range", |a, b| {
+        a.plugin_uid_range != b.plugin_uid_range
+    }),
     ("storage-max-keys", |a, b| {
         a.storage_quotas.max_keys != b.storage_quotas.max_keys
     }),
@@ -129,7 +131,10 @@ pub fn keep_daemon_settings(mut new: Config, from: &Config) -> Config {
 }
 
 /// A plugin's own log retention (`[plugins.<id>]`'s `log-segment-bytes`, `log-segments`).
-type OwnRetention = (Option<super::values::AtLeast<4096>>, Option<super::values::AtLeast<1>>);
+type OwnRetention = (
+    Option<super::values::AtLeast<4096>>,
+    Option<super::values::AtLeast<1>>,
+);
 
 fn own_retention(config: &Config, id: &str) -> OwnRetention {
     config

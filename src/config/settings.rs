@@ -594,6 +594,9 @@ mod tests {
         original.security.admin_token = TokenSource::Value("admin-token-value".into());
         let text = toml::to_string(&Settings::effective(&original)).unwrap();
         assert!(text.contains("API_KEY = \"(redacted)\""), "{text}");
-        assert!(!text.contains("s3cret") && !text.contains("admin-token-value"), "{text}");
+        assert!(
+            !text.contains("s3cret") && !text.contains("admin-token-value"),
+            "{text}"
+        );
     }
 }

@@ -72,7 +72,11 @@ impl Supervisor {
             return Err(SupervisorError::ShuttingDown);
         }
         let ctx = &self.inner.ctx;
-        let mut last_given = self.inner.given.lock().expect("given configuration poisoned");
+        let mut last_given = self
+            .inner
+            .given
+            .lock()
+            .expect("given configuration poisoned");
         let daemon_restart = daemon_restart_keys(&last_given, &given);
         let in_force = keep_daemon_settings(given.clone(), &ctx.config());
         // The next reload compares with what runs, so a pending daemon restart is named
