@@ -424,12 +424,12 @@ impl Settings {
 }
 
 impl Settings {
-    /// The settings that describe `config`, every one given: what `GetConfig` shows, and a
-    /// config file that would give the same configuration. Secrets stay redacted when
-    /// serialized (a plugin's `env` values); a token given as a value (an environment
-    /// variable) is not shown at all, a token file is named. The pins and users of every
-    /// plugin are in the top-level `pin` and `plugin-user` lists (which win over a plugin's
-    /// section), not in the sections.
+    /// The settings that describe `config`, every one given (but `plugins` when no plugin
+    /// has a section of its own): what `GetConfig` shows, and a config file that would give
+    /// the same configuration. Secrets stay redacted when serialized (a plugin's `env`
+    /// values); a token given as a value (an environment variable) is not shown at all, a
+    /// token file is named. The pins and users of every plugin are in the top-level `pin`
+    /// and `plugin-user` lists (which win over a plugin's section), not in the sections.
     pub fn effective(config: &Config) -> Settings {
         let t = &config.timing;
         let b = &config.bridge;
@@ -522,7 +522,8 @@ impl Settings {
                     .collect(),
             ),
             log: Some(config.log_filter.clone()),
-            plugins: Some(plugins),
+            // No empty `[plugins]` table when no plugin has a section.
+            plugins: (!config.plugins.is_empty()).then_some(plugins),
         }
     }
 }
