@@ -76,9 +76,10 @@ const DAEMON_SETTINGS: &[(&str, Differs)] = &[
 ];
 
 /// The keys of the settings that differ between `running` and `new` and need a daemon
-/// restart to take effect (listed, with why, on `DAEMON_SETTINGS`); a plugin's own log retention is named
-/// `plugins.<id>.log-segments`. Compare configurations as given (directories as written):
-/// the running one's directories were made absolute after it was loaded.
+/// restart to take effect (listed, with why, on `DAEMON_SETTINGS`); a plugin's own log
+/// retention is named `plugins.<id>.log-segments`. Compare configurations as given
+/// (directories as written): the running one's directories were made absolute after it was
+/// loaded.
 pub fn daemon_restart_keys(running: &Config, new: &Config) -> Vec<String> {
     let mut keys: Vec<String> = DAEMON_SETTINGS
         .iter()
