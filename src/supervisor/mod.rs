@@ -213,7 +213,10 @@ impl Context {
     }
 
     /// Records that plugin `id`'s process was just spawned with the configuration in force:
-    /// it keeps those [`ProcessSettings`] until it ends, whatever a reload changes.
+    /// it keeps those [`ProcessSettings`] until it ends, whatever a reload changes. Called
+    /// right after the spawn, which read the launch settings from the same configuration;
+    /// the checks before it (pin, user) read it earlier, so a reload landing while a start
+    /// is being checked is taken as applied to those two.
     pub fn record_start(&self, id: &str) {
         let settings = Arc::new(ProcessSettings::of(&self.config(), id));
         let mut started = self.started.lock().expect("start records poisoned");
