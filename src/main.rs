@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use torud::api::server::ServeError;
 #[cfg(test)]
 use torud::config::MIN_HEALTH_INTERVAL;
-use torud::config::{Config, ConfigError, Loader, Settings, DEFAULT_LOG_FILTER};
+use torud::config::{Config, ConfigError, Loader, Settings, Source, DEFAULT_LOG_FILTER};
 use torud::plugin::check;
 
 /// Log capture allocates a few small strings per line; mimalloc makes that markedly
@@ -116,11 +116,13 @@ enum MainError {
 }
 
 /// The configuration of `torud serve`: flag > environment > config file > default, with
-/// the plugins and data directories created and made absolute.
-fn load_config(args: ServeArgs) -> Result<(Config, Vec<String>, Loader), MainError> {
+/// the plugins and data directories created and made absolute; what to warn of; and where
+/// it came from, for reloads.
+fn load_config(args: ServeArgs) -> Result<(Config, Vec<String>, Source), MainError> {
     let loader = Loader::new(args.settings, args.config);
     let loaded = loader.load()?;
-    let mut config = loaded.config;
+    let given = loaded.config;
+    let mut config = given.clone();
     config.plugins_dir =
         absolute_dir(&config.plugins_dir).map_err(|source| MainError::PluginsDir {
             path: config.plugins_dir.clone(),
@@ -131,7 +133,7 @@ fn load_config(args: ServeArgs) -> Result<(Config, Vec<String>, Loader), MainErr
         source,
     })?;
     config.relocate_data_dir(data_dir);
-    Ok((config, loaded.warnings, loader))
+    Ok((config, loaded.warnings, Source { loader, given }))
 }
 
 fn absolute_dir(path: &Path) -> std::io::Result<PathBuf> {
@@ -158,15 +160,16 @@ fn init_logging(filter: &str) {
         .init();
 }
 
-/// Runs the daemon on a multi-threaded runtime until SIGTERM or SIGINT.
-fn serve(config: Config) -> Result<(), MainError> {
+/// Runs the daemon on a multi-threaded runtime until SIGTERM or SIGINT (SIGHUP reloads the
+/// configuration from `source`).
+fn serve(config: Config, source: Source) -> Result<(), MainError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(MainError::Runtime)?;
     runtime.block_on(async {
         let shutdown = shutdown_signal()?;
-        torud::api::server::run(config, shutdown, |addr| {
+        torud::api::server::run(config, source, shutdown, |addr| {
             println!("torud listening on {addr}");
         })
         .await
@@ -200,13 +203,13 @@ fn main() -> ExitCode {
             return check::run_cli(check::CheckOptions { path, timeout })
         }
     };
-    let result = load_config(args).and_then(|(config, warnings, _loader)| {
+    let result = load_config(args).and_then(|(config, warnings, source)| {
         init_logging(&config.log_filter);
         for warning in warnings {
             tracing::warn!("{warning}");
         }
         raise_open_file_limit();
-        serve(config)
+        serve(config, source)
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

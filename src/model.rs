@@ -189,6 +189,9 @@ pub enum EventKind {
     EventStorageDegraded,
     /// The daemon's event log is written again.
     EventStorageResumed,
+    /// The configuration was reloaded (`plugin_id` empty); the details name the plugins
+    /// and the daemon settings that need a restart to pick it up.
+    ConfigReloaded,
 }
 
 /// An event before the log numbers it.

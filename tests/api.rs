@@ -74,6 +74,7 @@ async fn reflection_lists_every_service() {
         [
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
+            "toru.v1.ConfigService",
             "toru.v1.KvService",
             "toru.v1.LogService",
             "toru.v1.PluginService",

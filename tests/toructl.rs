@@ -607,3 +607,73 @@ fn json_lines(d: &Daemon, args: &[&str]) -> Value {
             .collect(),
     )
 }
+
+#[tokio::test]
+async fn config_show_and_reload() {
+    let mut d = Daemon::new(&[]);
+    let file = d.root.path().join("config.toml");
+    let config = |hello: &str| {
+        let text = format!(
+            "enable-new-plugins = true\n[plugins.hello]\nenv = {{ KEY = \"hunter2-secret\" }}\n{hello}\n"
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    config("call-timeout = \"11s\"");
+    d.args
+        .extend(["--config".to_owned(), file.display().to_string()]);
+    d.install_hello("hello");
+    d.start().await;
+    let mut client = d.client().await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    events
+        .wait_state(
+            "hello",
+            torud_api::pb::PluginState::Running,
+            Duration::from_secs(20),
+        )
+        .await;
+
+    let shown = ok(&d, &["config", "show"]);
+    assert!(
+        shown.starts_with(&format!("# config file: {}\n", file.display())),
+        "{shown}"
+    );
+    assert!(shown.contains("call-timeout = \"11s\""), "{shown}");
+    assert!(!shown.contains("hunter2-secret"), "{shown}");
+    assert_eq!(
+        json(&d, &["config", "show"])["file"],
+        file.display().to_string()
+    );
+
+    config("call-timeout = \"12s\"\nargs = [\"--again\"]");
+    let reloaded = ok(&d, &["config", "reload"]);
+    assert_eq!(
+        reloaded,
+        format!(
+            "reloaded: {}\nplugins needing a restart: hello (args)\n\
+             settings needing a daemon restart: -\n",
+            file.display()
+        )
+    );
+    let pid = get(&mut client, "hello").await.pid;
+    let reloaded = ok(&d, &["config", "reload", "--restart"]);
+    assert!(
+        reloaded.contains("plugins restarted: hello\n"),
+        "{reloaded}"
+    );
+    assert_ne!(get(&mut client, "hello").await.pid, pid);
+    let again = json(&d, &["config", "reload"]);
+    assert_eq!(again["plugins_needing_restart"], serde_json::json!([]));
+
+    std::fs::write(&file, "[plugins.hello]\nmax-failures = 0\n").unwrap();
+    let out = cmd(&d, &["config", "reload"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let want = format!(
+        "toructl: error: FAILED_PRECONDITION: {}:2:16: plugins.hello.max-failures: ",
+        file.display()
+    );
+    assert!(err.starts_with(&want), "{err}");
+    assert!(ok(&d, &["config", "show"]).contains("call-timeout = \"12s\""));
+}

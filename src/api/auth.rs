@@ -44,6 +44,7 @@ pub const READ_METHODS: &[&str] = &[
     "/toru.v1.KvService/GetValue",
     "/toru.v1.LogService/QueryLogs",
     "/toru.v1.LogService/StreamLogs",
+    "/toru.v1.ConfigService/GetConfig",
 ];
 
 /// Services anyone may call: they reveal no plugin data.
@@ -293,6 +294,15 @@ mod tests {
         }
         let health = "/grpc.health.v1.Health/Check";
         assert!(t.check(health, &http::HeaderMap::new()).is_ok());
+        // The configuration is readable (secrets redacted); reloading it is not.
+        assert_eq!(
+            required_role("/toru.v1.ConfigService/GetConfig"),
+            Some(Role::Read)
+        );
+        assert_eq!(
+            required_role("/toru.v1.ConfigService/ReloadConfig"),
+            Some(Role::Admin)
+        );
         let unknown = "/toru.v1.PluginService/NoSuchMethod";
         assert_eq!(
             t.check(unknown, &read).unwrap_err().code(),

@@ -3,6 +3,7 @@
 
 use tonic::Status;
 
+use crate::api::config::ReloadError;
 use crate::model::{Event, EventKind, ExitInfo, ExitStatus, PluginState, PluginStatus};
 use crate::plugin::link::{LinkError, RefusalCode};
 use crate::supervisor::SupervisorError;
@@ -35,6 +36,7 @@ fn event_kind(k: EventKind) -> pb::EventKind {
         EventKind::LoggingResumed => pb::EventKind::LoggingResumed,
         EventKind::EventStorageDegraded => pb::EventKind::EventStorageDegraded,
         EventKind::EventStorageResumed => pb::EventKind::EventStorageResumed,
+        EventKind::ConfigReloaded => pb::EventKind::ConfigReloaded,
     }
 }
 
@@ -116,6 +118,19 @@ impl From<SupervisorError> for Status {
                 LinkError::Refused { code, .. } => refused(code, msg),
             },
             SupervisorError::State(_) | SupervisorError::StateWriter(_) => Status::internal(msg),
+        }
+    }
+}
+
+impl From<ReloadError> for Status {
+    /// A file that cannot be read or is invalid is FAILED_PRECONDITION: the request is
+    /// well formed, the file on the host is not, and retrying cannot succeed until it is
+    /// fixed (INVALID_ARGUMENT would blame the request).
+    fn from(e: ReloadError) -> Status {
+        match e {
+            ReloadError::Config(e) => Status::failed_precondition(e.to_string()),
+            ReloadError::Supervisor(e) => e.into(),
+            ReloadError::Reader(_) => Status::internal(e.to_string()),
         }
     }
 }

@@ -58,7 +58,8 @@ pub async fn bridge(mut reporter: HealthReporter, supervisor: Supervisor) {
             | EventKind::LoggingDegraded
             | EventKind::LoggingResumed
             | EventKind::EventStorageDegraded
-            | EventKind::EventStorageResumed => {}
+            | EventKind::EventStorageResumed
+            | EventKind::ConfigReloaded => {}
         }
     }
 }

@@ -6,6 +6,7 @@
 //! one place (`convert.rs`), and no supervision logic lives here.
 
 pub mod auth;
+pub mod config;
 pub mod convert;
 #[cfg(test)]
 mod fuzz;

@@ -1,15 +1,16 @@
 //! Wires the daemon together: binds the listeners (TCP, behind token checks and optionally
 //! TLS; and the control socket in the data directory, trusted by file permission), starts
-//! the supervisor, serves the gRPC services (plugins, KV, logs, health, reflection) on both,
-//! and shuts everything down in order when the
-//! `shutdown` future resolves: open streams end, plugins stop (in parallel, by escalation),
-//! the server drains.
+//! the supervisor, serves the gRPC services (plugins, KV, logs, config, health, reflection)
+//! on both, reloads the configuration on SIGHUP, and shuts everything down in order when
+//! the `shutdown` future resolves: reloads end, open streams end, plugins stop (in parallel,
+//! by escalation), the server drains.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
@@ -22,13 +23,14 @@ use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
 use crate::api::auth::{AuthLayer, TokenError, TokenSource, Tokens};
+use crate::api::config::{ConfigApi, Reloader, StaleProcesses};
 use crate::api::health;
 use crate::api::kv::KvApi;
 use crate::api::logs::LogApi;
 use crate::api::plugins::PluginApi;
 use crate::api::readiness::HoldLayer;
 use crate::api::systemd;
-use crate::config::{create_dir_with_mode, Config, GrpcLimits, TlsFiles};
+use crate::config::{create_dir_with_mode, Config, GrpcLimits, Source, TlsFiles};
 use crate::supervisor::{StartupError, Supervisor};
 use torud_api::pb;
 
@@ -90,8 +92,8 @@ pub enum ServeError {
     /// Reflection could not be built.
     #[error("cannot build server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// SIGTERM/SIGINT handlers could not be installed.
-    #[error("cannot install the SIGTERM and SIGINT handlers")]
+    /// The SIGTERM, SIGINT or SIGHUP handler could not be installed.
+    #[error("cannot install the SIGTERM, SIGINT and SIGHUP handlers")]
     Signals,
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
@@ -152,24 +154,31 @@ fn bind_control_socket(path: &Path) -> Result<UnixListener, ServeError> {
 }
 
 /// Binds `config.listen` and the control socket, then serves until `shutdown` resolves.
+/// `source` is where `config` came from, read again on a reload (SIGHUP or `ReloadConfig`).
 /// `on_listening` is told the bound TCP address once both listeners are ready.
 pub async fn run(
     config: Config,
+    source: Source,
     shutdown: impl Future<Output = ()> + Send,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
+    // First: from here on a SIGHUP reloads (or is ignored) instead of ending the daemon.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|_| ServeError::Signals)?;
     let watchdog = systemd::spawn_watchdog();
     let tls = transport_security(&config)?;
     prepare_data_dir(&config.data_dir)?;
     let tokens = load_tokens(&config)?;
     let listeners = Listeners::bind(&config).await?;
     let limits = config.grpc.clone();
-    let supervisor = Supervisor::start(config)?;
+    let supervisor = Supervisor::start(config, source.given.clone())?;
     tracing::info!("{}", supervisor.isolation_summary());
+    let reloader = Arc::new(Reloader::new(source, supervisor.clone()));
 
     let health = Health::start(&supervisor).await;
     let stop = CancellationToken::new();
-    let routes = routes(&supervisor, &stop, &limits, health.service())?;
+    let reloads = tokio::spawn(reload_on_hangup(hangups, reloader.clone(), stop.clone()));
+    let routes = routes(&supervisor, &reloader, &stop, &limits, health.service())?;
     let (local, control_path) = (listeners.local, listeners.control_path.clone());
     let hold = HoldLayer::new(supervisor.discovery());
     let servers = Servers::spawn(listeners, routes, tls, tokens, hold, &limits, &stop)?;
@@ -178,7 +187,7 @@ pub async fn run(
     on_listening(local);
 
     shutdown.await;
-    let result = shut_down(health, &stop, &supervisor, servers, &control_path).await;
+    let result = shut_down(health, &stop, reloads, &supervisor, servers, &control_path).await;
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
@@ -187,11 +196,37 @@ pub async fn run(
     Ok(())
 }
 
-/// Shuts down in order: the daemon reports NOT_SERVING, open streams end, plugins stop (in
-/// parallel, by escalation), the servers drain, the control socket goes.
+/// Reloads the configuration at each SIGHUP (restarting no plugin: the log names those that
+/// need it), until `stop`. A reload under way is finished before this ends, and shutdown
+/// waits for this to end before it stops the supervisor, so a reload never overlaps it.
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    reloader: Arc<Reloader>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            received = hangups.recv() => {
+                if received.is_none() {
+                    return;
+                }
+                tracing::info!("SIGHUP received: reloading the configuration");
+                // The outcome, or the error, is logged by the reload.
+                let _ = reloader.reload(StaleProcesses::Report).await;
+            }
+        }
+    }
+}
+
+/// Shuts down in order: the daemon reports NOT_SERVING, open streams and SIGHUP reloads
+/// end, plugins stop (in parallel, by escalation), the servers drain, the control socket
+/// goes.
 async fn shut_down(
     health: Health,
     stop: &CancellationToken,
+    reloads: tokio::task::JoinHandle<()>,
     supervisor: &Supervisor,
     servers: Servers,
     control_path: &Path,
@@ -200,6 +235,7 @@ async fn shut_down(
     systemd::stopping();
     health.not_serving().await;
     stop.cancel();
+    let _ = reloads.await;
     supervisor.shutdown().await;
     health.stop_bridge();
     let result = servers.drain().await;
@@ -345,9 +381,11 @@ async fn report_ready(reporter: HealthReporter, supervisor: Supervisor) {
     ));
 }
 
-/// The gRPC services (plugins, KV, logs, health, reflection), the same on both listeners.
+/// The gRPC services (plugins, KV, logs, config, health, reflection), the same on both
+/// listeners.
 fn routes(
     supervisor: &Supervisor,
+    reloader: &Arc<Reloader>,
     stop: &CancellationToken,
     limits: &GrpcLimits,
     health: HealthServer<HealthService>,
@@ -376,9 +414,14 @@ fn routes(
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
+    let config =
+        pb::config_service_server::ConfigServiceServer::new(ConfigApi::new(reloader.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
     let mut routes = Routes::builder();
     routes
         .add_service(plugins)
+        .add_service(config)
         .add_service(kv)
         .add_service(logs)
         .add_service(health)

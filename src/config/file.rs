@@ -101,6 +101,17 @@ pub struct Loaded {
     pub warnings: Vec<String>,
 }
 
+/// Where the configuration in force came from, kept for reloads: the layers to stack again,
+/// and the configuration as they gave it at start-up (directories as written, before they
+/// were made absolute), which the first reload is compared with.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Flags and environment over the config file.
+    pub loader: Loader,
+    /// The configuration as loaded at start-up.
+    pub given: Config,
+}
+
 impl Loader {
     /// Layers from flags and environment (`given`) over a config file: `file` if named (it
     /// must exist), else [`DEFAULT_CONFIG_FILE`] if it exists.

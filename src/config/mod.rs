@@ -4,16 +4,19 @@
 //! Where it comes from: [`settings`] is one layer of it (flags, environment variables or
 //! the config file, which share one struct); [`file`] reads and checks the config file;
 //! [`Loader`] stacks the layers (flag > environment > file > default) and does it again on
-//! a reload. [`values`] holds the checked value types they share.
+//! a reload. [`values`] holds the checked value types they share. [`reload`] says what a
+//! reload can apply and what needs a restart (of the daemon, or of a plugin).
 //!
 //! Every default is written once, here ([`Config::default`] and the `Default` of each
 //! part) or in the module that owns the limit (and named here).
 
 pub mod file;
+pub mod reload;
 pub mod settings;
 pub mod values;
 
-pub use file::{ConfigError, Loader, DEFAULT_CONFIG_FILE};
+pub use file::{ConfigError, Loaded, Loader, Source, DEFAULT_CONFIG_FILE};
+pub use reload::ProcessSettings;
 pub use settings::{PluginSettings, Settings};
 pub use values::RestartPolicy;
 

@@ -425,6 +425,111 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// The settings that describe `config`, every one given (but `plugins` when no plugin
+    /// has a section of its own): what `GetConfig` shows, and a config file that would give
+    /// the same configuration. Secrets stay redacted when serialized (a plugin's `env`
+    /// values); a token given as a value (an environment variable) is not shown at all, a
+    /// token file is named. The pins and users of every plugin are in the top-level `pin`
+    /// and `plugin-user` lists (which win over a plugin's section), not in the sections.
+    pub fn effective(config: &Config) -> Settings {
+        let t = &config.timing;
+        let b = &config.bridge;
+        let span = |d: std::time::Duration| Some(Span(d));
+        fn count<const MIN: u64>(n: usize) -> Option<AtLeast<MIN>> {
+            Some(AtLeast(n as u64))
+        }
+        let token_file = |source: &TokenSource| match source {
+            TokenSource::File(path) | TokenSource::Generated(path) => Some(path.clone()),
+            TokenSource::Value(_) => None,
+        };
+        let tls = config.security.tls.as_ref();
+        let extra_env = config
+            .plugin_env_allowlist
+            .iter()
+            .filter(|name| !super::DEFAULT_PLUGIN_ENV.contains(&name.as_str()))
+            .map(|name| EnvName(name.clone()))
+            .collect();
+        let for_plugin = |id: &String| PluginId(id.clone());
+        let plugins = config
+            .plugins
+            .iter()
+            .map(|(id, section)| {
+                let section = PluginSettings {
+                    pin: None,
+                    user: None,
+                    ..section.clone()
+                };
+                (for_plugin(id), section)
+            })
+            .collect();
+        Settings {
+            listen: Some(config.listen),
+            plugins_dir: Some(config.plugins_dir.clone()),
+            data_dir: Some(config.data_dir.clone()),
+            enable_new_plugins: Some(config.enable_new_plugins),
+            metadata_timeout: span(t.metadata_timeout),
+            start_timeout: span(t.start_timeout),
+            restart: Some(config.restart),
+            backoff_base: span(t.backoff_base),
+            backoff_max: span(t.backoff_max),
+            max_failures: Some(AtLeast(t.max_failures.into())),
+            stable_window: span(t.stable_window),
+            stop_grace: span(t.stop_grace),
+            kill_grace: span(t.kill_grace),
+            health_interval: span(t.health_interval),
+            kv_timeout: span(b.kv_timeout),
+            call_timeout: span(b.call_timeout),
+            max_frame_bytes: count(b.max_frame),
+            max_in_flight: count(b.max_in_flight),
+            log_segment_bytes: Some(AtLeast(config.log_segment_bytes)),
+            log_segments: count(config.log_segments),
+            plugin_env: Some(extra_env),
+            admin_token_file: token_file(&config.security.admin_token),
+            read_token_file: token_file(&config.security.read_token),
+            tls_cert: tls.map(|t| t.cert.clone()),
+            tls_key: tls.map(|t| t.key.clone()),
+            tls_client_ca: tls.and_then(|t| t.client_ca.clone()),
+            insecure_plaintext_non_loopback: Some(config.security.insecure_plaintext_non_loopback),
+            max_message_bytes: count(config.grpc.max_message_bytes),
+            max_concurrent_streams: Some(AtLeast(config.grpc.max_concurrent_streams.into())),
+            max_kv_key_bytes: count(b.max_key),
+            max_kv_value_bytes: count(b.max_value),
+            max_log_line_bytes: count(config.max_log_line),
+            max_metadata_bytes: count(config.max_metadata_bytes),
+            plugin_max_address_space: Some(config.plugin_limits.address_space.unwrap_or(0)),
+            plugin_max_open_files: Some(config.plugin_limits.open_files.unwrap_or(0)),
+            plugin_max_processes: Some(config.plugin_limits.processes.unwrap_or(0)),
+            pin: Some(
+                config
+                    .pins
+                    .iter()
+                    .map(|(id, hash)| ForPlugin {
+                        id: for_plugin(id),
+                        value: Sha256Hex(hash.clone()),
+                    })
+                    .collect(),
+            ),
+            storage_max_keys: Some(AtLeast(config.storage_quotas.max_keys)),
+            storage_max_bytes: Some(AtLeast(config.storage_quotas.max_bytes)),
+            plugin_uid_range: Some(config.plugin_uid_range),
+            plugin_user: Some(
+                config
+                    .plugin_users
+                    .iter()
+                    .map(|(id, user)| ForPlugin {
+                        id: for_plugin(id),
+                        value: UserName(user.clone()),
+                    })
+                    .collect(),
+            ),
+            log: Some(config.log_filter.clone()),
+            // No empty `[plugins]` table when no plugin has a section.
+            plugins: (!config.plugins.is_empty()).then_some(plugins),
+        }
+    }
+}
+
 /// Replaces `slot` with `value` when the layer gave one.
 fn set<T>(slot: &mut T, value: Option<T>) {
     if let Some(value) = value {
@@ -448,5 +553,53 @@ fn token_source(value: Option<String>, file: Option<PathBuf>, default: TokenSour
         (Some(value), _) => TokenSource::Value(value),
         (None, Some(file)) => TokenSource::File(file),
         (None, None) => default,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(text: &str) -> Config {
+        super::super::file::parse(Path::new("t.toml"), text)
+            .unwrap()
+            .apply(|_| None)
+            .unwrap()
+    }
+
+    /// The effective settings, written as a file and read back, give the same
+    /// configuration (tokens aside: a generated token's file is named as a token file).
+    #[test]
+    fn the_effective_settings_read_back_as_the_same_configuration() {
+        let original = config(
+            "call-timeout = \"45s\"\nplugin-env = [\"EXTRA\"]\nplugin-max-open-files = 0\n\
+             pin = [\"hello=0000000000000000000000000000000000000000000000000000000000000000\"]\n\
+             plugin-user = [\"hello=1234\"]\n\
+             [plugins.hello]\nargs = [\"-v\"]\nworking-dir = \"/srv\"\nrestart = \"never\"\n\
+             log-segments = 2\n",
+        );
+        let text = toml::to_string(&Settings::effective(&original)).unwrap();
+        let back = config(&text);
+        assert_eq!(
+            Config {
+                security: original.security.clone(),
+                ..back
+            },
+            original,
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_effective_settings_never_show_a_secret() {
+        let mut original = config("[plugins.hello.env]\nAPI_KEY = \"s3cret\"\n");
+        original.security.admin_token = TokenSource::Value("admin-token-value".into());
+        let text = toml::to_string(&Settings::effective(&original)).unwrap();
+        assert!(text.contains("API_KEY = \"(redacted)\""), "{text}");
+        assert!(
+            !text.contains("s3cret") && !text.contains("admin-token-value"),
+            "{text}"
+        );
     }
 }

@@ -632,6 +632,7 @@ impl<S: Spawner> Actor<S> {
             Ok(process) => process,
             Err(reason) => return self.failed_run(None, None, reason).await,
         };
+        self.ctx.record_start(&self.id);
         let pid = process.pid();
         self.transition(PluginState::Starting, "spawned", None, |s| {
             s.pid = Some(pid);

@@ -9,6 +9,7 @@
 //! id a rescan finds absent stays absent until it inserts it.
 
 mod actor;
+mod reload;
 
 use std::collections::{btree_map, BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
@@ -22,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use toru_plugin_sdk::wire::{HttpAnswer, HttpCall};
 use toru_plugin_sdk::KvOp;
 
-use crate::config::{create_dir_with_mode, Config};
+use crate::config::{create_dir_with_mode, Config, ProcessSettings};
 use crate::logs::capture::PluginLog;
 use crate::model::{EventDraft, EventKind, PluginSpec, PluginState, PluginStatus};
 use crate::plugin::discovery::{self, FileIdentity, ProbeOptions, Skipped};
@@ -30,6 +31,7 @@ use crate::plugin::link::{Link, LinkError};
 use crate::store::events::{EventLog, EventLogError};
 use crate::store::state::{EnabledStore, StateError};
 use actor::{Actor, Command};
+pub use reload::{ReloadOutcome, RestartFailure, StaleProcess};
 
 /// How long a rescan holds a probed file back while files before it by name are still
 /// being probed (one of them may declare the same id and come first). A probe that hangs
@@ -219,12 +221,32 @@ pub(crate) struct Context {
     pub storage: crate::store::storage::Storage,
     /// Who plugins run as, their directories, their cgroups.
     pub isolation: crate::plugin::isolation::Isolation,
+    /// What each plugin's latest process was started with ([`Context::record_start`]), for
+    /// reloads to compare with; locked only to insert or copy.
+    pub started: Mutex<HashMap<String, Arc<ProcessSettings>>>,
 }
 
 impl Context {
     /// The configuration in force now.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
+    }
+
+    /// Records that plugin `id`'s process was just spawned with the configuration in force:
+    /// it keeps those [`ProcessSettings`] until it ends, whatever a reload changes. Called
+    /// right after the spawn, which read the launch settings from the same configuration;
+    /// the checks before it (pin, user) read it earlier, so a reload landing while a start
+    /// is being checked is taken as applied to those two.
+    pub fn record_start(&self, id: &str) {
+        let settings = Arc::new(ProcessSettings::of(&self.config(), id));
+        let mut started = self.started.lock().expect("start records poisoned");
+        started.insert(id.to_owned(), settings);
+    }
+
+    /// What plugin `id`'s latest process was started with, if it ever started.
+    pub fn started_with(&self, id: &str) -> Option<Arc<ProcessSettings>> {
+        let started = self.started.lock().expect("start records poisoned");
+        started.get(id).cloned()
     }
 
     /// Whether plugin `id` is meant to run: its saved decision, or for a plugin with none
@@ -267,12 +289,19 @@ struct Inner {
     discovered: watch::Sender<bool>,
     tracker: TaskTracker,
     cancel: CancellationToken,
+    /// The configuration in force as it was given (directories as written, before they were
+    /// made absolute), which the next reload is compared with. Held for a whole reload, so
+    /// reloads apply one after another.
+    given: Mutex<Config>,
 }
 
 impl Supervisor {
     /// Prepares the data directory, opens the event log and state, and starts the first
     /// scan in the background (plugins are added and started as their probes finish).
-    pub fn start(config: Config) -> Result<Self, StartupError> {
+    /// `config` is the configuration to run with (directories absolute), `given` the same as
+    /// it was loaded (directories as written), which a reload compares with
+    /// ([`Supervisor::reload`]).
+    pub fn start(config: Config, given: Config) -> Result<Self, StartupError> {
         let shared = crate::plugin::isolation::shared_dir_mode();
         let dirs = [
             (config.data_dir.clone(), shared),
@@ -303,6 +332,7 @@ impl Supervisor {
                     state,
                     storage,
                     isolation,
+                    started: Mutex::new(HashMap::new()),
                 }),
                 plugins: RwLock::new(BTreeMap::new()),
                 skipped: Mutex::new(Vec::new()),
@@ -310,6 +340,7 @@ impl Supervisor {
                 discovered: watch::Sender::new(false),
                 tracker: TaskTracker::new(),
                 cancel: CancellationToken::new(),
+                given: Mutex::new(given),
             }),
         };
         supervisor.inner.tracker.spawn(report_event_storage_health(
@@ -970,7 +1001,7 @@ mod tests {
         let plugins_dir = dir.path().join("plugins-dir");
         std::fs::create_dir(&plugins_dir).unwrap();
         let config = Config::new(plugins_dir.clone(), dir.path().join("data"));
-        let supervisor = Supervisor::start(config).unwrap();
+        let supervisor = Supervisor::start(config.clone(), config).unwrap();
         // Waits for the first (empty) scan, then stands in for a rescan.
         let serial = supervisor.inner.rescan.lock().await;
         let mut tally = Tally {

@@ -49,6 +49,7 @@ type Client struct {
 	Plugins torupb.PluginServiceClient
 	KV      torupb.KvServiceClient
 	Logs    torupb.LogServiceClient
+	Config  torupb.ConfigServiceClient
 }
 
 // Close closes the connection.
@@ -116,6 +117,7 @@ func Connect(o Options) (*Client, error) {
 		Plugins: torupb.NewPluginServiceClient(conn),
 		KV:      torupb.NewKvServiceClient(conn),
 		Logs:    torupb.NewLogServiceClient(conn),
+		Config:  torupb.NewConfigServiceClient(conn),
 	}, nil
 }
 

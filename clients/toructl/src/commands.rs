@@ -20,7 +20,7 @@ use crate::{CallArgs, EventsArgs, HealthArgs, LogsArgs, Output};
 type Result<T = ExitCode> = std::result::Result<T, String>;
 
 /// Writes to stdout; a closed stdout (`toructl logs -f | head`) ends toructl quietly.
-fn emit(bytes: &[u8]) {
+pub(crate) fn emit(bytes: &[u8]) {
     let mut out = std::io::stdout().lock();
     if out.write_all(bytes).and_then(|()| out.flush()).is_err() {
         std::process::exit(0);
@@ -38,7 +38,7 @@ macro_rules! out {
 }
 
 /// The one-line form of a gRPC error, with a hint when credentials are the problem.
-fn status_line(s: Status) -> String {
+pub(crate) fn status_line(s: Status) -> String {
     let code = match s.code() {
         Code::Ok => "OK",
         Code::Cancelled => "CANCELLED",
@@ -70,7 +70,7 @@ fn status_line(s: Status) -> String {
 }
 
 /// Prints a JSON document (pretty) or a line of JSON (for streams).
-fn print_json(v: &Value, pretty: bool) {
+pub(crate) fn print_json(v: &Value, pretty: bool) {
     let text = if pretty {
         serde_json::to_string_pretty(v)
     } else {

@@ -4,6 +4,7 @@
 //! exit status.
 
 mod commands;
+mod config;
 mod connect;
 mod render;
 
@@ -18,7 +19,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     name = "toructl",
     version,
     args_override_self = true,
-    about = "Controls a torud daemon: plugins, KV, calls, logs, events, health",
+    about = "Controls a torud daemon: plugins, KV, calls, logs, events, health, config",
     after_help = "The daemon is found by --addr, else TORUD_ADDR, else the control socket \
                   <data-dir>/torud.sock when it exists, else 127.0.0.1:50051. The token is \
                   --token, else TORUD_TOKEN, else <data-dir>/admin.token (TCP only)."
@@ -86,6 +87,23 @@ enum Command {
     /// Standard health checks of the daemon and plugins; exits 1 when a named plugin is
     /// not serving.
     Health(HealthArgs),
+    /// The daemon's configuration: show the one in force, reload it from its file.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Prints the configuration in force as TOML (secrets redacted) and the file it reads.
+    Show,
+    /// Reloads the daemon's config file and says what needs a restart to pick it up. An
+    /// invalid file changes nothing: the error names its line and key, and the exit status
+    /// is 1 (as when a restart fails).
+    Reload {
+        /// Also restart the plugins whose process keeps changed settings.
+        #[arg(long)]
+        restart: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -263,5 +281,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Logs(args) => c::logs(&conn, out, args).await,
         Command::Events(args) => c::events(&conn, out, args).await,
         Command::Health(args) => c::health(&conn, out, args).await,
+        Command::Config(ConfigCmd::Show) => config::show(&conn, out).await,
+        Command::Config(ConfigCmd::Reload { restart }) => config::reload(&conn, out, restart).await,
     }
 }

@@ -7,11 +7,13 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import * as grpc from "@grpc/grpc-js";
+import { ConfigServiceClient } from "./gen/toru/v1/config_service";
 import { KvServiceClient } from "./gen/toru/v1/kv_service";
 import { LogServiceClient } from "./gen/toru/v1/log_service";
 import { PluginServiceClient } from "./gen/toru/v1/plugin_service";
 
 // The generated modules, one namespace per proto file (they share helper type names).
+export * as configServicePb from "./gen/toru/v1/config_service";
 export * as eventPb from "./gen/toru/v1/event";
 export * as kvServicePb from "./gen/toru/v1/kv_service";
 export * as logServicePb from "./gen/toru/v1/log_service";
@@ -38,11 +40,12 @@ export interface ConnectOptions {
   tlsKey?: string;
 }
 
-/** The three service clients, sharing one connection, every call carrying the token. */
+/** The service clients, sharing one connection, every call carrying the token. */
 export interface Client {
   plugins: PluginServiceClient;
   kv: KvServiceClient;
   logs: LogServiceClient;
+  config: ConfigServiceClient;
   /** Closes the connection. */
   close(): void;
 }
@@ -97,10 +100,12 @@ export function connect(options: ConnectOptions = {}): Client {
   const shared = { ...clientOptions, channelOverride: plugins.getChannel() as grpc.Channel };
   const kv = new KvServiceClient(target, credentials, shared);
   const logs = new LogServiceClient(target, credentials, shared);
+  const config = new ConfigServiceClient(target, credentials, shared);
   return {
     plugins,
     kv,
     logs,
+    config,
     close() {
       plugins.close();
     },

@@ -102,6 +102,7 @@ impl Bench {
             storage: Storage::open(&config.storage_path(), config.storage_quotas).expect("storage"),
             isolation: Isolation::prepare(&config).expect("isolation"),
             config: arc_swap::ArcSwap::from_pointee(config),
+            started: Default::default(),
         });
         let log = PluginLog::open(&ctx.config().log_dir(ID), 1 << 20, 2).expect("plugin log");
         let (status_tx, status) = watch::channel(stopped(binary.clone()));

@@ -52,6 +52,11 @@ const (
 	// The event log is written again; `reason` says whether any event was lost meanwhile
 	// (a replay then reports those seqs as a gap). `plugin_id` is empty.
 	EventKind_EVENT_KIND_EVENT_STORAGE_RESUMED EventKind = 10
+	// The configuration was reloaded (ReloadConfig or SIGHUP); `plugin_id` is empty.
+	// `details["file"]` is the file read, `details["plugins_needing_restart"]` and
+	// `details["daemon_restart_keys"]` list (comma-separated) the plugins whose process keeps
+	// settings the reload changed, and the changed settings only a daemon restart applies.
+	EventKind_EVENT_KIND_CONFIG_RELOADED EventKind = 11
 )
 
 // Enum value maps for EventKind.
@@ -68,6 +73,7 @@ var (
 		8:  "EVENT_KIND_LOGGING_RESUMED",
 		9:  "EVENT_KIND_EVENT_STORAGE_DEGRADED",
 		10: "EVENT_KIND_EVENT_STORAGE_RESUMED",
+		11: "EVENT_KIND_CONFIG_RELOADED",
 	}
 	EventKind_value = map[string]int32{
 		"EVENT_KIND_UNSPECIFIED":            0,
@@ -81,6 +87,7 @@ var (
 		"EVENT_KIND_LOGGING_RESUMED":        8,
 		"EVENT_KIND_EVENT_STORAGE_DEGRADED": 9,
 		"EVENT_KIND_EVENT_STORAGE_RESUMED":  10,
+		"EVENT_KIND_CONFIG_RELOADED":        11,
 	}
 )
 
@@ -268,7 +275,7 @@ const file_toru_v1_event_proto_rawDesc = "" +
 	"\ahealthy\x18\v \x01(\bR\ahealthy\x1a:\n" +
 	"\fDetailsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xec\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\x8c\x03\n" +
 	"\tEventKind\x12\x1a\n" +
 	"\x16EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18EVENT_KIND_STATE_CHANGED\x10\x01\x12\x1d\n" +
@@ -281,7 +288,8 @@ const file_toru_v1_event_proto_rawDesc = "" +
 	"\x1aEVENT_KIND_LOGGING_RESUMED\x10\b\x12%\n" +
 	"!EVENT_KIND_EVENT_STORAGE_DEGRADED\x10\t\x12$\n" +
 	" EVENT_KIND_EVENT_STORAGE_RESUMED\x10\n" +
-	"B;Z9github.com/toru-project/torud/clients/go/torupb/v1;torupbb\x06proto3"
+	"\x12\x1e\n" +
+	"\x1aEVENT_KIND_CONFIG_RELOADED\x10\vB;Z9github.com/toru-project/torud/clients/go/torupb/v1;torupbb\x06proto3"
 
 var (
 	file_toru_v1_event_proto_rawDescOnce sync.Once

@@ -11,7 +11,12 @@ from typing import Any, Callable, Optional, Union
 
 import grpc
 
-from toru.v1 import kv_service_pb2_grpc, log_service_pb2_grpc, plugin_service_pb2_grpc
+from toru.v1 import (
+    config_service_pb2_grpc,
+    kv_service_pb2_grpc,
+    log_service_pb2_grpc,
+    plugin_service_pb2_grpc,
+)
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -57,6 +62,7 @@ class Client:
         self.plugins = plugin_service_pb2_grpc.PluginServiceStub(channel)
         self.kv = kv_service_pb2_grpc.KvServiceStub(channel)
         self.logs = log_service_pb2_grpc.LogServiceStub(channel)
+        self.config = config_service_pb2_grpc.ConfigServiceStub(channel)
 
     def close(self) -> None:
         self._raw.close()

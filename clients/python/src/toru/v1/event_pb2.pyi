@@ -56,6 +56,12 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     """The event log is written again; `reason` says whether any event was lost meanwhile
     (a replay then reports those seqs as a gap). `plugin_id` is empty.
     """
+    EVENT_KIND_CONFIG_RELOADED: _EventKind.ValueType  # 11
+    """The configuration was reloaded (ReloadConfig or SIGHUP); `plugin_id` is empty.
+    `details["file"]` is the file read, `details["plugins_needing_restart"]` and
+    `details["daemon_restart_keys"]` list (comma-separated) the plugins whose process keeps
+    settings the reload changed, and the changed settings only a daemon restart applies.
+    """
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
     """What an event records."""
@@ -88,6 +94,12 @@ they can be written; `plugin_id` is empty.
 EVENT_KIND_EVENT_STORAGE_RESUMED: EventKind.ValueType  # 10
 """The event log is written again; `reason` says whether any event was lost meanwhile
 (a replay then reports those seqs as a gap). `plugin_id` is empty.
+"""
+EVENT_KIND_CONFIG_RELOADED: EventKind.ValueType  # 11
+"""The configuration was reloaded (ReloadConfig or SIGHUP); `plugin_id` is empty.
+`details["file"]` is the file read, `details["plugins_needing_restart"]` and
+`details["daemon_restart_keys"]` list (comma-separated) the plugins whose process keeps
+settings the reload changed, and the changed settings only a daemon restart applies.
 """
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 

@@ -47,6 +47,13 @@ export enum EventKind {
    * (a replay then reports those seqs as a gap). `plugin_id` is empty.
    */
   EVENT_KIND_EVENT_STORAGE_RESUMED = 10,
+  /**
+   * EVENT_KIND_CONFIG_RELOADED - The configuration was reloaded (ReloadConfig or SIGHUP); `plugin_id` is empty.
+   * `details["file"]` is the file read, `details["plugins_needing_restart"]` and
+   * `details["daemon_restart_keys"]` list (comma-separated) the plugins whose process keeps
+   * settings the reload changed, and the changed settings only a daemon restart applies.
+   */
+  EVENT_KIND_CONFIG_RELOADED = 11,
   UNRECOGNIZED = -1,
 }
 
@@ -85,6 +92,9 @@ export function eventKindFromJSON(object: any): EventKind {
     case 10:
     case "EVENT_KIND_EVENT_STORAGE_RESUMED":
       return EventKind.EVENT_KIND_EVENT_STORAGE_RESUMED;
+    case 11:
+    case "EVENT_KIND_CONFIG_RELOADED":
+      return EventKind.EVENT_KIND_CONFIG_RELOADED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -116,6 +126,8 @@ export function eventKindToJSON(object: EventKind): string {
       return "EVENT_KIND_EVENT_STORAGE_DEGRADED";
     case EventKind.EVENT_KIND_EVENT_STORAGE_RESUMED:
       return "EVENT_KIND_EVENT_STORAGE_RESUMED";
+    case EventKind.EVENT_KIND_CONFIG_RELOADED:
+      return "EVENT_KIND_CONFIG_RELOADED";
     case EventKind.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
