@@ -49,7 +49,7 @@ use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{AfterFailure, Context, Interruption, SupervisorError};
-use crate::config::{PluginConfig, RestartPolicy};
+use crate::config::{Config, PluginConfig, RestartPolicy};
 use crate::logs::capture::PluginLog;
 use crate::model::{
     EventDraft, EventKind, ExitInfo, ExitStatus, LogLevel, PluginSpec, PluginState, PluginStatus,
@@ -205,6 +205,9 @@ impl From<Recheck> for Refusal {
 
 /// What a start has made ready before spawning.
 struct Prepared {
+    /// The configuration this start reads, all of it from one moment: what it checks,
+    /// spawns and records as the process's settings agree even if a reload lands meanwhile.
+    config: Arc<Config>,
     /// The plugin's settings, as checked (its working directory) for this start.
     settings: PluginConfig,
     /// The plugin's environment and `init`.
@@ -622,8 +625,10 @@ impl<S: Spawner> Actor<S> {
         if let Some(next) = self.stop_before_spawn().await {
             return next;
         }
+        let config = prepared.config;
         let process = match self.spawn(
             &spec,
+            &config,
             &prepared.settings,
             &prepared.launch,
             prepared.confinement,
@@ -632,13 +637,14 @@ impl<S: Spawner> Actor<S> {
             Ok(process) => process,
             Err(reason) => return self.failed_run(None, None, reason).await,
         };
-        self.ctx.record_start(&self.id);
+        self.ctx.record_start(&self.id, &config);
         let pid = process.pid();
         self.transition(PluginState::Starting, "spawned", None, |s| {
             s.pid = Some(pid);
             s.started_at = Some(OffsetDateTime::now_utc());
         });
-        self.await_ready(&spec, process, prepared.launch).await
+        self.await_ready(&spec, process, prepared.launch, &config)
+            .await
     }
 
     /// A start that does not go ahead: the plugin is disabled, or the failure counts as a
@@ -691,6 +697,7 @@ impl<S: Spawner> Actor<S> {
             sandbox,
         };
         Ok(Prepared {
+            config: cfg,
             settings,
             launch,
             confinement,
@@ -833,12 +840,12 @@ impl<S: Spawner> Actor<S> {
     fn spawn(
         &self,
         spec: &PluginSpec,
+        cfg: &Config,
         settings: &PluginConfig,
         launch: &Launch,
         confinement: Confinement,
         descendants: Descendants,
     ) -> Result<S::Process, String> {
-        let cfg = self.ctx.config();
         let cmd = plugin_command(
             &spec.binary_path,
             &cfg.plugin_env_allowlist,
@@ -866,8 +873,8 @@ impl<S: Spawner> Actor<S> {
         spec: &PluginSpec,
         mut process: S::Process,
         launch: Launch,
+        cfg: &Config,
     ) -> Next<S::Process> {
-        let cfg = self.ctx.config();
         let start_timeout = cfg.plugin(&self.id).timing.start_timeout;
         let handshake = Handshake {
             init: launch.init_params(),

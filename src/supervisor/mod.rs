@@ -232,13 +232,11 @@ impl Context {
         self.config.load_full()
     }
 
-    /// Records that plugin `id`'s process was just spawned with the configuration in force:
-    /// it keeps those [`ProcessSettings`] until it ends, whatever a reload changes. Called
-    /// right after the spawn, which read the launch settings from the same configuration;
-    /// the checks before it (pin, user) read it earlier, so a reload landing while a start
-    /// is being checked is taken as applied to those two.
-    pub fn record_start(&self, id: &str) {
-        let settings = Arc::new(ProcessSettings::of(&self.config(), id));
+    /// Records that plugin `id`'s process was just spawned with `config` (the one snapshot
+    /// its start read, checks and spawn alike): it keeps those [`ProcessSettings`] until it
+    /// ends, whatever a reload changes.
+    pub fn record_start(&self, id: &str, config: &Config) {
+        let settings = Arc::new(ProcessSettings::of(config, id));
         let mut started = self.started.lock().expect("start records poisoned");
         started.insert(id.to_owned(), settings);
     }
