@@ -1,7 +1,8 @@
 //! The daemon under a `Type=notify` systemd unit, with a fake service manager: a Unix
 //! datagram socket named by `NOTIFY_SOCKET`, as systemd provides. It hears a status while the
 //! daemon starts, `READY=1` only once the plugins meant to run are running, `WATCHDOG=1` at
-//! half of `WATCHDOG_USEC`, and `STOPPING=1` at shutdown.
+//! half of `WATCHDOG_USEC`, `RELOADING=1` then `READY=1` around a reload, and `STOPPING=1`
+//! at shutdown.
 
 mod common;
 
@@ -77,6 +78,16 @@ async fn the_service_manager_hears_status_ready_watchdog_and_stopping() {
         began.elapsed() < Duration::from_secs(2),
         "three watchdog pings took {:?}",
         began.elapsed()
+    );
+
+    // A reload (SIGHUP, as `systemctl reload` sends) is framed by RELOADING=1 and READY=1.
+    signal(d.pid(), libc::SIGHUP);
+    let (reloading, _) = until(&socket, "RELOADING=1", |m| m.contains("RELOADING=1")).await;
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    let (reloaded, _) = until(&socket, "READY=1", |m| m.contains("READY=1")).await;
+    assert!(
+        reloaded.contains("STATUS=configuration reloaded"),
+        "{reloaded}"
     );
 
     let stop = tokio::spawn(async move {

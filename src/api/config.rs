@@ -68,10 +68,22 @@ impl Reloader {
     /// restarts the plugins whose process keeps changed settings. Logs the outcome, or the
     /// error with nothing changed.
     pub async fn reload(&self, stale: StaleProcesses) -> Result<Reloaded, ReloadError> {
+        super::systemd::reloading();
         let result = self.apply(stale).await;
         match &result {
-            Ok(done) => log_reloaded(done),
-            Err(e) => tracing::warn!(error = %e, "configuration not reloaded; nothing changed"),
+            Ok(done) => {
+                log_reloaded(done);
+                super::systemd::reloaded(&format!(
+                    "configuration reloaded; {} plugins need a restart",
+                    done.outcome.plugins.len()
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "configuration not reloaded; nothing changed");
+                super::systemd::reloaded(
+                    "configuration not reloaded (see the log); nothing changed",
+                );
+            }
         }
         result
     }

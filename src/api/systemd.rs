@@ -8,6 +8,7 @@
 //! see these variables: their environment is built from an allowlist. A failure to notify
 //! is logged and otherwise ignored: the daemon's work does not depend on it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -24,9 +25,41 @@ pub fn status(text: &str) {
     notify(&[NotifyState::Status(text)]);
 }
 
+/// Whether `READY=1` was sent: a reload before it must not say ready early.
+static READY: AtomicBool = AtomicBool::new(false);
+
 /// `READY=1`, with what the daemon is ready with.
 pub fn ready(text: &str) {
+    READY.store(true, Ordering::SeqCst);
     notify(&[NotifyState::Ready, NotifyState::Status(text)]);
+}
+
+/// `RELOADING=1`, with the `MONOTONIC_USEC=` systemd wants beside it: a configuration
+/// reload has begun. Nothing before the daemon is ready.
+pub fn reloading() {
+    if !READY.load(Ordering::SeqCst) {
+        return;
+    }
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a plain syscall with a valid pointer to a local struct.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let usec = i128::from(now.tv_sec) * 1_000_000 + i128::from(now.tv_nsec) / 1_000;
+    notify(&[
+        NotifyState::Reloading,
+        NotifyState::MonotonicUsec(usec),
+        NotifyState::Status("reloading the configuration"),
+    ]);
+}
+
+/// `READY=1` again once a reload has ended, applied or not (`text` says which). Nothing
+/// before the daemon is ready.
+pub fn reloaded(text: &str) {
+    if READY.load(Ordering::SeqCst) {
+        notify(&[NotifyState::Ready, NotifyState::Status(text)]);
+    }
 }
 
 /// `STOPPING=1`: shutdown has begun.

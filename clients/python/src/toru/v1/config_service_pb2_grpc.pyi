@@ -44,8 +44,8 @@ class ConfigServiceStub:
     ReloadConfig: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ReloadConfigRequest, _config_service_pb2.ReloadConfigResponse]
     """Reads the config file again and puts it in force, stacked under the flags and
     environment the daemon started with. The whole file is checked first: an invalid one
-    changes nothing and fails with INVALID_ARGUMENT, whose message names the file, line,
-    column and key. A valid one is applied at once (timeouts, restart policy, backoff apply
+    changes nothing and fails with FAILED_PRECONDITION (fix the file, then retry), whose
+    message names the file, line, column and key. A valid one is applied at once (timeouts, restart policy, backoff apply
     from their next use); settings read only at start-up keep their running values and
     are listed in `daemon_restart_keys`, and plugins whose process keeps changed settings
     (arguments, environment, limits, ...) are listed in `plugins_needing_restart`, and
@@ -68,8 +68,8 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     ReloadConfig: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ReloadConfigRequest, _config_service_pb2.ReloadConfigResponse]  # type: ignore[assignment]
     """Reads the config file again and puts it in force, stacked under the flags and
     environment the daemon started with. The whole file is checked first: an invalid one
-    changes nothing and fails with INVALID_ARGUMENT, whose message names the file, line,
-    column and key. A valid one is applied at once (timeouts, restart policy, backoff apply
+    changes nothing and fails with FAILED_PRECONDITION (fix the file, then retry), whose
+    message names the file, line, column and key. A valid one is applied at once (timeouts, restart policy, backoff apply
     from their next use); settings read only at start-up keep their running values and
     are listed in `daemon_restart_keys`, and plugins whose process keeps changed settings
     (arguments, environment, limits, ...) are listed in `plugins_needing_restart`, and
@@ -101,8 +101,8 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_config_service_pb2.ReloadConfigResponse, _abc.Awaitable[_config_service_pb2.ReloadConfigResponse]]:
         """Reads the config file again and puts it in force, stacked under the flags and
         environment the daemon started with. The whole file is checked first: an invalid one
-        changes nothing and fails with INVALID_ARGUMENT, whose message names the file, line,
-        column and key. A valid one is applied at once (timeouts, restart policy, backoff apply
+        changes nothing and fails with FAILED_PRECONDITION (fix the file, then retry), whose
+        message names the file, line, column and key. A valid one is applied at once (timeouts, restart policy, backoff apply
         from their next use); settings read only at start-up keep their running values and
         are listed in `daemon_restart_keys`, and plugins whose process keeps changed settings
         (arguments, environment, limits, ...) are listed in `plugins_needing_restart`, and

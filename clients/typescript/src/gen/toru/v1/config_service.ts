@@ -625,8 +625,8 @@ export const ConfigServiceService = {
   /**
    * Reads the config file again and puts it in force, stacked under the flags and
    * environment the daemon started with. The whole file is checked first: an invalid one
-   * changes nothing and fails with INVALID_ARGUMENT, whose message names the file, line,
-   * column and key. A valid one is applied at once (timeouts, restart policy, backoff apply
+   * changes nothing and fails with FAILED_PRECONDITION (fix the file, then retry), whose
+   * message names the file, line, column and key. A valid one is applied at once (timeouts, restart policy, backoff apply
    * from their next use); settings read only at start-up keep their running values and
    * are listed in `daemon_restart_keys`, and plugins whose process keeps changed settings
    * (arguments, environment, limits, ...) are listed in `plugins_needing_restart`, and
@@ -655,8 +655,8 @@ export interface ConfigServiceServer extends UntypedServiceImplementation {
   /**
    * Reads the config file again and puts it in force, stacked under the flags and
    * environment the daemon started with. The whole file is checked first: an invalid one
-   * changes nothing and fails with INVALID_ARGUMENT, whose message names the file, line,
-   * column and key. A valid one is applied at once (timeouts, restart policy, backoff apply
+   * changes nothing and fails with FAILED_PRECONDITION (fix the file, then retry), whose
+   * message names the file, line, column and key. A valid one is applied at once (timeouts, restart policy, backoff apply
    * from their next use); settings read only at start-up keep their running values and
    * are listed in `daemon_restart_keys`, and plugins whose process keeps changed settings
    * (arguments, environment, limits, ...) are listed in `plugins_needing_restart`, and
@@ -690,8 +690,8 @@ export interface ConfigServiceClient extends Client {
   /**
    * Reads the config file again and puts it in force, stacked under the flags and
    * environment the daemon started with. The whole file is checked first: an invalid one
-   * changes nothing and fails with INVALID_ARGUMENT, whose message names the file, line,
-   * column and key. A valid one is applied at once (timeouts, restart policy, backoff apply
+   * changes nothing and fails with FAILED_PRECONDITION (fix the file, then retry), whose
+   * message names the file, line, column and key. A valid one is applied at once (timeouts, restart policy, backoff apply
    * from their next use); settings read only at start-up keep their running values and
    * are listed in `daemon_restart_keys`, and plugins whose process keeps changed settings
    * (arguments, environment, limits, ...) are listed in `plugins_needing_restart`, and
