@@ -2,7 +2,7 @@
 //! daemon-wide and per plugin ([`Config::plugin`]).
 //!
 //! Where it comes from: [`settings`] is one layer of it (flags, environment variables or
-//! the config file, which share one struct); [`file`] reads and checks the config file;
+//! the config file, which share one struct); [`mod@file`] reads and checks the config file;
 //! [`Loader`] stacks the layers (flag > environment > file > default) and does it again on
 //! a reload. [`values`] holds the checked value types they share. [`reload`] says what a
 //! reload can apply and what needs a restart (of the daemon, or of a plugin).

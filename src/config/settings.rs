@@ -98,11 +98,11 @@ pub struct Settings {
     #[arg(long, env = "TORUD_PLUGIN_ENV", value_delimiter = ',')]
     pub plugin_env: Option<Vec<EnvName>>,
     /// File holding the admin token (full access over TCP). Or set TORUD_ADMIN_TOKEN to the
-    /// token itself. Without either, one is generated into <data-dir>/admin.token.
+    /// token itself. Without either, one is generated into `<data-dir>/admin.token`.
     #[arg(long, env = "TORUD_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
     /// File holding the read-only token (list, get, query, stream, watch). Or set
-    /// TORUD_READ_TOKEN. Without either, one is generated into <data-dir>/read.token.
+    /// TORUD_READ_TOKEN. Without either, one is generated into `<data-dir>/read.token`.
     #[arg(long, env = "TORUD_READ_TOKEN_FILE")]
     pub read_token_file: Option<PathBuf>,
     /// PEM certificate chain for TLS on the TCP listener (with --tls-key).
@@ -163,7 +163,7 @@ pub struct Settings {
     pub storage_max_bytes: Option<AtLeast<1>>,
     /// Uids (with equal gids) for plugins' own users when the daemon runs as root:
     /// FIRST-LAST. The first is used by `--metadata` probes; each plugin gets one of the
-    /// others, kept in <data-dir>/users.json [default: 524288-589823].
+    /// others, kept in `<data-dir>/users.json` [default: 524288-589823].
     #[arg(long, env = "TORUD_PLUGIN_UID_RANGE")]
     #[serde(default, with = "as_text")]
     pub plugin_uid_range: Option<UidRange>,
