@@ -8,6 +8,7 @@ pub mod config;
 pub mod logs;
 pub mod model;
 pub mod plugin;
+pub mod secret;
 pub mod store;
 pub mod supervisor;
 

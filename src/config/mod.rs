@@ -88,7 +88,7 @@ pub struct Config {
     pub log_filter: String,
 }
 
-pub use crate::plugin::process::PluginLimits;
+pub use crate::plugin::process::{Launch, PluginLimits};
 
 /// Where a role's token comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -421,17 +421,6 @@ pub struct PluginConfig {
     pub log_segment_bytes: u64,
     /// Segments of its log kept.
     pub log_segments: usize,
-}
-
-/// How one plugin's process is started, beyond what every plugin gets.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Launch {
-    /// Its arguments.
-    pub args: Vec<String>,
-    /// Its own environment variables (values secret).
-    pub env: BTreeMap<String, values::Secret>,
-    /// The directory it starts in; `None` keeps the daemon's working directory.
-    pub working_dir: Option<PathBuf>,
 }
 
 /// Makes a directory (and parents) and sets its mode.

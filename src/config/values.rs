@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::secret::{Secret, REDACTED};
+
 /// A duration written the human way: `500ms`, `5s`, `1m 30s`, `2h`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -298,50 +300,6 @@ impl From<EnvName> for String {
     }
 }
 
-/// A value that is never logged and never shown: its `Debug` and its serialized form are
-/// `(redacted)`. Only the plugin it is meant for gets it, in its environment.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
-pub struct Secret(String);
-
-impl TryFrom<String> for Secret {
-    type Error = String;
-
-    fn try_from(value: String) -> Result<Self, String> {
-        if value.contains('\0') {
-            return Err("an environment value cannot hold a NUL byte".into());
-        }
-        Ok(Secret(value))
-    }
-}
-
-/// What a [`Secret`] shows instead of itself.
-pub const REDACTED: &str = "(redacted)";
-
-impl Secret {
-    /// A secret holding `value`.
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The value itself, for the one place that hands it over (the plugin's environment).
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(REDACTED)
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(REDACTED)
-    }
-}
-
 /// An absolute path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "PathBuf", into = "PathBuf")]
@@ -431,14 +389,5 @@ mod tests {
         let pin: ForPlugin<Sha256Hex> = format!("hello={}", "AB".repeat(32)).parse().unwrap();
         assert_eq!((pin.id.0.as_str(), pin.value.0.len()), ("hello", 64));
         assert!("hello=12".parse::<ForPlugin<Sha256Hex>>().is_err());
-    }
-
-    #[test]
-    fn a_secret_never_shows_itself() {
-        let secret = Secret::new("hunter2");
-        assert_eq!(format!("{secret:?}"), REDACTED);
-        let json = serde_json::to_string(&secret).unwrap();
-        assert!(!json.contains("hunter2"), "{json}");
-        assert_eq!(secret.expose(), "hunter2");
     }
 }

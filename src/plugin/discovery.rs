@@ -21,8 +21,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use toru_plugin_sdk::Metadata;
 
-use crate::config::Launch;
 use crate::model::PluginSpec;
+use crate::plugin::process::Launch;
 use crate::plugin::process::PluginLimits;
 use crate::plugin::process::{plugin_command, signal_group, Confinement, Credentials};
 

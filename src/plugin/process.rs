@@ -32,9 +32,9 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
-use crate::config::Launch;
 use crate::logs::capture::{drain_lines, PluginLog, StderrTail};
 use crate::plugin::isolation::cgroup::PluginCgroup;
+use crate::secret::Secret;
 
 #[cfg(target_env = "gnu")]
 type RlimitResource = libc::__rlimit_resource_t;
@@ -67,6 +67,17 @@ impl Default for PluginLimits {
             processes: None,
         }
     }
+}
+
+/// How one plugin's process is started, beyond what every plugin gets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Launch {
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Its own environment variables (values secret).
+    pub env: std::collections::BTreeMap<String, Secret>,
+    /// The directory it starts in; `None` keeps the daemon's working directory.
+    pub working_dir: Option<PathBuf>,
 }
 
 /// A user to switch to before exec.

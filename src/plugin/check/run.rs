@@ -13,10 +13,10 @@ use tokio::net::UnixStream;
 use tokio::process::Child;
 
 use super::{ms, Outcome, Plugin, Report, Scratch};
-use crate::config::Launch;
 use crate::plugin::connection::connect_with_retry;
 use crate::plugin::handshake::{send_shutdown, Budget, Handshake, ReadyError};
 use crate::plugin::link::{Link, LinkLimits};
+use crate::plugin::process::Launch;
 use crate::plugin::process::{plugin_command, signal_group, Confinement};
 
 /// Everything the plugin writes to stdout and stderr, line by line. The mutex guards the
