@@ -119,7 +119,9 @@ enum MainError {
 /// the plugins and data directories created and made absolute; what to warn of; and where
 /// it came from, for reloads.
 fn load_config(args: ServeArgs) -> Result<(Config, Vec<String>, Source), MainError> {
-    let loader = Loader::new(args.settings, args.config);
+    // Absolute, so that the file a reload reads and `GetConfig` names is unambiguous.
+    let file = args.config.map(|f| std::path::absolute(&f).unwrap_or(f));
+    let loader = Loader::new(args.settings, file);
     let loaded = loader.load()?;
     let given = loaded.config;
     let mut config = given.clone();
