@@ -30,6 +30,7 @@ use torud_api::pb::kv_service_client::KvServiceClient;
 use torud_api::pb::kv_service_server::{KvService, KvServiceServer};
 use torud_api::pb::plugin_service_client::PluginServiceClient;
 
+use crate::peer::{uds_round_trips, Peer, PeerLoad, PeerRound};
 use crate::{
     authed, connect, num_cpus, sibling, summarize, summary_json, wait_for_hello, Authed,
     BenchResult, Daemon,
@@ -37,13 +38,52 @@ use crate::{
 
 const KEY: &str = "bench-key";
 
-pub(crate) async fn run(
-    calls: usize,
-    seconds: f64,
-    rounds: usize,
-    in_flight: usize,
-    json_path: Option<PathBuf>,
-) -> BenchResult<()> {
+/// What `torud-bench forward` runs.
+pub(crate) struct Options {
+    /// Sequential calls timed per side (spread over the rounds).
+    pub(crate) calls: usize,
+    /// Seconds of each throughput run.
+    pub(crate) seconds: f64,
+    /// Rounds; each side (and the peer) runs once per round, in turn.
+    pub(crate) rounds: usize,
+    /// Calls in flight in the throughput runs.
+    pub(crate) in_flight: usize,
+    /// Where to write the figures as JSON.
+    pub(crate) json: Option<PathBuf>,
+    /// The go-plugin peer's Go module, to build and run beside torud.
+    pub(crate) peer: Option<PathBuf>,
+}
+
+/// Bytes of the value the benchmark key holds (on every side, the peer's too).
+const VALUE_SIZE: usize = 32;
+
+/// The samples of every side, gathered round by round.
+#[derive(Default)]
+struct Samples {
+    /// Sequential latency: daemon, baseline.
+    latency: [Vec<Duration>; 2],
+    /// Throughput runs: daemon, baseline.
+    rates: [Vec<f64>; 2],
+    /// The peer's rounds (empty without `--peer`).
+    peer: Vec<PeerRound>,
+    /// Bare Unix-socket round trips.
+    uds: Vec<Duration>,
+}
+
+pub(crate) async fn run(options: Options) -> BenchResult<()> {
+    let Options {
+        calls,
+        seconds,
+        rounds,
+        in_flight,
+        ref peer,
+        ..
+    } = options;
+    // Built first: the Go toolchain's work must not overlap the measurement.
+    let peer = match peer {
+        Some(dir) => Some(Peer::build(dir).await?),
+        None => None,
+    };
     let torud = sibling("torud")?;
     let plugin = sibling("hello-plugin")?;
     let daemon = Daemon::start(&torud, &plugin, &["--enable-new-plugins"]).await?;
@@ -53,15 +93,15 @@ pub(crate) async fn run(
     wait_for_hello(&mut plugins, "running", running).await?;
     let baseline = BaselineProcess::start(&plugin).await?;
     let sides = [
-        ("daemon", kv_client(&daemon.addr).await?),
-        ("baseline", kv_client(&baseline.addr).await?),
+        kv_client(&daemon.addr).await?,
+        kv_client(&baseline.addr).await?,
     ];
-    for (_, client) in &sides {
+    for client in &sides {
         let mut client = client.clone();
         let req = pb::SetValueRequest {
             plugin_id: "hello".into(),
             key: KEY.into(),
-            value: "v".repeat(32),
+            value: "v".repeat(VALUE_SIZE),
         };
         client.set_value(req).await?;
         for _ in 0..500 {
@@ -69,38 +109,92 @@ pub(crate) async fn run(
         }
     }
 
-    // Latency: alternate chunks so both sides see the same machine.
-    let mut latency: [Vec<Duration>; 2] = [Vec::with_capacity(calls), Vec::with_capacity(calls)];
-    while latency[0].len() < calls {
-        for (side, (_, client)) in sides.iter().enumerate() {
+    let per_round = calls.div_ceil(rounds);
+    let mut samples = Samples::default();
+    for round in 1..=rounds {
+        let timed = (per_round * round).min(calls);
+        latency_round(&sides, &mut samples.latency, timed).await?;
+        for (side, client) in sides.iter().enumerate() {
+            samples.rates[side].push(throughput(client, seconds, in_flight).await?);
+        }
+        if let Some(peer) = &peer {
+            let load = PeerLoad {
+                calls: per_round,
+                seconds,
+                in_flight,
+                value_size: VALUE_SIZE,
+            };
+            samples.peer.push(peer.round(&load).await?);
+        }
+        samples
+            .uds
+            .extend(uds_round_trips(request_frame_size(), per_round).await?);
+    }
+    drop(baseline);
+    drop(daemon);
+    report(&options, samples)
+}
+
+/// Sequential calls, alternating chunks between the sides so both see the same machine,
+/// until each side has `timed` samples.
+async fn latency_round(
+    sides: &[KvServiceClient<Authed>; 2],
+    latency: &mut [Vec<Duration>; 2],
+    timed: usize,
+) -> BenchResult<()> {
+    while latency[0].len() < timed {
+        for (side, client) in sides.iter().enumerate() {
             let mut client = client.clone();
-            for _ in 0..250.min(calls - latency[side].len()) {
+            for _ in 0..250.min(timed - latency[side].len()) {
                 let began = Instant::now();
                 get(&mut client).await?;
                 latency[side].push(began.elapsed());
             }
         }
     }
-    let mut rates = [Vec::new(), Vec::new()];
-    for _ in 0..rounds {
-        for (side, (_, client)) in sides.iter().enumerate() {
-            rates[side].push(throughput(client, seconds, in_flight).await?);
-        }
-    }
-    drop(baseline);
-    drop(daemon);
+    Ok(())
+}
 
-    let [lat_d, lat_b] = latency;
-    let (mut lat_d, mut lat_b) = (lat_d, lat_b);
-    let (ld, lb) = (summarize(&mut lat_d), summarize(&mut lat_b));
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (td, tb) = (median(&rates[0]), median(&rates[1]));
+/// Bytes of the frame the daemon writes to the plugin for one `GetValue` (length prefix
+/// included): the message size of the bare round trip.
+fn request_frame_size() -> usize {
+    let op = KvOp::Get { key: KEY.into() };
+    let id = torud::plugin::link::new_request_id();
+    4 + Envelope::kv_request(id, &op).to_vec().len()
+}
+
+fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Prints the figures and writes the JSON.
+fn report(options: &Options, samples: Samples) -> BenchResult<()> {
+    let Samples {
+        latency: [mut lat_d, mut lat_b],
+        rates,
+        peer,
+        mut uds,
+    } = samples;
+    let (ld, lb, rtt) = (
+        summarize(&mut lat_d),
+        summarize(&mut lat_b),
+        summarize(&mut uds),
+    );
+    let (td, tb) = (
+        median(rates[0].iter().copied()),
+        median(rates[1].iter().copied()),
+    );
     let p50_ratio = ld.p50 / lb.p50;
     let throughput_ratio = td / tb;
+    let Options {
+        calls,
+        seconds,
+        rounds,
+        in_flight,
+        ..
+    } = *options;
     println!(
         "torud-bench forward: {calls} sequential GetValue per side, then {rounds} × {seconds} s with {in_flight} in flight (median), {} cores",
         num_cpus()
@@ -109,18 +203,31 @@ pub(crate) async fn run(
         "{:<22} {:>10} {:>10} {:>12}",
         "", "p50 ms", "p99 ms", "calls/s"
     );
-    println!(
-        "{:<22} {:>10.3} {:>10.3} {:>12.0}",
-        "daemon", ld.p50, ld.p99, td
-    );
-    println!(
-        "{:<22} {:>10.3} {:>10.3} {:>12.0}",
-        "baseline (bare)", lb.p50, lb.p99, tb
-    );
+    let row = |name: &str, p50: f64, p99: f64, rate: Option<f64>| {
+        let rate = rate.map_or_else(|| "-".to_owned(), |r| format!("{r:.0}"));
+        println!("{name:<22} {p50:>10.3} {p99:>10.3} {rate:>12}");
+    };
+    row("daemon", ld.p50, ld.p99, Some(td));
+    row("baseline (bare)", lb.p50, lb.p99, Some(tb));
+    let peer_summary = (!peer.is_empty()).then(|| PeerSummary::of(&peer, ld.p50, td, rtt.p50));
+    if let Some(p) = &peer_summary {
+        row("go-plugin (peer)", p.p50, p.p99, Some(p.rate));
+    }
+    row("bare UDS round trip", rtt.p50, rtt.p99, None);
     println!("p50 ratio:        {p50_ratio:.3} (target ≤ 1.15)");
     println!("throughput ratio: {throughput_ratio:.3} (target ≥ 0.85)");
-    if let Some(path) = json_path {
-        let doc = json!({
+    if let Some(p) = &peer_summary {
+        println!(
+            "against go-plugin: p50 {:.3} ms vs ≤ {:.3} ms (peer p50 + one bare UDS round trip): {}; throughput ratio {:.3} (target ≥ {PEER_THROUGHPUT_TARGET}): {}",
+            ld.p50,
+            p.p50_limit,
+            verdict(p.p50_met),
+            p.throughput_ratio,
+            verdict(p.throughput_met),
+        );
+    }
+    if let Some(path) = &options.json {
+        let mut doc = json!({
             "benchmark": "forward",
             "calls": calls,
             "seconds": seconds,
@@ -131,12 +238,80 @@ pub(crate) async fn run(
             "throughput_calls_per_s": { "daemon": td, "baseline": tb, "daemon_runs": rates[0], "baseline_runs": rates[1] },
             "p50_ratio": p50_ratio,
             "throughput_ratio": throughput_ratio,
+            "uds_rtt": summary_json(rtt),
+            "uds_message_bytes": request_frame_size(),
             "targets": { "p50_ratio": 1.15, "throughput_ratio": 0.85 },
         });
-        std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)?;
+        if let Some(p) = &peer_summary {
+            doc["peer"] = json!({
+                "name": "hashicorp/go-plugin gRPC KV",
+                "p50_ms": p.p50,
+                "p99_ms": p.p99,
+                "throughput_calls_per_s": p.rate,
+                "rounds": peer.iter().map(|r| json!({
+                    "p50_us": r.p50_us, "p99_us": r.p99_us, "throughput_calls_per_s": r.calls_per_s,
+                })).collect::<Vec<_>>(),
+            });
+            doc["peer_p50_ratio"] = json!(p.p50_ratio);
+            doc["peer_throughput_ratio"] = json!(p.throughput_ratio);
+            doc["peer_target"] = json!({
+                "p50_limit_ms": p.p50_limit,
+                "p50_met": p.p50_met,
+                "throughput_ratio": PEER_THROUGHPUT_TARGET,
+                "throughput_met": p.throughput_met,
+                "met": p.p50_met && p.throughput_met,
+            });
+        }
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?)?;
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The throughput against go-plugin's the target asks for.
+const PEER_THROUGHPUT_TARGET: f64 = 0.8;
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+/// The peer's figures (medians of its rounds) and the daemon's against them.
+struct PeerSummary {
+    p50: f64,
+    p99: f64,
+    rate: f64,
+    p50_ratio: f64,
+    throughput_ratio: f64,
+    /// The peer's p50 plus one bare UDS round trip: the most the daemon's p50 may be.
+    p50_limit: f64,
+    p50_met: bool,
+    throughput_met: bool,
+}
+
+impl PeerSummary {
+    /// From the peer's rounds and the daemon's p50 (ms), throughput, and the bare round
+    /// trip's p50 (ms).
+    fn of(rounds: &[PeerRound], daemon_p50: f64, daemon_rate: f64, rtt_p50: f64) -> Self {
+        let p50 = median(rounds.iter().map(|r| r.p50_us / 1000.0));
+        let p99 = median(rounds.iter().map(|r| r.p99_us / 1000.0));
+        let rate = median(rounds.iter().map(|r| r.calls_per_s));
+        let p50_limit = p50 + rtt_p50;
+        let throughput_ratio = daemon_rate / rate;
+        PeerSummary {
+            p50,
+            p99,
+            rate,
+            p50_ratio: daemon_p50 / p50,
+            throughput_ratio,
+            p50_limit,
+            p50_met: daemon_p50 <= p50_limit,
+            throughput_met: throughput_ratio >= PEER_THROUGHPUT_TARGET,
+        }
+    }
 }
 
 async fn kv_client(addr: &str) -> BenchResult<KvServiceClient<Authed>> {

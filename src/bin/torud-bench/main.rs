@@ -4,7 +4,7 @@
 //! - `torud-bench lifecycle`: enable→ready and SIGKILL→crashed-event latency (see
 //!   `lifecycle.rs`).
 //! - `torud-bench forward`: a forwarded `GetValue`, latency and throughput (see
-//!   `forward.rs`).
+//!   `forward.rs`), with `--peer DIR` beside HashiCorp go-plugin's (see `peer.rs`).
 //!
 //! Run from a release build: `cargo build --release --bins --examples`, then
 //! `target/release/torud-bench <bench> [--json PATH]`.
@@ -12,6 +12,7 @@
 mod forward;
 mod lifecycle;
 mod logs;
+mod peer;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -61,6 +62,11 @@ enum Bench {
         /// Also write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// The HashiCorp go-plugin KV peer's Go module (e.g. `../shared/peers/goplugin-kv`):
+        /// built with `go build` and run between torud's rounds; adds its figures, the
+        /// ratios against it and whether the target holds.
+        #[arg(long, value_name = "DIR")]
+        peer: Option<PathBuf>,
     },
     /// Log capture: lines/s from a one-write-per-line and a buffered writer, and latency at
     /// a paced rate, each beside a bare pipe reader.
@@ -284,7 +290,18 @@ fn main() -> std::process::ExitCode {
                 rounds,
                 in_flight,
                 json,
-            } => forward::run(calls.max(1), seconds, rounds.max(1), in_flight.max(1), json).await,
+                peer,
+            } => {
+                let options = forward::Options {
+                    calls: calls.max(1),
+                    seconds,
+                    rounds: rounds.max(1),
+                    in_flight: in_flight.max(1),
+                    json,
+                    peer,
+                };
+                forward::run(options).await
+            }
             Bench::BaselineServer { plugin } => forward::baseline_server(plugin).await,
             Bench::Logs {
                 lines,
