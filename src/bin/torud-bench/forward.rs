@@ -38,8 +38,19 @@ use crate::{
 
 const KEY: &str = "bench-key";
 
+/// The plugin the forwarded calls reach.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum PluginKind {
+    /// The example plugin: values in the daemon's durable storage.
+    Storage,
+    /// `torud-bench kv-plugin`: values in the plugin's memory, like the go-plugin peer's.
+    Memory,
+}
+
 /// What `torud-bench forward` runs.
 pub(crate) struct Options {
+    /// The plugin behind `hello`.
+    pub(crate) plugin: PluginKind,
     /// Sequential calls timed per side (spread over the rounds).
     pub(crate) calls: usize,
     /// Seconds of each throughput run.
@@ -85,7 +96,11 @@ pub(crate) async fn run(options: Options) -> BenchResult<()> {
         None => None,
     };
     let torud = sibling("torud")?;
-    let plugin = sibling("hello-plugin")?;
+    let scripts = tempfile::tempdir()?;
+    let plugin = match options.plugin {
+        PluginKind::Storage => sibling("hello-plugin")?,
+        PluginKind::Memory => memory_plugin(scripts.path())?,
+    };
     let daemon = Daemon::start(&torud, &plugin, &["--enable-new-plugins"]).await?;
     let channel = connect(&daemon.addr).await?;
     let mut plugins = PluginServiceClient::new(authed(channel));
@@ -133,6 +148,17 @@ pub(crate) async fn run(options: Options) -> BenchResult<()> {
     drop(baseline);
     drop(daemon);
     report(&options, samples)
+}
+
+/// An executable in `dir` that runs this binary's `kv-plugin`.
+fn memory_plugin(dir: &std::path::Path) -> BenchResult<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("memkv.binary");
+    let me = std::env::current_exe()?;
+    let script = format!("#!/bin/sh\nexec '{}' kv-plugin \"$@\"\n", me.display());
+    std::fs::write(&path, script)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
 }
 
 /// Sequential calls, alternating chunks between the sides so both see the same machine,
@@ -195,8 +221,12 @@ fn report(options: &Options, samples: Samples) -> BenchResult<()> {
         in_flight,
         ..
     } = *options;
+    let plugin = match options.plugin {
+        PluginKind::Storage => "the example plugin, values in the daemon's storage",
+        PluginKind::Memory => "kv-plugin, values in its memory",
+    };
     println!(
-        "torud-bench forward: {calls} sequential GetValue per side, then {rounds} × {seconds} s with {in_flight} in flight (median), {} cores",
+        "torud-bench forward: {calls} sequential GetValue per side, then {rounds} × {seconds} s with {in_flight} in flight (median), {} cores; plugin: {plugin}",
         num_cpus()
     );
     println!(
@@ -234,6 +264,7 @@ fn report(options: &Options, samples: Samples) -> BenchResult<()> {
             "rounds": rounds,
             "in_flight": in_flight,
             "cores": num_cpus(),
+            "plugin": format!("{:?}", options.plugin).to_lowercase(),
             "latency": { "daemon": summary_json(ld), "baseline": summary_json(lb) },
             "throughput_calls_per_s": { "daemon": td, "baseline": tb, "daemon_runs": rates[0], "baseline_runs": rates[1] },
             "p50_ratio": p50_ratio,
