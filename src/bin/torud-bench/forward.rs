@@ -79,6 +79,12 @@ struct Samples {
     peer: Vec<PeerRound>,
     /// Bare Unix-socket round trips.
     uds: Vec<Duration>,
+    /// The daemon's front hop alone: a `GetValue` for a plugin that does not exist
+    /// (client, TCP, h2, auth, readiness, the plugin table; NOT_FOUND).
+    front: Vec<Duration>,
+    /// The plugin hop alone: the same KV request on a connection of the bench's own to
+    /// the plugin's socket (one UDS round trip, the plugin's decode, task and encode).
+    plugin: Vec<Duration>,
 }
 
 pub(crate) async fn run(options: Options) -> BenchResult<()> {
@@ -144,6 +150,9 @@ pub(crate) async fn run(options: Options) -> BenchResult<()> {
         samples
             .uds
             .extend(uds_round_trips(request_frame_size(), per_round).await?);
+        samples.front.extend(front_hop(&sides[0], per_round).await?);
+        let socket = daemon.dir().join("run").join("hello").join("plugin.sock");
+        samples.plugin.extend(plugin_hop(&socket, per_round).await?);
     }
     drop(baseline);
     drop(daemon);
@@ -181,6 +190,62 @@ async fn latency_round(
     Ok(())
 }
 
+/// `count` sequential `GetValue` calls naming a plugin that does not exist, timed.
+async fn front_hop(client: &KvServiceClient<Authed>, count: usize) -> BenchResult<Vec<Duration>> {
+    let mut client = client.clone();
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let req = pb::GetValueRequest {
+            plugin_id: "absent".into(),
+            key: KEY.into(),
+        };
+        let began = Instant::now();
+        let status = client.get_value(req).await.err();
+        samples.push(began.elapsed());
+        if status.map(|s| s.code()) != Some(tonic::Code::NotFound) {
+            return Err("a GetValue for an absent plugin did not answer NOT_FOUND".into());
+        }
+    }
+    Ok(samples)
+}
+
+/// `count` sequential KV `get` requests (after as many untimed) on a connection of the
+/// bench's own to the plugin's socket, timed; the plugin's storage requests, if any, are
+/// answered at once.
+async fn plugin_hop(socket: &std::path::Path, count: usize) -> BenchResult<Vec<Duration>> {
+    let stream = tokio::net::UnixStream::connect(socket).await?;
+    let (read, write) = stream.into_split();
+    let mut out = FramedWrite::new(write, FrameCodec::default());
+    let mut frames = FramedRead::new(read, FrameCodec::default());
+    let op = KvOp::Get { key: KEY.into() };
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..count * 2 {
+        let request = Envelope::kv_request(torud::plugin::link::new_request_id(), &op);
+        let began = Instant::now();
+        out.send(request.to_vec()).await?;
+        loop {
+            let frame = frames
+                .next()
+                .await
+                .ok_or("the plugin closed the connection")??;
+            let answer = Envelope::from_slice(&frame)?;
+            if answer.kind != MessageType::Storage {
+                break;
+            }
+            // The example plugin reads its value from the host's storage: answered here
+            // at once, as if from a cache.
+            use toru_plugin_sdk::storage_wire::{answer_envelope, StorageAnswer};
+            let value = StorageAnswer::Value(Some("v".repeat(VALUE_SIZE)));
+            let id = answer.request_id.unwrap_or_default();
+            out.send(answer_envelope(id, &Ok(value)).to_vec()).await?;
+        }
+        if i >= count {
+            samples.push(began.elapsed());
+        }
+    }
+    Ok(samples)
+}
+
 /// Bytes of the frame the daemon writes to the plugin for one `GetValue` (length prefix
 /// included): the message size of the bare round trip.
 fn request_frame_size() -> usize {
@@ -202,7 +267,10 @@ fn report(options: &Options, samples: Samples) -> BenchResult<()> {
         rates,
         peer,
         mut uds,
+        mut front,
+        mut plugin,
     } = samples;
+    let (front, plugin_hop) = (summarize(&mut front), summarize(&mut plugin));
     let (ld, lb, rtt) = (
         summarize(&mut lat_d),
         summarize(&mut lat_b),
@@ -244,6 +312,8 @@ fn report(options: &Options, samples: Samples) -> BenchResult<()> {
         row("go-plugin (peer)", p.p50, p.p99, Some(p.rate));
     }
     row("bare UDS round trip", rtt.p50, rtt.p99, None);
+    row("front hop alone", front.p50, front.p99, None);
+    row("plugin hop alone", plugin_hop.p50, plugin_hop.p99, None);
     println!("p50 ratio:        {p50_ratio:.3} (target ≤ 1.15)");
     println!("throughput ratio: {throughput_ratio:.3} (target ≥ 0.85)");
     if let Some(p) = &peer_summary {
@@ -271,6 +341,7 @@ fn report(options: &Options, samples: Samples) -> BenchResult<()> {
             "throughput_ratio": throughput_ratio,
             "uds_rtt": summary_json(rtt),
             "uds_message_bytes": request_frame_size(),
+            "hops": { "front": summary_json(front), "plugin": summary_json(plugin_hop) },
             "targets": { "p50_ratio": 1.15, "throughput_ratio": 0.85 },
         });
         if let Some(p) = &peer_summary {
