@@ -49,7 +49,7 @@
 //! and check it with `torud plugin check greeter.binary`. `docs/PLUGIN_GUIDE.md` walks
 //! through it.
 //!
-//! The daemon also uses [`codec`], [`outbox`], [`wire`], [`storage_wire`] and [`metadata`] from here,
+//! The daemon also uses [`codec`], [`wire`], [`storage_wire`] and [`metadata`] from here,
 //! so the protocol is defined exactly once. This crate knows nothing of gRPC, the daemon's
 //! supervision, or how the daemon stores data.
 
@@ -58,7 +58,6 @@
 pub mod codec;
 pub mod logging;
 pub mod metadata;
-pub mod outbox;
 mod plugin;
 mod serve;
 mod storage;
@@ -68,7 +67,6 @@ pub mod wire;
 
 pub use codec::{FrameCodec, FrameError, DEFAULT_MAX_FRAME_LEN};
 pub use metadata::{Metadata, MetadataError};
-pub use outbox::Outbox;
 pub use plugin::{
     default_kv, Context, HttpRequest, HttpResponse, KvOp, Plugin, PluginError, Storage,
 };

@@ -1,10 +1,9 @@
 //! The bridge: how requests reach a running plugin and how answers come back.
 //!
 //! A [`Link`] is the way to one running plugin. For protocol 2 or later it owns one
-//! persistent connection, multiplexed: each sender writes its frame from its own task
-//! through the connection's [`Outbox`] (with whatever others queued meanwhile, in one
-//! write), a reader task matches answers to waiting callers by `request_id`, in whatever
-//! order they come, through a oneshot each. For v1 plugins it follows Toru's discipline:
+//! persistent connection, multiplexed: a writer task sends frames (batching whatever is
+//! queued into one flush), a reader task matches answers to waiting callers by
+//! `request_id`, in whatever order they come. For v1 plugins it follows Toru's discipline:
 //! each request on a connection of its own, the answer read before closing.
 //!
 //! Every request is bounded by a timeout and by the in-flight cap; a caller that goes away
@@ -25,11 +24,11 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use toru_plugin_sdk::wire::{HttpAnswer, HttpCall};
-use toru_plugin_sdk::{AnswerKind, Envelope, FrameCodec, FrameError, KvOp, MessageType, Outbox};
+use toru_plugin_sdk::{AnswerKind, Envelope, FrameCodec, FrameError, KvOp, MessageType};
 
 use crate::plugin::connection::{connect_patiently, send_one};
 use crate::plugin::throttle::{Admit, Throttle};
@@ -270,7 +269,7 @@ impl Warnings {
 
 enum Transport {
     Persistent {
-        outbox: Arc<Outbox<OwnedWriteHalf>>,
+        tx: mpsc::Sender<Vec<u8>>,
     },
     PerRequest {
         socket: PathBuf,
@@ -295,8 +294,8 @@ impl Pending {
 }
 
 impl Link {
-    /// A link over the persistent connection of a protocol-2 plugin. Spawns its reader
-    /// task, and one that shuts the writing side down when the link closes. The plugin's `storage` requests on this
+    /// A link over the persistent connection of a protocol-2 plugin. Spawns its reader and
+    /// writer tasks, which end when the link closes. The plugin's `storage` requests on this
     /// connection are served from `storage`, the namespace of the plugin the daemon spawned
     /// (refused when `None`).
     pub fn persistent(
@@ -306,17 +305,10 @@ impl Link {
         storage: Option<Namespace>,
     ) -> Link {
         let (read, write) = stream.into_split();
-        let outbox = Outbox::new(write, FrameCodec::new(limits.max_frame));
+        let (tx, rx) = mpsc::channel(limits.max_in_flight + STORAGE_IN_FLIGHT + 64);
         let plugin = storage.as_ref().map_or("", Namespace::name).to_owned();
-        let transport = Transport::Persistent {
-            outbox: outbox.clone(),
-        };
-        let link = Link::new(transport, protocol, limits, plugin);
-        let closed = link.inner.closed.clone();
-        tokio::spawn(async move {
-            closed.cancelled().await;
-            outbox.close().await;
-        });
+        let link = Link::new(Transport::Persistent { tx }, protocol, limits, plugin);
+        tokio::spawn(link.clone().write_loop(write, rx));
         tokio::spawn(link.clone().read_loop(read, storage));
         link
     }
@@ -394,7 +386,10 @@ impl Link {
     /// Sends a message that is not answered (lifecycle).
     pub async fn notify(&self, envelope: &Envelope) -> Result<(), LinkError> {
         match &self.inner.transport {
-            Transport::Persistent { outbox } => self.write(outbox, envelope.to_vec()).await,
+            Transport::Persistent { tx } => tx
+                .send(envelope.to_vec())
+                .await
+                .map_err(|_| LinkError::Unavailable(self.close_reason())),
             Transport::PerRequest { socket, .. } => send_one(socket, envelope)
                 .await
                 .map_err(|e| LinkError::Unavailable(e.to_string())),
@@ -424,9 +419,7 @@ impl Link {
         let id = envelope.request_id.unwrap_or_default();
         let work = async {
             match &self.inner.transport {
-                Transport::Persistent { outbox } => {
-                    self.request_persistent(outbox, id, bytes).await
-                }
+                Transport::Persistent { tx } => self.request_persistent(tx, id, bytes).await,
                 Transport::PerRequest {
                     socket,
                     connections,
@@ -442,44 +435,9 @@ impl Link {
         }
     }
 
-    /// Writes what is queued to the plugin; a failure closes the link.
-    async fn write_queued(&self, outbox: &Arc<Outbox<OwnedWriteHalf>>) -> Result<(), LinkError> {
-        self.written(outbox.write_queued()).await
-    }
-
-    /// Writes `frame` (and whatever is queued) to the plugin; a failure closes the link.
-    async fn write(
-        &self,
-        outbox: &Arc<Outbox<OwnedWriteHalf>>,
-        frame: Vec<u8>,
-    ) -> Result<(), LinkError> {
-        if self.inner.closed.is_cancelled() {
-            return Err(LinkError::Unavailable(self.close_reason()));
-        }
-        self.written(outbox.send(frame)).await
-    }
-
-    /// Waits for a write, giving up when the link closes (a plugin that stopped reading
-    /// must not hold a writer, or the shutting down of the connection, forever); a failed
-    /// write closes the link.
-    async fn written(
-        &self,
-        write: impl std::future::Future<Output = Result<(), FrameError>>,
-    ) -> Result<(), LinkError> {
-        let result = tokio::select! {
-            result = write => result,
-            _ = self.inner.closed.cancelled() => return Err(LinkError::Unavailable(self.close_reason())),
-        };
-        if let Err(e) = result {
-            self.close(&format!("writing to the plugin failed: {e}"));
-            return Err(LinkError::Unavailable(self.close_reason()));
-        }
-        Ok(())
-    }
-
     async fn request_persistent(
         &self,
-        outbox: &Arc<Outbox<OwnedWriteHalf>>,
+        tx: &mpsc::Sender<Vec<u8>>,
         id: String,
         bytes: Vec<u8>,
     ) -> Result<Envelope, LinkError> {
@@ -492,7 +450,9 @@ impl Link {
         if self.inner.closed.is_cancelled() {
             return Err(LinkError::Unavailable(self.close_reason()));
         }
-        self.write(outbox, bytes).await?;
+        tx.send(bytes)
+            .await
+            .map_err(|_| LinkError::Unavailable(self.close_reason()))?;
         match answer_rx.await {
             Ok(answer) => {
                 entry.id = None;
@@ -598,6 +558,34 @@ impl Link {
         }
     }
 
+    async fn write_loop(self, write: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
+        let mut out = FramedWrite::new(write, FrameCodec::new(self.inner.limits.max_frame));
+        loop {
+            let first = tokio::select! {
+                msg = rx.recv() => msg,
+                _ = self.inner.closed.cancelled() => return,
+            };
+            let Some(first) = first else { return };
+            let mut next = Some(first);
+            let mut failed = None;
+            while let Some(frame) = next {
+                if let Err(e) = out.feed(frame).await {
+                    failed = Some(e);
+                    break;
+                }
+                next = rx.try_recv().ok();
+            }
+            let flushed = match failed {
+                Some(e) => Err(e),
+                None => SinkExt::<Vec<u8>>::flush(&mut out).await,
+            };
+            if let Err(e) = flushed {
+                self.close(&format!("writing to the plugin failed: {e}"));
+                return;
+            }
+        }
+    }
+
     async fn read_loop(self, read: OwnedReadHalf, storage: Option<Namespace>) {
         let mut frames = FramedRead::new(read, FrameCodec::new(self.inner.limits.max_frame));
         let storage_slots = Arc::new(tokio::sync::Semaphore::new(STORAGE_IN_FLIGHT));
@@ -632,8 +620,12 @@ impl Link {
                     slot = storage_slots.clone().acquire_owned() => slot.expect("never closed"),
                     _ = self.inner.closed.cancelled() => return,
                 };
-                let (storage, link) = (storage.clone(), self.clone());
-                tokio::spawn(async move { link.serve_storage(storage, envelope, slot).await });
+                let Transport::Persistent { tx } = &self.inner.transport else {
+                    unreachable!("only persistent links read frames")
+                };
+                let (storage, tx) = (storage.clone(), tx.clone());
+                let link = self.clone();
+                tokio::spawn(async move { link.serve_storage(storage, envelope, tx, slot).await });
                 continue;
             }
             let waiter = self.inner.pending.lock().remove(&id);
@@ -647,11 +639,12 @@ impl Link {
         self.close(&reason);
     }
 
-    /// Answers one storage request of the plugin.
+    /// Answers one storage request of the plugin and queues the answer for the writer.
     async fn serve_storage(
         &self,
         storage: Option<Namespace>,
         request: Envelope,
+        tx: mpsc::Sender<Vec<u8>>,
         _slot: tokio::sync::OwnedSemaphorePermit,
     ) {
         use toru_plugin_sdk::storage_wire::{answer_envelope, StorageError, StorageOp};
@@ -676,11 +669,7 @@ impl Link {
         if let Err(e) = &result {
             self.inner.warnings.storage_refused(&id, e);
         }
-        if let Transport::Persistent { outbox } = &self.inner.transport {
-            let _ = self
-                .write(outbox, answer_envelope(id, &result).to_vec())
-                .await;
-        }
+        let _ = tx.send(answer_envelope(id, &result).to_vec()).await;
     }
 }
 
@@ -746,16 +735,8 @@ impl Drop for PendingEntry<'_> {
         let Some(id) = self.id.take() else { return };
         let removed = self.link.inner.pending.lock().remove(&id).is_some();
         if removed && !self.link.inner.closed.is_cancelled() {
-            if let Transport::Persistent { outbox } = &self.link.inner.transport {
-                // Dropped code cannot wait: queued, and written (with the request itself
-                // if its write was cut short) by a task of its own.
-                outbox.push(Envelope::bare(MessageType::Cancel, id).to_vec());
-                let link = self.link.clone();
-                tokio::spawn(async move {
-                    if let Transport::Persistent { outbox } = &link.inner.transport {
-                        let _ = link.write_queued(outbox).await;
-                    }
-                });
+            if let Transport::Persistent { tx } = &self.link.inner.transport {
+                let _ = tx.try_send(Envelope::bare(MessageType::Cancel, id).to_vec());
             }
         }
     }
