@@ -235,8 +235,16 @@ impl Namespace {
         &self.name
     }
 
-    /// Runs `op` on a blocking thread (redb reads and fsyncs block).
+    /// Runs `op`: a `get` on the calling task, anything else on a blocking thread (writes
+    /// fsync; a list reads up to a page of entries).
+    ///
+    /// A `get` reads one key in a read transaction, from redb's page cache once warm: a few
+    /// microseconds, less than the two thread wake-ups a hop to the blocking pool and back
+    /// costs, and each forwarded KV call of an SDK plugin makes one.
     pub async fn apply(&self, op: StorageOp) -> Result<StorageAnswer, StorageError> {
+        if let StorageOp::Get { .. } = op {
+            return self.apply_blocking(&op);
+        }
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.apply_blocking(&op))
             .await

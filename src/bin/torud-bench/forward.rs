@@ -6,6 +6,12 @@
 //! a bare tonic server in a process of its own that forwards each call over one multiplexed
 //! Unix-socket connection to the same plugin binary, building and reading the same JSON
 //! frames, with none of the daemon's machinery (supervision, limits, events).
+//!
+//! Each round also times a bare Unix-socket round trip, the front hop alone and the plugin
+//! hop alone, and (with `--peer`) runs HashiCorp go-plugin's KV peer (`peer.rs`), whose
+//! p50 plus one bare round trip and 0.8× whose throughput are the daemon's target. With
+//! `--plugin memory` the plugin is `kv-plugin` (`memkv.rs`), which keeps values in memory
+//! as the peer's plugin does.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,6 +36,7 @@ use torud_api::pb::kv_service_client::KvServiceClient;
 use torud_api::pb::kv_service_server::{KvService, KvServiceServer};
 use torud_api::pb::plugin_service_client::PluginServiceClient;
 
+use crate::peer::{uds_round_trips, Peer, PeerLoad, PeerRound};
 use crate::{
     authed, connect, num_cpus, sibling, summarize, summary_json, wait_for_hello, Authed,
     BenchResult, Daemon,
@@ -37,15 +44,75 @@ use crate::{
 
 const KEY: &str = "bench-key";
 
-pub(crate) async fn run(
-    calls: usize,
-    seconds: f64,
-    rounds: usize,
-    in_flight: usize,
-    json_path: Option<PathBuf>,
-) -> BenchResult<()> {
+/// The plugin the forwarded calls reach.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum PluginKind {
+    /// The example plugin: values in the daemon's durable storage.
+    Storage,
+    /// `torud-bench kv-plugin`: values in the plugin's memory, like the go-plugin peer's.
+    Memory,
+}
+
+/// What `torud-bench forward` runs.
+pub(crate) struct Options {
+    /// The plugin behind `hello`.
+    pub(crate) plugin: PluginKind,
+    /// Sequential calls timed per side (spread over the rounds).
+    pub(crate) calls: usize,
+    /// Seconds of each throughput run.
+    pub(crate) seconds: f64,
+    /// Rounds; each side (and the peer) runs once per round, in turn.
+    pub(crate) rounds: usize,
+    /// Calls in flight in the throughput runs.
+    pub(crate) in_flight: usize,
+    /// Where to write the figures as JSON.
+    pub(crate) json: Option<PathBuf>,
+    /// The go-plugin peer's Go module, to build and run beside torud.
+    pub(crate) peer: Option<PathBuf>,
+}
+
+/// Bytes of the value the benchmark key holds (on every side, the peer's too).
+const VALUE_SIZE: usize = 32;
+
+/// The samples of every side, gathered round by round.
+#[derive(Default)]
+struct Samples {
+    /// Sequential latency: daemon, baseline.
+    latency: [Vec<Duration>; 2],
+    /// Throughput runs: daemon, baseline.
+    rates: [Vec<f64>; 2],
+    /// The peer's rounds (empty without `--peer`).
+    peer: Vec<PeerRound>,
+    /// Bare Unix-socket round trips.
+    uds: Vec<Duration>,
+    /// The daemon's front hop alone: a `GetValue` for a plugin that does not exist
+    /// (client, TCP, h2, auth, readiness, the plugin table; NOT_FOUND).
+    front: Vec<Duration>,
+    /// The plugin hop alone: the same KV request on a connection of the bench's own to
+    /// the plugin's socket (one UDS round trip, the plugin's decode, task and encode).
+    plugin: Vec<Duration>,
+}
+
+pub(crate) async fn run(options: Options) -> BenchResult<()> {
+    let Options {
+        calls,
+        seconds,
+        rounds,
+        in_flight,
+        ref peer,
+        ..
+    } = options;
+    // Built first: the Go toolchain's work must not overlap the measurement.
+    let peer = match peer {
+        Some(dir) => Some(Peer::build(dir).await?),
+        None => None,
+    };
     let torud = sibling("torud")?;
-    let plugin = sibling("hello-plugin")?;
+    let scripts = tempfile::tempdir()?;
+    let plugin = match options.plugin {
+        PluginKind::Storage => sibling("hello-plugin")?,
+        PluginKind::Memory => memory_plugin(scripts.path())?,
+    };
     let daemon = Daemon::start(&torud, &plugin, &["--enable-new-plugins"]).await?;
     let channel = connect(&daemon.addr).await?;
     let mut plugins = PluginServiceClient::new(authed(channel));
@@ -53,15 +120,15 @@ pub(crate) async fn run(
     wait_for_hello(&mut plugins, "running", running).await?;
     let baseline = BaselineProcess::start(&plugin).await?;
     let sides = [
-        ("daemon", kv_client(&daemon.addr).await?),
-        ("baseline", kv_client(&baseline.addr).await?),
+        kv_client(&daemon.addr).await?,
+        kv_client(&baseline.addr).await?,
     ];
-    for (_, client) in &sides {
+    for client in &sides {
         let mut client = client.clone();
         let req = pb::SetValueRequest {
             plugin_id: "hello".into(),
             key: KEY.into(),
-            value: "v".repeat(32),
+            value: "v".repeat(VALUE_SIZE),
         };
         client.set_value(req).await?;
         for _ in 0..500 {
@@ -69,74 +136,290 @@ pub(crate) async fn run(
         }
     }
 
-    // Latency: alternate chunks so both sides see the same machine.
-    let mut latency: [Vec<Duration>; 2] = [Vec::with_capacity(calls), Vec::with_capacity(calls)];
-    while latency[0].len() < calls {
-        for (side, (_, client)) in sides.iter().enumerate() {
+    let per_round = calls.div_ceil(rounds);
+    let mut samples = Samples::default();
+    for round in 1..=rounds {
+        let timed = (per_round * round).min(calls);
+        latency_round(&sides, &mut samples.latency, timed).await?;
+        for (side, client) in sides.iter().enumerate() {
+            samples.rates[side].push(throughput(client, seconds, in_flight).await?);
+        }
+        if let Some(peer) = &peer {
+            let load = PeerLoad {
+                calls: per_round,
+                seconds,
+                in_flight,
+                value_size: VALUE_SIZE,
+            };
+            samples.peer.push(peer.round(&load).await?);
+        }
+        samples
+            .uds
+            .extend(uds_round_trips(request_frame_size(), per_round).await?);
+        samples.front.extend(front_hop(&sides[0], per_round).await?);
+        let socket = daemon.dir().join("run").join("hello").join("plugin.sock");
+        samples.plugin.extend(plugin_hop(&socket, per_round).await?);
+    }
+    drop(baseline);
+    drop(daemon);
+    report(&options, samples)
+}
+
+/// An executable in `dir` that runs this binary's `kv-plugin`.
+fn memory_plugin(dir: &std::path::Path) -> BenchResult<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("memkv.binary");
+    let me = std::env::current_exe()?;
+    let script = format!("#!/bin/sh\nexec '{}' kv-plugin \"$@\"\n", me.display());
+    std::fs::write(&path, script)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
+}
+
+/// Sequential calls, alternating chunks between the sides so both see the same machine,
+/// until each side has `timed` samples.
+async fn latency_round(
+    sides: &[KvServiceClient<Authed>; 2],
+    latency: &mut [Vec<Duration>; 2],
+    timed: usize,
+) -> BenchResult<()> {
+    while latency[0].len() < timed {
+        for (side, client) in sides.iter().enumerate() {
             let mut client = client.clone();
-            for _ in 0..250.min(calls - latency[side].len()) {
+            for _ in 0..250.min(timed - latency[side].len()) {
                 let began = Instant::now();
                 get(&mut client).await?;
                 latency[side].push(began.elapsed());
             }
         }
     }
-    let mut rates = [Vec::new(), Vec::new()];
-    for _ in 0..rounds {
-        for (side, (_, client)) in sides.iter().enumerate() {
-            rates[side].push(throughput(client, seconds, in_flight).await?);
+    Ok(())
+}
+
+/// `count` sequential `GetValue` calls naming a plugin that does not exist, timed.
+async fn front_hop(client: &KvServiceClient<Authed>, count: usize) -> BenchResult<Vec<Duration>> {
+    let mut client = client.clone();
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let req = pb::GetValueRequest {
+            plugin_id: "absent".into(),
+            key: KEY.into(),
+        };
+        let began = Instant::now();
+        let status = client.get_value(req).await.err();
+        samples.push(began.elapsed());
+        if status.map(|s| s.code()) != Some(tonic::Code::NotFound) {
+            return Err("a GetValue for an absent plugin did not answer NOT_FOUND".into());
         }
     }
-    drop(baseline);
-    drop(daemon);
+    Ok(samples)
+}
 
-    let [lat_d, lat_b] = latency;
-    let (mut lat_d, mut lat_b) = (lat_d, lat_b);
-    let (ld, lb) = (summarize(&mut lat_d), summarize(&mut lat_b));
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (td, tb) = (median(&rates[0]), median(&rates[1]));
+/// `count` sequential KV `get` requests (after as many untimed) on a connection of the
+/// bench's own to the plugin's socket, timed; the plugin's storage requests, if any, are
+/// answered at once.
+async fn plugin_hop(socket: &std::path::Path, count: usize) -> BenchResult<Vec<Duration>> {
+    let stream = tokio::net::UnixStream::connect(socket).await?;
+    let (read, write) = stream.into_split();
+    let mut out = FramedWrite::new(write, FrameCodec::default());
+    let mut frames = FramedRead::new(read, FrameCodec::default());
+    let op = KvOp::Get { key: KEY.into() };
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..count * 2 {
+        let request = Envelope::kv_request(torud::plugin::link::new_request_id(), &op);
+        let began = Instant::now();
+        out.send(request.to_vec()).await?;
+        loop {
+            let frame = frames
+                .next()
+                .await
+                .ok_or("the plugin closed the connection")??;
+            let answer = Envelope::from_slice(&frame)?;
+            if answer.kind != MessageType::Storage {
+                break;
+            }
+            // The example plugin reads its value from the host's storage: answered here
+            // at once, as if from a cache.
+            use toru_plugin_sdk::storage_wire::{answer_envelope, StorageAnswer};
+            let value = StorageAnswer::Value(Some("v".repeat(VALUE_SIZE)));
+            let id = answer.request_id.unwrap_or_default();
+            out.send(answer_envelope(id, &Ok(value)).to_vec()).await?;
+        }
+        if i >= count {
+            samples.push(began.elapsed());
+        }
+    }
+    Ok(samples)
+}
+
+/// Bytes of the frame the daemon writes to the plugin for one `GetValue` (length prefix
+/// included): the message size of the bare round trip.
+fn request_frame_size() -> usize {
+    let op = KvOp::Get { key: KEY.into() };
+    let id = torud::plugin::link::new_request_id();
+    4 + Envelope::kv_request(id, &op).to_vec().len()
+}
+
+fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Prints the figures and writes the JSON.
+fn report(options: &Options, samples: Samples) -> BenchResult<()> {
+    let Samples {
+        latency: [mut lat_d, mut lat_b],
+        rates,
+        peer,
+        mut uds,
+        mut front,
+        mut plugin,
+    } = samples;
+    let (front, plugin_hop) = (summarize(&mut front), summarize(&mut plugin));
+    let (ld, lb, rtt) = (
+        summarize(&mut lat_d),
+        summarize(&mut lat_b),
+        summarize(&mut uds),
+    );
+    let (td, tb) = (
+        median(rates[0].iter().copied()),
+        median(rates[1].iter().copied()),
+    );
     let p50_ratio = ld.p50 / lb.p50;
     let throughput_ratio = td / tb;
+    let Options {
+        calls,
+        seconds,
+        rounds,
+        in_flight,
+        ..
+    } = *options;
+    let plugin = match options.plugin {
+        PluginKind::Storage => "the example plugin, values in the daemon's storage",
+        PluginKind::Memory => "kv-plugin, values in its memory",
+    };
     println!(
-        "torud-bench forward: {calls} sequential GetValue per side, then {rounds} × {seconds} s with {in_flight} in flight (median), {} cores",
+        "torud-bench forward: {calls} sequential GetValue per side, then {rounds} × {seconds} s with {in_flight} in flight (median), {} cores; plugin: {plugin}",
         num_cpus()
     );
     println!(
         "{:<22} {:>10} {:>10} {:>12}",
         "", "p50 ms", "p99 ms", "calls/s"
     );
-    println!(
-        "{:<22} {:>10.3} {:>10.3} {:>12.0}",
-        "daemon", ld.p50, ld.p99, td
-    );
-    println!(
-        "{:<22} {:>10.3} {:>10.3} {:>12.0}",
-        "baseline (bare)", lb.p50, lb.p99, tb
-    );
+    let row = |name: &str, p50: f64, p99: f64, rate: Option<f64>| {
+        let rate = rate.map_or_else(|| "-".to_owned(), |r| format!("{r:.0}"));
+        println!("{name:<22} {p50:>10.3} {p99:>10.3} {rate:>12}");
+    };
+    row("daemon", ld.p50, ld.p99, Some(td));
+    row("baseline (bare)", lb.p50, lb.p99, Some(tb));
+    let peer_summary = (!peer.is_empty()).then(|| PeerSummary::of(&peer, ld.p50, td, rtt.p50));
+    if let Some(p) = &peer_summary {
+        row("go-plugin (peer)", p.p50, p.p99, Some(p.rate));
+    }
+    row("bare UDS round trip", rtt.p50, rtt.p99, None);
+    row("front hop alone", front.p50, front.p99, None);
+    row("plugin hop alone", plugin_hop.p50, plugin_hop.p99, None);
     println!("p50 ratio:        {p50_ratio:.3} (target ≤ 1.15)");
     println!("throughput ratio: {throughput_ratio:.3} (target ≥ 0.85)");
-    if let Some(path) = json_path {
-        let doc = json!({
+    if let Some(p) = &peer_summary {
+        println!(
+            "against go-plugin: p50 {:.3} ms vs ≤ {:.3} ms (peer p50 + one bare UDS round trip): {}; throughput ratio {:.3} (target ≥ {PEER_THROUGHPUT_TARGET}): {}",
+            ld.p50,
+            p.p50_limit,
+            verdict(p.p50_met),
+            p.throughput_ratio,
+            verdict(p.throughput_met),
+        );
+    }
+    if let Some(path) = &options.json {
+        let mut doc = json!({
             "benchmark": "forward",
             "calls": calls,
             "seconds": seconds,
             "rounds": rounds,
             "in_flight": in_flight,
             "cores": num_cpus(),
+            "plugin": format!("{:?}", options.plugin).to_lowercase(),
             "latency": { "daemon": summary_json(ld), "baseline": summary_json(lb) },
             "throughput_calls_per_s": { "daemon": td, "baseline": tb, "daemon_runs": rates[0], "baseline_runs": rates[1] },
             "p50_ratio": p50_ratio,
             "throughput_ratio": throughput_ratio,
+            "uds_rtt": summary_json(rtt),
+            "uds_message_bytes": request_frame_size(),
+            "hops": { "front": summary_json(front), "plugin": summary_json(plugin_hop) },
             "targets": { "p50_ratio": 1.15, "throughput_ratio": 0.85 },
         });
-        std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)?;
+        if let Some(p) = &peer_summary {
+            doc["peer"] = json!({
+                "name": "hashicorp/go-plugin gRPC KV",
+                "p50_ms": p.p50,
+                "p99_ms": p.p99,
+                "throughput_calls_per_s": p.rate,
+                "rounds": peer.iter().map(|r| json!({
+                    "p50_us": r.p50_us, "p99_us": r.p99_us, "throughput_calls_per_s": r.calls_per_s,
+                })).collect::<Vec<_>>(),
+            });
+            doc["peer_p50_ratio"] = json!(p.p50_ratio);
+            doc["peer_throughput_ratio"] = json!(p.throughput_ratio);
+            doc["peer_target"] = json!({
+                "p50_limit_ms": p.p50_limit,
+                "p50_met": p.p50_met,
+                "throughput_ratio": PEER_THROUGHPUT_TARGET,
+                "throughput_met": p.throughput_met,
+                "met": p.p50_met && p.throughput_met,
+            });
+        }
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?)?;
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The throughput against go-plugin's the target asks for.
+const PEER_THROUGHPUT_TARGET: f64 = 0.8;
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+/// The peer's figures (medians of its rounds) and the daemon's against them.
+struct PeerSummary {
+    p50: f64,
+    p99: f64,
+    rate: f64,
+    p50_ratio: f64,
+    throughput_ratio: f64,
+    /// The peer's p50 plus one bare UDS round trip: the most the daemon's p50 may be.
+    p50_limit: f64,
+    p50_met: bool,
+    throughput_met: bool,
+}
+
+impl PeerSummary {
+    /// From the peer's rounds and the daemon's p50 (ms), throughput, and the bare round
+    /// trip's p50 (ms).
+    fn of(rounds: &[PeerRound], daemon_p50: f64, daemon_rate: f64, rtt_p50: f64) -> Self {
+        let p50 = median(rounds.iter().map(|r| r.p50_us / 1000.0));
+        let p99 = median(rounds.iter().map(|r| r.p99_us / 1000.0));
+        let rate = median(rounds.iter().map(|r| r.calls_per_s));
+        let p50_limit = p50 + rtt_p50;
+        let throughput_ratio = daemon_rate / rate;
+        PeerSummary {
+            p50,
+            p99,
+            rate,
+            p50_ratio: daemon_p50 / p50,
+            throughput_ratio,
+            p50_limit,
+            p50_met: daemon_p50 <= p50_limit,
+            throughput_met: throughput_ratio >= PEER_THROUGHPUT_TARGET,
+        }
+    }
 }
 
 async fn kv_client(addr: &str) -> BenchResult<KvServiceClient<Authed>> {

@@ -4,7 +4,7 @@
 //! - `torud-bench lifecycle`: enable→ready and SIGKILL→crashed-event latency (see
 //!   `lifecycle.rs`).
 //! - `torud-bench forward`: a forwarded `GetValue`, latency and throughput (see
-//!   `forward.rs`).
+//!   `forward.rs`), with `--peer DIR` beside HashiCorp go-plugin's (see `peer.rs`).
 //!
 //! Run from a release build: `cargo build --release --bins --examples`, then
 //! `target/release/torud-bench <bench> [--json PATH]`.
@@ -12,6 +12,8 @@
 mod forward;
 mod lifecycle;
 mod logs;
+mod memkv;
+mod peer;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -61,6 +63,16 @@ enum Bench {
         /// Also write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// The plugin behind `hello`: `storage` (the example plugin, whose KV values live in
+        /// the daemon's durable storage: two socket round trips per call) or `memory` (an SDK
+        /// plugin keeping them in its own memory, as the go-plugin peer's plugin does).
+        #[arg(long, value_enum, default_value_t = forward::PluginKind::Storage)]
+        plugin: forward::PluginKind,
+        /// The HashiCorp go-plugin KV peer's Go module (e.g. `../shared/peers/goplugin-kv`):
+        /// built with `go build` and run between torud's rounds; adds its figures, the
+        /// ratios against it and whether the target holds.
+        #[arg(long, value_name = "DIR")]
+        peer: Option<PathBuf>,
     },
     /// Log capture: lines/s from a one-write-per-line and a buffered writer, and latency at
     /// a paced rate, each beside a bare pipe reader.
@@ -96,6 +108,13 @@ enum Bench {
         /// The plugin id to declare.
         #[arg(long, default_value = "writer")]
         id: String,
+        /// Print plugin metadata and exit.
+        #[arg(long)]
+        metadata: bool,
+    },
+    /// (internal) The in-memory KV plugin of `forward --plugin memory`.
+    #[command(hide = true)]
+    KvPlugin {
         /// Print plugin metadata and exit.
         #[arg(long)]
         metadata: bool,
@@ -263,6 +282,10 @@ pub(crate) fn num_cpus() -> usize {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Bench::KvPlugin { .. } = cli.bench {
+        // The SDK's `serve` runs a runtime of its own.
+        return memkv::serve();
+    }
     // The log benchmark's subscriber (and its bare-pipe baseline) runs on one thread: on a
     // 2-core machine a multi-threaded client spends its time waking itself across threads,
     // CPU the daemon and the writer being measured need.
@@ -284,8 +307,22 @@ fn main() -> std::process::ExitCode {
                 rounds,
                 in_flight,
                 json,
-            } => forward::run(calls.max(1), seconds, rounds.max(1), in_flight.max(1), json).await,
+                plugin,
+                peer,
+            } => {
+                let options = forward::Options {
+                    plugin,
+                    calls: calls.max(1),
+                    seconds,
+                    rounds: rounds.max(1),
+                    in_flight: in_flight.max(1),
+                    json,
+                    peer,
+                };
+                forward::run(options).await
+            }
             Bench::BaselineServer { plugin } => forward::baseline_server(plugin).await,
+            Bench::KvPlugin { .. } => unreachable!("served before the runtime starts"),
             Bench::Logs {
                 lines,
                 rate,
