@@ -5,6 +5,8 @@
 //!   `lifecycle.rs`).
 //! - `torud-bench forward`: a forwarded `GetValue`, latency and throughput (see
 //!   `forward.rs`).
+//! - `torud-bench logs`: log capture throughput, latency and queries (see `logs.rs`).
+//! - `torud-bench scale`: N plugins on one host, beside an empty daemon (see `scale.rs`).
 //!
 //! Run from a release build: `cargo build --release --bins --examples`, then
 //! `target/release/torud-bench <bench> [--json PATH]`.
@@ -12,6 +14,7 @@
 mod forward;
 mod lifecycle;
 mod logs;
+mod scale;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -80,6 +83,35 @@ enum Bench {
         /// Also write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// N plugins on one host: time to all running, idle CPU, RSS per plugin, ListPlugins
+    /// and GetPlugin latency, time to all stopped, fds and threads, beside an empty daemon.
+    Scale {
+        /// Plugins to install.
+        #[arg(long, default_value_t = 1000)]
+        plugins: usize,
+        /// The plugins' protocol: 1, 2 or both (one daemon each).
+        #[arg(long, default_value = "both")]
+        protocol: String,
+        /// Seconds of the idle window over which CPU, fds and threads are read.
+        #[arg(long, default_value_t = 30.0)]
+        idle_seconds: f64,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// (internal) The plugin of `scale`.
+    #[command(hide = true)]
+    ScalePlugin {
+        /// The plugin id to declare.
+        #[arg(long)]
+        id: String,
+        /// The protocol to speak: 1 or 2.
+        #[arg(long, default_value_t = 1)]
+        protocol: u32,
+        /// Print plugin metadata and exit.
+        #[arg(long)]
+        metadata: bool,
     },
     /// (internal) The writer of `logs`, also runnable as a v1 plugin.
     #[command(hide = true)]
@@ -183,6 +215,16 @@ pub(crate) struct Daemon {
 }
 
 impl Daemon {
+    /// The daemon's process id, while it runs.
+    pub(crate) fn pid(&self) -> Option<i32> {
+        self._child.id().and_then(|p| i32::try_from(p).ok())
+    }
+
+    /// Waits for the daemon to exit.
+    pub(crate) async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self._child.wait().await
+    }
+
     /// The daemon's data directory.
     pub(crate) fn dir(&self) -> PathBuf {
         self._dir.path().join("data")
@@ -263,6 +305,15 @@ pub(crate) fn num_cpus() -> usize {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The scale plugin runs by the thousand: no runtime, no threads.
+    if let Bench::ScalePlugin {
+        id,
+        protocol,
+        metadata,
+    } = &cli.bench
+    {
+        return exit_code(scale::plugin(id, *protocol, *metadata));
+    }
     // The log benchmark's subscriber (and its bare-pipe baseline) runs on one thread: on a
     // 2-core machine a multi-threaded client spends its time waking itself across threads,
     // CPU the daemon and the writer being measured need.
@@ -302,6 +353,24 @@ fn main() -> std::process::ExitCode {
                 )
                 .await
             }
+            Bench::Scale {
+                plugins,
+                protocol,
+                idle_seconds,
+                json,
+            } => {
+                let protocols = match protocol.as_str() {
+                    "1" => vec![1],
+                    "2" => vec![2],
+                    "both" => vec![1, 2],
+                    other => {
+                        return Err(format!("--protocol must be 1, 2 or both, not {other}").into())
+                    }
+                };
+                let idle = Duration::from_secs_f64(idle_seconds.max(0.1));
+                scale::run(plugins.max(1), &protocols, idle, json).await
+            }
+            Bench::ScalePlugin { .. } => unreachable!("run before the runtime is built"),
             Bench::LogWriter {
                 lines,
                 mode,
@@ -311,6 +380,10 @@ fn main() -> std::process::ExitCode {
             } => logs::writer(lines, &mode, rate, &id, metadata),
         }
     });
+    exit_code(result)
+}
+
+fn exit_code(result: BenchResult<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
