@@ -1,6 +1,6 @@
 //! Reaching a plugin's socket: waiting for it to accept, connecting while its backlog is
-//! full, Toru's one-message-per-connection discipline for v1 plugins, and the non-intrusive
-//! v1 health check. The multiplexed request path is `link.rs`'s.
+//! full, and Toru's one-message-per-connection discipline for v1 plugins. The multiplexed
+//! request path is `link.rs`'s; the non-intrusive v1 health check is `listening.rs`'s.
 //! A plugin cannot point the daemon at another plugin's socket: the socket file is opened
 //! without following links and connected through its descriptor, and every connection is
 //! checked against the peer's credentials (the listener must run as the owner of the
@@ -247,52 +247,4 @@ pub async fn send_one(path: &Path, envelope: &Envelope) -> Result<(), ConnectErr
 pub async fn send_one_on(stream: &mut UnixStream, envelope: &Envelope) -> std::io::Result<()> {
     stream.write_all(&encode_frame(&envelope.to_vec())).await?;
     stream.shutdown().await
-}
-
-/// Whether a Unix socket bound at `path` is listening, read from `/proc/net/unix`, so a
-/// health check never opens a connection that a v1 plugin would have to handle.
-pub fn socket_listening(path: &Path) -> std::io::Result<bool> {
-    let table = std::fs::read_to_string("/proc/net/unix")?;
-    Ok(listening_in(&table, &path.to_string_lossy()))
-}
-
-/// Whether the `/proc/net/unix` text lists a listening socket bound at `path`. Columns:
-/// `Num RefCount Protocol Flags Type St Inode Path`; the path is the rest of the line and
-/// may contain spaces.
-fn listening_in(table: &str, path: &str) -> bool {
-    const SO_ACCEPTCON: u32 = 0x0001_0000;
-    table.lines().skip(1).any(|line| {
-        let mut rest = line.trim_start();
-        let mut fields = Vec::with_capacity(7);
-        for _ in 0..7 {
-            let Some(end) = rest.find(' ') else {
-                return false;
-            };
-            fields.push(&rest[..end]);
-            rest = rest[end..].trim_start();
-        }
-        rest == path
-            && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & SO_ACCEPTCON != 0)
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const TABLE: &str = "Num       RefCount Protocol Flags    Type St Inode Path
-0000000000000000: 00000002 00000000 00010000 0001 01 4242 /srv/my data/run/a.sock
-0000000000000000: 00000003 00000000 00000000 0001 03 4343 /srv/data/run/b.sock
-0000000000000000: 00000002 00000000 00010000 0001 01 4444
-";
-
-    #[test]
-    fn finds_listening_sockets_even_with_spaces_in_the_path() {
-        assert!(listening_in(TABLE, "/srv/my data/run/a.sock"));
-        assert!(
-            !listening_in(TABLE, "/srv/data/run/b.sock"),
-            "connected, not listening"
-        );
-        assert!(!listening_in(TABLE, "/srv/my"));
-    }
 }

@@ -37,7 +37,7 @@
 //! plugin's socket in-process with the SDK's codec, so the handshake runs unchanged.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +54,6 @@ use crate::logs::capture::PluginLog;
 use crate::model::{
     EventDraft, EventKind, ExitInfo, ExitStatus, LogLevel, PluginSpec, PluginState, PluginStatus,
 };
-use crate::plugin::connection::socket_listening;
 use crate::plugin::discovery::{self, FileIdentity, ProbeOptions, Recheck};
 use crate::plugin::handshake::{send_shutdown, Handshake, Launch};
 use crate::plugin::link::{Link, LinkError, LinkLimits};
@@ -989,12 +988,9 @@ impl<S: Spawner> Actor<S> {
                             let (link, limit) = (link.clone(), timing.health_interval);
                             ping = Some(Box::pin(async move { link.ping(limit).await }));
                         }
-                    } else {
-                        let path = socket.clone();
-                        if let Ok(Ok(listening)) = tokio::task::spawn_blocking(move || socket_listening(&path)).await {
-                            let reason = if listening { "socket accepting again" } else { "socket not listening" };
-                            self.set_health(listening, reason);
-                        }
+                    } else if let Some(listening) = self.socket_listening(&socket, timing.health_interval).await {
+                        let reason = if listening { "socket accepting again" } else { "socket not listening" };
+                        self.set_health(listening, reason);
                     }
                 }
                 cmd = next_command(&mut self.commands) => {
@@ -1007,6 +1003,21 @@ impl<S: Spawner> Actor<S> {
                 }
             }
         }
+    }
+
+    /// Whether the v1 plugin's socket is listening, from the host's table of sockets as
+    /// read for every plugin at most once per half `interval` (so a check sees a table no
+    /// older than half its interval); `None` when the table cannot be read.
+    async fn socket_listening(&self, socket: &Path, interval: Duration) -> Option<bool> {
+        let max_age = interval / 2;
+        if let Some(listening) = self.ctx.listening.fresh(socket, max_age) {
+            return Some(listening);
+        }
+        let (ctx, socket) = (self.ctx.clone(), socket.to_owned());
+        tokio::task::spawn_blocking(move || ctx.listening.listening(&socket, max_age))
+            .await
+            .ok()?
+            .ok()
     }
 
     /// Stops a process by escalation (`shutdown` message, grace, SIGTERM to the group,

@@ -224,6 +224,8 @@ pub(crate) struct Context {
     /// What each plugin's latest process was started with ([`Context::record_start`]), for
     /// reloads to compare with; locked only to insert or copy.
     pub started: Mutex<HashMap<String, Arc<ProcessSettings>>>,
+    /// The host's listening Unix sockets, read once for every v1 plugin's health check.
+    pub listening: crate::plugin::listening::ListeningSockets,
 }
 
 impl Context {
@@ -331,6 +333,7 @@ impl Supervisor {
                     storage,
                     isolation,
                     started: Mutex::new(HashMap::new()),
+                    listening: Default::default(),
                 }),
                 plugins: RwLock::new(BTreeMap::new()),
                 skipped: Mutex::new(Vec::new()),

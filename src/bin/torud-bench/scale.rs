@@ -205,10 +205,16 @@ async fn measure(
 ) -> BenchResult<Figures> {
     let ids: Vec<String> = (0..plugins).map(|i| format!("p{i:05}")).collect();
     let began = Instant::now();
-    let daemon = Daemon::start_with(torud, &["--enable-new-plugins"], |dir| {
-        install(dir, me, &ids, protocol)
-    })
-    .await?;
+    // Generous timeouts: on a busy machine a thousand probes and starts can take longer
+    // than the defaults, and a plugin skipped or failed would spoil the figures.
+    let flags = [
+        "--enable-new-plugins",
+        "--metadata-timeout",
+        "60s",
+        "--start-timeout",
+        "60s",
+    ];
+    let daemon = Daemon::start_with(torud, &flags, |dir| install(dir, me, &ids, protocol)).await?;
     let pid = daemon.pid().ok_or("the daemon has no pid")?;
     let channel = connect(&daemon.addr).await?;
     let mut client = PluginServiceClient::new(authed(channel));
@@ -265,7 +271,21 @@ async fn wait_all_running(
 ) -> BenchResult<Vec<i32>> {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let list = list_all(client, n).await?;
+        let req = pb::ListPluginsRequest {
+            page_size: n.clamp(1, 1000) as i32,
+            ..Default::default()
+        };
+        let page = client.list_plugins(req).await?.into_inner();
+        if let Some(skipped) = page.skipped.first() {
+            return Err(format!(
+                "the daemon skipped {} plugin files, e.g. {}: {}",
+                page.skipped.len(),
+                skipped.path,
+                skipped.reason
+            )
+            .into());
+        }
+        let list = page.plugins;
         let running: Vec<i32> = list
             .iter()
             .filter(|p| p.state == pb::PluginState::Running as i32)
