@@ -663,7 +663,7 @@ impl<S: Spawner> Actor<S> {
         let settings = cfg.plugin(&self.id);
         let socket = self.socket_path()?;
         self.recheck_id(spec).await?;
-        let who = self.identity(spec)?;
+        let who = self.identity(spec).await?;
         if let Some(dir) = &settings.launch.working_dir {
             self.check_working_dir(&cfg, dir, &who)?;
         }
@@ -760,33 +760,16 @@ impl<S: Spawner> Actor<S> {
     }
 
     /// Who the plugin runs as, with its directories made and its executable checked to be
-    /// within that user's reach.
-    fn identity(&self, spec: &PluginSpec) -> Result<crate::plugin::isolation::Identity, Refusal> {
-        let cfg = self.ctx.config();
-        let isolation = &self.ctx.isolation;
-        let who = match isolation.identity(&cfg, &self.id) {
-            Ok(who) => who,
-            // Writing users.json can fail for a while (a full disk): back off and try again.
-            Err(e @ crate::plugin::isolation::IsolationError::UsersFile { .. }) => {
-                return Err(Refusal::Retry(e.to_string()))
-            }
-            Err(e) => return Err(Refusal::Disable(e.to_string())),
-        };
-        if let Err(e) = isolation.prepare_plugin_dirs(&cfg, &self.id, &who) {
-            return Err(Refusal::Retry(format!(
-                "cannot prepare its directories: {e}"
-            )));
-        }
-        let other_user = format!(
-            ", or run it as another user with --plugin-user {}=USER",
-            self.id
-        );
-        if let Some(reason) =
-            crate::plugin::isolation::unreachable(&spec.binary_path, who.credentials(), &other_user)
-        {
-            return Err(Refusal::Disable(reason));
-        }
-        Ok(who)
+    /// within that user's reach. On a blocking thread: a new plugin's uid is saved (synced)
+    /// to `users.json` first, and the directories are made on disk.
+    async fn identity(
+        &self,
+        spec: &PluginSpec,
+    ) -> Result<crate::plugin::isolation::Identity, Refusal> {
+        let (ctx, id, binary) = (self.ctx.clone(), self.id.clone(), spec.binary_path.clone());
+        tokio::task::spawn_blocking(move || identity_of(&ctx, &id, &binary))
+            .await
+            .map_err(|e| Refusal::Retry(format!("finding who it runs as failed: {e}")))?
     }
 
     /// Checks the executable against its pinned SHA-256, when one is pinned.
@@ -1263,6 +1246,37 @@ fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher)?;
     Ok(hex::encode(hasher.finalize()))
+}
+
+/// Who plugin `id` runs as (a new plugin's uid saved first), with its directories made and
+/// its executable `binary` checked to be within that user's reach. Blocking.
+fn identity_of(
+    ctx: &Context,
+    id: &str,
+    binary: &Path,
+) -> Result<crate::plugin::isolation::Identity, Refusal> {
+    let cfg = ctx.config();
+    let isolation = &ctx.isolation;
+    let who = match isolation.identity(&cfg, id) {
+        Ok(who) => who,
+        // Writing users.json can fail for a while (a full disk): back off and try again.
+        Err(e @ crate::plugin::isolation::IsolationError::UsersFile { .. }) => {
+            return Err(Refusal::Retry(e.to_string()))
+        }
+        Err(e) => return Err(Refusal::Disable(e.to_string())),
+    };
+    if let Err(e) = isolation.prepare_plugin_dirs(&cfg, id, &who) {
+        return Err(Refusal::Retry(format!(
+            "cannot prepare its directories: {e}"
+        )));
+    }
+    let other_user = format!(", or run it as another user with --plugin-user {id}=USER");
+    if let Some(reason) =
+        crate::plugin::isolation::unreachable(binary, who.credentials(), &other_user)
+    {
+        return Err(Refusal::Disable(reason));
+    }
+    Ok(who)
 }
 
 #[cfg(test)]

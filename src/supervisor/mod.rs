@@ -429,6 +429,27 @@ impl Supervisor {
             .collect()
     }
 
+    /// Up to `limit` plugins after the id `after` (from the first when `None`), ordered by
+    /// id, each seen through `view` in place: a page of a thousand costs one copy of each,
+    /// the caller's, and a later page skips the ones before it without copying them.
+    /// `view` runs under the table's read lock and the plugin's status lock: keep it short
+    /// (a conversion, no I/O).
+    pub fn page<T>(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        view: impl Fn(&PluginStatus) -> T,
+    ) -> Vec<T> {
+        use std::ops::Bound;
+        let plugins = self.inner.plugins.read().expect("plugin table poisoned");
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        plugins
+            .range::<str, _>((from, Bound::Unbounded))
+            .take(limit)
+            .map(|(_, h)| view(&h.status.borrow()))
+            .collect()
+    }
+
     /// Files skipped by the last scan.
     pub fn skipped(&self) -> Vec<Skipped> {
         self.inner

@@ -100,19 +100,6 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// (internal) The plugin of `scale`.
-    #[command(hide = true)]
-    ScalePlugin {
-        /// The plugin id to declare.
-        #[arg(long)]
-        id: String,
-        /// The protocol to speak: 1 or 2.
-        #[arg(long, default_value_t = 1)]
-        protocol: u32,
-        /// Print plugin metadata and exit.
-        #[arg(long)]
-        metadata: bool,
-    },
     /// (internal) The writer of `logs`, also runnable as a v1 plugin.
     #[command(hide = true)]
     LogWriter {
@@ -305,15 +292,6 @@ pub(crate) fn num_cpus() -> usize {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // The scale plugin runs by the thousand: no runtime, no threads.
-    if let Bench::ScalePlugin {
-        id,
-        protocol,
-        metadata,
-    } = &cli.bench
-    {
-        return exit_code(scale::plugin(id, *protocol, *metadata));
-    }
     // The log benchmark's subscriber (and its bare-pipe baseline) runs on one thread: on a
     // 2-core machine a multi-threaded client spends its time waking itself across threads,
     // CPU the daemon and the writer being measured need.
@@ -370,7 +348,6 @@ fn main() -> std::process::ExitCode {
                 let idle = Duration::from_secs_f64(idle_seconds.max(0.1));
                 scale::run(plugins.max(1), &protocols, idle, json).await
             }
-            Bench::ScalePlugin { .. } => unreachable!("run before the runtime is built"),
             Bench::LogWriter {
                 lines,
                 mode,
@@ -380,10 +357,6 @@ fn main() -> std::process::ExitCode {
             } => logs::writer(lines, &mode, rate, &id, metadata),
         }
     });
-    exit_code(result)
-}
-
-fn exit_code(result: BenchResult<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -1,16 +1,16 @@
 //! `torud-bench scale --plugins N`: what N plugins on one host cost the daemon, each figure
 //! beside an empty daemon's measured in the same run.
 //!
-//! The plugins are this binary's hidden `scale-plugin` (std only, one thread, no runtime)
-//! behind N `#!/bin/sh exec …` wrappers `<id>.binary`, speaking protocol 1 (one message per
-//! connection) or 2 (one persistent connection: init → ready, ping → pong, shutdown). The
+//! The plugins are the `scale-plugin` example (one thread, no runtime, a small binary, so a
+//! thousand of them start quickly) behind N `#!/bin/sh exec …` wrappers `<id>.binary`,
+//! speaking protocol 1 (one message per connection) or 2 (one persistent connection: init →
+//! ready, ping → pong, shutdown). The
 //! daemon runs with `--enable-new-plugins`. Figures: time from start to all N running;
 //! idle CPU (% of one core, from `/proc/<pid>/stat`) over the idle window; RSS above the
 //! empty daemon per plugin; `ListPlugins` (all N in one page) and `GetPlugin` p50/p99; time
 //! from SIGTERM to the daemon's exit with every plugin gone; open fds and threads at the
 //! start and end of the idle window.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -90,11 +90,11 @@ pub(crate) async fn run(
     json_path: Option<PathBuf>,
 ) -> BenchResult<()> {
     let torud = sibling("torud")?;
-    let me = std::env::current_exe()?;
-    let empty = measure(&torud, &me, 0, 0, idle).await?;
+    let plugin = sibling("scale-plugin")?;
+    let empty = measure(&torud, &plugin, 0, 0, idle).await?;
     let mut runs = Vec::new();
     for &protocol in protocols {
-        runs.push(measure(&torud, &me, plugins, protocol, idle).await?);
+        runs.push(measure(&torud, &plugin, plugins, protocol, idle).await?);
     }
     print(&empty, &runs, idle);
     if let Some(path) = json_path {
@@ -198,7 +198,7 @@ fn print(empty: &Figures, runs: &[Figures], idle: Duration) {
 /// Starts a daemon with `plugins` scale plugins of `protocol` and measures it.
 async fn measure(
     torud: &Path,
-    me: &Path,
+    plugin: &Path,
     plugins: usize,
     protocol: u32,
     idle: Duration,
@@ -214,7 +214,7 @@ async fn measure(
         "--start-timeout",
         "60s",
     ];
-    let daemon = Daemon::start_with(torud, &flags, |dir| install(dir, me, &ids, protocol)).await?;
+    let daemon = Daemon::start_with(torud, &flags, |dir| install(dir, plugin, &ids, protocol)).await?;
     let pid = daemon.pid().ok_or("the daemon has no pid")?;
     let channel = connect(&daemon.addr).await?;
     let mut client = PluginServiceClient::new(authed(channel));
@@ -249,13 +249,13 @@ async fn measure(
     })
 }
 
-/// Writes one `<id>.binary` wrapper per id, running this binary's `scale-plugin`.
-fn install(dir: &Path, me: &Path, ids: &[String], protocol: u32) -> std::io::Result<()> {
+/// Writes one `<id>.binary` wrapper per id, running the `scale-plugin` example.
+fn install(dir: &Path, plugin: &Path, ids: &[String], protocol: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for id in ids {
         let script = format!(
-            "#!/bin/sh\nexec {} scale-plugin --id {id} --protocol {protocol} \"$@\"\n",
-            me.display()
+            "#!/bin/sh\nexec {} --id {id} --protocol {protocol} \"$@\"\n",
+            plugin.display()
         );
         let path = dir.join(format!("{id}.binary"));
         std::fs::write(&path, script)?;
@@ -436,63 +436,4 @@ fn rss_kib(pid: i32) -> BenchResult<u64> {
 
 fn anon_kib(pid: i32) -> BenchResult<u64> {
     proc_value(pid, "smaps_rollup", "Anonymous")
-}
-
-/// The plugin: prints metadata on `--metadata`; otherwise binds `TORU_PLUGIN_SOCKET` and
-/// serves protocol 1 (a message per connection) or 2 (init → ready, ping → pong on a
-/// persistent connection) until `shutdown`. One thread, std only, so a thousand of them
-/// cost the host little.
-pub(crate) fn plugin(id: &str, protocol: u32, metadata: bool) -> BenchResult<()> {
-    if metadata {
-        let meta = json!({
-            "id": id, "name": "scale", "version": "1", "icon": "s",
-            "route": format!("/{id}"), "protocol_version": protocol,
-        });
-        println!("{meta}");
-        return Ok(());
-    }
-    let socket = std::env::var_os(toru_plugin_sdk::ENV_PLUGIN_SOCKET)
-        .ok_or("TORU_PLUGIN_SOCKET is not set: run this under torud")?;
-    let _ = std::fs::remove_file(&socket);
-    let listener = std::os::unix::net::UnixListener::bind(&socket)?;
-    for stream in listener.incoming() {
-        if serve_connection(stream?, protocol)? {
-            return Ok(());
-        }
-    }
-    Ok(())
-}
-
-/// Answers one connection's messages until it closes; `true` when shutdown was asked. A
-/// protocol-1 host sends one message per connection and reads no answer.
-fn serve_connection(
-    mut stream: std::os::unix::net::UnixStream,
-    protocol: u32,
-) -> BenchResult<bool> {
-    use toru_plugin_sdk::{Envelope, MessageType};
-    loop {
-        let mut len = [0u8; 4];
-        if stream.read_exact(&mut len).is_err() {
-            return Ok(false);
-        }
-        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-        if stream.read_exact(&mut body).is_err() {
-            return Ok(false);
-        }
-        let Ok(message) = Envelope::from_slice(&body) else {
-            continue;
-        };
-        let id = message.request_id.clone().unwrap_or_default();
-        let answer = match (message.kind, message.lifecycle_action()) {
-            (_, Some("shutdown")) => return Ok(true),
-            _ if protocol < 2 => continue,
-            (_, Some("init")) => Envelope::bare(MessageType::Ready, id),
-            (MessageType::Ping, _) => Envelope::bare(MessageType::Pong, id),
-            _ => continue,
-        };
-        let frame = toru_plugin_sdk::codec::encode_frame(&answer.to_vec());
-        if stream.write_all(&frame).is_err() {
-            return Ok(false);
-        }
-    }
 }
