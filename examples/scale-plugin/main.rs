@@ -22,7 +22,9 @@ fn main() -> ExitCode {
             .cloned()
     };
     let id = value("--id").unwrap_or_else(|| "scale".into());
-    let protocol: u32 = value("--protocol").and_then(|p| p.parse().ok()).unwrap_or(1);
+    let protocol: u32 = value("--protocol")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1);
     if args.iter().any(|a| a == "--metadata") {
         let meta = serde_json::json!({
             "id": id, "name": "scale", "version": "1", "icon": "s",

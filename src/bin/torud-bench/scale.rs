@@ -214,7 +214,8 @@ async fn measure(
         "--start-timeout",
         "60s",
     ];
-    let daemon = Daemon::start_with(torud, &flags, |dir| install(dir, plugin, &ids, protocol)).await?;
+    let daemon =
+        Daemon::start_with(torud, &flags, |dir| install(dir, plugin, &ids, protocol)).await?;
     let pid = daemon.pid().ok_or("the daemon has no pid")?;
     let channel = connect(&daemon.addr).await?;
     let mut client = PluginServiceClient::new(authed(channel));
