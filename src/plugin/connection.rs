@@ -8,7 +8,7 @@
 //! This module knows nothing of processes or states.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -136,17 +136,64 @@ pub fn check_peer(stream: &impl std::os::fd::AsRawFd, path: &Path) -> std::io::R
     Ok(())
 }
 
+/// How many connects may wait at once on blocking threads, polling every few hundred
+/// microseconds. Further waiters (a thousand plugins starting together) poll from the
+/// runtime at millisecond steps instead, so that a crowd neither holds a thread (and its
+/// memory) each nor floods the host with attempts.
+const FINE_POLLERS: usize = 8;
+/// Connects waiting at once, on blocking threads and on the runtime.
+static WAITING: AtomicUsize = AtomicUsize::new(0);
+/// Of them, those on blocking threads.
+static FINE_POLLING: AtomicUsize = AtomicUsize::new(0);
+/// Per waiter of a crowd, the added cap on its wait between attempts: the crowd as a whole
+/// makes about 10,000 attempts per second, however large it is.
+const CROWD_DELAY_PER_WAITER: Duration = Duration::from_micros(100);
+
+/// Counts a connect among [`WAITING`] (or [`FINE_POLLING`]) until dropped.
+struct Waiting(&'static AtomicUsize);
+
+impl Waiting {
+    fn new(counter: &'static AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Waiting(counter)
+    }
+
+    /// A place among the [`FINE_POLLERS`], if one is free.
+    fn fine() -> Option<Self> {
+        let claimed = FINE_POLLING
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < FINE_POLLERS).then_some(n + 1)
+            })
+            .is_ok();
+        claimed.then_some(Waiting(&FINE_POLLING))
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Connects to `path`, retrying while the socket does not exist or refuses, until
-/// `timeout`. The attempts run on a blocking thread with sub-millisecond sleeps (tokio's
-/// timer has millisecond resolution), and stop when the returned future is dropped.
+/// `timeout`. The first [`FINE_POLLERS`] waiters poll on a blocking thread with
+/// sub-millisecond sleeps (tokio's timer has millisecond resolution); the others poll from
+/// the runtime ([`connect_coarsely`]). Attempts stop when the returned future is dropped.
 pub async fn connect_with_retry(
     path: &Path,
     timeout: Duration,
 ) -> Result<UnixStream, ConnectError> {
+    let _waiting = Waiting::new(&WAITING);
+    let Some(fine) = Waiting::fine() else {
+        return connect_coarsely(path, timeout).await;
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_on_drop = StopOnDrop(stop.clone());
     let path = path.to_owned();
-    let task = tokio::task::spawn_blocking(move || connect_blocking(&path, timeout, &stop));
+    let task = tokio::task::spawn_blocking(move || {
+        let _fine = fine;
+        connect_blocking(&path, timeout, &stop)
+    });
     let std_stream = task.await.expect("connect task panicked")?;
     std_stream
         .set_nonblocking(true)
@@ -155,6 +202,56 @@ pub async fn connect_with_retry(
             path: PathBuf::new(),
             source,
         })
+}
+
+/// [`connect_with_retry`] for a waiter beyond the [`FINE_POLLERS`]: non-blocking attempts
+/// from the runtime, the wait between them doubling from 1 ms up to a cap that grows with
+/// the number of waiters.
+async fn connect_coarsely(path: &Path, timeout: Duration) -> Result<UnixStream, ConnectError> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(1);
+    loop {
+        let attempt = match open_socket(path) {
+            Ok((_file, name)) => UnixStream::connect(&name).await,
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Ok(stream) => {
+                return check_peer(&stream, path)
+                    .map(|()| stream)
+                    .map_err(|source| ConnectError::Peer {
+                        path: path.to_owned(),
+                        source,
+                    })
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound
+                        | std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                let waited = start.elapsed();
+                if waited >= timeout {
+                    return Err(ConnectError::Timeout {
+                        path: path.to_owned(),
+                        limit: timeout,
+                        last_error: e.to_string(),
+                    });
+                }
+                tokio::time::sleep(delay.min(timeout - waited)).await;
+                let crowd = CROWD_DELAY_PER_WAITER * WAITING.load(Ordering::Relaxed) as u32;
+                delay = (delay * 2).min(crowd.max(MAX_RETRY_DELAY));
+            }
+            Err(source) => {
+                return Err(ConnectError::Io {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
 }
 
 struct StopOnDrop(Arc<AtomicBool>);
@@ -247,4 +344,45 @@ pub async fn send_one(path: &Path, envelope: &Envelope) -> Result<(), ConnectErr
 pub async fn send_one_on(stream: &mut UnixStream, envelope: &Envelope) -> std::io::Result<()> {
     stream.write_all(&encode_frame(&envelope.to_vec())).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crowd_of_waiters_beyond_the_fine_pollers_all_connect() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let paths: Vec<PathBuf> = (0..FINE_POLLERS * 3)
+            .map(|i| dir.path().join(format!("{i}.sock")))
+            .collect();
+        let waiters: Vec<_> = paths
+            .iter()
+            .map(|path| {
+                let path = path.clone();
+                tokio::spawn(
+                    async move { connect_with_retry(&path, Duration::from_secs(10)).await },
+                )
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _listeners: Vec<_> = paths
+            .iter()
+            .map(|path| std::os::unix::net::UnixListener::bind(path).expect("bind"))
+            .collect();
+        for waiter in waiters {
+            waiter.await.expect("task").expect("connected");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_coarse_waiter_times_out_naming_the_socket() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("never.sock");
+        let err = connect_coarsely(&path, Duration::from_millis(30))
+            .await
+            .expect_err("nothing listens");
+        assert!(matches!(err, ConnectError::Timeout { .. }), "{err}");
+        assert!(err.to_string().contains("never.sock"), "{err}");
+    }
 }

@@ -766,6 +766,10 @@ impl<S: Spawner> Actor<S> {
         &self,
         spec: &PluginSpec,
     ) -> Result<crate::plugin::isolation::Identity, Refusal> {
+        // A few at a time: a thousand starts would otherwise hold a thousand blocking
+        // threads (and their memory) waiting for the same users.json write.
+        static IDENTITIES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+        let _permit = IDENTITIES.acquire().await.expect("never closed");
         let (ctx, id, binary) = (self.ctx.clone(), self.id.clone(), spec.binary_path.clone());
         tokio::task::spawn_blocking(move || identity_of(&ctx, &id, &binary))
             .await
