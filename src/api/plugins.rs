@@ -122,13 +122,9 @@ impl PluginService for PluginApi {
             req.page_size as usize
         };
         let after = decode_page_token(&req.page_token)?;
-        let all = self.supervisor.list();
-        let mut page: Vec<pb::Plugin> = all
-            .iter()
-            .filter(|p| after.as_deref().is_none_or(|a| p.id() > a))
-            .take(size + 1)
-            .map(convert::plugin)
-            .collect();
+        let mut page = self
+            .supervisor
+            .page(after.as_deref(), size + 1, convert::plugin);
         let next_page_token = if page.len() > size {
             page.truncate(size);
             hex::encode(&page[size - 1].id)

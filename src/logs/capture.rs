@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Map;
 use time::OffsetDateTime;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::{Duration, Instant};
 
 use crate::logs::record::parse_line;
@@ -125,13 +125,17 @@ struct Line {
 const COALESCE: Duration = Duration::from_millis(1);
 /// Bytes of held lines that are stored without waiting any longer.
 const COALESCE_BYTES: usize = 64 * 1024;
-/// Bytes read from a pipe at once.
+/// Most bytes read from a pipe at once.
 const READ_BUFFER: usize = 64 * 1024;
+/// Bytes read from a pipe at first. A read that fills the buffer doubles it, up to
+/// [`READ_BUFFER`]: a busy stream reads 64 KiB at a time after a few reads, while a thousand
+/// quiet plugins do not each hold two 64 KiB buffers.
+const FIRST_READ_BUFFER: usize = 1024;
 
 /// Reads `reader` to its end, line by line, storing every line in `log` (and stderr lines in
 /// `tail`). Never stops reading early, so the writer can never block on a full pipe.
 pub async fn drain_lines<R: AsyncRead + Unpin>(
-    reader: R,
+    mut reader: R,
     stream: LogStream,
     pid: u32,
     log: PluginLog,
@@ -139,7 +143,7 @@ pub async fn drain_lines<R: AsyncRead + Unpin>(
     max_line: usize,
 ) {
     let max_line = max_line.max(16);
-    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
+    let mut buf = vec![0u8; FIRST_READ_BUFFER];
     let mut partial: Vec<u8> = Vec::new();
     let mut batch: Vec<Line> = Vec::new();
     let mut held_bytes = 0;
@@ -147,10 +151,10 @@ pub async fn drain_lines<R: AsyncRead + Unpin>(
     let mut last_store = Instant::now() - COALESCE;
     loop {
         let read = if batch.is_empty() {
-            reader.fill_buf().await
+            reader.read(&mut buf).await
         } else {
-            // `fill_buf` is cancel-safe: a timeout loses no bytes.
-            match tokio::time::timeout_at(last_store + COALESCE, reader.fill_buf()).await {
+            // `read` is cancel-safe: a timeout loses no bytes.
+            match tokio::time::timeout_at(last_store + COALESCE, reader.read(&mut buf)).await {
                 Ok(read) => read,
                 Err(_) => {
                     emit(&log, stream, pid, tail.as_ref(), &mut batch);
@@ -160,32 +164,34 @@ pub async fn drain_lines<R: AsyncRead + Unpin>(
                 }
             }
         };
-        let chunk = match read {
-            Ok(chunk) => chunk,
+        let used = match read {
+            Ok(used) => used,
             Err(e) => {
                 tracing::warn!(?stream, error = %e, "reading plugin output failed");
                 break;
             }
         };
-        if chunk.is_empty() {
+        if used == 0 {
             break;
         }
-        let used = chunk.len();
-        split_lines(chunk, &mut partial, &mut batch, max_line);
-        reader.consume(used);
+        split_lines(&buf[..used], &mut partial, &mut batch, max_line);
         held_bytes += used;
+        let drained = used < buf.len();
+        if !drained && buf.len() < READ_BUFFER {
+            buf.resize((buf.len() * 2).min(READ_BUFFER), 0);
+        }
         let due = last_store.elapsed() >= COALESCE || held_bytes >= COALESCE_BYTES;
         if !batch.is_empty() && due {
             emit(&log, stream, pid, tail.as_ref(), &mut batch);
             held_bytes = 0;
             last_store = Instant::now();
-        } else if !batch.is_empty() && used < READ_BUFFER {
+        } else if !batch.is_empty() && drained {
             // A busy stream that was just stored, and the pipe is drained: let it fill until
             // the next store is due instead of waking for every write. (A pipe that is not
-            // drained, `used == READ_BUFFER`, is read on at once.) The pipe holds far more
-            // than a millisecond of any plugin's logging, so the plugin does not block; and
-            // while the pipe stays non-empty its writes wake nobody, which also makes them
-            // cheaper for the plugin.
+            // drained, a read that filled the buffer, is read on at once.) The pipe holds far
+            // more than a millisecond of any plugin's logging, so the plugin does not block;
+            // and while the pipe stays non-empty its writes wake nobody, which also makes
+            // them cheaper for the plugin.
             tokio::time::sleep_until(last_store + COALESCE).await;
         }
     }

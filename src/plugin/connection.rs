@@ -1,6 +1,6 @@
 //! Reaching a plugin's socket: waiting for it to accept, connecting while its backlog is
-//! full, Toru's one-message-per-connection discipline for v1 plugins, and the non-intrusive
-//! v1 health check. The multiplexed request path is `link.rs`'s.
+//! full, and Toru's one-message-per-connection discipline for v1 plugins. The multiplexed
+//! request path is `link.rs`'s; the non-intrusive v1 health check is `listening.rs`'s.
 //! A plugin cannot point the daemon at another plugin's socket: the socket file is opened
 //! without following links and connected through its descriptor, and every connection is
 //! checked against the peer's credentials (the listener must run as the owner of the
@@ -8,7 +8,7 @@
 //! This module knows nothing of processes or states.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -136,17 +136,64 @@ pub fn check_peer(stream: &impl std::os::fd::AsRawFd, path: &Path) -> std::io::R
     Ok(())
 }
 
+/// How many connects may wait at once on blocking threads, polling every few hundred
+/// microseconds. Further waiters (a thousand plugins starting together) poll from the
+/// runtime at millisecond steps instead, so that a crowd neither holds a thread (and its
+/// memory) each nor floods the host with attempts.
+const FINE_POLLERS: usize = 8;
+/// Connects waiting at once, on blocking threads and on the runtime.
+static WAITING: AtomicUsize = AtomicUsize::new(0);
+/// Of them, those on blocking threads.
+static FINE_POLLING: AtomicUsize = AtomicUsize::new(0);
+/// Per waiter of a crowd, the added cap on its wait between attempts: the crowd as a whole
+/// makes about 10,000 attempts per second, however large it is.
+const CROWD_DELAY_PER_WAITER: Duration = Duration::from_micros(100);
+
+/// Counts a connect among [`WAITING`] (or [`FINE_POLLING`]) until dropped.
+struct Waiting(&'static AtomicUsize);
+
+impl Waiting {
+    fn new(counter: &'static AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Waiting(counter)
+    }
+
+    /// A place among the [`FINE_POLLERS`], if one is free.
+    fn fine() -> Option<Self> {
+        let claimed = FINE_POLLING
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < FINE_POLLERS).then_some(n + 1)
+            })
+            .is_ok();
+        claimed.then_some(Waiting(&FINE_POLLING))
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Connects to `path`, retrying while the socket does not exist or refuses, until
-/// `timeout`. The attempts run on a blocking thread with sub-millisecond sleeps (tokio's
-/// timer has millisecond resolution), and stop when the returned future is dropped.
+/// `timeout`. The first [`FINE_POLLERS`] waiters poll on a blocking thread with
+/// sub-millisecond sleeps (tokio's timer has millisecond resolution); the others poll from
+/// the runtime ([`connect_coarsely`]). Attempts stop when the returned future is dropped.
 pub async fn connect_with_retry(
     path: &Path,
     timeout: Duration,
 ) -> Result<UnixStream, ConnectError> {
+    let _waiting = Waiting::new(&WAITING);
+    let Some(fine) = Waiting::fine() else {
+        return connect_coarsely(path, timeout).await;
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_on_drop = StopOnDrop(stop.clone());
     let path = path.to_owned();
-    let task = tokio::task::spawn_blocking(move || connect_blocking(&path, timeout, &stop));
+    let task = tokio::task::spawn_blocking(move || {
+        let _fine = fine;
+        connect_blocking(&path, timeout, &stop)
+    });
     let std_stream = task.await.expect("connect task panicked")?;
     std_stream
         .set_nonblocking(true)
@@ -155,6 +202,56 @@ pub async fn connect_with_retry(
             path: PathBuf::new(),
             source,
         })
+}
+
+/// [`connect_with_retry`] for a waiter beyond the [`FINE_POLLERS`]: non-blocking attempts
+/// from the runtime, the wait between them doubling from 1 ms up to a cap that grows with
+/// the number of waiters.
+async fn connect_coarsely(path: &Path, timeout: Duration) -> Result<UnixStream, ConnectError> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(1);
+    loop {
+        let attempt = match open_socket(path) {
+            Ok((_file, name)) => UnixStream::connect(&name).await,
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Ok(stream) => {
+                return check_peer(&stream, path)
+                    .map(|()| stream)
+                    .map_err(|source| ConnectError::Peer {
+                        path: path.to_owned(),
+                        source,
+                    })
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound
+                        | std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                let waited = start.elapsed();
+                if waited >= timeout {
+                    return Err(ConnectError::Timeout {
+                        path: path.to_owned(),
+                        limit: timeout,
+                        last_error: e.to_string(),
+                    });
+                }
+                tokio::time::sleep(delay.min(timeout - waited)).await;
+                let crowd = CROWD_DELAY_PER_WAITER * WAITING.load(Ordering::Relaxed) as u32;
+                delay = (delay * 2).min(crowd.max(MAX_RETRY_DELAY));
+            }
+            Err(source) => {
+                return Err(ConnectError::Io {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
 }
 
 struct StopOnDrop(Arc<AtomicBool>);
@@ -249,50 +346,43 @@ pub async fn send_one_on(stream: &mut UnixStream, envelope: &Envelope) -> std::i
     stream.shutdown().await
 }
 
-/// Whether a Unix socket bound at `path` is listening, read from `/proc/net/unix`, so a
-/// health check never opens a connection that a v1 plugin would have to handle.
-pub fn socket_listening(path: &Path) -> std::io::Result<bool> {
-    let table = std::fs::read_to_string("/proc/net/unix")?;
-    Ok(listening_in(&table, &path.to_string_lossy()))
-}
-
-/// Whether the `/proc/net/unix` text lists a listening socket bound at `path`. Columns:
-/// `Num RefCount Protocol Flags Type St Inode Path`; the path is the rest of the line and
-/// may contain spaces.
-fn listening_in(table: &str, path: &str) -> bool {
-    const SO_ACCEPTCON: u32 = 0x0001_0000;
-    table.lines().skip(1).any(|line| {
-        let mut rest = line.trim_start();
-        let mut fields = Vec::with_capacity(7);
-        for _ in 0..7 {
-            let Some(end) = rest.find(' ') else {
-                return false;
-            };
-            fields.push(&rest[..end]);
-            rest = rest[end..].trim_start();
-        }
-        rest == path
-            && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & SO_ACCEPTCON != 0)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const TABLE: &str = "Num       RefCount Protocol Flags    Type St Inode Path
-0000000000000000: 00000002 00000000 00010000 0001 01 4242 /srv/my data/run/a.sock
-0000000000000000: 00000003 00000000 00000000 0001 03 4343 /srv/data/run/b.sock
-0000000000000000: 00000002 00000000 00010000 0001 01 4444
-";
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crowd_of_waiters_beyond_the_fine_pollers_all_connect() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let paths: Vec<PathBuf> = (0..FINE_POLLERS * 3)
+            .map(|i| dir.path().join(format!("{i}.sock")))
+            .collect();
+        let waiters: Vec<_> = paths
+            .iter()
+            .map(|path| {
+                let path = path.clone();
+                tokio::spawn(
+                    async move { connect_with_retry(&path, Duration::from_secs(10)).await },
+                )
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _listeners: Vec<_> = paths
+            .iter()
+            .map(|path| std::os::unix::net::UnixListener::bind(path).expect("bind"))
+            .collect();
+        for waiter in waiters {
+            waiter.await.expect("task").expect("connected");
+        }
+    }
 
-    #[test]
-    fn finds_listening_sockets_even_with_spaces_in_the_path() {
-        assert!(listening_in(TABLE, "/srv/my data/run/a.sock"));
-        assert!(
-            !listening_in(TABLE, "/srv/data/run/b.sock"),
-            "connected, not listening"
-        );
-        assert!(!listening_in(TABLE, "/srv/my"));
+    #[tokio::test]
+    async fn a_coarse_waiter_times_out_naming_the_socket() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("never.sock");
+        let err = connect_coarsely(&path, Duration::from_millis(30))
+            .await
+            .expect_err("nothing listens");
+        assert!(matches!(err, ConnectError::Timeout { .. }), "{err}");
+        assert!(err.to_string().contains("never.sock"), "{err}");
     }
 }

@@ -48,11 +48,24 @@ pub struct EnabledStore {
 
 struct Inner {
     path: PathBuf,
-    /// The current state. Held only to read or update the map, never across I/O.
-    state: Mutex<BTreeMap<String, bool>>,
+    /// The current state. Held only to read or update it, never across I/O.
+    state: Mutex<Decisions>,
     /// Serialises file writes so that the last write carries the newest state. Held across
     /// blocking file I/O on a blocking thread, never across `.await`.
     write: Mutex<()>,
+}
+
+/// The decisions in memory, with the generations that tell which are on disk. Saves are
+/// group commits: decisions made while one write is under way are all saved by the next
+/// single write, so a thousand new plugins enabled together cost a few writes, not a
+/// thousand synced rewrites of a growing file.
+#[derive(Default)]
+struct Decisions {
+    plugins: BTreeMap<String, bool>,
+    /// Bumped at each decision.
+    generation: u64,
+    /// Every decision up to this generation is on disk.
+    saved: u64,
 }
 
 impl EnabledStore {
@@ -78,7 +91,10 @@ impl EnabledStore {
         Ok(EnabledStore {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
-                state: Mutex::new(plugins),
+                state: Mutex::new(Decisions {
+                    plugins,
+                    ..Decisions::default()
+                }),
                 write: Mutex::new(()),
             }),
         })
@@ -90,6 +106,7 @@ impl EnabledStore {
             .state
             .lock()
             .expect("state lock poisoned")
+            .plugins
             .get(id)
             .copied()
     }
@@ -106,26 +123,38 @@ impl EnabledStore {
 }
 
 impl Inner {
-    /// One decision, written, or taken back when the write fails. The write lock is held
-    /// throughout, so another plugin's write can never put a decision on disk whose own
-    /// write failed (and was taken back).
+    /// One decision, written (alone or with others made meanwhile), or taken back when the
+    /// write fails. The taking back happens under the write lock, so another plugin's write
+    /// can never put a decision on disk whose own write failed (and was taken back).
     fn set_and_write(&self, id: &str, enabled: bool) -> Result<(), StateError> {
-        let _guard = self.write.lock().expect("state write lock poisoned");
-        let (previous, plugins) = {
+        let (previous, generation) = {
             let mut state = self.state.lock().expect("state lock poisoned");
-            if state.get(id) == Some(&enabled) {
+            if state.plugins.get(id) == Some(&enabled) && state.saved == state.generation {
                 return Ok(());
             }
-            let previous = state.insert(id.to_owned(), enabled);
-            (previous, state.clone())
+            state.generation += 1;
+            let previous = state.plugins.insert(id.to_owned(), enabled);
+            (previous, state.generation)
+        };
+        let _guard = self.write.lock().expect("state write lock poisoned");
+        let (plugins, upto) = {
+            let state = self.state.lock().expect("state lock poisoned");
+            if state.saved >= generation {
+                // A write made while this caller waited saved its decision.
+                return Ok(());
+            }
+            (state.plugins.clone(), state.generation)
         };
         let result = self.write_file(plugins);
-        if result.is_err() {
-            let mut state = self.state.lock().expect("state lock poisoned");
-            match previous {
-                Some(value) => state.insert(id.to_owned(), value),
-                None => state.remove(id),
-            };
+        let mut state = self.state.lock().expect("state lock poisoned");
+        match &result {
+            Ok(()) => state.saved = upto,
+            Err(_) => {
+                match previous {
+                    Some(value) => state.plugins.insert(id.to_owned(), value),
+                    None => state.plugins.remove(id),
+                };
+            }
         }
         result
     }
@@ -204,6 +233,29 @@ mod tests {
             store.set("a", true).await.is_err(),
             "a retry must write again"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn decisions_made_together_are_all_on_disk_when_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let store = EnabledStore::load(&path).unwrap();
+        let sets: Vec<_> = (0..64)
+            .map(|i| {
+                let (store, path) = (store.clone(), path.clone());
+                tokio::spawn(async move {
+                    let id = format!("p{i}");
+                    store.set(&id, i % 2 == 0).await.unwrap();
+                    let saved = EnabledStore::load(&path).unwrap();
+                    assert_eq!(saved.get(&id), Some(i % 2 == 0), "answered before saved");
+                })
+            })
+            .collect();
+        for set in sets {
+            set.await.unwrap();
+        }
+        let saved = EnabledStore::load(&path).unwrap();
+        assert!((0..64).all(|i| saved.get(&format!("p{i}")) == Some(i % 2 == 0)));
     }
 
     #[test]

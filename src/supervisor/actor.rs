@@ -37,7 +37,7 @@
 //! plugin's socket in-process with the SDK's codec, so the handshake runs unchanged.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +54,6 @@ use crate::logs::capture::PluginLog;
 use crate::model::{
     EventDraft, EventKind, ExitInfo, ExitStatus, LogLevel, PluginSpec, PluginState, PluginStatus,
 };
-use crate::plugin::connection::socket_listening;
 use crate::plugin::discovery::{self, FileIdentity, ProbeOptions, Recheck};
 use crate::plugin::handshake::{send_shutdown, Handshake, Launch};
 use crate::plugin::link::{Link, LinkError, LinkLimits};
@@ -664,7 +663,7 @@ impl<S: Spawner> Actor<S> {
         let settings = cfg.plugin(&self.id);
         let socket = self.socket_path()?;
         self.recheck_id(spec).await?;
-        let who = self.identity(spec)?;
+        let who = self.identity(spec).await?;
         if let Some(dir) = &settings.launch.working_dir {
             self.check_working_dir(&cfg, dir, &who)?;
         }
@@ -761,33 +760,20 @@ impl<S: Spawner> Actor<S> {
     }
 
     /// Who the plugin runs as, with its directories made and its executable checked to be
-    /// within that user's reach.
-    fn identity(&self, spec: &PluginSpec) -> Result<crate::plugin::isolation::Identity, Refusal> {
-        let cfg = self.ctx.config();
-        let isolation = &self.ctx.isolation;
-        let who = match isolation.identity(&cfg, &self.id) {
-            Ok(who) => who,
-            // Writing users.json can fail for a while (a full disk): back off and try again.
-            Err(e @ crate::plugin::isolation::IsolationError::UsersFile { .. }) => {
-                return Err(Refusal::Retry(e.to_string()))
-            }
-            Err(e) => return Err(Refusal::Disable(e.to_string())),
-        };
-        if let Err(e) = isolation.prepare_plugin_dirs(&cfg, &self.id, &who) {
-            return Err(Refusal::Retry(format!(
-                "cannot prepare its directories: {e}"
-            )));
-        }
-        let other_user = format!(
-            ", or run it as another user with --plugin-user {}=USER",
-            self.id
-        );
-        if let Some(reason) =
-            crate::plugin::isolation::unreachable(&spec.binary_path, who.credentials(), &other_user)
-        {
-            return Err(Refusal::Disable(reason));
-        }
-        Ok(who)
+    /// within that user's reach. On a blocking thread: a new plugin's uid is saved (synced)
+    /// to `users.json` first, and the directories are made on disk.
+    async fn identity(
+        &self,
+        spec: &PluginSpec,
+    ) -> Result<crate::plugin::isolation::Identity, Refusal> {
+        // A few at a time: a thousand starts would otherwise hold a thousand blocking
+        // threads (and their memory) waiting for the same users.json write.
+        static IDENTITIES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+        let _permit = IDENTITIES.acquire().await.expect("never closed");
+        let (ctx, id, binary) = (self.ctx.clone(), self.id.clone(), spec.binary_path.clone());
+        tokio::task::spawn_blocking(move || identity_of(&ctx, &id, &binary))
+            .await
+            .map_err(|e| Refusal::Retry(format!("finding who it runs as failed: {e}")))?
     }
 
     /// Checks the executable against its pinned SHA-256, when one is pinned.
@@ -989,12 +975,9 @@ impl<S: Spawner> Actor<S> {
                             let (link, limit) = (link.clone(), timing.health_interval);
                             ping = Some(Box::pin(async move { link.ping(limit).await }));
                         }
-                    } else {
-                        let path = socket.clone();
-                        if let Ok(Ok(listening)) = tokio::task::spawn_blocking(move || socket_listening(&path)).await {
-                            let reason = if listening { "socket accepting again" } else { "socket not listening" };
-                            self.set_health(listening, reason);
-                        }
+                    } else if let Some(listening) = self.socket_listening(&socket, timing.health_interval).await {
+                        let reason = if listening { "socket accepting again" } else { "socket not listening" };
+                        self.set_health(listening, reason);
                     }
                 }
                 cmd = next_command(&mut self.commands) => {
@@ -1007,6 +990,21 @@ impl<S: Spawner> Actor<S> {
                 }
             }
         }
+    }
+
+    /// Whether the v1 plugin's socket is listening, from the host's table of sockets as
+    /// read for every plugin at most once per half `interval` (so a check sees a table no
+    /// older than half its interval); `None` when the table cannot be read.
+    async fn socket_listening(&self, socket: &Path, interval: Duration) -> Option<bool> {
+        let max_age = interval / 2;
+        if let Some(listening) = self.ctx.listening.fresh(socket, max_age) {
+            return Some(listening);
+        }
+        let (ctx, socket) = (self.ctx.clone(), socket.to_owned());
+        tokio::task::spawn_blocking(move || ctx.listening.listening(&socket, max_age))
+            .await
+            .ok()?
+            .ok()
     }
 
     /// Stops a process by escalation (`shutdown` message, grace, SIGTERM to the group,
@@ -1252,6 +1250,37 @@ fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher)?;
     Ok(hex::encode(hasher.finalize()))
+}
+
+/// Who plugin `id` runs as (a new plugin's uid saved first), with its directories made and
+/// its executable `binary` checked to be within that user's reach. Blocking.
+fn identity_of(
+    ctx: &Context,
+    id: &str,
+    binary: &Path,
+) -> Result<crate::plugin::isolation::Identity, Refusal> {
+    let cfg = ctx.config();
+    let isolation = &ctx.isolation;
+    let who = match isolation.identity(&cfg, id) {
+        Ok(who) => who,
+        // Writing users.json can fail for a while (a full disk): back off and try again.
+        Err(e @ crate::plugin::isolation::IsolationError::UsersFile { .. }) => {
+            return Err(Refusal::Retry(e.to_string()))
+        }
+        Err(e) => return Err(Refusal::Disable(e.to_string())),
+    };
+    if let Err(e) = isolation.prepare_plugin_dirs(&cfg, id, &who) {
+        return Err(Refusal::Retry(format!(
+            "cannot prepare its directories: {e}"
+        )));
+    }
+    let other_user = format!(", or run it as another user with --plugin-user {id}=USER");
+    if let Some(reason) =
+        crate::plugin::isolation::unreachable(binary, who.credentials(), &other_user)
+    {
+        return Err(Refusal::Disable(reason));
+    }
+    Ok(who)
 }
 
 #[cfg(test)]

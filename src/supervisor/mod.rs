@@ -224,6 +224,8 @@ pub(crate) struct Context {
     /// What each plugin's latest process was started with ([`Context::record_start`]), for
     /// reloads to compare with; locked only to insert or copy.
     pub started: Mutex<HashMap<String, Arc<ProcessSettings>>>,
+    /// The host's listening Unix sockets, read once for every v1 plugin's health check.
+    pub listening: crate::plugin::listening::ListeningSockets,
 }
 
 impl Context {
@@ -331,6 +333,7 @@ impl Supervisor {
                     storage,
                     isolation,
                     started: Mutex::new(HashMap::new()),
+                    listening: Default::default(),
                 }),
                 plugins: RwLock::new(BTreeMap::new()),
                 skipped: Mutex::new(Vec::new()),
@@ -423,6 +426,27 @@ impl Supervisor {
         plugins
             .values()
             .map(|h| h.status.borrow().clone())
+            .collect()
+    }
+
+    /// Up to `limit` plugins after the id `after` (from the first when `None`), ordered by
+    /// id, each seen through `view` in place: a page of a thousand costs one copy of each,
+    /// the caller's, and a later page skips the ones before it without copying them.
+    /// `view` runs under the table's read lock and the plugin's status lock: keep it short
+    /// (a conversion, no I/O).
+    pub fn page<T>(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        view: impl Fn(&PluginStatus) -> T,
+    ) -> Vec<T> {
+        use std::ops::Bound;
+        let plugins = self.inner.plugins.read().expect("plugin table poisoned");
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        plugins
+            .range::<str, _>((from, Bound::Unbounded))
+            .take(limit)
+            .map(|(_, h)| view(&h.status.borrow()))
             .collect()
     }
 

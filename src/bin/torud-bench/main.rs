@@ -5,6 +5,8 @@
 //!   `lifecycle.rs`).
 //! - `torud-bench forward`: a forwarded `GetValue`, latency and throughput (see
 //!   `forward.rs`), with `--peer DIR` beside HashiCorp go-plugin's (see `peer.rs`).
+//! - `torud-bench logs`: log capture throughput, latency and queries (see `logs.rs`).
+//! - `torud-bench scale`: N plugins on one host, beside an empty daemon (see `scale.rs`).
 //!
 //! Run from a release build: `cargo build --release --bins --examples`, then
 //! `target/release/torud-bench <bench> [--json PATH]`.
@@ -14,6 +16,7 @@ mod lifecycle;
 mod logs;
 mod memkv;
 mod peer;
+mod scale;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -89,6 +92,22 @@ enum Bench {
         /// Megabytes of log history to fill before timing queries at its far end.
         #[arg(long, default_value_t = 1024)]
         history_mb: usize,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// N plugins on one host: time to all running, idle CPU, RSS per plugin, ListPlugins
+    /// and GetPlugin latency, time to all stopped, fds and threads, beside an empty daemon.
+    Scale {
+        /// Plugins to install.
+        #[arg(long, default_value_t = 1000)]
+        plugins: usize,
+        /// The plugins' protocol: 1, 2 or both (one daemon each).
+        #[arg(long, default_value = "both")]
+        protocol: String,
+        /// Seconds of the idle window over which CPU, fds and threads are read.
+        #[arg(long, default_value_t = 30.0)]
+        idle_seconds: f64,
         /// Also write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -202,6 +221,16 @@ pub(crate) struct Daemon {
 }
 
 impl Daemon {
+    /// The daemon's process id, while it runs.
+    pub(crate) fn pid(&self) -> Option<i32> {
+        self._child.id().and_then(|p| i32::try_from(p).ok())
+    }
+
+    /// Waits for the daemon to exit.
+    pub(crate) async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self._child.wait().await
+    }
+
     /// The daemon's data directory.
     pub(crate) fn dir(&self) -> PathBuf {
         self._dir.path().join("data")
@@ -338,6 +367,23 @@ fn main() -> std::process::ExitCode {
                     json,
                 )
                 .await
+            }
+            Bench::Scale {
+                plugins,
+                protocol,
+                idle_seconds,
+                json,
+            } => {
+                let protocols = match protocol.as_str() {
+                    "1" => vec![1],
+                    "2" => vec![2],
+                    "both" => vec![1, 2],
+                    other => {
+                        return Err(format!("--protocol must be 1, 2 or both, not {other}").into())
+                    }
+                };
+                let idle = Duration::from_secs_f64(idle_seconds.max(0.1));
+                scale::run(plugins.max(1), &protocols, idle, json).await
             }
             Bench::LogWriter {
                 lines,

@@ -172,12 +172,30 @@ fn passwd_entry(call: &PasswdCall<'_>) -> Option<ResolvedUser> {
 
 /// The dynamic uids given out so far, by plugin id, persisted.
 ///
-/// The mutex serialises allocation and the file write (a few hundred bytes, written
-/// synchronously); it is never held across `.await`.
+/// A uid is returned only once the file holding it is on disk. Saves are group commits:
+/// while one caller writes the file, the uids others allocate meanwhile wait and are all
+/// saved by the next single write, so a thousand new plugins starting together cost a few
+/// writes, not a thousand. Blocking (the file is synced): call from a blocking thread.
 pub struct UserTable {
     path: PathBuf,
     range: UidRange,
-    uids: Mutex<BTreeMap<String, u32>>,
+    /// The uids, and which are not yet on disk. Locked to look up or allocate, never across
+    /// the write.
+    uids: Mutex<Uids>,
+    /// Held across a write of the file, so writes happen one at a time.
+    writer: Mutex<()>,
+}
+
+/// The table in memory, with the generations that tell what is saved.
+#[derive(Default)]
+struct Uids {
+    by_id: BTreeMap<String, u32>,
+    /// The generation at which each uid not yet on disk was allocated.
+    unsaved: BTreeMap<String, u64>,
+    /// Bumped at each allocation.
+    generation: u64,
+    /// Every allocation up to this generation is on disk.
+    saved: u64,
 }
 
 impl UserTable {
@@ -202,7 +220,11 @@ impl UserTable {
         Ok(UserTable {
             path: path.to_owned(),
             range,
-            uids: Mutex::new(uids),
+            uids: Mutex::new(Uids {
+                by_id: uids,
+                ..Uids::default()
+            }),
+            writer: Mutex::new(()),
         })
     }
 
@@ -212,30 +234,60 @@ impl UserTable {
     }
 
     /// The uid of plugin `id`: the one it had, or the lowest free one of the range (saved
-    /// before it is returned).
+    /// before it is returned, together with any others allocated meanwhile).
     pub fn uid_of(&self, id: &str) -> Result<u32, IsolationError> {
+        let (uid, generation) = self.allocate(id)?;
+        let _writing = self.writer.lock().expect("user table writer poisoned");
+        let (bytes, upto) = {
+            let uids = self.uids.lock().expect("user table poisoned");
+            if uids.saved >= generation {
+                // A write made while this caller waited saved its uid.
+                return Ok(uid);
+            }
+            let bytes = serde_json::to_vec_pretty(&uids.by_id).expect("a map of uids serialises");
+            (bytes, uids.generation)
+        };
+        let written = write_atomically(&self.path, &bytes, 0o600);
+        let mut uids = self.uids.lock().expect("user table poisoned");
+        match written {
+            Ok(()) => {
+                uids.saved = upto;
+                uids.unsaved.retain(|_, g| *g > upto);
+                Ok(uid)
+            }
+            Err(e) => {
+                // Only this caller's uid is given back; others still waiting write again.
+                if uids.unsaved.remove(id).is_some() {
+                    uids.by_id.remove(id);
+                }
+                Err(IsolationError::UsersFile {
+                    path: self.path.clone(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// `id`'s uid, allocated if it has none in the range, with the generation that must be
+    /// saved before it is returned (0: already on disk).
+    fn allocate(&self, id: &str) -> Result<(u32, u64), IsolationError> {
         let mut uids = self.uids.lock().expect("user table poisoned");
         let range = self.range;
         let in_range = |uid: u32| uid > range.first && uid <= range.last;
-        if let Some(&uid) = uids.get(id) {
+        if let Some(&uid) = uids.by_id.get(id) {
             if in_range(uid) {
-                return Ok(uid);
+                return Ok((uid, uids.unsaved.get(id).copied().unwrap_or(0)));
             }
         }
-        let taken: std::collections::HashSet<u32> = uids.values().copied().collect();
+        let taken: std::collections::HashSet<u32> = uids.by_id.values().copied().collect();
         let uid = (range.first + 1..=range.last)
             .find(|uid| !taken.contains(uid))
             .ok_or(IsolationError::RangeFull(range))?;
-        uids.insert(id.to_owned(), uid);
-        let bytes = serde_json::to_vec_pretty(&*uids).expect("a map of uids serialises");
-        if let Err(e) = write_atomically(&self.path, &bytes, 0o600) {
-            uids.remove(id);
-            return Err(IsolationError::UsersFile {
-                path: self.path.clone(),
-                reason: e.to_string(),
-            });
-        }
-        Ok(uid)
+        uids.generation += 1;
+        let generation = uids.generation;
+        uids.by_id.insert(id.to_owned(), uid);
+        uids.unsaved.insert(id.to_owned(), generation);
+        Ok((uid, generation))
     }
 }
 
@@ -270,6 +322,31 @@ mod tests {
             again.uid_of("d"),
             Err(IsolationError::RangeFull(_))
         ));
+    }
+
+    #[test]
+    fn uids_allocated_together_are_all_on_disk_when_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(USERS_FILE);
+        let range: UidRange = "1000-2000".parse().unwrap();
+        let table = std::sync::Arc::new(UserTable::open(&path, range).unwrap());
+        let threads: Vec<_> = (0..32)
+            .map(|i| {
+                let (table, path) = (table.clone(), path.clone());
+                std::thread::spawn(move || {
+                    let id = format!("p{i}");
+                    let uid = table.uid_of(&id).unwrap();
+                    let saved: BTreeMap<String, u32> =
+                        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+                    assert_eq!(saved.get(&id), Some(&uid), "returned before it was saved");
+                    uid
+                })
+            })
+            .collect();
+        let mut uids: Vec<u32> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        uids.sort();
+        uids.dedup();
+        assert_eq!(uids.len(), 32, "every plugin its own uid");
     }
 
     #[test]
