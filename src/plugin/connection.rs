@@ -176,9 +176,9 @@ impl Drop for Waiting {
 }
 
 /// Connects to `path`, retrying while the socket does not exist or refuses, until
-/// `timeout`. The first [`FINE_POLLERS`] waiters poll on a blocking thread with
+/// `timeout`. The first `FINE_POLLERS` waiters poll on a blocking thread with
 /// sub-millisecond sleeps (tokio's timer has millisecond resolution); the others poll from
-/// the runtime ([`connect_coarsely`]). Attempts stop when the returned future is dropped.
+/// the runtime (`connect_coarsely`). Attempts stop when the returned future is dropped.
 pub async fn connect_with_retry(
     path: &Path,
     timeout: Duration,
