@@ -216,22 +216,8 @@ async fn connect_coarsely(path: &Path, timeout: Duration) -> Result<UnixStream, 
             Err(e) => Err(e),
         };
         match attempt {
-            Ok(stream) => {
-                return check_peer(&stream, path)
-                    .map(|()| stream)
-                    .map_err(|source| ConnectError::Peer {
-                        path: path.to_owned(),
-                        source,
-                    })
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound
-                        | std::io::ErrorKind::ConnectionRefused
-                        | std::io::ErrorKind::WouldBlock
-                ) =>
-            {
+            Ok(stream) => return verified(stream, path),
+            Err(e) if not_yet_listening(&e) || e.kind() == std::io::ErrorKind::WouldBlock => {
                 let waited = start.elapsed();
                 if waited >= timeout {
                     return Err(ConnectError::Timeout {
@@ -254,6 +240,25 @@ async fn connect_coarsely(path: &Path, timeout: Duration) -> Result<UnixStream, 
     }
 }
 
+/// A connected `stream`, once [`check_peer`] says the plugin's own user serves it.
+fn verified<S: std::os::fd::AsRawFd>(stream: S, path: &Path) -> Result<S, ConnectError> {
+    check_peer(&stream, path)
+        .map(|()| stream)
+        .map_err(|source| ConnectError::Peer {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Whether a failed connect means the plugin is not listening yet (no socket, or nobody
+/// accepting on it), so another attempt may succeed.
+fn not_yet_listening(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+    )
+}
+
 struct StopOnDrop(Arc<AtomicBool>);
 
 impl Drop for StopOnDrop {
@@ -273,20 +278,8 @@ fn connect_blocking(
         let connected = open_socket(path)
             .and_then(|(_file, name)| std::os::unix::net::UnixStream::connect(name));
         match connected {
-            Ok(stream) => {
-                return check_peer(&stream, path)
-                    .map(|()| stream)
-                    .map_err(|source| ConnectError::Peer {
-                        path: path.to_owned(),
-                        source,
-                    })
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                ) =>
-            {
+            Ok(stream) => return verified(stream, path),
+            Err(e) if not_yet_listening(&e) => {
                 let waited = start.elapsed();
                 if waited >= timeout || stop.load(Ordering::Relaxed) {
                     return Err(ConnectError::Timeout {
