@@ -294,6 +294,13 @@ impl Config {
         own.map_or(self.bridge.kv_timeout, |s| s.0)
     }
 
+    /// Whether plugin `id` is enabled when first seen (no saved decision yet), without
+    /// resolving the rest of its settings.
+    pub fn enable_when_new_of(&self, id: &str) -> bool {
+        let own = self.plugins.get(id).and_then(|s| s.enable_when_new);
+        own.unwrap_or(self.enable_new_plugins)
+    }
+
     /// The settings that apply to plugin `id`: its own section's, else the daemon-wide
     /// ones.
     pub fn plugin(&self, id: &str) -> PluginConfig {
@@ -332,7 +339,7 @@ impl Config {
                     .collect(),
                 working_dir: own.working_dir.map(|p| p.0),
             },
-            enable_when_new: own.enable_when_new.unwrap_or(self.enable_new_plugins),
+            enable_when_new: self.enable_when_new_of(id),
             log_segment_bytes: own
                 .log_segment_bytes
                 .map_or(self.log_segment_bytes, |n| n.0),

@@ -254,7 +254,7 @@ impl Context {
     pub fn meant_to_run(&self, id: &str) -> bool {
         self.state
             .get(id)
-            .unwrap_or_else(|| self.config().plugin(id).enable_when_new)
+            .unwrap_or_else(|| self.config.load().enable_when_new_of(id))
     }
 }
 
