@@ -11,6 +11,7 @@ pub mod plugin;
 pub mod secret;
 pub mod store;
 pub mod supervisor;
+pub mod telemetry;
 
 /// The encoded file descriptor set of the `toru.v1` protos (with their imports), written by
 /// `build.rs`, for server reflection.

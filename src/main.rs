@@ -171,8 +171,11 @@ fn serve(config: Config, source: Source) -> Result<(), MainError> {
         .map_err(MainError::Runtime)?;
     runtime.block_on(async {
         let shutdown = shutdown_signal()?;
-        torud::api::server::run(config, source, shutdown, |addr| {
-            println!("torud listening on {addr}");
+        torud::api::server::run(config, source, shutdown, |bound| {
+            println!("torud listening on {}", bound.grpc);
+            if let Some(addr) = bound.metrics {
+                println!("torud metrics on http://{addr}/metrics");
+            }
         })
         .await
     })?;

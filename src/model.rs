@@ -30,6 +30,17 @@ pub enum PluginState {
 }
 
 impl PluginState {
+    /// Every state, in declaration order.
+    pub const ALL: [PluginState; 7] = [
+        PluginState::Stopped,
+        PluginState::Starting,
+        PluginState::Running,
+        PluginState::Stopping,
+        PluginState::Backoff,
+        PluginState::Crashed,
+        PluginState::Disabled,
+    ];
+
     /// Lower-case name, as in logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -52,6 +63,52 @@ pub enum ExitStatus {
     Code(i32),
     /// Killed by this signal.
     Signal(i32),
+}
+
+/// Why a run of a plugin failed, as counted for metrics: a closed set, so a label built from
+/// it stays bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashReason {
+    /// Its process exited with a code (non-zero, or any code under restart policy `always`).
+    ExitCode,
+    /// Its process was killed by a signal.
+    Signal,
+    /// It did not become ready within its start timeout.
+    StartTimeout,
+    /// Its connection was lost while its process kept running.
+    ConnectionLost,
+    /// Its start failed otherwise (refused `init`, a check before the spawn, a spawn error).
+    StartFailed,
+}
+
+impl CrashReason {
+    /// Every reason, in declaration order (the index of each is `reason as usize`).
+    pub const ALL: [CrashReason; 5] = [
+        CrashReason::ExitCode,
+        CrashReason::Signal,
+        CrashReason::StartTimeout,
+        CrashReason::ConnectionLost,
+        CrashReason::StartFailed,
+    ];
+
+    /// Snake-case name, as in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CrashReason::ExitCode => "exit_code",
+            CrashReason::Signal => "signal",
+            CrashReason::StartTimeout => "start_timeout",
+            CrashReason::ConnectionLost => "connection_lost",
+            CrashReason::StartFailed => "start_failed",
+        }
+    }
+
+    /// The reason of a process's end.
+    pub fn of_exit(status: ExitStatus) -> Self {
+        match status {
+            ExitStatus::Code(_) => CrashReason::ExitCode,
+            ExitStatus::Signal(_) => CrashReason::Signal,
+        }
+    }
 }
 
 impl ExitStatus {
@@ -139,6 +196,8 @@ pub struct PluginStatus {
     pub last_exit: Option<ExitInfo>,
     /// Why it last failed or was disabled.
     pub last_error: Option<String>,
+    /// Failed runs since the daemon started, by [`CrashReason`] (indexed `reason as usize`).
+    pub crashes: [u64; CrashReason::ALL.len()],
 }
 
 impl PluginStatus {
@@ -156,6 +215,7 @@ impl PluginStatus {
             next_restart_at: None,
             last_exit: None,
             last_error: None,
+            crashes: [0; CrashReason::ALL.len()],
         }
     }
 

@@ -168,6 +168,21 @@ pub fn caller_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::t
     })
 }
 
+/// Awaits a request forwarded to plugin `id` and counts it in `metrics` as `op`, by the
+/// gRPC code it ends with and its latency.
+pub async fn metered<T>(
+    metrics: &crate::telemetry::metrics::Metrics,
+    id: &str,
+    op: crate::telemetry::metrics::Op,
+    request: impl std::future::Future<Output = Result<T, SupervisorError>>,
+) -> Result<T, Status> {
+    let began = std::time::Instant::now();
+    let result = request.await.map_err(Status::from);
+    let code = result.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+    metrics.forwarded(id, op, code as i32, began.elapsed());
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::{checked_id, convert};
 use crate::supervisor::Supervisor;
+use crate::telemetry::metrics::{Metrics, Op};
 use toru_plugin_sdk::KvOp;
 use torud_api::pb;
 use torud_api::pb::kv_service_server::KvService;
@@ -12,12 +13,29 @@ use torud_api::pb::kv_service_server::KvService;
 /// The `KvService` implementation.
 pub struct KvApi {
     supervisor: Supervisor,
+    /// Where each forwarded operation is counted.
+    metrics: Metrics,
 }
 
 impl KvApi {
-    /// A service over `supervisor`.
-    pub fn new(supervisor: Supervisor) -> Self {
-        KvApi { supervisor }
+    /// A service over `supervisor`, counting its operations in `metrics`.
+    pub fn new(supervisor: Supervisor, metrics: Metrics) -> Self {
+        KvApi {
+            supervisor,
+            metrics,
+        }
+    }
+
+    /// Forwards `op` to plugin `id`, counted as `kind`.
+    async fn forward(
+        &self,
+        id: &str,
+        op: KvOp,
+        kind: Op,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<Option<String>, Status> {
+        let request = self.supervisor.kv(id, &op, deadline);
+        convert::metered(&self.metrics, id, kind, request).await
     }
 
     fn check_key(&self, key: &str) -> Result<(), Status> {
@@ -43,7 +61,7 @@ impl KvService for KvApi {
         let id = checked_id(&req.plugin_id)?;
         self.check_key(&req.key)?;
         let op = KvOp::Get { key: req.key };
-        let value = self.supervisor.kv(id, &op, deadline).await?;
+        let value = self.forward(id, op, Op::KvGet, deadline).await?;
         Ok(Response::new(pb::GetValueResponse {
             found: value.is_some(),
             value: value.unwrap_or_default(),
@@ -69,7 +87,7 @@ impl KvService for KvApi {
             key: req.key,
             value: req.value,
         };
-        self.supervisor.kv(id, &op, deadline).await?;
+        self.forward(id, op, Op::KvSet, deadline).await?;
         Ok(Response::new(pb::SetValueResponse {}))
     }
 
@@ -82,7 +100,7 @@ impl KvService for KvApi {
         let id = checked_id(&req.plugin_id)?;
         self.check_key(&req.key)?;
         let op = KvOp::Delete { key: req.key };
-        let old = self.supervisor.kv(id, &op, deadline).await?;
+        let old = self.forward(id, op, Op::KvDelete, deadline).await?;
         Ok(Response::new(pb::DeleteValueResponse {
             existed: old.is_some(),
         }))

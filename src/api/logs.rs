@@ -23,6 +23,7 @@ use crate::logs::capture::PluginLog;
 use crate::logs::query;
 use crate::model::{LogLevel, LogRecord, LogStream};
 use crate::supervisor::Supervisor;
+use crate::telemetry::metrics::{Lag, Metrics, SubscriptionKind};
 use torud_api::pb;
 use torud_api::pb::log_service_server::LogService;
 
@@ -128,16 +129,24 @@ pub struct LogApi {
     stop: CancellationToken,
     /// The largest gRPC message (`--max-message-bytes`); pages and batches stay well under.
     max_message_bytes: usize,
+    /// Where open subscriptions, their lag and the gaps sent are counted.
+    metrics: Metrics,
 }
 
 impl LogApi {
     /// A service over `supervisor` whose responses fit `max_message_bytes`; streams end
     /// when `stop` is cancelled.
-    pub fn new(supervisor: Supervisor, stop: CancellationToken, max_message_bytes: usize) -> Self {
+    pub fn new(
+        supervisor: Supervisor,
+        stop: CancellationToken,
+        max_message_bytes: usize,
+        metrics: Metrics,
+    ) -> Self {
         LogApi {
             supervisor,
             stop,
             max_message_bytes,
+            metrics,
         }
     }
 }
@@ -498,16 +507,31 @@ impl LogService for LogApi {
                 }
             }
         };
+        // A following stream counts as a subscription for as long as it is open.
+        let subscription = req
+            .follow
+            .then(|| self.metrics.subscribe(SubscriptionKind::Logs));
         let feeds: Vec<LogStreamOut> = logs
             .into_iter()
             .map(|(id, log)| {
                 let start = start_for(&log, &id);
                 let upto = (!req.follow).then(|| log.records().last_seq());
-                Feed::new(id, &log, start, upto, filter.clone()).into_stream()
+                let records = log.records().clone();
+                let meter = FeedMeter {
+                    metrics: self.metrics.clone(),
+                    lag: subscription
+                        .as_ref()
+                        .map(|s| s.lag_gauge(move || records.last_seq())),
+                };
+                Feed::new(id, &log, start, upto, filter.clone(), meter).into_stream()
             })
             .collect();
-        let merged =
-            futures::stream::select_all(feeds).take_until(self.stop.clone().cancelled_owned());
+        let merged = futures::stream::select_all(feeds)
+            .take_until(self.stop.clone().cancelled_owned())
+            .map(move |response| {
+                let _open = &subscription;
+                response
+            });
         Ok(Response::new(Box::pin(merged)))
     }
 }
@@ -522,6 +546,13 @@ struct Feed {
     queued: VecDeque<pb::StreamLogsResponse>,
     /// Nothing more comes after `queued`.
     finished: bool,
+    meter: FeedMeter,
+}
+
+/// What a feed reports to the metrics: each gap it sends, and (following) its lag.
+struct FeedMeter {
+    metrics: Metrics,
+    lag: Option<Lag>,
 }
 
 /// Where a feed takes its records from.
@@ -537,13 +568,21 @@ enum Source {
 type Follower = crate::logs::seqlog::Follower<LogRecord>;
 
 impl Feed {
-    fn new(id: String, log: &PluginLog, start: Start, upto: Option<u64>, filter: Filter) -> Self {
+    fn new(
+        id: String,
+        log: &PluginLog,
+        start: Start,
+        upto: Option<u64>,
+        filter: Filter,
+        meter: FeedMeter,
+    ) -> Self {
         Feed {
             records: log.records().clone(),
             source: Source::Start(start, upto),
             batcher: Batcher::new(id, filter, 0),
             queued: VecDeque::new(),
             finished: false,
+            meter,
         }
     }
 
@@ -562,6 +601,9 @@ impl Feed {
     async fn next(&mut self) -> Option<Result<pb::StreamLogsResponse, Status>> {
         loop {
             if let Some(response) = self.queued.pop_front() {
+                if response.gap.is_some() {
+                    self.meter.metrics.log_gap(&self.batcher.id);
+                }
                 return Some(Ok(response));
             }
             if self.finished {
@@ -570,7 +612,11 @@ impl Feed {
             let made = match &mut self.source {
                 Source::Start(..) => self.open().await,
                 Source::Follow(follower) => {
-                    follow_batch(follower, &mut self.batcher, &mut self.queued).await
+                    let made = follow_batch(follower, &mut self.batcher, &mut self.queued).await;
+                    if let Some(lag) = &self.meter.lag {
+                        lag.sent(self.batcher.expected - 1);
+                    }
+                    made
                 }
                 Source::Read(upto) => {
                     let upto = *upto;

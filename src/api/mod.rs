@@ -13,6 +13,7 @@ mod fuzz;
 pub mod health;
 pub mod kv;
 pub mod logs;
+pub mod metrics;
 pub mod plugins;
 pub mod readiness;
 pub mod server;

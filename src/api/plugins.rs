@@ -14,6 +14,7 @@ use toru_plugin_sdk::wire::{check_headers, HttpCall};
 
 use super::convert;
 use crate::supervisor::{Supervisor, SupervisorError};
+use crate::telemetry::metrics::{Metrics, Op, SubscriptionKind};
 use torud_api::pb;
 use torud_api::pb::plugin_service_server::PluginService;
 
@@ -28,12 +29,19 @@ pub struct PluginApi {
     supervisor: Supervisor,
     /// Cancelled when the daemon shuts down, ending open streams.
     stop: CancellationToken,
+    /// Where calls and event subscriptions are counted.
+    metrics: Metrics,
 }
 
 impl PluginApi {
-    /// A service over `supervisor`; streams end when `stop` is cancelled.
-    pub fn new(supervisor: Supervisor, stop: CancellationToken) -> Self {
-        PluginApi { supervisor, stop }
+    /// A service over `supervisor`, counting in `metrics`; streams end when `stop` is
+    /// cancelled.
+    pub fn new(supervisor: Supervisor, stop: CancellationToken, metrics: Metrics) -> Self {
+        PluginApi {
+            supervisor,
+            stop,
+            metrics,
+        }
     }
 }
 
@@ -245,7 +253,8 @@ impl PluginService for PluginApi {
             headers: req.headers.into_iter().map(|h| (h.name, h.value)).collect(),
             body: (!req.body.is_empty()).then_some(req.body),
         };
-        let answer = self.supervisor.call(id, &call, deadline).await?;
+        let request = self.supervisor.call(id, &call, deadline);
+        let answer = convert::metered(&self.metrics, id, Op::Call, request).await?;
         Ok(Response::new(pb::CallPluginResponse {
             status: answer.status,
             headers: answer
@@ -269,7 +278,11 @@ impl PluginService for PluginApi {
         let filter = req.plugin_ids;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let stop = self.stop.clone();
+        let subscription = self.metrics.subscribe(SubscriptionKind::Events);
+        let events = self.supervisor.events().clone();
+        let lag = subscription.lag_gauge(move || events.last_seq());
         tokio::spawn(async move {
+            let _open = subscription;
             // The seq of the last event read; a jump past it is a hole in the event log.
             let mut last = follower.cursor();
             loop {
@@ -289,6 +302,7 @@ impl PluginService for PluginApi {
                         }
                         last = event.seq;
                         if !filter.is_empty() && !filter.contains(&event.body.plugin_id) {
+                            lag.sent(last);
                             continue;
                         }
                         Ok(pb::WatchEventsResponse {
@@ -301,6 +315,7 @@ impl PluginService for PluginApi {
                 if tx.send(item).await.is_err() || failed {
                     break;
                 }
+                lag.sent(last);
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

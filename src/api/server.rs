@@ -1,7 +1,7 @@
 //! Wires the daemon together: binds the listeners (TCP, behind token checks and optionally
-//! TLS; and the control socket in the data directory, trusted by file permission), starts
-//! the supervisor, serves the gRPC services (plugins, KV, logs, config, health, reflection)
-//! on both, reloads the configuration on SIGHUP, and shuts everything down in order when
+//! TLS; the control socket in the data directory, trusted by file permission; and, when asked
+//! for, the metrics endpoint), starts the supervisor, serves the gRPC services (plugins, KV,
+//! logs, config, health, reflection) on the first two and `/metrics` on the third, reloads the configuration on SIGHUP, and shuts everything down in order when
 //! the `shutdown` future resolves: reloads end, open streams end, plugins stop (in parallel,
 //! by escalation), the server drains.
 
@@ -27,11 +27,13 @@ use crate::api::config::{ConfigApi, Reloader, StaleProcesses};
 use crate::api::health;
 use crate::api::kv::KvApi;
 use crate::api::logs::LogApi;
+use crate::api::metrics;
 use crate::api::plugins::PluginApi;
 use crate::api::readiness::HoldLayer;
 use crate::api::systemd;
 use crate::config::{create_dir_with_mode, Config, GrpcLimits, Source, TlsFiles};
 use crate::supervisor::{StartupError, Supervisor};
+use crate::telemetry::metrics::Metrics;
 use torud_api::pb;
 
 /// How long connections get to close after plugins have stopped. The server has been
@@ -153,14 +155,24 @@ fn bind_control_socket(path: &Path) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
-/// Binds `config.listen` and the control socket, then serves until `shutdown` resolves.
-/// `source` is where `config` came from, read again on a reload (SIGHUP or `ReloadConfig`).
-/// `on_listening` is told the bound TCP address once both listeners are ready.
+/// The addresses the daemon serves on, as bound (a port 0 resolved).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// The gRPC TCP listener.
+    pub grpc: SocketAddr,
+    /// The metrics endpoint, when one was asked for.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Binds `config.listen`, the control socket and the metrics address (if any), then serves
+/// until `shutdown` resolves. `source` is where `config` came from, read again on a reload
+/// (SIGHUP or `ReloadConfig`). `on_listening` is told the bound addresses once every
+/// listener is ready.
 pub async fn run(
     config: Config,
     source: Source,
     shutdown: impl Future<Output = ()> + Send,
-    on_listening: impl FnOnce(SocketAddr),
+    on_listening: impl FnOnce(Bound),
 ) -> Result<(), ServeError> {
     // First: from here on a SIGHUP reloads (or is ignored) instead of ending the daemon.
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -173,18 +185,35 @@ pub async fn run(
     let limits = config.grpc.clone();
     let supervisor = Supervisor::start(config, source.given.clone())?;
     tracing::info!("{}", supervisor.isolation_summary());
+    let metrics = Metrics::new(supervisor.clone());
     let reloader = Arc::new(Reloader::new(source, supervisor.clone()));
 
     let health = Health::start(&supervisor).await;
     let stop = CancellationToken::new();
     let reloads = tokio::spawn(reload_on_hangup(hangups, reloader.clone(), stop.clone()));
-    let routes = routes(&supervisor, &reloader, &stop, &limits, health.service())?;
-    let (local, control_path) = (listeners.local, listeners.control_path.clone());
+    let routes = routes(
+        &supervisor,
+        &reloader,
+        &stop,
+        &limits,
+        &metrics,
+        health.service(),
+    )?;
+    let bound = Bound {
+        grpc: listeners.local,
+        metrics: listeners.metrics_local,
+    };
+    let control_path = listeners.control_path.clone();
     let hold = HoldLayer::new(supervisor.discovery());
-    let servers = Servers::spawn(listeners, routes, tls, tokens, hold, &limits, &stop)?;
-    tracing::info!(%local, control = %control_path.display(), "listening");
+    let servers = Servers::spawn(
+        listeners, routes, tls, tokens, hold, metrics, &limits, &stop,
+    )?;
+    tracing::info!(local = %bound.grpc, control = %control_path.display(), "listening");
+    if let Some(addr) = bound.metrics {
+        tracing::info!(%addr, "serving metrics at /metrics");
+    }
     systemd::status("listening; scanning the plugins directory");
-    on_listening(local);
+    on_listening(bound);
 
     shutdown.await;
     let result = shut_down(health, &stop, reloads, &supervisor, servers, &control_path).await;
@@ -243,14 +272,15 @@ async fn shut_down(
     result
 }
 
-/// TLS for the TCP listener, if configured; refuses plaintext on an address other hosts
-/// can reach unless told to serve it.
+/// TLS for the TCP listeners (gRPC and metrics), if configured; refuses plaintext on an
+/// address other hosts can reach unless told to serve it.
 fn transport_security(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError> {
     let tls = config.security.tls.as_ref().map(tls_config).transpose()?;
-    let addr = config.listen;
-    if tls.is_none() && !addr.ip().is_loopback() && !config.security.insecure_plaintext_non_loopback
-    {
-        return Err(ServeError::PlaintextNonLoopback(addr));
+    let allowed = tls.is_some() || config.security.insecure_plaintext_non_loopback;
+    for addr in std::iter::once(config.listen).chain(config.metrics_listen) {
+        if !allowed && !addr.ip().is_loopback() {
+            return Err(ServeError::PlaintextNonLoopback(addr));
+        }
     }
     Ok(tls)
 }
@@ -287,6 +317,10 @@ struct Listeners {
     control: UnixListener,
     /// Its path, removed at the end.
     control_path: PathBuf,
+    /// The metrics endpoint's listener, when asked for.
+    metrics: Option<TcpListener>,
+    /// Its bound address.
+    metrics_local: Option<SocketAddr>,
 }
 
 impl Listeners {
@@ -298,6 +332,15 @@ impl Listeners {
         let local = tcp
             .local_addr()
             .map_err(|source| ServeError::Bind { addr, source })?;
+        let (metrics, metrics_local) = match config.metrics_listen {
+            Some(addr) => {
+                let bind_error = |source| ServeError::Bind { addr, source };
+                let listener = metrics::bind(addr).await.map_err(bind_error)?;
+                let local = listener.local_addr().map_err(bind_error)?;
+                (Some(listener), Some(local))
+            }
+            None => (None, None),
+        };
         let control_path = config.control_socket();
         let control = bind_control_socket(&control_path)?;
         Ok(Listeners {
@@ -305,6 +348,8 @@ impl Listeners {
             local,
             control,
             control_path,
+            metrics,
+            metrics_local,
         })
     }
 }
@@ -388,6 +433,7 @@ fn routes(
     reloader: &Arc<Reloader>,
     stop: &CancellationToken,
     limits: &GrpcLimits,
+    metrics: &Metrics,
     health: HealthServer<HealthService>,
 ) -> Result<Routes, ServeError> {
     let reflection = || {
@@ -401,16 +447,21 @@ fn routes(
     let plugins = pb::plugin_service_server::PluginServiceServer::new(PluginApi::new(
         supervisor.clone(),
         stop.clone(),
+        metrics.clone(),
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    let kv = pb::kv_service_server::KvServiceServer::new(KvApi::new(supervisor.clone()))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let kv = pb::kv_service_server::KvServiceServer::new(KvApi::new(
+        supervisor.clone(),
+        metrics.clone(),
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let logs = pb::log_service_server::LogServiceServer::new(LogApi::new(
         supervisor.clone(),
         stop.clone(),
         max,
+        metrics.clone(),
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
@@ -430,24 +481,37 @@ fn routes(
     Ok(routes.routes())
 }
 
-/// The two servers, each ending when `stop` is cancelled.
+type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// The servers, each ending when `stop` is cancelled.
 struct Servers {
-    tcp: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-    unix: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    tcp: ServerTask,
+    unix: ServerTask,
+    metrics: Option<ServerTask>,
 }
 
 impl Servers {
-    /// Serves `routes` on both listeners: TCP behind the token check (and TLS when
-    /// configured), the control socket to the peers it allows.
+    /// Serves `routes` on both gRPC listeners: TCP behind the token check (and TLS when
+    /// configured), the control socket to the peers it allows; and `metrics` on the metrics
+    /// listener, if any.
+    #[allow(clippy::too_many_arguments)]
     fn spawn(
         listeners: Listeners,
         routes: Routes,
         tls: Option<ServerTlsConfig>,
         tokens: Tokens,
         hold: HoldLayer,
+        metrics: Metrics,
         limits: &GrpcLimits,
         stop: &CancellationToken,
     ) -> Result<Self, ServeError> {
+        let metrics = match listeners.metrics {
+            Some(listener) => Some(
+                metrics::spawn(listener, tls.clone(), tokens.clone(), metrics, stop)
+                    .map_err(ServeError::Tls)?,
+            ),
+            None => None,
+        };
         let builder = || {
             tonic::transport::Server::builder()
                 .max_concurrent_streams(limits.max_concurrent_streams)
@@ -489,19 +553,28 @@ impl Servers {
         Ok(Servers {
             tcp: tokio::spawn(tcp),
             unix: tokio::spawn(unix),
+            metrics,
         })
     }
 
-    /// Waits for both servers to finish draining, at most [`DRAIN_TIMEOUT`]; connections
+    /// Waits for the servers to finish draining, at most [`DRAIN_TIMEOUT`]; connections
     /// still open then are closed.
     async fn drain(self) -> Result<(), ServeError> {
-        let servers = async { (self.tcp.await, self.unix.await) };
+        let servers = async {
+            let metrics = match self.metrics {
+                Some(metrics) => metrics.await,
+                None => Ok(Ok(())),
+            };
+            (self.tcp.await, self.unix.await, metrics)
+        };
         match tokio::time::timeout(DRAIN_TIMEOUT, servers).await {
-            Ok((tcp, unix)) => [tcp, unix].into_iter().try_for_each(|r| match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(ServeError::Transport(e)),
-                Err(e) => Err(ServeError::ServerTask(e)),
-            }),
+            Ok((tcp, unix, metrics)) => {
+                [tcp, unix, metrics].into_iter().try_for_each(|r| match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(ServeError::Transport(e)),
+                    Err(e) => Err(ServeError::ServerTask(e)),
+                })
+            }
             Err(_) => {
                 tracing::info!("closing client connections still open after shutdown");
                 Ok(())

@@ -43,6 +43,8 @@ pub const DEFAULT_MAX_METADATA_BYTES: usize = 64 * 1024;
 pub struct Config {
     /// TCP address of the gRPC control plane (port 0 picks a free port).
     pub listen: SocketAddr,
+    /// HTTP address of the Prometheus `/metrics` endpoint; `None`: no endpoint.
+    pub metrics_listen: Option<SocketAddr>,
     /// Directory scanned for `*.binary` plugin executables.
     pub plugins_dir: PathBuf,
     /// Directory for state, events, logs, sockets and plugin data.
@@ -254,6 +256,7 @@ impl Config {
     pub fn new(plugins_dir: PathBuf, data_dir: PathBuf) -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: None,
             plugins_dir,
             enable_new_plugins: false,
             timing: Timing::default(),

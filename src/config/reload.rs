@@ -16,8 +16,8 @@ type Differs = fn(&Config, &Config) -> bool;
 
 /// The daemon-wide settings a reload cannot apply, by key (the flag's long name), each with
 /// why:
-/// - `listen`, `tls-*`, `insecure-plaintext-non-loopback`: the listener is bound, and its
-///   TLS acceptor built, once;
+/// - `listen`, `metrics-listen`, `tls-*`, `insecure-plaintext-non-loopback`: the listeners
+///   are bound, and their TLS acceptor built, once;
 /// - `plugins-dir`: every known plugin, and each start's id check and sandbox, is tied to
 ///   it; changing it live would forget every plugin;
 /// - `data-dir`: the event log, the state, the storage, the sockets and the token files are
@@ -32,6 +32,9 @@ type Differs = fn(&Config, &Config) -> bool;
 /// - `log`: the daemon's log filter is installed once, in the process-wide subscriber.
 const DAEMON_SETTINGS: &[(&str, Differs)] = &[
     ("listen", |a, b| a.listen != b.listen),
+    ("metrics-listen", |a, b| {
+        a.metrics_listen != b.metrics_listen
+    }),
     ("plugins-dir", |a, b| a.plugins_dir != b.plugins_dir),
     ("data-dir", |a, b| a.data_dir != b.data_dir),
     ("admin-token-file", |a, b| {
@@ -105,6 +108,7 @@ pub fn daemon_restart_keys(running: &Config, new: &Config) -> Vec<String> {
 /// compares the next reload with (with `from` the one given at start-up).
 pub fn keep_daemon_settings(mut new: Config, from: &Config) -> Config {
     new.listen = from.listen;
+    new.metrics_listen = from.metrics_listen;
     new.plugins_dir = from.plugins_dir.clone();
     new.data_dir = from.data_dir.clone();
     new.security = from.security.clone();
@@ -239,6 +243,7 @@ mod tests {
         let running = config("");
         let changes = [
             ("listen", "listen = \"127.0.0.1:7000\""),
+            ("metrics-listen", "metrics-listen = \"9464\""),
             ("plugins-dir", "plugins-dir = \"/elsewhere\""),
             ("data-dir", "data-dir = \"/elsewhere\""),
             ("admin-token-file", "admin-token-file = \"/t/admin\""),

@@ -16,8 +16,8 @@ use clap::builder::BoolishValueParser;
 use serde::{Deserialize, Serialize};
 
 use super::values::{
-    AbsolutePath, Arg, AtLeast, EnvName, ForPlugin, PluginId, RestartPolicy, Secret, Sha256Hex,
-    Span, UserName,
+    AbsolutePath, Arg, AtLeast, EnvName, ForPlugin, MetricsAddr, PluginId, RestartPolicy, Secret,
+    Sha256Hex, Span, UserName,
 };
 use super::{Config, GrpcLimits, PluginLimits, TlsFiles, TokenSource};
 use crate::plugin::isolation::users::UidRange;
@@ -118,6 +118,12 @@ pub struct Settings {
     /// the clear). Without TLS, a non-loopback --listen is refused unless this is given.
     #[arg(long, env = "TORUD_INSECURE_PLAINTEXT_NON_LOOPBACK", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub insecure_plaintext_non_loopback: Option<bool>,
+    /// Serve Prometheus metrics over HTTP at `/metrics` on this address: `PORT` (loopback) or
+    /// `HOST:PORT`. Off when not given. On a non-loopback address a scrape needs the read
+    /// (or admin) token as `Authorization: Bearer`, and TLS (the listener's) or
+    /// --insecure-plaintext-non-loopback, as the gRPC listener does.
+    #[arg(long, env = "TORUD_METRICS_LISTEN")]
+    pub metrics_listen: Option<MetricsAddr>,
     /// Largest gRPC request or response message, in bytes [default: 4194304] (4 MiB).
     #[arg(long, env = "TORUD_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<AtLeast<1024>>,
@@ -286,7 +292,7 @@ impl Settings {
             kill_grace, health_interval, kv_timeout, call_timeout, max_frame_bytes,
             max_in_flight, log_segment_bytes, log_segments, plugin_env, admin_token_file,
             read_token_file, tls_cert, tls_key, tls_client_ca, insecure_plaintext_non_loopback,
-            max_message_bytes, max_concurrent_streams, max_kv_key_bytes, max_kv_value_bytes,
+            metrics_listen, max_message_bytes, max_concurrent_streams, max_kv_key_bytes, max_kv_value_bytes,
             max_log_line_bytes, max_metadata_bytes, plugin_max_address_space,
             plugin_max_open_files, plugin_max_processes, pin, storage_max_keys,
             storage_max_bytes, plugin_uid_range, plugin_user, log, plugins,
@@ -304,6 +310,7 @@ impl Settings {
             self.data_dir.unwrap_or(defaults.data_dir),
         );
         set(&mut c.listen, self.listen);
+        c.metrics_listen = self.metrics_listen.map(|a| a.0);
         set(&mut c.enable_new_plugins, self.enable_new_plugins);
         set(&mut c.restart, self.restart);
         let t = &mut c.timing;
@@ -465,6 +472,7 @@ impl Settings {
             .collect();
         Settings {
             listen: Some(config.listen),
+            metrics_listen: config.metrics_listen.map(MetricsAddr),
             plugins_dir: Some(config.plugins_dir.clone()),
             data_dir: Some(config.data_dir.clone()),
             enable_new_plugins: Some(config.enable_new_plugins),

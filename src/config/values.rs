@@ -5,6 +5,7 @@
 //! never sees an invalid value.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -51,6 +52,46 @@ impl fmt::Display for Span {
 impl From<Duration> for Span {
     fn from(d: Duration) -> Self {
         Span(d)
+    }
+}
+
+/// Where the metrics endpoint listens: `HOST:PORT`, or a bare `PORT` on the loopback address
+/// (so turning metrics on never exposes them by accident).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MetricsAddr(pub SocketAddr);
+
+impl FromStr for MetricsAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if let Ok(port) = text.parse::<u16>() {
+            return Ok(MetricsAddr(SocketAddr::from(([127, 0, 0, 1], port))));
+        }
+        text.parse()
+            .map(MetricsAddr)
+            .map_err(|_| format!("{text:?} is not an address like 9464 (loopback) or 0.0.0.0:9464"))
+    }
+}
+
+impl TryFrom<String> for MetricsAddr {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<MetricsAddr> for String {
+    fn from(addr: MetricsAddr) -> String {
+        addr.0.to_string()
+    }
+}
+
+impl fmt::Display for MetricsAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
     }
 }
 

@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Map;
@@ -33,6 +34,24 @@ pub const STDERR_TAIL_LINES: usize = 20;
 #[derive(Clone)]
 pub struct PluginLog {
     log: SeqLog<LogRecord>,
+    captured: Arc<Captured>,
+}
+
+/// Lines and bytes captured from a plugin's output since the daemon started, per stream.
+#[derive(Debug, Default)]
+struct Captured {
+    stdout: [AtomicU64; 2],
+    stderr: [AtomicU64; 2],
+}
+
+impl Captured {
+    fn of(&self, stream: LogStream) -> Option<&[AtomicU64; 2]> {
+        match stream {
+            LogStream::Stdout => Some(&self.stdout),
+            LogStream::Stderr => Some(&self.stderr),
+            LogStream::Supervisor => None,
+        }
+    }
 }
 
 impl PluginLog {
@@ -45,6 +64,15 @@ impl PluginLog {
         };
         Ok(PluginLog {
             log: SeqLog::open(dir, "log", config)?,
+            captured: Arc::default(),
+        })
+    }
+
+    /// Lines and bytes (line text, without the newline) captured from `stream` since the
+    /// daemon started; `(0, 0)` for the supervisor's own notes.
+    pub fn captured(&self, stream: LogStream) -> (u64, u64) {
+        self.captured.of(stream).map_or((0, 0), |[lines, bytes]| {
+            (lines.load(Ordering::Relaxed), bytes.load(Ordering::Relaxed))
         })
     }
 
@@ -69,6 +97,11 @@ impl PluginLog {
     }
 
     fn store(&self, stream: LogStream, pid: u32, lines: std::vec::Drain<'_, Line>) {
+        if let Some([count, bytes]) = self.captured.of(stream) {
+            count.fetch_add(lines.len() as u64, Ordering::Relaxed);
+            let size: usize = lines.as_slice().iter().map(|l| l.text.len()).sum();
+            bytes.fetch_add(size as u64, Ordering::Relaxed);
+        }
         // The time is taken under the log's lock, so time order follows seq order; lines
         // are parsed there too, straight into the records, with no copy in between.
         let mut time = None;

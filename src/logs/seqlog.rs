@@ -489,6 +489,23 @@ impl<T: Sequenced> SeqLog<T> {
             - 1
     }
 
+    /// Bytes the log's kept segments and their indexes take on disk (read from the files:
+    /// a few `stat`s, so callers off the runtime's workers).
+    pub fn disk_bytes(&self) -> u64 {
+        let paths: Vec<PathBuf> = {
+            let w = self.inner.writer.lock().expect("log writer poisoned");
+            w.segments
+                .iter()
+                .flat_map(|s| [s.path.clone(), s.index_path()])
+                .collect()
+        };
+        paths
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
     /// The seq of the oldest record still kept (rotation deletes older ones).
     pub fn first_seq(&self) -> u64 {
         let w = self.inner.writer.lock().expect("log writer poisoned");

@@ -120,6 +120,21 @@ pub enum HandshakeError {
     Timeout(Duration),
 }
 
+impl HandshakeError {
+    /// Whether the start ran out of time (at any step), rather than being refused.
+    pub fn timed_out(&self) -> bool {
+        matches!(
+            self,
+            HandshakeError::Timeout(_)
+                | HandshakeError::Connect(ConnectError::Timeout { .. })
+                | HandshakeError::Ready(ReadyError::NoReady {
+                    error: LinkError::Timeout(_),
+                    ..
+                })
+        )
+    }
+}
+
 /// The time a start is given: `limit` in all, quoted in reasons, of which `left` remains
 /// for the step at hand.
 #[derive(Debug, Clone, Copy)]

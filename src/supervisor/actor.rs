@@ -52,7 +52,8 @@ use super::{AfterFailure, Context, Interruption, SupervisorError};
 use crate::config::{Config, PluginConfig, RestartPolicy};
 use crate::logs::capture::PluginLog;
 use crate::model::{
-    EventDraft, EventKind, ExitInfo, ExitStatus, LogLevel, PluginSpec, PluginState, PluginStatus,
+    CrashReason, EventDraft, EventKind, ExitInfo, ExitStatus, LogLevel, PluginSpec, PluginState,
+    PluginStatus,
 };
 use crate::plugin::discovery::{self, FileIdentity, ProbeOptions, Recheck};
 use crate::plugin::handshake::{send_shutdown, Handshake, Launch};
@@ -634,7 +635,11 @@ impl<S: Spawner> Actor<S> {
             prepared.descendants,
         ) {
             Ok(process) => process,
-            Err(reason) => return self.failed_run(None, None, reason).await,
+            Err(reason) => {
+                return self
+                    .failed_run(None, None, reason, CrashReason::StartFailed)
+                    .await
+            }
         };
         self.ctx.record_start(&self.id, &config);
         let pid = process.pid();
@@ -651,7 +656,10 @@ impl<S: Spawner> Actor<S> {
     async fn refuse(&mut self, refusal: Refusal) -> Next<S::Process> {
         match refusal {
             Refusal::Disable(reason) => self.disable_for(reason).await,
-            Refusal::Retry(reason) => self.failed_run(None, None, reason).await,
+            Refusal::Retry(reason) => {
+                self.failed_run(None, None, reason, CrashReason::StartFailed)
+                    .await
+            }
         }
     }
 
@@ -877,22 +885,30 @@ impl<S: Spawner> Actor<S> {
                     *early_link.lock().expect("early link poisoned") = Some(link.clone());
                 })
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| {
+                    let why = if e.timed_out() {
+                        CrashReason::StartTimeout
+                    } else {
+                        CrashReason::StartFailed
+                    };
+                    (e.to_string(), why)
+                })
         };
         tokio::pin!(ready);
         loop {
             let leave = tokio::select! {
                 result = &mut ready => match result {
                     Ok(link) => return self.became_ready(process, link).await,
-                    Err(reason) => {
+                    Err((reason, why)) => {
                         let link = take_link(&early_link);
-                        return self.failed_run(Some(process), link, reason).await;
+                        return self.failed_run(Some(process), link, reason, why).await;
                     }
                 },
                 status = process.wait() => {
                     let reason = format!("{status} before it was ready");
                     let link = take_link(&early_link);
-                    return self.failed_run(Some(process), link, reason).await;
+                    let why = CrashReason::of_exit(status);
+                    return self.failed_run(Some(process), link, reason, why).await;
                 }
                 cmd = next_command(&mut self.commands) => self.on_command(Phase::Starting, cmd).await,
                 _ = self.cancel.cancelled() => Some(Leave::exit("daemon shutting down")),
@@ -953,7 +969,8 @@ impl<S: Spawner> Actor<S> {
                         Ok(status) => self.exited(run, status).await,
                         Err(_) => {
                             let reason = format!("its connection was reset ({why}) while its process was still running");
-                            self.failed_run(Some(run.process), run.link, reason).await
+                            let why = CrashReason::ConnectionLost;
+                            self.failed_run(Some(run.process), run.link, reason, why).await
                         }
                     };
                 }
@@ -1075,7 +1092,10 @@ impl<S: Spawner> Actor<S> {
         let policy = self.ctx.config().plugin(&self.id).restart;
         if status != ExitStatus::Code(0) || policy == RestartPolicy::Always {
             let reason = format!("unexpected exit: {status}");
-            return self.failed_run(Some(run.process), run.link, reason).await;
+            let why = CrashReason::of_exit(status);
+            return self
+                .failed_run(Some(run.process), run.link, reason, why)
+                .await;
         }
         let reason = format!("exited cleanly; restart policy {policy}");
         let exit = self.reap(Some(run.process), run.link, &reason).await;
@@ -1085,12 +1105,13 @@ impl<S: Spawner> Actor<S> {
 
     /// Records a failed run (crash, failed start) and decides what follows, by the plugin's
     /// restart policy: CRASHED for good under `never`; else a backoff, or disabled after
-    /// too many failures in a row.
+    /// too many failures in a row. `why` is counted in the plugin's status.
     async fn failed_run(
         &mut self,
         process: Option<S::Process>,
         link: Option<Link>,
         reason: String,
+        why: CrashReason,
     ) -> Next<S::Process> {
         let exit = self.reap(process, link, &reason).await;
         let failures = self.status.borrow().consecutive_failures + 1;
@@ -1102,6 +1123,7 @@ impl<S: Spawner> Actor<S> {
             format!("{reason}; not restarted: restart policy never")
         };
         self.transition(PluginState::Crashed, event, exit, |s| {
+            s.crashes[why as usize] += 1;
             s.consecutive_failures = failures;
             s.last_error = Some(reason.clone());
         });

@@ -450,6 +450,31 @@ impl Supervisor {
             .collect()
     }
 
+    /// Every known plugin's status and log, ordered by id: what a metrics scrape reads. The
+    /// table is locked only to copy them.
+    pub fn census(&self) -> Vec<(PluginStatus, PluginLog)> {
+        let plugins = self.inner.plugins.read().expect("plugin table poisoned");
+        plugins
+            .values()
+            .map(|h| (h.status.borrow().clone(), h.log.clone()))
+            .collect()
+    }
+
+    /// Keys and bytes plugin `id`'s storage holds (a read transaction: call it off the
+    /// runtime's workers).
+    pub fn storage_usage(
+        &self,
+        id: &str,
+    ) -> Result<(u64, u64), toru_plugin_sdk::storage_wire::StorageError> {
+        self.inner.ctx.storage.namespace(id).usage()
+    }
+
+    /// Whether plugin `id` is known.
+    pub fn knows(&self, id: &str) -> bool {
+        let plugins = self.inner.plugins.read().expect("plugin table poisoned");
+        plugins.contains_key(id)
+    }
+
     /// Files skipped by the last scan.
     pub fn skipped(&self) -> Vec<Skipped> {
         self.inner

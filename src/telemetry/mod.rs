@@ -1,0 +1,10 @@
+//! Telemetry for the operator's own stack: Prometheus metrics (`metrics.rs`), read from the
+//! supervisor, the plugins' logs and storage at each scrape, plus what the control plane
+//! counts as it serves (forwarded requests by gRPC code and latency, log gaps sent, open
+//! subscriptions and their lag).
+//!
+//! This layer sits beside `api/`: it reads the supervisor and the stores, and the control
+//! plane records into it. It knows no gRPC types (codes arrive as numbers) and serves
+//! nothing itself: `api/metrics.rs` is the HTTP endpoint.
+
+pub mod metrics;
