@@ -29,6 +29,12 @@ if ((${#need_apt[@]})); then
   step "installing ${need_apt[*]} (apt-get)"
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
 fi
+# The real Prometheus server scrapes the daemon in tests/metrics.rs (the server alone: not
+# the node exporter and collectors it recommends).
+if ! command -v prometheus >/dev/null; then
+  step "installing prometheus (apt-get)"
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus
+fi
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
   step "installing rustfmt and clippy"
   rustup component add rustfmt clippy

@@ -53,6 +53,8 @@ pub struct Daemon {
     /// Extra environment variables for the daemon process.
     pub envs: Vec<(String, String)>,
     pub addr: String,
+    /// The metrics endpoint's address, when `--metrics-listen` was given.
+    pub metrics_addr: Option<String>,
     /// The umask the daemon starts with (`None`: the test's).
     pub umask: Option<libc::mode_t>,
     /// A descriptor of the test's that the daemon inherits without close-on-exec.
@@ -90,6 +92,7 @@ impl Daemon {
             args: all,
             envs: Vec::new(),
             addr: String::new(),
+            metrics_addr: None,
             umask: None,
             inherit_fd: None,
             run_as: None,
@@ -152,6 +155,18 @@ impl Daemon {
             .strip_prefix("torud listening on ")
             .expect(&line)
             .to_owned();
+        if self.args.iter().any(|a| a == "--metrics-listen") {
+            let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+                .await
+                .expect("daemon did not report its metrics address")
+                .unwrap()
+                .expect("daemon exited before reporting its metrics address");
+            let addr = line
+                .strip_prefix("torud metrics on http://")
+                .and_then(|rest| rest.strip_suffix("/metrics"))
+                .expect(&line);
+            self.metrics_addr = Some(addr.to_owned());
+        }
         // Keep draining stdout so the daemon never blocks on it.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         self.child = Some(child);
