@@ -13,6 +13,7 @@ GRPCURL_VERSION=v1.9.3
 # The last grpcurl whose `-unix PATH` dials (1.9.2 and 1.9.3 cannot: fullstorydev/grpcurl#496);
 # tests/stock_clients.rs checks it works on the control socket as it sends the path as authority.
 GRPCURL_1_8_VERSION=v1.8.9
+KUBERNETES_VALIDATE_VERSION=1.37.0
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -103,6 +104,10 @@ python3 -m unittest discover -s plugin-sdk/python/tests 2>&1 | tee "$log/python-
 step "conformance checker on every example plugin"
 "$target/debug/torud" plugin check "$target/debug/examples/hello-plugin"
 "$target/debug/torud" plugin check examples/python/py-echo.binary
+
+step "Kubernetes example against Kubernetes 1.30's schemas (kubernetes-validate, offline)"
+"$tools/venv/bin/python" -m pip install -q "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+"$tools/venv/bin/kubernetes-validate" --strict --quiet -k 1.30 packaging/kubernetes/*.yaml
 
 step "benchmark smoke run (figures from a debug build mean nothing; see README for real runs)"
 "$target/debug/torud-bench" lifecycle --iterations 3 >/dev/null

@@ -326,6 +326,35 @@ enable-when-new = true
         assert!(all.pins.contains_key("weather"));
     }
 
+    /// The Kubernetes example's ConfigMap holds a valid config file, listening where its
+    /// probes and scrape annotations say.
+    #[test]
+    fn the_kubernetes_example_config_is_valid() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/packaging/kubernetes/torud-daemonset.yaml"
+        ));
+        let yaml = std::fs::read_to_string(path).unwrap();
+        let block = yaml
+            .split("  torud.toml: |\n")
+            .nth(1)
+            .expect("the ConfigMap's file");
+        let toml: String = block
+            .lines()
+            .map_while(|line| {
+                line.strip_prefix("    ")
+                    .or((line.is_empty()).then_some(""))
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let config = parse(path, &toml).unwrap().apply(|_| None).unwrap();
+        assert_eq!(config.listen.port(), 50051);
+        assert!(yaml.contains("port: 50051") && yaml.contains("containerPort: 50051"));
+        assert_eq!(config.metrics_listen.map(|a| a.port()), Some(9464));
+        assert!(yaml.contains("prometheus.io/port: \"9464\""));
+        assert!(config.security.insecure_plaintext_non_loopback);
+    }
+
     #[test]
     fn secrets_in_a_file_others_may_read_are_warned_of() {
         use std::os::unix::fs::PermissionsExt;
