@@ -10,52 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use torud_api::pb;
-
-/// A plain HTTP/1.1 GET: the status code and the body.
-async fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    get_on(stream, addr, path, token).await
-}
-
-async fn get_on(
-    mut stream: tokio::net::TcpStream,
-    addr: &str,
-    path: &str,
-    token: Option<&str>,
-) -> (u16, String) {
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
-        .await
-        .expect("no HTTP answer within 10 s")
-        .unwrap();
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
-}
-
-/// The value of the sample whose name and labels are exactly `series`
-/// (`name{label="v",…}` as the exposition writes it).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().unwrap())
-}
-
-async fn scrape(d: &Daemon) -> String {
-    let addr = d
-        .metrics_addr
-        .as_deref()
-        .expect("started with --metrics-listen");
-    let (status, body) = http_get(addr, "/metrics", None).await;
-    assert_eq!(status, 200, "{body}");
-    body
-}
 
 /// Scrapes until `series` has `value`, failing after `limit`.
 async fn wait_for_sample(d: &Daemon, series: &str, value: f64, limit: Duration) -> String {

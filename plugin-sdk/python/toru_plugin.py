@@ -28,10 +28,12 @@ unit tests, no daemon needed. The protocol is docs/PROTOCOL.md in the torud repo
 
 import asyncio
 import base64
+import contextvars
 import itertools
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import struct
@@ -41,7 +43,7 @@ from datetime import datetime, timezone
 __all__ = [
     "PROTOCOL_VERSION", "Plugin", "Context", "Storage", "StorageError", "PluginError",
     "HttpRequest", "HttpResponse", "KvOp", "serve", "serve_socket", "Harness", "log",
-    "JsonFormatter", "setup_logging",
+    "JsonFormatter", "setup_logging", "current_trace",
 ]
 
 PROTOCOL_VERSION = 2
@@ -55,6 +57,28 @@ log = logging.getLogger("plugin")
 def now():
     """The current time as RFC 3339 UTC."""
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------- tracing
+
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_trace = contextvars.ContextVar("toru_trace", default=None)
+
+
+def parse_traceparent(text):
+    """A W3C `traceparent` (version 00) as {"trace_id", "span_id", "flags"}, or None when it
+    is not valid (all-zero ids included), as the W3C rules say to ignore it."""
+    match = _TRACEPARENT.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None or set(match[1]) == {"0"} or set(match[2]) == {"0"}:
+        return None
+    return {"trace_id": match[1], "span_id": match[2], "flags": int(match[3], 16)}
+
+
+def current_trace():
+    """The trace context of the request being handled (from the envelope's `traceparent`,
+    protocol 2), as parse_traceparent gives it, or None. Log lines written through
+    setup_logging's handler while it is set carry its trace_id and span_id."""
+    return _trace.get()
 
 
 # ---------------------------------------------------------------------------- logging
@@ -73,6 +97,10 @@ class JsonFormatter(logging.Formatter):
         if isinstance(fields, dict):
             for key, value in fields.items():
                 line.setdefault(key, value)
+        trace = _trace.get()
+        if trace is not None:
+            line.setdefault("trace_id", trace["trace_id"])
+            line.setdefault("span_id", trace["span_id"])
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
@@ -441,6 +469,8 @@ class _Runtime:
 
     async def answer(self, msg, ctx, send, running):
         kind, rid = msg["type"], msg.get("request_id")
+        # This task's own context: the request's trace is current for its handler only.
+        _trace.set(parse_traceparent(msg.get("traceparent")))
         payload = msg.get("payload") if isinstance(msg.get("payload"), dict) else {}
         op = payload.get("payload") if isinstance(payload.get("payload"), dict) else payload
         try:
@@ -627,12 +657,16 @@ class Harness:
         if isinstance(error, dict):
             raise PluginError(error.get("code", ""), error.get("message", ""))
 
-    async def call(self, request):
+    async def call(self, request, traceparent=None):
+        """Sends `request` as the host does (with `traceparent` in the envelope if given)."""
         fields = encode_body({"method": request.method, "path": request.path,
                               "headers": request.headers,
                               "header_list": [[k, v] for k, v in request.headers.items()]},
                              request.body)
-        answer = await self.request(envelope("http", self.fresh_id(), {"payload": fields}))
+        message = envelope("http", self.fresh_id(), {"payload": fields})
+        if traceparent is not None:
+            message["traceparent"] = traceparent
+        answer = await self.request(message)
         self._raise_refusal(answer)
         payload = answer.get("payload") or {}
         return HttpResponse(payload.get("status"), payload.get("headers"), decode_body(payload))

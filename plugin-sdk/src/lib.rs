@@ -63,6 +63,7 @@ mod serve;
 mod storage;
 pub mod storage_wire;
 pub mod testing;
+pub mod trace;
 pub mod wire;
 
 pub use codec::{FrameCodec, FrameError, DEFAULT_MAX_FRAME_LEN};

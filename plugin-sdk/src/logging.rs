@@ -1,6 +1,7 @@
 //! Structured logging for plugins: a `tracing` layer that writes each event to stderr as
 //! one JSON line (`timestamp`, `level`, `message`, `target`, and the event's fields), the
-//! shape the daemon parses into levels and fields.
+//! shape the daemon parses into levels and fields. An event logged while a traced request
+//! is handled also carries that request's `trace_id` and `span_id` ([`crate::trace`]).
 //!
 //! [`crate::serve`] installs it; call [`init`] yourself only when not using `serve`.
 //! The level filter comes from `TORU_LOG` (an `EnvFilter` directive, default `info`).
@@ -68,10 +69,20 @@ impl Visit for Fields {
     }
 }
 
+/// Adds the request's `trace_id` and `span_id` to a line's fields (an event's own fields of
+/// those names win).
+fn with_trace(fields: &mut Map<String, Value>, trace: Option<crate::trace::TraceParent>) {
+    if let Some(trace) = trace {
+        fields.entry("trace_id").or_insert(trace.trace_id.into());
+        fields.entry("span_id").or_insert(trace.span_id.into());
+    }
+}
+
 impl<S: Subscriber> Layer<S> for JsonLayer {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         let mut fields = Fields(Map::new());
         event.record(&mut fields);
+        with_trace(&mut fields.0, crate::trace::current());
         let meta = event.metadata();
         let mut line = record(meta.level(), meta.target(), fields.0);
         line.push('\n');
@@ -97,5 +108,19 @@ mod tests {
         assert_eq!(v["user"], 7);
         assert_eq!(v["target"], "my_plugin");
         assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn a_line_logged_under_a_trace_carries_its_ids() {
+        let trace = crate::trace::TraceParent::parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        );
+        let mut fields = Map::new();
+        with_trace(&mut fields, trace);
+        assert_eq!(fields["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(fields["span_id"], "00f067aa0ba902b7");
+        let mut untraced = Map::new();
+        with_trace(&mut untraced, None);
+        assert!(untraced.is_empty());
     }
 }

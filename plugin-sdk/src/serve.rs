@@ -395,8 +395,14 @@ impl<P: Plugin> Connection<P> {
         // The entry goes in before the task can look for it: the lock is held across the
         // spawn, and the task takes it to remove its entry.
         let mut table = self.running.lock().expect("running poisoned");
+        // A traced request's handler runs with its trace context current (its logs carry it).
+        let trace = env
+            .traceparent
+            .as_deref()
+            .and_then(crate::trace::TraceParent::parse);
         let task = self.shared.tasks.spawn(async move {
-            let answer = answer_request(&*shared.plugin, &ctx, &env).await;
+            let answer =
+                crate::trace::scope(trace, answer_request(&*shared.plugin, &ctx, &env)).await;
             // Answer only if not cancelled meanwhile.
             if running
                 .lock()

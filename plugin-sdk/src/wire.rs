@@ -78,6 +78,15 @@ pub struct Envelope {
     /// The type-specific body.
     #[serde(default)]
     pub payload: Value,
+    /// The W3C trace context (`traceparent`) of a host → plugin `http` or `kv` request,
+    /// when the request is traced (protocol 2 only; see [`crate::trace`]). A plugin
+    /// continues the caller's trace from it; it never changes what the request means.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_id"
+    )]
+    pub traceparent: Option<String>,
 }
 
 fn lenient_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -124,6 +133,7 @@ impl Envelope {
             timestamp: now_rfc3339(),
             request_id: Some(request_id),
             payload: Value::Object(payload),
+            traceparent: None,
         }
     }
 
@@ -549,6 +559,7 @@ mod tests {
                 timestamp: String::new(),
                 request_id: None,
                 payload,
+                traceparent: None,
             };
             let answer = HttpAnswer::from_fields(&env.answer(AnswerKind::Http).unwrap()).unwrap();
             assert_eq!(answer.status, 201);
@@ -564,6 +575,7 @@ mod tests {
             timestamp: String::new(),
             request_id: None,
             payload,
+            traceparent: None,
         };
         // Documented shape: a JSON body is just a body, whatever it holds.
         for body in [

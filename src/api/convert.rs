@@ -7,6 +7,7 @@ use crate::api::config::ReloadError;
 use crate::model::{Event, EventKind, ExitInfo, ExitStatus, PluginState, PluginStatus};
 use crate::plugin::link::{LinkError, RefusalCode};
 use crate::supervisor::SupervisorError;
+use toru_plugin_sdk::trace::TraceParent;
 use torud_api::pb;
 
 pub use torud_api::timestamp;
@@ -148,6 +149,12 @@ fn refused(code: &RefusalCode, msg: String) -> Status {
     }
 }
 
+/// The caller's W3C trace context (`traceparent` metadata), if it sent a valid one (an
+/// invalid one is ignored, as the W3C rules say).
+pub fn caller_trace(metadata: &tonic::metadata::MetadataMap) -> Option<TraceParent> {
+    TraceParent::parse(metadata.get("traceparent")?.to_str().ok()?)
+}
+
 /// The caller's deadline, from the `grpc-timeout` header (`<digits><unit>`, units H M S m u n).
 pub fn caller_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
     use std::time::Duration;
@@ -169,9 +176,10 @@ pub fn caller_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::t
 }
 
 /// Awaits a request forwarded to plugin `id` and counts it in `metrics` as `op`, by the
-/// gRPC code it ends with and its latency.
+/// gRPC code it ends with and its latency, ending its `span` with that code.
 pub async fn metered<T>(
     metrics: &crate::telemetry::metrics::Metrics,
+    span: crate::telemetry::trace::CallSpan,
     id: &str,
     op: crate::telemetry::metrics::Op,
     request: impl std::future::Future<Output = Result<T, SupervisorError>>,
@@ -180,6 +188,7 @@ pub async fn metered<T>(
     let result = request.await.map_err(Status::from);
     let code = result.as_ref().err().map_or(tonic::Code::Ok, Status::code);
     metrics.forwarded(id, op, code as i32, began.elapsed());
+    span.end(code as i32);
     result
 }
 

@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 use super::{checked_id, convert};
 use crate::supervisor::Supervisor;
 use crate::telemetry::metrics::{Metrics, Op};
+use crate::telemetry::trace::Tracer;
 use toru_plugin_sdk::KvOp;
 use torud_api::pb;
 use torud_api::pb::kv_service_server::KvService;
@@ -15,27 +16,37 @@ pub struct KvApi {
     supervisor: Supervisor,
     /// Where each forwarded operation is counted.
     metrics: Metrics,
+    /// Where each forwarded operation's span goes.
+    tracer: Tracer,
 }
 
 impl KvApi {
-    /// A service over `supervisor`, counting its operations in `metrics`.
-    pub fn new(supervisor: Supervisor, metrics: Metrics) -> Self {
+    /// A service over `supervisor`, counting its operations in `metrics` and tracing them
+    /// with `tracer`.
+    pub fn new(supervisor: Supervisor, metrics: Metrics, tracer: Tracer) -> Self {
         KvApi {
             supervisor,
             metrics,
+            tracer,
         }
     }
 
-    /// Forwards `op` to plugin `id`, counted as `kind`.
+    /// Forwards `op` to plugin `id` within the caller's deadline and trace (from `metadata`),
+    /// counted as `kind`.
     async fn forward(
         &self,
         id: &str,
         op: KvOp,
         kind: Op,
-        deadline: Option<std::time::Duration>,
+        metadata: &tonic::metadata::MetadataMap,
     ) -> Result<Option<String>, Status> {
-        let request = self.supervisor.kv(id, &op, deadline);
-        convert::metered(&self.metrics, id, kind, request).await
+        let deadline = convert::caller_deadline(metadata);
+        let span = self
+            .tracer
+            .start(kind.rpc(), id, convert::caller_trace(metadata));
+        let context = span.context().cloned();
+        let request = self.supervisor.kv(id, &op, deadline, context.as_ref());
+        convert::metered(&self.metrics, span, id, kind, request).await
     }
 
     fn check_key(&self, key: &str) -> Result<(), Status> {
@@ -56,12 +67,11 @@ impl KvService for KvApi {
         &self,
         request: Request<pb::GetValueRequest>,
     ) -> Result<Response<pb::GetValueResponse>, Status> {
-        let deadline = convert::caller_deadline(request.metadata());
-        let req = request.into_inner();
+        let (metadata, _, req) = request.into_parts();
         let id = checked_id(&req.plugin_id)?;
         self.check_key(&req.key)?;
         let op = KvOp::Get { key: req.key };
-        let value = self.forward(id, op, Op::KvGet, deadline).await?;
+        let value = self.forward(id, op, Op::KvGet, &metadata).await?;
         Ok(Response::new(pb::GetValueResponse {
             found: value.is_some(),
             value: value.unwrap_or_default(),
@@ -72,8 +82,7 @@ impl KvService for KvApi {
         &self,
         request: Request<pb::SetValueRequest>,
     ) -> Result<Response<pb::SetValueResponse>, Status> {
-        let deadline = convert::caller_deadline(request.metadata());
-        let req = request.into_inner();
+        let (metadata, _, req) = request.into_parts();
         let id = checked_id(&req.plugin_id)?;
         self.check_key(&req.key)?;
         let max = self.supervisor.bridge_config().max_value;
@@ -87,7 +96,7 @@ impl KvService for KvApi {
             key: req.key,
             value: req.value,
         };
-        self.forward(id, op, Op::KvSet, deadline).await?;
+        self.forward(id, op, Op::KvSet, &metadata).await?;
         Ok(Response::new(pb::SetValueResponse {}))
     }
 
@@ -95,12 +104,11 @@ impl KvService for KvApi {
         &self,
         request: Request<pb::DeleteValueRequest>,
     ) -> Result<Response<pb::DeleteValueResponse>, Status> {
-        let deadline = convert::caller_deadline(request.metadata());
-        let req = request.into_inner();
+        let (metadata, _, req) = request.into_parts();
         let id = checked_id(&req.plugin_id)?;
         self.check_key(&req.key)?;
         let op = KvOp::Delete { key: req.key };
-        let old = self.forward(id, op, Op::KvDelete, deadline).await?;
+        let old = self.forward(id, op, Op::KvDelete, &metadata).await?;
         Ok(Response::new(pb::DeleteValueResponse {
             existed: old.is_some(),
         }))

@@ -15,6 +15,7 @@ use toru_plugin_sdk::wire::{check_headers, HttpCall};
 use super::convert;
 use crate::supervisor::{Supervisor, SupervisorError};
 use crate::telemetry::metrics::{Metrics, Op, SubscriptionKind};
+use crate::telemetry::trace::Tracer;
 use torud_api::pb;
 use torud_api::pb::plugin_service_server::PluginService;
 
@@ -31,16 +32,24 @@ pub struct PluginApi {
     stop: CancellationToken,
     /// Where calls and event subscriptions are counted.
     metrics: Metrics,
+    /// Where each call's span goes.
+    tracer: Tracer,
 }
 
 impl PluginApi {
-    /// A service over `supervisor`, counting in `metrics`; streams end when `stop` is
-    /// cancelled.
-    pub fn new(supervisor: Supervisor, stop: CancellationToken, metrics: Metrics) -> Self {
+    /// A service over `supervisor`, counting in `metrics` and tracing calls with `tracer`;
+    /// streams end when `stop` is cancelled.
+    pub fn new(
+        supervisor: Supervisor,
+        stop: CancellationToken,
+        metrics: Metrics,
+        tracer: Tracer,
+    ) -> Self {
         PluginApi {
             supervisor,
             stop,
             metrics,
+            tracer,
         }
     }
 }
@@ -227,6 +236,7 @@ impl PluginService for PluginApi {
         request: Request<pb::CallPluginRequest>,
     ) -> Result<Response<pb::CallPluginResponse>, Status> {
         let deadline = convert::caller_deadline(request.metadata());
+        let trace = convert::caller_trace(request.metadata());
         let req = request.into_inner();
         let id = checked_id(&req.plugin_id)?;
         if req.method.is_empty() || !req.method.bytes().all(|b| b.is_ascii_alphabetic()) {
@@ -253,8 +263,10 @@ impl PluginService for PluginApi {
             headers: req.headers.into_iter().map(|h| (h.name, h.value)).collect(),
             body: (!req.body.is_empty()).then_some(req.body),
         };
-        let request = self.supervisor.call(id, &call, deadline);
-        let answer = convert::metered(&self.metrics, id, Op::Call, request).await?;
+        let span = self.tracer.start(Op::Call.rpc(), id, trace);
+        let context = span.context().cloned();
+        let request = self.supervisor.call(id, &call, deadline, context.as_ref());
+        let answer = convert::metered(&self.metrics, span, id, Op::Call, request).await?;
         Ok(Response::new(pb::CallPluginResponse {
             status: answer.status,
             headers: answer

@@ -34,6 +34,8 @@ use crate::api::systemd;
 use crate::config::{create_dir_with_mode, Config, GrpcLimits, Source, TlsFiles};
 use crate::supervisor::{StartupError, Supervisor};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::otlp::{Exporter, OtlpError};
+use crate::telemetry::trace::Tracer;
 use torud_api::pb;
 
 /// How long connections get to close after plugins have stopped. The server has been
@@ -60,6 +62,9 @@ pub enum ServeError {
         /// What failed.
         source: std::io::Error,
     },
+    /// The OTLP export settings could not be used.
+    #[error("{0}")]
+    Otlp(#[from] OtlpError),
     /// Plaintext on an address other hosts can reach, without being told to.
     #[error(
         "refusing to serve plaintext on {0}, which other hosts can reach: give --tls-cert and \
@@ -183,9 +188,11 @@ pub async fn run(
     let tokens = load_tokens(&config)?;
     let listeners = Listeners::bind(&config).await?;
     let limits = config.grpc.clone();
+    let otlp = Exporter::prepare(config.otlp.as_ref())?;
     let supervisor = Supervisor::start(config, source.given.clone())?;
     tracing::info!("{}", supervisor.isolation_summary());
     let metrics = Metrics::new(supervisor.clone());
+    let exporter = Exporter::start(otlp, &supervisor, metrics.export_stats());
     let reloader = Arc::new(Reloader::new(source, supervisor.clone()));
 
     let health = Health::start(&supervisor).await;
@@ -197,6 +204,7 @@ pub async fn run(
         &stop,
         &limits,
         &metrics,
+        exporter.tracer(),
         health.service(),
     )?;
     let bound = Bound {
@@ -217,6 +225,7 @@ pub async fn run(
 
     shutdown.await;
     let result = shut_down(health, &stop, reloads, &supervisor, servers, &control_path).await;
+    exporter.finish().await;
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
@@ -434,6 +443,7 @@ fn routes(
     stop: &CancellationToken,
     limits: &GrpcLimits,
     metrics: &Metrics,
+    tracer: Tracer,
     health: HealthServer<HealthService>,
 ) -> Result<Routes, ServeError> {
     let reflection = || {
@@ -448,12 +458,14 @@ fn routes(
         supervisor.clone(),
         stop.clone(),
         metrics.clone(),
+        tracer.clone(),
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
     let kv = pb::kv_service_server::KvServiceServer::new(KvApi::new(
         supervisor.clone(),
         metrics.clone(),
+        tracer,
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

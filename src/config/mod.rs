@@ -38,6 +38,17 @@ pub const DEFAULT_LOG_FILTER: &str = "info";
 /// Default for the largest `--metadata` output read from a plugin (`--max-metadata-bytes`).
 pub const DEFAULT_MAX_METADATA_BYTES: usize = 64 * 1024;
 
+/// The OpenTelemetry export: an OTLP/gRPC receiver and how to reach it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtlpConfig {
+    /// `http://` or `https://` URL of the receiver.
+    pub endpoint: String,
+    /// Headers sent with every export.
+    pub headers: Vec<values::OtlpHeader>,
+    /// CA certificates (PEM) the receiver's certificate must chain to; `None`: the system's.
+    pub ca: Option<PathBuf>,
+}
+
 /// Everything `torud serve` can be told.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -45,6 +56,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// HTTP address of the Prometheus `/metrics` endpoint; `None`: no endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where plugin logs, events and call spans are exported over OTLP; `None`: nowhere.
+    pub otlp: Option<OtlpConfig>,
     /// Directory scanned for `*.binary` plugin executables.
     pub plugins_dir: PathBuf,
     /// Directory for state, events, logs, sockets and plugin data.
@@ -257,6 +270,7 @@ impl Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             metrics_listen: None,
+            otlp: None,
             plugins_dir,
             enable_new_plugins: false,
             timing: Timing::default(),

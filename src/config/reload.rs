@@ -18,6 +18,7 @@ type Differs = fn(&Config, &Config) -> bool;
 /// why:
 /// - `listen`, `metrics-listen`, `tls-*`, `insecure-plaintext-non-loopback`: the listeners
 ///   are bound, and their TLS acceptor built, once;
+/// - `otlp-*`: the exporter's connection is made once, at start-up;
 /// - `plugins-dir`: every known plugin, and each start's id check and sandbox, is tied to
 ///   it; changing it live would forget every plugin;
 /// - `data-dir`: the event log, the state, the storage, the sockets and the token files are
@@ -34,6 +35,15 @@ const DAEMON_SETTINGS: &[(&str, Differs)] = &[
     ("listen", |a, b| a.listen != b.listen),
     ("metrics-listen", |a, b| {
         a.metrics_listen != b.metrics_listen
+    }),
+    ("otlp-endpoint", |a, b| {
+        a.otlp.as_ref().map(|o| &o.endpoint) != b.otlp.as_ref().map(|o| &o.endpoint)
+    }),
+    ("otlp-header", |a, b| {
+        a.otlp.as_ref().map(|o| &o.headers) != b.otlp.as_ref().map(|o| &o.headers)
+    }),
+    ("otlp-ca", |a, b| {
+        a.otlp.as_ref().map(|o| &o.ca) != b.otlp.as_ref().map(|o| &o.ca)
     }),
     ("plugins-dir", |a, b| a.plugins_dir != b.plugins_dir),
     ("data-dir", |a, b| a.data_dir != b.data_dir),
@@ -109,6 +119,7 @@ pub fn daemon_restart_keys(running: &Config, new: &Config) -> Vec<String> {
 pub fn keep_daemon_settings(mut new: Config, from: &Config) -> Config {
     new.listen = from.listen;
     new.metrics_listen = from.metrics_listen;
+    new.otlp = from.otlp.clone();
     new.plugins_dir = from.plugins_dir.clone();
     new.data_dir = from.data_dir.clone();
     new.security = from.security.clone();
@@ -244,6 +255,7 @@ mod tests {
         let changes = [
             ("listen", "listen = \"127.0.0.1:7000\""),
             ("metrics-listen", "metrics-listen = \"9464\""),
+            ("otlp-endpoint", "otlp-endpoint = \"http://127.0.0.1:4317\""),
             ("plugins-dir", "plugins-dir = \"/elsewhere\""),
             ("data-dir", "data-dir = \"/elsewhere\""),
             ("admin-token-file", "admin-token-file = \"/t/admin\""),

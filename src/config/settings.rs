@@ -16,10 +16,10 @@ use clap::builder::BoolishValueParser;
 use serde::{Deserialize, Serialize};
 
 use super::values::{
-    AbsolutePath, Arg, AtLeast, EnvName, ForPlugin, MetricsAddr, PluginId, RestartPolicy, Secret,
-    Sha256Hex, Span, UserName,
+    AbsolutePath, Arg, AtLeast, EnvName, ForPlugin, MetricsAddr, OtlpEndpoint, OtlpHeader,
+    PluginId, RestartPolicy, Secret, Sha256Hex, Span, UserName,
 };
-use super::{Config, GrpcLimits, PluginLimits, TlsFiles, TokenSource};
+use super::{Config, GrpcLimits, OtlpConfig, PluginLimits, TlsFiles, TokenSource};
 use crate::plugin::isolation::users::UidRange;
 
 /// Settings of `torud serve`: its flags, and the config file's top-level keys.
@@ -124,6 +124,22 @@ pub struct Settings {
     /// --insecure-plaintext-non-loopback, as the gRPC listener does.
     #[arg(long, env = "TORUD_METRICS_LISTEN")]
     pub metrics_listen: Option<MetricsAddr>,
+    /// Export plugin logs, lifecycle events and forwarded calls' spans over OTLP/gRPC to
+    /// this receiver (`http://HOST:4317`, or `https://` with TLS). Off when not given.
+    #[arg(long, env = "TORUD_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<OtlpEndpoint>,
+    /// A header sent with every OTLP export, `name=value` (an API key, a tenant). Repeat for
+    /// several. Values are never logged or shown.
+    #[arg(
+        long = "otlp-header",
+        env = "TORUD_OTLP_HEADERS",
+        value_delimiter = ','
+    )]
+    pub otlp_header: Option<Vec<OtlpHeader>>,
+    /// PEM CA certificates that an `https://` OTLP endpoint's certificate must chain to
+    /// [default: the system's roots].
+    #[arg(long, env = "TORUD_OTLP_CA")]
+    pub otlp_ca: Option<PathBuf>,
     /// Largest gRPC request or response message, in bytes [default: 4194304] (4 MiB).
     #[arg(long, env = "TORUD_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<AtLeast<1024>>,
@@ -292,7 +308,7 @@ impl Settings {
             kill_grace, health_interval, kv_timeout, call_timeout, max_frame_bytes,
             max_in_flight, log_segment_bytes, log_segments, plugin_env, admin_token_file,
             read_token_file, tls_cert, tls_key, tls_client_ca, insecure_plaintext_non_loopback,
-            metrics_listen, max_message_bytes, max_concurrent_streams, max_kv_key_bytes, max_kv_value_bytes,
+            metrics_listen, otlp_endpoint, otlp_header, otlp_ca, max_message_bytes, max_concurrent_streams, max_kv_key_bytes, max_kv_value_bytes,
             max_log_line_bytes, max_metadata_bytes, plugin_max_address_space,
             plugin_max_open_files, plugin_max_processes, pin, storage_max_keys,
             storage_max_bytes, plugin_uid_range, plugin_user, log, plugins,
@@ -311,6 +327,20 @@ impl Settings {
         );
         set(&mut c.listen, self.listen);
         c.metrics_listen = self.metrics_listen.map(|a| a.0);
+        c.otlp = match self.otlp_endpoint {
+            Some(endpoint) => Some(OtlpConfig {
+                endpoint: endpoint.0,
+                headers: self.otlp_header.unwrap_or_default(),
+                ca: self.otlp_ca,
+            }),
+            None if self.otlp_ca.is_some() => {
+                return Err(SettingError::new("otlp-ca", "needs otlp-endpoint too"))
+            }
+            None if self.otlp_header.as_ref().is_some_and(|h| !h.is_empty()) => {
+                return Err(SettingError::new("otlp-header", "needs otlp-endpoint too"))
+            }
+            None => None,
+        };
         set(&mut c.enable_new_plugins, self.enable_new_plugins);
         set(&mut c.restart, self.restart);
         let t = &mut c.timing;
@@ -473,6 +503,12 @@ impl Settings {
         Settings {
             listen: Some(config.listen),
             metrics_listen: config.metrics_listen.map(MetricsAddr),
+            otlp_endpoint: config
+                .otlp
+                .as_ref()
+                .map(|o| OtlpEndpoint(o.endpoint.clone())),
+            otlp_header: config.otlp.as_ref().map(|o| o.headers.clone()),
+            otlp_ca: config.otlp.as_ref().and_then(|o| o.ca.clone()),
             plugins_dir: Some(config.plugins_dir.clone()),
             data_dir: Some(config.data_dir.clone()),
             enable_new_plugins: Some(config.enable_new_plugins),
@@ -597,6 +633,39 @@ mod tests {
             original,
             "{text}"
         );
+    }
+
+    #[test]
+    fn otlp_settings_make_the_export_and_never_show_a_header() {
+        let c = config(
+            "otlp-endpoint = \"https://collector:4317\"\n\
+             otlp-header = [\"Authorization=Bearer s3cret\", \"x-tenant=a\"]\n\
+             otlp-ca = \"/etc/ca.pem\"\n",
+        );
+        let otlp = c.otlp.clone().unwrap();
+        assert_eq!(otlp.endpoint, "https://collector:4317");
+        assert_eq!(otlp.headers[0].name, "authorization");
+        assert_eq!(otlp.headers[0].value.expose(), "Bearer s3cret");
+        assert_eq!(otlp.ca.as_deref(), Some(Path::new("/etc/ca.pem")));
+        let text = toml::to_string(&Settings::effective(&c)).unwrap();
+        assert!(text.contains("authorization=(redacted)"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+
+    #[test]
+    fn otlp_settings_are_refused_when_they_cannot_work() {
+        let refused = |text: &str| {
+            super::super::file::parse(Path::new("t.toml"), text)
+                .and_then(|s| s.apply(|_| None).map_err(Into::into))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(refused("otlp-ca = \"/ca.pem\"\n").contains("needs otlp-endpoint"));
+        assert!(refused("otlp-header = [\"a=b\"]\n").contains("needs otlp-endpoint"));
+        assert!(refused("otlp-endpoint = \"collector:4317\"\n").contains("http://"));
+        assert!(refused("otlp-endpoint = \"ftp://c:4317\"\n").contains("http://"));
+        let header = "otlp-endpoint = \"http://c:4317\"\notlp-header = [\"novalue\"]\n";
+        assert!(refused(header).contains("name=value"));
     }
 
     #[test]

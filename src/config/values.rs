@@ -95,6 +95,97 @@ impl fmt::Display for MetricsAddr {
     }
 }
 
+/// Where OpenTelemetry data is exported: the `http://` or `https://` URL of an OTLP/gRPC
+/// receiver (a collector's port 4317, usually).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct OtlpEndpoint(pub String);
+
+impl FromStr for OtlpEndpoint {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let uri: http::Uri = text
+            .parse()
+            .map_err(|e| format!("{text:?} is not a URL ({e})"))?;
+        match (uri.scheme_str(), uri.host()) {
+            (Some("http" | "https"), Some(_)) => Ok(OtlpEndpoint(text.to_owned())),
+            _ => Err(format!(
+                "{text:?} is not an http:// or https:// URL like http://127.0.0.1:4317"
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for OtlpEndpoint {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<OtlpEndpoint> for String {
+    fn from(endpoint: OtlpEndpoint) -> String {
+        endpoint.0
+    }
+}
+
+/// A header sent with every OTLP export, written `name=value` (an API key, a tenant). The
+/// name is a gRPC metadata key; the value is a [`Secret`], never logged or shown.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct OtlpHeader {
+    /// The header's name, lower case.
+    pub name: String,
+    /// Its value.
+    pub value: Secret,
+}
+
+impl FromStr for OtlpHeader {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (name, value) = text
+            .split_once('=')
+            .ok_or_else(|| "a header is written name=value".to_owned())?;
+        let name = name.trim().to_ascii_lowercase();
+        let valid_name = !name.is_empty()
+            && !name.ends_with("-bin")
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !valid_name {
+            return Err(format!(
+                "{name:?} is not a header name (letters, digits, - _ .)"
+            ));
+        }
+        let value = value.trim();
+        if !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(format!("the value of header {name} is not printable ASCII"));
+        }
+        Ok(OtlpHeader {
+            name,
+            value: Secret::new(value),
+        })
+    }
+}
+
+impl TryFrom<String> for OtlpHeader {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl Serialize for OtlpHeader {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}={REDACTED}", self.name))
+    }
+}
+
 /// A count or size of at least `MIN`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "u64", into = "u64")]

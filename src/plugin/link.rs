@@ -27,6 +27,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
+use toru_plugin_sdk::trace::TraceParent;
 use toru_plugin_sdk::wire::{HttpAnswer, HttpCall};
 use toru_plugin_sdk::{AnswerKind, Envelope, FrameCodec, FrameError, KvOp, MessageType};
 
@@ -501,7 +502,18 @@ impl Link {
 
     /// A KV operation; the answer's `value` (`None` for null).
     pub async fn kv(&self, op: &KvOp, limit: Duration) -> Result<Option<String>, LinkError> {
-        let envelope = Envelope::kv_request(new_request_id(), op);
+        self.kv_traced(op, limit, None).await
+    }
+
+    /// A KV operation within the trace `trace` (passed to a protocol-2 plugin in the
+    /// envelope; a v1 plugin's messages never change).
+    pub async fn kv_traced(
+        &self,
+        op: &KvOp,
+        limit: Duration,
+        trace: Option<&TraceParent>,
+    ) -> Result<Option<String>, LinkError> {
+        let envelope = self.traced(Envelope::kv_request(new_request_id(), op), trace);
         let answer = self.request(envelope, limit).await?;
         let fields = answer.answer(AnswerKind::Kv).ok_or_else(|| {
             refusal(&answer).unwrap_or_else(|| {
@@ -519,6 +531,24 @@ impl Link {
 
     /// An HTTP-style call.
     pub async fn call(&self, call: &HttpCall, limit: Duration) -> Result<HttpAnswer, LinkError> {
+        self.call_traced(call, limit, None).await
+    }
+
+    /// The envelope with `trace` in it, for a plugin that speaks protocol 2.
+    fn traced(&self, mut envelope: Envelope, trace: Option<&TraceParent>) -> Envelope {
+        if self.inner.protocol >= 2 {
+            envelope.traceparent = trace.map(TraceParent::to_string);
+        }
+        envelope
+    }
+
+    /// An HTTP-style call within the trace `trace` (as [`Link::kv_traced`]).
+    pub async fn call_traced(
+        &self,
+        call: &HttpCall,
+        limit: Duration,
+        trace: Option<&TraceParent>,
+    ) -> Result<HttpAnswer, LinkError> {
         let binary = call
             .body
             .as_deref()
@@ -528,9 +558,8 @@ impl Link {
                 "the body is not UTF-8, and this plugin speaks protocol 1, which carries only text bodies".into(),
             ));
         }
-        let answer = self
-            .request(Envelope::http_request(new_request_id(), call), limit)
-            .await?;
+        let envelope = self.traced(Envelope::http_request(new_request_id(), call), trace);
+        let answer = self.request(envelope, limit).await?;
         let fields = answer.answer(AnswerKind::Http).ok_or_else(|| {
             refusal(&answer).unwrap_or_else(|| {
                 LinkError::BadAnswer("no \"status\" in any accepted shape".into())

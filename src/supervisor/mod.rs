@@ -20,6 +20,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use toru_plugin_sdk::trace::TraceParent;
 use toru_plugin_sdk::wire::{HttpAnswer, HttpCall};
 use toru_plugin_sdk::KvOp;
 
@@ -536,30 +537,33 @@ impl Supervisor {
     }
 
     /// Forwards a KV operation to a plugin; the plugin's answer (the value read, written,
-    /// or deleted; `None` for an absent key). `deadline` is the caller's.
+    /// or deleted; `None` for an absent key). `deadline` is the caller's; `trace` is passed
+    /// to a protocol-2 plugin.
     pub async fn kv(
         &self,
         id: &str,
         op: &KvOp,
         deadline: Option<Duration>,
+        trace: Option<&TraceParent>,
     ) -> Result<Option<String>, SupervisorError> {
         let link = self.link(id)?;
         let limit = self.bridge_limit(self.inner.ctx.config.load().kv_timeout_of(id), deadline);
-        link.kv(op, limit)
+        link.kv_traced(op, limit, trace)
             .await
             .map_err(|e| SupervisorError::Bridge(id.to_owned(), e))
     }
 
-    /// Forwards an HTTP-style call.
+    /// Forwards an HTTP-style call (`trace` as for [`Supervisor::kv`]).
     pub async fn call(
         &self,
         id: &str,
         call: &HttpCall,
         deadline: Option<Duration>,
+        trace: Option<&TraceParent>,
     ) -> Result<HttpAnswer, SupervisorError> {
         let link = self.link(id)?;
         let limit = self.bridge_limit(self.inner.ctx.config.load().call_timeout_of(id), deadline);
-        link.call(call, limit)
+        link.call_traced(call, limit, trace)
             .await
             .map_err(|e| SupervisorError::Bridge(id.to_owned(), e))
     }
@@ -827,9 +831,10 @@ impl Supervisor {
     }
 
     /// Adds a newly discovered plugin, in steps that keep file I/O off the table's lock:
-    /// open its log, prepare its handle and actor, insert the handle, announce it, start
-    /// the actor. Announced after the insert, so whoever sees the `PluginAdded` event
-    /// finds the plugin; the actor starts after it, so its own events follow.
+    /// open its log, prepare its handle and actor, announce it, insert the handle, start
+    /// the actor. Announced just before the insert, so whoever lists the plugin finds its
+    /// `PluginAdded` event (a follower of events may see the event a moment before the
+    /// plugin is in the table); the actor starts after both, so its own events follow.
     fn add(&self, spec: PluginSpec, identity: Option<FileIdentity>, tally: &mut Tally<'_>) {
         let ctx = &self.inner.ctx;
         let id = spec.metadata.id.clone();

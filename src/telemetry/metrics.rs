@@ -32,6 +32,7 @@ use prometheus_client::registry::Registry;
 
 use crate::model::{CrashReason, LogStream, PluginState, PluginStatus};
 use crate::supervisor::Supervisor;
+use crate::telemetry::otlp::{ExportStats, Signal};
 
 /// The `Content-Type` of [`Metrics::render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -51,6 +52,16 @@ pub enum Op {
 
 impl Op {
     const ALL: [Op; 4] = [Op::Call, Op::KvGet, Op::KvSet, Op::KvDelete];
+
+    /// The gRPC method, as a span's name.
+    pub fn rpc(self) -> &'static str {
+        match self {
+            Op::Call => "toru.v1.PluginService/CallPlugin",
+            Op::KvGet => "toru.v1.KvService/GetValue",
+            Op::KvSet => "toru.v1.KvService/SetValue",
+            Op::KvDelete => "toru.v1.KvService/DeleteValue",
+        }
+    }
 
     fn as_str(self) -> &'static str {
         match self {
@@ -131,6 +142,7 @@ impl Metrics {
             supervisor,
             traffic: Mutex::default(),
             subscriptions: Mutex::default(),
+            export: Arc::default(),
         });
         let mut registry = Registry::default();
         registry.register_collector(Box::new(census.clone()));
@@ -150,6 +162,11 @@ impl Metrics {
         let code = usize::try_from(code).unwrap_or(2).min(CODES.len() - 1);
         op.codes[code].fetch_add(1, Ordering::Relaxed);
         op.latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// The counts of the OTLP export, which it updates itself.
+    pub fn export_stats(&self) -> Arc<ExportStats> {
+        self.census.export.clone()
     }
 
     /// Counts a gap (records rotated away before a subscriber read them) sent to a
@@ -288,6 +305,8 @@ struct Census {
     traffic: Mutex<HashMap<String, Arc<PluginTraffic>>>,
     /// Open subscriptions (dead ones pruned as new ones come and at each scrape).
     subscriptions: Mutex<Vec<Weak<SubscriptionEntry>>>,
+    /// What the OTLP export sent and dropped.
+    export: Arc<ExportStats>,
 }
 
 impl fmt::Debug for Census {
@@ -449,6 +468,19 @@ fn encode_daemon(
         "torud_subscriber_lag_records",
         "Records the furthest-behind subscriber of each kind has yet to be sent.",
         SubscriptionKind::ALL.map(|k| ([("kind", k.as_str())], subscriptions[k as usize].1)),
+    )?;
+    counters(
+        out,
+        "torud_otlp_exported",
+        "Log records (with events) and spans the OTLP receiver took.",
+        Signal::ALL.map(|s| ([("signal", s.as_str())], census.export.exported_count(s))),
+    )?;
+    counters(
+        out,
+        "torud_otlp_dropped",
+        "Log records (with events) and spans lost to OTLP export: refused, unsent after \
+         retries, rotated out of a log before they were read, or with no room in the queue.",
+        Signal::ALL.map(|s| ([("signal", s.as_str())], census.export.dropped_count(s))),
     )
 }
 

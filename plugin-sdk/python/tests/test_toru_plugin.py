@@ -48,6 +48,9 @@ class Probe(tp.Plugin):
             await asyncio.sleep(0.2)
             await ctx.storage.set("slow", "done")
             return tp.HttpResponse(200, {}, "slow")
+        if request.path == "/trace":
+            tp.log.info("traced")
+            return tp.HttpResponse(200, {}, json.dumps(tp.current_trace()))
         if request.path == "/binary":
             return tp.HttpResponse(200, {}, request.body)
         if request.path == "/teapot":
@@ -159,6 +162,42 @@ class HarnessTests(unittest.TestCase):
                 await tp.Harness(Probe(fail_init=True)).start()
             self.assertIn("no configuration", err.exception.message)
         run(go())
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+class TraceTests(unittest.TestCase):
+    def test_a_requests_traceparent_is_current_in_its_handler_and_in_its_log_lines(self):
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(tp.JsonFormatter())
+        tp.log.addHandler(handler)
+        tp.log.setLevel(logging.INFO)
+
+        async def go():
+            async with tp.Harness(Probe()) as h:
+                traced = await h.call(tp.HttpRequest("GET", "/trace"), traceparent=TRACEPARENT)
+                plain = await h.call(tp.HttpRequest("GET", "/trace"))
+                bad = await h.call(tp.HttpRequest("GET", "/trace"), traceparent="00-zz")
+                return traced, plain, bad
+        try:
+            traced, plain, bad = run(go())
+        finally:
+            tp.log.removeHandler(handler)
+        self.assertEqual(json.loads(traced.text),
+                         {"trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+                          "span_id": "00f067aa0ba902b7", "flags": 1})
+        self.assertIsNone(json.loads(plain.text))
+        self.assertIsNone(json.loads(bad.text))
+        lines = [json.loads(l) for l in stream.getvalue().splitlines() if '"traced"' in l]
+        self.assertEqual([l.get("trace_id") for l in lines],
+                         ["4bf92f3577b34da6a3ce929d0e0e4736", None, None])
+
+    def test_invalid_traceparents_are_ignored(self):
+        for bad in ["", "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
+                    "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None, 7]:
+            self.assertIsNone(tp.parse_traceparent(bad), bad)
 
 
 class WireTests(unittest.TestCase):
