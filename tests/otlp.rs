@@ -18,6 +18,12 @@ use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
 use opentelemetry_proto::tonic::collector::logs::v1::{
     ExportLogsServiceRequest, ExportLogsServiceResponse,
 };
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -26,6 +32,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
 use opentelemetry_proto::tonic::logs::v1::LogRecord;
+use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, Metric};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
@@ -44,6 +51,8 @@ struct Received {
 struct Collected {
     logs: Arc<Mutex<Vec<Received>>>,
     spans: Arc<Mutex<Vec<Span>>>,
+    /// The metrics of the latest export.
+    metrics: Arc<Mutex<Vec<Metric>>>,
 }
 
 fn text(value: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> Option<String> {
@@ -105,6 +114,23 @@ impl TraceService for Collected {
     }
 }
 
+#[tonic::async_trait]
+impl MetricsService for Collected {
+    async fn export(
+        &self,
+        request: Request<ExportMetricsServiceRequest>,
+    ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+        let mut latest = Vec::new();
+        for resource_metrics in request.into_inner().resource_metrics {
+            for scope in resource_metrics.scope_metrics {
+                latest.extend(scope.metrics);
+            }
+        }
+        *self.metrics.lock().unwrap() = latest;
+        Ok(Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
 impl Collected {
     fn logs_of(&self, service: &str) -> Vec<Received> {
         let logs = self.logs.lock().unwrap();
@@ -136,7 +162,8 @@ async fn serve(
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(LogsServiceServer::new(collected.clone()))
-        .add_service(TraceServiceServer::new(collected.clone()));
+        .add_service(TraceServiceServer::new(collected.clone()))
+        .add_service(MetricsServiceServer::new(collected.clone()));
     let handle = tokio::spawn(async move {
         server
             .serve_with_incoming_shutdown(
@@ -405,6 +432,10 @@ async fn a_receiver_stopped_mid_burst_loses_only_what_the_drop_metric_says() {
         d.log_text("burst").contains("burst done")
     })
     .await;
+    wait_until("the outage noticed", Duration::from_secs(60), || {
+        d.daemon_stderr().contains("OTLP export failing")
+    })
+    .await;
     let (_receiver, _) = serve(&collected, addr).await;
 
     // Everything arrives, or what did not is counted as dropped.
@@ -431,4 +462,106 @@ async fn a_receiver_stopped_mid_burst_loses_only_what_the_drop_metric_says() {
     // The outage was reported in the daemon's log, once.
     let stderr = d.daemon_stderr();
     assert_eq!(stderr.matches("OTLP export failing").count(), 1, "{stderr}");
+}
+
+/// The value of the point of metric `name` whose attributes include `labels`, if the latest
+/// export had it (a histogram's count).
+fn point_value(metrics: &[Metric], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let matches = |attrs: &[KeyValue]| {
+        let attrs = attributes(attrs);
+        labels
+            .iter()
+            .all(|(k, v)| attrs.get(*k).map(String::as_str) == Some(*v))
+    };
+    let number = |p: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint| match p.value {
+        Some(number_data_point::Value::AsDouble(d)) => Some(d),
+        Some(number_data_point::Value::AsInt(i)) => Some(i as f64),
+        None => None,
+    };
+    match &metrics.iter().find(|m| m.name == name)?.data {
+        Some(metric::Data::Gauge(g)) => g
+            .data_points
+            .iter()
+            .find(|p| matches(&p.attributes))
+            .and_then(number),
+        Some(metric::Data::Sum(s)) => s
+            .data_points
+            .iter()
+            .find(|p| matches(&p.attributes))
+            .and_then(number),
+        Some(metric::Data::Histogram(h)) => h
+            .data_points
+            .iter()
+            .find(|p| matches(&p.attributes))
+            .map(|p| p.count as f64),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn the_metrics_reach_the_receiver_as_otlp_metrics() {
+    let collected = Collected::default();
+    let addr = free_addr();
+    let (_receiver, _) = serve(&collected, addr).await;
+    let endpoint = format!("http://{addr}");
+    let (_d, mut client) = start_enabled(
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-metrics-interval",
+            "200ms",
+        ],
+        |d| {
+            d.install_hello("hello");
+        },
+        &["hello"],
+    )
+    .await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_state("hello", pb::PluginState::Running, SECS10)
+        .await;
+    let call = pb::CallPluginRequest {
+        plugin_id: "hello".into(),
+        method: "GET".into(),
+        path: "/".into(),
+        headers: vec![],
+        body: vec![],
+    };
+    client.call_plugin(call).await.unwrap();
+
+    let hello = [("plugin", "hello")];
+    let call_ok = [("plugin", "hello"), ("op", "call"), ("code", "OK")];
+    let call_latency = [("plugin", "hello"), ("op", "call")];
+    wait_for(
+        "the plugin and its call in the exported metrics",
+        SECS10,
+        || {
+            let metrics = collected.metrics.lock().unwrap();
+            let up = point_value(&metrics, "torud_plugin_up", &hello)?;
+            let calls = point_value(&metrics, "torud_forwarded_requests", &call_ok)?;
+            let timed = point_value(
+                &metrics,
+                "torud_forwarded_request_duration_seconds",
+                &call_latency,
+            )?;
+            (up == 1.0 && calls == 1.0 && timed == 1.0).then_some(())
+        },
+    )
+    .await;
+    let metrics = collected.metrics.lock().unwrap().clone();
+    let latency = metrics
+        .iter()
+        .find(|m| m.name == "torud_forwarded_request_duration_seconds")
+        .unwrap();
+    assert_eq!(latency.unit, "s");
+    let Some(metric::Data::Sum(sum)) = &metrics
+        .iter()
+        .find(|m| m.name == "torud_forwarded_requests")
+        .unwrap()
+        .data
+    else {
+        panic!("a counter is a sum")
+    };
+    assert!(sum.is_monotonic);
 }

@@ -192,7 +192,7 @@ pub async fn run(
     let supervisor = Supervisor::start(config, source.given.clone())?;
     tracing::info!("{}", supervisor.isolation_summary());
     let metrics = Metrics::new(supervisor.clone());
-    let exporter = Exporter::start(otlp, &supervisor, metrics.export_stats());
+    let exporter = Exporter::start(otlp, &supervisor, &metrics);
     let reloader = Arc::new(Reloader::new(source, supervisor.clone()));
 
     let health = Health::start(&supervisor).await;

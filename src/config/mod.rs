@@ -47,7 +47,15 @@ pub struct OtlpConfig {
     pub headers: Vec<values::OtlpHeader>,
     /// CA certificates (PEM) the receiver's certificate must chain to; `None`: the system's.
     pub ca: Option<PathBuf>,
+    /// How often the metrics are sent.
+    pub metrics_interval: Duration,
 }
+
+/// The shortest `--otlp-metrics-interval` honoured (a shorter one is raised to it).
+pub const MIN_OTLP_METRICS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Default of `--otlp-metrics-interval`.
+pub const DEFAULT_OTLP_METRICS_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Everything `torud serve` can be told.
 #[derive(Debug, Clone, PartialEq)]

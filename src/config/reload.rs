@@ -42,6 +42,9 @@ const DAEMON_SETTINGS: &[(&str, Differs)] = &[
     ("otlp-header", |a, b| {
         a.otlp.as_ref().map(|o| &o.headers) != b.otlp.as_ref().map(|o| &o.headers)
     }),
+    ("otlp-metrics-interval", |a, b| {
+        a.otlp.as_ref().map(|o| o.metrics_interval) != b.otlp.as_ref().map(|o| o.metrics_interval)
+    }),
     ("otlp-ca", |a, b| {
         a.otlp.as_ref().map(|o| &o.ca) != b.otlp.as_ref().map(|o| &o.ca)
     }),

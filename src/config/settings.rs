@@ -140,6 +140,9 @@ pub struct Settings {
     /// [default: the system's roots].
     #[arg(long, env = "TORUD_OTLP_CA")]
     pub otlp_ca: Option<PathBuf>,
+    /// How often the daemon's metrics are sent to the OTLP receiver [default: 15s].
+    #[arg(long, env = "TORUD_OTLP_METRICS_INTERVAL")]
+    pub otlp_metrics_interval: Option<Span>,
     /// Largest gRPC request or response message, in bytes [default: 4194304] (4 MiB).
     #[arg(long, env = "TORUD_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<AtLeast<1024>>,
@@ -308,7 +311,7 @@ impl Settings {
             kill_grace, health_interval, kv_timeout, call_timeout, max_frame_bytes,
             max_in_flight, log_segment_bytes, log_segments, plugin_env, admin_token_file,
             read_token_file, tls_cert, tls_key, tls_client_ca, insecure_plaintext_non_loopback,
-            metrics_listen, otlp_endpoint, otlp_header, otlp_ca, max_message_bytes, max_concurrent_streams, max_kv_key_bytes, max_kv_value_bytes,
+            metrics_listen, otlp_endpoint, otlp_header, otlp_ca, otlp_metrics_interval, max_message_bytes, max_concurrent_streams, max_kv_key_bytes, max_kv_value_bytes,
             max_log_line_bytes, max_metadata_bytes, plugin_max_address_space,
             plugin_max_open_files, plugin_max_processes, pin, storage_max_keys,
             storage_max_bytes, plugin_uid_range, plugin_user, log, plugins,
@@ -332,7 +335,17 @@ impl Settings {
                 endpoint: endpoint.0,
                 headers: self.otlp_header.unwrap_or_default(),
                 ca: self.otlp_ca,
+                metrics_interval: self
+                    .otlp_metrics_interval
+                    .map_or(super::DEFAULT_OTLP_METRICS_INTERVAL, |s| s.0)
+                    .max(super::MIN_OTLP_METRICS_INTERVAL),
             }),
+            None if self.otlp_metrics_interval.is_some() => {
+                return Err(SettingError::new(
+                    "otlp-metrics-interval",
+                    "needs otlp-endpoint too",
+                ))
+            }
             None if self.otlp_ca.is_some() => {
                 return Err(SettingError::new("otlp-ca", "needs otlp-endpoint too"))
             }
@@ -509,6 +522,7 @@ impl Settings {
                 .map(|o| OtlpEndpoint(o.endpoint.clone())),
             otlp_header: config.otlp.as_ref().map(|o| o.headers.clone()),
             otlp_ca: config.otlp.as_ref().and_then(|o| o.ca.clone()),
+            otlp_metrics_interval: config.otlp.as_ref().map(|o| Span(o.metrics_interval)),
             plugins_dir: Some(config.plugins_dir.clone()),
             data_dir: Some(config.data_dir.clone()),
             enable_new_plugins: Some(config.enable_new_plugins),

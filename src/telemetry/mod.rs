@@ -4,13 +4,15 @@
 //! subscriptions and their lag).
 //!
 //! OpenTelemetry export (`otlp.rs`, opt-in): plugin logs and lifecycle events as OTLP
-//! logs, and a span per forwarded request (`trace.rs`) continuing the caller's W3C trace
-//! into the plugin.
+//! logs, a span per forwarded request (`trace.rs`) continuing the caller's W3C trace into
+//! the plugin, and the metrics above as OTLP metrics (`openmetrics.rs` reads them back from
+//! their text).
 //!
 //! This layer sits beside `api/`: it reads the supervisor and the stores, and the control
 //! plane records into it. It knows no gRPC types (codes arrive as numbers) and serves
 //! nothing itself: `api/metrics.rs` is the HTTP endpoint.
 
 pub mod metrics;
+pub mod openmetrics;
 pub mod otlp;
 pub mod trace;

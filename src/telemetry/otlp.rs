@@ -1,6 +1,7 @@
 //! OpenTelemetry export (OTLP over gRPC, opt-in with `--otlp-endpoint`): every plugin's log
-//! records and the lifecycle events as OTLP logs, and the spans of forwarded requests
-//! ([`super::trace`]) as OTLP traces.
+//! records and the lifecycle events as OTLP logs, the spans of forwarded requests
+//! ([`super::trace`]) as OTLP traces, and the daemon's metrics ([`super::openmetrics`]) as
+//! OTLP metrics every `--otlp-metrics-interval`.
 //!
 //! The local store stays the source of truth; export reads it and never holds it up:
 //! - logs are read by a [`Follower`](crate::logs::seqlog::Follower) per plugin log (and one
@@ -28,12 +29,15 @@ use std::time::{Duration, SystemTime};
 
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{
     any_value, AnyValue, ArrayValue, InstrumentationScope, KeyValue, KeyValueList,
 };
 use opentelemetry_proto::tonic::logs::v1::{LogRecord as OtlpLog, ResourceLogs, ScopeLogs};
+use opentelemetry_proto::tonic::metrics::v1::{Metric, ResourceMetrics, ScopeMetrics};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{
     span, status, ResourceSpans, ScopeSpans, Span, Status,
@@ -51,6 +55,7 @@ use crate::config::OtlpConfig;
 use crate::logs::capture::PluginLog;
 use crate::model::{Event, EventKind, LogLevel, LogRecord, LogStream};
 use crate::supervisor::Supervisor;
+use crate::telemetry::metrics::Metrics;
 
 /// Most log records or spans in one export request.
 pub const BATCH: usize = 512;
@@ -75,17 +80,20 @@ pub enum Signal {
     Logs,
     /// Spans of forwarded requests.
     Traces,
+    /// Data points of the daemon's metrics.
+    Metrics,
 }
 
 impl Signal {
     /// Every signal, in label order.
-    pub const ALL: [Signal; 2] = [Signal::Logs, Signal::Traces];
+    pub const ALL: [Signal; 3] = [Signal::Logs, Signal::Traces, Signal::Metrics];
 
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Signal::Logs => "logs",
             Signal::Traces => "traces",
+            Signal::Metrics => "metrics",
         }
     }
 }
@@ -93,8 +101,8 @@ impl Signal {
 /// Items exported and dropped, by signal.
 #[derive(Debug, Default)]
 pub struct ExportStats {
-    exported: [AtomicU64; 2],
-    dropped: [AtomicU64; 2],
+    exported: [AtomicU64; Signal::ALL.len()],
+    dropped: [AtomicU64; Signal::ALL.len()],
 }
 
 impl ExportStats {
@@ -153,23 +161,28 @@ type Queued = (Arc<str>, OtlpLog);
 
 /// The receiver checked and ready to be connected to, before anything starts (so that a bad
 /// setting stops the daemon before it starts a plugin).
-pub struct Prepared(Option<(Target, String)>);
+pub struct Prepared(Option<(Target, String, Duration)>);
 
 impl Exporter {
     /// Checks `config`'s receiver settings (`None`: nothing will be exported).
     pub fn prepare(config: Option<&OtlpConfig>) -> Result<Prepared, OtlpError> {
         Ok(Prepared(match config {
-            Some(config) => Some((Target::new(config)?, config.endpoint.clone())),
+            Some(config) => Some((
+                Target::new(config)?,
+                config.endpoint.clone(),
+                config.metrics_interval,
+            )),
             None => None,
         }))
     }
 
-    /// Starts exporting what `supervisor`'s plugins log and what calls trace, counting in
-    /// `stats`.
-    pub fn start(prepared: Prepared, supervisor: &Supervisor, stats: Arc<ExportStats>) -> Exporter {
+    /// Starts exporting what `supervisor`'s plugins log, what calls trace and `metrics`,
+    /// counting in `metrics`' export figures.
+    pub fn start(prepared: Prepared, supervisor: &Supervisor, metrics: &Metrics) -> Exporter {
+        let stats = metrics.export_stats();
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let Some((target, endpoint)) = prepared.0 else {
+        let Some((target, endpoint, metrics_every)) = prepared.0 else {
             return Exporter {
                 tracer: Tracer::off(),
                 stop,
@@ -184,6 +197,14 @@ impl Exporter {
         let (spans_tx, spans_rx) = mpsc::channel(SPAN_QUEUE);
         tasks.spawn(export_spans(
             spans_rx,
+            target.clone(),
+            resources.clone(),
+            stats.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(export_metrics(
+            metrics.clone(),
+            metrics_every,
             target.clone(),
             resources.clone(),
             stats.clone(),
@@ -593,6 +614,89 @@ async fn export_spans(
         .await;
         account(&stats, Signal::Traces, n, sent);
     }
+}
+
+/// Sends a snapshot of `metrics` every `every` (the first one `every` after the start), and
+/// a last one at shutdown. A snapshot the receiver does not take is not retried: the next
+/// one carries the same cumulative figures, newer. Its data points are counted as dropped.
+async fn export_metrics(
+    metrics: Metrics,
+    every: Duration,
+    target: Target,
+    resources: Resources,
+    stats: Arc<ExportStats>,
+    stop: CancellationToken,
+) {
+    let client = MetricsServiceClient::new(target.channel.clone());
+    let mut outage = Outage::new(Signal::Metrics, &target.endpoint);
+    let started = unix_nanos(OffsetDateTime::now_utc());
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let last = tokio::select! {
+            _ = stop.cancelled() => true,
+            _ = ticks.tick() => false,
+        };
+        let snapshot = metrics.clone();
+        let Ok(text) = tokio::task::spawn_blocking(move || snapshot.render()).await else {
+            return;
+        };
+        let now = unix_nanos(OffsetDateTime::now_utc());
+        let converted = super::openmetrics::to_otlp(&text, started, now);
+        let points: u64 = converted.iter().map(data_points).sum();
+        let request = ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                resource: Some(resources.of("")),
+                scope_metrics: vec![ScopeMetrics {
+                    scope: Some(scope()),
+                    metrics: converted,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let mut client = client.clone();
+        let limit = if last {
+            FLUSH_FOR
+        } else {
+            every.max(FLUSH_FOR)
+        };
+        let sent = tokio::time::timeout(limit, client.export(target.request(request))).await;
+        match sent {
+            Ok(Ok(answer)) => {
+                outage.recovered();
+                let rejected = answer
+                    .into_inner()
+                    .partial_success
+                    .map_or(0, |p| p.rejected_data_points.max(0) as u64);
+                account(&stats, Signal::Metrics, points, Some(rejected));
+            }
+            Ok(Err(error)) => {
+                outage.failed(&error);
+                outage.dropped(1);
+                account(&stats, Signal::Metrics, points, None);
+            }
+            Err(_) => {
+                outage.failed(&tonic::Status::deadline_exceeded("no answer in time"));
+                outage.dropped(1);
+                account(&stats, Signal::Metrics, points, None);
+            }
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+/// How many data points a metric holds.
+fn data_points(metric: &Metric) -> u64 {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    (match &metric.data {
+        Some(Data::Gauge(g)) => g.data_points.len(),
+        Some(Data::Sum(s)) => s.data_points.len(),
+        Some(Data::Histogram(h)) => h.data_points.len(),
+        _ => 0,
+    }) as u64
 }
 
 /// Counts a batch of `n` items: `sent` is how many the receiver rejected, or `None` when the
