@@ -71,7 +71,7 @@ const LOG_QUEUE: usize = 4 * BATCH;
 /// Finished spans waiting for a batch; a span that does not fit is dropped and counted.
 const SPAN_QUEUE: usize = 8 * BATCH;
 /// How long shutdown gives the exporter to send what it holds.
-const FLUSH_FOR: Duration = Duration::from_secs(3);
+pub const FLUSH_FOR: Duration = Duration::from_secs(3);
 
 /// What is exported, as the `signal` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
