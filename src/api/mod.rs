@@ -18,6 +18,7 @@ pub mod plugins;
 pub mod readiness;
 pub mod server;
 pub mod systemd;
+pub mod web;
 
 #[cfg(test)]
 pub(crate) use plugins::decode_page_token;

@@ -27,10 +27,10 @@ use crate::api::config::{ConfigApi, Reloader, StaleProcesses};
 use crate::api::health;
 use crate::api::kv::KvApi;
 use crate::api::logs::LogApi;
-use crate::api::metrics;
 use crate::api::plugins::PluginApi;
 use crate::api::readiness::HoldLayer;
 use crate::api::systemd;
+use crate::api::{metrics, web};
 use crate::config::{create_dir_with_mode, Config, GrpcLimits, Source, TlsFiles};
 use crate::supervisor::{StartupError, Supervisor};
 use crate::telemetry::metrics::Metrics;
@@ -189,6 +189,7 @@ pub async fn run(
     let listeners = Listeners::bind(&config).await?;
     let limits = config.grpc.clone();
     let otlp = Exporter::prepare(config.otlp.as_ref())?;
+    let cors = web::cors(&config.cors_origins);
     let supervisor = Supervisor::start(config, source.given.clone())?;
     tracing::info!("{}", supervisor.isolation_summary());
     let metrics = Metrics::new(supervisor.clone());
@@ -214,7 +215,7 @@ pub async fn run(
     let control_path = listeners.control_path.clone();
     let hold = HoldLayer::new(supervisor.discovery());
     let servers = Servers::spawn(
-        listeners, routes, tls, tokens, hold, metrics, &limits, &stop,
+        listeners, routes, tls, cors, tokens, hold, metrics, &limits, &stop,
     )?;
     tracing::info!(local = %bound.grpc, control = %control_path.display(), "listening");
     if let Some(addr) = bound.metrics {
@@ -511,6 +512,7 @@ impl Servers {
         listeners: Listeners,
         routes: Routes,
         tls: Option<ServerTlsConfig>,
+        cors: Option<tower_http::cors::CorsLayer>,
         tokens: Tokens,
         hold: HoldLayer,
         metrics: Metrics,
@@ -528,13 +530,17 @@ impl Servers {
             tonic::transport::Server::builder()
                 .max_concurrent_streams(limits.max_concurrent_streams)
         };
-        let mut tcp_builder = builder();
+        // Browsers speak gRPC-Web over HTTP/1.1 as well as HTTP/2.
+        let mut tcp_builder = builder().accept_http1(true);
         if let Some(tls) = tls {
             tcp_builder = tcp_builder.tls_config(tls).map_err(ServeError::Tls)?;
         }
-        // Layers added first see a request first: a call without a valid token is refused
-        // at once, never held until the first scan ends.
+        // Layers added first see a request first: a preflight is answered by CORS alone; a
+        // gRPC-Web call is translated before the token check sees it; a call without a valid
+        // token is refused at once, never held until the first scan ends.
         let tcp = tcp_builder
+            .layer(tower::util::option_layer(cors))
+            .layer(tonic_web::GrpcWebLayer::new())
             .layer(AuthLayer::new(tokens))
             .layer(hold.clone())
             .add_routes(routes.clone())

@@ -64,6 +64,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// HTTP address of the Prometheus `/metrics` endpoint; `None`: no endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// Origins of web pages allowed to call the API from a browser (CORS); empty: none but
+    /// the daemon's own.
+    pub cors_origins: Vec<String>,
     /// Where plugin logs, events and call spans are exported over OTLP; `None`: nowhere.
     pub otlp: Option<OtlpConfig>,
     /// Directory scanned for `*.binary` plugin executables.
@@ -278,6 +281,7 @@ impl Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             metrics_listen: None,
+            cors_origins: Vec::new(),
             otlp: None,
             plugins_dir,
             enable_new_plugins: false,

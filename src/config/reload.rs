@@ -19,6 +19,7 @@ type Differs = fn(&Config, &Config) -> bool;
 /// - `listen`, `metrics-listen`, `tls-*`, `insecure-plaintext-non-loopback`: the listeners
 ///   are bound, and their TLS acceptor built, once;
 /// - `otlp-*`: the exporter's connection is made once, at start-up;
+/// - `cors-origin`: the CORS layer is built with the TCP server;
 /// - `plugins-dir`: every known plugin, and each start's id check and sandbox, is tied to
 ///   it; changing it live would forget every plugin;
 /// - `data-dir`: the event log, the state, the storage, the sockets and the token files are
@@ -36,6 +37,7 @@ const DAEMON_SETTINGS: &[(&str, Differs)] = &[
     ("metrics-listen", |a, b| {
         a.metrics_listen != b.metrics_listen
     }),
+    ("cors-origin", |a, b| a.cors_origins != b.cors_origins),
     ("otlp-endpoint", |a, b| {
         a.otlp.as_ref().map(|o| &o.endpoint) != b.otlp.as_ref().map(|o| &o.endpoint)
     }),
@@ -123,6 +125,7 @@ pub fn keep_daemon_settings(mut new: Config, from: &Config) -> Config {
     new.listen = from.listen;
     new.metrics_listen = from.metrics_listen;
     new.otlp = from.otlp.clone();
+    new.cors_origins = from.cors_origins.clone();
     new.plugins_dir = from.plugins_dir.clone();
     new.data_dir = from.data_dir.clone();
     new.security = from.security.clone();
@@ -259,6 +262,10 @@ mod tests {
             ("listen", "listen = \"127.0.0.1:7000\""),
             ("metrics-listen", "metrics-listen = \"9464\""),
             ("otlp-endpoint", "otlp-endpoint = \"http://127.0.0.1:4317\""),
+            (
+                "cors-origin",
+                "cors-origin = [\"https://console.example.com\"]",
+            ),
             ("plugins-dir", "plugins-dir = \"/elsewhere\""),
             ("data-dir", "data-dir = \"/elsewhere\""),
             ("admin-token-file", "admin-token-file = \"/t/admin\""),

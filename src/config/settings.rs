@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::values::{
     AbsolutePath, Arg, AtLeast, EnvName, ForPlugin, MetricsAddr, OtlpEndpoint, OtlpHeader,
-    PluginId, RestartPolicy, Secret, Sha256Hex, Span, UserName,
+    PluginId, RestartPolicy, Secret, Sha256Hex, Span, UserName, WebOrigin,
 };
 use super::{Config, GrpcLimits, OtlpConfig, PluginLimits, TlsFiles, TokenSource};
 use crate::plugin::isolation::users::UidRange;
@@ -124,6 +124,11 @@ pub struct Settings {
     /// --insecure-plaintext-non-loopback, as the gRPC listener does.
     #[arg(long, env = "TORUD_METRICS_LISTEN")]
     pub metrics_listen: Option<MetricsAddr>,
+    /// Let web pages from this origin call the API from a browser (gRPC-Web with CORS):
+    /// `https://host[:port]`. Repeat for several. Without any, only pages the daemon serves
+    /// itself (same origin) can.
+    #[arg(long, env = "TORUD_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origin: Option<Vec<WebOrigin>>,
     /// Export plugin logs, lifecycle events and forwarded calls' spans over OTLP/gRPC to
     /// this receiver (`http://HOST:4317`, or `https://` with TLS). Off when not given.
     #[arg(long, env = "TORUD_OTLP_ENDPOINT")]
@@ -311,7 +316,7 @@ impl Settings {
             kill_grace, health_interval, kv_timeout, call_timeout, max_frame_bytes,
             max_in_flight, log_segment_bytes, log_segments, plugin_env, admin_token_file,
             read_token_file, tls_cert, tls_key, tls_client_ca, insecure_plaintext_non_loopback,
-            metrics_listen, otlp_endpoint, otlp_header, otlp_ca, otlp_metrics_interval, max_message_bytes, max_concurrent_streams, max_kv_key_bytes, max_kv_value_bytes,
+            metrics_listen, cors_origin, otlp_endpoint, otlp_header, otlp_ca, otlp_metrics_interval, max_message_bytes, max_concurrent_streams, max_kv_key_bytes, max_kv_value_bytes,
             max_log_line_bytes, max_metadata_bytes, plugin_max_address_space,
             plugin_max_open_files, plugin_max_processes, pin, storage_max_keys,
             storage_max_bytes, plugin_uid_range, plugin_user, log, plugins,
@@ -330,6 +335,12 @@ impl Settings {
         );
         set(&mut c.listen, self.listen);
         c.metrics_listen = self.metrics_listen.map(|a| a.0);
+        c.cors_origins = self
+            .cors_origin
+            .unwrap_or_default()
+            .into_iter()
+            .map(|o| o.0)
+            .collect();
         c.otlp = match self.otlp_endpoint {
             Some(endpoint) => Some(OtlpConfig {
                 endpoint: endpoint.0,
@@ -516,6 +527,7 @@ impl Settings {
         Settings {
             listen: Some(config.listen),
             metrics_listen: config.metrics_listen.map(MetricsAddr),
+            cors_origin: Some(config.cors_origins.iter().cloned().map(WebOrigin).collect()),
             otlp_endpoint: config
                 .otlp
                 .as_ref()

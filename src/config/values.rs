@@ -132,6 +132,46 @@ impl From<OtlpEndpoint> for String {
     }
 }
 
+/// A web page's origin allowed to call the API from a browser (CORS): `scheme://host` or
+/// `scheme://host:port`, exactly as the browser sends it in `Origin`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct WebOrigin(pub String);
+
+impl FromStr for WebOrigin {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let refused = || {
+            format!("{text:?} is not an origin like https://console.example.com or http://localhost:5173")
+        };
+        let uri: http::Uri = text.parse().map_err(|_| refused())?;
+        let bare = uri
+            .path_and_query()
+            .is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/")
+            && !text.ends_with('/');
+        match (uri.scheme_str(), uri.host()) {
+            (Some("http" | "https"), Some(_)) if bare => Ok(WebOrigin(text.to_owned())),
+            _ => Err(refused()),
+        }
+    }
+}
+
+impl TryFrom<String> for WebOrigin {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<WebOrigin> for String {
+    fn from(origin: WebOrigin) -> String {
+        origin.0
+    }
+}
+
 /// A header sent with every OTLP export, written `name=value` (an API key, a tenant). The
 /// name is a gRPC metadata key; the value is a [`Secret`], never logged or shown.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
