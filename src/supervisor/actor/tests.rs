@@ -103,7 +103,7 @@ impl Bench {
             isolation: Isolation::prepare(&config).expect("isolation"),
             config: arc_swap::ArcSwap::from_pointee(config),
             started: Default::default(),
-            listening: Default::default(),
+            health: Default::default(),
         });
         let log = PluginLog::open(&ctx.config().log_dir(ID), 1 << 20, 2).expect("plugin log");
         let (status_tx, status) = watch::channel(stopped(binary.clone()));
