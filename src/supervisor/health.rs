@@ -179,6 +179,13 @@ impl Drop for Registration {
     }
 }
 
+/// The checks of one tick, by member key.
+#[derive(Default)]
+struct Round {
+    sockets: Vec<(u64, PathBuf)>,
+    links: Vec<(u64, Link)>,
+}
+
 /// One heartbeat in flight: its member's key and its outcome.
 async fn beat(key: u64, link: Link) -> (u64, Result<(), LinkError>) {
     (key, link.heartbeat().await)
@@ -213,7 +220,7 @@ impl Schedule {
                     self.judge_heartbeat(key, result);
                 }
                 _ = ticks.tick() => {
-                    let Some((sockets, links)) = self.round(&shared) else { return };
+                    let Some(Round { sockets, links }) = self.round(&shared) else { return };
                     // Unanswered for a whole interval: failed, and dropped (which frees
                     // its entry on the link and tells the plugin to cancel it).
                     beats.clear();
@@ -232,11 +239,10 @@ impl Schedule {
         }
     }
 
-    /// The sockets and links to check this tick, by member; `None` when nobody is
-    /// registered, and then this schedule has ended (removed under the schedules' lock,
-    /// so no registration can join it meanwhile).
-    #[allow(clippy::type_complexity)]
-    fn round(&self, shared: &Shared) -> Option<(Vec<(u64, PathBuf)>, Vec<(u64, Link)>)> {
+    /// What to check this tick; `None` when nobody is registered, and then this schedule
+    /// has ended (removed under the schedules' lock, so no registration can join it
+    /// meanwhile).
+    fn round(&self, shared: &Shared) -> Option<Round> {
         let mut schedules = shared.schedules.lock().expect("schedules poisoned");
         let members = self.members();
         if members.by_key.is_empty() {
@@ -244,14 +250,14 @@ impl Schedule {
             return None;
         }
         drop(schedules);
-        let (mut sockets, mut links) = (Vec::new(), Vec::new());
+        let mut round = Round::default();
         for (&key, member) in &members.by_key {
             match &member.check {
-                Check::Socket(path) => sockets.push((key, path.clone())),
-                Check::Heartbeat(link) => links.push((key, link.clone())),
+                Check::Socket(path) => round.sockets.push((key, path.clone())),
+                Check::Heartbeat(link) => round.links.push((key, link.clone())),
             }
         }
-        Some((sockets, links))
+        Some(round)
     }
 
     /// Looks each socket up in the host's table, read on a blocking thread unless a read
