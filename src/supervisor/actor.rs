@@ -949,7 +949,8 @@ impl<S: Spawner> Actor<S> {
             Check::Socket(self.ctx.config().socket_path(&self.id))
         };
         // Checked by the supervisor's scheduler with every plugin of this interval; heard
-        // from only when the verdict changes. Unregistered when this run ends.
+        // from only when the verdict changes. Unregistered (dropped) as the plugin leaves
+        // RUNNING, before any stop, so a stopping plugin gets no heartbeat.
         let mut health = self.ctx.health.register(timing.health_interval, check);
         let closed = async {
             if persistent {
@@ -961,8 +962,12 @@ impl<S: Spawner> Actor<S> {
         tokio::pin!(closed);
         loop {
             tokio::select! {
-                status = run.process.wait() => return self.exited(run, status).await,
+                status = run.process.wait() => {
+                    drop(health);
+                    return self.exited(run, status).await;
+                }
                 why = &mut closed => {
+                    drop(health);
                     return match timeout(EXIT_AFTER_EOF, run.process.wait()).await {
                         Ok(status) => self.exited(run, status).await,
                         Err(_) => {
@@ -979,10 +984,12 @@ impl<S: Spawner> Actor<S> {
                 verdict = health.changed() => self.set_health(verdict.healthy, &verdict.reason),
                 cmd = next_command(&mut self.commands) => {
                     if let Some(leave) = self.on_command(Phase::Running, cmd).await {
+                        drop(health);
                         return self.leave(Some(run), leave).await;
                     }
                 }
                 _ = self.cancel.cancelled() => {
+                    drop(health);
                     return self.leave(Some(run), Leave::exit("daemon shutting down")).await;
                 }
             }

@@ -145,7 +145,7 @@ impl HealthChecks {
 
     /// How many plugins are registered at `interval`.
     #[cfg(test)]
-    fn registered(&self, interval: Duration) -> usize {
+    pub(crate) fn registered(&self, interval: Duration) -> usize {
         let schedules = self.shared.schedules.lock().expect("schedules poisoned");
         schedules
             .get(&interval)
