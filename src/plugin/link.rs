@@ -409,6 +409,15 @@ impl Link {
     }
 
     async fn exchange(&self, envelope: Envelope, limit: Duration) -> Result<Envelope, LinkError> {
+        match tokio::time::timeout(limit, self.exchange_unbounded(envelope)).await {
+            Ok(result) => result,
+            Err(_) => Err(LinkError::Timeout(limit)),
+        }
+    }
+
+    /// Sends `envelope` and waits for its answer, for as long as the caller waits: it
+    /// starts no timer of its own, and dropping it frees the entry (and sends `cancel`).
+    async fn exchange_unbounded(&self, envelope: Envelope) -> Result<Envelope, LinkError> {
         let bytes = envelope.to_vec();
         if bytes.len() > self.inner.limits.max_frame {
             return Err(LinkError::Unsupported(format!(
@@ -418,21 +427,15 @@ impl Link {
             )));
         }
         let id = envelope.request_id.unwrap_or_default();
-        let work = async {
-            match &self.inner.transport {
-                Transport::Persistent { tx } => self.request_persistent(tx, id, bytes).await,
-                Transport::PerRequest {
-                    socket,
-                    connections,
-                } => {
-                    let _open = connections.acquire().await.expect("never closed");
-                    self.request_own_connection(socket, id, bytes).await
-                }
+        match &self.inner.transport {
+            Transport::Persistent { tx } => self.request_persistent(tx, id, bytes).await,
+            Transport::PerRequest {
+                socket,
+                connections,
+            } => {
+                let _open = connections.acquire().await.expect("never closed");
+                self.request_own_connection(socket, id, bytes).await
             }
-        };
-        match tokio::time::timeout(limit, work).await {
-            Ok(result) => result,
-            Err(_) => Err(LinkError::Timeout(limit)),
         }
     }
 
@@ -573,11 +576,21 @@ impl Link {
         Ok(answer)
     }
 
-    /// A heartbeat: `ping`, answered by `pong`. Not counted against the in-flight cap, so a
-    /// busy plugin is not mistaken for a dead one.
+    /// A heartbeat: `ping`, answered by `pong`, within `limit`. Not counted against the
+    /// in-flight cap, so a busy plugin is not mistaken for a dead one.
     pub async fn ping(&self, limit: Duration) -> Result<(), LinkError> {
+        match tokio::time::timeout(limit, self.heartbeat()).await {
+            Ok(result) => result,
+            Err(_) => Err(LinkError::Timeout(limit)),
+        }
+    }
+
+    /// [`Link::ping`] without a limit of its own: the caller bounds it (the supervisor's
+    /// health scheduler gives a whole round of heartbeats one deadline instead of a timer
+    /// each). Not counted against the in-flight cap either.
+    pub async fn heartbeat(&self) -> Result<(), LinkError> {
         let ping = Envelope::bare(MessageType::Ping, new_request_id());
-        let answer = self.exchange(ping, limit).await?;
+        let answer = self.exchange_unbounded(ping).await?;
         match answer.kind {
             MessageType::Pong => Ok(()),
             other => Err(LinkError::BadAnswer(format!(

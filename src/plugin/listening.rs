@@ -4,20 +4,25 @@
 //!
 //! The table lists every Unix socket on the host, so reading it once per plugin per health
 //! interval costs N plugins × (N + every other socket): [`ListeningSockets`] reads it once
-//! for all plugins and answers each check from that read while it is young.
+//! for all plugins (the supervisor's health scheduler asks once per tick) and hands out that
+//! read, [`Listening`], while it is young.
 //! This module knows nothing of processes, states or intervals: callers say how old an
 //! answer may be.
 
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Tokio's clock (the system's outside a runtime), so that reads age with the health
+// scheduler's ticks under paused time too.
+use tokio::time::Instant;
 
 /// What reads the table's text; `/proc/net/unix` but in tests.
 type ReadTable = Box<dyn Fn() -> std::io::Result<String> + Send + Sync>;
 
 /// The paths of the host's listening Unix sockets, read at most once per `max_age` however
-/// many plugins ask. Shared by all actors.
+/// many ask. One per daemon, in the supervisor's health scheduler.
 pub struct ListeningSockets {
     read_table: ReadTable,
     /// The last read: when, and the paths listening then. Locked to look or replace, and
@@ -33,37 +38,40 @@ impl Default for ListeningSockets {
 }
 
 impl ListeningSockets {
-    /// Reads the table with `read_table` (tests count the reads).
-    fn reading(read_table: impl Fn() -> std::io::Result<String> + Send + Sync + 'static) -> Self {
+    /// Reads the table with `read_table` (tests count the reads, or feed a table of their
+    /// own).
+    pub fn reading(
+        read_table: impl Fn() -> std::io::Result<String> + Send + Sync + 'static,
+    ) -> Self {
         ListeningSockets {
             read_table: Box::new(read_table),
             last: Mutex::new(None),
         }
     }
 
-    /// Whether `path` was listening at a read younger than `max_age`, without reading or
-    /// waiting; `None` when a read is due (or one is under way): then call
-    /// [`ListeningSockets::listening`] on a blocking thread.
-    pub fn fresh(&self, path: &Path, max_age: Duration) -> Option<bool> {
-        let last = self.last.try_lock().ok()?;
-        let (at, paths) = last.as_ref()?;
-        (at.elapsed() < max_age).then(|| paths.contains(path.to_string_lossy().as_ref()))
-    }
-
-    /// Whether `path` is listening, from a read younger than `max_age` or a new one. Blocks
+    /// The listening sockets from a read younger than `max_age`, or from a new one. Blocks
     /// on the read (and on a read another caller is making): call on a blocking thread.
-    pub fn listening(&self, path: &Path, max_age: Duration) -> std::io::Result<bool> {
+    pub fn read(&self, max_age: Duration) -> std::io::Result<Listening> {
         let mut last = self.last.lock().expect("listening sockets poisoned");
-        let paths = match last.as_ref() {
-            Some((at, paths)) if at.elapsed() < max_age => paths.clone(),
-            _ => {
-                let paths = Arc::new(listening_paths(&(self.read_table)()?));
-                *last = Some((Instant::now(), paths.clone()));
-                paths
+        if let Some((at, paths)) = last.as_ref() {
+            if at.elapsed() < max_age {
+                return Ok(Listening(paths.clone()));
             }
-        };
-        drop(last);
-        Ok(paths.contains(path.to_string_lossy().as_ref()))
+        }
+        let paths = Arc::new(listening_paths(&(self.read_table)()?));
+        *last = Some((Instant::now(), paths.clone()));
+        Ok(Listening(paths))
+    }
+}
+
+/// The host's listening Unix socket paths at one read of the table.
+#[derive(Debug, Clone)]
+pub struct Listening(Arc<HashSet<String>>);
+
+impl Listening {
+    /// Whether `path` was listening at that read.
+    pub fn contains(&self, path: &Path) -> bool {
+        self.0.contains(path.to_string_lossy().as_ref())
     }
 }
 
@@ -135,10 +143,7 @@ mod tests {
         );
         for i in 0..1000 {
             let path = if i % 2 == 0 { a } else { b };
-            let answer = match sockets.fresh(path, age) {
-                Some(answer) => answer,
-                None => sockets.listening(path, age).expect("read"),
-            };
+            let answer = sockets.read(age).expect("read").contains(path);
             assert_eq!(answer, i % 2 == 0);
         }
         assert_eq!(reads.load(Ordering::SeqCst), 1);
@@ -153,7 +158,10 @@ mod tests {
             .map(|_| {
                 let sockets = sockets.clone();
                 std::thread::spawn(move || {
-                    sockets.listening(Path::new("/srv/my data/run/a.sock"), age)
+                    let listening = sockets.read(age)?;
+                    Ok::<_, std::io::Error>(
+                        listening.contains(Path::new("/srv/my data/run/a.sock")),
+                    )
                 })
             })
             .collect();
@@ -167,9 +175,8 @@ mod tests {
     fn an_answer_older_than_the_age_is_read_again() {
         let (reads, sockets) = counting();
         let path = Path::new("/srv/my data/run/a.sock");
-        assert!(sockets.listening(path, Duration::ZERO).expect("read"));
-        assert_eq!(sockets.fresh(path, Duration::ZERO), None);
-        assert!(sockets.listening(path, Duration::ZERO).expect("read"));
+        assert!(sockets.read(Duration::ZERO).expect("read").contains(path));
+        assert!(sockets.read(Duration::ZERO).expect("read").contains(path));
         assert_eq!(reads.load(Ordering::SeqCst), 2);
     }
 
@@ -178,8 +185,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("s.sock");
         let sockets = ListeningSockets::default();
-        assert!(!sockets.listening(&path, Duration::ZERO).expect("read"));
+        assert!(!sockets.read(Duration::ZERO).expect("read").contains(&path));
         let _listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
-        assert!(sockets.listening(&path, Duration::ZERO).expect("read"));
+        assert!(sockets.read(Duration::ZERO).expect("read").contains(&path));
     }
 }

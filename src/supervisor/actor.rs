@@ -36,9 +36,7 @@
 //! integration tests with real plugins. The connection stays real: the fake serves the
 //! plugin's socket in-process with the SDK's codec, so the handshake runs unchanged.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +46,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
+use super::health::Check;
 use super::{AfterFailure, Context, Interruption, SupervisorError};
 use crate::config::{Config, PluginConfig, RestartPolicy};
 use crate::logs::capture::PluginLog;
@@ -57,7 +56,7 @@ use crate::model::{
 };
 use crate::plugin::discovery::{self, FileIdentity, ProbeOptions, Recheck};
 use crate::plugin::handshake::{send_shutdown, Handshake, Launch};
-use crate::plugin::link::{Link, LinkError, LinkLimits};
+use crate::plugin::link::{Link, LinkLimits};
 use crate::plugin::process::{
     plugin_command, Confinement, Descendants, OsSpawner, Process, Spawner,
 };
@@ -118,8 +117,6 @@ const EXIT_AFTER_EOF: Duration = Duration::from_millis(100);
 const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Unix socket paths longer than this do not fit in `sockaddr_un`.
 const MAX_SOCKET_PATH: usize = 107;
-/// A heartbeat in flight.
-type Heartbeat = Pin<Box<dyn Future<Output = Result<(), LinkError>> + Send>>;
 
 enum Next<P> {
     Idle,
@@ -946,13 +943,15 @@ impl<S: Spawner> Actor<S> {
         let mut stable = self.status.borrow().consecutive_failures == 0;
         let link = run.link.clone().expect("a running plugin has a link");
         let persistent = link.protocol() >= 2;
-        let socket = self.ctx.config().socket_path(&self.id);
-        let mut health = tokio::time::interval_at(
-            Instant::now() + timing.health_interval,
-            timing.health_interval,
-        );
-        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ping: Option<Heartbeat> = None;
+        let check = if persistent {
+            Check::Heartbeat(link.clone())
+        } else {
+            Check::Socket(self.ctx.config().socket_path(&self.id))
+        };
+        // Checked by the supervisor's scheduler with every plugin of this interval; heard
+        // from only when the verdict changes. Unregistered (dropped) as the plugin leaves
+        // RUNNING, before any stop, so a stopping plugin gets no heartbeat.
+        let mut health = self.ctx.health.register(timing.health_interval, check);
         let closed = async {
             if persistent {
                 link.closed().await
@@ -963,8 +962,12 @@ impl<S: Spawner> Actor<S> {
         tokio::pin!(closed);
         loop {
             tokio::select! {
-                status = run.process.wait() => return self.exited(run, status).await,
+                status = run.process.wait() => {
+                    drop(health);
+                    return self.exited(run, status).await;
+                }
                 why = &mut closed => {
+                    drop(health);
                     return match timeout(EXIT_AFTER_EOF, run.process.wait()).await {
                         Ok(status) => self.exited(run, status).await,
                         Err(_) => {
@@ -978,50 +981,19 @@ impl<S: Spawner> Actor<S> {
                     stable = true;
                     self.status.send_modify(|s| s.consecutive_failures = 0);
                 }
-                result = async { ping.as_mut().expect("guarded").await }, if ping.is_some() => {
-                    ping = None;
-                    match result {
-                        Ok(()) => self.set_health(true, "heartbeat answered again"),
-                        Err(e) => self.set_health(false, &format!("heartbeat failed: {e}")),
-                    }
-                }
-                _ = health.tick() => {
-                    if persistent {
-                        // A heartbeat answered within the interval keeps the plugin healthy.
-                        if ping.is_none() {
-                            let (link, limit) = (link.clone(), timing.health_interval);
-                            ping = Some(Box::pin(async move { link.ping(limit).await }));
-                        }
-                    } else if let Some(listening) = self.socket_listening(&socket, timing.health_interval).await {
-                        let reason = if listening { "socket accepting again" } else { "socket not listening" };
-                        self.set_health(listening, reason);
-                    }
-                }
+                verdict = health.changed() => self.set_health(verdict.healthy, &verdict.reason),
                 cmd = next_command(&mut self.commands) => {
                     if let Some(leave) = self.on_command(Phase::Running, cmd).await {
+                        drop(health);
                         return self.leave(Some(run), leave).await;
                     }
                 }
                 _ = self.cancel.cancelled() => {
+                    drop(health);
                     return self.leave(Some(run), Leave::exit("daemon shutting down")).await;
                 }
             }
         }
-    }
-
-    /// Whether the v1 plugin's socket is listening, from the host's table of sockets as
-    /// read for every plugin at most once per half `interval` (so a check sees a table no
-    /// older than half its interval); `None` when the table cannot be read.
-    async fn socket_listening(&self, socket: &Path, interval: Duration) -> Option<bool> {
-        let max_age = interval / 2;
-        if let Some(listening) = self.ctx.listening.fresh(socket, max_age) {
-            return Some(listening);
-        }
-        let (ctx, socket) = (self.ctx.clone(), socket.to_owned());
-        tokio::task::spawn_blocking(move || ctx.listening.listening(&socket, max_age))
-            .await
-            .ok()?
-            .ok()
     }
 
     /// Stops a process by escalation (`shutdown` message, grace, SIGTERM to the group,

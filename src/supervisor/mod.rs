@@ -9,6 +9,7 @@
 //! id a rescan finds absent stays absent until it inserts it.
 
 mod actor;
+mod health;
 mod reload;
 
 use std::collections::{btree_map, BTreeMap, BTreeSet, HashMap, HashSet};
@@ -225,8 +226,8 @@ pub(crate) struct Context {
     /// What each plugin's latest process was started with ([`Context::record_start`]), for
     /// reloads to compare with; locked only to insert or copy.
     pub started: Mutex<HashMap<String, Arc<ProcessSettings>>>,
-    /// The host's listening Unix sockets, read once for every v1 plugin's health check.
-    pub listening: crate::plugin::listening::ListeningSockets,
+    /// The health checks of running plugins: one task per interval for all of them.
+    pub health: health::HealthChecks,
 }
 
 impl Context {
@@ -334,7 +335,7 @@ impl Supervisor {
                     storage,
                     isolation,
                     started: Mutex::new(HashMap::new()),
-                    listening: Default::default(),
+                    health: Default::default(),
                 }),
                 plugins: RwLock::new(BTreeMap::new()),
                 skipped: Mutex::new(Vec::new()),

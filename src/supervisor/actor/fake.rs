@@ -4,11 +4,11 @@
 //! The process is fake, its connection is not: at spawn the fake binds the socket named in
 //! the command's `TORU_PLUGIN_SOCKET` and serves it in-process with the SDK's frame codec
 //! and envelopes, answering `init` with `ready` (unless told not to, to hold it in its
-//! start) and `ping` with `pong`, and ignoring `shutdown`, so a stop has to escalate. The actor's handshake and heartbeat run as they
+//! start) and `ping` with `pong` (unless muted), and ignoring `shutdown`, so a stop has to escalate. The actor's handshake and heartbeat run as they
 //! do with a real plugin; nothing about readiness had to move behind the trait. It never
 //! touches a real process: its pids are out of the kernel's range.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -97,6 +97,7 @@ impl Spawner for FakeSpawner {
             init,
             signals: Mutex::new(Vec::new()),
             on_term: self.on_term,
+            pings_muted: AtomicBool::new(false),
         });
         let handle = FakeHandle {
             spawned_at: Instant::now(),
@@ -122,6 +123,8 @@ struct Shared {
     /// Every signal sent, with when.
     signals: Mutex<Vec<(i32, Instant)>>,
     on_term: OnTerm,
+    /// Set while it leaves `ping` unanswered.
+    pings_muted: AtomicBool,
 }
 
 impl Shared {
@@ -154,6 +157,11 @@ impl FakeHandle {
     pub(super) async fn initialized(&self) {
         let mut init = self.shared.init.subscribe();
         let _ = init.wait_for(|&received| received).await;
+    }
+
+    /// Makes it leave every `ping` unanswered (`true`), or answer them again.
+    pub(super) fn mute_pings(&self, muted: bool) {
+        self.shared.pings_muted.store(muted, Ordering::SeqCst);
     }
 
     /// Makes it exit with `status` (a crash, to the actor, while it runs).
@@ -237,8 +245,8 @@ async fn serve(listener: UnixListener, on_init: OnInit, shared: Arc<Shared>) {
     }
 }
 
-/// Answers `init` with `ready` (as `on_init` says) and `ping` with `pong`; reads and
-/// ignores everything else.
+/// Answers `init` with `ready` (as `on_init` says) and `ping` with `pong` (unless muted);
+/// reads and ignores everything else.
 async fn serve_connection(stream: UnixStream, on_init: OnInit, shared: &Shared) {
     let mut framed = Framed::new(stream, FrameCodec::new(DEFAULT_MAX_FRAME_LEN));
     while let Some(Ok(frame)) = framed.next().await {
@@ -253,7 +261,9 @@ async fn serve_connection(stream: UnixStream, on_init: OnInit, shared: &Shared) 
             (MessageType::Lifecycle, Some("init")) if on_init == OnInit::Ready => {
                 MessageType::Ready
             }
-            (MessageType::Ping, _) => MessageType::Pong,
+            (MessageType::Ping, _) if !shared.pings_muted.load(Ordering::SeqCst) => {
+                MessageType::Pong
+            }
             _ => continue,
         };
         let reply = Envelope::bare(answer, request_id).to_vec();

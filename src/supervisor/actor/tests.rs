@@ -1,6 +1,7 @@
 //! The actor's timers with a fake process ([`super::fake`]) under paused time: the restart
 //! backoff, the crash budget, the stable window that resets it, the stop's escalation, the
-//! restart policies, and a plugin's own timings over the daemon-wide ones.
+//! restart policies, a plugin's own timings over the daemon-wide ones, and its health as
+//! the supervisor's scheduler judges it (`health.rs`; its own tests cover the scheduler).
 //! Paused time advances only when every task waits on a timer, so the instants these tests
 //! read are exact. Real plugins are covered by `tests/lifecycle.rs` and `tests/faults.rs`.
 
@@ -19,7 +20,7 @@ use super::{Actor, Command, STARTING_STOP_GRACE};
 use crate::config::values::{AtLeast, Span};
 use crate::config::{Config, PluginSettings, RestartPolicy, Timing};
 use crate::logs::capture::PluginLog;
-use crate::model::{ExitStatus, PluginSpec, PluginState, PluginStatus};
+use crate::model::{EventKind, ExitStatus, PluginSpec, PluginState, PluginStatus};
 use crate::plugin::discovery::FileIdentity;
 use crate::plugin::isolation::{Isolation, UserChoice};
 use crate::store::events::EventLog;
@@ -103,7 +104,7 @@ impl Bench {
             isolation: Isolation::prepare(&config).expect("isolation"),
             config: arc_swap::ArcSwap::from_pointee(config),
             started: Default::default(),
-            listening: Default::default(),
+            health: Default::default(),
         });
         let log = PluginLog::open(&ctx.config().log_dir(ID), 1 << 20, 2).expect("plugin log");
         let (status_tx, status) = watch::channel(stopped(binary.clone()));
@@ -196,6 +197,20 @@ impl Bench {
             let event = follower.next().await.expect("event").expect("readable");
             if let Some(to) = event.body.to_state {
                 seen.push((to, event.body.reason.clone()));
+            }
+        }
+        seen
+    }
+
+    /// Every health change the actor has recorded, in order: healthy or not, and why.
+    async fn health_changes(&self) -> Vec<(bool, String)> {
+        let events = &self.ctx.events;
+        let mut follower = events.follow(Some(0));
+        let mut seen = Vec::new();
+        for _ in 0..events.last_seq() {
+            let event = follower.next().await.expect("event").expect("readable");
+            if event.body.kind == EventKind::HealthChanged {
+                seen.push((event.body.healthy, event.body.reason.clone()));
             }
         }
         seen
@@ -564,5 +579,53 @@ async fn a_plugins_own_backoff_and_crash_budget_win() {
     bench
         .never_spawns_again("a plugin out of its own budget")
         .await;
+    bench.end().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn unanswered_heartbeats_turn_a_running_plugin_unhealthy_and_answers_heal_it() {
+    let interval = timing(10).health_interval;
+    let mut bench = Bench::new(timing(10), OnTerm::Exit, OnInit::Ready);
+    let enabled = bench.ask(Command::Enable).await;
+    let process = bench.next_spawn().await;
+    enabled.ok("the start").await;
+    assert_eq!(bench.ctx.health.registered(interval), 1);
+
+    process.mute_pings(true);
+    let muted = Instant::now();
+    let status = bench.until("unhealthy", |s| !s.healthy).await;
+    assert_eq!(status.state, PluginState::Running, "still running");
+    // The heartbeat sent at the next tick is judged at the one after.
+    assert!(
+        muted.elapsed() <= 2 * interval,
+        "after {:?}",
+        muted.elapsed()
+    );
+
+    process.mute_pings(false);
+    let unmuted = Instant::now();
+    bench.until("healthy again", |s| s.healthy).await;
+    assert!(
+        unmuted.elapsed() <= interval,
+        "after {:?}",
+        unmuted.elapsed()
+    );
+    let events = bench.health_changes().await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        !events[0].0
+            && events[0]
+                .1
+                .starts_with("heartbeat failed: no answer within")
+    );
+    assert_eq!(events[1], (true, "heartbeat answered again".to_owned()));
+
+    let disabled = bench.ask(Command::Disable).await;
+    disabled.ok("the disable").await;
+    assert_eq!(
+        bench.ctx.health.registered(interval),
+        0,
+        "a stopped plugin is no longer checked"
+    );
     bench.end().await;
 }
