@@ -90,9 +90,7 @@ async fn web_call(
     message: &impl Message,
     enough: usize,
 ) -> Answer {
-    let stream = tokio::net::TcpStream::connect(&d.addr).await.unwrap();
-    let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(conn);
+    let mut sender = connect(d).await;
     let encoded = message.encode_to_vec();
     let mut body = vec![0u8];
     body.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
@@ -139,6 +137,14 @@ async fn web_call(
         headers,
         frames: got,
     }
+}
+
+/// An HTTP/1.1 connection to the daemon's TCP listener, as a browser opens one.
+async fn connect(d: &Daemon) -> http1::SendRequest<Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(&d.addr).await.unwrap();
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    sender
 }
 
 const LIST: &str = "/toru.v1.PluginService/ListPlugins";
@@ -221,9 +227,7 @@ async fn grpc_web_keeps_the_token_check_and_the_roles() {
 
 /// A CORS preflight from `origin`: the status and the `access-control-allow-origin` header.
 async fn preflight(d: &Daemon, origin: &str) -> (u16, Option<String>, Option<String>) {
-    let stream = tokio::net::TcpStream::connect(&d.addr).await.unwrap();
-    let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(conn);
+    let mut sender = connect(d).await;
     let request = http::Request::builder()
         .method("OPTIONS")
         .uri(LIST)

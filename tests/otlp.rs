@@ -178,6 +178,19 @@ async fn serve(
     (stop, handle)
 }
 
+/// A running receiver on a free port: what it collects, the endpoint to give the daemon,
+/// and its stop handle.
+async fn receiver() -> (
+    Collected,
+    String,
+    (oneshot::Sender<()>, tokio::task::JoinHandle<()>),
+) {
+    let collected = Collected::default();
+    let addr = free_addr();
+    let running = serve(&collected, addr).await;
+    (collected, format!("http://{addr}"), running)
+}
+
 /// A free loopback port for the receiver (bound and released; the receiver binds it again).
 fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -212,10 +225,7 @@ const BURST: u64 = 10_000;
 
 #[tokio::test]
 async fn every_line_of_a_burst_arrives_with_its_severity_and_attributes() {
-    let collected = Collected::default();
-    let addr = free_addr();
-    let (_receiver, _) = serve(&collected, addr).await;
-    let endpoint = format!("http://{addr}");
+    let (collected, endpoint, _receiver) = receiver().await;
     let (_d, mut client) = start_enabled(
         &["--otlp-endpoint", &endpoint],
         |d| {
@@ -293,10 +303,7 @@ async fn every_line_of_a_burst_arrives_with_its_severity_and_attributes() {
 
 #[tokio::test]
 async fn a_callers_trace_continues_through_the_daemon_into_the_plugins_log() {
-    let collected = Collected::default();
-    let addr = free_addr();
-    let (_receiver, _) = serve(&collected, addr).await;
-    let endpoint = format!("http://{addr}");
+    let (collected, endpoint, _receiver) = receiver().await;
     let (_d, mut client) = start_enabled(
         &["--otlp-endpoint", &endpoint],
         |d| {
@@ -394,10 +401,8 @@ fn hex(bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn a_receiver_stopped_mid_burst_loses_only_what_the_drop_metric_says() {
-    let collected = Collected::default();
-    let addr = free_addr();
-    let (receiver, server) = serve(&collected, addr).await;
-    let endpoint = format!("http://{addr}");
+    let (collected, endpoint, (receiver, server)) = receiver().await;
+    let addr: SocketAddr = endpoint.trim_start_matches("http://").parse().unwrap();
     let (d, mut client) = start_enabled(
         &[
             "--otlp-endpoint",
@@ -500,10 +505,7 @@ fn point_value(metrics: &[Metric], name: &str, labels: &[(&str, &str)]) -> Optio
 
 #[tokio::test]
 async fn the_metrics_reach_the_receiver_as_otlp_metrics() {
-    let collected = Collected::default();
-    let addr = free_addr();
-    let (_receiver, _) = serve(&collected, addr).await;
-    let endpoint = format!("http://{addr}");
+    let (collected, endpoint, _receiver) = receiver().await;
     let (_d, mut client) = start_enabled(
         &[
             "--otlp-endpoint",

@@ -195,8 +195,23 @@ impl Exporter {
         };
 
         let (spans_tx, spans_rx) = mpsc::channel(SPAN_QUEUE);
-        tasks.spawn(export_spans(
+        let client = TraceServiceClient::new(target.channel.clone());
+        let traces = Sink {
+            signal: Signal::Traces,
+            request: spans_request,
+            send: move |request| {
+                let mut client = client.clone();
+                async move {
+                    let answer = client.export(request).await?.into_inner();
+                    Ok(answer
+                        .partial_success
+                        .map_or(0, |p| p.rejected_spans.max(0) as u64))
+                }
+            },
+        };
+        tasks.spawn(export_batches(
             spans_rx,
+            traces,
             target.clone(),
             resources.clone(),
             stats.clone(),
@@ -211,8 +226,23 @@ impl Exporter {
             stop.clone(),
         ));
         let (logs_tx, logs_rx) = mpsc::channel(LOG_QUEUE);
-        tasks.spawn(export_logs(
+        let client = LogsServiceClient::new(target.channel.clone());
+        let logs = Sink {
+            signal: Signal::Logs,
+            request: logs_request,
+            send: move |request| {
+                let mut client = client.clone();
+                async move {
+                    let answer = client.export(request).await?.into_inner();
+                    Ok(answer
+                        .partial_success
+                        .map_or(0, |p| p.rejected_log_records.max(0) as u64))
+                }
+            },
+        };
+        tasks.spawn(export_batches(
             logs_rx,
+            logs,
             target,
             resources,
             stats.clone(),
@@ -521,15 +551,29 @@ async fn gather<T>(rx: &mut mpsc::Receiver<T>, stop: &CancellationToken) -> Vec<
     batch
 }
 
-async fn export_logs(
-    mut rx: mpsc::Receiver<Queued>,
+/// Where one signal's batches go: how a batch becomes a request, and how a request is sent
+/// (its answer: how many items the receiver rejected).
+struct Sink<T, R, F> {
+    signal: Signal,
+    request: fn(&Resources, Vec<T>) -> R,
+    send: F,
+}
+
+/// Gathers batches from `rx` and sends each through `sink`, retried, until `stop` (then
+/// what is queued, once) or until every sender is gone; counts what was sent and dropped.
+async fn export_batches<T, R, F, Fut>(
+    mut rx: mpsc::Receiver<T>,
+    sink: Sink<T, R, F>,
     target: Target,
     resources: Resources,
     stats: Arc<ExportStats>,
     stop: CancellationToken,
-) {
-    let client = LogsServiceClient::new(target.channel.clone());
-    let mut outage = Outage::new(Signal::Logs, &target.endpoint);
+) where
+    R: Clone,
+    F: Fn(tonic::Request<R>) -> Fut,
+    Fut: std::future::Future<Output = Result<u64, tonic::Status>>,
+{
+    let mut outage = Outage::new(sink.signal, &target.endpoint);
     loop {
         let batch = gather(&mut rx, &stop).await;
         if batch.is_empty() {
@@ -539,80 +583,49 @@ async fn export_logs(
             continue;
         }
         let n = batch.len() as u64;
-        let mut by_resource: BTreeMap<Arc<str>, Vec<OtlpLog>> = BTreeMap::new();
-        for (key, record) in batch {
-            by_resource.entry(key).or_default().push(record);
-        }
-        let request = ExportLogsServiceRequest {
-            resource_logs: by_resource
-                .into_iter()
-                .map(|(key, log_records)| ResourceLogs {
-                    resource: Some(resources.of(&key)),
-                    scope_logs: vec![ScopeLogs {
-                        scope: Some(scope()),
-                        log_records,
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                })
-                .collect(),
-        };
+        let request = (sink.request)(&resources, batch);
         let sent = send_with_retries(&mut outage, &stop, || {
-            let mut client = client.clone();
-            let request = target.request(request.clone());
-            async move {
-                let answer = client.export(request).await?.into_inner();
-                Ok(answer
-                    .partial_success
-                    .map_or(0, |p| p.rejected_log_records.max(0) as u64))
-            }
+            (sink.send)(target.request(request.clone()))
         })
         .await;
-        account(&stats, Signal::Logs, n, sent);
+        account(&stats, sink.signal, n, sent);
     }
 }
 
-async fn export_spans(
-    mut rx: mpsc::Receiver<SpanData>,
-    target: Target,
-    resources: Resources,
-    stats: Arc<ExportStats>,
-    stop: CancellationToken,
-) {
-    let client = TraceServiceClient::new(target.channel.clone());
-    let mut outage = Outage::new(Signal::Traces, &target.endpoint);
-    loop {
-        let batch = gather(&mut rx, &stop).await;
-        if batch.is_empty() {
-            if stop.is_cancelled() || rx.is_closed() {
-                return;
-            }
-            continue;
-        }
-        let n = batch.len() as u64;
-        let request = ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(resources.of("")),
-                scope_spans: vec![ScopeSpans {
+/// Log records grouped by their resource.
+fn logs_request(resources: &Resources, batch: Vec<Queued>) -> ExportLogsServiceRequest {
+    let mut by_resource: BTreeMap<Arc<str>, Vec<OtlpLog>> = BTreeMap::new();
+    for (key, record) in batch {
+        by_resource.entry(key).or_default().push(record);
+    }
+    ExportLogsServiceRequest {
+        resource_logs: by_resource
+            .into_iter()
+            .map(|(key, log_records)| ResourceLogs {
+                resource: Some(resources.of(&key)),
+                scope_logs: vec![ScopeLogs {
                     scope: Some(scope()),
-                    spans: batch.iter().map(span_of).collect(),
+                    log_records,
                     ..Default::default()
                 }],
                 ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+/// Spans, all the daemon's.
+fn spans_request(resources: &Resources, batch: Vec<SpanData>) -> ExportTraceServiceRequest {
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(resources.of("")),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(scope()),
+                spans: batch.iter().map(span_of).collect(),
+                ..Default::default()
             }],
-        };
-        let sent = send_with_retries(&mut outage, &stop, || {
-            let mut client = client.clone();
-            let request = target.request(request.clone());
-            async move {
-                let answer = client.export(request).await?.into_inner();
-                Ok(answer
-                    .partial_success
-                    .map_or(0, |p| p.rejected_spans.max(0) as u64))
-            }
-        })
-        .await;
-        account(&stats, Signal::Traces, n, sent);
+            ..Default::default()
+        }],
     }
 }
 
