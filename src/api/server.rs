@@ -188,7 +188,7 @@ pub async fn run(
     let tokens = load_tokens(&config)?;
     let listeners = Listeners::bind(&config).await?;
     let limits = config.grpc.clone();
-    let otlp = Exporter::prepare(config.otlp.as_ref())?;
+    let otlp = Exporter::prepare(&config)?;
     let cors = web::cors(&config.cors_origins);
     let supervisor = Supervisor::start(config, source.given.clone())?;
     tracing::info!("{}", supervisor.isolation_summary());

@@ -47,8 +47,6 @@ pub struct OtlpConfig {
     pub headers: Vec<values::OtlpHeader>,
     /// CA certificates (PEM) the receiver's certificate must chain to; `None`: the system's.
     pub ca: Option<PathBuf>,
-    /// How often the metrics are sent.
-    pub metrics_interval: Duration,
 }
 
 /// The shortest `--otlp-metrics-interval` honoured (a shorter one is raised to it).
@@ -67,6 +65,8 @@ pub struct Config {
     /// Origins of web pages allowed to call the API from a browser (CORS); empty: none but
     /// the daemon's own.
     pub cors_origins: Vec<String>,
+    /// How often the metrics are sent to the OTLP receiver, when there is one.
+    pub otlp_metrics_interval: Duration,
     /// Where plugin logs, events and call spans are exported over OTLP; `None`: nowhere.
     pub otlp: Option<OtlpConfig>,
     /// Directory scanned for `*.binary` plugin executables.
@@ -282,6 +282,7 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             metrics_listen: None,
             cors_origins: Vec::new(),
+            otlp_metrics_interval: DEFAULT_OTLP_METRICS_INTERVAL,
             otlp: None,
             plugins_dir,
             enable_new_plugins: false,

@@ -45,7 +45,7 @@ const DAEMON_SETTINGS: &[(&str, Differs)] = &[
         a.otlp.as_ref().map(|o| &o.headers) != b.otlp.as_ref().map(|o| &o.headers)
     }),
     ("otlp-metrics-interval", |a, b| {
-        a.otlp.as_ref().map(|o| o.metrics_interval) != b.otlp.as_ref().map(|o| o.metrics_interval)
+        a.otlp_metrics_interval != b.otlp_metrics_interval
     }),
     ("otlp-ca", |a, b| {
         a.otlp.as_ref().map(|o| &o.ca) != b.otlp.as_ref().map(|o| &o.ca)
@@ -125,6 +125,7 @@ pub fn keep_daemon_settings(mut new: Config, from: &Config) -> Config {
     new.listen = from.listen;
     new.metrics_listen = from.metrics_listen;
     new.otlp = from.otlp.clone();
+    new.otlp_metrics_interval = from.otlp_metrics_interval;
     new.cors_origins = from.cors_origins.clone();
     new.plugins_dir = from.plugins_dir.clone();
     new.data_dir = from.data_dir.clone();
@@ -262,6 +263,7 @@ mod tests {
             ("listen", "listen = \"127.0.0.1:7000\""),
             ("metrics-listen", "metrics-listen = \"9464\""),
             ("otlp-endpoint", "otlp-endpoint = \"http://127.0.0.1:4317\""),
+            ("otlp-metrics-interval", "otlp-metrics-interval = \"1m\""),
             (
                 "cors-origin",
                 "cors-origin = [\"https://console.example.com\"]",

@@ -142,7 +142,7 @@ pub struct Settings {
     )]
     pub otlp_header: Option<Vec<OtlpHeader>>,
     /// PEM CA certificates that an `https://` OTLP endpoint's certificate must chain to
-    /// [default: the system's roots].
+    /// (without it: the system's roots).
     #[arg(long, env = "TORUD_OTLP_CA")]
     pub otlp_ca: Option<PathBuf>,
     /// How often the daemon's metrics are sent to the OTLP receiver [default: 15s].
@@ -341,22 +341,15 @@ impl Settings {
             .into_iter()
             .map(|o| o.0)
             .collect();
+        if let Some(every) = self.otlp_metrics_interval {
+            c.otlp_metrics_interval = every.0.max(super::MIN_OTLP_METRICS_INTERVAL);
+        }
         c.otlp = match self.otlp_endpoint {
             Some(endpoint) => Some(OtlpConfig {
                 endpoint: endpoint.0,
                 headers: self.otlp_header.unwrap_or_default(),
                 ca: self.otlp_ca,
-                metrics_interval: self
-                    .otlp_metrics_interval
-                    .map_or(super::DEFAULT_OTLP_METRICS_INTERVAL, |s| s.0)
-                    .max(super::MIN_OTLP_METRICS_INTERVAL),
             }),
-            None if self.otlp_metrics_interval.is_some() => {
-                return Err(SettingError::new(
-                    "otlp-metrics-interval",
-                    "needs otlp-endpoint too",
-                ))
-            }
             None if self.otlp_ca.is_some() => {
                 return Err(SettingError::new("otlp-ca", "needs otlp-endpoint too"))
             }
@@ -534,7 +527,7 @@ impl Settings {
                 .map(|o| OtlpEndpoint(o.endpoint.clone())),
             otlp_header: config.otlp.as_ref().map(|o| o.headers.clone()),
             otlp_ca: config.otlp.as_ref().and_then(|o| o.ca.clone()),
-            otlp_metrics_interval: config.otlp.as_ref().map(|o| Span(o.metrics_interval)),
+            otlp_metrics_interval: Some(Span(config.otlp_metrics_interval)),
             plugins_dir: Some(config.plugins_dir.clone()),
             data_dir: Some(config.data_dir.clone()),
             enable_new_plugins: Some(config.enable_new_plugins),

@@ -32,7 +32,7 @@ use prometheus_client::registry::Registry;
 
 use crate::model::{CrashReason, LogStream, PluginState, PluginStatus};
 use crate::supervisor::Supervisor;
-use crate::telemetry::otlp::{ExportStats, Signal};
+use crate::telemetry::export::{ExportStats, Signal};
 
 /// The `Content-Type` of [`Metrics::render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

@@ -12,6 +12,7 @@
 //! plane records into it. It knows no gRPC types (codes arrive as numbers) and serves
 //! nothing itself: `api/metrics.rs` is the HTTP endpoint.
 
+pub mod export;
 pub mod metrics;
 pub mod openmetrics;
 pub mod otlp;

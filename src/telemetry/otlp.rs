@@ -23,7 +23,6 @@
 //! records, each under its resource.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -50,8 +49,9 @@ use tokio_util::task::TaskTracker;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+use super::export::{ExportStats, Signal};
 use super::trace::{SpanData, Tracer};
-use crate::config::OtlpConfig;
+use crate::config::{Config, OtlpConfig};
 use crate::logs::capture::PluginLog;
 use crate::model::{Event, EventKind, LogLevel, LogRecord, LogStream};
 use crate::supervisor::Supervisor;
@@ -72,60 +72,6 @@ const LOG_QUEUE: usize = 4 * BATCH;
 const SPAN_QUEUE: usize = 8 * BATCH;
 /// How long shutdown gives the exporter to send what it holds.
 pub const FLUSH_FOR: Duration = Duration::from_secs(3);
-
-/// What is exported, as the `signal` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signal {
-    /// Plugin log records and lifecycle events.
-    Logs,
-    /// Spans of forwarded requests.
-    Traces,
-    /// Data points of the daemon's metrics.
-    Metrics,
-}
-
-impl Signal {
-    /// Every signal, in label order.
-    pub const ALL: [Signal; 3] = [Signal::Logs, Signal::Traces, Signal::Metrics];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Signal::Logs => "logs",
-            Signal::Traces => "traces",
-            Signal::Metrics => "metrics",
-        }
-    }
-}
-
-/// Items exported and dropped, by signal.
-#[derive(Debug, Default)]
-pub struct ExportStats {
-    exported: [AtomicU64; Signal::ALL.len()],
-    dropped: [AtomicU64; Signal::ALL.len()],
-}
-
-impl ExportStats {
-    /// Counts `n` items the receiver took.
-    pub fn exported(&self, signal: Signal, n: u64) {
-        self.exported[signal as usize].fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Counts `n` items lost to export.
-    pub fn dropped(&self, signal: Signal, n: u64) {
-        self.dropped[signal as usize].fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Items of `signal` the receiver took so far.
-    pub fn exported_count(&self, signal: Signal) -> u64 {
-        self.exported[signal as usize].load(Ordering::Relaxed)
-    }
-
-    /// Items of `signal` lost so far.
-    pub fn dropped_count(&self, signal: Signal) -> u64 {
-        self.dropped[signal as usize].load(Ordering::Relaxed)
-    }
-}
 
 /// Why the exporter could not start.
 #[derive(Debug, thiserror::Error)]
@@ -164,13 +110,13 @@ type Queued = (Arc<str>, OtlpLog);
 pub struct Prepared(Option<(Target, String, Duration)>);
 
 impl Exporter {
-    /// Checks `config`'s receiver settings (`None`: nothing will be exported).
-    pub fn prepare(config: Option<&OtlpConfig>) -> Result<Prepared, OtlpError> {
-        Ok(Prepared(match config {
-            Some(config) => Some((
-                Target::new(config)?,
-                config.endpoint.clone(),
-                config.metrics_interval,
+    /// Checks `config`'s OTLP receiver settings (none: nothing will be exported).
+    pub fn prepare(config: &Config) -> Result<Prepared, OtlpError> {
+        Ok(Prepared(match &config.otlp {
+            Some(otlp) => Some((
+                Target::new(otlp)?,
+                otlp.endpoint.clone(),
+                config.otlp_metrics_interval,
             )),
             None => None,
         }))

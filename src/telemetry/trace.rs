@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use tokio::sync::mpsc;
 use toru_plugin_sdk::trace::TraceParent;
 
-use super::otlp::{ExportStats, Signal};
+use super::export::{ExportStats, Signal};
 
 /// A finished span, as the exporter takes it.
 #[derive(Debug, Clone)]
