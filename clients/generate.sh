@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Generates the Python, TypeScript and Go clients from proto/toru/v1/*.proto, with one
+# Generates the Python, TypeScript, browser (gRPC-Web) and Go clients from
+# proto/toru/v1/*.proto, with one
 # protoc (the one bundled in grpcio-tools) and pinned generators, so the output is the same
 # on every machine.
 #
@@ -9,7 +10,8 @@
 #
 # Generators are installed on first use, idempotently, into target/client-tools (or
 # $TORU_CLIENT_TOOLS): a Python venv with grpcio-tools, protoc-gen-go and
-# protoc-gen-go-grpc via `go install`, and ts-proto from clients/typescript's lock file.
+# protoc-gen-go-grpc via `go install`, ts-proto from clients/typescript's lock file and
+# protoc-gen-es from clients/web's.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
@@ -17,7 +19,8 @@ GRPCIO_TOOLS_VERSION=1.76.0 # bundles protoc 31.1 (libprotoc), protobuf 6.31 gen
 MYPY_PROTOBUF_VERSION=5.1.0 # .pyi stubs for the Python messages and service stubs
 PROTOC_GEN_GO_VERSION=v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION=v1.6.1
-# ts-proto's version is pinned in clients/typescript/package.json and package-lock.json.
+# ts-proto's version is pinned in clients/typescript/package.json and package-lock.json,
+# protoc-gen-es's in clients/web/package.json and package-lock.json.
 GO_MODULE=github.com/toru-project/torud/clients/go
 
 target="${CARGO_TARGET_DIR:-$root/target}"
@@ -26,7 +29,7 @@ mkdir -p "$tools/bin"
 
 # The generated code, relative to the repository root (everything else in clients/ is
 # written by hand).
-GENERATED=(clients/python/src/toru/v1 clients/typescript/src/gen clients/go/torupb)
+GENERATED=(clients/python/src/toru/v1 clients/typescript/src/gen clients/web/src/gen clients/go/torupb)
 
 install_tools() {
   local py="$tools/venv/bin/python"
@@ -43,13 +46,16 @@ install_tools() {
     echo "installing protoc-gen-go-grpc $PROTOC_GEN_GO_GRPC_VERSION" >&2
     GOBIN="$tools/bin" go install "google.golang.org/grpc/cmd/protoc-gen-go-grpc@$PROTOC_GEN_GO_GRPC_VERSION"
   fi
-  # Reinstalled whenever the lock file changed since the last install.
-  local ts="$root/clients/typescript"
-  if ! cmp -s "$ts/package-lock.json" "$ts/node_modules/.installed-lock.json"; then
-    echo "installing the TypeScript client's dependencies (npm ci)" >&2
-    (cd "$ts" && npm ci --no-audit --no-fund --loglevel=error)
-    cp "$ts/package-lock.json" "$ts/node_modules/.installed-lock.json"
-  fi
+  # Each npm package is reinstalled whenever its lock file changed since the last install.
+  local pkg
+  for pkg in typescript web; do
+    pkg="$root/clients/$pkg"
+    if ! cmp -s "$pkg/package-lock.json" "$pkg/node_modules/.installed-lock.json"; then
+      echo "installing the dependencies of ${pkg#"$root/"} (npm ci)" >&2
+      (cd "$pkg" && npm ci --no-audit --no-fund --loglevel=error)
+      cp "$pkg/package-lock.json" "$pkg/node_modules/.installed-lock.json"
+    fi
+  done
 }
 
 # Writes every generated file under $1 (a copy of the repository layout).
@@ -79,6 +85,12 @@ generate() {
     --plugin=protoc-gen-ts_proto="$root/clients/typescript/node_modules/.bin/protoc-gen-ts_proto" \
     --ts_proto_out="$out/clients/typescript/src/gen" \
     --ts_proto_opt=outputServices=grpc-js,esModuleInterop=true,env=node,forceLong=number \
+    "${protos[@]}")
+
+  (cd "$root/proto" && "${protoc[@]}" \
+    --plugin=protoc-gen-es="$root/clients/web/node_modules/.bin/protoc-gen-es" \
+    --es_out="$out/clients/web/src/gen" \
+    --es_opt=target=ts \
     "${protos[@]}")
 
   (cd "$root/proto" && "${protoc[@]}" \

@@ -2,8 +2,8 @@
 # The whole test suite: formatting, lints (Rust and proto), the generated clients' drift
 # check, every Rust test (unit, SDK, integration tests against the real daemon and real
 # plugin processes, toructl, the README's grpcurl and toructl examples), the Python SDK's
-# unit tests, the conformance checker on every example plugin, the Python, TypeScript and
-# Go clients' tests against the real daemon, and a smoke run of the
+# unit tests, the conformance checker on every example plugin, the Python, TypeScript,
+# web (gRPC-Web) and Go clients' tests against the real daemon, and a smoke run of the
 # benchmark. Installs what it needs, idempotently. CI runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -95,6 +95,9 @@ step "Python client: mypy over the helper and the tests (against the installed s
 step "TypeScript client tests (tsc, node --test, against the real daemon)"
 (cd clients/typescript && npm test --silent) 2>&1 | tee "$log/typescript"
 
+step "Web (gRPC-Web) client tests (tsc, node --test with Node's fetch, against the real daemon)"
+(cd clients/web && npm test --silent) 2>&1 | tee "$log/web"
+
 step "Go client tests (go vet, go test, against the real daemon)"
 (cd clients/go && go vet ./... && go test -count=1 -v ./...) 2>&1 | tee "$log/go"
 
@@ -123,6 +126,7 @@ step "summary"
   awk '/ passed| failed/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
        END { printf "python %d %d\n", p, f }' "$log/python"
   awk '/^# pass / { p += $3 } /^# fail / { f += $3 } END { printf "typescript %d %d\n", p, f }' "$log/typescript"
+  awk '/^# pass / { p += $3 } /^# fail / { f += $3 } END { printf "web %d %d\n", p, f }' "$log/web"
   awk '/^--- PASS/ { p++ } /^--- FAIL/ { f++ } END { printf "go %d %d\n", p, f }' "$log/go"
 } | awk '{ printf "%s tests: %d passed, %d failed\n", $1, $2, $3; p += $2; f += $3 }
          END { printf "total: %d passed, %d failed\n", p, f }'
