@@ -53,6 +53,8 @@ struct Collected {
     spans: Arc<Mutex<Vec<Span>>>,
     /// The metrics of the latest export.
     metrics: Arc<Mutex<Vec<Metric>>>,
+    /// The `x-tenant` header of each logs export.
+    tenants: Arc<Mutex<Vec<String>>>,
 }
 
 fn text(value: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> Option<String> {
@@ -75,6 +77,14 @@ impl LogsService for Collected {
         &self,
         request: Request<ExportLogsServiceRequest>,
     ) -> Result<Response<ExportLogsServiceResponse>, Status> {
+        let tenant = request
+            .metadata()
+            .get("x-tenant")
+            .map(|v| v.to_str().unwrap().to_owned());
+        self.tenants
+            .lock()
+            .unwrap()
+            .push(tenant.unwrap_or_default());
         let mut logs = self.logs.lock().unwrap();
         for resource_logs in request.into_inner().resource_logs {
             let resource = attributes(
@@ -158,9 +168,18 @@ async fn serve(
     collected: &Collected,
     addr: SocketAddr,
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    serve_with(collected, addr, tonic::transport::Server::builder()).await
+}
+
+/// [`serve`] on a server builder already set up (with TLS, say).
+async fn serve_with(
+    collected: &Collected,
+    addr: SocketAddr,
+    mut builder: tonic::transport::Server,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .add_service(LogsServiceServer::new(collected.clone()))
         .add_service(TraceServiceServer::new(collected.clone()))
         .add_service(MetricsServiceServer::new(collected.clone()));
@@ -566,4 +585,53 @@ async fn the_metrics_reach_the_receiver_as_otlp_metrics() {
         panic!("a counter is a sum")
     };
     assert!(sum.is_monotonic);
+}
+
+#[tokio::test]
+async fn export_reaches_a_tls_receiver_with_its_headers_and_checks_its_certificate() {
+    let pki = pki();
+    let collected = Collected::default();
+    let addr = free_addr();
+    let tls = tonic::transport::ServerTlsConfig::new().identity(
+        tonic::transport::Identity::from_pem(&pki.server_cert, &pki.server_key),
+    );
+    let builder = tonic::transport::Server::builder().tls_config(tls).unwrap();
+    let (_receiver, _) = serve_with(&collected, addr, builder).await;
+    let endpoint = format!("https://localhost:{}", addr.port());
+    let ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca.path(), &pki.ca).unwrap();
+    let ca = ca.path().display().to_string();
+
+    let install = |d: &Daemon| {
+        d.install_fixture("burst", "burst-json", &["--lines", "100"]);
+    };
+    let (_d, _) = start_enabled(
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-ca",
+            &ca,
+            "--otlp-header",
+            "x-tenant=blue",
+        ],
+        install,
+        &["burst"],
+    )
+    .await;
+    wait_for("the burst over TLS", SECS10, || {
+        (collected.burst_lines("burst").len() == 100).then_some(())
+    })
+    .await;
+    let tenants = collected.tenants.lock().unwrap().clone();
+    assert!(tenants.iter().all(|t| t == "blue"), "{tenants:?}");
+
+    // Without the CA, the receiver's certificate is not trusted: nothing is sent (this
+    // daemon sends no x-tenant, so anything of its would show as "").
+    let (untrusting, _) = start_enabled(&["--otlp-endpoint", &endpoint], install, &["burst"]).await;
+    wait_until("the export refused", SECS10, || {
+        untrusting.daemon_stderr().contains("OTLP export failing")
+    })
+    .await;
+    let tenants = collected.tenants.lock().unwrap().clone();
+    assert!(tenants.iter().all(|t| t == "blue"), "{tenants:?}");
 }

@@ -388,22 +388,16 @@ async fn credentials_from_flags_the_data_dir_or_the_socket() {
 
 /// PEM files in `dir`: a CA, a server certificate for localhost and a client certificate.
 fn write_pki(dir: &std::path::Path) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    for (name, san) in [("server", "localhost"), ("client", "client")] {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![san.to_owned()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    let pki = pki();
+    for (name, pem) in [
+        ("ca.pem", &pki.ca),
+        ("server.pem", &pki.server_cert),
+        ("server.key", &pki.server_key),
+        ("client.pem", &pki.client_cert),
+        ("client.key", &pki.client_key),
+    ] {
+        std::fs::write(dir.join(name), pem).unwrap();
     }
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
 }
 
 #[tokio::test]
