@@ -635,3 +635,42 @@ async fn export_reaches_a_tls_receiver_with_its_headers_and_checks_its_certifica
     let tenants = collected.tenants.lock().unwrap().clone();
     assert!(tenants.iter().all(|t| t == "blue"), "{tenants:?}");
 }
+
+#[tokio::test]
+async fn the_last_records_before_a_shutdown_are_exported() {
+    let (collected, endpoint, _receiver) = receiver().await;
+    let (mut d, mut client) = start_enabled(
+        &["--otlp-endpoint", &endpoint],
+        |d| {
+            d.install_hello("hello");
+        },
+        &["hello"],
+    )
+    .await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_state("hello", pb::PluginState::Running, SECS10)
+        .await;
+    drop(client);
+    assert!(d.stop().await.success());
+    // Written as the daemon stopped the plugin, just before it exited.
+    let logs = collected.logs_of("hello");
+    let stopped_note = logs.iter().any(|r| {
+        text(&r.record.body).is_some_and(|b| b.starts_with("stopped"))
+            && attributes(&r.record.attributes)
+                .get("log.iostream")
+                .map(String::as_str)
+                == Some("supervisor")
+    });
+    let stopped_event = logs.iter().any(|r| {
+        r.record.event_name == "torud.state_changed"
+            && attributes(&r.record.attributes)
+                .get("torud.to_state")
+                .map(String::as_str)
+                == Some("stopped")
+    });
+    assert!(
+        stopped_note && stopped_event,
+        "{stopped_note} {stopped_event}"
+    );
+}

@@ -53,6 +53,7 @@ use super::export::{ExportStats, Signal};
 use super::trace::{SpanData, Tracer};
 use crate::config::{Config, OtlpConfig};
 use crate::logs::capture::PluginLog;
+use crate::logs::seqlog::{Follower, SeqLogError, Sequenced};
 use crate::model::{Event, EventKind, LogLevel, LogRecord, LogStream};
 use crate::supervisor::Supervisor;
 use crate::telemetry::metrics::Metrics;
@@ -98,8 +99,50 @@ pub enum OtlpError {
 #[derive(Debug)]
 pub struct Exporter {
     tracer: Tracer,
-    stop: CancellationToken,
+    /// How the followers of the logs end.
+    ends: Ends,
+    /// The followers of the logs (ended first, once they have read what was captured).
+    followers: TaskTracker,
+    /// The batching and sending tasks (ended by `ends.stop`, after sending what they hold).
     tasks: TaskTracker,
+}
+
+/// How reading a log for export ends: at once when `stop` is cancelled; when `drain` is,
+/// once everything captured until then has been read.
+#[derive(Debug, Clone, Default)]
+struct Ends {
+    drain: CancellationToken,
+    stop: CancellationToken,
+}
+
+impl Ends {
+    /// The same drain, with `stop` a child of this one's (cancelled with it or alone).
+    fn child(&self) -> Ends {
+        Ends {
+            drain: self.drain.clone(),
+            stop: self.stop.child_token(),
+        }
+    }
+
+    /// `follower`'s next record while the export lasts; `None` once it ends. `until` keeps,
+    /// once draining began, the newest seq (`newest()` then) still to be read.
+    async fn next<T: Sequenced>(
+        &self,
+        follower: &mut Follower<T>,
+        until: &mut Option<u64>,
+        newest: impl Fn() -> u64,
+    ) -> Option<Result<Arc<T>, SeqLogError>> {
+        loop {
+            if until.is_some_and(|last| follower.cursor() >= last) {
+                return None;
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return None,
+                _ = self.drain.cancelled(), if until.is_none() => *until = Some(newest()),
+                next = follower.next() => return next,
+            }
+        }
+    }
 }
 
 /// A log record on its way, with the resource it belongs to ("" for the daemon's own).
@@ -126,12 +169,14 @@ impl Exporter {
     /// counting in `metrics`' export figures.
     pub fn start(prepared: Prepared, supervisor: &Supervisor, metrics: &Metrics) -> Exporter {
         let stats = metrics.export_stats();
-        let stop = CancellationToken::new();
-        let tasks = TaskTracker::new();
+        let ends = Ends::default();
+        let stop = ends.stop.clone();
+        let (followers, tasks) = (TaskTracker::new(), TaskTracker::new());
         let Some((target, endpoint, metrics_every)) = prepared.0 else {
             return Exporter {
                 tracer: Tracer::off(),
-                stop,
+                ends,
+                followers,
                 tasks,
             };
         };
@@ -194,17 +239,18 @@ impl Exporter {
             stats.clone(),
             stop.clone(),
         ));
-        tasks.spawn(follow_everything(
+        followers.spawn(follow_everything(
             supervisor.clone(),
             logs_tx,
             stats.clone(),
-            stop.clone(),
-            tasks.clone(),
+            ends.clone(),
+            followers.clone(),
         ));
         tracing::info!(%endpoint, "exporting logs, events and spans over OTLP");
         Exporter {
             tracer: Tracer::exporting(spans_tx, stats),
-            stop,
+            ends,
+            followers,
             tasks,
         }
     }
@@ -214,9 +260,22 @@ impl Exporter {
         self.tracer.clone()
     }
 
-    /// Stops following the logs and sends what is queued, for at most [`FLUSH_FOR`].
+    /// Reads what the logs captured until now (the plugins' last lines, the last events),
+    /// then sends what is queued: each for at most [`FLUSH_FOR`]. Call it after the plugins
+    /// have stopped.
     pub async fn finish(self) {
-        self.stop.cancel();
+        self.ends.drain.cancel();
+        self.followers.close();
+        if tokio::time::timeout(FLUSH_FOR, self.followers.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "OTLP export: not every record captured before shutdown was read within \
+                 {FLUSH_FOR:?}; the local logs have them all"
+            );
+        }
+        self.ends.stop.cancel();
         self.tasks.close();
         drop(self.tracer);
         if tokio::time::timeout(FLUSH_FOR, self.tasks.wait())
@@ -333,7 +392,7 @@ async fn follow_everything(
     supervisor: Supervisor,
     queue: mpsc::Sender<Queued>,
     stats: Arc<ExportStats>,
-    stop: CancellationToken,
+    ends: Ends,
     tasks: TaskTracker,
 ) {
     // Events first, so that a plugin added while the census is taken is seen either in the
@@ -347,15 +406,15 @@ async fn follow_everything(
         if followed.contains_key(id) {
             return;
         }
-        let token = stop.child_token();
-        followed.insert(id.to_owned(), token.clone());
+        let own = ends.child();
+        followed.insert(id.to_owned(), own.stop.clone());
         tasks.spawn(follow_plugin(
             Arc::from(id),
             log,
             since,
             queue.clone(),
             stats.clone(),
-            token,
+            own,
         ));
     };
     for (status, log) in supervisor.census() {
@@ -365,11 +424,12 @@ async fn follow_everything(
     let daemon: Arc<str> = Arc::from("");
     // Plugins announced and not found in the table yet, with when they were announced.
     let mut added: HashMap<String, OffsetDateTime> = HashMap::new();
+    let mut until = None;
+    let event_log = supervisor.events().clone();
     loop {
-        let next = tokio::select! {
-            _ = stop.cancelled() => return,
-            next = events.next() => next,
-        };
+        let next = ends
+            .next(&mut events, &mut until, || event_log.last_seq())
+            .await;
         let event = match next {
             Some(Ok(event)) => event,
             Some(Err(e)) => {
@@ -407,7 +467,7 @@ async fn follow_everything(
         };
         let record = event_record(&event);
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = ends.stop.cancelled() => return,
             sent = queue.send((key, record)) => if sent.is_err() { return },
         }
     }
@@ -430,7 +490,7 @@ async fn follow_plugin(
     since: Since,
     queue: mpsc::Sender<Queued>,
     stats: Arc<ExportStats>,
-    stop: CancellationToken,
+    ends: Ends,
 ) {
     let after = match since {
         Since::Seq(seq) => seq,
@@ -444,11 +504,11 @@ async fn follow_plugin(
     };
     let mut follower = log.records().follow(Some(after));
     let mut last = follower.cursor();
+    let mut until = None;
     loop {
-        let next = tokio::select! {
-            _ = stop.cancelled() => return,
-            next = follower.next() => next,
-        };
+        let next = ends
+            .next(&mut follower, &mut until, || log.records().last_seq())
+            .await;
         let record = match next {
             Some(Ok(record)) => record,
             Some(Err(e)) => {
@@ -463,7 +523,7 @@ async fn follow_plugin(
         last = record.seq;
         let otlp = log_record(&record);
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = ends.stop.cancelled() => return,
             sent = queue.send((id.clone(), otlp)) => if sent.is_err() { return },
         }
     }
