@@ -4,7 +4,7 @@
 //! OTLP metrics every `--otlp-metrics-interval`.
 //!
 //! The local store stays the source of truth; export reads it and never holds it up:
-//! - logs are read by a [`Follower`](crate::logs::seqlog::Follower) per plugin log (and one
+//! - logs are read by a [`Follower`] per plugin log (and one
 //!   on the event log), exactly as a `StreamLogs` subscriber reads them. A follower that
 //!   cannot hand a record on waits, and catches up from the files later: capture never
 //!   waits for the collector, and records that rotate out of the log before they were read
