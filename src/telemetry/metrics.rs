@@ -472,14 +472,15 @@ fn encode_daemon(
     counters(
         out,
         "torud_otlp_exported",
-        "Log records (with events) and spans the OTLP receiver took.",
+        "Log records (with events), spans and metric data points the OTLP receiver took.",
         Signal::ALL.map(|s| ([("signal", s.as_str())], census.export.exported_count(s))),
     )?;
     counters(
         out,
         "torud_otlp_dropped",
-        "Log records (with events) and spans lost to OTLP export: refused, unsent after \
-         retries, rotated out of a log before they were read, or with no room in the queue.",
+        "Log records (with events), spans and metric data points lost to OTLP export: \
+         refused, unsent after retries, rotated out of a log before they were read, or with \
+         no room in the queue.",
         Signal::ALL.map(|s| ([("signal", s.as_str())], census.export.dropped_count(s))),
     )
 }

@@ -171,32 +171,26 @@ fn unit(name: &str) -> &'static str {
 }
 
 fn convert(family: Family, start: u64, now: u64) -> Option<Metric> {
+    // The points of the samples whose name ends in `suffix` after the family's.
+    let points = |suffix: &str| -> Vec<NumberDataPoint> {
+        family
+            .samples
+            .iter()
+            .filter(|s| s.suffix == suffix)
+            .map(|s| point(s, start, now))
+            .collect()
+    };
     let data = match family.kind.as_str() {
         "counter" => metric::Data::Sum(Sum {
-            data_points: family
-                .samples
-                .iter()
-                .filter(|s| s.suffix == "_total")
-                .map(|s| point(s, start, now))
-                .collect(),
+            data_points: points("_total"),
             aggregation_temporality: AggregationTemporality::Cumulative as i32,
             is_monotonic: true,
         }),
         "gauge" | "unknown" => metric::Data::Gauge(Gauge {
-            data_points: family
-                .samples
-                .iter()
-                .filter(|s| s.suffix.is_empty())
-                .map(|s| point(s, start, now))
-                .collect(),
+            data_points: points(""),
         }),
         "info" => metric::Data::Gauge(Gauge {
-            data_points: family
-                .samples
-                .iter()
-                .filter(|s| s.suffix == "_info")
-                .map(|s| point(s, start, now))
-                .collect(),
+            data_points: points("_info"),
         }),
         "histogram" => metric::Data::Histogram(Histogram {
             data_points: histogram_points(&family.samples, start, now),

@@ -150,17 +150,13 @@ type Queued = (Arc<str>, OtlpLog);
 
 /// The receiver checked and ready to be connected to, before anything starts (so that a bad
 /// setting stops the daemon before it starts a plugin).
-pub struct Prepared(Option<(Target, String, Duration)>);
+pub struct Prepared(Option<(Target, Duration)>);
 
 impl Exporter {
     /// Checks `config`'s OTLP receiver settings (none: nothing will be exported).
     pub fn prepare(config: &Config) -> Result<Prepared, OtlpError> {
         Ok(Prepared(match &config.otlp {
-            Some(otlp) => Some((
-                Target::new(otlp)?,
-                otlp.endpoint.clone(),
-                config.otlp_metrics_interval,
-            )),
+            Some(otlp) => Some((Target::new(otlp)?, config.otlp_metrics_interval)),
             None => None,
         }))
     }
@@ -172,7 +168,7 @@ impl Exporter {
         let ends = Ends::default();
         let stop = ends.stop.clone();
         let (followers, tasks) = (TaskTracker::new(), TaskTracker::new());
-        let Some((target, endpoint, metrics_every)) = prepared.0 else {
+        let Some((target, metrics_every)) = prepared.0 else {
             return Exporter {
                 tracer: Tracer::off(),
                 ends,
@@ -180,6 +176,10 @@ impl Exporter {
                 tasks,
             };
         };
+        tracing::info!(
+            endpoint = %target.endpoint,
+            "exporting logs, events, spans and metrics over OTLP"
+        );
         let resources = Resources {
             supervisor: supervisor.clone(),
             host: host_name(),
@@ -246,7 +246,6 @@ impl Exporter {
             ends.clone(),
             followers.clone(),
         ));
-        tracing::info!(%endpoint, "exporting logs, events and spans over OTLP");
         Exporter {
             tracer: Tracer::exporting(spans_tx, stats),
             ends,
@@ -680,9 +679,11 @@ async fn export_metrics(
         } else {
             every.max(FLUSH_FOR)
         };
-        let sent = tokio::time::timeout(limit, client.export(target.request(request))).await;
+        let sent = tokio::time::timeout(limit, client.export(target.request(request)))
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer in time")));
         match sent {
-            Ok(Ok(answer)) => {
+            Ok(answer) => {
                 outage.recovered();
                 let rejected = answer
                     .into_inner()
@@ -690,13 +691,8 @@ async fn export_metrics(
                     .map_or(0, |p| p.rejected_data_points.max(0) as u64);
                 account(&stats, Signal::Metrics, points, Some(rejected));
             }
-            Ok(Err(error)) => {
+            Err(error) => {
                 outage.failed(&error);
-                outage.dropped(1);
-                account(&stats, Signal::Metrics, points, None);
-            }
-            Err(_) => {
-                outage.failed(&tonic::Status::deadline_exceeded("no answer in time"));
                 outage.dropped(1);
                 account(&stats, Signal::Metrics, points, None);
             }
@@ -737,6 +733,7 @@ struct Outage {
     signal: Signal,
     endpoint: String,
     since: Option<SystemTime>,
+    /// Batches (or metrics snapshots) dropped since it began.
     dropped_during: u64,
 }
 
@@ -774,7 +771,7 @@ impl Outage {
             tracing::info!(
                 endpoint = %self.endpoint,
                 signal = self.signal.as_str(),
-                dropped = self.dropped_during,
+                dropped_batches = self.dropped_during,
                 "OTLP export works again after {lasted:.1?}"
             );
             self.dropped_during = 0;
