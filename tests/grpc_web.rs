@@ -90,6 +90,18 @@ async fn web_call(
     message: &impl Message,
     enough: usize,
 ) -> Answer {
+    let auth = token.map(|t| ("authorization", format!("Bearer {t}")));
+    web_call_with(d, method, auth.as_slice(), message, enough).await
+}
+
+/// [`web_call`] with these extra request headers (the credentials, if any, among them).
+async fn web_call_with(
+    d: &Daemon,
+    method: &str,
+    headers: &[(&str, String)],
+    message: &impl Message,
+    enough: usize,
+) -> Answer {
     let mut sender = connect(d).await;
     let encoded = message.encode_to_vec();
     let mut body = vec![0u8];
@@ -99,8 +111,8 @@ async fn web_call(
         .header("host", &d.addr)
         .header("content-type", "application/grpc-web+proto")
         .header("x-grpc-web", "1");
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
+    for (name, value) in headers {
+        request = request.header(*name, value);
     }
     let request = request.body(Full::new(Bytes::from(body))).unwrap();
     let response = tokio::time::timeout(SECS10, sender.send_request(request))
@@ -164,6 +176,10 @@ async fn a_browser_lists_plugins_and_follows_events_over_grpc_web() {
     let list = pb::ListPluginsRequest::default();
     let answer = web_call(&d, LIST, Some(&read), &list, usize::MAX).await;
     assert_eq!(answer.status, 200);
+    assert!(
+        answer.headers.get("set-cookie").is_none(),
+        "no cookie is set"
+    );
     assert_eq!(
         answer.headers["content-type"].to_str().unwrap(),
         "application/grpc-web+proto"
@@ -208,6 +224,13 @@ async fn grpc_web_keeps_the_token_check_and_the_roles() {
     assert!(none.messages::<pb::ListPluginsResponse>().is_empty());
     let wrong = web_call(&d, LIST, Some("not-a-token"), &list, usize::MAX).await;
     assert_eq!(wrong.grpc_status().as_deref(), Some("16"));
+    // A browser's cookies are no credential: the token in a cookie is not read.
+    let cookie = [(
+        "cookie",
+        format!("authorization=Bearer {}", d.token("admin")),
+    )];
+    let cookie_only = web_call_with(&d, LIST, &cookie, &list, usize::MAX).await;
+    assert_eq!(cookie_only.grpc_status().as_deref(), Some("16"));
 
     let enable = pb::EnablePluginRequest {
         plugin_id: "hello".into(),
