@@ -232,6 +232,27 @@ async fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Opt
     }
 }
 
+/// [`start_enabled`] with the one plugin `id`, waiting until it is RUNNING.
+async fn start_running(args: &[&str], install: impl FnOnce(&Daemon), id: &str) -> (Daemon, Client) {
+    let (d, mut client) = start_enabled(args, install, &[id]).await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_state(id, pb::PluginState::Running, SECS10)
+        .await;
+    (d, client)
+}
+
+/// A `GET path` call to the `hello` plugin.
+fn hello_get(path: &str) -> pb::CallPluginRequest {
+    pb::CallPluginRequest {
+        plugin_id: "hello".into(),
+        method: "GET".into(),
+        path: path.into(),
+        headers: vec![],
+        body: vec![],
+    }
+}
+
 const LEVELS: [(&str, i32); 5] = [
     ("TRACE", 1),
     ("DEBUG", 5),
@@ -245,7 +266,7 @@ const BURST: u64 = 10_000;
 #[tokio::test]
 async fn every_line_of_a_burst_arrives_with_its_severity_and_attributes() {
     let (collected, endpoint, _receiver) = receiver().await;
-    let (_d, mut client) = start_enabled(
+    let (_d, mut client) = start_running(
         &["--otlp-endpoint", &endpoint],
         |d| {
             d.install_fixture(
@@ -254,13 +275,9 @@ async fn every_line_of_a_burst_arrives_with_its_severity_and_attributes() {
                 &["--lines", &BURST.to_string(), "--version", "2.5"],
             );
         },
-        &["burst"],
+        "burst",
     )
     .await;
-    Events::watch(&mut client, Some(0))
-        .await
-        .wait_state("burst", pb::PluginState::Running, SECS10)
-        .await;
     let pid = get(&mut client, "burst").await.pid;
 
     let seen = wait_for(
@@ -323,7 +340,7 @@ async fn every_line_of_a_burst_arrives_with_its_severity_and_attributes() {
 #[tokio::test]
 async fn a_callers_trace_continues_through_the_daemon_into_the_plugins_log() {
     let (collected, endpoint, _receiver) = receiver().await;
-    let (_d, mut client) = start_enabled(
+    let (_d, mut client) = start_running(
         &["--otlp-endpoint", &endpoint],
         |d| {
             // The Rust example logs each greeting at debug.
@@ -336,23 +353,13 @@ async fn a_callers_trace_continues_through_the_daemon_into_the_plugins_log() {
                 ),
             );
         },
-        &["hello"],
+        "hello",
     )
     .await;
-    Events::watch(&mut client, Some(0))
-        .await
-        .wait_state("hello", pb::PluginState::Running, SECS10)
-        .await;
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
-    let mut request = Request::new(pb::CallPluginRequest {
-        plugin_id: "hello".into(),
-        method: "GET".into(),
-        path: "/traced".into(),
-        headers: vec![],
-        body: vec![],
-    });
+    let mut request = Request::new(hello_get("/traced"));
     request.metadata_mut().insert(
         "traceparent",
         format!("00-{trace_id}-{caller_span}-01").parse().unwrap(),
@@ -396,13 +403,7 @@ async fn a_callers_trace_continues_through_the_daemon_into_the_plugins_log() {
     );
 
     // An untraced call starts a trace of its own.
-    let untraced = pb::CallPluginRequest {
-        plugin_id: "hello".into(),
-        method: "GET".into(),
-        path: "/untraced".into(),
-        headers: vec![],
-        body: vec![],
-    };
+    let untraced = hello_get("/untraced");
     client.call_plugin(untraced).await.unwrap();
     wait_for("a root span for the untraced call", SECS10, || {
         let spans = collected.spans.lock().unwrap();
@@ -525,7 +526,7 @@ fn point_value(metrics: &[Metric], name: &str, labels: &[(&str, &str)]) -> Optio
 #[tokio::test]
 async fn the_metrics_reach_the_receiver_as_otlp_metrics() {
     let (collected, endpoint, _receiver) = receiver().await;
-    let (_d, mut client) = start_enabled(
+    let (_d, mut client) = start_running(
         &[
             "--otlp-endpoint",
             &endpoint,
@@ -535,20 +536,10 @@ async fn the_metrics_reach_the_receiver_as_otlp_metrics() {
         |d| {
             d.install_hello("hello");
         },
-        &["hello"],
+        "hello",
     )
     .await;
-    Events::watch(&mut client, Some(0))
-        .await
-        .wait_state("hello", pb::PluginState::Running, SECS10)
-        .await;
-    let call = pb::CallPluginRequest {
-        plugin_id: "hello".into(),
-        method: "GET".into(),
-        path: "/".into(),
-        headers: vec![],
-        body: vec![],
-    };
+    let call = hello_get("/");
     client.call_plugin(call).await.unwrap();
 
     let hello = [("plugin", "hello")];
@@ -639,18 +630,14 @@ async fn export_reaches_a_tls_receiver_with_its_headers_and_checks_its_certifica
 #[tokio::test]
 async fn the_last_records_before_a_shutdown_are_exported() {
     let (collected, endpoint, _receiver) = receiver().await;
-    let (mut d, mut client) = start_enabled(
+    let (mut d, client) = start_running(
         &["--otlp-endpoint", &endpoint],
         |d| {
             d.install_hello("hello");
         },
-        &["hello"],
+        "hello",
     )
     .await;
-    Events::watch(&mut client, Some(0))
-        .await
-        .wait_state("hello", pb::PluginState::Running, SECS10)
-        .await;
     drop(client);
     assert!(d.stop().await.success());
     // Written as the daemon stopped the plugin, just before it exited.
