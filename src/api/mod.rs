@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod convert;
 #[cfg(test)]
 mod fuzz;

@@ -30,7 +30,7 @@ use crate::api::logs::LogApi;
 use crate::api::plugins::PluginApi;
 use crate::api::readiness::HoldLayer;
 use crate::api::systemd;
-use crate::api::{metrics, web};
+use crate::api::{console, metrics, web};
 use crate::config::{create_dir_with_mode, Config, GrpcLimits, Source, TlsFiles};
 use crate::supervisor::{StartupError, Supervisor};
 use crate::telemetry::metrics::Metrics;
@@ -184,6 +184,7 @@ pub async fn run(
         .map_err(|_| ServeError::Signals)?;
     let watchdog = systemd::spawn_watchdog();
     let tls = transport_security(&config)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     prepare_data_dir(&config.data_dir)?;
     let tokens = load_tokens(&config)?;
     let listeners = Listeners::bind(&config).await?;
@@ -218,6 +219,7 @@ pub async fn run(
         listeners, routes, tls, cors, tokens, hold, metrics, &limits, &stop,
     )?;
     tracing::info!(local = %bound.grpc, control = %control_path.display(), "listening");
+    tracing::info!("web console at {scheme}://{}/", bound.grpc);
     if let Some(addr) = bound.metrics {
         tracing::info!(%addr, "serving metrics at /metrics");
     }
@@ -536,10 +538,12 @@ impl Servers {
             tcp_builder = tcp_builder.tls_config(tls).map_err(ServeError::Tls)?;
         }
         // Layers added first see a request first: a preflight is answered by CORS alone; a
-        // gRPC-Web call is translated before the token check sees it; a call without a valid
-        // token is refused at once, never held until the first scan ends.
+        // browser's GET is answered by the console (its pages need no token: it signs in
+        // through the API); a gRPC-Web call is translated before the token check sees it; a
+        // call without a valid token is refused at once, never held until the first scan ends.
         let tcp = tcp_builder
             .layer(tower::util::option_layer(cors))
+            .layer(console::ConsoleLayer)
             .layer(tonic_web::GrpcWebLayer::new())
             .layer(AuthLayer::new(tokens))
             .layer(hold.clone())
