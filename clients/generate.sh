@@ -8,6 +8,9 @@
 #   bash clients/generate.sh --check   regenerate into a temporary directory and fail when
 #                                      the checked-in code differs (CI runs this)
 #
+# The web console (console/) bundles the browser client, so its built files (console/dist,
+# compiled into the daemon) are rebuilt here too, and checked against console/src.
+#
 # Generators are installed on first use, idempotently, into target/client-tools (or
 # $TORU_CLIENT_TOOLS): a Python venv with grpcio-tools, protoc-gen-go and
 # protoc-gen-go-grpc via `go install`, ts-proto from clients/typescript's lock file and
@@ -48,8 +51,8 @@ install_tools() {
   fi
   # Each npm package is reinstalled whenever its lock file changed since the last install.
   local pkg
-  for pkg in typescript web; do
-    pkg="$root/clients/$pkg"
+  for pkg in clients/typescript clients/web console; do
+    pkg="$root/$pkg"
     if ! cmp -s "$pkg/package-lock.json" "$pkg/node_modules/.installed-lock.json"; then
       echo "installing the dependencies of ${pkg#"$root/"} (npm ci)" >&2
       (cd "$pkg" && npm ci --no-audit --no-fund --loglevel=error)
@@ -114,9 +117,14 @@ if [[ "${1:-}" == "--check" ]]; then
       drift=1
     fi
   done
+  # The console bundles the browser client: its built files must match its sources and the
+  # generated code checked in beside them.
+  (cd "$root/console" && npm run check --silent) || drift=1
   if ((drift)); then exit 1; fi
   echo "generated clients match proto/"
 else
   generate "$root"
   echo "generated: ${GENERATED[*]}"
+  (cd "$root/console" && npm run build --silent)
+  echo "rebuilt: console/dist (it bundles clients/web)"
 fi

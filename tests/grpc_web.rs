@@ -1,7 +1,8 @@
 //! gRPC-Web on the TCP listener, spoken here as a browser speaks it (HTTP/1.1 POSTs of
 //! `application/grpc-web+proto` frames, the status in a trailer frame): unary calls and a
 //! server stream (`WatchEvents`) answer; the token check and the roles hold as for native
-//! gRPC; CORS answers only the origins the operator allows.
+//! gRPC; CORS answers only the origins the operator allows; the web console's files are
+//! served beside the API on the same port, with their Content-Security-Policy.
 
 mod common;
 
@@ -308,4 +309,84 @@ async fn cors_answers_only_the_origins_allowed() {
         .list_plugins(pb::ListPluginsRequest::default())
         .await
         .unwrap();
+}
+
+/// A GET on the listener, as a browser opening the console sends it.
+async fn get(d: &Daemon, path: &str) -> (u16, http::HeaderMap, Bytes) {
+    let mut sender = connect(d).await;
+    let request = http::Request::get(path)
+        .header("host", &d.addr)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = tokio::time::timeout(SECS10, sender.send_request(request))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let body = tokio::time::timeout(SECS10, body.collect())
+        .await
+        .expect("the whole body within 10 s")
+        .unwrap()
+        .to_bytes();
+    (parts.status.as_u16(), parts.headers, body)
+}
+
+#[tokio::test]
+async fn the_console_is_served_at_the_root_with_its_policy_beside_the_api() {
+    let (d, mut client) = start_discovered(
+        &[],
+        |d| {
+            d.install_hello("hello");
+        },
+        &["hello"],
+    )
+    .await;
+
+    // No token is needed for the console's own files: it signs in through the API.
+    let (status, headers, body) = get(&d, "/").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert_eq!(csp, torud::api::console::CONTENT_SECURITY_POLICY);
+    for directive in [
+        "script-src 'self' blob:",
+        "connect-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(directive), "{directive} in {csp}");
+    }
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert!(headers.get("set-cookie").is_none(), "no cookie is set");
+    let html = String::from_utf8(body.to_vec()).unwrap();
+    assert!(html.contains(r#"<script src="console.js""#), "{html}");
+
+    let (status, headers, body) = get(&d, "/console.js").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "text/javascript; charset=utf-8");
+    assert!(body.len() > 10_000, "the bundle, {} bytes", body.len());
+    let (status, _, _) = get(&d, "/favicon.svg").await;
+    assert_eq!(status, 200);
+    // Nothing else is served, whatever the path names.
+    for path in [
+        "/admin.token",
+        "/../data/admin.token",
+        "/toru.v1.PluginService/ListPlugins",
+    ] {
+        let (status, headers, _) = get(&d, path).await;
+        assert_eq!(status, 404, "{path}");
+        assert!(headers.contains_key("content-security-policy"), "{path}");
+    }
+
+    // The API on the same port is unchanged: gRPC-Web, with the token check, and native gRPC.
+    let list = pb::ListPluginsRequest::default();
+    let answer = web_call(&d, LIST, None, &list, usize::MAX).await;
+    assert_eq!(
+        answer.grpc_status().as_deref(),
+        Some("16"),
+        "UNAUTHENTICATED"
+    );
+    let answer = web_call(&d, LIST, Some(&d.token("read")), &list, usize::MAX).await;
+    assert_eq!(answer.grpc_status().as_deref(), Some("0"));
+    let listed = client.list_plugins(list).await.unwrap().into_inner();
+    assert_eq!(listed.plugins[0].id, "hello");
 }

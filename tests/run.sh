@@ -3,8 +3,9 @@
 # check, every Rust test (unit, SDK, integration tests against the real daemon and real
 # plugin processes, toructl, the README's grpcurl and toructl examples), the Python SDK's
 # unit tests, the conformance checker on every example plugin, the Python, TypeScript,
-# web (gRPC-Web) and Go clients' tests against the real daemon, and a smoke run of the
-# benchmark. Installs what it needs, idempotently. CI runs exactly this (.ci/run).
+# web (gRPC-Web) and Go clients' tests against the real daemon, the web console in headless
+# Chromium, and a smoke run of the benchmark. Installs what it needs, idempotently. CI runs
+# exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,11 @@ fi
 if ! command -v prometheus >/dev/null; then
   step "installing prometheus (apt-get)"
   apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus
+fi
+# Debian's Chromium, driven headless by the console's browser tests (no browser is downloaded).
+if ! command -v chromium >/dev/null; then
+  step "installing chromium (apt-get)"
+  apt-get update -qq && apt-get install -y -qq chromium
 fi
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
   step "installing rustfmt and clippy"
@@ -69,7 +75,7 @@ cargo fmt --all -- --check
 step "buf lint proto/"
 (cd proto && "$gobin/buf" lint)
 
-step "generated clients match proto/ (clients/generate.sh --check)"
+step "generated clients match proto/, the console's built files match its sources (clients/generate.sh --check)"
 bash clients/generate.sh --check
 
 step "cargo clippy (warnings are errors)"
@@ -97,6 +103,9 @@ step "TypeScript client tests (tsc, node --test, against the real daemon)"
 
 step "Web (gRPC-Web) client tests (tsc, node --test with Node's fetch, against the real daemon)"
 (cd clients/web && npm test --silent) 2>&1 | tee "$log/web"
+
+step "Web console in headless Chromium (playwright-core on Debian's chromium, against the real daemon)"
+(cd console && npm test) 2>&1 | tee "$log/console"
 
 step "Go client tests (go vet, go test, against the real daemon)"
 (cd clients/go && go vet ./... && go test -count=1 -v ./...) 2>&1 | tee "$log/go"
@@ -127,6 +136,7 @@ step "summary"
        END { printf "python %d %d\n", p, f }' "$log/python"
   awk '/^# pass / { p += $3 } /^# fail / { f += $3 } END { printf "typescript %d %d\n", p, f }' "$log/typescript"
   awk '/^# pass / { p += $3 } /^# fail / { f += $3 } END { printf "web %d %d\n", p, f }' "$log/web"
+  awk '/^# pass / { p += $3 } /^# fail / { f += $3 } END { printf "console %d %d\n", p, f }' "$log/console"
   awk '/^--- PASS/ { p++ } /^--- FAIL/ { f++ } END { printf "go %d %d\n", p, f }' "$log/go"
 } | awk '{ printf "%s tests: %d passed, %d failed\n", $1, $2, $3; p += $2; f += $3 }
          END { printf "total: %d passed, %d failed\n", p, f }'

@@ -35,6 +35,16 @@ export async function keepOpen(
   }
 }
 
+/**
+ * `promise`, marked as handled now: it is awaited only later (after the listing), and a
+ * rejection before then (the stream failing or being cancelled) must not be reported as
+ * unhandled. Awaiting it still throws.
+ */
+function observed<T>(promise: Promise<T>): Promise<T> {
+  promise.catch(() => {});
+  return promise;
+}
+
 /** Every plugin, kept current by `WatchEvents`. */
 export function useLivePlugins(session: Session): { plugins: Plugin[] | null; link: Link; error: string | null } {
   const [plugins, setPlugins] = useState<Map<string, Plugin> | null>(null);
@@ -74,7 +84,7 @@ export function useLivePlugins(session: Session): { plugins: Plugin[] | null; li
         const stream = client.plugins.watchEvents({ afterSeq }, { signal: abort.signal });
         // The stream is asked for first, so nothing that happens while listing is missed.
         const iterator = stream[Symbol.asyncIterator]();
-        const first = iterator.next();
+        const first = observed(iterator.next());
         await listAll();
         setLink({ ok: true });
         for (let next = await first; !next.done; next = await iterator.next()) {
@@ -123,7 +133,7 @@ export function useLivePlugin(
           { signal: abort.signal },
         );
         const iterator = stream[Symbol.asyncIterator]();
-        const first = iterator.next();
+        const first = observed(iterator.next());
         await read();
         setLink({ ok: true });
         for (let next = await first; !next.done; next = await iterator.next()) {

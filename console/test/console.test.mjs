@@ -30,7 +30,7 @@ async function allRunning(page) {
 }
 
 test("sign in, and the table shows every plugin running, live", async (t) => {
-  await scenario(t, browser, daemon, "plugins", async (page, errors) => {
+  await scenario(t, browser, daemon, "plugins", async (page, errors, shot) => {
     await page.goto(daemon.url);
     assert.equal(await page.title(), "Sign in · torud");
     const favicon = await page.locator('link[rel="icon"]').getAttribute("href");
@@ -46,6 +46,7 @@ test("sign in, and the table shows every plugin running, live", async (t) => {
     await page.getByRole("heading", { name: "Plugins" }).waitFor();
     assert.equal(await page.title(), "Plugins · torud");
     await allRunning(page);
+    await shot("plugins");
     assert.equal(await page.locator('[data-testid="role"]').textContent(), "admin");
     // The token is in this tab's session storage only: not in the URL, not in a cookie.
     assert.equal(await page.evaluate(() => sessionStorage.getItem("torud.token")), daemon.token("admin"));
@@ -69,7 +70,7 @@ test("disable and enable a plugin from the table", async (t) => {
 });
 
 test("kill -9 a plugin: the crash, the countdown and the recovery appear without a reload", async (t) => {
-  await scenario(t, browser, daemon, "crash", async (page, errors) => {
+  await scenario(t, browser, daemon, "crash", async (page, errors, shot) => {
     await signIn(page, daemon.url, daemon.token("admin"));
     await allRunning(page);
     const pid = Number(await row(page, "hello").locator('[data-field="pid"]').textContent());
@@ -83,6 +84,7 @@ test("kill -9 a plugin: the crash, the countdown and the recovery appear without
     await page.locator('[data-testid="countdown"]').filter({ hasText: /Next restart in \d+ s/ }).waitFor();
     await page.locator('[data-testid="exit"]').filter({ hasText: "signal 9 (SIGKILL)" }).waitFor();
     await page.locator('[data-testid="events"] li').filter({ hasText: "running → crashed" }).waitFor();
+    await shot("crash");
     await page.locator('[data-testid="state"]', { hasText: "running" }).waitFor({ timeout: 30_000 });
     const after = Number(await page.locator('[data-testid="pid"]').textContent());
     assert.ok(after > 0 && after !== pid, `a new process: ${pid} then ${after}`);
@@ -94,7 +96,7 @@ test("kill -9 a plugin: the crash, the countdown and the recovery appear without
 test("a followed log resumes after a dropped connection with no duplicate and no gap", async (t) => {
   const proxy = await startProxy(daemon.address);
   t.after(() => proxy.stop());
-  await scenario(t, browser, daemon, "log-resume", async (page, errors) => {
+  await scenario(t, browser, daemon, "log-resume", async (page, errors, shot) => {
     await signIn(page, proxy.url, daemon.token("admin"));
     await page.goto(`${proxy.url}#/plugins/chatty`);
     const records = page.locator('[data-testid="log"] [data-seq]');
@@ -107,6 +109,7 @@ test("a followed log resumes after a dropped connection with no duplicate and no
       (n) => document.querySelectorAll('[data-testid="log"] [data-seq]').length >= n,
       before + 100,
     );
+    await shot("log");
     const seqs = (await records.evaluateAll((els) => els.map((e) => e.dataset.seq))).map(BigInt);
     for (let i = 1; i < seqs.length; i++) {
       assert.equal(seqs[i], seqs[i - 1] + 1n, `record ${i}: seq ${seqs[i - 1]} then ${seqs[i]}`);
@@ -116,6 +119,28 @@ test("a followed log resumes after a dropped connection with no duplicate and no
     for (let i = 1; i < numbers.length; i++) {
       assert.equal(numbers[i], numbers[i - 1] + 1, `line ${numbers[i - 1]} then ${numbers[i]}`);
     }
+
+    // Pause holds new records back (and counts them); resume shows them.
+    await page.getByRole("button", { name: "Pause" }).click();
+    const paused = await records.count();
+    await page.getByRole("button", { name: /^Resume \([1-9]\d* new\)$/ }).waitFor();
+    assert.equal(await records.count(), paused, "nothing added while paused");
+    await page.getByRole("button", { name: /^Resume/ }).click();
+    await page.waitForFunction((n) => document.querySelectorAll('[data-testid="log"] [data-seq]').length > n, paused);
+
+    // The text filter is the API's: only matching records come back.
+    await page.getByLabel("Contains").fill("line 1");
+    await page.getByLabel("Contains").press("Enter");
+    await page.waitForFunction(() => {
+      const shown = [...document.querySelectorAll('[data-testid="log"] [data-seq] .m')];
+      return shown.length >= 5 && shown.every((m) => m.textContent.includes("line 1"));
+    });
+    // No chatty line is a warning: with that level, nothing is shown.
+    await page.getByLabel("Contains").fill("");
+    await page.getByLabel("Contains").press("Enter");
+    await page.getByLabel("Level").selectOption({ label: "warn and above" });
+    await page.waitForFunction(() => document.querySelector('[data-testid="log"]').textContent === "No records yet.");
+
     // Cutting the connection makes the browser log the failed requests; nothing else.
     assert.deepEqual(errors().filter((e) => !/net::ERR_|Failed to fetch|network error/i.test(e)), []);
   });
@@ -145,7 +170,7 @@ test("a Toru plugin UI mounts, uses api.fetch and api.kv, cannot reach another o
   const other = http.createServer((_, res) => { hits++; res.end("reached"); });
   await new Promise((resolve) => other.listen(0, "127.0.0.1", resolve));
   t.after(() => other.close());
-  await scenario(t, browser, daemon, "toru-ui", async (page, errors) => {
+  await scenario(t, browser, daemon, "toru-ui", async (page, errors, shot) => {
     await signIn(page, daemon.url, daemon.token("admin"));
     await allRunning(page);
     await row(page, "toru-ui").getByRole("link").click();
@@ -162,6 +187,7 @@ test("a Toru plugin UI mounts, uses api.fetch and api.kv, cannot reach another o
     await page.locator("#save").click();
     await page.locator("#stored", { hasText: "saved by the UI" }).waitFor();
     await page.locator('.toast[data-kind="success"]', { hasText: "note saved" }).waitFor();
+    await shot("toru-ui");
 
     await page.locator("#probe").click();
     await page.locator("#probe-result", { hasText: "blocked" }).waitFor();
@@ -200,9 +226,10 @@ test("on a phone-sized screen the table and a plugin's page fit, and a call can 
     browser,
     daemon,
     "phone",
-    async (page, errors) => {
+    async (page, errors, shot) => {
       await signIn(page, daemon.url, daemon.token("admin"));
       await allRunning(page);
+      await shot("phone");
       const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
       assert.ok(overflow <= 0, `no sideways scrolling (${overflow} px too wide)`);
       await page.goto(`${daemon.url}#/plugins/hello`);

@@ -150,19 +150,21 @@ export async function signIn(page, url, token) {
 
 /**
  * Runs `body` with a fresh page; on failure saves a screenshot under OUTPUT named after the
- * scenario (and the daemon's stderr beside it), then fails. `name` also names the
- * screenshot taken at the end when TORUD_SCREENSHOTS names a directory (the README's).
+ * scenario (and the daemon's stderr beside it), then fails. `body` gets `shot(name)`, which
+ * saves a screenshot of the page as it is into TORUD_SCREENSHOTS when that names a
+ * directory (`docs/screenshots`, for the README) and does nothing otherwise.
  */
 export async function scenario(t, browser, daemon, name, body, options) {
   const { page, context, errors } = await openPage(browser, options);
   fs.mkdirSync(OUTPUT, { recursive: true });
+  const shot = async (file) => {
+    const dir = process.env.TORUD_SCREENSHOTS;
+    if (!dir) return;
+    fs.mkdirSync(dir, { recursive: true });
+    await page.screenshot({ path: path.join(dir, `${file}.png`) });
+  };
   try {
-    await body(page, errors);
-    const shots = process.env.TORUD_SCREENSHOTS;
-    if (shots) {
-      fs.mkdirSync(shots, { recursive: true });
-      await page.screenshot({ path: path.join(shots, `${name}.png`) });
-    }
+    await body(page, errors, shot);
   } catch (e) {
     await page.screenshot({ path: path.join(OUTPUT, `${name}.png`), fullPage: true }).catch(() => {});
     fs.writeFileSync(path.join(OUTPUT, `${name}.daemon.stderr`), daemon.stderr());
