@@ -38,11 +38,15 @@ export function connect(token: string): ToruClient {
 export async function signIn(token: string): Promise<Role> {
   const client = connect(token);
   await client.plugins.listPlugins({ pageSize: 1 });
-  let role: Role = "admin";
+  let role: Role;
   try {
     await client.plugins.disablePlugin({ pluginId: "" });
+    throw new Error("the daemon accepted a disable of the empty plugin id");
   } catch (e) {
-    if (ConnectError.from(e).code === Code.PermissionDenied) role = "read";
+    const code = e instanceof ConnectError ? e.code : null;
+    if (code === Code.PermissionDenied) role = "read";
+    else if (code === Code.InvalidArgument) role = "admin";
+    else throw e;
   }
   sessionStorage.setItem(TOKEN_KEY, token);
   return role;

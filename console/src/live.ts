@@ -1,48 +1,98 @@
 /**
- * Live state from the daemon's streams, no polling: the plugins (listed once, then each
- * refreshed when `WatchEvents` says something happened to it) and a plugin's events. A
- * dropped stream is opened again after the last event seen (`after_seq`), so nothing is
- * missed across the drop, and the list is read again in case.
+ * Live state from the daemon's streams, no polling: the plugins (listed once the event
+ * stream is registered, then each read again when `WatchEvents` says something happened to
+ * it) and a plugin's events. A dropped stream is opened again after the last event seen
+ * (`after_seq`), so nothing is missed across the drop, and the list is read again in case.
  */
 import { useEffect, useRef, useState } from "react";
 import type { Plugin } from "../../clients/web/src/gen/toru/v1/plugin_pb";
 import type { Event } from "../../clients/web/src/gen/toru/v1/event_pb";
 import { EventKind } from "../../clients/web/src/gen/toru/v1/event_pb";
 import type { WatchEventsResponse } from "../../clients/web/src/gen/toru/v1/plugin_service_pb";
+import { Code, ConnectError } from "@connectrpc/connect";
 import { type Session, describe, isCancel } from "./api";
 
 /** Connection state of a live view, shown beside it. */
 export type Link = { ok: true } | { ok: false; error: string; retryAt: number };
 
-/** Runs `open` (one stream) again and again until `signal` aborts, waiting longer after each failure. */
+/**
+ * Runs `open` (one stream) again and again until `signal` aborts, waiting longer after each
+ * failure. Each attempt gets its own signal, aborted when the attempt ends, so a stream an
+ * attempt leaves open (it failed while doing something else) is closed with it.
+ */
 export async function keepOpen(
   signal: AbortSignal,
-  open: () => Promise<void>,
+  open: (attempt: AbortSignal) => Promise<void>,
   onLink: (link: Link) => void,
 ): Promise<void> {
   let delay = 500;
   while (!signal.aborted) {
+    const attempt = new AbortController();
+    const stop = () => attempt.abort();
+    signal.addEventListener("abort", stop);
     try {
-      await open();
-      delay = 500; // an orderly end (the daemon stopping a stream): reopen soon
+      await open(attempt.signal);
+      delay = 500; // an orderly end (the daemon ended the stream): reopen soon
     } catch (e) {
-      if (signal.aborted || isCancel(e)) return;
-      const retryAt = Date.now() + delay;
-      onLink({ ok: false, error: describe(e), retryAt });
+      if (signal.aborted) return;
+      onLink({ ok: false, error: describe(e), retryAt: Date.now() + delay });
+    } finally {
+      attempt.abort();
+      signal.removeEventListener("abort", stop);
     }
-    await new Promise((resolve) => setTimeout(resolve, delay));
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, delay);
+      signal.addEventListener("abort", () => (clearTimeout(timer), resolve()), { once: true });
+    });
     delay = Math.min(delay * 2, 8000);
   }
 }
 
 /**
- * `promise`, marked as handled now: it is awaited only later (after the listing), and a
- * rejection before then (the stream failing or being cancelled) must not be reported as
- * unhandled. Awaiting it still throws.
+ * `promise`, marked as handled now: it is awaited only later, and a rejection before then
+ * (the stream failing or being cancelled) must not be reported as unhandled. Awaiting it
+ * still throws.
  */
 function observed<T>(promise: Promise<T>): Promise<T> {
   promise.catch(() => {});
   return promise;
+}
+
+/**
+ * Starts a server stream and waits until the daemon has sent its response headers (it has
+ * then registered the stream, so nothing that happens from here on is missed) or the
+ * stream failed. `call` starts it, with the header callback to pass in its call options.
+ */
+export async function started<T>(
+  call: (onHeader: () => void) => AsyncIterable<T>,
+): Promise<{ iterator: AsyncIterator<T>; first: Promise<IteratorResult<T>> }> {
+  let answered!: () => void;
+  const headers = new Promise<void>((resolve) => (answered = resolve));
+  const iterator = call(() => answered())[Symbol.asyncIterator]();
+  // The request is sent when the first message is asked for.
+  const first = observed(iterator.next());
+  await Promise.race([headers, first]);
+  return { iterator, first };
+}
+
+/**
+ * `run(key)` at most once at a time per key: calls made while one runs are folded into one
+ * more run after it, so a burst of events costs two reads, not one per event, and the last
+ * read starts after the last event.
+ */
+function coalesced(run: (key: string) => Promise<void>): (key: string) => void {
+  const pending = new Map<string, boolean>(); // key → another run is wanted
+  const go = (key: string) => {
+    pending.set(key, false);
+    run(key).finally(() => {
+      if (pending.get(key)) go(key);
+      else pending.delete(key);
+    });
+  };
+  return (key) => {
+    if (pending.has(key)) pending.set(key, true);
+    else go(key);
+  };
 }
 
 /** Every plugin, kept current by `WatchEvents`. */
@@ -54,45 +104,52 @@ export function useLivePlugins(session: Session): { plugins: Plugin[] | null; li
     const abort = new AbortController();
     const { client } = session;
     let afterSeq: bigint | undefined;
-    const listAll = async () => {
+    const listAll = async (signal: AbortSignal) => {
       const all = new Map<string, Plugin>();
       let pageToken = "";
       do {
-        const page = await client.plugins.listPlugins({ pageSize: 500, pageToken }, { signal: abort.signal });
+        const page = await client.plugins.listPlugins({ pageSize: 500, pageToken }, { signal });
         page.plugins.forEach((p) => all.set(p.id, p));
         pageToken = page.nextPageToken;
       } while (pageToken);
       setPlugins(all);
       setError(null);
     };
-    const refresh = async (id: string) => {
+    const refresh = coalesced(async (id: string) => {
       try {
         const { plugin } = await client.plugins.getPlugin({ pluginId: id }, { signal: abort.signal });
         if (plugin) setPlugins((all) => new Map(all ?? []).set(id, plugin));
-      } catch {
-        // Gone (removed) or unreachable: the list is read again below or on reconnect.
-        setPlugins((all) => {
-          const next = new Map(all ?? []);
-          next.delete(id);
-          return next;
-        });
+      } catch (e) {
+        // Removed: its row goes. Anything else (a dropped connection): the row stays, and
+        // the list is read again when the stream is back.
+        if (ConnectError.from(e).code === Code.NotFound) {
+          setPlugins((all) => {
+            const next = new Map(all ?? []);
+            next.delete(id);
+            return next;
+          });
+        }
       }
-    };
+    });
     keepOpen(
       abort.signal,
-      async () => {
-        const stream = client.plugins.watchEvents({ afterSeq }, { signal: abort.signal });
-        // The stream is asked for first, so nothing that happens while listing is missed.
-        const iterator = stream[Symbol.asyncIterator]();
-        const first = observed(iterator.next());
-        await listAll();
+      async (signal) => {
+        const { iterator, first } = await started((onHeader) =>
+          client.plugins.watchEvents({ afterSeq }, { signal, onHeader }),
+        );
+        await listAll(signal);
         setLink({ ok: true });
         for (let next = await first; !next.done; next = await iterator.next()) {
-          const event = next.value.event;
+          const { event, gap } = next.value;
+          if (gap) {
+            // Events in the gap are not delivered: read everything again.
+            afterSeq = gap.lastSeq;
+            await listAll(signal);
+            continue;
+          }
           if (!event) continue;
           afterSeq = event.seq;
-          if (!event.pluginId) continue;
-          await refresh(event.pluginId);
+          if (event.pluginId) refresh(event.pluginId);
         }
       },
       setLink,
@@ -116,7 +173,7 @@ export function useLivePlugin(
   useEffect(() => {
     const abort = new AbortController();
     const { client } = session;
-    const read = async () => {
+    const read = coalesced(async () => {
       try {
         const { plugin } = await client.plugins.getPlugin({ pluginId: id }, { signal: abort.signal });
         setPlugin(plugin ?? null);
@@ -124,17 +181,14 @@ export function useLivePlugin(
       } catch (e) {
         if (!isCancel(e)) setError(describe(e));
       }
-    };
+    });
     keepOpen(
       abort.signal,
-      async () => {
-        const stream = client.plugins.watchEvents(
-          { afterSeq: seen.current, pluginIds: [id] },
-          { signal: abort.signal },
+      async (signal) => {
+        const { iterator, first } = await started((onHeader) =>
+          client.plugins.watchEvents({ afterSeq: seen.current, pluginIds: [id] }, { signal, onHeader }),
         );
-        const iterator = stream[Symbol.asyncIterator]();
-        const first = observed(iterator.next());
-        await read();
+        read(id);
         setLink({ ok: true });
         for (let next = await first; !next.done; next = await iterator.next()) {
           const { event, gap } = next.value;
@@ -146,7 +200,7 @@ export function useLivePlugin(
           if (!event || event.seq <= seen.current) continue;
           seen.current = event.seq;
           setEvents((all) => [...all.slice(-(MAX_EVENTS - 1)), event]);
-          if (event.kind !== EventKind.PLUGIN_SKIPPED) await read();
+          if (event.kind !== EventKind.PLUGIN_SKIPPED) read(id);
         }
       },
       setLink,

@@ -8,7 +8,7 @@ import { useEffect, useRef, useState } from "react";
 import type { LogGap, LogRecord } from "../../clients/web/src/gen/toru/v1/log_service_pb";
 import { LogLevel, LogStream } from "../../clients/web/src/gen/toru/v1/log_service_pb";
 import type { Session } from "./api";
-import { keepOpen, type Link } from "./live";
+import { keepOpen, type Link, started } from "./live";
 import { LinkState } from "./plugins";
 import { date } from "./ui";
 
@@ -34,15 +34,17 @@ export function LogView({ session, id }: { session: Session; id: string }) {
   const box = useRef<HTMLPreElement>(null);
   const atBottom = useRef(true);
 
-  useEffect(() => {
-    pausedRef.current = paused;
-    if (!paused && heldLines.current.length) {
+  // The ref changes with the click, so no record that arrives after it is shown.
+  const togglePause = () => {
+    pausedRef.current = !paused;
+    setPaused(!paused);
+    if (paused && heldLines.current.length) {
       const flush = heldLines.current;
       heldLines.current = [];
       setHeld(0);
       setLines((all) => [...all, ...flush].slice(-MAX_LINES));
     }
-  }, [paused]);
+  };
 
   useEffect(() => {
     const abort = new AbortController();
@@ -50,9 +52,11 @@ export function LogView({ session, id }: { session: Session; id: string }) {
     let lastSeq = -1n;
     let opened = false;
     setLines([]);
+    heldLines.current = [];
+    setHeld(0);
     const show = (more: Line[]) => {
       if (pausedRef.current) {
-        heldLines.current.push(...more);
+        heldLines.current = [...heldLines.current, ...more].slice(-MAX_LINES);
         setHeld(heldLines.current.length);
       } else {
         setLines((all) => [...all, ...more].slice(-MAX_LINES));
@@ -60,16 +64,20 @@ export function LogView({ session, id }: { session: Session; id: string }) {
     };
     keepOpen(
       abort.signal,
-      async () => {
+      async (signal) => {
         const filter = { pluginIds: [id], minLevel, contains };
         const start = cursor
           ? { case: "afterCursors" as const, value: { cursors: [cursor] } }
           : { case: "tail" as const, value: tail };
-        const stream = session.client.logs.streamLogs({ filter, start, follow }, { signal: abort.signal });
+        const { iterator, first } = await started((onHeader) =>
+          session.client.logs.streamLogs({ filter, start, follow }, { signal, onHeader }),
+        );
+        // The daemon answered: the stream is open again.
         if (opened) show([{ kind: "resumed", at: Date.now() }]);
         opened = true;
         setLink({ ok: true });
-        for await (const msg of stream) {
+        for (let next = await first; !next.done; next = await iterator.next()) {
+          const msg = next.value;
           const more: Line[] = [];
           if (msg.gap) more.push({ kind: "gap", gap: msg.gap });
           for (const record of msg.records) {
@@ -132,7 +140,7 @@ export function LogView({ session, id }: { session: Session; id: string }) {
         <label>
           <input type="checkbox" checked={follow} onChange={(e) => setFollow(e.target.checked)} /> Follow
         </label>
-        <button type="button" aria-pressed={paused} onClick={() => setPaused(!paused)}>
+        <button type="button" aria-pressed={paused} onClick={togglePause}>
           {paused ? `Resume${held ? ` (${held} new)` : ""}` : "Pause"}
         </button>
         {follow && <LinkState link={link} />}

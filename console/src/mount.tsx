@@ -80,7 +80,8 @@ export function pluginApi(session: Session, id: string): PluginApi {
  */
 export function relative(id: string, path: string): string {
   const prefix = `/api/plugins/${id}`;
-  let p = path.startsWith(prefix) ? path.slice(prefix.length) : path;
+  const rest = path.startsWith(prefix) ? path.slice(prefix.length) : null;
+  let p = rest !== null && (rest === "" || "/?#".includes(rest[0])) ? rest : path;
   if (!p.startsWith("/")) p = "/" + p;
   return p;
 }
@@ -111,12 +112,16 @@ export function PluginUiView({ session, id }: { session: Session; id: string }) 
       setPhase({ loading: false, error: message });
     };
     // A bundle that throws while it runs: its error is shown here instead of the
-    // browser's console, and the page stays usable.
+    // browser's console, and the page stays usable. Once the UI is mounted, an error of its
+    // own (in a click handler, say) is shown as a message and the UI stays.
     const onError = (e: ErrorEvent) => {
-      if (url && e.filename === url) {
-        e.preventDefault();
-        fail(`The plugin's bundle.js failed while loading: ${e.message}`);
+      if (!url || e.filename !== url) return;
+      if (mounted) {
+        toast(`${id}'s UI: ${e.message}`, "error");
+        return;
       }
+      e.preventDefault();
+      fail(`The plugin's bundle.js failed while loading: ${e.message}`);
     };
     window.addEventListener("error", onError);
 
@@ -133,7 +138,9 @@ export function PluginUiView({ session, id }: { session: Session; id: string }) 
         return fail(`Could not fetch the plugin's bundle.js: ${describe(e)}`);
       }
       if (cancelled) return;
+      // Only what this bundle registers counts, not a registration left by an earlier one.
       delete window.ToruPlugins?.[id];
+      delete window[`toru_plugin_${id}`];
       url = URL.createObjectURL(new Blob([source as Uint8Array<ArrayBuffer>], { type: "text/javascript" }));
       script = document.createElement("script");
       script.src = url;
