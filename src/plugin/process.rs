@@ -7,8 +7,9 @@
 //! `--metadata` one — is its own process-group leader with `PR_SET_PDEATHSIG = SIGKILL`, so
 //! signalling the group reaches its descendants and the plugin dies with the daemon even
 //! when the daemon is SIGKILLed. The parent-death signal fires when the *thread* that
-//! spawned the child exits, so children are only spawned from async tasks (tokio's worker
-//! threads live as long as the runtime), never from `spawn_blocking` threads.
+//! spawned the child exits, so children are only spawned from async tasks (`spawn.rs`
+//! clones them on its spawner thread, which never exits, or on the task's tokio worker
+//! thread, which lives as long as the runtime), never from `spawn_blocking` threads.
 //! Before exec the child joins its cgroup (while still root), marks every descriptor above
 //! 2 close-on-exec, enters its sandbox, and only then switches user (groups cleared, gid,
 //! uid), sets `no_new_privs`, enters its working directory (as its user, in its view) and
@@ -25,7 +26,7 @@
 
 use std::ffi::{CString, OsString};
 use std::future::Future;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -165,6 +166,9 @@ pub fn plugin_command(
     // The sandbox makes the child dumpable again, a flag of the memory: a child sharing the
     // daemon's would make the daemon dumpable too.
     cmd.copy_memory(sandbox.is_some());
+    if let Some(procs) = cgroup_procs {
+        cmd.cgroup_procs(procs);
+    }
     // SAFETY: the closure runs in the child before exec (see `spawn`: sharing the daemon's
     // memory unless the sandbox asked for a copy) and only calls async-signal-safe functions
     // (write, setrlimit, close_range, fcntl, raw setgroups, setgid and setuid system calls,
@@ -176,12 +180,6 @@ pub fn plugin_command(
     // (A uid change marks the memory not dumpable, which the daemon already is.)
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(procs) = &cgroup_procs {
-                // "0" moves the writing process; must happen while still root.
-                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
             cloexec_from_3();
             for &(resource, value) in &rlimits {
                 let limit = libc::rlimit {

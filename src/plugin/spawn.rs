@@ -17,6 +17,11 @@
 //! memory) is started with its memory copied instead ([`Command::copy_memory`]), as a
 //! fork would. Either way an exec failure reaches the parent through a close-on-exec pipe.
 //!
+//! Such children are cloned by one spawner thread whose descriptor table is its own and
+//! nearly empty (see [`Spawner`]), so that exec does not close the daemon's thousands of
+//! descriptors in each child. The child's first step joins its cgroup
+//! ([`Command::cgroup_procs`]).
+//!
 //! The returned [`Child`] is waited for through a pidfd registered with tokio, so no
 //! `SIGCHLD` handler is involved, and is killed (when asked) and reaped when dropped.
 //! This module knows nothing of plugins: `process.rs` says what runs in the child.
@@ -72,6 +77,7 @@ pub struct Command {
     process_group: bool,
     kill_on_drop: bool,
     copy_memory: bool,
+    cgroup_procs: Option<OwnedFd>,
     pre_exec: Vec<PreExec>,
 }
 
@@ -95,6 +101,7 @@ impl Command {
             process_group: false,
             kill_on_drop: false,
             copy_memory: false,
+            cgroup_procs: None,
             pre_exec: Vec::new(),
         }
     }
@@ -173,6 +180,13 @@ impl Command {
         self
     }
 
+    /// Moves the child into the cgroup whose `cgroup.procs` this is, open for writing, as its
+    /// first step (while it still has the daemon's privileges).
+    pub fn cgroup_procs(&mut self, procs: OwnedFd) -> &mut Self {
+        self.cgroup_procs = Some(procs);
+        self
+    }
+
     /// Runs `f` in the child before exec, after its streams and process group are set.
     ///
     /// # Safety
@@ -236,34 +250,19 @@ impl Command {
             argv: argv_ptrs.as_ptr(),
             envp: envp_ptrs.as_ptr(),
             stdio: [0, 1, 2].map(|i| child_ends[i].as_ref().map_or(-1, |fd| fd.as_raw_fd())),
+            cgroup_procs: self.cgroup_procs.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
             process_group: self.process_group,
             dir: dir.as_ref().map_or(std::ptr::null(), |d| d.as_ptr()),
             pre_exec: &mut pre_exec,
             error: error_write.as_raw_fd(),
+            stack: stack.top(),
+            copy_memory: self.copy_memory,
         };
-        let flags = if self.copy_memory {
-            0
-        } else {
-            libc::CLONE_VM | libc::CLONE_VFORK
+        let spawner = (!self.copy_memory).then(Spawner::get).flatten();
+        let pid = match spawner {
+            Some(spawner) => spawner.clone_child(&mut args)?,
+            None => clone_child(&mut args)?,
         };
-        let pid = {
-            let _blocked = BlockSignals::all()?;
-            // SAFETY: the child runs `child_main` on its own stack with `args`, which live
-            // until clone returns (with CLONE_VFORK, after the child's exec or exit; without
-            // it, the child has its own copy). Signals are blocked so no handler of the
-            // daemon runs in the child before it resets them.
-            unsafe {
-                libc::clone(
-                    child_main,
-                    stack.top(),
-                    flags | libc::SIGCHLD,
-                    (&mut args as *mut ChildArgs<'_, '_>).cast(),
-                )
-            }
-        };
-        if pid < 0 {
-            return Err(io::Error::last_os_error());
-        }
         drop(error_write);
         drop(child_ends);
         if let Some(errno) = read_child_error(&error_read) {
@@ -426,12 +425,190 @@ struct ChildArgs<'a, 'f> {
     envp: *const *const libc::c_char,
     /// The descriptor to put at 0, 1, 2, or -1 to keep the daemon's.
     stdio: [RawFd; 3],
+    /// The `cgroup.procs` to join, or -1.
+    cgroup_procs: RawFd,
     process_group: bool,
     /// The directory to enter, or null.
     dir: *const libc::c_char,
     pre_exec: &'a mut Vec<&'f mut (dyn FnMut() -> io::Result<()> + Send + Sync)>,
     /// Where the child writes its errno when it cannot exec (close-on-exec).
     error: RawFd,
+    /// The top of the child's stack.
+    stack: *mut libc::c_void,
+    /// Whether the child gets a copy of the memory rather than sharing it.
+    copy_memory: bool,
+}
+
+/// Starts the child described by `args` from the calling thread; returns its pid.
+fn clone_child(args: &mut ChildArgs<'_, '_>) -> io::Result<libc::pid_t> {
+    let flags = if args.copy_memory {
+        0
+    } else {
+        libc::CLONE_VM | libc::CLONE_VFORK
+    };
+    let _blocked = BlockSignals::all()?;
+    // SAFETY: the child runs `child_main` on its own stack with `args`, which live until
+    // clone returns (with CLONE_VFORK, after the child's exec or exit; without it, the child
+    // has its own copy). Signals are blocked so no handler of the daemon runs in the child
+    // before it resets them.
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            args.stack,
+            flags | libc::SIGCHLD,
+            (args as *mut ChildArgs<'_, '_>).cast(),
+        )
+    };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pid)
+}
+
+/// The thread that starts children sharing the daemon's memory, from a descriptor table of
+/// its own holding almost nothing.
+///
+/// A child gets a copy of its parent's descriptor table, and exec closes every descriptor
+/// in it one by one (each close flushes the file and drops its locks). The daemon holds
+/// five or six descriptors per plugin, so at 1000 plugins each exec closed ~5000 of them:
+/// `do_close_on_exec` was 16% of the CPU the daemon and its children spent starting
+/// (`perf`, `torud-bench scale`). This thread unshares its table at its start and closes
+/// what it inherited; a spawn sends it the child's description, it takes the few
+/// descriptors the child needs from the daemon's table (`pidfd_getfd`) and clones.
+///
+/// It never exits: the parent-death signal of a plugin fires when the thread that started
+/// it ends, so this thread lives as long as the daemon. Its signals stay blocked.
+struct Spawner {
+    requests: std::sync::Mutex<std::sync::mpsc::Sender<Request>>,
+}
+
+/// A child to start: its description, valid until the reply is sent (the asking thread
+/// waits for it).
+struct Request {
+    args: *mut ChildArgs<'static, 'static>,
+    reply: std::sync::mpsc::SyncSender<io::Result<libc::pid_t>>,
+}
+
+// SAFETY: the pointer is used only while the sender waits for the reply, so the data it
+// points to (plain descriptors, C strings and closures that are Send + Sync) stays alive
+// and untouched by the sender.
+unsafe impl Send for Request {}
+
+impl Spawner {
+    /// The spawner thread, started at the first call; `None` when this kernel (or a
+    /// seccomp policy) refuses what it needs: then children start from the calling thread.
+    fn get() -> Option<&'static Spawner> {
+        static SPAWNER: std::sync::OnceLock<Option<Spawner>> = std::sync::OnceLock::new();
+        SPAWNER.get_or_init(Spawner::start).as_ref()
+    }
+
+    fn start() -> Option<Spawner> {
+        let (requests, incoming) = std::sync::mpsc::channel::<Request>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<bool>(1);
+        let started = std::thread::Builder::new()
+            .name("torud-spawner".into())
+            .spawn(move || {
+                let own = match own_table() {
+                    Ok(own) => own,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no spawner thread: plugins start from the async workers");
+                        let _ = ready_tx.send(false);
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(true);
+                for request in incoming {
+                    // SAFETY: see `Request`.
+                    let args = unsafe { &mut *request.args };
+                    let _ = request.reply.send(own.clone_child(args));
+                }
+            });
+        match started {
+            Ok(_) if ready_rx.recv() == Ok(true) => Some(Spawner {
+                requests: std::sync::Mutex::new(requests),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Starts the child on the spawner thread and waits for its pid.
+    fn clone_child(&self, args: &mut ChildArgs<'_, '_>) -> io::Result<libc::pid_t> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let request = Request {
+            args: (args as *mut ChildArgs<'_, '_>).cast(),
+            reply,
+        };
+        let sent = self
+            .requests
+            .lock()
+            .expect("spawner queue poisoned")
+            .send(request);
+        if sent.is_err() {
+            return clone_child(args);
+        }
+        answer
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the spawner thread is gone")))
+    }
+}
+
+/// The spawner thread's own descriptor table: unshared from the daemon's, emptied but for
+/// the standard streams, and a pidfd of the daemon to take descriptors from its table.
+struct OwnTable {
+    daemon: OwnedFd,
+}
+
+fn own_table() -> io::Result<OwnTable> {
+    // SAFETY: plain system calls affecting only this thread's table and signal mask.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        if libc::unshare(libc::CLONE_FILES) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let daemon = pidfd_open(std::process::id() as libc::pid_t)?;
+    // Check that descriptors can be taken before relying on it.
+    drop(take_fd(&daemon, 0)?);
+    Ok(OwnTable { daemon })
+}
+
+/// A copy, in this thread's table, of the daemon's descriptor `fd` (close-on-exec).
+fn take_fd(daemon: &OwnedFd, fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_getfd returns a new descriptor we then own.
+    unsafe {
+        let got = libc::syscall(libc::SYS_pidfd_getfd, daemon.as_raw_fd(), fd, 0u32);
+        if got < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(got as RawFd))
+    }
+}
+
+impl OwnTable {
+    /// Takes the child's descriptors into this table, renumbers `args` to them, clones, and
+    /// closes them again.
+    fn clone_child(&self, args: &mut ChildArgs<'_, '_>) -> io::Result<libc::pid_t> {
+        let mut taken = Vec::with_capacity(5);
+        let mut take = |fd: &mut RawFd| -> io::Result<()> {
+            if *fd >= 0 {
+                let copy = take_fd(&self.daemon, *fd)?;
+                *fd = copy.as_raw_fd();
+                taken.push(copy);
+            }
+            Ok(())
+        };
+        for fd in args.stdio.iter_mut() {
+            take(fd)?;
+        }
+        take(&mut args.cgroup_procs)?;
+        take(&mut args.error)?;
+        clone_child(args)
+    }
 }
 
 /// The child: streams, process group, signals back to their defaults, the caller's steps,
@@ -455,6 +632,10 @@ unsafe fn child_steps(args: &mut ChildArgs<'_, '_>) -> i32 {
             .raw_os_error()
             .unwrap_or(libc::EINVAL)
     };
+    // "0" moves the writing process; first, while it still has the daemon's privileges.
+    if args.cgroup_procs >= 0 && libc::write(args.cgroup_procs, b"0".as_ptr().cast(), 1) != 1 {
+        return errno();
+    }
     reset_signal_handlers();
     for (target, &fd) in args.stdio.iter().enumerate() {
         if fd >= 0 && libc::dup2(fd, target as RawFd) < 0 {
@@ -740,6 +921,28 @@ mod tests {
         let err = read_all(child.stderr.as_mut().expect("piped")).await;
         child.wait().await.expect("wait");
         assert_eq!(err, "", "SIGPIPE was inherited ignored");
+    }
+
+    #[tokio::test]
+    async fn the_child_starts_from_a_table_of_its_own_not_the_daemons() {
+        // A descriptor the daemon holds without close-on-exec: a child with a copy of the
+        // daemon's table would inherit it (and exec would have had to close all the rest).
+        // SAFETY: open returns a descriptor we then own.
+        let held = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) };
+        assert!(held >= 0);
+        // SAFETY: we own it.
+        let held = unsafe { OwnedFd::from_raw_fd(held) };
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "ls /proc/self/fd"]).stdout(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn");
+        let out = read_all(child.stdout.as_mut().expect("piped")).await;
+        child.wait().await.expect("wait");
+        let fds: Vec<&str> = out.split_whitespace().collect();
+        assert!(
+            !fds.contains(&held.as_raw_fd().to_string().as_str()),
+            "the child inherited descriptor {} of the daemon: {fds:?}",
+            held.as_raw_fd()
+        );
     }
 
     #[tokio::test]
