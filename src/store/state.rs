@@ -125,6 +125,10 @@ impl EnabledStore {
             return Ok(());
         };
         let writing = self.inner.write.clone().lock_owned().await;
+        if self.inner.saved(generation) {
+            // A write made while this caller waited saved its decision: no thread needed.
+            return Ok(());
+        }
         let inner = self.inner.clone();
         let id = id.to_owned();
         tokio::task::spawn_blocking(move || {
@@ -147,6 +151,11 @@ impl Inner {
         state.generation += 1;
         let previous = state.plugins.insert(id.to_owned(), enabled);
         Some((previous, state.generation))
+    }
+
+    /// Whether every decision up to `generation` is on disk.
+    fn saved(&self, generation: u64) -> bool {
+        self.state.lock().expect("state lock poisoned").saved >= generation
     }
 
     /// Saves decision `generation` (alone or with others made meanwhile), or takes it back
