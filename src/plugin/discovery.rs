@@ -13,7 +13,6 @@
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -25,6 +24,7 @@ use crate::model::PluginSpec;
 use crate::plugin::process::Launch;
 use crate::plugin::process::PluginLimits;
 use crate::plugin::process::{plugin_command, signal_group, Confinement, Credentials};
+use crate::plugin::spawn::Stdio;
 
 /// Stderr kept from a failed `--metadata` run, for the reason.
 const MAX_METADATA_STDERR: usize = 2048;

@@ -7,12 +7,15 @@
 //! `--metadata` one — is its own process-group leader with `PR_SET_PDEATHSIG = SIGKILL`, so
 //! signalling the group reaches its descendants and the plugin dies with the daemon even
 //! when the daemon is SIGKILLed. The parent-death signal fires when the *thread* that
-//! spawned the child exits, so children are only spawned from async tasks (tokio's worker
-//! threads live as long as the runtime), never from `spawn_blocking` threads.
+//! spawned the child exits, so children are only spawned from async tasks (`spawn.rs`
+//! clones them on its spawner thread, which never exits, or on the task's tokio worker
+//! thread, which lives as long as the runtime), never from `spawn_blocking` threads.
 //! Before exec the child joins its cgroup (while still root), marks every descriptor above
 //! 2 close-on-exec, enters its sandbox, and only then switches user (groups cleared, gid,
 //! uid), sets `no_new_privs`, enters its working directory (as its user, in its view) and
 //! sets the parent-death signal (which a uid change would clear).
+//! The child is started by `spawn.rs` sharing the daemon's memory until exec (no copy of a
+//! daemon holding a thousand plugins), so what it runs before exec allocates nothing.
 //! This module knows nothing of sockets, states or events; who a plugin runs as is decided
 //! by `isolation`.
 //!
@@ -23,17 +26,16 @@
 
 use std::ffi::{CString, OsString};
 use std::future::Future;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
 use crate::logs::capture::{drain_lines, PluginLog, StderrTail};
 use crate::plugin::isolation::cgroup::PluginCgroup;
+use crate::plugin::spawn::{Child, Command, Stdio};
 use crate::secret::Secret;
 
 #[cfg(target_env = "gnu")]
@@ -161,19 +163,23 @@ pub fn plugin_command(
         cgroup_procs,
         sandbox,
     } = confinement;
-    // SAFETY: the closure runs in the forked child before exec and only calls
-    // async-signal-safe functions (write, setrlimit, close_range, fcntl, setgroups, setgid,
-    // setuid, chdir, prctl, getppid, _exit, and in `Sandbox::enter` unshare, open, dup3, mount,
-    // mkdir and the Landlock calls); `rlimits`, the descriptor and the sandbox's paths were
-    // made before the fork (the working directory's too), so nothing allocates.
+    // The sandbox makes the child dumpable again, a flag of the memory: a child sharing the
+    // daemon's would make the daemon dumpable too.
+    cmd.copy_memory(sandbox.is_some());
+    if let Some(procs) = cgroup_procs {
+        cmd.cgroup_procs(procs);
+    }
+    // SAFETY: the closure runs in the child before exec (see `spawn`: sharing the daemon's
+    // memory unless the sandbox asked for a copy) and only calls async-signal-safe functions
+    // (write, setrlimit, close_range, fcntl, raw setgroups, setgid and setuid system calls,
+    // chdir, prctl, getppid, _exit, and in `Sandbox::enter` unshare, open, dup3, mount, mkdir
+    // and the Landlock calls); `rlimits`, the descriptor and the sandbox's paths were made
+    // before the spawn (the working directory's too), so nothing allocates. The user switch
+    // is raw system calls: glibc's wrappers would switch every thread of a process they
+    // believe they are in, and a child sharing memory would look like the daemon to them.
+    // (A uid change marks the memory not dumpable, which the daemon already is.)
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(procs) = &cgroup_procs {
-                // "0" moves the writing process; must happen while still root.
-                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
             cloexec_from_3();
             for &(resource, value) in &rlimits {
                 let limit = libc::rlimit {
@@ -188,9 +194,10 @@ pub fn plugin_command(
                 sandbox.enter()?;
             }
             if let Some(who) = credentials {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(who.gid) != 0
-                    || libc::setuid(who.uid) != 0
+                let no_groups: *const libc::gid_t = std::ptr::null();
+                if libc::syscall(libc::SYS_setgroups, 0, no_groups) != 0
+                    || libc::syscall(libc::SYS_setgid, who.gid) != 0
+                    || libc::syscall(libc::SYS_setuid, who.uid) != 0
                     || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
                 {
                     return Err(std::io::Error::last_os_error());
@@ -213,7 +220,7 @@ pub fn plugin_command(
             {
                 return Err(std::io::Error::last_os_error());
             }
-            // The daemon may have died between fork and prctl: then nobody would kill us.
+            // The daemon may have died between clone and prctl: then nobody would kill us.
             if libc::getppid() != daemon_pid {
                 libc::_exit(1);
             }
@@ -223,9 +230,9 @@ pub fn plugin_command(
     cmd
 }
 
-/// The working directory as the child's `chdir` takes it, made before the fork. Only a path
-/// holding a NUL byte cannot be made so: it is then given to the standard library, whose
-/// spawn refuses it.
+/// The working directory as the child's `chdir` takes it, made before the spawn. Only a path
+/// holding a NUL byte cannot be made so: it is then given to the command, whose spawn
+/// refuses it.
 fn working_dir_in_child(cmd: &mut Command, dir: Option<&Path>) -> Option<CString> {
     let dir = dir?;
     match CString::new(dir.as_os_str().as_bytes()) {

@@ -50,9 +50,11 @@ struct Inner {
     path: PathBuf,
     /// The current state. Held only to read or update it, never across I/O.
     state: Mutex<Decisions>,
-    /// Serialises file writes so that the last write carries the newest state. Held across
-    /// blocking file I/O on a blocking thread, never across `.await`.
-    write: Mutex<()>,
+    /// Serialises file writes so that the last write carries the newest state. Waited for
+    /// asynchronously, so callers queued behind a write hold no thread; the guard then moves
+    /// into the blocking write and is released when the write ends, even if its caller
+    /// went away meanwhile. Held across no `.await` but that wait.
+    write: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The decisions in memory, with the generations that tell which are on disk. Saves are
@@ -95,7 +97,7 @@ impl EnabledStore {
                     plugins,
                     ..Decisions::default()
                 }),
-                write: Mutex::new(()),
+                write: Arc::new(tokio::sync::Mutex::new(())),
             }),
         })
     }
@@ -113,30 +115,59 @@ impl EnabledStore {
 
     /// Records a decision and writes the file durably before returning. When the write
     /// fails, the decision is taken back, so the map never claims what the disk lacks.
+    ///
+    /// Callers waiting for a write under way wait on the runtime, not on a blocking thread
+    /// each: a thousand new plugins enabled together held a thread apiece (~180 threads at
+    /// start-up, `torud-bench scale`), and their memory stayed with the daemon. One write
+    /// at a time runs on a blocking thread and saves every decision made before it.
     pub async fn set(&self, id: &str, enabled: bool) -> Result<(), StateError> {
+        let Some((previous, generation)) = self.inner.decide(id, enabled) else {
+            return Ok(());
+        };
+        let writing = self.inner.write.clone().lock_owned().await;
+        if self.inner.saved(generation) {
+            // A write made while this caller waited saved its decision: no thread needed.
+            return Ok(());
+        }
         let inner = self.inner.clone();
         let id = id.to_owned();
-        tokio::task::spawn_blocking(move || inner.set_and_write(&id, enabled))
-            .await
-            .expect("state writer panicked")
+        tokio::task::spawn_blocking(move || {
+            let _writing = writing;
+            inner.write_decision(&id, previous, generation)
+        })
+        .await
+        .expect("state writer panicked")
     }
 }
 
 impl Inner {
-    /// One decision, written (alone or with others made meanwhile), or taken back when the
-    /// write fails. The taking back happens under the write lock, so another plugin's write
-    /// can never put a decision on disk whose own write failed (and was taken back).
-    fn set_and_write(&self, id: &str, enabled: bool) -> Result<(), StateError> {
-        let (previous, generation) = {
-            let mut state = self.state.lock().expect("state lock poisoned");
-            if state.plugins.get(id) == Some(&enabled) && state.saved == state.generation {
-                return Ok(());
-            }
-            state.generation += 1;
-            let previous = state.plugins.insert(id.to_owned(), enabled);
-            (previous, state.generation)
-        };
-        let _guard = self.write.lock().expect("state write lock poisoned");
+    /// Records a decision in memory; returns the previous one and the generation that must
+    /// be saved, or `None` when it is already the saved decision.
+    fn decide(&self, id: &str, enabled: bool) -> Option<(Option<bool>, u64)> {
+        let mut state = self.state.lock().expect("state lock poisoned");
+        if state.plugins.get(id) == Some(&enabled) && state.saved == state.generation {
+            return None;
+        }
+        state.generation += 1;
+        let previous = state.plugins.insert(id.to_owned(), enabled);
+        Some((previous, state.generation))
+    }
+
+    /// Whether every decision up to `generation` is on disk.
+    fn saved(&self, generation: u64) -> bool {
+        self.state.lock().expect("state lock poisoned").saved >= generation
+    }
+
+    /// Saves decision `generation` (alone or with others made meanwhile), or takes it back
+    /// (to `previous`) when the write fails. The caller holds the write lock, so the taking
+    /// back happens under it: another plugin's write can never put a decision on disk whose
+    /// own write failed (and was taken back). Blocking.
+    fn write_decision(
+        &self,
+        id: &str,
+        previous: Option<bool>,
+        generation: u64,
+    ) -> Result<(), StateError> {
         let (plugins, upto) = {
             let state = self.state.lock().expect("state lock poisoned");
             if state.saved >= generation {
@@ -256,6 +287,40 @@ mod tests {
         }
         let saved = EnabledStore::load(&path).unwrap();
         assert!((0..64).all(|i| saved.get(&format!("p{i}")) == Some(i % 2 == 0)));
+    }
+
+    #[test]
+    fn decisions_waiting_for_a_write_hold_no_thread() {
+        // Blocking threads are kept a minute after their work, so the runtime's threads at
+        // the end count every one it ever needed.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("state-test-rt")
+            .thread_keep_alive(std::time::Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = EnabledStore::load(&dir.path().join("state.json")).unwrap();
+        runtime.block_on(async {
+            let sets: Vec<_> = (0..200)
+                .map(|i| {
+                    let store = store.clone();
+                    tokio::spawn(async move { store.set(&format!("p{i}"), true).await })
+                })
+                .collect();
+            for set in sets {
+                set.await.unwrap().unwrap();
+            }
+        });
+        let threads = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+            .filter(|comm| comm.trim() == "state-test-rt")
+            .count();
+        assert!(
+            threads <= 2 + 3,
+            "{threads} threads for 200 decisions: waiting callers hold threads"
+        );
     }
 
     #[test]

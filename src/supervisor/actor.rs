@@ -765,14 +765,24 @@ impl<S: Spawner> Actor<S> {
     }
 
     /// Who the plugin runs as, with its directories made and its executable checked to be
-    /// within that user's reach. On a blocking thread: a new plugin's uid is saved (synced)
-    /// to `users.json` first, and the directories are made on disk.
+    /// within that user's reach. A new plugin's uid is saved (synced) to `users.json` first
+    /// (a group commit, waited for on the runtime); then, on a blocking thread, the
+    /// directories are made on disk.
     async fn identity(
         &self,
         spec: &PluginSpec,
     ) -> Result<crate::plugin::isolation::Identity, Refusal> {
-        // A few at a time: a thousand starts would otherwise hold a thousand blocking
-        // threads (and their memory) waiting for the same users.json write.
+        // Its uid saved first, waiting on the runtime: new plugins starting together share
+        // the users.json writes.
+        match self.ctx.isolation.save_uid(&self.id).await {
+            Ok(()) => {}
+            Err(e @ crate::plugin::isolation::IsolationError::UsersFile { .. }) => {
+                return Err(Refusal::Retry(e.to_string()))
+            }
+            Err(e) => return Err(Refusal::Disable(e.to_string())),
+        }
+        // A few at a time: the directories are made on blocking threads, and a thousand
+        // starts would otherwise hold a thousand of them.
         static IDENTITIES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
         let _permit = IDENTITIES.acquire().await.expect("never closed");
         let (ctx, id, binary) = (self.ctx.clone(), self.id.clone(), spec.binary_path.clone());

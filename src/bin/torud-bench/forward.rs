@@ -583,8 +583,8 @@ pub(crate) async fn baseline_server(plugin: PathBuf) -> BenchResult<()> {
         torud::plugin::process::Confinement::default(),
     )
     .env(toru_plugin_sdk::ENV_PLUGIN_SOCKET, &socket)
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
+    .stdout(torud::plugin::spawn::Stdio::null())
+    .stderr(torud::plugin::spawn::Stdio::null())
     .kill_on_drop(true)
     .spawn()?;
     let stream = connect_with_retry(&socket, Duration::from_secs(10)).await?;

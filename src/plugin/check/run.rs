@@ -4,13 +4,11 @@
 //! It knows nothing of the requests a ready plugin is sent (`round_trips`).
 
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::UnixStream;
-use tokio::process::Child;
 
 use super::{ms, Outcome, Plugin, Report, Scratch};
 use crate::plugin::connection::connect_with_retry;
@@ -18,6 +16,7 @@ use crate::plugin::handshake::{send_shutdown, Budget, Handshake, ReadyError};
 use crate::plugin::link::{Link, LinkLimits};
 use crate::plugin::process::Launch;
 use crate::plugin::process::{plugin_command, signal_group, Confinement};
+use crate::plugin::spawn::{Child, Stdio};
 
 /// Everything the plugin writes to stdout and stderr, line by line. The mutex guards the
 /// list only to push a line or copy it, never across `.await`.

@@ -116,7 +116,7 @@ impl Identity {
 /// The isolation in force for this daemon.
 pub struct Isolation {
     /// Dynamic uids (root only).
-    users: Option<UserTable>,
+    users: Option<std::sync::Arc<UserTable>>,
     /// `--plugin-user` choices, resolved at start-up.
     chosen: BTreeMap<String, users::ResolvedUser>,
     /// Where plugins' cgroups go, or why there are none.
@@ -136,6 +136,7 @@ impl Isolation {
                     &config.data_dir.join(users::USERS_FILE),
                     config.plugin_uid_range,
                 )
+                .map(std::sync::Arc::new)
             })
             .transpose()?;
         let mut chosen = BTreeMap::new();
@@ -197,6 +198,15 @@ impl Isolation {
             home: Some(config.plugin_data_dir(id)),
             switch: true,
         })
+    }
+
+    /// Allocates plugin `id`'s dynamic uid, if it gets one, and waits (on the runtime) until
+    /// it is saved, so that [`Self::identity`] then finds it saved and does not write.
+    pub async fn save_uid(&self, id: &str) -> Result<(), IsolationError> {
+        match &self.users {
+            Some(users) if !self.chosen.contains_key(id) => users.save_uid(id).await.map(|_| ()),
+            _ => Ok(()),
+        }
     }
 
     /// Who `--metadata` probes and `torud plugin check` run as: the range's first uid when

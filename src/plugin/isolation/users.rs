@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::IsolationError;
 use crate::store::state::write_atomically;
@@ -182,8 +182,10 @@ pub struct UserTable {
     /// The uids, and which are not yet on disk. Locked to look up or allocate, never across
     /// the write.
     uids: Mutex<Uids>,
-    /// Held across a write of the file, so writes happen one at a time.
-    writer: Mutex<()>,
+    /// Held across a write of the file, so writes happen one at a time. Waited for on the
+    /// runtime by [`UserTable::save_uid`] (callers queued behind a write hold no thread) and
+    /// on the calling thread by [`UserTable::uid_of`].
+    writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The table in memory, with the generations that tell what is saved.
@@ -196,6 +198,8 @@ struct Uids {
     generation: u64,
     /// Every allocation up to this generation is on disk.
     saved: u64,
+    /// Writes of the file made so far (for tests).
+    writes: u64,
 }
 
 impl UserTable {
@@ -224,7 +228,7 @@ impl UserTable {
                 by_id: uids,
                 ..Uids::default()
             }),
-            writer: Mutex::new(()),
+            writer: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -237,7 +241,44 @@ impl UserTable {
     /// before it is returned, together with any others allocated meanwhile).
     pub fn uid_of(&self, id: &str) -> Result<u32, IsolationError> {
         let (uid, generation) = self.allocate(id)?;
-        let _writing = self.writer.lock().expect("user table writer poisoned");
+        if self.saved(generation) {
+            return Ok(uid);
+        }
+        let _writing = self.writer.blocking_lock();
+        self.save(id, uid, generation)
+    }
+
+    /// [`Self::uid_of`] for async callers: waits for a write under way on the runtime, not on
+    /// a blocking thread, and only the write itself runs on one. A thousand new plugins
+    /// starting together thus share a few writes (each saves every uid allocated before
+    /// it), where callers waiting on threads (a few at a time, to bound the threads) made
+    /// hundreds of them.
+    pub async fn save_uid(self: &Arc<Self>, id: &str) -> Result<u32, IsolationError> {
+        let (uid, generation) = self.allocate(id)?;
+        if self.saved(generation) {
+            return Ok(uid);
+        }
+        let writing = self.writer.clone().lock_owned().await;
+        if self.saved(generation) {
+            return Ok(uid);
+        }
+        let (table, id) = (self.clone(), id.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let _writing = writing;
+            table.save(&id, uid, generation)
+        })
+        .await
+        .expect("users.json writer panicked")
+    }
+
+    /// Whether every allocation up to `generation` is on disk.
+    fn saved(&self, generation: u64) -> bool {
+        self.uids.lock().expect("user table poisoned").saved >= generation
+    }
+
+    /// Writes the table unless a write made meanwhile saved `generation`; on failure gives
+    /// `id`'s new uid back. The caller holds the writer lock. Blocking.
+    fn save(&self, id: &str, uid: u32, generation: u64) -> Result<u32, IsolationError> {
         let (bytes, upto) = {
             let uids = self.uids.lock().expect("user table poisoned");
             if uids.saved >= generation {
@@ -249,6 +290,7 @@ impl UserTable {
         };
         let written = write_atomically(&self.path, &bytes, 0o600);
         let mut uids = self.uids.lock().expect("user table poisoned");
+        uids.writes += 1;
         match written {
             Ok(()) => {
                 uids.saved = upto;
@@ -347,6 +389,49 @@ mod tests {
         uids.sort();
         uids.dedup();
         assert_eq!(uids.len(), 32, "every plugin its own uid");
+    }
+
+    #[test]
+    fn new_plugins_starting_together_share_a_few_writes() {
+        // Each write is a new temporary file, an fsync and a rename: a few for 500 plugins,
+        // not one per handful of them.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(USERS_FILE);
+        let range: UidRange = "1000-5000".parse().unwrap();
+        let table = Arc::new(UserTable::open(&path, range).unwrap());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let uids = runtime.block_on(async {
+            let saves: Vec<_> = (0..500)
+                .map(|i| {
+                    let (table, path) = (table.clone(), path.clone());
+                    tokio::spawn(async move {
+                        let id = format!("p{i}");
+                        let uid = table.save_uid(&id).await.unwrap();
+                        let saved: BTreeMap<String, u32> =
+                            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+                        assert_eq!(saved.get(&id), Some(&uid), "returned before it was saved");
+                        uid
+                    })
+                })
+                .collect();
+            let mut uids = Vec::new();
+            for save in saves {
+                uids.push(save.await.unwrap());
+            }
+            uids
+        });
+        let mut distinct = uids.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 500, "every plugin its own uid");
+        let writes = table.uids.lock().unwrap().writes;
+        assert!(
+            writes <= 20,
+            "{writes} writes of users.json for 500 new plugins"
+        );
     }
 
     #[test]
