@@ -18,7 +18,7 @@
 //! fork would. Either way an exec failure reaches the parent through a close-on-exec pipe.
 //!
 //! Such children are cloned by one spawner thread whose descriptor table is its own and
-//! nearly empty (see [`Spawner`]), so that exec does not close the daemon's thousands of
+//! nearly empty (the private `Spawner`), so that exec does not close the daemon's thousands of
 //! descriptors in each child. The child's first step joins its cgroup
 //! ([`Command::cgroup_procs`]).
 //!
