@@ -53,10 +53,30 @@ pub(crate) enum PluginKind {
     Memory,
 }
 
+/// How the bench's client reaches the daemon and the baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Via {
+    /// The TCP listener on loopback, with the admin token.
+    Tcp,
+    /// The daemon's Unix control socket (and a Unix socket for the baseline).
+    ControlSocket,
+}
+
+impl Via {
+    fn describe(self) -> &'static str {
+        match self {
+            Via::Tcp => "TCP loopback",
+            Via::ControlSocket => "the Unix control socket",
+        }
+    }
+}
+
 /// What `torud-bench forward` runs.
 pub(crate) struct Options {
     /// The plugin behind `hello`.
     pub(crate) plugin: PluginKind,
+    /// How the client reaches the daemon and the baseline.
+    pub(crate) via: Via,
     /// Sequential calls timed per side (spread over the rounds).
     pub(crate) calls: usize,
     /// Seconds of each throughput run.
@@ -118,9 +138,16 @@ pub(crate) async fn run(options: Options) -> BenchResult<()> {
     let mut plugins = PluginServiceClient::new(authed(channel));
     let running = |e: &pb::Event| e.to_state == pb::PluginState::Running as i32;
     wait_for_hello(&mut plugins, "running", running).await?;
-    let baseline = BaselineProcess::start(&plugin).await?;
+    let baseline = BaselineProcess::start(&plugin, options.via, scripts.path()).await?;
+    let daemon_at = match options.via {
+        Via::Tcp => daemon.addr.clone(),
+        Via::ControlSocket => format!(
+            "unix:{}",
+            daemon.dir().join(torud::config::CONTROL_SOCKET).display()
+        ),
+    };
     let sides = [
-        kv_client(&daemon.addr).await?,
+        kv_client(&daemon_at).await?,
         kv_client(&baseline.addr).await?,
     ];
     for client in &sides {
@@ -300,8 +327,9 @@ fn report(options: &Options, samples: Samples) -> BenchResult<()> {
         PluginKind::Memory => "kv-plugin, values in its memory",
     };
     println!(
-        "torud-bench forward: {calls} sequential GetValue per side, then {rounds} × {seconds} s with {in_flight} in flight (median), {} cores; plugin: {plugin}",
-        num_cpus()
+        "torud-bench forward: {calls} sequential GetValue per side, then {rounds} × {seconds} s with {in_flight} in flight (median), {} cores; plugin: {plugin}; client over {}",
+        num_cpus(),
+        options.via.describe()
     );
     println!(
         "{:<22} {:>10} {:>10} {:>12}",
@@ -341,6 +369,7 @@ fn report(options: &Options, samples: Samples) -> BenchResult<()> {
             "in_flight": in_flight,
             "cores": num_cpus(),
             "plugin": format!("{:?}", options.plugin).to_lowercase(),
+            "via": match options.via { Via::Tcp => "tcp", Via::ControlSocket => "control-socket" },
             "latency": { "daemon": summary_json(ld), "baseline": summary_json(lb) },
             "throughput_calls_per_s": { "daemon": td, "baseline": tb, "daemon_runs": rates[0], "baseline_runs": rates[1] },
             "p50_ratio": p50_ratio,
@@ -422,8 +451,25 @@ impl PeerSummary {
     }
 }
 
+/// A KV client of `addr`: `host:port`, or `unix:PATH` for a Unix socket (where the token
+/// it sends is ignored: the control socket checks its peer instead).
 async fn kv_client(addr: &str) -> BenchResult<KvServiceClient<Authed>> {
-    let channel = connect(addr).await?;
+    let channel = match addr.strip_prefix("unix:") {
+        Some(path) => {
+            let path = PathBuf::from(path);
+            // The URI is required but unused: the connector opens the socket.
+            tonic::transport::Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                }))
+                .await?
+        }
+        None => connect(addr).await?,
+    };
     Ok(KvServiceClient::new(authed(channel)))
 }
 
@@ -471,13 +517,15 @@ struct BaselineProcess {
 }
 
 impl BaselineProcess {
-    async fn start(plugin: &std::path::Path) -> BenchResult<Self> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg("baseline-server")
-            .arg(plugin)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
+    /// Starts it listening on a free TCP port, or (`via` the control socket) on a Unix
+    /// socket in `dir`.
+    async fn start(plugin: &std::path::Path, via: Via, dir: &std::path::Path) -> BenchResult<Self> {
+        let mut command = Command::new(std::env::current_exe()?);
+        command.arg("baseline-server").arg(plugin);
+        if via == Via::ControlSocket {
+            command.arg("--unix").arg(dir.join("baseline.sock"));
+        }
+        let mut child = command.stdout(Stdio::piped()).kill_on_drop(true).spawn()?;
         let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
         let line = lines.next_line().await?.ok_or("baseline server exited")?;
         let addr = line
@@ -568,8 +616,9 @@ impl KvService for Forwarder {
 }
 
 /// Runs the baseline: spawns the plugin, connects, sends init, serves KvService on a free
-/// port (printing `listening on ADDR`) until killed.
-pub(crate) async fn baseline_server(plugin: PathBuf) -> BenchResult<()> {
+/// port, or on the Unix socket `unix` (printing `listening on ADDR` or `listening on
+/// unix:PATH`) until killed.
+pub(crate) async fn baseline_server(plugin: PathBuf, unix: Option<PathBuf>) -> BenchResult<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("plugin.sock");
     // Spawned like the daemon spawns plugins, so it dies with this process (parent-death
@@ -655,13 +704,21 @@ pub(crate) async fn baseline_server(plugin: PathBuf) -> BenchResult<()> {
     if ready.kind != MessageType::Ready {
         return Err("the plugin did not answer init with ready".into());
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    println!("listening on {}", listener.local_addr()?);
-    tonic::transport::Server::builder()
-        .add_service(KvServiceServer::new(forwarder))
-        .serve_with_incoming(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-        )
-        .await?;
+    let server = tonic::transport::Server::builder().add_service(KvServiceServer::new(forwarder));
+    if let Some(path) = unix {
+        let listener = tokio::net::UnixListener::bind(&path)?;
+        println!("listening on unix:{}", path.display());
+        server
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+            .await?;
+    } else {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("listening on {}", listener.local_addr()?);
+        server
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            )
+            .await?;
+    }
     Ok(())
 }

@@ -76,6 +76,12 @@ enum Bench {
         /// ratios against it and whether the target holds.
         #[arg(long, value_name = "DIR")]
         peer: Option<PathBuf>,
+        /// How the client reaches the daemon (and the baseline): `tcp` (its TCP listener,
+        /// with the token) or `control-socket` (its Unix control socket, as local clients
+        /// such as toructl connect by default; the baseline then listens on a Unix socket
+        /// too)
+        #[arg(long, value_enum, default_value_t = forward::Via::Tcp)]
+        via: forward::Via,
     },
     /// Log capture: lines/s from a one-write-per-line and a buffered writer, and latency at
     /// a paced rate, each beside a bare pipe reader.
@@ -143,6 +149,9 @@ enum Bench {
     BaselineServer {
         /// The plugin executable to spawn.
         plugin: PathBuf,
+        /// Listen on this Unix socket instead of a free TCP port.
+        #[arg(long)]
+        unix: Option<PathBuf>,
     },
 }
 
@@ -338,9 +347,11 @@ fn main() -> std::process::ExitCode {
                 json,
                 plugin,
                 peer,
+                via,
             } => {
                 let options = forward::Options {
                     plugin,
+                    via,
                     calls: calls.max(1),
                     seconds,
                     rounds: rounds.max(1),
@@ -350,7 +361,7 @@ fn main() -> std::process::ExitCode {
                 };
                 forward::run(options).await
             }
-            Bench::BaselineServer { plugin } => forward::baseline_server(plugin).await,
+            Bench::BaselineServer { plugin, unix } => forward::baseline_server(plugin, unix).await,
             Bench::KvPlugin { .. } => unreachable!("served before the runtime starts"),
             Bench::Logs {
                 lines,
