@@ -124,6 +124,7 @@ step "Kubernetes example against Kubernetes 1.30's schemas (kubernetes-validate,
 step "benchmark smoke run (figures from a debug build mean nothing; see README for real runs)"
 "$target/debug/torud-bench" lifecycle --iterations 3 >/dev/null
 "$target/debug/torud-bench" forward --calls 20 --seconds 0.2 >/dev/null
+"$target/debug/torud-bench" forward --calls 20 --seconds 0.2 --rounds 1 --via control-socket >/dev/null
 "$target/debug/torud-bench" logs --lines 2000 --rate 2000 --rounds 1 --history-mb 2 >/dev/null
 "$target/debug/torud-bench" scale --plugins 5 --idle-seconds 1 >/dev/null
 
