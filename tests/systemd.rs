@@ -123,3 +123,28 @@ async fn plugins_never_inherit_the_service_managers_socket() {
         "the plugin inherited NOTIFY_SOCKET: {environ}"
     );
 }
+
+#[test]
+fn a_daemon_that_outlives_stop_is_reported_with_what_it_is_blocked_in() {
+    // What `Daemon::stop` prints when a daemon does not exit: shown on a process that
+    // sleeps, and on its child.
+    let mut parent = std::process::Command::new("sh")
+        .args(["-c", "sleep 30 & wait"])
+        .spawn()
+        .unwrap();
+    let pid = parent.id();
+    let report = (0..200)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            blocked_in(pid)
+        })
+        .find(|r| r.contains("\"sleep\""))
+        .unwrap_or_else(|| blocked_in(pid));
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    assert!(
+        report.contains(&format!("pid {pid} task {pid} \"sh\" state S")),
+        "{report}"
+    );
+    assert!(report.contains("\"sleep\" state S"), "{report}");
+}

@@ -224,14 +224,20 @@ impl Daemon {
         PluginServiceClient::new(self.channel().await)
     }
 
-    /// SIGTERM, then waits for the exit; returns its status.
+    /// SIGTERM, then waits for the exit; returns its status. A daemon still there after
+    /// 30 s fails the test with what each of its threads (and its children) is blocked
+    /// in, so a hang at exit can be diagnosed from the test's output alone.
     pub async fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("daemon not running");
-        signal(child.id().unwrap(), libc::SIGTERM);
-        tokio::time::timeout(Duration::from_secs(30), child.wait())
-            .await
-            .expect("daemon did not exit within 30 s of SIGTERM")
-            .unwrap()
+        let pid = child.id().unwrap();
+        signal(pid, libc::SIGTERM);
+        match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => panic!(
+                "daemon did not exit within 30 s of SIGTERM; its threads and children:\n{}",
+                blocked_in(pid)
+            ),
+        }
     }
 
     /// SIGKILL, then reaps it.
@@ -653,4 +659,37 @@ pub fn pki() -> Pki {
         client_cert: client.pem(),
         client_key: client_key.serialize_pem(),
     }
+}
+
+/// Each thread of `pid` and of its children: name, state, wait channel and kernel stack
+/// (`/proc`; the stack needs root, which the tests run as).
+pub fn blocked_in(pid: u32) -> String {
+    let mut out = String::new();
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let pids =
+        std::iter::once(pid.to_string()).chain(children.split_whitespace().map(str::to_owned));
+    for p in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let dir = task.path();
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+            let stat = read("stat");
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .unwrap_or("?")
+                .to_owned();
+            out.push_str(&format!(
+                "pid {p} task {} {:?} state {state} wchan {}\n{}\n",
+                task.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("wchan"),
+                read("stack").trim_end()
+            ));
+        }
+    }
+    out
 }
