@@ -142,7 +142,7 @@ pub(crate) async fn run(options: Options) -> BenchResult<()> {
     let daemon_at = match options.via {
         Via::Tcp => daemon.addr.clone(),
         Via::ControlSocket => format!(
-            "unix:{}",
+            "unix://{}",
             daemon.dir().join(torud::config::CONTROL_SOCKET).display()
         ),
     };
@@ -451,25 +451,10 @@ impl PeerSummary {
     }
 }
 
-/// A KV client of `addr`: `host:port`, or `unix:PATH` for a Unix socket (where the token
+/// A KV client of `addr`: `host:port`, or `unix://PATH` for a Unix socket (where the token
 /// it sends is ignored: the control socket checks its peer instead).
 async fn kv_client(addr: &str) -> BenchResult<KvServiceClient<Authed>> {
-    let channel = match addr.strip_prefix("unix:") {
-        Some(path) => {
-            let path = PathBuf::from(path);
-            // The URI is required but unused: the connector opens the socket.
-            tonic::transport::Endpoint::from_static("http://localhost")
-                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                    let path = path.clone();
-                    async move {
-                        let stream = tokio::net::UnixStream::connect(path).await?;
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                    }
-                }))
-                .await?
-        }
-        None => connect(addr).await?,
-    };
+    let channel = connect(addr).await?;
     Ok(KvServiceClient::new(authed(channel)))
 }
 
@@ -617,7 +602,7 @@ impl KvService for Forwarder {
 
 /// Runs the baseline: spawns the plugin, connects, sends init, serves KvService on a free
 /// port, or on the Unix socket `unix` (printing `listening on ADDR` or `listening on
-/// unix:PATH`) until killed.
+/// unix://PATH`) until killed.
 pub(crate) async fn baseline_server(plugin: PathBuf, unix: Option<PathBuf>) -> BenchResult<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("plugin.sock");
@@ -707,7 +692,7 @@ pub(crate) async fn baseline_server(plugin: PathBuf, unix: Option<PathBuf>) -> B
     let server = tonic::transport::Server::builder().add_service(KvServiceServer::new(forwarder));
     if let Some(path) = unix {
         let listener = tokio::net::UnixListener::bind(&path)?;
-        println!("listening on unix:{}", path.display());
+        println!("listening on unix://{}", path.display());
         server
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
             .await?;

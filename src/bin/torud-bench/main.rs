@@ -160,13 +160,17 @@ pub(crate) type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 /// The admin token the benchmarks' daemons are started with.
 const BENCH_TOKEN: &str = "torud-bench-admin-token";
 
-/// A plaintext HTTP/2 channel to `addr` (host:port).
+/// A plaintext HTTP/2 channel to `addr`: `host:port`, or `unix://PATH` (tonic dials Unix
+/// sockets itself).
 pub(crate) async fn connect(addr: &str) -> BenchResult<tonic::transport::Channel> {
-    Ok(
-        tonic::transport::Channel::from_shared(format!("http://{addr}"))?
-            .connect()
-            .await?,
-    )
+    let uri = if addr.starts_with("unix://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(tonic::transport::Endpoint::from_shared(uri)?
+        .connect()
+        .await?)
 }
 
 /// A channel whose calls carry the token.
