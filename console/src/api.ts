@@ -16,13 +16,19 @@ export interface Session {
 }
 
 const TOKEN_KEY = "torud.token";
+const ROLE_KEY = "torud.role";
 
-export function storedToken(): string | null {
-  return sessionStorage.getItem(TOKEN_KEY);
+/** The token and role this tab signed in with, if it did. */
+export function storedSignIn(): { token: string; role: Role } | null {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const role = sessionStorage.getItem(ROLE_KEY);
+  return token && (role === "admin" || role === "read") ? { token, role } : null;
 }
 
-export function forgetToken(): void {
+/** Forgets this tab's token and role. */
+export function forgetSignIn(): void {
   sessionStorage.removeItem(TOKEN_KEY);
+  sessionStorage.removeItem(ROLE_KEY);
 }
 
 export function connect(token: string): ToruClient {
@@ -30,7 +36,7 @@ export function connect(token: string): ToruClient {
 }
 
 /**
- * Checks `token` and finds its role. Listing plugins needs a valid token of either role;
+ * Checks `token`, finds its role, and keeps both in this tab's session storage. Listing plugins needs a valid token of either role;
  * disabling the plugin with an empty id needs the admin role and changes nothing: the
  * daemon checks the role before the request, so a read token gets PERMISSION_DENIED and
  * an admin token INVALID_ARGUMENT (no plugin has an empty id).
@@ -49,6 +55,7 @@ export async function signIn(token: string): Promise<Role> {
     else throw e;
   }
   sessionStorage.setItem(TOKEN_KEY, token);
+  sessionStorage.setItem(ROLE_KEY, role);
   return role;
 }
 

@@ -7,7 +7,7 @@ import * as React from "react";
 import * as ReactDOM from "react-dom";
 import * as ReactDOMClient from "react-dom/client";
 import { useEffect, useState } from "react";
-import { type Role, type Session, connect, forgetToken, signIn, storedToken, describe } from "./api";
+import { type Role, type Session, connect, describe, forgetSignIn, signIn, storedSignIn } from "./api";
 import { PluginsView } from "./plugins";
 import { PluginView } from "./plugin";
 import { PluginUiView } from "./mount";
@@ -44,21 +44,17 @@ function useRoute(): Route {
   return current;
 }
 
-const ROLE_KEY = "torud.role";
-
 function App() {
   const [session, setSession] = useState<Session | null>(() => {
-    const token = storedToken();
-    const role = sessionStorage.getItem(ROLE_KEY) as Role | null;
-    return token && role ? makeSession(token, role) : null;
+    const stored = storedSignIn();
+    return stored ? makeSession(stored.token, stored.role) : null;
   });
   function makeSession(token: string, role: Role): Session {
     return {
       client: connect(token),
       role,
       signOut() {
-        forgetToken();
-        sessionStorage.removeItem(ROLE_KEY);
+        forgetSignIn();
         setSession(null);
       },
     };
@@ -66,10 +62,7 @@ function App() {
   if (!session) {
     return (
       <SignIn
-        onSignedIn={(token, role) => {
-          sessionStorage.setItem(ROLE_KEY, role);
-          setSession(makeSession(token, role));
-        }}
+        onSignedIn={(token, role) => setSession(makeSession(token, role))}
       />
     );
   }

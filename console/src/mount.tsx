@@ -87,8 +87,24 @@ export function relative(id: string, path: string): string {
 }
 
 /** Whether a content type is JavaScript's (a plugin UI's bundle.js must say it is). */
-export function isJavaScript(contentType: string): boolean {
+function isJavaScript(contentType: string): boolean {
   return /^\s*(text|application)\/(x-)?(javascript|ecmascript)\b/i.test(contentType);
+}
+
+/**
+ * The plugin's UI bundle: `GET /bundle.js` through the API, answered 200 with a JavaScript
+ * content type; otherwise why there is none (a plugin page asks this to offer its UI).
+ */
+export async function fetchBundle(
+  session: Session,
+  id: string,
+): Promise<{ source: Uint8Array } | { missing: string }> {
+  const r = await session.client.plugins.callPlugin({ pluginId: id, method: "GET", path: "/bundle.js" });
+  const type = r.headers.find((h) => h.name.toLowerCase() === "content-type")?.value ?? "";
+  if (r.status !== 200 || !isJavaScript(type)) {
+    return { missing: `The plugin has no UI: GET /bundle.js answered ${r.status} ${type || "(no content-type)"}` };
+  }
+  return { source: r.body };
 }
 
 type Phase = { loading: true } | { loading: false; error: string | null };
@@ -128,12 +144,9 @@ export function PluginUiView({ session, id }: { session: Session; id: string }) 
     (async () => {
       let source: Uint8Array;
       try {
-        const r = await session.client.plugins.callPlugin({ pluginId: id, method: "GET", path: "/bundle.js" });
-        const type = r.headers.find((h) => h.name.toLowerCase() === "content-type")?.value ?? "";
-        if (r.status !== 200 || !isJavaScript(type)) {
-          return fail(`The plugin has no UI: GET /bundle.js answered ${r.status} ${type || "(no content-type)"}`);
-        }
-        source = r.body;
+        const bundle = await fetchBundle(session, id);
+        if ("missing" in bundle) return fail(bundle.missing);
+        source = bundle.source;
       } catch (e) {
         return fail(`Could not fetch the plugin's bundle.js: ${describe(e)}`);
       }

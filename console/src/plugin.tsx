@@ -8,7 +8,7 @@ import type { EventGap } from "../../clients/web/src/gen/toru/v1/plugin_service_
 import { type Session, describe } from "./api";
 import { useLivePlugin } from "./live";
 import { LogView } from "./logs";
-import { isJavaScript } from "./mount";
+import { fetchBundle } from "./mount";
 import { Actions, LinkState } from "./plugins";
 import { HealthBadge, StateBadge, date, formatTime, stateName, until, useNow, useTitle } from "./ui";
 
@@ -78,12 +78,8 @@ function useHasUi(session: Session, id: string, running: boolean): boolean {
   useEffect(() => {
     if (!running || session.role !== "admin") return;
     let live = true;
-    session.client.plugins
-      .callPlugin({ pluginId: id, method: "GET", path: "/bundle.js" })
-      .then((r) => {
-        const type = r.headers.find((h) => h.name.toLowerCase() === "content-type")?.value ?? "";
-        if (live) setHas(r.status === 200 && isJavaScript(type));
-      })
+    fetchBundle(session, id)
+      .then((bundle) => live && setHas("source" in bundle))
       .catch(() => {});
     return () => {
       live = false;
