@@ -356,6 +356,8 @@ async fn the_console_is_served_at_the_root_with_its_policy_beside_the_api() {
         assert!(csp.contains(directive), "{directive} in {csp}");
     }
     assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["referrer-policy"], "no-referrer");
     assert!(headers.get("set-cookie").is_none(), "no cookie is set");
     let html = String::from_utf8(body.to_vec()).unwrap();
     assert!(html.contains(r#"<script src="console.js""#), "{html}");

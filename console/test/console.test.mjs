@@ -52,6 +52,10 @@ test("sign in, and the table shows every plugin running, live", async (t) => {
     assert.equal(await page.evaluate(() => sessionStorage.getItem("torud.token")), daemon.token("admin"));
     assert.ok(!page.url().includes(daemon.token("admin")));
     assert.deepEqual(await page.context().cookies(), []);
+    // Signing out forgets it.
+    await page.getByRole("button", { name: "Sign out" }).click();
+    await page.getByLabel("Token").waitFor();
+    assert.equal(await page.evaluate(() => sessionStorage.getItem("torud.token")), null);
     assert.deepEqual(errors(), []);
   });
 });
