@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use torud::api::server::ServeError;
+use torud::api::server::{Ending, ServeError, Start};
+use torud::api::upgrade::{self, Received, SelfExe, Unreadable};
 #[cfg(test)]
 use torud::config::MIN_HEALTH_INTERVAL;
 use torud::config::{Config, ConfigError, Loader, Settings, Source, DEFAULT_LOG_FILTER};
@@ -64,6 +65,11 @@ struct ServeArgs {
     /// variable wins over the file.
     #[arg(long, env = "TORUD_CONFIG")]
     config: Option<PathBuf>,
+    /// Do not serve: check that this binary can take over a running daemon's handover
+    /// state (read on stdin, as an upgrade passes it), print the verdict as JSON and exit.
+    /// An upgrade runs the new binary so, with the daemon's own flags, before handing over.
+    #[arg(long)]
+    check_upgrade: bool,
     #[command(flatten)]
     settings: Settings,
 }
@@ -115,6 +121,8 @@ enum MainError {
     /// The daemon could not serve.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    #[error("the upgrade could not execute the new binary, nor the running one again: {0}")]
+    Upgrade(std::io::Error),
 }
 
 /// The configuration of `torud serve`: flag > environment > config file > default, with
@@ -166,14 +174,20 @@ fn init_logging(filter: &str) {
 
 /// Runs the daemon on a multi-threaded runtime until SIGTERM or SIGINT (SIGHUP reloads the
 /// configuration from `source`).
-fn serve(config: Config, source: Source) -> Result<(), MainError> {
+fn serve(config: Config, source: Source, received: Option<Received>) -> Result<(), MainError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(MainError::Runtime)?;
-    runtime.block_on(async {
+    let exe = SelfExe::open()
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "the running binary cannot be opened: upgrades are off"),
+        )
+        .ok();
+    let ending = runtime.block_on(async {
         let shutdown = shutdown_signal()?;
-        torud::api::server::run(config, source, shutdown, |bound| {
+        let start = Start { exe, received };
+        torud::api::server::serve(config, source, start, shutdown, |bound| {
             println!("torud listening on {}", bound.grpc);
             if let Some(addr) = bound.metrics {
                 println!("torud metrics on http://{addr}/metrics");
@@ -181,7 +195,34 @@ fn serve(config: Config, source: Source) -> Result<(), MainError> {
         })
         .await
     })?;
-    Ok(())
+    match ending {
+        Ending::Stopped => Ok(()),
+        // Returns only if neither the new binary nor the running one could be executed.
+        Ending::HandOver(handover) => Err(MainError::Upgrade(upgrade::execute(&handover))),
+    }
+}
+
+/// `torud serve --check-upgrade`: reads the handover state on stdin and prints the verdict.
+fn check_upgrade() -> ExitCode {
+    use std::io::Read;
+    let mut state = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut state) {
+        eprintln!("torud: error: cannot read the handover state on stdin: {e}");
+        return ExitCode::FAILURE;
+    }
+    match upgrade::check_state(&state) {
+        Ok(report) => {
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("the report serializes")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(reason) => {
+            eprintln!("torud: error: {reason}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Resolves at the first SIGTERM or SIGINT. Installed before anything listens, so a
@@ -204,19 +245,58 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, ServeError
 
 fn main() -> ExitCode {
     restrict_umask();
+    // Before any thread starts: what a handover passed (it leaves the environment).
+    let received = Received::take();
+    // This thread starts every child and makes a handover's exec (see `plugin::spawn`).
+    match torud::plugin::spawn::serve_from_main_thread(move || daemon(received)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("torud: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn daemon(received: Result<Option<Received>, Unreadable>) -> ExitCode {
+    let received = match received {
+        Ok(received) => received,
+        Err(unreadable) => {
+            eprintln!(
+                "torud: error: cannot take over from the running daemon: {}",
+                unreadable.reason
+            );
+            // Back to the binary that handed over, with everything it passed.
+            if let Some(fds) = &unreadable.fds {
+                let failed = upgrade::roll_back(fds, &unreadable.reason);
+                eprintln!("torud: error: cannot execute the previous binary again: {failed}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
     let args = match Cli::parse().command {
         Command::Serve(args) => args,
         Command::Plugin(PluginCommand::Check { path, timeout }) => {
             return check::run_cli(check::CheckOptions { path, timeout })
         }
     };
+    if args.check_upgrade {
+        // The configuration must load, as it would for serving.
+        if let Err(e) = load_config(args) {
+            eprintln!("torud: error: {e}");
+            return ExitCode::FAILURE;
+        }
+        return check_upgrade();
+    }
     let result = load_config(args).and_then(|(config, warnings, source)| {
         init_logging(&config.log_filter);
         for warning in warnings {
             tracing::warn!("{warning}");
         }
+        if let Some(received) = &received {
+            tracing::info!(from = %received.state.from_version, plugins = received.state.plugins.len(), "taking over from the daemon's earlier image");
+        }
         raise_open_file_limit();
-        serve(config, source)
+        serve(config, source, received)
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -163,7 +163,7 @@ pub struct ExitInfo {
 }
 
 /// What the supervisor knows of a plugin's executable.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PluginSpec {
     /// Validated metadata.
     pub metadata: Metadata,
@@ -171,8 +171,9 @@ pub struct PluginSpec {
     pub binary_path: PathBuf,
 }
 
-/// A snapshot of one plugin, as published by its actor.
-#[derive(Debug, Clone, PartialEq)]
+/// A snapshot of one plugin, as published by its actor (serialized only to hand it over to
+/// the daemon's next image).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PluginStatus {
     /// Metadata and executable.
     pub spec: PluginSpec,
@@ -252,6 +253,12 @@ pub enum EventKind {
     /// The configuration was reloaded (`plugin_id` empty); the details name the plugins
     /// and the daemon settings that need a restart to pick it up.
     ConfigReloaded,
+    /// The daemon is handing over to a new image (`plugin_id` empty).
+    DaemonUpgrading,
+    /// The daemon's new image took over and serves.
+    DaemonUpgraded,
+    /// An upgrade did not happen; the daemon that ran goes on.
+    DaemonUpgradeFailed,
 }
 
 /// An event before the log numbers it.

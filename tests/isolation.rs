@@ -175,7 +175,7 @@ async fn descriptors_the_daemon_inherited_do_not_reach_plugins() {
     d.inherit_fd = Some(high);
     d.install_fixture("hostile", "hostile", &["--other", "nobody"]);
     d.start().await;
-    let daemon_fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+    let daemon_fds: Vec<String> = std::fs::read_dir(daemon_fd_dir(d.pid()))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();

@@ -9,9 +9,7 @@ use common::*;
 use torud_api::pb::PluginState;
 
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
+    std::fs::read_dir(daemon_fd_dir(pid)).unwrap().count()
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -135,12 +135,16 @@ fn log_reloaded(done: &Reloaded) {
 /// The `ConfigService` implementation.
 pub struct ConfigApi {
     reloader: std::sync::Arc<Reloader>,
+    upgrades: crate::api::upgrade::Upgrades,
 }
 
 impl ConfigApi {
-    /// A service reloading through `reloader`.
-    pub fn new(reloader: std::sync::Arc<Reloader>) -> Self {
-        ConfigApi { reloader }
+    /// A service reloading through `reloader` and upgrading through `upgrades`.
+    pub fn new(
+        reloader: std::sync::Arc<Reloader>,
+        upgrades: crate::api::upgrade::Upgrades,
+    ) -> Self {
+        ConfigApi { reloader, upgrades }
     }
 }
 
@@ -171,6 +175,21 @@ impl ConfigService for ConfigApi {
         };
         let done = self.reloader.reload(stale).await?;
         Ok(Response::new(reloaded(done)))
+    }
+
+    async fn upgrade_daemon(
+        &self,
+        request: Request<pb::UpgradeDaemonRequest>,
+    ) -> Result<Response<pb::UpgradeDaemonResponse>, Status> {
+        let binary = request.into_inner().binary;
+        let binary = (!binary.is_empty()).then(|| PathBuf::from(binary));
+        let began = self.upgrades.request(binary).await?;
+        Ok(Response::new(pb::UpgradeDaemonResponse {
+            from_version: began.from_version,
+            to_version: began.to_version,
+            binary: path_text(Some(began.binary)),
+            upgrading_seq: began.upgrading_seq,
+        }))
     }
 }
 

@@ -38,6 +38,9 @@ fn event_kind(k: EventKind) -> pb::EventKind {
         EventKind::EventStorageDegraded => pb::EventKind::EventStorageDegraded,
         EventKind::EventStorageResumed => pb::EventKind::EventStorageResumed,
         EventKind::ConfigReloaded => pb::EventKind::ConfigReloaded,
+        EventKind::DaemonUpgrading => pb::EventKind::DaemonUpgrading,
+        EventKind::DaemonUpgraded => pb::EventKind::DaemonUpgraded,
+        EventKind::DaemonUpgradeFailed => pb::EventKind::DaemonUpgradeFailed,
     }
 }
 

@@ -59,7 +59,10 @@ pub async fn bridge(mut reporter: HealthReporter, supervisor: Supervisor) {
             | EventKind::LoggingResumed
             | EventKind::EventStorageDegraded
             | EventKind::EventStorageResumed
-            | EventKind::ConfigReloaded => {}
+            | EventKind::ConfigReloaded
+            | EventKind::DaemonUpgrading
+            | EventKind::DaemonUpgraded
+            | EventKind::DaemonUpgradeFailed => {}
         }
     }
 }

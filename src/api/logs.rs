@@ -11,6 +11,7 @@
 //! before they were read) is sent as a gap. This module knows nothing of how the logs are
 //! captured or stored.
 
+use crate::api::upgrade::Upgrading;
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 
@@ -127,6 +128,8 @@ pub struct LogApi {
     supervisor: Supervisor,
     /// Cancelled when the daemon shuts down, ending open streams.
     stop: CancellationToken,
+    /// Set when they end for an upgrade: they end with UNAVAILABLE saying so.
+    upgrading: Upgrading,
     /// The largest gRPC message (`--max-message-bytes`); pages and batches stay well under.
     max_message_bytes: usize,
     /// Where open subscriptions, their lag and the gaps sent are counted.
@@ -139,12 +142,14 @@ impl LogApi {
     pub fn new(
         supervisor: Supervisor,
         stop: CancellationToken,
+        upgrading: Upgrading,
         max_message_bytes: usize,
         metrics: Metrics,
     ) -> Self {
         LogApi {
             supervisor,
             stop,
+            upgrading,
             max_message_bytes,
             metrics,
         }
@@ -526,8 +531,19 @@ impl LogService for LogApi {
                 Feed::new(id, &log, start, upto, filter.clone(), meter).into_stream()
             })
             .collect();
+        let stop = self.stop.clone();
+        let upgrading = self.upgrading.clone();
+        // A stream ended by an upgrade says so last (checked once the feeds have ended).
+        let upgrade_note = futures::stream::once(async move {
+            stop.is_cancelled()
+                .then(|| upgrading.status())
+                .flatten()
+                .map(Err)
+        })
+        .filter_map(futures::future::ready);
         let merged = futures::stream::select_all(feeds)
             .take_until(self.stop.clone().cancelled_owned())
+            .chain(upgrade_note)
             .map(move |response| {
                 let _open = &subscription;
                 response

@@ -19,6 +19,7 @@ pub mod plugins;
 pub mod readiness;
 pub mod server;
 pub mod systemd;
+pub mod upgrade;
 pub mod web;
 
 #[cfg(test)]

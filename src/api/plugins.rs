@@ -2,6 +2,7 @@
 //! `WatchEvents` producer task and `CallPlugin`; and the request checks the other services
 //! share.
 
+use crate::api::upgrade::Upgrading;
 use std::pin::Pin;
 
 use futures::Stream;
@@ -30,6 +31,8 @@ pub struct PluginApi {
     supervisor: Supervisor,
     /// Cancelled when the daemon shuts down, ending open streams.
     stop: CancellationToken,
+    /// Set when they end for an upgrade: they end with UNAVAILABLE saying so.
+    upgrading: Upgrading,
     /// Where calls and event subscriptions are counted.
     metrics: Metrics,
     /// Where each call's span goes.
@@ -38,16 +41,18 @@ pub struct PluginApi {
 
 impl PluginApi {
     /// A service over `supervisor`, counting in `metrics` and tracing calls with `tracer`;
-    /// streams end when `stop` is cancelled.
+    /// streams end when `stop` is cancelled (with UNAVAILABLE when `upgrading` is set).
     pub fn new(
         supervisor: Supervisor,
         stop: CancellationToken,
+        upgrading: Upgrading,
         metrics: Metrics,
         tracer: Tracer,
     ) -> Self {
         PluginApi {
             supervisor,
             stop,
+            upgrading,
             metrics,
             tracer,
         }
@@ -290,6 +295,7 @@ impl PluginService for PluginApi {
         let filter = req.plugin_ids;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let stop = self.stop.clone();
+        let upgrading = self.upgrading.clone();
         let subscription = self.metrics.subscribe(SubscriptionKind::Events);
         let events = self.supervisor.events().clone();
         let lag = subscription.lag_gauge(move || events.last_seq());
@@ -300,7 +306,12 @@ impl PluginService for PluginApi {
             loop {
                 let next = tokio::select! {
                     next = follower.next() => next,
-                    _ = stop.cancelled() => break,
+                    _ = stop.cancelled() => {
+                        if let Some(status) = upgrading.status() {
+                            let _ = tx.send(Err(status)).await;
+                        }
+                        break;
+                    }
                     _ = tx.closed() => break,
                 };
                 let item = match next {

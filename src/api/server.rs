@@ -30,8 +30,13 @@ use crate::api::logs::LogApi;
 use crate::api::plugins::PluginApi;
 use crate::api::readiness::HoldLayer;
 use crate::api::systemd;
+use crate::api::upgrade::{
+    self, Began, Handover, KeptListeners, Received, SelfExe, UpgradeError, UpgradeRequest,
+    Upgrades, Upgrading,
+};
 use crate::api::{console, metrics, web};
 use crate::config::{create_dir_with_mode, Config, GrpcLimits, Source, TlsFiles};
+use crate::model::{EventDraft, EventKind};
 use crate::supervisor::{StartupError, Supervisor};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::otlp::{Exporter, OtlpError};
@@ -108,6 +113,27 @@ pub enum ServeError {
     /// A gRPC server's task panicked.
     #[error("gRPC server failed: {0}")]
     ServerTask(#[from] tokio::task::JoinError),
+    /// What an earlier image handed over cannot be taken over.
+    #[error("cannot take over from the daemon's earlier image: {0}")]
+    Handover(String),
+}
+
+/// What the daemon starts from beyond its configuration.
+#[derive(Debug, Default)]
+pub struct Start {
+    /// The running binary, when upgrades are possible (the `torud` binary).
+    pub exe: Option<SelfExe>,
+    /// What the daemon's earlier image handed over, when it was started by a handover.
+    pub received: Option<Received>,
+}
+
+/// How serving ended.
+pub enum Ending {
+    /// Shut down: every plugin stopped.
+    Stopped,
+    /// Handing over: every plugin let go of, everything the next image needs here. The
+    /// caller executes it ([`upgrade::execute`]).
+    HandOver(Handover),
 }
 
 fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServeError> {
@@ -151,7 +177,7 @@ fn bind_control_socket(path: &Path) -> Result<UnixListener, ServeError> {
             .ok_or_else(|| err(std::io::ErrorKind::InvalidInput.into()))?;
         let dir = std::fs::File::open(dir).map_err(err)?;
         let name = path.file_name().unwrap_or_default().to_string_lossy();
-        let short = format!("/proc/self/fd/{}/{name}", dir.as_raw_fd());
+        let short = format!("/proc/thread-self/fd/{}/{name}", dir.as_raw_fd());
         UnixListener::bind(short).map_err(err)?
     } else {
         UnixListener::bind(path).map_err(err)?
@@ -179,30 +205,71 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
     on_listening: impl FnOnce(Bound),
 ) -> Result<(), ServeError> {
+    serve(config, source, Start::default(), shutdown, on_listening)
+        .await
+        .map(|_| ())
+}
+
+/// [`run`], from what `start` gives: upgrades (with the running binary) and what an earlier
+/// image handed over. Ends with a handover when an upgrade asked for one.
+pub async fn serve(
+    config: Config,
+    source: Source,
+    start: Start,
+    shutdown: impl Future<Output = ()> + Send,
+    on_listening: impl FnOnce(Bound),
+) -> Result<Ending, ServeError> {
+    let Start { exe, mut received } = start;
     // First: from here on a SIGHUP reloads (or is ignored) instead of ending the daemon.
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|_| ServeError::Signals)?;
+    let upgrade_signals =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())
+            .map_err(|_| ServeError::Signals)?;
     let watchdog = systemd::spawn_watchdog();
     let tls = transport_security(&config)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     prepare_data_dir(&config.data_dir)?;
     let tokens = load_tokens(&config)?;
-    let listeners = Listeners::bind(&config).await?;
+    let listeners = match &mut received {
+        Some(received) => Listeners::adopt(&config, received)?,
+        None => Listeners::bind(&config).await?,
+    };
+    let kept = listeners.keep().map_err(ServeError::Handover)?;
     let limits = config.grpc.clone();
     let otlp = Exporter::prepare(&config)?;
     let cors = web::cors(&config.cors_origins);
-    let supervisor = Supervisor::start(config, source.given.clone())?;
+    let supervisor = match &mut received {
+        Some(received) => {
+            let plugins = received.plugins().map_err(ServeError::Handover)?;
+            let skipped = std::mem::take(&mut received.state.skipped);
+            Supervisor::resume(config, source.given.clone(), plugins, skipped)?
+        }
+        None => Supervisor::start(config, source.given.clone())?,
+    };
     tracing::info!("{}", supervisor.isolation_summary());
     let metrics = Metrics::new(supervisor.clone());
     let exporter = Exporter::start(otlp, &supervisor, &metrics);
     let reloader = Arc::new(Reloader::new(source, supervisor.clone()));
+    let (upgrades, mut upgrade_requests) = Upgrades::channel();
+    let upgrading = Upgrading::default();
 
     let health = Health::start(&supervisor).await;
+    if let Some(received) = &received {
+        tokio::spawn(report_takeover(supervisor.clone(), received.outcome()));
+    }
     let stop = CancellationToken::new();
     let reloads = tokio::spawn(reload_on_hangup(hangups, reloader.clone(), stop.clone()));
+    let signalled = tokio::spawn(upgrade_on_signal(
+        upgrade_signals,
+        upgrades.clone(),
+        stop.clone(),
+    ));
     let routes = routes(
         &supervisor,
         &reloader,
+        &upgrades,
+        &upgrading,
         &stop,
         &limits,
         &metrics,
@@ -226,15 +293,153 @@ pub async fn run(
     systemd::status("listening; scanning the plugins directory");
     on_listening(bound);
 
-    shutdown.await;
-    let result = shut_down(health, &stop, reloads, &supervisor, servers, &control_path).await;
+    tokio::pin!(shutdown);
+    let began = loop {
+        tokio::select! {
+            _ = &mut shutdown => break None,
+            Some(request) = upgrade_requests.recv() => {
+                if let Some(began) = begin_upgrade(request, &supervisor, exe.as_ref()).await {
+                    break Some(began);
+                }
+            }
+        }
+    };
+    let Some(began) = began else {
+        signalled.abort();
+        let result = shut_down(health, &stop, reloads, &supervisor, servers, &control_path).await;
+        exporter.finish().await;
+        if let Some(watchdog) = watchdog {
+            watchdog.abort();
+        }
+        result?;
+        tracing::info!("stopped");
+        return Ok(Ending::Stopped);
+    };
+    // The point of no return: the new binary passed its check.
+    systemd::upgrading();
+    upgrading.set();
+    stop.cancel();
+    let _ = reloads.await;
+    signalled.abort();
+    let drain = supervisor.config().upgrade_timeout;
+    if let Err(e) = servers.drain_within(drain).await {
+        tracing::warn!(error = %e, "a server ended with an error while draining for the upgrade");
+    }
+    let plugins = supervisor.hand_over(drain).await;
+    health.stop_bridge();
     exporter.finish().await;
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
-    result?;
-    tracing::info!("stopped");
-    Ok(())
+    let exe = exe.expect("an upgrade began, so the binary is known");
+    let handover = upgrade::assemble(&began, &exe, kept, plugins, supervisor.skipped())
+        .map_err(|e| ServeError::Handover(format!("cannot write the handover state: {e}")))?;
+    tracing::info!(binary = %began.binary.display(), descriptors = handover.fds.len(), "handing over");
+    Ok(Ending::HandOver(handover))
+}
+
+/// Checks the binary an upgrade asks for and, when it passes, writes `DAEMON_UPGRADING` and
+/// answers the caller: the upgrade began (`Some`). Otherwise answers with why not and writes
+/// `DAEMON_UPGRADE_FAILED` for a failed check (`None`: serving goes on, nothing changed).
+async fn begin_upgrade(
+    request: UpgradeRequest,
+    supervisor: &Supervisor,
+    exe: Option<&SelfExe>,
+) -> Option<Began> {
+    let UpgradeRequest { binary, reply } = request;
+    let Some(exe) = exe else {
+        let _ = reply.send(Err(UpgradeError::BadBinary(
+            "this daemon was not started as the torud binary: it cannot re-execute itself".into(),
+        )));
+        return None;
+    };
+    let binary = binary.unwrap_or_else(|| exe.path.clone());
+    if let Err(e) = upgrade::valid_binary(&binary) {
+        let _ = reply.send(Err(e));
+        return None;
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let preview = upgrade::preview(&binary, now, supervisor.list(), supervisor.skipped());
+    let limit = supervisor.config().upgrade_timeout;
+    tracing::info!(binary = %binary.display(), "upgrade: checking the new binary");
+    let to_version = match upgrade::check(&binary, &preview, limit).await {
+        Ok(version) => version,
+        Err(reason) => {
+            tracing::warn!(%reason, "upgrade: the new binary failed its check; nothing changed");
+            supervisor.events().append(
+                EventDraft::new("", EventKind::DaemonUpgradeFailed)
+                    .reason(reason.clone())
+                    .detail("rolled_back", "true")
+                    .detail("stage", "check")
+                    .detail("binary", binary.display()),
+            );
+            let _ = reply.send(Err(UpgradeError::CheckFailed(reason)));
+            return None;
+        }
+    };
+    let event = supervisor.events().append(
+        EventDraft::new("", EventKind::DaemonUpgrading)
+            .reason(format!("handing over to {}", binary.display()))
+            .detail("from_version", upgrade::VERSION)
+            .detail("to_version", &to_version)
+            .detail("binary", binary.display()),
+    );
+    let began = Began {
+        from_version: upgrade::VERSION.to_owned(),
+        to_version,
+        binary,
+        upgrading_seq: event.seq,
+        at: now,
+    };
+    tracing::info!(binary = %began.binary.display(), to_version = %began.to_version, "upgrade: handing over");
+    let _ = reply.send(Ok(began.clone()));
+    Some(began)
+}
+
+/// After a handover: once ready, writes `DAEMON_UPGRADED` (or `DAEMON_UPGRADE_FAILED` when
+/// this image is the previous binary executed again).
+async fn report_takeover(supervisor: Supervisor, outcome: upgrade::Outcome) {
+    supervisor.settled().await;
+    let draft = match outcome.rolled_back.clone() {
+        Some(reason) => EventDraft::new("", EventKind::DaemonUpgradeFailed)
+            .reason(reason)
+            .detail("rolled_back", "true")
+            .detail("stage", "handover")
+            .detail("binary", outcome.binary.display()),
+        None => EventDraft::new("", EventKind::DaemonUpgraded)
+            .reason("the new image took over every plugin")
+            .detail("from_version", &outcome.from_version)
+            .detail("to_version", upgrade::VERSION)
+            .detail("duration_ms", outcome.duration().as_millis())
+            .detail("plugins", outcome.plugins),
+    };
+    tracing::info!(duration = ?outcome.duration(), "took over from the earlier image");
+    supervisor.events().append(draft);
+}
+
+/// Asks for an upgrade to the binary the daemon was started from at each SIGUSR2 (for
+/// systemd's `ExecReload`), until `stop`.
+async fn upgrade_on_signal(
+    mut signals: tokio::signal::unix::Signal,
+    upgrades: Upgrades,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            received = signals.recv() => {
+                if received.is_none() {
+                    return;
+                }
+                tracing::info!("SIGUSR2 received: upgrading to the binary the daemon was started from");
+                match upgrades.request(None).await {
+                    Ok(began) => tracing::info!(to_version = %began.to_version, "upgrade began"),
+                    Err(e) => tracing::error!(error = %e, "upgrade refused"),
+                }
+            }
+        }
+    }
 }
 
 /// Reloads the configuration at each SIGHUP (restarting no plugin: the log names those that
@@ -336,6 +541,59 @@ struct Listeners {
 }
 
 impl Listeners {
+    /// The listeners an earlier image handed over (bound to its addresses: a changed
+    /// `listen` needs a restart, as ever).
+    fn adopt(config: &Config, received: &mut Received) -> Result<Self, ServeError> {
+        let state = &received.state;
+        let fds = &mut received.fds;
+        let taken = |fds: &mut crate::supervisor::handover::Fds, place| {
+            fds.take(place).map_err(ServeError::Handover)
+        };
+        let tcp = tcp_listener(taken(fds, state.tcp)?)?;
+        let local = tcp
+            .local_addr()
+            .map_err(|e| ServeError::Handover(format!("the TCP listener: {e}")))?;
+        let control = std::os::unix::net::UnixListener::from(taken(fds, state.control)?);
+        control
+            .set_nonblocking(true)
+            .map_err(|e| ServeError::Handover(format!("the control socket: {e}")))?;
+        let control = UnixListener::from_std(control)
+            .map_err(|e| ServeError::Handover(format!("the control socket: {e}")))?;
+        let (metrics, metrics_local) = match state.metrics {
+            Some(place) => {
+                let listener = tcp_listener(taken(fds, place)?)?;
+                let local = listener
+                    .local_addr()
+                    .map_err(|e| ServeError::Handover(format!("the metrics listener: {e}")))?;
+                (Some(listener), Some(local))
+            }
+            None => (None, None),
+        };
+        Ok(Listeners {
+            tcp,
+            local,
+            control,
+            control_path: config.control_socket(),
+            metrics,
+            metrics_local,
+        })
+    }
+
+    /// Copies of the listening sockets, kept open for a handover while the servers own
+    /// (and at their end close) theirs: connections arriving meanwhile wait in the backlog.
+    fn keep(&self) -> Result<KeptListeners, String> {
+        use std::os::fd::AsFd;
+        let copy = |fd: std::os::fd::BorrowedFd<'_>| {
+            fd.try_clone_to_owned()
+                .map_err(|e| format!("cannot keep a listener for upgrades: {e}"))
+        };
+        Ok(KeptListeners {
+            tcp: copy(self.tcp.as_fd())?,
+            control: copy(self.control.as_fd())?,
+            metrics: self.metrics.as_ref().map(|m| copy(m.as_fd())).transpose()?,
+        })
+    }
+
     async fn bind(config: &Config) -> Result<Self, ServeError> {
         let addr = config.listen;
         let tcp = TcpListener::bind(addr)
@@ -364,6 +622,15 @@ impl Listeners {
             metrics_local,
         })
     }
+}
+
+/// A TCP listener handed over, for tokio.
+fn tcp_listener(fd: std::os::fd::OwnedFd) -> Result<TcpListener, ServeError> {
+    let listener = std::net::TcpListener::from(fd);
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener))
+        .map_err(|e| ServeError::Handover(format!("a TCP listener: {e}")))
 }
 
 /// The health service and what keeps it current: for the daemon, NOT_SERVING until it is
@@ -440,9 +707,12 @@ async fn report_ready(reporter: HealthReporter, supervisor: Supervisor) {
 
 /// The gRPC services (plugins, KV, logs, config, health, reflection), the same on both
 /// listeners.
+#[allow(clippy::too_many_arguments)]
 fn routes(
     supervisor: &Supervisor,
     reloader: &Arc<Reloader>,
+    upgrades: &Upgrades,
+    upgrading: &Upgrading,
     stop: &CancellationToken,
     limits: &GrpcLimits,
     metrics: &Metrics,
@@ -460,6 +730,7 @@ fn routes(
     let plugins = pb::plugin_service_server::PluginServiceServer::new(PluginApi::new(
         supervisor.clone(),
         stop.clone(),
+        upgrading.clone(),
         metrics.clone(),
         tracer.clone(),
     ))
@@ -475,15 +746,18 @@ fn routes(
     let logs = pb::log_service_server::LogServiceServer::new(LogApi::new(
         supervisor.clone(),
         stop.clone(),
+        upgrading.clone(),
         max,
         metrics.clone(),
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    let config =
-        pb::config_service_server::ConfigServiceServer::new(ConfigApi::new(reloader.clone()))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+    let config = pb::config_service_server::ConfigServiceServer::new(ConfigApi::new(
+        reloader.clone(),
+        upgrades.clone(),
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let mut routes = Routes::builder();
     routes
         .add_service(plugins)
@@ -582,6 +856,12 @@ impl Servers {
     /// Waits for the servers to finish draining, at most [`DRAIN_TIMEOUT`]; connections
     /// still open then are closed.
     async fn drain(self) -> Result<(), ServeError> {
+        self.drain_within(DRAIN_TIMEOUT).await
+    }
+
+    /// Waits for the servers to finish draining, at most `limit`; connections still open
+    /// then are closed.
+    async fn drain_within(self, limit: Duration) -> Result<(), ServeError> {
         let servers = async {
             let metrics = match self.metrics {
                 Some(metrics) => metrics.await,
@@ -589,7 +869,7 @@ impl Servers {
             };
             (self.tcp.await, self.unix.await, metrics)
         };
-        match tokio::time::timeout(DRAIN_TIMEOUT, servers).await {
+        match tokio::time::timeout(limit, servers).await {
             Ok((tcp, unix, metrics)) => {
                 [tcp, unix, metrics].into_iter().try_for_each(|r| match r {
                     Ok(Ok(())) => Ok(()),

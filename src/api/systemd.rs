@@ -54,6 +54,23 @@ pub fn reloading() {
     ]);
 }
 
+/// `RELOADING=1` for an upgrade: the daemon hands over to a new image of itself (same
+/// pid), which says `READY=1` once it has taken over.
+pub fn upgrading() {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a plain syscall with a valid pointer to a local struct.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let usec = i128::from(now.tv_sec) * 1_000_000 + i128::from(now.tv_nsec) / 1_000;
+    notify(&[
+        NotifyState::Reloading,
+        NotifyState::MonotonicUsec(usec),
+        NotifyState::Status("upgrading: handing over to the new binary"),
+    ]);
+}
+
 /// `READY=1` again once a reload has ended, applied or not (`text` says which). Nothing
 /// before the daemon is ready.
 pub fn reloaded(text: &str) {

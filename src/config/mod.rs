@@ -54,6 +54,8 @@ pub const MIN_OTLP_METRICS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Default of `--otlp-metrics-interval`.
 pub const DEFAULT_OTLP_METRICS_INTERVAL: Duration = Duration::from_secs(15);
+/// How long each step of an upgrade may take unless configured.
+pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything `torud serve` can be told.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +69,8 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     /// How often the metrics are sent to the OTLP receiver, when there is one.
     pub otlp_metrics_interval: Duration,
+    /// Longest wait for each step of an upgrade (the new binary's check; calls in flight).
+    pub upgrade_timeout: Duration,
     /// Where plugin logs, events and call spans are exported over OTLP; `None`: nowhere.
     pub otlp: Option<OtlpConfig>,
     /// Directory scanned for `*.binary` plugin executables.
@@ -283,6 +287,7 @@ impl Config {
             metrics_listen: None,
             cors_origins: Vec::new(),
             otlp_metrics_interval: DEFAULT_OTLP_METRICS_INTERVAL,
+            upgrade_timeout: DEFAULT_UPGRADE_TIMEOUT,
             otlp: None,
             plugins_dir,
             enable_new_plugins: false,

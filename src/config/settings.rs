@@ -148,6 +148,10 @@ pub struct Settings {
     /// How often the daemon's metrics are sent to the OTLP receiver [default: 15s].
     #[arg(long, env = "TORUD_OTLP_METRICS_INTERVAL")]
     pub otlp_metrics_interval: Option<Span>,
+    /// Longest wait for each step of an upgrade: the new binary's check, and calls in flight
+    /// before the handover [default: 10s].
+    #[arg(long, env = "TORUD_UPGRADE_TIMEOUT")]
+    pub upgrade_timeout: Option<Span>,
     /// Largest gRPC request or response message, in bytes [default: 4194304] (4 MiB).
     #[arg(long, env = "TORUD_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<AtLeast<1024>>,
@@ -316,7 +320,7 @@ impl Settings {
             kill_grace, health_interval, kv_timeout, call_timeout, max_frame_bytes,
             max_in_flight, log_segment_bytes, log_segments, plugin_env, admin_token_file,
             read_token_file, tls_cert, tls_key, tls_client_ca, insecure_plaintext_non_loopback,
-            metrics_listen, cors_origin, otlp_endpoint, otlp_header, otlp_ca, otlp_metrics_interval, max_message_bytes, max_concurrent_streams, max_kv_key_bytes, max_kv_value_bytes,
+            metrics_listen, cors_origin, otlp_endpoint, otlp_header, otlp_ca, otlp_metrics_interval, upgrade_timeout, max_message_bytes, max_concurrent_streams, max_kv_key_bytes, max_kv_value_bytes,
             max_log_line_bytes, max_metadata_bytes, plugin_max_address_space,
             plugin_max_open_files, plugin_max_processes, pin, storage_max_keys,
             storage_max_bytes, plugin_uid_range, plugin_user, log, plugins,
@@ -341,6 +345,9 @@ impl Settings {
             .into_iter()
             .map(|o| o.0)
             .collect();
+        if let Some(limit) = self.upgrade_timeout {
+            c.upgrade_timeout = limit.0;
+        }
         if let Some(every) = self.otlp_metrics_interval {
             c.otlp_metrics_interval = every.0.max(super::MIN_OTLP_METRICS_INTERVAL);
         }
@@ -528,6 +535,7 @@ impl Settings {
             otlp_header: config.otlp.as_ref().map(|o| o.headers.clone()),
             otlp_ca: config.otlp.as_ref().and_then(|o| o.ca.clone()),
             otlp_metrics_interval: Some(Span(config.otlp_metrics_interval)),
+            upgrade_timeout: Some(Span(config.upgrade_timeout)),
             plugins_dir: Some(config.plugins_dir.clone()),
             data_dir: Some(config.data_dir.clone()),
             enable_new_plugins: Some(config.enable_new_plugins),

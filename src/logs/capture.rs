@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
 
 use serde_json::Map;
 use time::OffsetDateTime;
@@ -124,7 +125,8 @@ impl PluginLog {
 pub struct StderrTail(Arc<Mutex<VecDeque<String>>>);
 
 impl StderrTail {
-    fn push(&self, line: &str) {
+    /// Keeps `line` as the newest.
+    pub fn push(&self, line: &str) {
         let mut ring = self.0.lock().expect("stderr tail lock poisoned");
         if ring.len() == STDERR_TAIL_LINES {
             ring.pop_front();
@@ -168,26 +170,103 @@ const FIRST_READ_BUFFER: usize = 1024;
 /// Reads `reader` to its end, line by line, storing every line in `log` (and stderr lines in
 /// `tail`). Never stops reading early, so the writer can never block on a full pipe.
 pub async fn drain_lines<R: AsyncRead + Unpin>(
-    mut reader: R,
+    reader: R,
     stream: LogStream,
     pid: u32,
     log: PluginLog,
     tail: Option<StderrTail>,
     max_line: usize,
 ) {
+    let never = CancellationToken::new();
+    let capture = Capture {
+        stream,
+        pid,
+        log,
+        tail,
+        max_line,
+    };
+    capture.run(reader, Vec::new(), &never).await;
+}
+
+/// Where a captured stream's lines go.
+pub struct Capture {
+    /// Which stream it is.
+    pub stream: LogStream,
+    /// The process writing it.
+    pub pid: u32,
+    /// The log its lines are stored in.
+    pub log: PluginLog,
+    /// Where stderr's last lines are kept.
+    pub tail: Option<StderrTail>,
+    /// Longest line stored whole.
+    pub max_line: usize,
+}
+
+/// What a capture stopped by `pause` gives back: the pipe, unread bytes left in it, and the
+/// unfinished line it had read (to be prepended to what is read next, by whoever resumes).
+pub struct Paused<R> {
+    /// The pipe.
+    pub reader: R,
+    /// Bytes of the line being read when it stopped (no newline yet).
+    pub partial: Vec<u8>,
+}
+
+impl Capture {
+    /// Reads `reader` as [`drain_lines`] does, starting with the unfinished line `partial`,
+    /// until its end (`None`) or until `pause` is cancelled: then every complete line read
+    /// is stored and the pipe is given back with the unfinished line, not a byte lost.
+    pub async fn run<R: AsyncRead + Unpin>(
+        self,
+        reader: R,
+        partial: Vec<u8>,
+        pause: &CancellationToken,
+    ) -> Option<Paused<R>> {
+        let Capture {
+            stream,
+            pid,
+            log,
+            tail,
+            max_line,
+        } = self;
+        capture(reader, partial, stream, pid, log, tail, max_line, pause).await
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn capture<R: AsyncRead + Unpin>(
+    mut reader: R,
+    mut partial: Vec<u8>,
+    stream: LogStream,
+    pid: u32,
+    log: PluginLog,
+    tail: Option<StderrTail>,
+    max_line: usize,
+    pause: &CancellationToken,
+) -> Option<Paused<R>> {
     let max_line = max_line.max(16);
     let mut buf = vec![0u8; FIRST_READ_BUFFER];
-    let mut partial: Vec<u8> = Vec::new();
     let mut batch: Vec<Line> = Vec::new();
     let mut held_bytes = 0;
     // When the last store happened; lines arriving sooner than COALESCE after it are held.
     let mut last_store = Instant::now() - COALESCE;
     loop {
+        // `read` is cancel-safe: a timeout or a pause loses no bytes.
         let read = if batch.is_empty() {
-            reader.read(&mut buf).await
+            tokio::select! {
+                read = reader.read(&mut buf) => read,
+                _ = pause.cancelled() => {
+                    return Some(Paused { reader, partial });
+                }
+            }
         } else {
-            // `read` is cancel-safe: a timeout loses no bytes.
-            match tokio::time::timeout_at(last_store + COALESCE, reader.read(&mut buf)).await {
+            let read = tokio::select! {
+                read = tokio::time::timeout_at(last_store + COALESCE, reader.read(&mut buf)) => read,
+                _ = pause.cancelled() => {
+                    emit(&log, stream, pid, tail.as_ref(), &mut batch);
+                    return Some(Paused { reader, partial });
+                }
+            };
+            match read {
                 Ok(read) => read,
                 Err(_) => {
                     emit(&log, stream, pid, tail.as_ref(), &mut batch);
@@ -225,7 +304,13 @@ pub async fn drain_lines<R: AsyncRead + Unpin>(
             // more than a millisecond of any plugin's logging, so the plugin does not block;
             // and while the pipe stays non-empty its writes wake nobody, which also makes
             // them cheaper for the plugin.
-            tokio::time::sleep_until(last_store + COALESCE).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(last_store + COALESCE) => {}
+                _ = pause.cancelled() => {
+                    emit(&log, stream, pid, tail.as_ref(), &mut batch);
+                    return Some(Paused { reader, partial });
+                }
+            }
         }
     }
     if !partial.is_empty() {
@@ -235,6 +320,7 @@ pub async fn drain_lines<R: AsyncRead + Unpin>(
         });
     }
     emit(&log, stream, pid, tail.as_ref(), &mut batch);
+    None
 }
 
 fn emit(

@@ -89,7 +89,8 @@ pub fn peer_credentials(stream: &impl std::os::fd::AsRawFd) -> std::io::Result<l
 }
 
 /// Opens the socket file at `path` itself (`O_PATH | O_NOFOLLOW`) and returns it with the
-/// short `/proc/self/fd/N` name that connects to exactly that socket: a symbolic link a
+/// short `/proc/thread-self/fd/N` name (this thread's table: the main thread, whose
+/// table `/proc/self` shows, has a table of its own) that connects to exactly that socket: a symbolic link a
 /// plugin put in its directory (to another plugin's socket, say) is refused, not followed.
 fn open_socket(path: &Path) -> std::io::Result<(std::fs::File, String)> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -109,7 +110,7 @@ fn open_socket(path: &Path) -> std::io::Result<(std::fs::File, String)> {
         return Err(std::io::ErrorKind::ConnectionRefused.into());
     }
     use std::os::fd::AsRawFd;
-    let name = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let name = format!("/proc/thread-self/fd/{}", file.as_raw_fd());
     Ok((file, name))
 }
 

@@ -32,7 +32,7 @@ const MAX_METADATA_STDERR: usize = 2048;
 pub const PLUGIN_SUFFIX: &str = ".binary";
 
 /// A file in the plugins directory that was not loaded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Skipped {
     /// The file.
     pub path: PathBuf,
@@ -84,7 +84,7 @@ impl ProbeOptions {
 /// What tells one version of a file from another without reading it: device, inode, size,
 /// and modification and status-change times. A file rewritten in place changes its times, a
 /// file replaced by a rename changes its inode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileIdentity {
     dev: u64,
     ino: u64,

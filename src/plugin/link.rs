@@ -157,6 +157,32 @@ struct LinkInner {
     close_reason: Mutex<Option<String>>,
     /// The daemon's log lines about what the plugin sent, within budgets.
     warnings: Warnings,
+    /// Woken whenever a waiting caller's entry leaves `pending`.
+    answered: tokio::sync::Notify,
+    /// A handover: the reader stops (once the storage requests it started are answered)
+    /// and gives back its half and the bytes it had read past the last frame.
+    detach_read: CancellationToken,
+    /// A handover: the writer sends what is queued and gives back its half.
+    detach_write: CancellationToken,
+    /// The reader's and writer's tasks, taken by a handover.
+    tasks: Mutex<Option<LinkTasks>>,
+}
+
+/// The tasks of a persistent link, each giving back its half of the connection when a
+/// handover stops it (`None` when the link closed instead).
+struct LinkTasks {
+    read: tokio::task::JoinHandle<Option<(OwnedReadHalf, Vec<u8>)>>,
+    write: tokio::task::JoinHandle<Option<OwnedWriteHalf>>,
+}
+
+/// A protocol-2 plugin's connection let go of for a handover: the socket, and bytes read
+/// from it that are not a whole frame yet (the next image reads on after them).
+#[derive(Debug)]
+pub struct DetachedConnection {
+    /// The connected socket.
+    pub socket: std::os::fd::OwnedFd,
+    /// Read, not yet a whole frame.
+    pub unread: Vec<u8>,
 }
 
 /// The log lines a plugin can trigger at will (answers nobody asked for, refused storage
@@ -305,13 +331,95 @@ impl Link {
         limits: LinkLimits,
         storage: Option<Namespace>,
     ) -> Link {
+        Link::persistent_after(stream, Vec::new(), protocol, limits, storage)
+    }
+
+    /// A link over a connection an earlier image of the daemon handed over
+    /// ([`Link::detach`]), reading on after the bytes it had read.
+    pub fn adopt(
+        connection: DetachedConnection,
+        protocol: u32,
+        limits: LinkLimits,
+        storage: Option<Namespace>,
+    ) -> std::io::Result<Link> {
+        let stream = std::os::unix::net::UnixStream::from(connection.socket);
+        stream.set_nonblocking(true)?;
+        let stream = UnixStream::from_std(stream)?;
+        Ok(Link::persistent_after(
+            stream,
+            connection.unread,
+            protocol,
+            limits,
+            storage,
+        ))
+    }
+
+    fn persistent_after(
+        stream: UnixStream,
+        unread: Vec<u8>,
+        protocol: u32,
+        limits: LinkLimits,
+        storage: Option<Namespace>,
+    ) -> Link {
         let (read, write) = stream.into_split();
         let (tx, rx) = mpsc::channel(limits.max_in_flight + STORAGE_IN_FLIGHT + 64);
         let plugin = storage.as_ref().map_or("", Namespace::name).to_owned();
         let link = Link::new(Transport::Persistent { tx }, protocol, limits, plugin);
-        tokio::spawn(link.clone().write_loop(write, rx));
-        tokio::spawn(link.clone().read_loop(read, storage));
+        let write = tokio::spawn(link.clone().write_loop(write, rx));
+        let read = tokio::spawn(link.clone().read_loop(read, unread, storage));
+        *link.inner.tasks.lock().expect("link tasks poisoned") = Some(LinkTasks { read, write });
         link
+    }
+
+    /// Lets go of a protocol-2 plugin's connection for a handover, without closing it: waits
+    /// (at most `drain`) for the answers callers are waiting for (those still waiting then
+    /// fail as unavailable), stops reading once the storage requests read are answered,
+    /// sends everything queued, and gives back the socket with any bytes read past the last
+    /// whole frame. The link is closed afterwards. `None` for a v1 link (nothing to hand
+    /// over: each request has its own connection) or one already closed.
+    pub async fn detach(&self, drain: Duration) -> Option<DetachedConnection> {
+        let tasks = self
+            .inner
+            .tasks
+            .lock()
+            .expect("link tasks poisoned")
+            .take()?;
+        let deadline = tokio::time::Instant::now() + drain;
+        loop {
+            let answered = self.inner.answered.notified();
+            if self.inner.pending.lock().is_empty() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, answered).await.is_err() {
+                self.fail_pending("the daemon is upgrading");
+                break;
+            }
+        }
+        self.inner.detach_read.cancel();
+        let read = tasks.read.await.ok().flatten();
+        self.inner.detach_write.cancel();
+        let write = tasks.write.await.ok().flatten();
+        self.close("handed over to the daemon's next image");
+        let ((read, unread), write) = (read?, write?);
+        let stream = read.reunite(write).ok()?.into_std().ok()?;
+        Some(DetachedConnection {
+            socket: stream.into(),
+            unread,
+        })
+    }
+
+    /// Fails every waiting caller with `reason`, leaving the connection open.
+    fn fail_pending(&self, reason: &str) {
+        let mut slot = self
+            .inner
+            .close_reason
+            .lock()
+            .expect("close reason poisoned");
+        if slot.is_none() {
+            *slot = Some(reason.to_owned());
+        }
+        drop(slot);
+        self.inner.pending.lock().clear();
     }
 
     /// A link to a v1 plugin: one connection per request.
@@ -339,6 +447,10 @@ impl Link {
                 closed: CancellationToken::new(),
                 close_reason: Mutex::new(None),
                 warnings: Warnings::new(plugin),
+                answered: tokio::sync::Notify::new(),
+                detach_read: CancellationToken::new(),
+                detach_write: CancellationToken::new(),
+                tasks: Mutex::new(None),
             }),
         }
     }
@@ -373,10 +485,12 @@ impl Link {
                 .close_reason
                 .lock()
                 .expect("close reason poisoned");
-            if slot.is_some() {
+            if self.inner.closed.is_cancelled() {
                 return;
             }
-            *slot = Some(reason.to_owned());
+            if slot.is_none() {
+                *slot = Some(reason.to_owned());
+            }
         }
         self.inner.closed.cancel();
         // Dropping the senders wakes every waiter, which then reads the reason.
@@ -600,14 +714,23 @@ impl Link {
         }
     }
 
-    async fn write_loop(self, write: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
+    async fn write_loop(
+        self,
+        write: OwnedWriteHalf,
+        mut rx: mpsc::Receiver<Vec<u8>>,
+    ) -> Option<OwnedWriteHalf> {
         let mut out = FramedWrite::new(write, FrameCodec::new(self.inner.limits.max_frame));
         loop {
             let first = tokio::select! {
+                biased;
                 msg = rx.recv() => msg,
-                _ = self.inner.closed.cancelled() => return,
+                _ = self.inner.closed.cancelled() => return None,
+                _ = self.inner.detach_write.cancelled() => {
+                    // Nothing is queued (the biased select took it first): hand over.
+                    return Some(out.into_inner());
+                }
             };
-            let Some(first) = first else { return };
+            let Some(first) = first else { return None };
             let mut next = Some(first);
             let mut failed = None;
             while let Some(frame) = next {
@@ -623,18 +746,31 @@ impl Link {
             };
             if let Err(e) = flushed {
                 self.close(&format!("writing to the plugin failed: {e}"));
-                return;
+                return None;
             }
         }
     }
 
-    async fn read_loop(self, read: OwnedReadHalf, storage: Option<Namespace>) {
+    async fn read_loop(
+        self,
+        read: OwnedReadHalf,
+        unread: Vec<u8>,
+        storage: Option<Namespace>,
+    ) -> Option<(OwnedReadHalf, Vec<u8>)> {
         let mut frames = FramedRead::new(read, FrameCodec::new(self.inner.limits.max_frame));
+        frames.read_buffer_mut().extend_from_slice(&unread);
         let storage_slots = Arc::new(tokio::sync::Semaphore::new(STORAGE_IN_FLIGHT));
         let reason = loop {
+            // `next` is cancel-safe: a partly read frame stays in the buffer.
             let frame = tokio::select! {
                 frame = frames.next() => frame,
-                _ = self.inner.closed.cancelled() => return,
+                _ = self.inner.closed.cancelled() => return None,
+                _ = self.inner.detach_read.cancelled() => {
+                    // The storage requests read are answered (queued for the writer) first.
+                    let _all = storage_slots.acquire_many(STORAGE_IN_FLIGHT as u32).await;
+                    let unread = frames.read_buffer().to_vec();
+                    return Some((frames.into_inner(), unread));
+                }
             };
             let bytes = match frame {
                 Some(Ok(bytes)) => bytes,
@@ -660,7 +796,7 @@ impl Link {
                 // from anything the message names.
                 let slot = tokio::select! {
                     slot = storage_slots.clone().acquire_owned() => slot.expect("never closed"),
-                    _ = self.inner.closed.cancelled() => return,
+                    _ = self.inner.closed.cancelled() => return None,
                 };
                 let Transport::Persistent { tx } = &self.inner.transport else {
                     unreachable!("only persistent links read frames")
@@ -677,8 +813,10 @@ impl Link {
                 }
                 None => self.inner.warnings.unknown_id(&id, envelope.kind.as_str()),
             }
+            self.inner.answered.notify_waiters();
         };
         self.close(&reason);
+        None
     }
 
     /// Answers one storage request of the plugin and queues the answer for the writer.
@@ -776,6 +914,7 @@ impl Drop for PendingEntry<'_> {
     fn drop(&mut self) {
         let Some(id) = self.id.take() else { return };
         let removed = self.link.inner.pending.lock().remove(&id).is_some();
+        self.link.inner.answered.notify_waiters();
         if removed && !self.link.inner.closed.is_cancelled() {
             if let Transport::Persistent { tx } = &self.link.inner.transport {
                 let _ = tx.try_send(Envelope::bare(MessageType::Cancel, id).to_vec());

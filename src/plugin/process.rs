@@ -7,9 +7,9 @@
 //! `--metadata` one — is its own process-group leader with `PR_SET_PDEATHSIG = SIGKILL`, so
 //! signalling the group reaches its descendants and the plugin dies with the daemon even
 //! when the daemon is SIGKILLed. The parent-death signal fires when the *thread* that
-//! spawned the child exits, so children are only spawned from async tasks (`spawn.rs`
-//! clones them on its spawner thread, which never exits, or on the task's tokio worker
-//! thread, which lives as long as the runtime), never from `spawn_blocking` threads.
+//! spawned the child exits, so children are cloned by `spawn.rs` on its spawner thread,
+//! which never exits and is the one that makes a handover's exec (so a handover does not
+//! fire it).
 //! Before exec the child joins its cgroup (while still root), marks every descriptor above
 //! 2 close-on-exec, enters its sandbox, and only then switches user (groups cleared, gid,
 //! uid), sets `no_new_privs`, enters its working directory (as its user, in its view) and
@@ -33,10 +33,11 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
-use crate::logs::capture::{drain_lines, PluginLog, StderrTail};
+use crate::logs::capture::{Capture, Paused, PluginLog, StderrTail};
 use crate::plugin::isolation::cgroup::PluginCgroup;
 use crate::plugin::spawn::{Child, Command, Stdio};
 use crate::secret::Secret;
+use tokio_util::sync::CancellationToken;
 
 #[cfg(target_env = "gnu")]
 type RlimitResource = libc::__rlimit_resource_t;
@@ -166,6 +167,9 @@ pub fn plugin_command(
     // The sandbox makes the child dumpable again, a flag of the memory: a child sharing the
     // daemon's would make the daemon dumpable too.
     cmd.copy_memory(sandbox.is_some());
+    if let Some(sandbox) = &sandbox {
+        cmd.keep_fds_free_below(sandbox.fd_floor());
+    }
     if let Some(procs) = cgroup_procs {
         cmd.cgroup_procs(procs);
     }
@@ -384,6 +388,15 @@ pub trait Spawner: Send + Sync + 'static {
         max_line: usize,
         descendants: Descendants,
     ) -> std::io::Result<Self::Process>;
+
+    /// Takes over a process an earlier image of the daemon handed over, its output drained
+    /// into `log` again.
+    fn adopt(
+        &self,
+        detached: DetachedProcess,
+        log: PluginLog,
+        max_line: usize,
+    ) -> std::io::Result<Self::Process>;
 }
 
 /// What supervision does with a started plugin process.
@@ -406,6 +419,31 @@ pub trait Process: Send + 'static {
     /// After the exit: kills everything it started, waits (at most `drain_timeout`) for its
     /// output to be drained, and returns the last lines of its stderr.
     fn finish(&mut self, drain_timeout: Duration) -> impl Future<Output = Vec<String>> + Send;
+
+    /// Lets go of the running process without stopping it, for the daemon's next image:
+    /// its capture paused at a line boundary, its pidfd and pipes given back. `None` when
+    /// this kind of process cannot be handed over (then it is dropped, and so stopped).
+    fn detach(self) -> impl Future<Output = Option<DetachedProcess>> + Send
+    where
+        Self: Sized;
+}
+
+/// A running plugin process let go of for a handover: everything the next image needs to
+/// adopt it ([`PluginProcess::adopt`]).
+#[derive(Debug)]
+pub struct DetachedProcess {
+    /// Its pid (and process group).
+    pub pid: u32,
+    /// Its pidfd: the one way the next image names it.
+    pub pidfd: OwnedFd,
+    /// Its stdout pipe's read end, with the unfinished line read from it.
+    pub stdout: Option<(OwnedFd, Vec<u8>)>,
+    /// Its stderr pipe's read end, with the unfinished line read from it.
+    pub stderr: Option<(OwnedFd, Vec<u8>)>,
+    /// The last lines of its stderr.
+    pub stderr_tail: Vec<String>,
+    /// How what it started is found.
+    pub descendants: Descendants,
 }
 
 /// Spawns real processes: [`PluginProcess::spawn`].
@@ -424,6 +462,35 @@ impl Spawner for OsSpawner {
     ) -> std::io::Result<PluginProcess> {
         PluginProcess::spawn(cmd, log, max_line, descendants)
     }
+
+    fn adopt(
+        &self,
+        detached: DetachedProcess,
+        log: PluginLog,
+        max_line: usize,
+    ) -> std::io::Result<PluginProcess> {
+        PluginProcess::adopt(detached, log, max_line)
+    }
+}
+
+/// Kills a handed-over process that will not be adopted, named by its pidfd (its group too:
+/// an unreaped child's pid, and so its group id, cannot have been reused).
+pub fn kill_detached(process: &DetachedProcess) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: signalling through a pidfd we hold.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            process.pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        );
+    }
+    signal_group(process.pid, libc::SIGKILL);
+    if let Descendants::Cgroup(cgroup) = &process.descendants {
+        cgroup.kill();
+    }
 }
 
 /// A running plugin process with its output being drained into its log.
@@ -431,10 +498,17 @@ pub struct PluginProcess {
     child: Child,
     pid: u32,
     exit: Option<ExitStatus>,
-    drains: Vec<JoinHandle<()>>,
+    /// The stdout and stderr captures; a paused one gives its pipe back.
+    drains: Vec<JoinHandle<Option<Paused<ChildPipe>>>>,
+    /// Pauses the captures (for a handover).
+    pause: CancellationToken,
     stderr_tail: StderrTail,
     descendants: Descendants,
+    /// Let go of for a handover: dropping it stops nothing.
+    detached: bool,
 }
+
+type ChildPipe = crate::plugin::spawn::ChildPipe;
 
 impl PluginProcess {
     /// Spawns the plugin with stdout and stderr drained line by line (lines longer than
@@ -448,36 +522,128 @@ impl PluginProcess {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn()?;
         let pid = child.id().unwrap_or(0);
-        let stderr_tail = StderrTail::default();
+        let stdout = child.stdout.take().map(|out| (out, Vec::new()));
+        let stderr = child.stderr.take().map(|err| (err, Vec::new()));
+        for (pipe, _) in stdout.iter().chain(stderr.iter()) {
+            widen_pipe(pipe);
+        }
+        let tail = StderrTail::default();
+        Ok(Self::capturing(
+            child,
+            pid,
+            stdout,
+            stderr,
+            tail,
+            log,
+            max_line,
+            descendants,
+        ))
+    }
+
+    /// Takes over a process an earlier image of the daemon handed over ([`DetachedProcess`]):
+    /// waited for by its pidfd, its output captured again from where it paused.
+    pub fn adopt(
+        detached: DetachedProcess,
+        log: PluginLog,
+        max_line: usize,
+    ) -> std::io::Result<Self> {
+        let DetachedProcess {
+            pid,
+            pidfd,
+            stdout,
+            stderr,
+            stderr_tail,
+            descendants,
+        } = detached;
+        let child = Child::adopt(pid, pidfd)?;
+        let pipe = |(fd, partial): (OwnedFd, Vec<u8>)| -> std::io::Result<(ChildPipe, Vec<u8>)> {
+            Ok((ChildPipe::from_owned_fd(fd)?, partial))
+        };
+        let stdout = stdout.map(pipe).transpose()?;
+        let stderr = stderr.map(pipe).transpose()?;
+        let tail = StderrTail::default();
+        for line in &stderr_tail {
+            tail.push(line);
+        }
+        Ok(Self::capturing(
+            child,
+            pid,
+            stdout,
+            stderr,
+            tail,
+            log,
+            max_line,
+            descendants,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn capturing(
+        child: Child,
+        pid: u32,
+        stdout: Option<(ChildPipe, Vec<u8>)>,
+        stderr: Option<(ChildPipe, Vec<u8>)>,
+        stderr_tail: StderrTail,
+        log: PluginLog,
+        max_line: usize,
+        descendants: Descendants,
+    ) -> Self {
+        let pause = CancellationToken::new();
         let mut drains = Vec::with_capacity(2);
-        if let Some(out) = child.stdout.take() {
-            widen_pipe(&out);
-            drains.push(tokio::spawn(drain_lines(
-                out,
-                LogStream::Stdout,
+        for (stream, pipe) in [(LogStream::Stdout, stdout), (LogStream::Stderr, stderr)] {
+            let Some((pipe, partial)) = pipe else {
+                continue;
+            };
+            let capture = Capture {
+                stream,
                 pid,
-                log.clone(),
-                None,
+                log: log.clone(),
+                tail: (stream == LogStream::Stderr).then(|| stderr_tail.clone()),
                 max_line,
-            )));
+            };
+            let pause = pause.clone();
+            drains.push(tokio::spawn(async move {
+                capture.run(pipe, partial, &pause).await
+            }));
         }
-        if let Some(err) = child.stderr.take() {
-            widen_pipe(&err);
-            drains.push(tokio::spawn(drain_lines(
-                err,
-                LogStream::Stderr,
-                pid,
-                log,
-                Some(stderr_tail.clone()),
-                max_line,
-            )));
-        }
-        Ok(PluginProcess {
+        PluginProcess {
             child,
             pid,
             exit: None,
             drains,
+            pause,
             stderr_tail,
+            descendants,
+            detached: false,
+        }
+    }
+
+    /// Lets go of the running process for a handover: pauses its captures (every complete
+    /// line read is stored first) and gives back its pidfd, pipes and unfinished lines.
+    /// `None` when it has exited or its captures ended (it is then dropped, and stopped).
+    pub async fn detach(mut self) -> Option<DetachedProcess> {
+        if self.exit.is_some() || matches!(self.child.try_wait(), Ok(Some(_)) | Err(_)) {
+            return None;
+        }
+        self.pause.cancel();
+        let mut pipes = Vec::with_capacity(2);
+        for drain in std::mem::take(&mut self.drains) {
+            let paused = drain.await.ok().flatten()?;
+            let fd = paused.reader.into_nonblocking_fd().ok()?;
+            pipes.push((fd, paused.partial));
+        }
+        let mut pipes = pipes.into_iter();
+        let (stdout, stderr) = (pipes.next(), pipes.next());
+        let pidfd = self.child.take_pidfd()?;
+        self.detached = true;
+        let descendants =
+            std::mem::replace(&mut self.descendants, Descendants::Marker(PathBuf::new()));
+        Some(DetachedProcess {
+            pid: self.pid,
+            pidfd,
+            stdout,
+            stderr,
+            stderr_tail: self.stderr_tail.lines(),
             descendants,
         })
     }
@@ -586,10 +752,17 @@ impl Process for PluginProcess {
     fn finish(&mut self, drain_timeout: Duration) -> impl Future<Output = Vec<String>> + Send {
         PluginProcess::finish(self, drain_timeout)
     }
+
+    fn detach(self) -> impl Future<Output = Option<DetachedProcess>> + Send {
+        PluginProcess::detach(self)
+    }
 }
 
 impl Drop for PluginProcess {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         if self.exit.is_none() {
             self.signal_group(libc::SIGKILL);
         }

@@ -78,6 +78,7 @@ pub struct Command {
     kill_on_drop: bool,
     copy_memory: bool,
     cgroup_procs: Option<OwnedFd>,
+    fd_floor: RawFd,
     pre_exec: Vec<PreExec>,
 }
 
@@ -102,6 +103,7 @@ impl Command {
             kill_on_drop: false,
             copy_memory: false,
             cgroup_procs: None,
+            fd_floor: 0,
             pre_exec: Vec::new(),
         }
     }
@@ -187,6 +189,14 @@ impl Command {
         self
     }
 
+    /// Keeps the descriptor numbers below `floor` free of what the spawn itself opens in the
+    /// child (its pipes' ends, its error pipe), for steps that put descriptors of their own
+    /// at numbers chosen before the spawn (the sandbox's binds).
+    pub fn keep_fds_free_below(&mut self, floor: RawFd) -> &mut Self {
+        self.fd_floor = self.fd_floor.max(floor);
+        self
+    }
+
     /// Runs `f` in the child before exec, after its streams and process group are set.
     ///
     /// # Safety
@@ -257,9 +267,9 @@ impl Command {
             error: error_write.as_raw_fd(),
             stack: stack.top(),
             copy_memory: self.copy_memory,
+            fd_floor: self.fd_floor,
         };
-        let spawner = (!self.copy_memory).then(Spawner::get).flatten();
-        let pid = match spawner {
+        let pid = match Spawner::get() {
             Some(spawner) => spawner.clone_child(&mut args)?,
             None => clone_child(&mut args)?,
         };
@@ -339,6 +349,33 @@ pub struct Child {
 }
 
 impl Child {
+    /// A child of this process started by an earlier image of the daemon (which handed over
+    /// `pidfd`, a pidfd of it): waited for and killed on drop like one this image started.
+    pub fn adopt(pid: u32, pidfd: OwnedFd) -> io::Result<Child> {
+        // SAFETY: an OwnedFd's descriptor stays open and the same until the AsyncFd drops it.
+        let pidfd = unsafe { AsyncFd::register(pidfd) }.map_err(io::Error::from)?;
+        Ok(Child {
+            pid,
+            pidfd: Some(pidfd),
+            status: None,
+            kill_on_drop: true,
+            stdout: None,
+            stderr: None,
+        })
+    }
+
+    /// Lets go of the child without reaping or killing it (for a handover): its pidfd, or
+    /// `None` when it was reaped already.
+    pub fn take_pidfd(&mut self) -> Option<OwnedFd> {
+        if self.status.is_some() {
+            return None;
+        }
+        let pidfd = self.pidfd.take()?.into_inner();
+        // Nothing for the drop to do any more.
+        self.status = Some(ExitStatus::from_raw(0));
+        Some(pidfd)
+    }
+
     /// Its pid, until it is reaped.
     pub fn id(&self) -> Option<u32> {
         self.status.is_none().then_some(self.pid)
@@ -437,6 +474,8 @@ struct ChildArgs<'a, 'f> {
     stack: *mut libc::c_void,
     /// Whether the child gets a copy of the memory rather than sharing it.
     copy_memory: bool,
+    /// The spawner puts the child's descriptors at or above this number.
+    fd_floor: RawFd,
 }
 
 /// Starts the child described by `args` from the calling thread; returns its pid.
@@ -465,8 +504,8 @@ fn clone_child(args: &mut ChildArgs<'_, '_>) -> io::Result<libc::pid_t> {
     Ok(pid)
 }
 
-/// The thread that starts children sharing the daemon's memory, from a descriptor table of
-/// its own holding almost nothing.
+/// The thread that starts every child, from a descriptor table of its own holding almost
+/// nothing, and the one that execs the daemon's next image in a handover.
 ///
 /// A child gets a copy of its parent's descriptor table, and exec closes every descriptor
 /// in it one by one (each close flushes the file and drops its locks). The daemon holds
@@ -477,38 +516,55 @@ fn clone_child(args: &mut ChildArgs<'_, '_>) -> io::Result<libc::pid_t> {
 /// descriptors the child needs from the daemon's table (`pidfd_getfd`) and clones.
 ///
 /// It never exits: the parent-death signal of a plugin fires when the thread that started
-/// it ends, so this thread lives as long as the daemon. Its signals stay blocked.
+/// it ends. An exec by another thread ends this one too, so a handover's exec is made
+/// here ([`exec_handing_over`]): the plugins outlive it, and the new image's only thread —
+/// its main thread — is their parent. The daemon runs this loop on its main thread
+/// ([`serve_from_main_thread`]), so that every image, the first or one after a handover,
+/// starts its children and makes its exec from the same thread. (Without that, a library
+/// user gets it on a thread of its own, started at the first spawn.) Its signals stay
+/// blocked.
 struct Spawner {
-    requests: std::sync::Mutex<std::sync::mpsc::Sender<Request>>,
+    requests: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
 }
 
-/// A child to start: its description, valid until the reply is sent (the asking thread
-/// waits for it).
-struct Request {
-    args: *mut ChildArgs<'static, 'static>,
-    reply: std::sync::mpsc::SyncSender<io::Result<libc::pid_t>>,
+/// What the spawner thread is asked to do. Each pointer is valid until the reply is sent
+/// (the asking thread waits for it).
+enum Job {
+    /// Start a child.
+    Clone {
+        args: *mut ChildArgs<'static, 'static>,
+        reply: std::sync::mpsc::SyncSender<io::Result<libc::pid_t>>,
+    },
+    /// Replace the daemon's image; the reply is the error when exec fails.
+    Exec {
+        exec: *const Exec,
+        reply: std::sync::mpsc::SyncSender<io::Error>,
+    },
+    /// The daemon's own work (on another thread) has ended: stop serving.
+    Done,
 }
 
-// SAFETY: the pointer is used only while the sender waits for the reply, so the data it
-// points to (plain descriptors, C strings and closures that are Send + Sync) stays alive
-// and untouched by the sender.
-unsafe impl Send for Request {}
+// SAFETY: the pointers are used only while the sender waits for the reply, so the data they
+// point to (plain descriptors, C strings and closures that are Send + Sync) stays alive and
+// untouched by the sender.
+unsafe impl Send for Job {}
 
 impl Spawner {
-    /// The spawner thread, started at the first call; `None` when this kernel (or a
-    /// seccomp policy) refuses what it needs: then children start from the calling thread.
+    /// The spawner thread: the main thread's when the daemon installed it there, else one
+    /// started at the first call; `None` when this kernel (or a seccomp policy) refuses what
+    /// it needs: then children start from the calling thread.
     fn get() -> Option<&'static Spawner> {
-        static SPAWNER: std::sync::OnceLock<Option<Spawner>> = std::sync::OnceLock::new();
         SPAWNER.get_or_init(Spawner::start).as_ref()
     }
 
     fn start() -> Option<Spawner> {
-        let (requests, incoming) = std::sync::mpsc::channel::<Request>();
+        let (requests, incoming) = std::sync::mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<bool>(1);
         let started = std::thread::Builder::new()
             .name("torud-spawner".into())
             .spawn(move || {
-                let own = match own_table() {
+                let daemon = pidfd_open(std::process::id() as libc::pid_t);
+                let own = match daemon.and_then(own_table) {
                     Ok(own) => own,
                     Err(e) => {
                         tracing::warn!(error = %e, "no spawner thread: plugins start from the async workers");
@@ -517,11 +573,7 @@ impl Spawner {
                     }
                 };
                 let _ = ready_tx.send(true);
-                for request in incoming {
-                    // SAFETY: see `Request`.
-                    let args = unsafe { &mut *request.args };
-                    let _ = request.reply.send(own.clone_child(args));
-                }
+                serve_jobs(Some(&own), &incoming);
             });
         match started {
             Ok(_) if ready_rx.recv() == Ok(true) => Some(Spawner {
@@ -531,24 +583,244 @@ impl Spawner {
         }
     }
 
+    fn send(&self, job: Job) -> Result<(), Job> {
+        self.requests
+            .lock()
+            .expect("spawner queue poisoned")
+            .send(job)
+            .map_err(|e| e.0)
+    }
+
     /// Starts the child on the spawner thread and waits for its pid.
     fn clone_child(&self, args: &mut ChildArgs<'_, '_>) -> io::Result<libc::pid_t> {
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        let request = Request {
+        let job = Job::Clone {
             args: (args as *mut ChildArgs<'_, '_>).cast(),
             reply,
         };
-        let sent = self
-            .requests
-            .lock()
-            .expect("spawner queue poisoned")
-            .send(request);
-        if sent.is_err() {
+        if self.send(job).is_err() {
             return clone_child(args);
         }
         answer
             .recv()
             .unwrap_or_else(|_| Err(io::Error::other("the spawner thread is gone")))
+    }
+}
+
+static SPAWNER: std::sync::OnceLock<Option<Spawner>> = std::sync::OnceLock::new();
+
+/// Serves jobs until [`Job::Done`]; `own` is this thread's own table (`None`: it shares the
+/// daemon's).
+fn serve_jobs(own: Option<&OwnTable>, incoming: &std::sync::mpsc::Receiver<Job>) {
+    for job in incoming {
+        match job {
+            Job::Clone { args, reply } => {
+                // SAFETY: see `Job`.
+                let args = unsafe { &mut *args };
+                let _ = reply.send(match own {
+                    Some(own) => own.clone_child(args),
+                    None => clone_child(args),
+                });
+            }
+            Job::Exec { exec, reply } => {
+                // SAFETY: see `Job`.
+                let exec = unsafe { &*exec };
+                let _ = reply.send(exec_here(own, exec));
+            }
+            Job::Done => return,
+        }
+    }
+}
+
+/// Runs `daemon` on a new thread while the calling thread — the process's main thread —
+/// serves as the spawner thread, and returns what `daemon` returns. Call first thing in
+/// `main`, before any thread starts (signals are unblocked for the daemon's threads first:
+/// an image started by a handover inherits the spawner's blocked mask).
+pub fn serve_from_main_thread<T: Send + 'static>(
+    daemon: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
+    // SAFETY: plain signal-mask call on this thread, inherited by the threads it starts.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+    }
+    let (requests, incoming) = std::sync::mpsc::channel::<Job>();
+    let done = requests.clone();
+    if SPAWNER
+        .set(Some(Spawner {
+            requests: std::sync::Mutex::new(requests),
+        }))
+        .is_err()
+    {
+        return Err(io::Error::other("a spawner thread is already running"));
+    }
+    let (tid_tx, tid_rx) = std::sync::mpsc::sync_channel(1);
+    let worker = std::thread::Builder::new()
+        .name("torud".into())
+        .spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            let _ = tid_tx.send(unsafe { libc::gettid() });
+            let result = daemon();
+            let _ = done.send(Job::Done);
+            result
+        })?;
+    // After the daemon's thread started: it keeps the process's table, this thread gets its
+    // own, taking descriptors from that thread's (a pidfd of the thread, Linux 6.9). Where
+    // that is refused, this thread shares the daemon's table.
+    let worker_tid = tid_rx
+        .recv()
+        .map_err(|_| io::Error::other("the daemon's thread did not start"))?;
+    let own = pidfd_open_thread(worker_tid)
+        .and_then(own_table)
+        .inspect_err(
+            |e| tracing::debug!(error = %e, "the spawner shares the daemon's descriptor table"),
+        )
+        .ok();
+    if own.is_none() {
+        block_all_signals();
+    }
+    serve_jobs(own.as_ref(), &incoming);
+    worker
+        .join()
+        .map_err(|_| io::Error::other("the daemon's thread panicked"))
+}
+
+/// The program a handover execs.
+#[derive(Debug)]
+pub enum ExecProgram {
+    /// A file by its path.
+    Path(std::path::PathBuf),
+    /// An executable file by a descriptor of the daemon's (`O_PATH` will do): one that may
+    /// no longer have a path, such as the daemon's own replaced binary.
+    Fd(RawFd),
+}
+
+/// A handover's exec: the program, its arguments and environment, and the daemon's
+/// descriptors the new image inherits. Their numbers in the new image are given to it, in
+/// order, in the environment variable [`HANDOVER_FDS`] (comma-separated).
+#[derive(Debug)]
+pub struct Exec {
+    /// What to run.
+    pub program: ExecProgram,
+    /// `argv`, including `argv[0]`.
+    pub args: Vec<OsString>,
+    /// The environment, `NAME=value` each ([`HANDOVER_FDS`] is added).
+    pub env: Vec<OsString>,
+    /// Descriptors (of the daemon's table) the new image gets, in this order.
+    pub fds: Vec<RawFd>,
+}
+
+/// The environment variable naming the descriptors a handover passed, in order.
+pub const HANDOVER_FDS: &str = "TORUD_HANDOVER_FDS";
+
+/// Replaces the daemon's image as [`Exec`] says, from the spawner thread (so the plugins it
+/// started survive it). Returns only when exec failed, with the reason; the daemon is
+/// untouched then.
+pub fn exec_handing_over(exec: &Exec) -> io::Error {
+    let Some(spawner) = Spawner::get() else {
+        return io::Error::other("no spawner thread: a handover cannot keep the plugins");
+    };
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    let job = Job::Exec {
+        exec: exec as *const Exec,
+        reply,
+    };
+    if spawner.send(job).is_err() {
+        return io::Error::other("the spawner thread is gone");
+    }
+    answer
+        .recv()
+        .unwrap_or_else(|_| io::Error::other("the spawner thread is gone"))
+}
+
+/// The exec, on the spawner thread: the descriptors taken into its table (when it has its
+/// own) without close-on-exec, their numbers in [`HANDOVER_FDS`], then execve.
+fn exec_here(own: Option<&OwnTable>, exec: &Exec) -> io::Error {
+    let mut taken = Vec::with_capacity(exec.fds.len());
+    let mut numbers = Vec::with_capacity(exec.fds.len());
+    let mut take = |fd: RawFd| -> io::Result<RawFd> {
+        match own {
+            Some(own) => {
+                let copy = take_fd(&own.daemon, fd)?;
+                let raw = copy.as_raw_fd();
+                taken.push(copy);
+                Ok(raw)
+            }
+            None => Ok(fd),
+        }
+    };
+    let program = match &exec.program {
+        ExecProgram::Path(path) => match cstring(path.as_os_str().as_bytes()) {
+            Ok(path) => Ok(path),
+            Err(e) => return e,
+        },
+        ExecProgram::Fd(fd) => match take(*fd) {
+            Ok(fd) => Err(fd),
+            Err(e) => return e,
+        },
+    };
+    for &fd in &exec.fds {
+        match take(fd) {
+            Ok(number) => numbers.push(number),
+            Err(e) => return e,
+        }
+    }
+    let list: Vec<String> = numbers.iter().map(|n| n.to_string()).collect();
+    let mut env: Vec<CString> = Vec::with_capacity(exec.env.len() + 1);
+    let prefix = format!("{HANDOVER_FDS}=");
+    for var in &exec.env {
+        if var.as_bytes().starts_with(prefix.as_bytes()) {
+            continue;
+        }
+        match cstring(var.as_bytes()) {
+            Ok(var) => env.push(var),
+            Err(e) => return e,
+        }
+    }
+    env.push(CString::new(format!("{prefix}{}", list.join(","))).expect("digits and commas"));
+    let args: Result<Vec<CString>, _> = exec.args.iter().map(|a| cstring(a.as_bytes())).collect();
+    let args = match args {
+        Ok(args) => args,
+        Err(e) => return e,
+    };
+    let argv = null_terminated(&args);
+    let envp = null_terminated(&env);
+    // The descriptors cross the exec: clear their close-on-exec flag, and set it back if
+    // the exec fails (in a shared table they are the daemon's own).
+    let set_cloexec = |on: bool| {
+        for &fd in &numbers {
+            // SAFETY: flag changes on descriptors that stay open meanwhile.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, if on { libc::FD_CLOEXEC } else { 0 }) };
+        }
+    };
+    set_cloexec(false);
+    // SAFETY: execve with NUL-terminated arrays that live until it returns (only on failure).
+    unsafe {
+        match &program {
+            Ok(path) => libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()),
+            Err(fd) => libc::syscall(
+                libc::SYS_execveat,
+                *fd,
+                c"".as_ptr(),
+                argv.as_ptr(),
+                envp.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            ) as libc::c_int,
+        };
+    }
+    let error = io::Error::last_os_error();
+    set_cloexec(true);
+    error
+}
+
+/// Blocks every signal on the calling thread (for good).
+fn block_all_signals() {
+    // SAFETY: plain signal-mask call on this thread.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
     }
 }
 
@@ -558,22 +830,30 @@ struct OwnTable {
     daemon: OwnedFd,
 }
 
-fn own_table() -> io::Result<OwnTable> {
-    // SAFETY: plain system calls affecting only this thread's table and signal mask.
+/// Gives the calling thread a table of its own; `daemon` is a pidfd of a thread that keeps
+/// the daemon's table. Checked before anything changes: on an error the calling thread
+/// still shares the daemon's table.
+fn own_table(daemon: OwnedFd) -> io::Result<OwnTable> {
+    drop(take_fd(&daemon, 0)?);
+    let daemon_fd = daemon.as_raw_fd();
+    block_all_signals();
+    // SAFETY: plain system calls affecting only this thread's table. The pidfd keeps its
+    // number in the copy (close_range spares it); the daemon's table keeps its own copy of
+    // it, one descriptor, never used there.
     unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
         if libc::unshare(libc::CLONE_FILES) != 0 {
             return Err(io::Error::last_os_error());
         }
-        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
-            return Err(io::Error::last_os_error());
+        if daemon_fd > 3 {
+            libc::syscall(libc::SYS_close_range, 3u32, (daemon_fd - 1) as u32, 0u32);
         }
+        libc::syscall(
+            libc::SYS_close_range,
+            (daemon_fd + 1) as u32,
+            u32::MAX,
+            0u32,
+        );
     }
-    let daemon = pidfd_open(std::process::id() as libc::pid_t)?;
-    // Check that descriptors can be taken before relying on it.
-    drop(take_fd(&daemon, 0)?);
     Ok(OwnTable { daemon })
 }
 
@@ -596,7 +876,10 @@ impl OwnTable {
         let mut taken = Vec::with_capacity(5);
         let mut take = |fd: &mut RawFd| -> io::Result<()> {
             if *fd >= 0 {
-                let copy = take_fd(&self.daemon, *fd)?;
+                let mut copy = take_fd(&self.daemon, *fd)?;
+                if copy.as_raw_fd() < args.fd_floor {
+                    copy = raise_fd(&copy, args.fd_floor)?;
+                }
                 *fd = copy.as_raw_fd();
                 taken.push(copy);
             }
@@ -608,6 +891,18 @@ impl OwnTable {
         take(&mut args.cgroup_procs)?;
         take(&mut args.error)?;
         clone_child(args)
+    }
+}
+
+/// A copy of `fd` numbered `floor` or above (close-on-exec).
+fn raise_fd(fd: &OwnedFd, floor: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we then own.
+    unsafe {
+        let got = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor);
+        if got < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(got))
     }
 }
 
@@ -825,6 +1120,19 @@ fn open_dev_null() -> io::Result<OwnedFd> {
             return Err(io::Error::last_os_error());
         }
         Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// A pidfd of one thread (`PIDFD_THREAD`, which is `O_EXCL`): `pidfd_getfd` then takes from
+/// that thread's descriptor table.
+fn pidfd_open_thread(tid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open returns a descriptor we then own.
+    unsafe {
+        let fd = libc::syscall(libc::SYS_pidfd_open, tid, libc::O_EXCL);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd as RawFd))
     }
 }
 

@@ -56,9 +56,9 @@ use crate::model::{
 };
 use crate::plugin::discovery::{self, FileIdentity, ProbeOptions, Recheck};
 use crate::plugin::handshake::{send_shutdown, Handshake, Launch};
-use crate::plugin::link::{Link, LinkLimits};
+use crate::plugin::link::{DetachedConnection, Link, LinkLimits};
 use crate::plugin::process::{
-    plugin_command, Confinement, Descendants, OsSpawner, Process, Spawner,
+    plugin_command, Confinement, Descendants, DetachedProcess, OsSpawner, Process, Spawner,
 };
 use crate::store::state::StateError;
 
@@ -77,6 +77,32 @@ pub(super) enum Command {
     Update(PluginSpec),
     /// The file is gone: stop and end the actor.
     Remove(oneshot::Sender<()>),
+    /// The daemon hands over to its next image: let go of the plugin without stopping it,
+    /// send what the next image needs, and end the actor. A start under way is finished
+    /// first; connections wait at most the duration for calls in flight.
+    HandOver(oneshot::Sender<HandedOver>, Duration),
+}
+
+/// A plugin as its actor let go of it in a handover.
+#[derive(Debug)]
+pub struct HandedOver {
+    /// Its status at that moment.
+    pub status: PluginStatus,
+    /// Its executable and that file's identity when it last declared this id.
+    pub verified: Option<(PathBuf, FileIdentity)>,
+    /// Its running process, if it was running.
+    pub run: Option<HandedOverRun>,
+}
+
+/// A running plugin let go of in a handover.
+#[derive(Debug)]
+pub struct HandedOverRun {
+    /// The process.
+    pub process: DetachedProcess,
+    /// The protocol it speaks.
+    pub protocol: u32,
+    /// A protocol-2 plugin's connection.
+    pub connection: Option<DetachedConnection>,
 }
 
 impl Command {
@@ -89,7 +115,7 @@ impl Command {
             Command::Enable(reply) | Command::Disable(reply) | Command::Restart(reply) => {
                 reply.is_closed()
             }
-            Command::Remove(_) | Command::Update(_) => false,
+            Command::Remove(_) | Command::Update(_) | Command::HandOver(..) => false,
         }
     }
 }
@@ -174,6 +200,8 @@ enum Leave {
         reason: &'static str,
         done: Option<oneshot::Sender<()>>,
     },
+    /// Let go of what runs, without stopping it, for the daemon's next image; end the actor.
+    HandOver(oneshot::Sender<HandedOver>, Duration),
 }
 
 impl Leave {
@@ -232,6 +260,10 @@ pub(super) struct Actor<S: Spawner = OsSpawner> {
     /// The executable and its identity when it last declared this plugin's id; a start
     /// probes it again when either differs.
     verified: Option<(PathBuf, FileIdentity)>,
+    /// A handover asked for during a start, carried out once the start ends.
+    handover: Option<(oneshot::Sender<HandedOver>, Duration)>,
+    /// A run an earlier image of the daemon handed over, taken over first.
+    adopted: Option<HandedOverRun>,
 }
 
 impl Actor {
@@ -258,7 +290,15 @@ impl Actor {
             waiters: Vec::new(),
             persisting: None,
             verified,
+            handover: None,
+            adopted: None,
         }
+    }
+
+    /// The same actor, taking over `run` (handed over by the daemon's earlier image) first.
+    pub(super) fn adopting(mut self, run: Option<HandedOverRun>) -> Self {
+        self.adopted = run;
+        self
     }
 }
 
@@ -278,17 +318,36 @@ impl<S: Spawner> Actor<S> {
             waiters: self.waiters,
             persisting: self.persisting,
             verified: self.verified,
+            handover: self.handover,
+            adopted: self.adopted,
         }
     }
 
     /// Runs the state machine until the plugin is removed or the daemon shuts down.
     pub(super) async fn run(mut self) {
-        let mut next = if self.status.borrow().enabled {
+        let mut next = if let Some(run) = self.adopted.take() {
+            self.adopt(run).await
+        } else if self.status.borrow().state == PluginState::Backoff {
+            // Handed over during a backoff: the retry comes when it was due.
+            let due = self.status.borrow().next_restart_at;
+            let wait = due.map_or(Duration::ZERO, |at| {
+                (at - OffsetDateTime::now_utc())
+                    .try_into()
+                    .unwrap_or(Duration::ZERO)
+            });
+            Next::Backoff(Instant::now() + wait)
+        } else if self.status.borrow().enabled && self.status.borrow().pid.is_none() {
             self.keep_default_enable().await
         } else {
             Next::Idle
         };
         loop {
+            if let Some((reply, drain)) = self.handover.take() {
+                next = match next {
+                    Next::Run(run) => self.leave(Some(*run), Leave::HandOver(reply, drain)).await,
+                    _ => self.leave(None, Leave::HandOver(reply, drain)).await,
+                };
+            }
             next = match next {
                 Next::Idle => self.idle().await,
                 Next::Start => self.start().await,
@@ -485,6 +544,14 @@ impl<S: Spawner> Actor<S> {
                 reason: "plugin file removed",
                 done: Some(done),
             }),
+            Command::HandOver(reply, drain) => {
+                if phase == Phase::Starting {
+                    // Handed over once the start has ended, ready or not.
+                    self.handover = Some((reply, drain));
+                    return None;
+                }
+                Some(Leave::HandOver(reply, drain))
+            }
         }
     }
 
@@ -523,7 +590,112 @@ impl<S: Spawner> Actor<S> {
                 }
                 Next::Exit
             }
+            Leave::HandOver(reply, drain) => {
+                self.hand_over(run, reply, drain).await;
+                Next::Exit
+            }
         }
+    }
+
+    /// Lets go of the plugin for the daemon's next image: its link unpublished, its process
+    /// and connection detached (not stopped), and what the next image needs sent on `reply`.
+    /// A run that cannot be detached (it just exited) is stopped as a run ends, and handed
+    /// over as not running.
+    async fn hand_over(
+        &mut self,
+        run: Option<Run<S::Process>>,
+        reply: oneshot::Sender<HandedOver>,
+        drain: Duration,
+    ) {
+        self.link.send_replace(None);
+        let mut handed = None;
+        if let Some(mut run) = run {
+            let protocol = run.link.as_ref().map_or(1, Link::protocol);
+            let connection = match run.link.take() {
+                Some(link) => link.detach(drain).await,
+                None => None,
+            };
+            let connected = protocol < 2 || connection.is_some();
+            match run.process.detach().await {
+                Some(process) if connected && run.ready => {
+                    handed = Some(HandedOverRun {
+                        process,
+                        protocol,
+                        connection,
+                    })
+                }
+                detached => {
+                    // Dropped: stopped, as a run ends. (A detached process is dropped with
+                    // its pidfd: adopt it to stop it.)
+                    if let Some(process) = detached {
+                        if let Ok(process) = self.spawner.adopt(process, self.log.clone(), 0) {
+                            let mut run = Run {
+                                process,
+                                link: None,
+                                since: Instant::now(),
+                                ready: false,
+                            };
+                            run.process.kill_and_wait(REAP_TIMEOUT).await;
+                            let _ = run.process.finish(DRAIN_TIMEOUT).await;
+                        }
+                    }
+                    self.transition(
+                        PluginState::Stopped,
+                        "stopped for the daemon's upgrade (it could not be handed over)",
+                        None,
+                        |_| {},
+                    );
+                }
+            }
+        }
+        let _ = reply.send(HandedOver {
+            status: self.snapshot(),
+            verified: self.verified.clone(),
+            run: handed,
+        });
+    }
+
+    /// Takes over a plugin an earlier image of the daemon ran (its status is already this
+    /// actor's): adopts its process and connection and goes on RUNNING. A part that cannot
+    /// be adopted ends the run as a failed one.
+    async fn adopt(&mut self, run: HandedOverRun) -> Next<S::Process> {
+        let cfg = self.ctx.config();
+        let max_line = cfg.max_log_line;
+        let process = match self.spawner.adopt(run.process, self.log.clone(), max_line) {
+            Ok(process) => process,
+            Err(e) => {
+                let reason = format!("could not take over its process after the upgrade: {e}");
+                return self
+                    .failed_run(None, None, reason, CrashReason::ConnectionLost)
+                    .await;
+            }
+        };
+        let limits = LinkLimits::from(&cfg.bridge);
+        let link = match run.connection {
+            Some(connection) => {
+                let storage = Some(self.ctx.storage.namespace(&self.id));
+                Link::adopt(connection, run.protocol, limits, storage)
+            }
+            None if run.protocol < 2 => Ok(Link::per_request(cfg.socket_path(&self.id), limits)),
+            None => Err(std::io::Error::other("its connection was not handed over")),
+        };
+        let link = match link {
+            Ok(link) => link,
+            Err(e) => {
+                let reason = format!("could not take over its connection after the upgrade: {e}");
+                return self
+                    .failed_run(Some(process), None, reason, CrashReason::ConnectionLost)
+                    .await;
+            }
+        };
+        self.ctx.record_start(&self.id, &cfg);
+        self.link.send_replace(Some(link.clone()));
+        Next::Run(Box::new(Run {
+            process,
+            link: Some(link),
+            since: Instant::now(),
+            ready: true,
+        }))
     }
 
     /// Saves an operator's disable before acting on it. When it cannot be saved, the caller

@@ -9,6 +9,7 @@
 //! id a rescan finds absent stays absent until it inserts it.
 
 mod actor;
+pub mod handover;
 mod health;
 mod reload;
 
@@ -33,6 +34,7 @@ use crate::plugin::link::{Link, LinkError};
 use crate::store::events::{EventLog, EventLogError};
 use crate::store::state::{EnabledStore, StateError};
 use actor::{Actor, Command};
+pub use actor::{HandedOver, HandedOverRun};
 pub use reload::{ReloadOutcome, RestartFailure, StaleProcess};
 
 /// How long a rescan holds a probed file back while files before it by name are still
@@ -304,6 +306,52 @@ impl Supervisor {
     /// it was loaded (directories as written), which a reload compares with
     /// ([`Supervisor::reload`]).
     pub fn start(config: Config, given: Config) -> Result<Self, StartupError> {
+        let supervisor = Supervisor::open(config, given, true)?;
+        let first = supervisor.clone();
+        supervisor.inner.tracker.spawn(async move {
+            if let Some(cgroups) = first.inner.ctx.isolation.cgroups() {
+                let swept = cgroups.sweep().await;
+                if swept > 0 {
+                    tracing::warn!(
+                        cgroups = swept,
+                        "killed plugin processes left over from an earlier run"
+                    );
+                }
+            }
+            if let Err(e) = first.rescan().await {
+                tracing::error!(error = %e, "initial plugin scan failed");
+            }
+            first.inner.discovered.send_replace(true);
+        });
+        Ok(supervisor)
+    }
+
+    /// Takes over from the daemon's earlier image ([`Supervisor::hand_over`]): the plugins
+    /// it knew, each with its status, and the running ones adopted (same process, same
+    /// connection, capture resumed) rather than started. Nothing is scanned and nothing left
+    /// over is killed: the table is the earlier image's, complete at once.
+    pub fn resume(
+        config: Config,
+        given: Config,
+        plugins: Vec<HandedOver>,
+        skipped: Vec<Skipped>,
+    ) -> Result<Self, StartupError> {
+        let supervisor = Supervisor::open(config, given, false)?;
+        *supervisor
+            .inner
+            .skipped
+            .lock()
+            .expect("skipped list poisoned") = skipped;
+        for handed in plugins {
+            supervisor.adopt(handed);
+        }
+        supervisor.inner.discovered.send_replace(true);
+        Ok(supervisor)
+    }
+
+    /// The stores and directories, and the supervisor's own tasks; no plugin yet.
+    /// `clean_up` kills what an earlier run left behind (not after a handover).
+    fn open(config: Config, given: Config, clean_up: bool) -> Result<Self, StartupError> {
         let shared = crate::plugin::isolation::shared_dir_mode();
         let dirs = [
             (config.data_dir.clone(), shared),
@@ -317,9 +365,11 @@ impl Supervisor {
             create_dir_with_mode(&path, mode)
                 .map_err(|source| StartupError::Dir { path, source })?;
         }
-        let leftovers = crate::plugin::process::kill_leftovers(&config.run_dir());
-        if !leftovers.is_empty() {
-            tracing::warn!(pids = ?leftovers, "killed plugin processes left over from an earlier run");
+        if clean_up {
+            let leftovers = crate::plugin::process::kill_leftovers(&config.run_dir());
+            if !leftovers.is_empty() {
+                tracing::warn!(pids = ?leftovers, "killed plugin processes left over from an earlier run");
+            }
         }
         let events = EventLog::open(&config.events_dir())?;
         let state = EnabledStore::load(&config.state_path())?;
@@ -350,23 +400,88 @@ impl Supervisor {
             supervisor.inner.ctx.events.clone(),
             supervisor.inner.cancel.clone(),
         ));
-        let first = supervisor.clone();
-        supervisor.inner.tracker.spawn(async move {
-            if let Some(cgroups) = first.inner.ctx.isolation.cgroups() {
-                let swept = cgroups.sweep().await;
-                if swept > 0 {
-                    tracing::warn!(
-                        cgroups = swept,
-                        "killed plugin processes left over from an earlier run"
-                    );
-                }
-            }
-            if let Err(e) = first.rescan().await {
-                tracing::error!(error = %e, "initial plugin scan failed");
-            }
-            first.inner.discovered.send_replace(true);
-        });
         Ok(supervisor)
+    }
+
+    /// Adds a plugin handed over by the daemon's earlier image, with its status, taking
+    /// over its run if it had one.
+    fn adopt(&self, handed: HandedOver) {
+        let HandedOver {
+            status,
+            verified,
+            run,
+        } = handed;
+        let id = status.id().to_owned();
+        let log = match self.open_log(&id) {
+            Ok(log) => log,
+            Err(e) => {
+                tracing::error!(plugin = %id, error = %e, "cannot open the plugin's log; its process is stopped");
+                // Dropping the run's descriptors leaves the process to be stopped by hand;
+                // kill its group now, named by its pidfd.
+                if let Some(run) = run {
+                    crate::plugin::process::kill_detached(&run.process);
+                }
+                return;
+            }
+        };
+        let (handle, actor) = self.prepare_status(status, log, verified);
+        let log_health = report_log_health(
+            id.clone(),
+            handle.log.records().health(),
+            handle.status.clone(),
+            self.inner.ctx.events.clone(),
+        );
+        if !self.insert(&id, handle) {
+            tracing::error!(plugin = %id, "internal error: the plugin was handed over twice; keeping the first");
+            return;
+        }
+        tokio::spawn(log_health);
+        self.inner.tracker.spawn(actor.adopting(run).run());
+    }
+
+    /// Lets go of every plugin for the daemon's next image, stopping none: each actor
+    /// detaches its running process and connection (finishing a start under way first;
+    /// waiting at most `drain` for calls in flight on a connection) and ends. Then the
+    /// supervisor's own tasks end and the event log is synced. The supervisor is done.
+    pub async fn hand_over(&self, drain: Duration) -> Vec<HandedOver> {
+        // No scan adds or removes plugins from here on.
+        let _serial = self.inner.rescan.lock().await;
+        let commands: Vec<mpsc::Sender<Command>> = self
+            .inner
+            .plugins
+            .read()
+            .expect("plugin table poisoned")
+            .values()
+            .map(|h| h.commands.clone())
+            .collect();
+        let mut replies = Vec::with_capacity(commands.len());
+        for commands in commands {
+            let (tx, rx) = oneshot::channel();
+            if commands.send(Command::HandOver(tx, drain)).await.is_ok() {
+                replies.push(rx);
+            }
+        }
+        let handed: Vec<HandedOver> = futures::future::join_all(replies)
+            .await
+            .into_iter()
+            .filter_map(Result::ok)
+            .collect();
+        self.inner.cancel.cancel();
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+        for (_, handle) in self
+            .inner
+            .plugins
+            .read()
+            .expect("plugin table poisoned")
+            .iter()
+        {
+            handle.log.records().retry_unsaved();
+        }
+        if let Err(e) = self.inner.ctx.events.sync() {
+            tracing::warn!(error = %e, "could not sync the event log");
+        }
+        handed
     }
 
     /// Whether the first scan of the plugins directory has ended: `true` from then on.
@@ -900,7 +1015,16 @@ impl Supervisor {
         log: PluginLog,
         verified: Option<(PathBuf, FileIdentity)>,
     ) -> (PluginHandle, Actor) {
-        let status = PluginStatus::new(spec, enabled);
+        self.prepare_status(PluginStatus::new(spec, enabled), log, verified)
+    }
+
+    /// A plugin's handle and its actor (not running yet), with `status`, with no I/O.
+    fn prepare_status(
+        &self,
+        status: PluginStatus,
+        log: PluginLog,
+        verified: Option<(PathBuf, FileIdentity)>,
+    ) -> (PluginHandle, Actor) {
         let (status_tx, status_rx) = watch::channel(status);
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (link_tx, link_rx) = watch::channel(None);

@@ -743,7 +743,7 @@ impl ProcessStat {
             .ok()?
             .lines()
             .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<u64>().ok())?;
-        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+        let open_fds = std::fs::read_dir("/proc/thread-self/fd").ok()?.count() as u64;
         Some(ProcessStat {
             cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
             resident_bytes: field(24)? * page,

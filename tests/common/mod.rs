@@ -693,3 +693,18 @@ pub fn blocked_in(pid: u32) -> String {
     }
     out
 }
+
+/// The daemon's descriptor table, `/proc/<pid>/task/<tid>/fd` of a thread other than its
+/// main one: the main thread (the spawner, whose table `/proc/<pid>/fd` shows) has a
+/// nearly empty table of its own.
+pub fn daemon_fd_dir(pid: u32) -> std::path::PathBuf {
+    let task = std::path::PathBuf::from(format!("/proc/{pid}/task"));
+    std::fs::read_dir(&task)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|tid| *tid != pid.to_string())
+        .map(|tid| task.join(tid).join("fd"))
+        .unwrap_or_else(|| format!("/proc/{pid}/fd").into())
+}

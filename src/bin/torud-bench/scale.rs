@@ -412,8 +412,19 @@ fn clock_ticks() -> f64 {
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
 }
 
+/// The daemon's open descriptors: its main thread (the spawner, which `/proc/<pid>/fd`
+/// shows) has a table of its own, so another thread's is counted.
 fn open_fds(pid: i32) -> BenchResult<usize> {
-    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+    let task = format!("/proc/{pid}/task");
+    let other = std::fs::read_dir(&task)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|tid| *tid != pid.to_string());
+    let dir = match other {
+        Some(tid) => format!("{task}/{tid}/fd"),
+        None => format!("/proc/{pid}/fd"),
+    };
+    Ok(std::fs::read_dir(dir)?.count())
 }
 
 /// A `Key: value kB` line's value from a `/proc/<pid>/` file.

@@ -165,9 +165,22 @@ pub struct PluginCgroup {
 }
 
 impl PluginCgroup {
+    /// The cgroup at `dir`, made by an earlier image of the daemon and handed over with its
+    /// plugin.
+    pub fn adopted(dir: PathBuf) -> Self {
+        PluginCgroup { dir, procs: None }
+    }
+
     /// The cgroup's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Lets go of the cgroup without killing or removing it (its plugin is handed over to
+    /// the daemon's next image): its directory.
+    pub fn release(mut self) -> PathBuf {
+        // An empty path does not exist: the drop does nothing.
+        std::mem::take(&mut self.dir)
     }
 
     /// The open `cgroup.procs` for the child to write `0` to before exec (once).

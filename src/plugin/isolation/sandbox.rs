@@ -177,6 +177,16 @@ impl Sandbox {
         })
     }
 
+    /// One more than the highest descriptor number [`Sandbox::enter`] puts a bind at: the
+    /// spawn keeps its own descriptors at or above it.
+    pub fn fd_floor(&self) -> std::os::fd::RawFd {
+        self.binds
+            .iter()
+            .map(|(fd, _, _)| fd.as_raw_fd() + 1)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Confines the calling (forked, single-threaded) child. Async-signal-safe: only system
     /// calls on data prepared by [`Sandbox::new`].
     ///

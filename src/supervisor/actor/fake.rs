@@ -111,6 +111,15 @@ impl Spawner for FakeSpawner {
             descendants: Some(descendants),
         })
     }
+
+    fn adopt(
+        &self,
+        _detached: crate::plugin::process::DetachedProcess,
+        _log: PluginLog,
+        _max_line: usize,
+    ) -> std::io::Result<Self::Process> {
+        Err(std::io::Error::other("fake processes are not handed over"))
+    }
 }
 
 /// What a fake process and its test handle share.
@@ -228,6 +237,10 @@ impl Process for FakeProcess {
         self.plugin.abort();
         self.descendants = None;
         vec![format!("fake plugin {} ended", self.shared.pid)]
+    }
+
+    async fn detach(self) -> Option<crate::plugin::process::DetachedProcess> {
+        None
     }
 }
 
