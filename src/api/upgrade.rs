@@ -516,7 +516,8 @@ impl std::fmt::Debug for Received {
 pub struct Unreadable {
     /// Why.
     pub reason: String,
-    /// The descriptors as passed (to pass them on to the previous binary).
+    /// The descriptors as passed (to pass them on to the previous binary), unless this
+    /// image is that binary already (a rollback that cannot take over either ends there).
     pub fds: Option<Fds>,
 }
 
@@ -532,7 +533,11 @@ impl Received {
         // SAFETY (both): called before any other thread exists.
         std::env::remove_var(HANDOVER_FDS);
         std::env::remove_var(ROLLBACK_REASON);
-        let unreadable = |reason: String, fds: Option<Fds>| Unreadable { reason, fds };
+        let second = rolled_back.is_some();
+        let unreadable = |reason: String, fds: Option<Fds>| Unreadable {
+            reason,
+            fds: fds.filter(|_| !second),
+        };
         let numbers: Result<Vec<RawFd>, _> = list
             .to_string_lossy()
             .split(',')

@@ -410,42 +410,125 @@ pub async fn logs(conn: &Conn, out: Output, args: LogsArgs) -> Result {
     } else {
         Start::Tail(args.tail.unwrap_or(20))
     };
-    let req = conn.stream(pb::StreamLogsRequest {
-        filter: Some(pb::LogFilter {
-            plugin_ids: args.ids,
-            min_level,
-            contains: args.grep.unwrap_or_default(),
-        }),
-        start: Some(start),
-        follow: args.follow,
-    });
-    let mut stream = LogServiceClient::new(conn.channel.clone())
-        .stream_logs(req)
-        .await
-        .map_err(status_line)?
-        .into_inner();
-    while let Some(batch) = stream.message().await.map_err(status_line)? {
-        if let Some(g) = &batch.gap {
-            eprintln!(
-                "toructl: {}: records {} to {} were rotated away before they could be sent",
-                render::escape(&g.plugin_id),
-                g.from_seq,
-                g.to_seq
-            );
-        }
-        let mut lines = String::new();
-        for r in &batch.records {
-            match out {
-                Output::Json => {
-                    lines.push_str(&serde_json::to_string(&render::log_json(r)).unwrap_or_default())
-                }
-                Output::Table => lines.push_str(&render::log_line(r)),
+    let filter = pb::LogFilter {
+        plugin_ids: args.ids,
+        min_level,
+        contains: args.grep.unwrap_or_default(),
+    };
+    // With -f, a stream the daemon ends (an upgrade: UNAVAILABLE) or that breaks resumes
+    // right after the last record of each plugin, within RESUME_WINDOW.
+    let mut cursors: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    let mut resume = Resume::new(args.follow);
+    loop {
+        let start = if cursors.is_empty() {
+            start.clone()
+        } else {
+            Start::AfterCursors(pb::Cursors {
+                cursors: cursors.values().cloned().collect(),
+            })
+        };
+        let req = conn.stream(pb::StreamLogsRequest {
+            filter: Some(filter.clone()),
+            start: Some(start),
+            follow: args.follow,
+        });
+        let opened = LogServiceClient::new(conn.channel.clone())
+            .stream_logs(req)
+            .await;
+        let mut stream = match opened {
+            Ok(stream) => stream.into_inner(),
+            Err(status) => {
+                resume.after(status).await?;
+                continue;
             }
-            lines.push('\n');
+        };
+        resume.reset();
+        loop {
+            let batch = match stream.message().await {
+                Ok(Some(batch)) => batch,
+                Ok(None) if !args.follow => return Ok(ExitCode::SUCCESS),
+                Ok(None) => return Ok(ExitCode::SUCCESS),
+                Err(status) => {
+                    resume.after(status).await?;
+                    break;
+                }
+            };
+            if let Some(g) = &batch.gap {
+                eprintln!(
+                    "toructl: {}: records {} to {} were rotated away before they could be sent",
+                    render::escape(&g.plugin_id),
+                    g.from_seq,
+                    g.to_seq
+                );
+                cursors.insert(g.plugin_id.clone(), format!("{}:{}", g.plugin_id, g.to_seq));
+            }
+            let mut lines = String::new();
+            for r in &batch.records {
+                match out {
+                    Output::Json => lines
+                        .push_str(&serde_json::to_string(&render::log_json(r)).unwrap_or_default()),
+                    Output::Table => lines.push_str(&render::log_line(r)),
+                }
+                lines.push('\n');
+                cursors.insert(r.plugin_id.clone(), r.cursor.clone());
+            }
+            emit(lines.as_bytes());
         }
-        emit(lines.as_bytes());
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// How long a follower keeps trying to resume a stream the daemon ended (an upgrade) or
+/// that broke, before it gives up with the error.
+const RESUME_WINDOW: Duration = Duration::from_secs(30);
+
+/// When a follower resumes: after UNAVAILABLE (the daemon upgrading, or a connection lost),
+/// backing off from 50 ms to 1 s, for at most [`RESUME_WINDOW`] without a stream opened.
+struct Resume {
+    follow: bool,
+    since: Option<tokio::time::Instant>,
+    backoff: Duration,
+}
+
+impl Resume {
+    fn new(follow: bool) -> Self {
+        Resume {
+            follow,
+            since: None,
+            backoff: Duration::from_millis(50),
+        }
+    }
+
+    /// A stream opened: the window starts again at the next failure.
+    fn reset(&mut self) {
+        self.since = None;
+        self.backoff = Duration::from_millis(50);
+    }
+
+    /// After `status` ended a stream: waits before resuming, or gives the error back when
+    /// it is not one to resume after (or the window is over).
+    async fn after(&mut self, status: tonic::Status) -> std::result::Result<(), String> {
+        let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
+        // UNAVAILABLE: the daemon upgrading, or unreachable; CANCELLED and UNKNOWN: the
+        // connection went away under the stream (toructl itself cancels nothing); INTERNAL
+        // "GoAway": the request raced the old image's GOAWAY and never reached it.
+        let went_away =
+            status.code() == tonic::Code::Internal && format!("{status:?}").contains("GoAway");
+        let resumable = self.follow
+            && (went_away
+                || matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+                ));
+        if !resumable || since.elapsed() >= RESUME_WINDOW {
+            return Err(status_line(status));
+        }
+        if self.backoff == Duration::from_millis(50) {
+            eprintln!("toructl: {}; resuming", status.message());
+        }
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
+        Ok(())
+    }
 }
 
 /// How long `events` without `-f` waits for one more stored event before it stops: the
@@ -458,42 +541,143 @@ const REPLAY_START: Duration = Duration::from_secs(5);
 
 /// `events [IDS] [-f] [--after SEQ]`.
 pub async fn events(conn: &Conn, out: Output, args: EventsArgs) -> Result {
-    let req = conn.stream(pb::WatchEventsRequest {
-        after_seq: Some(args.after),
-        plugin_ids: args.ids,
-    });
-    let mut stream = plugins(conn)
-        .watch_events(req)
+    let mut after = args.after;
+    let mut resume = Resume::new(args.follow);
+    let mut seen = 0u64;
+    loop {
+        let req = conn.stream(pb::WatchEventsRequest {
+            after_seq: Some(after),
+            plugin_ids: args.ids.clone(),
+        });
+        let mut stream = match plugins(conn).watch_events(req).await {
+            Ok(stream) => stream.into_inner(),
+            Err(status) => {
+                resume.after(status).await?;
+                continue;
+            }
+        };
+        resume.reset();
+        loop {
+            let next = if args.follow {
+                stream.message().await
+            } else {
+                let wait = if seen == 0 { REPLAY_START } else { REPLAY_IDLE };
+                seen += 1;
+                match tokio::time::timeout(wait, stream.message()).await {
+                    Ok(next) => next,
+                    Err(_) => return Ok(ExitCode::SUCCESS),
+                }
+            };
+            let resp = match next {
+                Ok(Some(resp)) => resp,
+                Ok(None) => return Ok(ExitCode::SUCCESS),
+                Err(status) => {
+                    // With -f, resumed after the last event seen (an upgrade ends the stream).
+                    resume.after(status).await?;
+                    break;
+                }
+            };
+            let Some(e) = resp.event else {
+                if let Some(gap) = resp.gap {
+                    after = after.max(gap.last_seq);
+                    print_gap(out, &gap);
+                }
+                continue;
+            };
+            after = after.max(e.seq);
+            match out {
+                Output::Json => print_json(&render::event_json(&e), false),
+                Output::Table => outln!("{}", render::event_line(&e)),
+            }
+        }
+    }
+}
+
+/// `daemon upgrade [--binary PATH] [--wait D]`: hands the daemon over to a new binary and
+/// waits (at most `wait`) for the outcome event. Exits 1 when the upgrade failed (rolled
+/// back) or no outcome came in time.
+pub async fn daemon_upgrade(
+    conn: &Conn,
+    out: Output,
+    binary: Option<String>,
+    wait: Duration,
+) -> Result {
+    use torud_api::pb::config_service_client::ConfigServiceClient;
+    let began = ConfigServiceClient::new(conn.channel.clone())
+        .upgrade_daemon(conn.unary(pb::UpgradeDaemonRequest {
+            binary: binary.unwrap_or_default(),
+        }))
         .await
         .map_err(status_line)?
         .into_inner();
-    let mut seen = 0u64;
+    if out == Output::Table {
+        outln!(
+            "upgrading {} -> {} ({}); waiting for the new image to take over",
+            render::escape(&began.from_version),
+            render::escape(&began.to_version),
+            render::escape(&began.binary)
+        );
+    }
+    let outcome = tokio::time::timeout(wait, upgrade_outcome(conn, began.upgrading_seq)).await;
+    let event = match outcome {
+        Ok(event) => event?,
+        Err(_) => {
+            return Err(format!(
+                "no outcome within {}: see `toructl events --after {}`",
+                humantime::format_duration(wait),
+                began.upgrading_seq
+            ))
+        }
+    };
+    let upgraded = event.kind == pb::EventKind::DaemonUpgraded as i32;
+    match out {
+        Output::Json => print_json(&render::event_json(&event), true),
+        Output::Table => outln!("{}", render::event_line(&event)),
+    }
+    Ok(if upgraded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The first `DAEMON_UPGRADED` or `DAEMON_UPGRADE_FAILED` event after `after`, following
+/// the events across the handover.
+async fn upgrade_outcome(conn: &Conn, after: u64) -> std::result::Result<pb::Event, String> {
+    let mut after = after;
+    let mut resume = Resume::new(true);
     loop {
-        let next = if args.follow {
-            stream.message().await
-        } else {
-            let wait = if seen == 0 { REPLAY_START } else { REPLAY_IDLE };
-            seen += 1;
-            match tokio::time::timeout(wait, stream.message()).await {
-                Ok(next) => next,
-                Err(_) => break,
+        let req = conn.stream(pb::WatchEventsRequest {
+            after_seq: Some(after),
+            plugin_ids: Vec::new(),
+        });
+        let mut stream = match plugins(conn).watch_events(req).await {
+            Ok(stream) => stream.into_inner(),
+            Err(status) => {
+                resume.after(status).await?;
+                continue;
             }
         };
-        let Some(resp) = next.map_err(status_line)? else {
-            break;
-        };
-        let Some(e) = resp.event else {
-            if let Some(gap) = resp.gap {
-                print_gap(out, &gap);
+        resume.reset();
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    let Some(e) = resp.event else { continue };
+                    after = after.max(e.seq);
+                    if e.kind == pb::EventKind::DaemonUpgraded as i32
+                        || e.kind == pb::EventKind::DaemonUpgradeFailed as i32
+                    {
+                        return Ok(e);
+                    }
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    resume.after(status).await?;
+                    break;
+                }
             }
-            continue;
-        };
-        match out {
-            Output::Json => print_json(&render::event_json(&e), false),
-            Output::Table => outln!("{}", render::event_line(&e)),
         }
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints the events a replay cannot send (the event log does not hold them).

@@ -90,6 +90,26 @@ enum Command {
     /// The daemon's configuration: show the one in force, reload it from its file.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// The daemon itself: upgrade it in place.
+    #[command(subcommand)]
+    Daemon(DaemonCmd),
+}
+
+#[derive(Subcommand)]
+enum DaemonCmd {
+    /// Hands the daemon over to a new binary (or the one it was started from, replaced by
+    /// a package upgrade) without restarting a plugin; waits for the outcome. Exits 1 when
+    /// the new binary failed its check or could not take over (the daemon then goes on as
+    /// it was).
+    Upgrade {
+        /// The new binary's absolute path on the daemon's host (default: the path the
+        /// daemon was started from).
+        #[arg(long)]
+        binary: Option<String>,
+        /// How long to wait for the outcome.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -283,5 +303,8 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Health(args) => c::health(&conn, out, args).await,
         Command::Config(ConfigCmd::Show) => config::show(&conn, out).await,
         Command::Config(ConfigCmd::Reload { restart }) => config::reload(&conn, out, restart).await,
+        Command::Daemon(DaemonCmd::Upgrade { binary, wait }) => {
+            c::daemon_upgrade(&conn, out, binary, wait).await
+        }
     }
 }
