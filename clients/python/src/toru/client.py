@@ -6,19 +6,26 @@ exists, otherwise the address with ``admin.token``). Every call made through the
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import grpc
 
 from toru.v1 import (
     config_service_pb2_grpc,
     kv_service_pb2_grpc,
+    log_service_pb2,
     log_service_pb2_grpc,
+    plugin_service_pb2,
     plugin_service_pb2_grpc,
 )
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+#: How long the followers (:meth:`Client.follow_events`, :meth:`Client.follow_logs`) keep
+#: trying to reconnect, in seconds, before they raise the last error.
+DEFAULT_RECONNECT_WINDOW = 30.0
 
 
 # The interceptor classes are generic only in grpc-stubs, not at run time.
@@ -67,11 +74,150 @@ class Client:
     def close(self) -> None:
         self._raw.close()
 
+    def follow_events(
+        self,
+        request: Optional[plugin_service_pb2.WatchEventsRequest] = None,
+        *,
+        reconnect_window: float = DEFAULT_RECONNECT_WINDOW,
+    ) -> Iterator[plugin_service_pb2.WatchEventsResponse]:
+        """Follows ``WatchEvents`` like the stub does, and resumes it when the daemon ends it
+        (an upgrade ends it with UNAVAILABLE, a stop ends it cleanly) or the connection
+        fails: it reconnects with ``after_seq`` = the seq of the last event (or gap end) it
+        yielded, so every event is yielded once, in order, across reconnects. Gaps are
+        yielded as the daemon sends them. Without ``after_seq`` and before any event, a
+        resumed stream again starts at "now" (the API has no other way to say it).
+
+        UNAVAILABLE is retried with backoff (50 ms doubling to 1 s) until
+        ``reconnect_window`` seconds pass without the daemon answering a reconnect; then
+        the last error is raised. Any other status is raised at once. Close the generator
+        (or leave a ``for`` loop) to cancel the stream."""
+        request = request if request is not None else plugin_service_pb2.WatchEventsRequest()
+        last: Optional[int] = request.after_seq if request.HasField("after_seq") else None
+        retry = _Retry(reconnect_window)
+        while True:
+            resumed = plugin_service_pb2.WatchEventsRequest(plugin_ids=request.plugin_ids)
+            if last is not None:
+                resumed.after_seq = last
+            call: Any = self.plugins.WatchEvents(resumed)
+            try:
+                retry.answered(call)
+                for response in call:
+                    retry.progress()
+                    if response.HasField("gap"):
+                        end = response.gap.last_seq
+                    elif response.HasField("event"):
+                        end = response.event.seq
+                    else:
+                        continue
+                    if last is not None and end <= last:
+                        continue  # already yielded
+                    last = end
+                    yield response
+                retry.failed(None)  # ended cleanly: the daemon stopped
+            except grpc.RpcError as err:
+                retry.failed(err)
+            finally:
+                call.cancel()
+
+    def follow_logs(
+        self,
+        request: log_service_pb2.StreamLogsRequest,
+        *,
+        reconnect_window: float = DEFAULT_RECONNECT_WINDOW,
+    ) -> Iterator[log_service_pb2.StreamLogsResponse]:
+        """Follows ``StreamLogs`` (``follow`` is set for you) like the stub does, and resumes
+        it when the daemon ends it or the connection fails, with ``after_cursors`` holding,
+        per plugin, the last record (or gap end) yielded, so every record is yielded once,
+        in order per plugin, across reconnects. Batches are yielded as received, less any
+        record already yielded; gaps are yielded as the daemon sends them.
+
+        Plugins not seen yet when it resumes: with an ``after_cursors`` start they keep
+        their cursor; with ``tail``, ``since`` or "now" they start at the reconnect (the
+        API cannot combine cursors with another start), so what such a plugin logged
+        while the stream was down is not sent.
+
+        Errors and the window are as for :meth:`follow_events`."""
+        cursors: Dict[str, Tuple[int, str]] = {}  # plugin -> (seq, cursor)
+        if request.WhichOneof("start") == "after_cursors":
+            for cursor in request.after_cursors.cursors:
+                plugin, _, seq = cursor.rpartition(":")
+                cursors[plugin] = (int(seq) if seq.isdigit() else -1, cursor)
+        start = log_service_pb2.StreamLogsRequest()
+        start.CopyFrom(request)
+        start.follow = True
+        first: Optional[log_service_pb2.StreamLogsRequest] = start
+        retry = _Retry(reconnect_window)
+        while True:
+            if first is not None:
+                resumed, first = first, None
+            else:
+                resumed = log_service_pb2.StreamLogsRequest(
+                    filter=request.filter, follow=True,
+                    after_cursors=log_service_pb2.Cursors(
+                        cursors=[cursor for _, cursor in cursors.values()]))
+            call: Any = self.logs.StreamLogs(resumed)
+            try:
+                retry.answered(call)
+                for response in call:
+                    retry.progress()
+                    out = log_service_pb2.StreamLogsResponse()
+                    if response.HasField("gap"):
+                        gap = response.gap
+                        if gap.to_seq > cursors.get(gap.plugin_id, (-1, ""))[0]:
+                            cursors[gap.plugin_id] = (gap.to_seq, f"{gap.plugin_id}:{gap.to_seq}")
+                            out.gap.CopyFrom(gap)
+                    for record in response.records:
+                        if record.seq > cursors.get(record.plugin_id, (-1, ""))[0]:
+                            cursors[record.plugin_id] = (record.seq, record.cursor)
+                            out.records.append(record)
+                    if out.records or out.HasField("gap"):
+                        yield out
+                retry.failed(None)  # ended cleanly: the daemon stopped
+            except grpc.RpcError as err:
+                retry.failed(err)
+            finally:
+                call.cancel()
+
     def __enter__(self) -> "Client":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Retry:
+    """The followers' reconnect policy: UNAVAILABLE (or a clean end) is retried with backoff
+    until ``window`` seconds pass without the daemon answering; anything else is raised."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.delay = 0.05
+        self.failing_since: Optional[float] = None
+
+    def answered(self, call: Any) -> None:
+        """Waits for the daemon's response headers: once it answered, the window restarts."""
+        call.initial_metadata()
+        if not call.done():
+            self.failing_since = None
+
+    def progress(self) -> None:
+        self.failing_since = None
+        self.delay = 0.05
+
+    def failed(self, err: Optional[grpc.RpcError]) -> None:
+        """Returns after the backoff when the stream may be resumed, else raises."""
+        if err is not None and err.code() != grpc.StatusCode.UNAVAILABLE:
+            raise err
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
+        left = self.window - (now - self.failing_since)
+        if left <= 0:
+            if err is not None:
+                raise err
+            raise ConnectionError(f"the stream ended and could not be resumed within {self.window} s")
+        time.sleep(min(self.delay, left))
+        self.delay = min(self.delay * 2, 1.0)
 
 
 def _read_token(path: Path) -> Optional[str]:
