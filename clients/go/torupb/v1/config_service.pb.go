@@ -21,6 +21,127 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// Request for UpgradeDaemon.
+type UpgradeDaemonRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The new binary's absolute path on the daemon's host; empty: the path the daemon was
+	// started from (a package upgrade replaces the file there).
+	Binary        string `protobuf:"bytes,1,opt,name=binary,proto3" json:"binary,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpgradeDaemonRequest) Reset() {
+	*x = UpgradeDaemonRequest{}
+	mi := &file_toru_v1_config_service_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpgradeDaemonRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpgradeDaemonRequest) ProtoMessage() {}
+
+func (x *UpgradeDaemonRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_toru_v1_config_service_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpgradeDaemonRequest.ProtoReflect.Descriptor instead.
+func (*UpgradeDaemonRequest) Descriptor() ([]byte, []int) {
+	return file_toru_v1_config_service_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *UpgradeDaemonRequest) GetBinary() string {
+	if x != nil {
+		return x.Binary
+	}
+	return ""
+}
+
+// Response for UpgradeDaemon: the handover has begun.
+type UpgradeDaemonResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The running daemon's version.
+	FromVersion string `protobuf:"bytes,1,opt,name=from_version,json=fromVersion,proto3" json:"from_version,omitempty"`
+	// The version the new binary reported in its check.
+	ToVersion string `protobuf:"bytes,2,opt,name=to_version,json=toVersion,proto3" json:"to_version,omitempty"`
+	// The binary the daemon hands over to.
+	Binary string `protobuf:"bytes,3,opt,name=binary,proto3" json:"binary,omitempty"`
+	// The seq of the DAEMON_UPGRADING event: the outcome (DAEMON_UPGRADED or
+	// DAEMON_UPGRADE_FAILED) follows it in WatchEvents.
+	UpgradingSeq  uint64 `protobuf:"varint,4,opt,name=upgrading_seq,json=upgradingSeq,proto3" json:"upgrading_seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpgradeDaemonResponse) Reset() {
+	*x = UpgradeDaemonResponse{}
+	mi := &file_toru_v1_config_service_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpgradeDaemonResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpgradeDaemonResponse) ProtoMessage() {}
+
+func (x *UpgradeDaemonResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_toru_v1_config_service_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpgradeDaemonResponse.ProtoReflect.Descriptor instead.
+func (*UpgradeDaemonResponse) Descriptor() ([]byte, []int) {
+	return file_toru_v1_config_service_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *UpgradeDaemonResponse) GetFromVersion() string {
+	if x != nil {
+		return x.FromVersion
+	}
+	return ""
+}
+
+func (x *UpgradeDaemonResponse) GetToVersion() string {
+	if x != nil {
+		return x.ToVersion
+	}
+	return ""
+}
+
+func (x *UpgradeDaemonResponse) GetBinary() string {
+	if x != nil {
+		return x.Binary
+	}
+	return ""
+}
+
+func (x *UpgradeDaemonResponse) GetUpgradingSeq() uint64 {
+	if x != nil {
+		return x.UpgradingSeq
+	}
+	return 0
+}
+
 // Request for GetConfig.
 type GetConfigRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -30,7 +151,7 @@ type GetConfigRequest struct {
 
 func (x *GetConfigRequest) Reset() {
 	*x = GetConfigRequest{}
-	mi := &file_toru_v1_config_service_proto_msgTypes[0]
+	mi := &file_toru_v1_config_service_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -42,7 +163,7 @@ func (x *GetConfigRequest) String() string {
 func (*GetConfigRequest) ProtoMessage() {}
 
 func (x *GetConfigRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_toru_v1_config_service_proto_msgTypes[0]
+	mi := &file_toru_v1_config_service_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -55,7 +176,7 @@ func (x *GetConfigRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetConfigRequest.ProtoReflect.Descriptor instead.
 func (*GetConfigRequest) Descriptor() ([]byte, []int) {
-	return file_toru_v1_config_service_proto_rawDescGZIP(), []int{0}
+	return file_toru_v1_config_service_proto_rawDescGZIP(), []int{2}
 }
 
 // Response for GetConfig.
@@ -71,7 +192,7 @@ type GetConfigResponse struct {
 
 func (x *GetConfigResponse) Reset() {
 	*x = GetConfigResponse{}
-	mi := &file_toru_v1_config_service_proto_msgTypes[1]
+	mi := &file_toru_v1_config_service_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -83,7 +204,7 @@ func (x *GetConfigResponse) String() string {
 func (*GetConfigResponse) ProtoMessage() {}
 
 func (x *GetConfigResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_toru_v1_config_service_proto_msgTypes[1]
+	mi := &file_toru_v1_config_service_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -96,7 +217,7 @@ func (x *GetConfigResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetConfigResponse.ProtoReflect.Descriptor instead.
 func (*GetConfigResponse) Descriptor() ([]byte, []int) {
-	return file_toru_v1_config_service_proto_rawDescGZIP(), []int{1}
+	return file_toru_v1_config_service_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *GetConfigResponse) GetToml() string {
@@ -125,7 +246,7 @@ type ReloadConfigRequest struct {
 
 func (x *ReloadConfigRequest) Reset() {
 	*x = ReloadConfigRequest{}
-	mi := &file_toru_v1_config_service_proto_msgTypes[2]
+	mi := &file_toru_v1_config_service_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -137,7 +258,7 @@ func (x *ReloadConfigRequest) String() string {
 func (*ReloadConfigRequest) ProtoMessage() {}
 
 func (x *ReloadConfigRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_toru_v1_config_service_proto_msgTypes[2]
+	mi := &file_toru_v1_config_service_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -150,7 +271,7 @@ func (x *ReloadConfigRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReloadConfigRequest.ProtoReflect.Descriptor instead.
 func (*ReloadConfigRequest) Descriptor() ([]byte, []int) {
-	return file_toru_v1_config_service_proto_rawDescGZIP(), []int{2}
+	return file_toru_v1_config_service_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ReloadConfigRequest) GetRestartPlugins() bool {
@@ -180,7 +301,7 @@ type ReloadConfigResponse struct {
 
 func (x *ReloadConfigResponse) Reset() {
 	*x = ReloadConfigResponse{}
-	mi := &file_toru_v1_config_service_proto_msgTypes[3]
+	mi := &file_toru_v1_config_service_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -192,7 +313,7 @@ func (x *ReloadConfigResponse) String() string {
 func (*ReloadConfigResponse) ProtoMessage() {}
 
 func (x *ReloadConfigResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_toru_v1_config_service_proto_msgTypes[3]
+	mi := &file_toru_v1_config_service_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -205,7 +326,7 @@ func (x *ReloadConfigResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReloadConfigResponse.ProtoReflect.Descriptor instead.
 func (*ReloadConfigResponse) Descriptor() ([]byte, []int) {
-	return file_toru_v1_config_service_proto_rawDescGZIP(), []int{3}
+	return file_toru_v1_config_service_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ReloadConfigResponse) GetFile() string {
@@ -250,7 +371,7 @@ type PluginNeedingRestart struct {
 
 func (x *PluginNeedingRestart) Reset() {
 	*x = PluginNeedingRestart{}
-	mi := &file_toru_v1_config_service_proto_msgTypes[4]
+	mi := &file_toru_v1_config_service_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -262,7 +383,7 @@ func (x *PluginNeedingRestart) String() string {
 func (*PluginNeedingRestart) ProtoMessage() {}
 
 func (x *PluginNeedingRestart) ProtoReflect() protoreflect.Message {
-	mi := &file_toru_v1_config_service_proto_msgTypes[4]
+	mi := &file_toru_v1_config_service_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -275,7 +396,7 @@ func (x *PluginNeedingRestart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PluginNeedingRestart.ProtoReflect.Descriptor instead.
 func (*PluginNeedingRestart) Descriptor() ([]byte, []int) {
-	return file_toru_v1_config_service_proto_rawDescGZIP(), []int{4}
+	return file_toru_v1_config_service_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *PluginNeedingRestart) GetPluginId() string {
@@ -305,7 +426,7 @@ type PluginRestart struct {
 
 func (x *PluginRestart) Reset() {
 	*x = PluginRestart{}
-	mi := &file_toru_v1_config_service_proto_msgTypes[5]
+	mi := &file_toru_v1_config_service_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -317,7 +438,7 @@ func (x *PluginRestart) String() string {
 func (*PluginRestart) ProtoMessage() {}
 
 func (x *PluginRestart) ProtoReflect() protoreflect.Message {
-	mi := &file_toru_v1_config_service_proto_msgTypes[5]
+	mi := &file_toru_v1_config_service_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -330,7 +451,7 @@ func (x *PluginRestart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PluginRestart.ProtoReflect.Descriptor instead.
 func (*PluginRestart) Descriptor() ([]byte, []int) {
-	return file_toru_v1_config_service_proto_rawDescGZIP(), []int{5}
+	return file_toru_v1_config_service_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *PluginRestart) GetPluginId() string {
@@ -351,7 +472,15 @@ var File_toru_v1_config_service_proto protoreflect.FileDescriptor
 
 const file_toru_v1_config_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1ctoru/v1/config_service.proto\x12\atoru.v1\"\x12\n" +
+	"\x1ctoru/v1/config_service.proto\x12\atoru.v1\".\n" +
+	"\x14UpgradeDaemonRequest\x12\x16\n" +
+	"\x06binary\x18\x01 \x01(\tR\x06binary\"\x96\x01\n" +
+	"\x15UpgradeDaemonResponse\x12!\n" +
+	"\ffrom_version\x18\x01 \x01(\tR\vfromVersion\x12\x1d\n" +
+	"\n" +
+	"to_version\x18\x02 \x01(\tR\ttoVersion\x12\x16\n" +
+	"\x06binary\x18\x03 \x01(\tR\x06binary\x12#\n" +
+	"\rupgrading_seq\x18\x04 \x01(\x04R\fupgradingSeq\"\x12\n" +
 	"\x10GetConfigRequest\";\n" +
 	"\x11GetConfigResponse\x12\x12\n" +
 	"\x04toml\x18\x01 \x01(\tR\x04toml\x12\x12\n" +
@@ -368,10 +497,11 @@ const file_toru_v1_config_service_proto_rawDesc = "" +
 	"\bsettings\x18\x02 \x03(\tR\bsettings\"B\n" +
 	"\rPluginRestart\x12\x1b\n" +
 	"\tplugin_id\x18\x01 \x01(\tR\bpluginId\x12\x14\n" +
-	"\x05error\x18\x02 \x01(\tR\x05error2\xa0\x01\n" +
+	"\x05error\x18\x02 \x01(\tR\x05error2\xf0\x01\n" +
 	"\rConfigService\x12B\n" +
 	"\tGetConfig\x12\x19.toru.v1.GetConfigRequest\x1a\x1a.toru.v1.GetConfigResponse\x12K\n" +
-	"\fReloadConfig\x12\x1c.toru.v1.ReloadConfigRequest\x1a\x1d.toru.v1.ReloadConfigResponseB;Z9github.com/toru-project/torud/clients/go/torupb/v1;torupbb\x06proto3"
+	"\fReloadConfig\x12\x1c.toru.v1.ReloadConfigRequest\x1a\x1d.toru.v1.ReloadConfigResponse\x12N\n" +
+	"\rUpgradeDaemon\x12\x1d.toru.v1.UpgradeDaemonRequest\x1a\x1e.toru.v1.UpgradeDaemonResponseB;Z9github.com/toru-project/torud/clients/go/torupb/v1;torupbb\x06proto3"
 
 var (
 	file_toru_v1_config_service_proto_rawDescOnce sync.Once
@@ -385,24 +515,28 @@ func file_toru_v1_config_service_proto_rawDescGZIP() []byte {
 	return file_toru_v1_config_service_proto_rawDescData
 }
 
-var file_toru_v1_config_service_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_toru_v1_config_service_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_toru_v1_config_service_proto_goTypes = []any{
-	(*GetConfigRequest)(nil),     // 0: toru.v1.GetConfigRequest
-	(*GetConfigResponse)(nil),    // 1: toru.v1.GetConfigResponse
-	(*ReloadConfigRequest)(nil),  // 2: toru.v1.ReloadConfigRequest
-	(*ReloadConfigResponse)(nil), // 3: toru.v1.ReloadConfigResponse
-	(*PluginNeedingRestart)(nil), // 4: toru.v1.PluginNeedingRestart
-	(*PluginRestart)(nil),        // 5: toru.v1.PluginRestart
+	(*UpgradeDaemonRequest)(nil),  // 0: toru.v1.UpgradeDaemonRequest
+	(*UpgradeDaemonResponse)(nil), // 1: toru.v1.UpgradeDaemonResponse
+	(*GetConfigRequest)(nil),      // 2: toru.v1.GetConfigRequest
+	(*GetConfigResponse)(nil),     // 3: toru.v1.GetConfigResponse
+	(*ReloadConfigRequest)(nil),   // 4: toru.v1.ReloadConfigRequest
+	(*ReloadConfigResponse)(nil),  // 5: toru.v1.ReloadConfigResponse
+	(*PluginNeedingRestart)(nil),  // 6: toru.v1.PluginNeedingRestart
+	(*PluginRestart)(nil),         // 7: toru.v1.PluginRestart
 }
 var file_toru_v1_config_service_proto_depIdxs = []int32{
-	4, // 0: toru.v1.ReloadConfigResponse.plugins_needing_restart:type_name -> toru.v1.PluginNeedingRestart
-	5, // 1: toru.v1.ReloadConfigResponse.plugins_restarted:type_name -> toru.v1.PluginRestart
-	0, // 2: toru.v1.ConfigService.GetConfig:input_type -> toru.v1.GetConfigRequest
-	2, // 3: toru.v1.ConfigService.ReloadConfig:input_type -> toru.v1.ReloadConfigRequest
-	1, // 4: toru.v1.ConfigService.GetConfig:output_type -> toru.v1.GetConfigResponse
-	3, // 5: toru.v1.ConfigService.ReloadConfig:output_type -> toru.v1.ReloadConfigResponse
-	4, // [4:6] is the sub-list for method output_type
-	2, // [2:4] is the sub-list for method input_type
+	6, // 0: toru.v1.ReloadConfigResponse.plugins_needing_restart:type_name -> toru.v1.PluginNeedingRestart
+	7, // 1: toru.v1.ReloadConfigResponse.plugins_restarted:type_name -> toru.v1.PluginRestart
+	2, // 2: toru.v1.ConfigService.GetConfig:input_type -> toru.v1.GetConfigRequest
+	4, // 3: toru.v1.ConfigService.ReloadConfig:input_type -> toru.v1.ReloadConfigRequest
+	0, // 4: toru.v1.ConfigService.UpgradeDaemon:input_type -> toru.v1.UpgradeDaemonRequest
+	3, // 5: toru.v1.ConfigService.GetConfig:output_type -> toru.v1.GetConfigResponse
+	5, // 6: toru.v1.ConfigService.ReloadConfig:output_type -> toru.v1.ReloadConfigResponse
+	1, // 7: toru.v1.ConfigService.UpgradeDaemon:output_type -> toru.v1.UpgradeDaemonResponse
+	5, // [5:8] is the sub-list for method output_type
+	2, // [2:5] is the sub-list for method input_type
 	2, // [2:2] is the sub-list for extension type_name
 	2, // [2:2] is the sub-list for extension extendee
 	0, // [0:2] is the sub-list for field type_name
@@ -419,7 +553,7 @@ func file_toru_v1_config_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_toru_v1_config_service_proto_rawDesc), len(file_toru_v1_config_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   6,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

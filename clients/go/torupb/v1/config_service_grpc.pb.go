@@ -19,8 +19,9 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	ConfigService_GetConfig_FullMethodName    = "/toru.v1.ConfigService/GetConfig"
-	ConfigService_ReloadConfig_FullMethodName = "/toru.v1.ConfigService/ReloadConfig"
+	ConfigService_GetConfig_FullMethodName     = "/toru.v1.ConfigService/GetConfig"
+	ConfigService_ReloadConfig_FullMethodName  = "/toru.v1.ConfigService/ReloadConfig"
+	ConfigService_UpgradeDaemon_FullMethodName = "/toru.v1.ConfigService/UpgradeDaemon"
 )
 
 // ConfigServiceClient is the client API for ConfigService service.
@@ -28,7 +29,9 @@ const (
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 //
 // The daemon's configuration: the one in force, and reloading it from its file without a
-// restart (SIGHUP does the same as ReloadConfig without restarting plugins).
+// restart (SIGHUP does the same as ReloadConfig without restarting plugins); and replacing
+// the daemon's binary without restarting a plugin (UpgradeDaemon; SIGUSR2 does the same
+// with the binary the daemon was started from).
 type ConfigServiceClient interface {
 	// Returns the configuration in force, as a TOML config file that would give it: every
 	// setting, flags and environment stacked over the file and the defaults. Secrets never
@@ -44,6 +47,18 @@ type ConfigServiceClient interface {
 	// (arguments, environment, limits, ...) are listed in `plugins_needing_restart`, and
 	// restarted when `restart_plugins` is set. Needs the admin token.
 	ReloadConfig(ctx context.Context, in *ReloadConfigRequest, opts ...grpc.CallOption) (*ReloadConfigResponse, error)
+	// Hands the daemon over to a new image of itself, the same or another binary, without
+	// restarting a plugin or losing a log line: the new binary is checked first
+	// (`torud serve --check-upgrade` reads the state it would get); if the check fails,
+	// nothing changes and the call fails with FAILED_PRECONDITION naming why. Otherwise a
+	// DAEMON_UPGRADING event is written and the call answers at once; then calls in flight
+	// finish (bounded), streams end with UNAVAILABLE ("the daemon is upgrading"), and the
+	// daemon re-executes itself (same pid) passing its listeners, plugin processes (by
+	// pidfd), pipes, connections and state. The outcome is an event: DAEMON_UPGRADED, or
+	// DAEMON_UPGRADE_FAILED when the new image could not take over and the previous binary
+	// was executed again. Watch events after `upgrading_seq` to learn it. Needs the admin
+	// token. ALREADY_EXISTS while another upgrade is under way.
+	UpgradeDaemon(ctx context.Context, in *UpgradeDaemonRequest, opts ...grpc.CallOption) (*UpgradeDaemonResponse, error)
 }
 
 type configServiceClient struct {
@@ -74,12 +89,24 @@ func (c *configServiceClient) ReloadConfig(ctx context.Context, in *ReloadConfig
 	return out, nil
 }
 
+func (c *configServiceClient) UpgradeDaemon(ctx context.Context, in *UpgradeDaemonRequest, opts ...grpc.CallOption) (*UpgradeDaemonResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UpgradeDaemonResponse)
+	err := c.cc.Invoke(ctx, ConfigService_UpgradeDaemon_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ConfigServiceServer is the server API for ConfigService service.
 // All implementations must embed UnimplementedConfigServiceServer
 // for forward compatibility.
 //
 // The daemon's configuration: the one in force, and reloading it from its file without a
-// restart (SIGHUP does the same as ReloadConfig without restarting plugins).
+// restart (SIGHUP does the same as ReloadConfig without restarting plugins); and replacing
+// the daemon's binary without restarting a plugin (UpgradeDaemon; SIGUSR2 does the same
+// with the binary the daemon was started from).
 type ConfigServiceServer interface {
 	// Returns the configuration in force, as a TOML config file that would give it: every
 	// setting, flags and environment stacked over the file and the defaults. Secrets never
@@ -95,6 +122,18 @@ type ConfigServiceServer interface {
 	// (arguments, environment, limits, ...) are listed in `plugins_needing_restart`, and
 	// restarted when `restart_plugins` is set. Needs the admin token.
 	ReloadConfig(context.Context, *ReloadConfigRequest) (*ReloadConfigResponse, error)
+	// Hands the daemon over to a new image of itself, the same or another binary, without
+	// restarting a plugin or losing a log line: the new binary is checked first
+	// (`torud serve --check-upgrade` reads the state it would get); if the check fails,
+	// nothing changes and the call fails with FAILED_PRECONDITION naming why. Otherwise a
+	// DAEMON_UPGRADING event is written and the call answers at once; then calls in flight
+	// finish (bounded), streams end with UNAVAILABLE ("the daemon is upgrading"), and the
+	// daemon re-executes itself (same pid) passing its listeners, plugin processes (by
+	// pidfd), pipes, connections and state. The outcome is an event: DAEMON_UPGRADED, or
+	// DAEMON_UPGRADE_FAILED when the new image could not take over and the previous binary
+	// was executed again. Watch events after `upgrading_seq` to learn it. Needs the admin
+	// token. ALREADY_EXISTS while another upgrade is under way.
+	UpgradeDaemon(context.Context, *UpgradeDaemonRequest) (*UpgradeDaemonResponse, error)
 	mustEmbedUnimplementedConfigServiceServer()
 }
 
@@ -110,6 +149,9 @@ func (UnimplementedConfigServiceServer) GetConfig(context.Context, *GetConfigReq
 }
 func (UnimplementedConfigServiceServer) ReloadConfig(context.Context, *ReloadConfigRequest) (*ReloadConfigResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ReloadConfig not implemented")
+}
+func (UnimplementedConfigServiceServer) UpgradeDaemon(context.Context, *UpgradeDaemonRequest) (*UpgradeDaemonResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpgradeDaemon not implemented")
 }
 func (UnimplementedConfigServiceServer) mustEmbedUnimplementedConfigServiceServer() {}
 func (UnimplementedConfigServiceServer) testEmbeddedByValue()                       {}
@@ -168,6 +210,24 @@ func _ConfigService_ReloadConfig_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ConfigService_UpgradeDaemon_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpgradeDaemonRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ConfigServiceServer).UpgradeDaemon(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ConfigService_UpgradeDaemon_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ConfigServiceServer).UpgradeDaemon(ctx, req.(*UpgradeDaemonRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // ConfigService_ServiceDesc is the grpc.ServiceDesc for ConfigService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -182,6 +242,10 @@ var ConfigService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ReloadConfig",
 			Handler:    _ConfigService_ReloadConfig_Handler,
+		},
+		{
+			MethodName: "UpgradeDaemon",
+			Handler:    _ConfigService_UpgradeDaemon_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

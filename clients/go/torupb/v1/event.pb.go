@@ -57,6 +57,19 @@ const (
 	// `details["daemon_restart_keys"]` list (comma-separated) the plugins whose process keeps
 	// settings the reload changed, and the changed settings only a daemon restart applies.
 	EventKind_EVENT_KIND_CONFIG_RELOADED EventKind = 11
+	// The daemon checked a new binary and is handing over to it (`plugin_id` empty):
+	// `details["from_version"]`, `details["to_version"]`, `details["binary"]`. Streams end
+	// next with UNAVAILABLE; resume them by cursor.
+	EventKind_EVENT_KIND_DAEMON_UPGRADING EventKind = 12
+	// The daemon's new image took over every plugin and serves: `details["from_version"]`,
+	// `details["to_version"]`, `details["duration_ms"]` (from UPGRADING to ready),
+	// `details["plugins"]` (how many were handed over).
+	EventKind_EVENT_KIND_DAEMON_UPGRADED EventKind = 13
+	// An upgrade did not happen: `reason` says why, `details["rolled_back"]` is "true" (the
+	// daemon that was running goes on serving with everything it had), and
+	// `details["stage"]` is "check" (the new binary failed its check) or "handover" (the new
+	// image could not take over and the previous binary was executed again).
+	EventKind_EVENT_KIND_DAEMON_UPGRADE_FAILED EventKind = 14
 )
 
 // Enum value maps for EventKind.
@@ -74,6 +87,9 @@ var (
 		9:  "EVENT_KIND_EVENT_STORAGE_DEGRADED",
 		10: "EVENT_KIND_EVENT_STORAGE_RESUMED",
 		11: "EVENT_KIND_CONFIG_RELOADED",
+		12: "EVENT_KIND_DAEMON_UPGRADING",
+		13: "EVENT_KIND_DAEMON_UPGRADED",
+		14: "EVENT_KIND_DAEMON_UPGRADE_FAILED",
 	}
 	EventKind_value = map[string]int32{
 		"EVENT_KIND_UNSPECIFIED":            0,
@@ -88,6 +104,9 @@ var (
 		"EVENT_KIND_EVENT_STORAGE_DEGRADED": 9,
 		"EVENT_KIND_EVENT_STORAGE_RESUMED":  10,
 		"EVENT_KIND_CONFIG_RELOADED":        11,
+		"EVENT_KIND_DAEMON_UPGRADING":       12,
+		"EVENT_KIND_DAEMON_UPGRADED":        13,
+		"EVENT_KIND_DAEMON_UPGRADE_FAILED":  14,
 	}
 )
 
@@ -275,7 +294,7 @@ const file_toru_v1_event_proto_rawDesc = "" +
 	"\ahealthy\x18\v \x01(\bR\ahealthy\x1a:\n" +
 	"\fDetailsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\x8c\x03\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xf3\x03\n" +
 	"\tEventKind\x12\x1a\n" +
 	"\x16EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18EVENT_KIND_STATE_CHANGED\x10\x01\x12\x1d\n" +
@@ -289,7 +308,10 @@ const file_toru_v1_event_proto_rawDesc = "" +
 	"!EVENT_KIND_EVENT_STORAGE_DEGRADED\x10\t\x12$\n" +
 	" EVENT_KIND_EVENT_STORAGE_RESUMED\x10\n" +
 	"\x12\x1e\n" +
-	"\x1aEVENT_KIND_CONFIG_RELOADED\x10\vB;Z9github.com/toru-project/torud/clients/go/torupb/v1;torupbb\x06proto3"
+	"\x1aEVENT_KIND_CONFIG_RELOADED\x10\v\x12\x1f\n" +
+	"\x1bEVENT_KIND_DAEMON_UPGRADING\x10\f\x12\x1e\n" +
+	"\x1aEVENT_KIND_DAEMON_UPGRADED\x10\r\x12$\n" +
+	" EVENT_KIND_DAEMON_UPGRADE_FAILED\x10\x0eB;Z9github.com/toru-project/torud/clients/go/torupb/v1;torupbb\x06proto3"
 
 var (
 	file_toru_v1_event_proto_rawDescOnce sync.Once

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctoru/v1/config_service.proto\x12\x07toru.v1\"\x12\n\x10GetConfigRequest\"/\n\x11GetConfigResponse\x12\x0c\n\x04toml\x18\x01 \x01(\t\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\".\n\x13ReloadConfigRequest\x12\x17\n\x0frestart_plugins\x18\x01 \x01(\x08\"\xb4\x01\n\x14ReloadConfigResponse\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12>\n\x17plugins_needing_restart\x18\x02 \x03(\x0b\x32\x1d.toru.v1.PluginNeedingRestart\x12\x31\n\x11plugins_restarted\x18\x03 \x03(\x0b\x32\x16.toru.v1.PluginRestart\x12\x1b\n\x13\x64\x61\x65mon_restart_keys\x18\x04 \x03(\t\";\n\x14PluginNeedingRestart\x12\x11\n\tplugin_id\x18\x01 \x01(\t\x12\x10\n\x08settings\x18\x02 \x03(\t\"1\n\rPluginRestart\x12\x11\n\tplugin_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t2\xa0\x01\n\rConfigService\x12\x42\n\tGetConfig\x12\x19.toru.v1.GetConfigRequest\x1a\x1a.toru.v1.GetConfigResponse\x12K\n\x0cReloadConfig\x12\x1c.toru.v1.ReloadConfigRequest\x1a\x1d.toru.v1.ReloadConfigResponseB;Z9github.com/toru-project/torud/clients/go/torupb/v1;torupbb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctoru/v1/config_service.proto\x12\x07toru.v1\"&\n\x14UpgradeDaemonRequest\x12\x0e\n\x06\x62inary\x18\x01 \x01(\t\"h\n\x15UpgradeDaemonResponse\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\t\x12\x12\n\nto_version\x18\x02 \x01(\t\x12\x0e\n\x06\x62inary\x18\x03 \x01(\t\x12\x15\n\rupgrading_seq\x18\x04 \x01(\x04\"\x12\n\x10GetConfigRequest\"/\n\x11GetConfigResponse\x12\x0c\n\x04toml\x18\x01 \x01(\t\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\".\n\x13ReloadConfigRequest\x12\x17\n\x0frestart_plugins\x18\x01 \x01(\x08\"\xb4\x01\n\x14ReloadConfigResponse\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12>\n\x17plugins_needing_restart\x18\x02 \x03(\x0b\x32\x1d.toru.v1.PluginNeedingRestart\x12\x31\n\x11plugins_restarted\x18\x03 \x03(\x0b\x32\x16.toru.v1.PluginRestart\x12\x1b\n\x13\x64\x61\x65mon_restart_keys\x18\x04 \x03(\t\";\n\x14PluginNeedingRestart\x12\x11\n\tplugin_id\x18\x01 \x01(\t\x12\x10\n\x08settings\x18\x02 \x03(\t\"1\n\rPluginRestart\x12\x11\n\tplugin_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t2\xf0\x01\n\rConfigService\x12\x42\n\tGetConfig\x12\x19.toru.v1.GetConfigRequest\x1a\x1a.toru.v1.GetConfigResponse\x12K\n\x0cReloadConfig\x12\x1c.toru.v1.ReloadConfigRequest\x1a\x1d.toru.v1.ReloadConfigResponse\x12N\n\rUpgradeDaemon\x12\x1d.toru.v1.UpgradeDaemonRequest\x1a\x1e.toru.v1.UpgradeDaemonResponseB;Z9github.com/toru-project/torud/clients/go/torupb/v1;torupbb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,18 +32,22 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'toru.v1.config_service_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z9github.com/toru-project/torud/clients/go/torupb/v1;torupb'
-  _globals['_GETCONFIGREQUEST']._serialized_start=41
-  _globals['_GETCONFIGREQUEST']._serialized_end=59
-  _globals['_GETCONFIGRESPONSE']._serialized_start=61
-  _globals['_GETCONFIGRESPONSE']._serialized_end=108
-  _globals['_RELOADCONFIGREQUEST']._serialized_start=110
-  _globals['_RELOADCONFIGREQUEST']._serialized_end=156
-  _globals['_RELOADCONFIGRESPONSE']._serialized_start=159
-  _globals['_RELOADCONFIGRESPONSE']._serialized_end=339
-  _globals['_PLUGINNEEDINGRESTART']._serialized_start=341
-  _globals['_PLUGINNEEDINGRESTART']._serialized_end=400
-  _globals['_PLUGINRESTART']._serialized_start=402
-  _globals['_PLUGINRESTART']._serialized_end=451
-  _globals['_CONFIGSERVICE']._serialized_start=454
-  _globals['_CONFIGSERVICE']._serialized_end=614
+  _globals['_UPGRADEDAEMONREQUEST']._serialized_start=41
+  _globals['_UPGRADEDAEMONREQUEST']._serialized_end=79
+  _globals['_UPGRADEDAEMONRESPONSE']._serialized_start=81
+  _globals['_UPGRADEDAEMONRESPONSE']._serialized_end=185
+  _globals['_GETCONFIGREQUEST']._serialized_start=187
+  _globals['_GETCONFIGREQUEST']._serialized_end=205
+  _globals['_GETCONFIGRESPONSE']._serialized_start=207
+  _globals['_GETCONFIGRESPONSE']._serialized_end=254
+  _globals['_RELOADCONFIGREQUEST']._serialized_start=256
+  _globals['_RELOADCONFIGREQUEST']._serialized_end=302
+  _globals['_RELOADCONFIGRESPONSE']._serialized_start=305
+  _globals['_RELOADCONFIGRESPONSE']._serialized_end=485
+  _globals['_PLUGINNEEDINGRESTART']._serialized_start=487
+  _globals['_PLUGINNEEDINGRESTART']._serialized_end=546
+  _globals['_PLUGINRESTART']._serialized_start=548
+  _globals['_PLUGINRESTART']._serialized_end=597
+  _globals['_CONFIGSERVICE']._serialized_start=600
+  _globals['_CONFIGSERVICE']._serialized_end=840
 # @@protoc_insertion_point(module_scope)

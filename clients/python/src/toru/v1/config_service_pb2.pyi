@@ -19,6 +19,66 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class UpgradeDaemonRequest(_message.Message):
+    """Request for UpgradeDaemon."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BINARY_FIELD_NUMBER: _builtins.int
+    binary: _builtins.str
+    """The new binary's absolute path on the daemon's host; empty: the path the daemon was
+    started from (a package upgrade replaces the file there).
+    """
+    def __init__(
+        self,
+        *,
+        binary: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binary", b"binary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpgradeDaemonRequest: _TypeAlias = UpgradeDaemonRequest  # noqa: Y015
+
+@_typing.final
+class UpgradeDaemonResponse(_message.Message):
+    """Response for UpgradeDaemon: the handover has begun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_VERSION_FIELD_NUMBER: _builtins.int
+    TO_VERSION_FIELD_NUMBER: _builtins.int
+    BINARY_FIELD_NUMBER: _builtins.int
+    UPGRADING_SEQ_FIELD_NUMBER: _builtins.int
+    from_version: _builtins.str
+    """The running daemon's version."""
+    to_version: _builtins.str
+    """The version the new binary reported in its check."""
+    binary: _builtins.str
+    """The binary the daemon hands over to."""
+    upgrading_seq: _builtins.int
+    """The seq of the DAEMON_UPGRADING event: the outcome (DAEMON_UPGRADED or
+    DAEMON_UPGRADE_FAILED) follows it in WatchEvents.
+    """
+    def __init__(
+        self,
+        *,
+        from_version: _builtins.str = ...,
+        to_version: _builtins.str = ...,
+        binary: _builtins.str = ...,
+        upgrading_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binary", b"binary", "from_version", b"from_version", "to_version", b"to_version", "upgrading_seq", b"upgrading_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpgradeDaemonResponse: _TypeAlias = UpgradeDaemonResponse  # noqa: Y015
+
+@_typing.final
 class GetConfigRequest(_message.Message):
     """Request for GetConfig."""
 

@@ -27,7 +27,9 @@ if _version_not_supported:
 
 class ConfigServiceStub(object):
     """The daemon's configuration: the one in force, and reloading it from its file without a
-    restart (SIGHUP does the same as ReloadConfig without restarting plugins).
+    restart (SIGHUP does the same as ReloadConfig without restarting plugins); and replacing
+    the daemon's binary without restarting a plugin (UpgradeDaemon; SIGUSR2 does the same
+    with the binary the daemon was started from).
     """
 
     def __init__(self, channel):
@@ -46,11 +48,18 @@ class ConfigServiceStub(object):
                 request_serializer=toru_dot_v1_dot_config__service__pb2.ReloadConfigRequest.SerializeToString,
                 response_deserializer=toru_dot_v1_dot_config__service__pb2.ReloadConfigResponse.FromString,
                 _registered_method=True)
+        self.UpgradeDaemon = channel.unary_unary(
+                '/toru.v1.ConfigService/UpgradeDaemon',
+                request_serializer=toru_dot_v1_dot_config__service__pb2.UpgradeDaemonRequest.SerializeToString,
+                response_deserializer=toru_dot_v1_dot_config__service__pb2.UpgradeDaemonResponse.FromString,
+                _registered_method=True)
 
 
 class ConfigServiceServicer(object):
     """The daemon's configuration: the one in force, and reloading it from its file without a
-    restart (SIGHUP does the same as ReloadConfig without restarting plugins).
+    restart (SIGHUP does the same as ReloadConfig without restarting plugins); and replacing
+    the daemon's binary without restarting a plugin (UpgradeDaemon; SIGUSR2 does the same
+    with the binary the daemon was started from).
     """
 
     def GetConfig(self, request, context):
@@ -77,6 +86,23 @@ class ConfigServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpgradeDaemon(self, request, context):
+        """Hands the daemon over to a new image of itself, the same or another binary, without
+        restarting a plugin or losing a log line: the new binary is checked first
+        (`torud serve --check-upgrade` reads the state it would get); if the check fails,
+        nothing changes and the call fails with FAILED_PRECONDITION naming why. Otherwise a
+        DAEMON_UPGRADING event is written and the call answers at once; then calls in flight
+        finish (bounded), streams end with UNAVAILABLE ("the daemon is upgrading"), and the
+        daemon re-executes itself (same pid) passing its listeners, plugin processes (by
+        pidfd), pipes, connections and state. The outcome is an event: DAEMON_UPGRADED, or
+        DAEMON_UPGRADE_FAILED when the new image could not take over and the previous binary
+        was executed again. Watch events after `upgrading_seq` to learn it. Needs the admin
+        token. ALREADY_EXISTS while another upgrade is under way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConfigServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +116,11 @@ def add_ConfigServiceServicer_to_server(servicer, server):
                     request_deserializer=toru_dot_v1_dot_config__service__pb2.ReloadConfigRequest.FromString,
                     response_serializer=toru_dot_v1_dot_config__service__pb2.ReloadConfigResponse.SerializeToString,
             ),
+            'UpgradeDaemon': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpgradeDaemon,
+                    request_deserializer=toru_dot_v1_dot_config__service__pb2.UpgradeDaemonRequest.FromString,
+                    response_serializer=toru_dot_v1_dot_config__service__pb2.UpgradeDaemonResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'toru.v1.ConfigService', rpc_method_handlers)
@@ -100,7 +131,9 @@ def add_ConfigServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ConfigService(object):
     """The daemon's configuration: the one in force, and reloading it from its file without a
-    restart (SIGHUP does the same as ReloadConfig without restarting plugins).
+    restart (SIGHUP does the same as ReloadConfig without restarting plugins); and replacing
+    the daemon's binary without restarting a plugin (UpgradeDaemon; SIGUSR2 does the same
+    with the binary the daemon was started from).
     """
 
     @staticmethod
@@ -147,6 +180,33 @@ class ConfigService(object):
             '/toru.v1.ConfigService/ReloadConfig',
             toru_dot_v1_dot_config__service__pb2.ReloadConfigRequest.SerializeToString,
             toru_dot_v1_dot_config__service__pb2.ReloadConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpgradeDaemon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/toru.v1.ConfigService/UpgradeDaemon',
+            toru_dot_v1_dot_config__service__pb2.UpgradeDaemonRequest.SerializeToString,
+            toru_dot_v1_dot_config__service__pb2.UpgradeDaemonResponse.FromString,
             options,
             channel_credentials,
             insecure,

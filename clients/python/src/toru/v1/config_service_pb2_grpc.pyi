@@ -28,7 +28,9 @@ GRPC_VERSION: str
 
 class ConfigServiceStub:
     """The daemon's configuration: the one in force, and reloading it from its file without a
-    restart (SIGHUP does the same as ReloadConfig without restarting plugins).
+    restart (SIGHUP does the same as ReloadConfig without restarting plugins); and replacing
+    the daemon's binary without restarting a plugin (UpgradeDaemon; SIGUSR2 does the same
+    with the binary the daemon was started from).
     """
 
     @_typing.overload
@@ -51,11 +53,26 @@ class ConfigServiceStub:
     (arguments, environment, limits, ...) are listed in `plugins_needing_restart`, and
     restarted when `restart_plugins` is set. Needs the admin token.
     """
+    UpgradeDaemon: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.UpgradeDaemonRequest, _config_service_pb2.UpgradeDaemonResponse]
+    """Hands the daemon over to a new image of itself, the same or another binary, without
+    restarting a plugin or losing a log line: the new binary is checked first
+    (`torud serve --check-upgrade` reads the state it would get); if the check fails,
+    nothing changes and the call fails with FAILED_PRECONDITION naming why. Otherwise a
+    DAEMON_UPGRADING event is written and the call answers at once; then calls in flight
+    finish (bounded), streams end with UNAVAILABLE ("the daemon is upgrading"), and the
+    daemon re-executes itself (same pid) passing its listeners, plugin processes (by
+    pidfd), pipes, connections and state. The outcome is an event: DAEMON_UPGRADED, or
+    DAEMON_UPGRADE_FAILED when the new image could not take over and the previous binary
+    was executed again. Watch events after `upgrading_seq` to learn it. Needs the admin
+    token. ALREADY_EXISTS while another upgrade is under way.
+    """
 
 @_typing.type_check_only
 class ConfigServiceAsyncStub(ConfigServiceStub):
     """The daemon's configuration: the one in force, and reloading it from its file without a
-    restart (SIGHUP does the same as ReloadConfig without restarting plugins).
+    restart (SIGHUP does the same as ReloadConfig without restarting plugins); and replacing
+    the daemon's binary without restarting a plugin (UpgradeDaemon; SIGUSR2 does the same
+    with the binary the daemon was started from).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -75,10 +92,25 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     (arguments, environment, limits, ...) are listed in `plugins_needing_restart`, and
     restarted when `restart_plugins` is set. Needs the admin token.
     """
+    UpgradeDaemon: _aio.UnaryUnaryMultiCallable[_config_service_pb2.UpgradeDaemonRequest, _config_service_pb2.UpgradeDaemonResponse]  # type: ignore[assignment]
+    """Hands the daemon over to a new image of itself, the same or another binary, without
+    restarting a plugin or losing a log line: the new binary is checked first
+    (`torud serve --check-upgrade` reads the state it would get); if the check fails,
+    nothing changes and the call fails with FAILED_PRECONDITION naming why. Otherwise a
+    DAEMON_UPGRADING event is written and the call answers at once; then calls in flight
+    finish (bounded), streams end with UNAVAILABLE ("the daemon is upgrading"), and the
+    daemon re-executes itself (same pid) passing its listeners, plugin processes (by
+    pidfd), pipes, connections and state. The outcome is an event: DAEMON_UPGRADED, or
+    DAEMON_UPGRADE_FAILED when the new image could not take over and the previous binary
+    was executed again. Watch events after `upgrading_seq` to learn it. Needs the admin
+    token. ALREADY_EXISTS while another upgrade is under way.
+    """
 
 class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
     """The daemon's configuration: the one in force, and reloading it from its file without a
-    restart (SIGHUP does the same as ReloadConfig without restarting plugins).
+    restart (SIGHUP does the same as ReloadConfig without restarting plugins); and replacing
+    the daemon's binary without restarting a plugin (UpgradeDaemon; SIGUSR2 does the same
+    with the binary the daemon was started from).
     """
 
     @_abc_1.abstractmethod
@@ -107,6 +139,25 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
         are listed in `daemon_restart_keys`, and plugins whose process keeps changed settings
         (arguments, environment, limits, ...) are listed in `plugins_needing_restart`, and
         restarted when `restart_plugins` is set. Needs the admin token.
+        """
+
+    @_abc_1.abstractmethod
+    def UpgradeDaemon(
+        self,
+        request: _config_service_pb2.UpgradeDaemonRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.UpgradeDaemonResponse, _abc.Awaitable[_config_service_pb2.UpgradeDaemonResponse]]:
+        """Hands the daemon over to a new image of itself, the same or another binary, without
+        restarting a plugin or losing a log line: the new binary is checked first
+        (`torud serve --check-upgrade` reads the state it would get); if the check fails,
+        nothing changes and the call fails with FAILED_PRECONDITION naming why. Otherwise a
+        DAEMON_UPGRADING event is written and the call answers at once; then calls in flight
+        finish (bounded), streams end with UNAVAILABLE ("the daemon is upgrading"), and the
+        daemon re-executes itself (same pid) passing its listeners, plugin processes (by
+        pidfd), pipes, connections and state. The outcome is an event: DAEMON_UPGRADED, or
+        DAEMON_UPGRADE_FAILED when the new image could not take over and the previous binary
+        was executed again. Watch events after `upgrading_seq` to learn it. Needs the admin
+        token. ALREADY_EXISTS while another upgrade is under way.
         """
 
 def add_ConfigServiceServicer_to_server(servicer: ConfigServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

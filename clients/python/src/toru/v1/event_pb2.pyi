@@ -62,6 +62,22 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     `details["daemon_restart_keys"]` list (comma-separated) the plugins whose process keeps
     settings the reload changed, and the changed settings only a daemon restart applies.
     """
+    EVENT_KIND_DAEMON_UPGRADING: _EventKind.ValueType  # 12
+    """The daemon checked a new binary and is handing over to it (`plugin_id` empty):
+    `details["from_version"]`, `details["to_version"]`, `details["binary"]`. Streams end
+    next with UNAVAILABLE; resume them by cursor.
+    """
+    EVENT_KIND_DAEMON_UPGRADED: _EventKind.ValueType  # 13
+    """The daemon's new image took over every plugin and serves: `details["from_version"]`,
+    `details["to_version"]`, `details["duration_ms"]` (from UPGRADING to ready),
+    `details["plugins"]` (how many were handed over).
+    """
+    EVENT_KIND_DAEMON_UPGRADE_FAILED: _EventKind.ValueType  # 14
+    """An upgrade did not happen: `reason` says why, `details["rolled_back"]` is "true" (the
+    daemon that was running goes on serving with everything it had), and
+    `details["stage"]` is "check" (the new binary failed its check) or "handover" (the new
+    image could not take over and the previous binary was executed again).
+    """
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
     """What an event records."""
@@ -100,6 +116,22 @@ EVENT_KIND_CONFIG_RELOADED: EventKind.ValueType  # 11
 `details["file"]` is the file read, `details["plugins_needing_restart"]` and
 `details["daemon_restart_keys"]` list (comma-separated) the plugins whose process keeps
 settings the reload changed, and the changed settings only a daemon restart applies.
+"""
+EVENT_KIND_DAEMON_UPGRADING: EventKind.ValueType  # 12
+"""The daemon checked a new binary and is handing over to it (`plugin_id` empty):
+`details["from_version"]`, `details["to_version"]`, `details["binary"]`. Streams end
+next with UNAVAILABLE; resume them by cursor.
+"""
+EVENT_KIND_DAEMON_UPGRADED: EventKind.ValueType  # 13
+"""The daemon's new image took over every plugin and serves: `details["from_version"]`,
+`details["to_version"]`, `details["duration_ms"]` (from UPGRADING to ready),
+`details["plugins"]` (how many were handed over).
+"""
+EVENT_KIND_DAEMON_UPGRADE_FAILED: EventKind.ValueType  # 14
+"""An upgrade did not happen: `reason` says why, `details["rolled_back"]` is "true" (the
+daemon that was running goes on serving with everything it had), and
+`details["stage"]` is "check" (the new binary failed its check) or "handover" (the new
+image could not take over and the previous binary was executed again).
 """
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 

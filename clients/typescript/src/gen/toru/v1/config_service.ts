@@ -23,6 +23,30 @@ export const protobufPackage = "toru.v1";
 
 export const protobufFileName = "toru/v1/config_service.proto";
 
+/** Request for UpgradeDaemon. */
+export interface UpgradeDaemonRequest {
+  /**
+   * The new binary's absolute path on the daemon's host; empty: the path the daemon was
+   * started from (a package upgrade replaces the file there).
+   */
+  binary: string;
+}
+
+/** Response for UpgradeDaemon: the handover has begun. */
+export interface UpgradeDaemonResponse {
+  /** The running daemon's version. */
+  fromVersion: string;
+  /** The version the new binary reported in its check. */
+  toVersion: string;
+  /** The binary the daemon hands over to. */
+  binary: string;
+  /**
+   * The seq of the DAEMON_UPGRADING event: the outcome (DAEMON_UPGRADED or
+   * DAEMON_UPGRADE_FAILED) follows it in WatchEvents.
+   */
+  upgradingSeq: number;
+}
+
 /** Request for GetConfig. */
 export interface GetConfigRequest {
 }
@@ -83,6 +107,202 @@ export interface PluginRestart {
   /** Empty when it is running with the new settings; otherwise why not. */
   error: string;
 }
+
+function createBaseUpgradeDaemonRequest(): UpgradeDaemonRequest {
+  return { binary: "" };
+}
+
+export const UpgradeDaemonRequest: MessageFns<UpgradeDaemonRequest> = {
+  encode(message: UpgradeDaemonRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.binary !== "") {
+      writer.uint32(10).string(message.binary);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UpgradeDaemonRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUpgradeDaemonRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.binary = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UpgradeDaemonRequest {
+    return { binary: isSet(object.binary) ? globalThis.String(object.binary) : "" };
+  },
+
+  toJSON(message: UpgradeDaemonRequest): unknown {
+    const obj: any = {};
+    if (message.binary !== "") {
+      obj.binary = message.binary;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<UpgradeDaemonRequest>, I>>(base?: I): UpgradeDaemonRequest {
+    return UpgradeDaemonRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<UpgradeDaemonRequest>, I>>(object: I): UpgradeDaemonRequest {
+    const message = createBaseUpgradeDaemonRequest();
+    message.binary = object.binary ?? "";
+    return message;
+  },
+};
+
+function createBaseUpgradeDaemonResponse(): UpgradeDaemonResponse {
+  return { fromVersion: "", toVersion: "", binary: "", upgradingSeq: 0 };
+}
+
+export const UpgradeDaemonResponse: MessageFns<UpgradeDaemonResponse> = {
+  encode(message: UpgradeDaemonResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.fromVersion !== "") {
+      writer.uint32(10).string(message.fromVersion);
+    }
+    if (message.toVersion !== "") {
+      writer.uint32(18).string(message.toVersion);
+    }
+    if (message.binary !== "") {
+      writer.uint32(26).string(message.binary);
+    }
+    if (message.upgradingSeq !== 0) {
+      writer.uint32(32).uint64(message.upgradingSeq);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UpgradeDaemonResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUpgradeDaemonResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.fromVersion = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.toVersion = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.binary = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.upgradingSeq = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UpgradeDaemonResponse {
+    return {
+      fromVersion: isSet(object.fromVersion)
+        ? globalThis.String(object.fromVersion)
+        : isSet(object.from_version)
+        ? globalThis.String(object.from_version)
+        : "",
+      toVersion: isSet(object.toVersion)
+        ? globalThis.String(object.toVersion)
+        : isSet(object.to_version)
+        ? globalThis.String(object.to_version)
+        : "",
+      binary: isSet(object.binary) ? globalThis.String(object.binary) : "",
+      upgradingSeq: isSet(object.upgradingSeq)
+        ? globalThis.Number(object.upgradingSeq)
+        : isSet(object.upgrading_seq)
+        ? globalThis.Number(object.upgrading_seq)
+        : 0,
+    };
+  },
+
+  toJSON(message: UpgradeDaemonResponse): unknown {
+    const obj: any = {};
+    if (message.fromVersion !== "") {
+      obj.fromVersion = message.fromVersion;
+    }
+    if (message.toVersion !== "") {
+      obj.toVersion = message.toVersion;
+    }
+    if (message.binary !== "") {
+      obj.binary = message.binary;
+    }
+    if (message.upgradingSeq !== 0) {
+      obj.upgradingSeq = Math.round(message.upgradingSeq);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<UpgradeDaemonResponse>, I>>(base?: I): UpgradeDaemonResponse {
+    return UpgradeDaemonResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<UpgradeDaemonResponse>, I>>(object: I): UpgradeDaemonResponse {
+    const message = createBaseUpgradeDaemonResponse();
+    message.fromVersion = object.fromVersion ?? "";
+    message.toVersion = object.toVersion ?? "";
+    message.binary = object.binary ?? "";
+    message.upgradingSeq = object.upgradingSeq ?? 0;
+    return message;
+  },
+};
 
 function createBaseGetConfigRequest(): GetConfigRequest {
   return {};
@@ -603,7 +823,9 @@ export const PluginRestart: MessageFns<PluginRestart> = {
 
 /**
  * The daemon's configuration: the one in force, and reloading it from its file without a
- * restart (SIGHUP does the same as ReloadConfig without restarting plugins).
+ * restart (SIGHUP does the same as ReloadConfig without restarting plugins); and replacing
+ * the daemon's binary without restarting a plugin (UpgradeDaemon; SIGUSR2 does the same
+ * with the binary the daemon was started from).
  */
 export type ConfigServiceService = typeof ConfigServiceService;
 export const ConfigServiceService = {
@@ -642,6 +864,29 @@ export const ConfigServiceService = {
       Buffer.from(ReloadConfigResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): ReloadConfigResponse => ReloadConfigResponse.decode(value),
   },
+  /**
+   * Hands the daemon over to a new image of itself, the same or another binary, without
+   * restarting a plugin or losing a log line: the new binary is checked first
+   * (`torud serve --check-upgrade` reads the state it would get); if the check fails,
+   * nothing changes and the call fails with FAILED_PRECONDITION naming why. Otherwise a
+   * DAEMON_UPGRADING event is written and the call answers at once; then calls in flight
+   * finish (bounded), streams end with UNAVAILABLE ("the daemon is upgrading"), and the
+   * daemon re-executes itself (same pid) passing its listeners, plugin processes (by
+   * pidfd), pipes, connections and state. The outcome is an event: DAEMON_UPGRADED, or
+   * DAEMON_UPGRADE_FAILED when the new image could not take over and the previous binary
+   * was executed again. Watch events after `upgrading_seq` to learn it. Needs the admin
+   * token. ALREADY_EXISTS while another upgrade is under way.
+   */
+  upgradeDaemon: {
+    path: "/toru.v1.ConfigService/UpgradeDaemon" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: UpgradeDaemonRequest): Buffer => Buffer.from(UpgradeDaemonRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): UpgradeDaemonRequest => UpgradeDaemonRequest.decode(value),
+    responseSerialize: (value: UpgradeDaemonResponse): Buffer =>
+      Buffer.from(UpgradeDaemonResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): UpgradeDaemonResponse => UpgradeDaemonResponse.decode(value),
+  },
 } as const;
 
 export interface ConfigServiceServer extends UntypedServiceImplementation {
@@ -663,6 +908,20 @@ export interface ConfigServiceServer extends UntypedServiceImplementation {
    * restarted when `restart_plugins` is set. Needs the admin token.
    */
   reloadConfig: handleUnaryCall<ReloadConfigRequest, ReloadConfigResponse>;
+  /**
+   * Hands the daemon over to a new image of itself, the same or another binary, without
+   * restarting a plugin or losing a log line: the new binary is checked first
+   * (`torud serve --check-upgrade` reads the state it would get); if the check fails,
+   * nothing changes and the call fails with FAILED_PRECONDITION naming why. Otherwise a
+   * DAEMON_UPGRADING event is written and the call answers at once; then calls in flight
+   * finish (bounded), streams end with UNAVAILABLE ("the daemon is upgrading"), and the
+   * daemon re-executes itself (same pid) passing its listeners, plugin processes (by
+   * pidfd), pipes, connections and state. The outcome is an event: DAEMON_UPGRADED, or
+   * DAEMON_UPGRADE_FAILED when the new image could not take over and the previous binary
+   * was executed again. Watch events after `upgrading_seq` to learn it. Needs the admin
+   * token. ALREADY_EXISTS while another upgrade is under way.
+   */
+  upgradeDaemon: handleUnaryCall<UpgradeDaemonRequest, UpgradeDaemonResponse>;
 }
 
 export interface ConfigServiceClient extends Client {
@@ -712,6 +971,34 @@ export interface ConfigServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ReloadConfigResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * Hands the daemon over to a new image of itself, the same or another binary, without
+   * restarting a plugin or losing a log line: the new binary is checked first
+   * (`torud serve --check-upgrade` reads the state it would get); if the check fails,
+   * nothing changes and the call fails with FAILED_PRECONDITION naming why. Otherwise a
+   * DAEMON_UPGRADING event is written and the call answers at once; then calls in flight
+   * finish (bounded), streams end with UNAVAILABLE ("the daemon is upgrading"), and the
+   * daemon re-executes itself (same pid) passing its listeners, plugin processes (by
+   * pidfd), pipes, connections and state. The outcome is an event: DAEMON_UPGRADED, or
+   * DAEMON_UPGRADE_FAILED when the new image could not take over and the previous binary
+   * was executed again. Watch events after `upgrading_seq` to learn it. Needs the admin
+   * token. ALREADY_EXISTS while another upgrade is under way.
+   */
+  upgradeDaemon(
+    request: UpgradeDaemonRequest,
+    callback: (error: ServiceError | null, response: UpgradeDaemonResponse) => void,
+  ): ClientUnaryCall;
+  upgradeDaemon(
+    request: UpgradeDaemonRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: UpgradeDaemonResponse) => void,
+  ): ClientUnaryCall;
+  upgradeDaemon(
+    request: UpgradeDaemonRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: UpgradeDaemonResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const ConfigServiceClient = makeGenericClientConstructor(
@@ -734,6 +1021,17 @@ export type DeepPartial<T> = T extends Builtin ? T
 type KeysOfUnion<T> = T extends T ? keyof T : never;
 export type Exact<P, I extends P> = P extends Builtin ? P
   : P & { [K in keyof P]: Exact<P[K], I[K]> } & { [K in Exclude<keyof I, KeysOfUnion<P>>]: never };
+
+function longToNumber(int64: { toString(): string }): number {
+  const num = globalThis.Number(int64.toString());
+  if (num > globalThis.Number.MAX_SAFE_INTEGER) {
+    throw new globalThis.Error("Value is larger than Number.MAX_SAFE_INTEGER");
+  }
+  if (num < globalThis.Number.MIN_SAFE_INTEGER) {
+    throw new globalThis.Error("Value is smaller than Number.MIN_SAFE_INTEGER");
+  }
+  return num;
+}
 
 function isSet(value: any): boolean {
   return value !== null && value !== undefined;

@@ -54,6 +54,25 @@ export enum EventKind {
    * settings the reload changed, and the changed settings only a daemon restart applies.
    */
   EVENT_KIND_CONFIG_RELOADED = 11,
+  /**
+   * EVENT_KIND_DAEMON_UPGRADING - The daemon checked a new binary and is handing over to it (`plugin_id` empty):
+   * `details["from_version"]`, `details["to_version"]`, `details["binary"]`. Streams end
+   * next with UNAVAILABLE; resume them by cursor.
+   */
+  EVENT_KIND_DAEMON_UPGRADING = 12,
+  /**
+   * EVENT_KIND_DAEMON_UPGRADED - The daemon's new image took over every plugin and serves: `details["from_version"]`,
+   * `details["to_version"]`, `details["duration_ms"]` (from UPGRADING to ready),
+   * `details["plugins"]` (how many were handed over).
+   */
+  EVENT_KIND_DAEMON_UPGRADED = 13,
+  /**
+   * EVENT_KIND_DAEMON_UPGRADE_FAILED - An upgrade did not happen: `reason` says why, `details["rolled_back"]` is "true" (the
+   * daemon that was running goes on serving with everything it had), and
+   * `details["stage"]` is "check" (the new binary failed its check) or "handover" (the new
+   * image could not take over and the previous binary was executed again).
+   */
+  EVENT_KIND_DAEMON_UPGRADE_FAILED = 14,
   UNRECOGNIZED = -1,
 }
 
@@ -95,6 +114,15 @@ export function eventKindFromJSON(object: any): EventKind {
     case 11:
     case "EVENT_KIND_CONFIG_RELOADED":
       return EventKind.EVENT_KIND_CONFIG_RELOADED;
+    case 12:
+    case "EVENT_KIND_DAEMON_UPGRADING":
+      return EventKind.EVENT_KIND_DAEMON_UPGRADING;
+    case 13:
+    case "EVENT_KIND_DAEMON_UPGRADED":
+      return EventKind.EVENT_KIND_DAEMON_UPGRADED;
+    case 14:
+    case "EVENT_KIND_DAEMON_UPGRADE_FAILED":
+      return EventKind.EVENT_KIND_DAEMON_UPGRADE_FAILED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -128,6 +156,12 @@ export function eventKindToJSON(object: EventKind): string {
       return "EVENT_KIND_EVENT_STORAGE_RESUMED";
     case EventKind.EVENT_KIND_CONFIG_RELOADED:
       return "EVENT_KIND_CONFIG_RELOADED";
+    case EventKind.EVENT_KIND_DAEMON_UPGRADING:
+      return "EVENT_KIND_DAEMON_UPGRADING";
+    case EventKind.EVENT_KIND_DAEMON_UPGRADED:
+      return "EVENT_KIND_DAEMON_UPGRADED";
+    case EventKind.EVENT_KIND_DAEMON_UPGRADE_FAILED:
+      return "EVENT_KIND_DAEMON_UPGRADE_FAILED";
     case EventKind.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

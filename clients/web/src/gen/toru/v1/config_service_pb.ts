@@ -10,7 +10,72 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file toru/v1/config_service.proto.
  */
 export const file_toru_v1_config_service: GenFile = /*@__PURE__*/
-  fileDesc("Chx0b3J1L3YxL2NvbmZpZ19zZXJ2aWNlLnByb3RvEgd0b3J1LnYxIhIKEEdldENvbmZpZ1JlcXVlc3QiLwoRR2V0Q29uZmlnUmVzcG9uc2USDAoEdG9tbBgBIAEoCRIMCgRmaWxlGAIgASgJIi4KE1JlbG9hZENvbmZpZ1JlcXVlc3QSFwoPcmVzdGFydF9wbHVnaW5zGAEgASgIIrQBChRSZWxvYWRDb25maWdSZXNwb25zZRIMCgRmaWxlGAEgASgJEj4KF3BsdWdpbnNfbmVlZGluZ19yZXN0YXJ0GAIgAygLMh0udG9ydS52MS5QbHVnaW5OZWVkaW5nUmVzdGFydBIxChFwbHVnaW5zX3Jlc3RhcnRlZBgDIAMoCzIWLnRvcnUudjEuUGx1Z2luUmVzdGFydBIbChNkYWVtb25fcmVzdGFydF9rZXlzGAQgAygJIjsKFFBsdWdpbk5lZWRpbmdSZXN0YXJ0EhEKCXBsdWdpbl9pZBgBIAEoCRIQCghzZXR0aW5ncxgCIAMoCSIxCg1QbHVnaW5SZXN0YXJ0EhEKCXBsdWdpbl9pZBgBIAEoCRINCgVlcnJvchgCIAEoCTKgAQoNQ29uZmlnU2VydmljZRJCCglHZXRDb25maWcSGS50b3J1LnYxLkdldENvbmZpZ1JlcXVlc3QaGi50b3J1LnYxLkdldENvbmZpZ1Jlc3BvbnNlEksKDFJlbG9hZENvbmZpZxIcLnRvcnUudjEuUmVsb2FkQ29uZmlnUmVxdWVzdBodLnRvcnUudjEuUmVsb2FkQ29uZmlnUmVzcG9uc2VCO1o5Z2l0aHViLmNvbS90b3J1LXByb2plY3QvdG9ydWQvY2xpZW50cy9nby90b3J1cGIvdjE7dG9ydXBiYgZwcm90bzM");
+  fileDesc("Chx0b3J1L3YxL2NvbmZpZ19zZXJ2aWNlLnByb3RvEgd0b3J1LnYxIiYKFFVwZ3JhZGVEYWVtb25SZXF1ZXN0Eg4KBmJpbmFyeRgBIAEoCSJoChVVcGdyYWRlRGFlbW9uUmVzcG9uc2USFAoMZnJvbV92ZXJzaW9uGAEgASgJEhIKCnRvX3ZlcnNpb24YAiABKAkSDgoGYmluYXJ5GAMgASgJEhUKDXVwZ3JhZGluZ19zZXEYBCABKAQiEgoQR2V0Q29uZmlnUmVxdWVzdCIvChFHZXRDb25maWdSZXNwb25zZRIMCgR0b21sGAEgASgJEgwKBGZpbGUYAiABKAkiLgoTUmVsb2FkQ29uZmlnUmVxdWVzdBIXCg9yZXN0YXJ0X3BsdWdpbnMYASABKAgitAEKFFJlbG9hZENvbmZpZ1Jlc3BvbnNlEgwKBGZpbGUYASABKAkSPgoXcGx1Z2luc19uZWVkaW5nX3Jlc3RhcnQYAiADKAsyHS50b3J1LnYxLlBsdWdpbk5lZWRpbmdSZXN0YXJ0EjEKEXBsdWdpbnNfcmVzdGFydGVkGAMgAygLMhYudG9ydS52MS5QbHVnaW5SZXN0YXJ0EhsKE2RhZW1vbl9yZXN0YXJ0X2tleXMYBCADKAkiOwoUUGx1Z2luTmVlZGluZ1Jlc3RhcnQSEQoJcGx1Z2luX2lkGAEgASgJEhAKCHNldHRpbmdzGAIgAygJIjEKDVBsdWdpblJlc3RhcnQSEQoJcGx1Z2luX2lkGAEgASgJEg0KBWVycm9yGAIgASgJMvABCg1Db25maWdTZXJ2aWNlEkIKCUdldENvbmZpZxIZLnRvcnUudjEuR2V0Q29uZmlnUmVxdWVzdBoaLnRvcnUudjEuR2V0Q29uZmlnUmVzcG9uc2USSwoMUmVsb2FkQ29uZmlnEhwudG9ydS52MS5SZWxvYWRDb25maWdSZXF1ZXN0Gh0udG9ydS52MS5SZWxvYWRDb25maWdSZXNwb25zZRJOCg1VcGdyYWRlRGFlbW9uEh0udG9ydS52MS5VcGdyYWRlRGFlbW9uUmVxdWVzdBoeLnRvcnUudjEuVXBncmFkZURhZW1vblJlc3BvbnNlQjtaOWdpdGh1Yi5jb20vdG9ydS1wcm9qZWN0L3RvcnVkL2NsaWVudHMvZ28vdG9ydXBiL3YxO3RvcnVwYmIGcHJvdG8z");
+
+/**
+ * Request for UpgradeDaemon.
+ *
+ * @generated from message toru.v1.UpgradeDaemonRequest
+ */
+export type UpgradeDaemonRequest = Message<"toru.v1.UpgradeDaemonRequest"> & {
+  /**
+   * The new binary's absolute path on the daemon's host; empty: the path the daemon was
+   * started from (a package upgrade replaces the file there).
+   *
+   * @generated from field: string binary = 1;
+   */
+  binary: string;
+};
+
+/**
+ * Describes the message toru.v1.UpgradeDaemonRequest.
+ * Use `create(UpgradeDaemonRequestSchema)` to create a new message.
+ */
+export const UpgradeDaemonRequestSchema: GenMessage<UpgradeDaemonRequest> = /*@__PURE__*/
+  messageDesc(file_toru_v1_config_service, 0);
+
+/**
+ * Response for UpgradeDaemon: the handover has begun.
+ *
+ * @generated from message toru.v1.UpgradeDaemonResponse
+ */
+export type UpgradeDaemonResponse = Message<"toru.v1.UpgradeDaemonResponse"> & {
+  /**
+   * The running daemon's version.
+   *
+   * @generated from field: string from_version = 1;
+   */
+  fromVersion: string;
+
+  /**
+   * The version the new binary reported in its check.
+   *
+   * @generated from field: string to_version = 2;
+   */
+  toVersion: string;
+
+  /**
+   * The binary the daemon hands over to.
+   *
+   * @generated from field: string binary = 3;
+   */
+  binary: string;
+
+  /**
+   * The seq of the DAEMON_UPGRADING event: the outcome (DAEMON_UPGRADED or
+   * DAEMON_UPGRADE_FAILED) follows it in WatchEvents.
+   *
+   * @generated from field: uint64 upgrading_seq = 4;
+   */
+  upgradingSeq: bigint;
+};
+
+/**
+ * Describes the message toru.v1.UpgradeDaemonResponse.
+ * Use `create(UpgradeDaemonResponseSchema)` to create a new message.
+ */
+export const UpgradeDaemonResponseSchema: GenMessage<UpgradeDaemonResponse> = /*@__PURE__*/
+  messageDesc(file_toru_v1_config_service, 1);
 
 /**
  * Request for GetConfig.
@@ -25,7 +90,7 @@ export type GetConfigRequest = Message<"toru.v1.GetConfigRequest"> & {
  * Use `create(GetConfigRequestSchema)` to create a new message.
  */
 export const GetConfigRequestSchema: GenMessage<GetConfigRequest> = /*@__PURE__*/
-  messageDesc(file_toru_v1_config_service, 0);
+  messageDesc(file_toru_v1_config_service, 2);
 
 /**
  * Response for GetConfig.
@@ -53,7 +118,7 @@ export type GetConfigResponse = Message<"toru.v1.GetConfigResponse"> & {
  * Use `create(GetConfigResponseSchema)` to create a new message.
  */
 export const GetConfigResponseSchema: GenMessage<GetConfigResponse> = /*@__PURE__*/
-  messageDesc(file_toru_v1_config_service, 1);
+  messageDesc(file_toru_v1_config_service, 3);
 
 /**
  * Request for ReloadConfig.
@@ -75,7 +140,7 @@ export type ReloadConfigRequest = Message<"toru.v1.ReloadConfigRequest"> & {
  * Use `create(ReloadConfigRequestSchema)` to create a new message.
  */
 export const ReloadConfigRequestSchema: GenMessage<ReloadConfigRequest> = /*@__PURE__*/
-  messageDesc(file_toru_v1_config_service, 2);
+  messageDesc(file_toru_v1_config_service, 4);
 
 /**
  * Response for ReloadConfig.
@@ -120,7 +185,7 @@ export type ReloadConfigResponse = Message<"toru.v1.ReloadConfigResponse"> & {
  * Use `create(ReloadConfigResponseSchema)` to create a new message.
  */
 export const ReloadConfigResponseSchema: GenMessage<ReloadConfigResponse> = /*@__PURE__*/
-  messageDesc(file_toru_v1_config_service, 3);
+  messageDesc(file_toru_v1_config_service, 5);
 
 /**
  * A plugin whose process keeps settings a reload changed.
@@ -149,7 +214,7 @@ export type PluginNeedingRestart = Message<"toru.v1.PluginNeedingRestart"> & {
  * Use `create(PluginNeedingRestartSchema)` to create a new message.
  */
 export const PluginNeedingRestartSchema: GenMessage<PluginNeedingRestart> = /*@__PURE__*/
-  messageDesc(file_toru_v1_config_service, 4);
+  messageDesc(file_toru_v1_config_service, 6);
 
 /**
  * How a plugin's restart after a reload went.
@@ -177,11 +242,13 @@ export type PluginRestart = Message<"toru.v1.PluginRestart"> & {
  * Use `create(PluginRestartSchema)` to create a new message.
  */
 export const PluginRestartSchema: GenMessage<PluginRestart> = /*@__PURE__*/
-  messageDesc(file_toru_v1_config_service, 5);
+  messageDesc(file_toru_v1_config_service, 7);
 
 /**
  * The daemon's configuration: the one in force, and reloading it from its file without a
- * restart (SIGHUP does the same as ReloadConfig without restarting plugins).
+ * restart (SIGHUP does the same as ReloadConfig without restarting plugins); and replacing
+ * the daemon's binary without restarting a plugin (UpgradeDaemon; SIGUSR2 does the same
+ * with the binary the daemon was started from).
  *
  * @generated from service toru.v1.ConfigService
  */
@@ -215,6 +282,26 @@ export const ConfigService: GenService<{
     methodKind: "unary";
     input: typeof ReloadConfigRequestSchema;
     output: typeof ReloadConfigResponseSchema;
+  },
+  /**
+   * Hands the daemon over to a new image of itself, the same or another binary, without
+   * restarting a plugin or losing a log line: the new binary is checked first
+   * (`torud serve --check-upgrade` reads the state it would get); if the check fails,
+   * nothing changes and the call fails with FAILED_PRECONDITION naming why. Otherwise a
+   * DAEMON_UPGRADING event is written and the call answers at once; then calls in flight
+   * finish (bounded), streams end with UNAVAILABLE ("the daemon is upgrading"), and the
+   * daemon re-executes itself (same pid) passing its listeners, plugin processes (by
+   * pidfd), pipes, connections and state. The outcome is an event: DAEMON_UPGRADED, or
+   * DAEMON_UPGRADE_FAILED when the new image could not take over and the previous binary
+   * was executed again. Watch events after `upgrading_seq` to learn it. Needs the admin
+   * token. ALREADY_EXISTS while another upgrade is under way.
+   *
+   * @generated from rpc toru.v1.ConfigService.UpgradeDaemon
+   */
+  upgradeDaemon: {
+    methodKind: "unary";
+    input: typeof UpgradeDaemonRequestSchema;
+    output: typeof UpgradeDaemonResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_toru_v1_config_service, 0);

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file toru/v1/event.proto.
  */
 export const file_toru_v1_event: GenFile = /*@__PURE__*/
-  fileDesc("ChN0b3J1L3YxL2V2ZW50LnByb3RvEgd0b3J1LnYxIpoDCgVFdmVudBILCgNzZXEYASABKAQSEQoJcGx1Z2luX2lkGAIgASgJEigKBHRpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiAKBGtpbmQYBCABKA4yEi50b3J1LnYxLkV2ZW50S2luZBIoCgpmcm9tX3N0YXRlGAUgASgOMhQudG9ydS52MS5QbHVnaW5TdGF0ZRImCgh0b19zdGF0ZRgGIAEoDjIULnRvcnUudjEuUGx1Z2luU3RhdGUSDgoGcmVhc29uGAcgASgJEiwKB2RldGFpbHMYCCADKAsyGy50b3J1LnYxLkV2ZW50LkRldGFpbHNFbnRyeRIfCgRleGl0GAkgASgLMhEudG9ydS52MS5FeGl0SW5mbxIzCg9uZXh0X3Jlc3RhcnRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB2hlYWx0aHkYCyABKAgaLgoMRGV0YWlsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEqjAMKCUV2ZW50S2luZBIaChZFVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASHAoYRVZFTlRfS0lORF9TVEFURV9DSEFOR0VEEAESHQoZRVZFTlRfS0lORF9IRUFMVEhfQ0hBTkdFRBACEhsKF0VWRU5UX0tJTkRfUExVR0lOX0FEREVEEAMSHQoZRVZFTlRfS0lORF9QTFVHSU5fUkVNT1ZFRBAEEh0KGUVWRU5UX0tJTkRfUExVR0lOX1NLSVBQRUQQBRIdChlFVkVOVF9LSU5EX1BMVUdJTl9VUERBVEVEEAYSHwobRVZFTlRfS0lORF9MT0dHSU5HX0RFR1JBREVEEAcSHgoaRVZFTlRfS0lORF9MT0dHSU5HX1JFU1VNRUQQCBIlCiFFVkVOVF9LSU5EX0VWRU5UX1NUT1JBR0VfREVHUkFERUQQCRIkCiBFVkVOVF9LSU5EX0VWRU5UX1NUT1JBR0VfUkVTVU1FRBAKEh4KGkVWRU5UX0tJTkRfQ09ORklHX1JFTE9BREVEEAtCO1o5Z2l0aHViLmNvbS90b3J1LXByb2plY3QvdG9ydWQvY2xpZW50cy9nby90b3J1cGIvdjE7dG9ydXBiYgZwcm90bzM", [file_google_protobuf_timestamp, file_toru_v1_plugin]);
+  fileDesc("ChN0b3J1L3YxL2V2ZW50LnByb3RvEgd0b3J1LnYxIpoDCgVFdmVudBILCgNzZXEYASABKAQSEQoJcGx1Z2luX2lkGAIgASgJEigKBHRpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiAKBGtpbmQYBCABKA4yEi50b3J1LnYxLkV2ZW50S2luZBIoCgpmcm9tX3N0YXRlGAUgASgOMhQudG9ydS52MS5QbHVnaW5TdGF0ZRImCgh0b19zdGF0ZRgGIAEoDjIULnRvcnUudjEuUGx1Z2luU3RhdGUSDgoGcmVhc29uGAcgASgJEiwKB2RldGFpbHMYCCADKAsyGy50b3J1LnYxLkV2ZW50LkRldGFpbHNFbnRyeRIfCgRleGl0GAkgASgLMhEudG9ydS52MS5FeGl0SW5mbxIzCg9uZXh0X3Jlc3RhcnRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB2hlYWx0aHkYCyABKAgaLgoMRGV0YWlsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEq8wMKCUV2ZW50S2luZBIaChZFVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASHAoYRVZFTlRfS0lORF9TVEFURV9DSEFOR0VEEAESHQoZRVZFTlRfS0lORF9IRUFMVEhfQ0hBTkdFRBACEhsKF0VWRU5UX0tJTkRfUExVR0lOX0FEREVEEAMSHQoZRVZFTlRfS0lORF9QTFVHSU5fUkVNT1ZFRBAEEh0KGUVWRU5UX0tJTkRfUExVR0lOX1NLSVBQRUQQBRIdChlFVkVOVF9LSU5EX1BMVUdJTl9VUERBVEVEEAYSHwobRVZFTlRfS0lORF9MT0dHSU5HX0RFR1JBREVEEAcSHgoaRVZFTlRfS0lORF9MT0dHSU5HX1JFU1VNRUQQCBIlCiFFVkVOVF9LSU5EX0VWRU5UX1NUT1JBR0VfREVHUkFERUQQCRIkCiBFVkVOVF9LSU5EX0VWRU5UX1NUT1JBR0VfUkVTVU1FRBAKEh4KGkVWRU5UX0tJTkRfQ09ORklHX1JFTE9BREVEEAsSHwobRVZFTlRfS0lORF9EQUVNT05fVVBHUkFESU5HEAwSHgoaRVZFTlRfS0lORF9EQUVNT05fVVBHUkFERUQQDRIkCiBFVkVOVF9LSU5EX0RBRU1PTl9VUEdSQURFX0ZBSUxFRBAOQjtaOWdpdGh1Yi5jb20vdG9ydS1wcm9qZWN0L3RvcnVkL2NsaWVudHMvZ28vdG9ydXBiL3YxO3RvcnVwYmIGcHJvdG8z", [file_google_protobuf_timestamp, file_toru_v1_plugin]);
 
 /**
  * One lifecycle event. Events are persisted and numbered daemon-wide by `seq`.
@@ -203,6 +203,34 @@ export enum EventKind {
    * @generated from enum value: EVENT_KIND_CONFIG_RELOADED = 11;
    */
   CONFIG_RELOADED = 11,
+
+  /**
+   * The daemon checked a new binary and is handing over to it (`plugin_id` empty):
+   * `details["from_version"]`, `details["to_version"]`, `details["binary"]`. Streams end
+   * next with UNAVAILABLE; resume them by cursor.
+   *
+   * @generated from enum value: EVENT_KIND_DAEMON_UPGRADING = 12;
+   */
+  DAEMON_UPGRADING = 12,
+
+  /**
+   * The daemon's new image took over every plugin and serves: `details["from_version"]`,
+   * `details["to_version"]`, `details["duration_ms"]` (from UPGRADING to ready),
+   * `details["plugins"]` (how many were handed over).
+   *
+   * @generated from enum value: EVENT_KIND_DAEMON_UPGRADED = 13;
+   */
+  DAEMON_UPGRADED = 13,
+
+  /**
+   * An upgrade did not happen: `reason` says why, `details["rolled_back"]` is "true" (the
+   * daemon that was running goes on serving with everything it had), and
+   * `details["stage"]` is "check" (the new binary failed its check) or "handover" (the new
+   * image could not take over and the previous binary was executed again).
+   *
+   * @generated from enum value: EVENT_KIND_DAEMON_UPGRADE_FAILED = 14;
+   */
+  DAEMON_UPGRADE_FAILED = 14,
 }
 
 /**
