@@ -127,6 +127,7 @@ step "benchmark smoke run (figures from a debug build mean nothing; see README f
 "$target/debug/torud-bench" forward --calls 20 --seconds 0.2 --rounds 1 --via control-socket >/dev/null
 "$target/debug/torud-bench" logs --lines 2000 --rate 2000 --rounds 1 --history-mb 2 >/dev/null
 "$target/debug/torud-bench" scale --plugins 5 --idle-seconds 1 >/dev/null
+"$target/debug/torud-bench" upgrade --plugins 2 --rounds 2 --restarts 1 >/dev/null
 
 step "summary"
 {

@@ -19,7 +19,7 @@
 //! 4. **Take over** ([`Received`]): the new image reads the state, checks its format and
 //!    every pidfd, and serves with what it was given; once ready it writes
 //!    `DAEMON_UPGRADED`. If it cannot read the state it executes the previous binary again
-//!    with the same descriptors ([`Received::roll_back`]), which takes over instead and
+//!    with the same descriptors ([`roll_back`]), which takes over instead and
 //!    writes `DAEMON_UPGRADE_FAILED` (stage `handover`).
 
 use std::ffi::OsString;

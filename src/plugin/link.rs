@@ -730,7 +730,7 @@ impl Link {
                     return Some(out.into_inner());
                 }
             };
-            let Some(first) = first else { return None };
+            let first = first?;
             let mut next = Some(first);
             let mut failed = None;
             while let Some(frame) = next {

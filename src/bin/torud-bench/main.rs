@@ -7,6 +7,8 @@
 //!   `forward.rs`), with `--peer DIR` beside HashiCorp go-plugin's (see `peer.rs`).
 //! - `torud-bench logs`: log capture throughput, latency and queries (see `logs.rs`).
 //! - `torud-bench scale`: N plugins on one host, beside an empty daemon (see `scale.rs`).
+//! - `torud-bench upgrade`: upgrading the daemon in place under load, beside a cold restart
+//!   (see `upgrade.rs`).
 //!
 //! Run from a release build: `cargo build --release --bins --examples`, then
 //! `target/release/torud-bench <bench> [--json PATH]`.
@@ -17,6 +19,7 @@ mod logs;
 mod memkv;
 mod peer;
 mod scale;
+mod upgrade;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -114,6 +117,22 @@ enum Bench {
         /// Seconds of the idle window over which CPU, fds and threads are read.
         #[arg(long, default_value_t = 30.0)]
         idle_seconds: f64,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Upgrading the daemon in place under load (handover time, longest gap in answers,
+    /// plugin restarts), beside a cold restart of the daemon with its plugins.
+    Upgrade {
+        /// Plugins to run (copies of the example plugin).
+        #[arg(long, default_value_t = 10)]
+        plugins: usize,
+        /// Upgrades measured.
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        /// Cold restarts measured (spread among the upgrades).
+        #[arg(long, default_value_t = 5)]
+        restarts: usize,
         /// Also write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -400,6 +419,12 @@ fn main() -> std::process::ExitCode {
                 let idle = Duration::from_secs_f64(idle_seconds.max(0.1));
                 scale::run(plugins.max(1), &protocols, idle, json).await
             }
+            Bench::Upgrade {
+                plugins,
+                rounds,
+                restarts,
+                json,
+            } => upgrade::run(plugins.max(1), rounds.max(1), restarts.max(1), json).await,
             Bench::LogWriter {
                 lines,
                 mode,
