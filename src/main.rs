@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use torud::api::server::{Ending, ServeError, Start};
-use torud::api::upgrade::{self, Received, SelfExe, Unreadable};
+use torud::api::upgrade::{self, Fallback, Received, SelfExe, Unreadable};
 #[cfg(test)]
 use torud::config::MIN_HEALTH_INTERVAL;
 use torud::config::{Config, ConfigError, Loader, Settings, Source, DEFAULT_LOG_FILTER};
@@ -174,7 +174,12 @@ fn init_logging(filter: &str) {
 
 /// Runs the daemon on a multi-threaded runtime until SIGTERM or SIGINT (SIGHUP reloads the
 /// configuration from `source`).
-fn serve(config: Config, source: Source, received: Option<Received>) -> Result<(), MainError> {
+fn serve(
+    config: Config,
+    source: Source,
+    received: Option<Received>,
+    fallback: &Fallback,
+) -> Result<(), MainError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -188,6 +193,7 @@ fn serve(config: Config, source: Source, received: Option<Received>) -> Result<(
         let shutdown = shutdown_signal()?;
         let start = Start { exe, received };
         torud::api::server::serve(config, source, start, shutdown, |bound| {
+            fallback.serving();
             println!("torud listening on {}", bound.grpc);
             if let Some(addr) = bound.metrics {
                 println!("torud metrics on http://{addr}/metrics");
@@ -267,17 +273,30 @@ fn daemon(received: Result<Option<Received>, Unreadable>) -> ExitCode {
             );
             // Back to the binary that handed over, with everything it passed.
             if let Some(fds) = &unreadable.fds {
-                let failed = upgrade::roll_back(fds, &unreadable.reason);
+                let failed = upgrade::roll_back(fds, &unreadable.reason, None);
                 eprintln!("torud: error: cannot execute the previous binary again: {failed}");
             }
             return ExitCode::FAILURE;
         }
     };
-    let args = match Cli::parse().command {
-        Command::Serve(args) => args,
-        Command::Plugin(PluginCommand::Check { path, timeout }) => {
-            return check::run_cli(check::CheckOptions { path, timeout })
+    // Until it serves, an image started by a handover can go back to the previous binary.
+    let fallback = Fallback::of(received.as_ref());
+    let fail = |reason: String| {
+        eprintln!("torud: error: {reason}");
+        if let Some(failed) = fallback.roll_back(&format!("the new image could not take over: {reason}")) {
+            eprintln!("torud: error: cannot execute the previous binary again: {failed}");
         }
+        ExitCode::FAILURE
+    };
+    let args = match Cli::try_parse() {
+        Ok(Cli {
+            command: Command::Serve(args),
+        }) => args,
+        Ok(Cli {
+            command: Command::Plugin(PluginCommand::Check { path, timeout }),
+        }) => return check::run_cli(check::CheckOptions { path, timeout }),
+        Err(e) if received.is_some() => return fail(e.to_string()),
+        Err(e) => e.exit(),
     };
     if args.check_upgrade {
         // The configuration must load, as it would for serving.
@@ -296,14 +315,11 @@ fn daemon(received: Result<Option<Received>, Unreadable>) -> ExitCode {
             tracing::info!(from = %received.state.from_version, plugins = received.state.plugins.len(), "taking over from the daemon's earlier image");
         }
         raise_open_file_limit();
-        serve(config, source, received)
+        serve(config, source, received, &fallback)
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("torud: error: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(e.to_string()),
     }
 }
 

@@ -180,6 +180,75 @@ async fn a_binary_that_fails_its_check_changes_nothing() {
     }
 }
 
+#[tokio::test]
+async fn a_new_image_that_cannot_take_over_hands_back_to_the_running_binary() {
+    let (mut d, mut client) = start_enabled(
+        &[],
+        |d| {
+            d.install_fixture("echo", "v2-echo", &[]);
+            d.install_fixture("v1", "v1-echo", &[]);
+        },
+        &["echo", "v1"],
+    )
+    .await;
+    let before = pids(&mut client, &["echo", "v1"]).await;
+    let daemon = d.pid();
+    let channel = d.channel().await;
+    // Passes its check, then fails to start for real (its data directory cannot be made),
+    // after the exec: the point where only the new image itself can hand back.
+    let torud = new_binary(&d, "torud-real");
+    let binary = d.root.path().join("fails-after-exec.sh");
+    write_executable(
+        &binary,
+        &format!(
+            "#!/bin/sh\ncase \" $* \" in *\" --check-upgrade \"*) exec {torud} \"$@\";; esac\n\
+             exec {torud} \"$@\" --data-dir /proc/torud-cannot-be-here\n"
+        ),
+    );
+    let began = upgrade(&channel, &binary.display().to_string())
+        .await
+        .expect("the check passes");
+    let seen = events_until(
+        &channel,
+        began.upgrading_seq,
+        pb::EventKind::DaemonUpgradeFailed,
+        Duration::from_secs(30),
+    )
+    .await;
+    let failed = seen.last().unwrap();
+    assert_eq!(failed.details.get("stage").map(String::as_str), Some("handover"));
+    assert_eq!(failed.details.get("rolled_back").map(String::as_str), Some("true"));
+    assert!(failed.reason.contains("data directory"), "{failed:?}");
+    // The previous binary took over again: same daemon, same plugins, still answering.
+    assert_eq!(d.pid(), daemon);
+    assert_eq!(pids(&mut client, &["echo", "v1"]).await, before);
+    for id in ["echo", "v1"] {
+        let req = pb::CallPluginRequest {
+            plugin_id: id.into(),
+            method: "POST".into(),
+            path: "/echo".into(),
+            headers: vec![],
+            body: b"back".to_vec(),
+        };
+        let answer = client.call_plugin(req).await.unwrap().into_inner();
+        assert_eq!(answer.body, b"back", "{id}");
+    }
+    // And a good upgrade after it goes through.
+    let began = upgrade(&channel, &torud).await.unwrap();
+    events_until(
+        &channel,
+        began.upgrading_seq,
+        pb::EventKind::DaemonUpgraded,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(pids(&mut client, &["echo", "v1"]).await, before);
+    assert!(d.stop().await.success());
+    for pid in before.values() {
+        assert!(process_gone(*pid), "plugin {pid} outlived the daemon");
+    }
+}
+
 /// What the load saw: calls answered, calls refused while the daemon handed over, and
 /// anything else (a failure of the test).
 #[derive(Default)]

@@ -93,6 +93,10 @@ pub struct HandoverState {
     pub plugins: Vec<PluginEntry>,
     /// The files the last scan skipped.
     pub skipped: Vec<Skipped>,
+    /// The arguments the daemon that handed over runs with (after the program name): a
+    /// rollback executes it with these, whatever the new binary was given.
+    #[serde(default)]
+    pub args: Vec<OsString>,
 }
 
 /// Place of the running binary (for a rollback) in `TORUD_HANDOVER_FDS`; the state is last.
@@ -366,6 +370,7 @@ pub fn preview(
             })
             .collect(),
         skipped,
+        args: serve_args(),
     };
     serde_json::to_vec(&state).expect("the state serializes")
 }
@@ -414,6 +419,7 @@ pub fn assemble(
         metrics,
         plugins,
         skipped,
+        args: serve_args(),
     };
     let bytes = serde_json::to_vec(&state).map_err(std::io::Error::other)?;
     fds.push(memfd_with(&bytes)?);
@@ -442,11 +448,12 @@ fn memfd_with(bytes: &[u8]) -> std::io::Result<OwnedFd> {
 pub fn exec(
     program: ExecProgram,
     argv0: &Path,
+    serve: Vec<OsString>,
     fds: &Fds,
     extra_env: &[(&str, &str)],
 ) -> std::io::Error {
     let mut args = vec![argv0.as_os_str().to_owned()];
-    args.extend(serve_args());
+    args.extend(serve);
     let mut env: Vec<OsString> = std::env::vars_os()
         .filter(|(name, _)| name != ROLLBACK_REASON && name != HANDOVER_FDS)
         .map(|(name, value)| {
@@ -475,6 +482,7 @@ pub fn execute(handover: &Handover) -> std::io::Error {
     let failed = exec(
         ExecProgram::Path(binary.clone()),
         binary,
+        serve_args(),
         &handover.fds,
         &[],
     );
@@ -485,6 +493,7 @@ pub fn execute(handover: &Handover) -> std::io::Error {
     exec(
         ExecProgram::Fd(exe),
         &argv0,
+        serve_args(),
         &handover.fds,
         &[(ROLLBACK_REASON, &reason)],
     )
@@ -606,6 +615,19 @@ impl Received {
         handover::load(entries, &mut self.fds)
     }
 
+    /// Copies of every descriptor passed, in order (the state's memfd last): what
+    /// [`roll_back`] passes on if this image fails before it serves.
+    pub fn copy_fds(&self) -> std::io::Result<Fds> {
+        let mut copies = Vec::with_capacity(self.fds.len());
+        for place in 0..self.fds.len() {
+            let fd = self.fds.get(place).ok_or_else(|| {
+                std::io::Error::other(format!("descriptor #{place} was already taken"))
+            })?;
+            copies.push(fd.try_clone()?);
+        }
+        Ok(Fds::from_received(copies))
+    }
+
     /// What the take-over reports once the daemon is ready.
     pub fn outcome(&self) -> Outcome {
         Outcome {
@@ -659,14 +681,53 @@ fn put_back(fds: Fds, last: OwnedFd) -> Fds {
 
 /// Executes the previous binary (the first descriptor passed) again with the same
 /// descriptors, because this image cannot take the handover: `reason` reaches it (it
-/// writes `DAEMON_UPGRADE_FAILED`). Returns only when that exec failed.
-pub fn roll_back(fds: &Fds, reason: &str) -> std::io::Error {
+/// writes `DAEMON_UPGRADE_FAILED`). `args` are its own arguments when the state could be
+/// read (else this image's). Returns only when that exec failed.
+pub fn roll_back(fds: &Fds, reason: &str, args: Option<Vec<OsString>>) -> std::io::Error {
     let exe = fds.raw()[ROLLBACK_EXE];
     let argv0 = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("torud"));
+    let args = args.filter(|a| !a.is_empty()).unwrap_or_else(serve_args);
     exec(
         ExecProgram::Fd(exe),
         &argv0,
+        args,
         fds,
         &[(ROLLBACK_REASON, reason)],
     )
+}
+
+/// What a new image passes on to the previous binary if it fails before it serves: copies
+/// of every descriptor it was given and the previous daemon's arguments. Let go of once
+/// it serves (they are a descriptor or four per plugin). Nothing when this image is the
+/// previous binary already.
+#[derive(Default)]
+pub struct Fallback(std::sync::Mutex<Option<(Fds, Vec<OsString>)>>);
+
+impl Fallback {
+    /// The fallback of a daemon started with `received`.
+    pub fn of(received: Option<&Received>) -> Fallback {
+        let kept = received
+            .filter(|r| r.rolled_back.is_none())
+            .and_then(|r| match r.copy_fds() {
+                Ok(fds) => Some((fds, r.state.args.clone())),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no rollback is possible from here on");
+                    None
+                }
+            });
+        Fallback(std::sync::Mutex::new(kept))
+    }
+
+    /// This image serves: no rollback from here on.
+    pub fn serving(&self) {
+        drop(self.0.lock().expect("not poisoned").take());
+    }
+
+    /// This image failed before it served: executes the previous binary again. Returns
+    /// when there is none to go back to (`None`) or that exec failed.
+    pub fn roll_back(&self, reason: &str) -> Option<std::io::Error> {
+        let (fds, args) = self.0.lock().expect("not poisoned").take()?;
+        tracing::error!("{reason}; executing the previous binary again");
+        Some(roll_back(&fds, reason, Some(args)))
+    }
 }

@@ -553,8 +553,11 @@ impl PluginProcess {
             stdout,
             stderr,
             stderr_tail,
-            descendants,
+            mut descendants,
         } = detached;
+        if let Descendants::Cgroup(cgroup) = &mut descendants {
+            cgroup.arm();
+        }
         let child = Child::adopt(pid, pidfd)?;
         let pipe = |(fd, partial): (OwnedFd, Vec<u8>)| -> std::io::Result<(ChildPipe, Vec<u8>)> {
             Ok((ChildPipe::from_owned_fd(fd)?, partial))

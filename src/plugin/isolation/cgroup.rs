@@ -75,6 +75,7 @@ impl CgroupRoot {
                 let cgroup = PluginCgroup {
                     dir: entry.path(),
                     procs: None,
+                    armed: true,
                 };
                 if cgroup.populated() {
                     populated += 1;
@@ -96,6 +97,7 @@ impl CgroupRoot {
                 let stale = PluginCgroup {
                     dir: dir.clone(),
                     procs: None,
+                    armed: true,
                 };
                 stale.kill_all(Duration::from_secs(5)).await;
                 // Its `Drop` removes the directory: drop it before making the new one.
@@ -110,6 +112,7 @@ impl CgroupRoot {
         Ok(PluginCgroup {
             dir,
             procs: Some(procs.into()),
+            armed: true,
         })
     }
 
@@ -162,13 +165,25 @@ pub struct PluginCgroup {
     dir: PathBuf,
     /// `cgroup.procs`, open for writing, until it is handed to the child.
     procs: Option<OwnedFd>,
+    /// Whether dropping it kills and removes it (not for one handed over and not adopted).
+    armed: bool,
 }
 
 impl PluginCgroup {
     /// The cgroup at `dir`, made by an earlier image of the daemon and handed over with its
-    /// plugin.
+    /// plugin. Not armed: dropping it does nothing until its plugin is adopted
+    /// ([`PluginCgroup::arm`]), so a handover that is passed on (a rollback) kills nothing.
     pub fn adopted(dir: PathBuf) -> Self {
-        PluginCgroup { dir, procs: None }
+        PluginCgroup {
+            dir,
+            procs: None,
+            armed: false,
+        }
+    }
+
+    /// From now on, dropping it kills what is in it (its plugin is this image's now).
+    pub fn arm(&mut self) {
+        self.armed = true;
     }
 
     /// The cgroup's directory.
@@ -223,7 +238,7 @@ impl PluginCgroup {
 impl Drop for PluginCgroup {
     fn drop(&mut self) {
         // The stop paths empty and remove it; this only covers an actor that was dropped.
-        if self.dir.exists() {
+        if self.armed && self.dir.exists() {
             self.kill();
             let _ = std::fs::remove_dir(&self.dir);
         }
