@@ -283,7 +283,9 @@ fn daemon(received: Result<Option<Received>, Unreadable>) -> ExitCode {
     let fallback = Fallback::of(received.as_ref());
     let fail = |reason: String| {
         eprintln!("torud: error: {reason}");
-        if let Some(failed) = fallback.roll_back(&format!("the new image could not take over: {reason}")) {
+        if let Some(failed) =
+            fallback.roll_back(&format!("the new image could not take over: {reason}"))
+        {
             eprintln!("torud: error: cannot execute the previous binary again: {failed}");
         }
         ExitCode::FAILURE

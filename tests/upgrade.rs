@@ -216,8 +216,14 @@ async fn a_new_image_that_cannot_take_over_hands_back_to_the_running_binary() {
     )
     .await;
     let failed = seen.last().unwrap();
-    assert_eq!(failed.details.get("stage").map(String::as_str), Some("handover"));
-    assert_eq!(failed.details.get("rolled_back").map(String::as_str), Some("true"));
+    assert_eq!(
+        failed.details.get("stage").map(String::as_str),
+        Some("handover")
+    );
+    assert_eq!(
+        failed.details.get("rolled_back").map(String::as_str),
+        Some("true")
+    );
     assert!(failed.reason.contains("data directory"), "{failed:?}");
     // The previous binary took over again: same daemon, same plugins, still answering.
     assert_eq!(d.pid(), daemon);
