@@ -651,3 +651,44 @@ async fn twenty_upgrades_under_load_restart_nothing_and_lose_nothing() {
         assert!(process_gone(*pid), "plugin {pid} outlived the daemon");
     }
 }
+
+#[tokio::test]
+async fn without_root_a_sandboxed_plugin_survives_an_upgrade() {
+    // Without root, each plugin runs in its sandbox, started with a copy of the daemon's
+    // memory: such children come from the spawner thread too, so the exec keeps them.
+    let mut d = Daemon::new(&[]);
+    d.hand_to(65534);
+    d.install_fixture("echo", "v2-echo", &[]);
+    d.start().await;
+    let mut client = d.client().await;
+    Events::watch(&mut client, Some(0))
+        .await
+        .wait_added(&["echo"])
+        .await;
+    enable(&mut client, "echo").await;
+    let before = pids(&mut client, &["echo"]).await;
+    let channel = d.channel().await;
+    let binary = new_binary(&d, "torud-next");
+    let began = upgrade(&channel, &binary).await.unwrap();
+    events_until(
+        &channel,
+        began.upgrading_seq,
+        pb::EventKind::DaemonUpgraded,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(pids(&mut client, &["echo"]).await, before);
+    let req = pb::CallPluginRequest {
+        plugin_id: "echo".into(),
+        method: "POST".into(),
+        path: "/echo".into(),
+        headers: vec![],
+        body: b"sandboxed".to_vec(),
+    };
+    let answer = client.call_plugin(req).await.unwrap().into_inner();
+    assert_eq!(answer.body, b"sandboxed");
+    assert!(d.stop().await.success());
+    for pid in before.values() {
+        assert!(process_gone(*pid), "plugin {pid} outlived the daemon");
+    }
+}
