@@ -123,6 +123,8 @@ enum MainError {
     Serve(#[from] ServeError),
     #[error("the upgrade could not execute the new binary, nor the running one again: {0}")]
     Upgrade(std::io::Error),
+    #[error("the daemon panicked")]
+    Panicked,
 }
 
 /// The configuration of `torud serve`: flag > environment > config file > default, with
@@ -280,7 +282,7 @@ fn daemon(received: Result<Option<Received>, Unreadable>) -> ExitCode {
         }
     };
     // Until it serves, an image started by a handover can go back to the previous binary.
-    let fallback = Fallback::of(received.as_ref());
+    let fallback = Fallback::watched(received.as_ref());
     let fail = |reason: String| {
         eprintln!("torud: error: {reason}");
         if let Some(failed) =
@@ -317,7 +319,10 @@ fn daemon(received: Result<Option<Received>, Unreadable>) -> ExitCode {
             tracing::info!(from = %received.state.from_version, plugins = received.state.plugins.len(), "taking over from the daemon's earlier image");
         }
         raise_open_file_limit();
-        serve(config, source, received, &fallback)
+        // A panic before this image serves hands back as well.
+        let serving = std::panic::AssertUnwindSafe(|| serve(config, source, received, &fallback));
+        std::panic::catch_unwind(serving)
+            .unwrap_or_else(|_| Err(MainError::Panicked))
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

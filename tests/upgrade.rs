@@ -255,6 +255,70 @@ async fn a_new_image_that_cannot_take_over_hands_back_to_the_running_binary() {
     }
 }
 
+#[tokio::test]
+async fn a_new_image_that_hangs_before_it_serves_hands_back_after_the_timeout() {
+    let (mut d, mut client) = start_enabled(
+        &["--upgrade-timeout", "2s"],
+        |d| {
+            d.install_fixture("echo", "v2-echo", &[]);
+        },
+        &["echo"],
+    )
+    .await;
+    let before = pids(&mut client, &["echo"]).await;
+    let daemon = d.pid();
+    let channel = d.channel().await;
+    // Passes its check, then hangs for real: its config file is a FIFO nobody writes.
+    let torud = new_binary(&d, "torud-real");
+    let fifo = d.root.path().join("config.fifo");
+    let path = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+    // SAFETY: mkfifo with a valid path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o644) }, 0);
+    let binary = d.root.path().join("hangs-after-exec.sh");
+    write_executable(
+        &binary,
+        &format!(
+            "#!/bin/sh\ncase \" $* \" in *\" --check-upgrade \"*) exec {torud} \"$@\";; esac\n\
+             exec {torud} \"$@\" --config {}\n",
+            fifo.display()
+        ),
+    );
+    let began = upgrade(&channel, &binary.display().to_string())
+        .await
+        .expect("the check passes");
+    let seen = events_until(
+        &channel,
+        began.upgrading_seq,
+        pb::EventKind::DaemonUpgradeFailed,
+        Duration::from_secs(30),
+    )
+    .await;
+    let failed = seen.last().unwrap();
+    assert_eq!(
+        failed.details.get("stage").map(String::as_str),
+        Some("handover")
+    );
+    assert!(
+        failed.reason.contains("did not serve within 2s"),
+        "{failed:?}"
+    );
+    assert_eq!(d.pid(), daemon);
+    assert_eq!(pids(&mut client, &["echo"]).await, before);
+    let req = pb::CallPluginRequest {
+        plugin_id: "echo".into(),
+        method: "POST".into(),
+        path: "/echo".into(),
+        headers: vec![],
+        body: b"back".to_vec(),
+    };
+    let answer = client.call_plugin(req).await.unwrap().into_inner();
+    assert_eq!(answer.body, b"back");
+    assert!(d.stop().await.success());
+    for pid in before.values() {
+        assert!(process_gone(*pid), "plugin {pid} outlived the daemon");
+    }
+}
+
 /// What the load saw: calls answered, calls refused while the daemon handed over, and
 /// anything else (a failure of the test).
 #[derive(Default)]

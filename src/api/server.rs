@@ -390,6 +390,7 @@ async fn begin_upgrade(
         binary,
         upgrading_seq: event.seq,
         at: now,
+        timeout: limit,
     };
     tracing::info!(binary = %began.binary.display(), to_version = %began.to_version, "upgrade: handing over");
     let _ = reply.send(Ok(began.clone()));

@@ -97,6 +97,10 @@ pub struct HandoverState {
     /// rollback executes it with these, whatever the new binary was given.
     #[serde(default)]
     pub args: Vec<OsString>,
+    /// How long the new image has to serve before it hands back to the previous binary
+    /// (the upgrade timeout of the daemon that handed over), in milliseconds; 0: no limit.
+    #[serde(default)]
+    pub serve_within_ms: u64,
 }
 
 /// Place of the running binary (for a rollback) in `TORUD_HANDOVER_FDS`; the state is last.
@@ -143,6 +147,8 @@ pub struct Began {
     pub upgrading_seq: u64,
     /// When it was written.
     pub at: OffsetDateTime,
+    /// How long the new image has to serve (the upgrade timeout).
+    pub timeout: Duration,
 }
 
 /// A request to upgrade, for the serving loop.
@@ -371,6 +377,7 @@ pub fn preview(
             .collect(),
         skipped,
         args: serve_args(),
+        serve_within_ms: 0,
     };
     serde_json::to_vec(&state).expect("the state serializes")
 }
@@ -420,6 +427,7 @@ pub fn assemble(
         plugins,
         skipped,
         args: serve_args(),
+        serve_within_ms: began.timeout.as_millis() as u64,
     };
     let bytes = serde_json::to_vec(&state).map_err(std::io::Error::other)?;
     fds.push(memfd_with(&bytes)?);
@@ -704,6 +712,39 @@ pub fn roll_back(fds: &Fds, reason: &str, args: Option<Vec<OsString>>) -> std::i
 pub struct Fallback(std::sync::Mutex<Option<(Fds, Vec<OsString>)>>);
 
 impl Fallback {
+    /// The fallback of a daemon started with `received`, with a watch: if this image does
+    /// not serve within the time the state allows (it hangs), it hands back too.
+    pub fn watched(received: Option<&Received>) -> Arc<Fallback> {
+        let fallback = Arc::new(Fallback::of(received));
+        let limit = received.map_or(0, |r| r.state.serve_within_ms);
+        if limit > 0 && fallback.armed() {
+            let watched = fallback.clone();
+            let limit = Duration::from_millis(limit);
+            let spawned = std::thread::Builder::new()
+                .name("torud-takeover-watch".into())
+                .spawn(move || {
+                    std::thread::sleep(limit);
+                    let reason = format!(
+                        "the new image did not serve within {}",
+                        humantime::format_duration(limit)
+                    );
+                    if let Some(failed) = watched.roll_back(&reason) {
+                        eprintln!(
+                            "torud: error: cannot execute the previous binary again: {failed}"
+                        );
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "no watch on the take-over");
+            }
+        }
+        fallback
+    }
+
+    fn armed(&self) -> bool {
+        self.0.lock().expect("not poisoned").is_some()
+    }
+
     /// The fallback of a daemon started with `received`.
     pub fn of(received: Option<&Received>) -> Fallback {
         let kept = received
