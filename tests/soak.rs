@@ -8,20 +8,6 @@ use std::time::Duration;
 use common::*;
 use torud_api::pb::PluginState;
 
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(daemon_fd_dir(pid)).unwrap().count()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 /// Kills the plugin and waits for its restart; returns the new pid.
 async fn cycle(events: &mut Events, victim: u32) -> u32 {
     signal(victim, libc::SIGKILL);
@@ -65,7 +51,7 @@ async fn a_thousand_crash_restart_cycles_leak_nothing() {
     for _ in 0..50 {
         pid = cycle(&mut events, pid).await;
     }
-    let (fds_before, rss_before) = (open_fds(daemon), rss_kib(daemon));
+    let (fds_before, rss_before) = (daemon_fds(daemon), rss_kib(daemon));
     for _ in 0..1000 {
         pid = cycle(&mut events, pid).await;
     }
@@ -74,7 +60,7 @@ async fn a_thousand_crash_restart_cycles_leak_nothing() {
         zombie_children(daemon) == 0
     })
     .await;
-    let (fds_after, rss_after) = (open_fds(daemon), rss_kib(daemon));
+    let (fds_after, rss_after) = (daemon_fds(daemon), rss_kib(daemon));
     eprintln!(
         "soak: 1000 cycles; daemon fds {fds_before} -> {fds_after}; RSS {rss_before} KiB -> {rss_after} KiB"
     );

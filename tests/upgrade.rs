@@ -106,6 +106,51 @@ async fn pids(client: &mut Client, ids: &[&str]) -> HashMap<String, u32> {
     pids
 }
 
+/// Calls the echo path of a fixture plugin and checks the body comes back.
+async fn echo(client: &mut Client, id: &str, body: &[u8]) {
+    let req = pb::CallPluginRequest {
+        plugin_id: id.into(),
+        method: "POST".into(),
+        path: "/echo".into(),
+        headers: vec![],
+        body: body.to_vec(),
+    };
+    let answer = client.call_plugin(req).await.unwrap().into_inner();
+    assert_eq!(answer.body, body, "{id}");
+}
+
+/// A new binary that passes its check (the real one, `torud`) and then runs as the daemon
+/// with `extra` added to its flags: a new image that fails only after the exec.
+fn failing_after_exec(d: &Daemon, torud: &str, name: &str, extra: &str) -> String {
+    let binary = d.root.path().join(name);
+    write_executable(
+        &binary,
+        &format!(
+            "#!/bin/sh\ncase \" $* \" in *\" --check-upgrade \"*) exec {torud} \"$@\";; esac\n\
+             exec {torud} \"$@\" {extra}\n"
+        ),
+    );
+    binary.display().to_string()
+}
+
+/// Upgrades to `binary`, which passes its check, and waits for the hand-back: the
+/// `DAEMON_UPGRADE_FAILED` event of stage `handover`.
+async fn handed_back(channel: &Channel, binary: &str) -> pb::Event {
+    let began = upgrade(channel, binary).await.expect("the check passes");
+    let seen = events_until(
+        channel,
+        began.upgrading_seq,
+        pb::EventKind::DaemonUpgradeFailed,
+        Duration::from_secs(30),
+    )
+    .await;
+    let failed = seen.last().unwrap().clone();
+    let detail = |k: &str| failed.details.get(k).cloned().unwrap_or_default();
+    assert_eq!(detail("stage"), "handover", "{failed:?}");
+    assert_eq!(detail("rolled_back"), "true", "{failed:?}");
+    failed
+}
+
 #[tokio::test]
 async fn a_binary_that_fails_its_check_changes_nothing() {
     let (mut d, mut client) = start_enabled(
@@ -151,15 +196,7 @@ async fn a_binary_that_fails_its_check_changes_nothing() {
     // Nothing changed: same processes, still answering, and each failed check is an event.
     assert_eq!(pids(&mut client, &["echo", "v1"]).await, before);
     for id in ["echo", "v1"] {
-        let req = pb::CallPluginRequest {
-            plugin_id: id.into(),
-            method: "POST".into(),
-            path: "/echo".into(),
-            headers: vec![],
-            body: b"still here".to_vec(),
-        };
-        let answer = client.call_plugin(req).await.unwrap().into_inner();
-        assert_eq!(answer.body, b"still here", "{id}");
+        echo(&mut client, id, b"still here").await;
     }
     let mut events = Events::watch(&mut client, Some(0)).await;
     for _ in 0..3 {
@@ -197,47 +234,19 @@ async fn a_new_image_that_cannot_take_over_hands_back_to_the_running_binary() {
     // Passes its check, then fails to start for real (its data directory cannot be made),
     // after the exec: the point where only the new image itself can hand back.
     let torud = new_binary(&d, "torud-real");
-    let binary = d.root.path().join("fails-after-exec.sh");
-    write_executable(
-        &binary,
-        &format!(
-            "#!/bin/sh\ncase \" $* \" in *\" --check-upgrade \"*) exec {torud} \"$@\";; esac\n\
-             exec {torud} \"$@\" --data-dir /proc/torud-cannot-be-here\n"
-        ),
+    let binary = failing_after_exec(
+        &d,
+        &torud,
+        "fails-after-exec.sh",
+        "--data-dir /proc/torud-cannot-be-here",
     );
-    let began = upgrade(&channel, &binary.display().to_string())
-        .await
-        .expect("the check passes");
-    let seen = events_until(
-        &channel,
-        began.upgrading_seq,
-        pb::EventKind::DaemonUpgradeFailed,
-        Duration::from_secs(30),
-    )
-    .await;
-    let failed = seen.last().unwrap();
-    assert_eq!(
-        failed.details.get("stage").map(String::as_str),
-        Some("handover")
-    );
-    assert_eq!(
-        failed.details.get("rolled_back").map(String::as_str),
-        Some("true")
-    );
+    let failed = handed_back(&channel, &binary).await;
     assert!(failed.reason.contains("data directory"), "{failed:?}");
     // The previous binary took over again: same daemon, same plugins, still answering.
     assert_eq!(d.pid(), daemon);
     assert_eq!(pids(&mut client, &["echo", "v1"]).await, before);
     for id in ["echo", "v1"] {
-        let req = pb::CallPluginRequest {
-            plugin_id: id.into(),
-            method: "POST".into(),
-            path: "/echo".into(),
-            headers: vec![],
-            body: b"back".to_vec(),
-        };
-        let answer = client.call_plugin(req).await.unwrap().into_inner();
-        assert_eq!(answer.body, b"back", "{id}");
+        echo(&mut client, id, b"back").await;
     }
     // And a good upgrade after it goes through.
     let began = upgrade(&channel, &torud).await.unwrap();
@@ -274,45 +283,16 @@ async fn a_new_image_that_hangs_before_it_serves_hands_back_after_the_timeout() 
     let path = std::ffi::CString::new(fifo.display().to_string()).unwrap();
     // SAFETY: mkfifo with a valid path.
     assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o644) }, 0);
-    let binary = d.root.path().join("hangs-after-exec.sh");
-    write_executable(
-        &binary,
-        &format!(
-            "#!/bin/sh\ncase \" $* \" in *\" --check-upgrade \"*) exec {torud} \"$@\";; esac\n\
-             exec {torud} \"$@\" --config {}\n",
-            fifo.display()
-        ),
-    );
-    let began = upgrade(&channel, &binary.display().to_string())
-        .await
-        .expect("the check passes");
-    let seen = events_until(
-        &channel,
-        began.upgrading_seq,
-        pb::EventKind::DaemonUpgradeFailed,
-        Duration::from_secs(30),
-    )
-    .await;
-    let failed = seen.last().unwrap();
-    assert_eq!(
-        failed.details.get("stage").map(String::as_str),
-        Some("handover")
-    );
+    let config = format!("--config {}", fifo.display());
+    let binary = failing_after_exec(&d, &torud, "hangs-after-exec.sh", &config);
+    let failed = handed_back(&channel, &binary).await;
     assert!(
         failed.reason.contains("did not serve within 2s"),
         "{failed:?}"
     );
     assert_eq!(d.pid(), daemon);
     assert_eq!(pids(&mut client, &["echo"]).await, before);
-    let req = pb::CallPluginRequest {
-        plugin_id: "echo".into(),
-        method: "POST".into(),
-        path: "/echo".into(),
-        headers: vec![],
-        body: b"back".to_vec(),
-    };
-    let answer = client.call_plugin(req).await.unwrap().into_inner();
-    assert_eq!(answer.body, b"back");
+    echo(&mut client, "echo", b"back").await;
     assert!(d.stop().await.success());
     for pid in before.values() {
         assert!(process_gone(*pid), "plugin {pid} outlived the daemon");
@@ -554,19 +534,6 @@ async fn event_follower(channel: Channel, deadline: Instant) -> (u64, u64, Vec<S
     (count, resumes, problems)
 }
 
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(daemon_fd_dir(pid)).unwrap().count()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_upgrades_under_load_restart_nothing_and_lose_nothing() {
     const UPGRADES: usize = 20;
@@ -648,7 +615,7 @@ async fn twenty_upgrades_under_load_restart_nothing_and_lose_nothing() {
             load.answered.load(Ordering::Relaxed) > answered + 64
         })
         .await;
-        fds.push(fd_count(daemon));
+        fds.push(daemon_fds(daemon));
         rss.push(rss_kib(daemon));
     }
 
@@ -742,15 +709,7 @@ async fn without_root_a_sandboxed_plugin_survives_an_upgrade() {
     )
     .await;
     assert_eq!(pids(&mut client, &["echo"]).await, before);
-    let req = pb::CallPluginRequest {
-        plugin_id: "echo".into(),
-        method: "POST".into(),
-        path: "/echo".into(),
-        headers: vec![],
-        body: b"sandboxed".to_vec(),
-    };
-    let answer = client.call_plugin(req).await.unwrap().into_inner();
-    assert_eq!(answer.body, b"sandboxed");
+    echo(&mut client, "echo", b"sandboxed").await;
     assert!(d.stop().await.success());
     for pid in before.values() {
         assert!(process_gone(*pid), "plugin {pid} outlived the daemon");

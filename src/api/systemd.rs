@@ -37,26 +37,19 @@ pub fn ready(text: &str) {
 /// `RELOADING=1`, with the `MONOTONIC_USEC=` systemd wants beside it: a configuration
 /// reload has begun. Nothing before the daemon is ready.
 pub fn reloading() {
-    if !READY.load(Ordering::SeqCst) {
-        return;
+    if READY.load(Ordering::SeqCst) {
+        notify_reloading("reloading the configuration");
     }
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a plain syscall with a valid pointer to a local struct.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    let usec = i128::from(now.tv_sec) * 1_000_000 + i128::from(now.tv_nsec) / 1_000;
-    notify(&[
-        NotifyState::Reloading,
-        NotifyState::MonotonicUsec(usec),
-        NotifyState::Status("reloading the configuration"),
-    ]);
 }
 
 /// `RELOADING=1` for an upgrade: the daemon hands over to a new image of itself (same
 /// pid), which says `READY=1` once it has taken over.
 pub fn upgrading() {
+    notify_reloading("upgrading: handing over to the new binary");
+}
+
+/// `RELOADING=1` with the `MONOTONIC_USEC=` systemd wants beside it, and `status`.
+fn notify_reloading(status: &str) {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -67,7 +60,7 @@ pub fn upgrading() {
     notify(&[
         NotifyState::Reloading,
         NotifyState::MonotonicUsec(usec),
-        NotifyState::Status("upgrading: handing over to the new binary"),
+        NotifyState::Status(status),
     ]);
 }
 

@@ -510,6 +510,14 @@ pub struct PluginProcess {
 
 type ChildPipe = crate::plugin::spawn::ChildPipe;
 
+/// A process's output to capture: each pipe with the unfinished line read from it before,
+/// and the last stderr lines so far.
+struct Pipes {
+    stdout: Option<(ChildPipe, Vec<u8>)>,
+    stderr: Option<(ChildPipe, Vec<u8>)>,
+    tail: StderrTail,
+}
+
 impl PluginProcess {
     /// Spawns the plugin with stdout and stderr drained line by line (lines longer than
     /// `max_line` split) into `log`; `descendants` says how to find what it starts.
@@ -527,17 +535,12 @@ impl PluginProcess {
         for (pipe, _) in stdout.iter().chain(stderr.iter()) {
             widen_pipe(pipe);
         }
-        let tail = StderrTail::default();
-        Ok(Self::capturing(
-            child,
-            pid,
+        let pipes = Pipes {
             stdout,
             stderr,
-            tail,
-            log,
-            max_line,
-            descendants,
-        ))
+            tail: StderrTail::default(),
+        };
+        Ok(Self::capturing(child, pid, pipes, log, max_line, descendants))
     }
 
     /// Takes over a process an earlier image of the daemon handed over ([`DetachedProcess`]):
@@ -568,29 +571,28 @@ impl PluginProcess {
         for line in &stderr_tail {
             tail.push(line);
         }
-        Ok(Self::capturing(
-            child,
-            pid,
+        let pipes = Pipes {
             stdout,
             stderr,
             tail,
-            log,
-            max_line,
-            descendants,
-        ))
+        };
+        Ok(Self::capturing(child, pid, pipes, log, max_line, descendants))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The process with its output captured from `pipes`.
     fn capturing(
         child: Child,
         pid: u32,
-        stdout: Option<(ChildPipe, Vec<u8>)>,
-        stderr: Option<(ChildPipe, Vec<u8>)>,
-        stderr_tail: StderrTail,
+        pipes: Pipes,
         log: PluginLog,
         max_line: usize,
         descendants: Descendants,
     ) -> Self {
+        let Pipes {
+            stdout,
+            stderr,
+            tail: stderr_tail,
+        } = pipes;
         let pause = CancellationToken::new();
         let mut drains = Vec::with_capacity(2);
         for (stream, pipe) in [(LogStream::Stdout, stdout), (LogStream::Stderr, stderr)] {

@@ -708,3 +708,19 @@ pub fn daemon_fd_dir(pid: u32) -> std::path::PathBuf {
         .map(|tid| task.join(tid).join("fd"))
         .unwrap_or_else(|| format!("/proc/{pid}/fd").into())
 }
+
+/// The daemon's open descriptors (its table, see [`daemon_fd_dir`]).
+pub fn daemon_fds(pid: u32) -> usize {
+    std::fs::read_dir(daemon_fd_dir(pid)).unwrap().count()
+}
+
+/// A process's resident memory, in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
