@@ -540,7 +540,14 @@ impl PluginProcess {
             stderr,
             tail: StderrTail::default(),
         };
-        Ok(Self::capturing(child, pid, pipes, log, max_line, descendants))
+        Ok(Self::capturing(
+            child,
+            pid,
+            pipes,
+            log,
+            max_line,
+            descendants,
+        ))
     }
 
     /// Takes over a process an earlier image of the daemon handed over ([`DetachedProcess`]):
@@ -576,7 +583,14 @@ impl PluginProcess {
             stderr,
             tail,
         };
-        Ok(Self::capturing(child, pid, pipes, log, max_line, descendants))
+        Ok(Self::capturing(
+            child,
+            pid,
+            pipes,
+            log,
+            max_line,
+            descendants,
+        ))
     }
 
     /// The process with its output captured from `pipes`.
