@@ -715,3 +715,47 @@ async fn without_root_a_sandboxed_plugin_survives_an_upgrade() {
         assert!(process_gone(*pid), "plugin {pid} outlived the daemon");
     }
 }
+
+#[tokio::test]
+async fn a_check_under_way_dies_with_a_killed_daemon() {
+    let (mut d, _client) = start_enabled(&["--upgrade-timeout", "60s"], |_| {}, &[]).await;
+    let daemon = d.pid();
+    let channel = d.channel().await;
+    let hangs = d.root.path().join("hangs.sh");
+    write_executable(&hangs, "#!/bin/sh\nexec sleep 600\n");
+    let binary = hangs.display().to_string();
+    let asked = tokio::spawn(async move { upgrade(&channel, &binary).await });
+    let mut check = 0;
+    // Children of any of the daemon's threads (the check is started from a tokio worker).
+    let all_children = || -> Vec<u32> {
+        std::fs::read_dir(format!("/proc/{daemon}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|t| {
+                std::fs::read_to_string(t.path().join("children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect()
+    };
+    wait_until("the check to run", SECS10, || {
+        check = all_children()
+            .into_iter()
+            .find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.starts_with("sleep"))
+            })
+            .unwrap_or(0);
+        check != 0
+    })
+    .await;
+    d.kill9().await;
+    wait_until("the check to die with the daemon", SECS10, || {
+        process_gone(check)
+    })
+    .await;
+    assert!(asked.await.unwrap().is_err());
+}

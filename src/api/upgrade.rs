@@ -296,6 +296,25 @@ pub async fn check(binary: &Path, state: &[u8], limit: Duration) -> Result<Strin
         .stderr(std::process::Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // It dies with the daemon, as plugins do: a check hanging when the daemon is SIGKILLed
+    // does not outlive it. (Set from a tokio worker, which lives as long as the runtime;
+    // the check ends before any handover's exec.)
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
