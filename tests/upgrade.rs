@@ -759,3 +759,29 @@ async fn a_check_under_way_dies_with_a_killed_daemon() {
     .await;
     assert!(asked.await.unwrap().is_err());
 }
+
+#[tokio::test]
+async fn over_tcp_only_the_daemons_own_path_may_be_named() {
+    let (d, _client) = start_enabled(&[], |_| {}, &[]).await;
+    let binary = new_binary(&d, "torud-next");
+    let mut config = ConfigServiceClient::with_interceptor(
+        d.tcp_channel().await,
+        Bearer::new(&d.token("admin")).unwrap(),
+    );
+    let err = config
+        .upgrade_daemon(pb::UpgradeDaemonRequest { binary })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("control socket"), "{err:?}");
+    // The read token may not upgrade at all.
+    let mut read = ConfigServiceClient::with_interceptor(
+        d.tcp_channel().await,
+        Bearer::new(&d.token("read")).unwrap(),
+    );
+    let err = read
+        .upgrade_daemon(pb::UpgradeDaemonRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+}

@@ -181,7 +181,18 @@ impl ConfigService for ConfigApi {
         &self,
         request: Request<pb::UpgradeDaemonRequest>,
     ) -> Result<Response<pb::UpgradeDaemonResponse>, Status> {
+        // Over TCP (a remote admin), only the file at the daemon's own path: naming any other
+        // executable to run as the daemon's user takes a local caller on the control socket.
+        let remote = request
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .is_some();
         let binary = request.into_inner().binary;
+        if remote && !binary.is_empty() {
+            return Err(Status::permission_denied(
+                "naming the binary needs the control socket (a local caller); over TCP the daemon upgrades only to the file at the path it was started from: leave `binary` empty",
+            ));
+        }
         let binary = (!binary.is_empty()).then(|| PathBuf::from(binary));
         let began = self.upgrades.request(binary).await?;
         Ok(Response::new(pb::UpgradeDaemonResponse {

@@ -25,7 +25,9 @@ const (
 type UpgradeDaemonRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The new binary's absolute path on the daemon's host; empty: the path the daemon was
-	// started from (a package upgrade replaces the file there).
+	// started from (a package upgrade replaces the file there). Only a caller on the control
+	// socket may name one: over TCP a non-empty `binary` is refused with PERMISSION_DENIED,
+	// so a remote admin token cannot make the daemon run an arbitrary file.
 	Binary        string `protobuf:"bytes,1,opt,name=binary,proto3" json:"binary,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -27,7 +27,9 @@ class UpgradeDaemonRequest(_message.Message):
     BINARY_FIELD_NUMBER: _builtins.int
     binary: _builtins.str
     """The new binary's absolute path on the daemon's host; empty: the path the daemon was
-    started from (a package upgrade replaces the file there).
+    started from (a package upgrade replaces the file there). Only a caller on the control
+    socket may name one: over TCP a non-empty `binary` is refused with PERMISSION_DENIED,
+    so a remote admin token cannot make the daemon run an arbitrary file.
     """
     def __init__(
         self,

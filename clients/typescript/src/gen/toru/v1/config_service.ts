@@ -27,7 +27,9 @@ export const protobufFileName = "toru/v1/config_service.proto";
 export interface UpgradeDaemonRequest {
   /**
    * The new binary's absolute path on the daemon's host; empty: the path the daemon was
-   * started from (a package upgrade replaces the file there).
+   * started from (a package upgrade replaces the file there). Only a caller on the control
+   * socket may name one: over TCP a non-empty `binary` is refused with PERMISSION_DENIED,
+   * so a remote admin token cannot make the daemon run an arbitrary file.
    */
   binary: string;
 }

@@ -20,7 +20,9 @@ export const file_toru_v1_config_service: GenFile = /*@__PURE__*/
 export type UpgradeDaemonRequest = Message<"toru.v1.UpgradeDaemonRequest"> & {
   /**
    * The new binary's absolute path on the daemon's host; empty: the path the daemon was
-   * started from (a package upgrade replaces the file there).
+   * started from (a package upgrade replaces the file there). Only a caller on the control
+   * socket may name one: over TCP a non-empty `binary` is refused with PERMISSION_DENIED,
+   * so a remote admin token cannot make the daemon run an arbitrary file.
    *
    * @generated from field: string binary = 1;
    */
