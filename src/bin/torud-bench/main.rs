@@ -124,7 +124,7 @@ enum Bench {
     /// Upgrading the daemon in place under load (handover time, longest gap in answers,
     /// plugin restarts), beside a cold restart of the daemon with its plugins.
     Upgrade {
-        /// Plugins to run (copies of the example plugin).
+        /// Plugins to run: the example plugin and N-1 idle `scale-plugin`s.
         #[arg(long, default_value_t = 10)]
         plugins: usize,
         /// Upgrades measured.

@@ -175,13 +175,12 @@ async fn all_running(
 
 /// Calls `UpgradeDaemon` and follows the events to `DAEMON_UPGRADED`: the time the client
 /// saw, and the duration the daemon reports.
-async fn upgrade_once(addr: &str, binary: &Path) -> BenchResult<(Duration, Duration)> {
+async fn upgrade_once(addr: &str) -> BenchResult<(Duration, Duration)> {
     let began = Instant::now();
     let mut config = ConfigServiceClient::new(authed(connect(addr).await?));
     let answer = config
-        .upgrade_daemon(pb::UpgradeDaemonRequest {
-            binary: binary.display().to_string(),
-        })
+        // Over TCP only the daemon's own path may be upgraded to (no `binary`).
+        .upgrade_daemon(pb::UpgradeDaemonRequest::default())
         .await?
         .into_inner();
     let mut after = answer.upgrading_seq;
@@ -242,9 +241,6 @@ pub(crate) async fn run(
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
     }
-    // The new binary: a copy of the daemon's, at a path of its own.
-    let binary = dir.path().join("torud-next");
-    std::fs::copy(&torud, &binary)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -275,7 +271,7 @@ pub(crate) async fn run(
     let mut cold_done = 0usize;
     for round in 0..upgrades {
         load.reset();
-        let (seen, took) = upgrade_once(&addr, &binary).await?;
+        let (seen, took) = upgrade_once(&addr).await?;
         let after = all_running(&addr, plugins, Duration::from_secs(60)).await?;
         // Let every caller get an answer from the new image before reading the gap.
         settle(&load).await;
