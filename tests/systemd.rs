@@ -148,3 +148,38 @@ fn a_daemon_that_outlives_stop_is_reported_with_what_it_is_blocked_in() {
     );
     assert!(report.contains("\"sleep\" state S"), "{report}");
 }
+
+#[tokio::test]
+async fn an_upgrade_is_reloading_then_ready_from_the_same_pid() {
+    let mut d = Daemon::new(&["--enable-new-plugins"]);
+    d.install_fixture("echo", "v2-echo", &[]);
+    let path = d.root.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    d.envs
+        .push(("NOTIFY_SOCKET".into(), path.to_str().unwrap().into()));
+    d.envs.push(("WATCHDOG_USEC".into(), "200000".into()));
+    d.start().await;
+    until(&socket, "READY=1", |m| m.contains("READY=1")).await;
+    let daemon = d.pid();
+
+    let binary = d.root.path().join("torud-next");
+    std::fs::copy(env!("CARGO_BIN_EXE_torud"), &binary).unwrap();
+    let mut config =
+        torud_api::pb::config_service_client::ConfigServiceClient::new(d.channel().await);
+    config
+        .upgrade_daemon(torud_api::pb::UpgradeDaemonRequest {
+            binary: binary.display().to_string(),
+        })
+        .await
+        .unwrap();
+    let (reloading, _) = until(&socket, "RELOADING=1", |m| m.contains("RELOADING=1")).await;
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    assert!(reloading.contains("upgrading"), "{reloading}");
+    // The new image says READY=1 once it has taken over, as the same process.
+    let (ready, _) = until(&socket, "READY=1", |m| m.contains("READY=1")).await;
+    assert!(ready.contains("ready: 1 plugins"), "{ready}");
+    assert_eq!(d.pid(), daemon);
+    // Its watchdog goes on.
+    until(&socket, "WATCHDOG=1", |m| m.contains("WATCHDOG=1")).await;
+    assert!(d.stop().await.success());
+}
