@@ -485,6 +485,8 @@ const RESUME_WINDOW: Duration = Duration::from_secs(30);
 /// backing off from 50 ms to 1 s, for at most [`RESUME_WINDOW`] without a stream opened.
 struct Resume {
     follow: bool,
+    /// Say nothing on stderr when resuming.
+    quiet: bool,
     since: Option<tokio::time::Instant>,
     backoff: Duration,
 }
@@ -493,6 +495,7 @@ impl Resume {
     fn new(follow: bool) -> Self {
         Resume {
             follow,
+            quiet: false,
             since: None,
             backoff: Duration::from_millis(50),
         }
@@ -522,7 +525,7 @@ impl Resume {
         if !resumable || since.elapsed() >= RESUME_WINDOW {
             return Err(status_line(status));
         }
-        if self.backoff == Duration::from_millis(50) {
+        if self.backoff == Duration::from_millis(50) && !self.quiet {
             eprintln!("toructl: {}; resuming", status.message());
         }
         tokio::time::sleep(self.backoff).await;
@@ -645,7 +648,9 @@ pub async fn daemon_upgrade(
 /// the events across the handover.
 async fn upgrade_outcome(conn: &Conn, after: u64) -> std::result::Result<pb::Event, String> {
     let mut after = after;
+    // The stream ending for the handover is expected here: no note of it.
     let mut resume = Resume::new(true);
+    resume.quiet = true;
     loop {
         let req = conn.stream(pb::WatchEventsRequest {
             after_seq: Some(after),
