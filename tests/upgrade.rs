@@ -785,3 +785,45 @@ async fn over_tcp_only_the_daemons_own_path_may_be_named() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 }
+
+#[tokio::test]
+async fn a_plugin_left_crashed_stays_crashed_across_an_upgrade() {
+    let (d, mut client) = start_discovered(
+        &["--restart", "never"],
+        |d| {
+            d.install_fixture("crasher", "crash", &["--ms", "200"]);
+        },
+        &["crasher"],
+    )
+    .await;
+    let mut events = Events::watch(&mut client, Some(0)).await;
+    enable(&mut client, "crasher").await;
+    events
+        .wait_state("crasher", pb::PluginState::Crashed, SECS10)
+        .await;
+    let channel = d.channel().await;
+    let binary = new_binary(&d, "torud-next");
+    // Two upgrades: a start the first new image began would show between them (the
+    // second waits for a start under way before it hands over).
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let began = upgrade(&channel, &binary).await.unwrap();
+        seen.extend(
+            events_until(
+                &channel,
+                began.upgrading_seq,
+                pb::EventKind::DaemonUpgraded,
+                Duration::from_secs(30),
+            )
+            .await,
+        );
+    }
+    let started: Vec<_> = seen
+        .iter()
+        .filter(|e| e.plugin_id == "crasher" && e.to_state == pb::PluginState::Starting as i32)
+        .collect();
+    assert!(started.is_empty(), "restarted by an upgrade: {started:#?}");
+    let p = get(&mut client, "crasher").await;
+    assert_eq!(state_of(&p), pb::PluginState::Crashed, "{p:?}");
+    assert!(p.enabled, "{p:?}");
+}

@@ -264,6 +264,9 @@ pub(super) struct Actor<S: Spawner = OsSpawner> {
     handover: Option<(oneshot::Sender<HandedOver>, Duration)>,
     /// A run an earlier image of the daemon handed over, taken over first.
     adopted: Option<HandedOverRun>,
+    /// Handed over by an earlier image: it goes on where that one was (a plugin it left
+    /// stopped or crashed stays so), rather than starting as a newly found plugin.
+    resumed: bool,
 }
 
 impl Actor {
@@ -292,12 +295,15 @@ impl Actor {
             verified,
             handover: None,
             adopted: None,
+            resumed: false,
         }
     }
 
-    /// The same actor, taking over `run` (handed over by the daemon's earlier image) first.
+    /// The same actor, going on where the daemon's earlier image left the plugin: taking
+    /// over `run` first when it was running.
     pub(super) fn adopting(mut self, run: Option<HandedOverRun>) -> Self {
         self.adopted = run;
+        self.resumed = true;
         self
     }
 }
@@ -320,6 +326,7 @@ impl<S: Spawner> Actor<S> {
             verified: self.verified,
             handover: self.handover,
             adopted: self.adopted,
+            resumed: self.resumed,
         }
     }
 
@@ -336,7 +343,10 @@ impl<S: Spawner> Actor<S> {
                     .unwrap_or(Duration::ZERO)
             });
             Next::Backoff(Instant::now() + wait)
-        } else if self.status.borrow().enabled && self.status.borrow().pid.is_none() {
+        } else if self.resumed {
+            // Stopped or crashed in the earlier image: left so until an operator acts.
+            Next::Idle
+        } else if self.status.borrow().enabled {
             self.keep_default_enable().await
         } else {
             Next::Idle
