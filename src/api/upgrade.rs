@@ -515,15 +515,7 @@ pub fn execute(handover: &Handover) -> std::io::Error {
     );
     tracing::error!(binary = %binary.display(), error = %failed, "cannot execute the new binary; executing the running one again");
     let reason = format!("cannot execute {}: {failed}", binary.display());
-    let exe = handover.fds.raw()[ROLLBACK_EXE];
-    let argv0 = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("torud"));
-    exec(
-        ExecProgram::Fd(exe),
-        &argv0,
-        serve_args(),
-        &handover.fds,
-        &[(ROLLBACK_REASON, &reason)],
-    )
+    roll_back(&handover.fds, &reason, None)
 }
 
 /// What an earlier image handed over, as this image found it at its start.
@@ -600,28 +592,24 @@ impl Received {
             unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
             owned.push(fd);
         }
-        let mut fds = Fds::from_received(owned);
+        let fds = Fds::from_received(owned);
         if fds.len() < 2 {
             return Err(unreadable(
                 "too few descriptors were passed".into(),
                 Some(fds),
             ));
         }
-        let state_fd = match fds.take(fds.len() - 1) {
-            Ok(fd) => fd,
-            Err(e) => return Err(unreadable(e, Some(fds))),
+        // Read through a copy: the state's descriptor stays in the list, which a rollback
+        // passes on whole.
+        let state = fds.get(fds.len() - 1).map(OwnedFd::try_clone);
+        let Some(Ok(state)) = state else {
+            return Err(unreadable("the state cannot be read".into(), None));
         };
         let mut bytes = Vec::new();
-        let mut file = std::fs::File::from(
-            state_fd
-                .try_clone()
-                .map_err(|e| unreadable(format!("the state cannot be read: {e}"), None))?,
-        );
+        let mut file = std::fs::File::from(state);
         file.rewind()
             .and_then(|_| file.read_to_end(&mut bytes))
             .map_err(|e| unreadable(format!("the state cannot be read: {e}"), None))?;
-        // Kept in place for a rollback, which passes the same list on.
-        fds = put_back(fds, state_fd);
         let parsed = parse_state(&bytes).and_then(|state| {
             handover::validate(&state.plugins, &fds)?;
             Ok(state)
@@ -690,20 +678,6 @@ impl Outcome {
             .try_into()
             .unwrap_or_default()
     }
-}
-
-/// `fds` with `last` put back as its last descriptor.
-fn put_back(fds: Fds, last: OwnedFd) -> Fds {
-    let mut all: Vec<OwnedFd> = Vec::new();
-    let len = fds.len();
-    let mut fds = fds;
-    for place in 0..len - 1 {
-        if let Ok(fd) = fds.take(place) {
-            all.push(fd);
-        }
-    }
-    all.push(last);
-    Fds::from_received(all)
 }
 
 /// Executes the previous binary (the first descriptor passed) again with the same

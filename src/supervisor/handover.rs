@@ -191,15 +191,7 @@ pub fn validate(entries: &[PluginEntry], fds: &Fds) -> Result<(), String> {
             }
         }
         let pidfd = fds.get(run.pidfd).expect("checked above");
-        match pidfd_pid(pidfd) {
-            Some(pid) if pid == i64::from(run.pid) => {}
-            other => {
-                return Err(format!(
-                    "plugin {id:?}: the pidfd handed over for process {} names {other:?}",
-                    run.pid
-                ))
-            }
-        }
+        names(pidfd, run.pid).map_err(|e| format!("plugin {id:?}: {e}"))?;
     }
     Ok(())
 }
@@ -224,16 +216,7 @@ pub fn load(entries: Vec<PluginEntry>, fds: &mut Fds) -> Result<Vec<HandedOver>,
 
 fn load_run(run: RunEntry, fds: &mut Fds) -> Result<HandedOverRun, String> {
     let pidfd = fds.take(run.pidfd)?;
-    match pidfd_pid(&pidfd) {
-        Some(pid) if pid == i64::from(run.pid) => {}
-        Some(-1) => return Err(format!("process {} has exited", run.pid)),
-        other => {
-            return Err(format!(
-                "the pidfd handed over for process {} names {other:?}",
-                run.pid
-            ))
-        }
-    }
+    names(&pidfd, run.pid)?;
     let mut pipe = |p: Option<PipeEntry>| -> Result<Option<(OwnedFd, Vec<u8>)>, String> {
         p.map(|p| Ok((fds.take(p.fd)?, p.partial))).transpose()
     };
@@ -261,6 +244,17 @@ fn load_run(run: RunEntry, fds: &mut Fds) -> Result<HandedOverRun, String> {
         protocol: run.protocol,
         connection,
     })
+}
+
+/// Whether `pidfd` still names process `pid` (not one reaped, nor another).
+fn names(pidfd: &OwnedFd, pid: u32) -> Result<(), String> {
+    match pidfd_pid(pidfd) {
+        Some(named) if named == i64::from(pid) => Ok(()),
+        Some(-1) => Err(format!("process {pid} has exited")),
+        other => Err(format!(
+            "the pidfd handed over for process {pid} names {other:?}"
+        )),
+    }
 }
 
 /// The pid a pidfd names (`-1` once the process has exited and been reaped), from
