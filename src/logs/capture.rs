@@ -217,8 +217,8 @@ impl Capture {
     /// is stored and the pipe is given back with the unfinished line, not a byte lost.
     pub async fn run<R: AsyncRead + Unpin>(
         self,
-        reader: R,
-        partial: Vec<u8>,
+        mut reader: R,
+        mut partial: Vec<u8>,
         pause: &CancellationToken,
     ) -> Option<Paused<R>> {
         let Capture {
@@ -228,99 +228,85 @@ impl Capture {
             tail,
             max_line,
         } = self;
-        capture(reader, partial, stream, pid, log, tail, max_line, pause).await
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn capture<R: AsyncRead + Unpin>(
-    mut reader: R,
-    mut partial: Vec<u8>,
-    stream: LogStream,
-    pid: u32,
-    log: PluginLog,
-    tail: Option<StderrTail>,
-    max_line: usize,
-    pause: &CancellationToken,
-) -> Option<Paused<R>> {
-    let max_line = max_line.max(16);
-    let mut buf = vec![0u8; FIRST_READ_BUFFER];
-    let mut batch: Vec<Line> = Vec::new();
-    let mut held_bytes = 0;
-    // When the last store happened; lines arriving sooner than COALESCE after it are held.
-    let mut last_store = Instant::now() - COALESCE;
-    loop {
-        // `read` is cancel-safe: a timeout or a pause loses no bytes.
-        let read = if batch.is_empty() {
-            tokio::select! {
-                read = reader.read(&mut buf) => read,
-                _ = pause.cancelled() => {
-                    return Some(Paused { reader, partial });
+        let max_line = max_line.max(16);
+        let mut buf = vec![0u8; FIRST_READ_BUFFER];
+        let mut batch: Vec<Line> = Vec::new();
+        let mut held_bytes = 0;
+        // When the last store happened; lines arriving sooner than COALESCE after it are held.
+        let mut last_store = Instant::now() - COALESCE;
+        loop {
+            // `read` is cancel-safe: a timeout or a pause loses no bytes.
+            let read = if batch.is_empty() {
+                tokio::select! {
+                    read = reader.read(&mut buf) => read,
+                    _ = pause.cancelled() => {
+                        return Some(Paused { reader, partial });
+                    }
                 }
-            }
-        } else {
-            let read = tokio::select! {
-                read = tokio::time::timeout_at(last_store + COALESCE, reader.read(&mut buf)) => read,
-                _ = pause.cancelled() => {
-                    emit(&log, stream, pid, tail.as_ref(), &mut batch);
-                    return Some(Paused { reader, partial });
+            } else {
+                let read = tokio::select! {
+                    read = tokio::time::timeout_at(last_store + COALESCE, reader.read(&mut buf)) => read,
+                    _ = pause.cancelled() => {
+                        emit(&log, stream, pid, tail.as_ref(), &mut batch);
+                        return Some(Paused { reader, partial });
+                    }
+                };
+                match read {
+                    Ok(read) => read,
+                    Err(_) => {
+                        emit(&log, stream, pid, tail.as_ref(), &mut batch);
+                        held_bytes = 0;
+                        last_store = Instant::now();
+                        continue;
+                    }
                 }
             };
-            match read {
-                Ok(read) => read,
-                Err(_) => {
-                    emit(&log, stream, pid, tail.as_ref(), &mut batch);
-                    held_bytes = 0;
-                    last_store = Instant::now();
-                    continue;
+            let used = match read {
+                Ok(used) => used,
+                Err(e) => {
+                    tracing::warn!(?stream, error = %e, "reading plugin output failed");
+                    break;
                 }
-            }
-        };
-        let used = match read {
-            Ok(used) => used,
-            Err(e) => {
-                tracing::warn!(?stream, error = %e, "reading plugin output failed");
+            };
+            if used == 0 {
                 break;
             }
-        };
-        if used == 0 {
-            break;
-        }
-        split_lines(&buf[..used], &mut partial, &mut batch, max_line);
-        held_bytes += used;
-        let drained = used < buf.len();
-        if !drained && buf.len() < READ_BUFFER {
-            buf.resize((buf.len() * 2).min(READ_BUFFER), 0);
-        }
-        let due = last_store.elapsed() >= COALESCE || held_bytes >= COALESCE_BYTES;
-        if !batch.is_empty() && due {
-            emit(&log, stream, pid, tail.as_ref(), &mut batch);
-            held_bytes = 0;
-            last_store = Instant::now();
-        } else if !batch.is_empty() && drained {
-            // A busy stream that was just stored, and the pipe is drained: let it fill until
-            // the next store is due instead of waking for every write. (A pipe that is not
-            // drained, a read that filled the buffer, is read on at once.) The pipe holds far
-            // more than a millisecond of any plugin's logging, so the plugin does not block;
-            // and while the pipe stays non-empty its writes wake nobody, which also makes
-            // them cheaper for the plugin.
-            tokio::select! {
-                _ = tokio::time::sleep_until(last_store + COALESCE) => {}
-                _ = pause.cancelled() => {
-                    emit(&log, stream, pid, tail.as_ref(), &mut batch);
-                    return Some(Paused { reader, partial });
+            split_lines(&buf[..used], &mut partial, &mut batch, max_line);
+            held_bytes += used;
+            let drained = used < buf.len();
+            if !drained && buf.len() < READ_BUFFER {
+                buf.resize((buf.len() * 2).min(READ_BUFFER), 0);
+            }
+            let due = last_store.elapsed() >= COALESCE || held_bytes >= COALESCE_BYTES;
+            if !batch.is_empty() && due {
+                emit(&log, stream, pid, tail.as_ref(), &mut batch);
+                held_bytes = 0;
+                last_store = Instant::now();
+            } else if !batch.is_empty() && drained {
+                // A busy stream that was just stored, and the pipe is drained: let it fill until
+                // the next store is due instead of waking for every write. (A pipe that is not
+                // drained, a read that filled the buffer, is read on at once.) The pipe holds far
+                // more than a millisecond of any plugin's logging, so the plugin does not block;
+                // and while the pipe stays non-empty its writes wake nobody, which also makes
+                // them cheaper for the plugin.
+                tokio::select! {
+                    _ = tokio::time::sleep_until(last_store + COALESCE) => {}
+                    _ = pause.cancelled() => {
+                        emit(&log, stream, pid, tail.as_ref(), &mut batch);
+                        return Some(Paused { reader, partial });
+                    }
                 }
             }
         }
+        if !partial.is_empty() {
+            batch.push(Line {
+                text: String::from_utf8_lossy(&partial).into_owned(),
+                continued: false,
+            });
+        }
+        emit(&log, stream, pid, tail.as_ref(), &mut batch);
+        None
     }
-    if !partial.is_empty() {
-        batch.push(Line {
-            text: String::from_utf8_lossy(&partial).into_owned(),
-            continued: false,
-        });
-    }
-    emit(&log, stream, pid, tail.as_ref(), &mut batch);
-    None
 }
 
 fn emit(
