@@ -425,18 +425,7 @@ impl Supervisor {
             }
         };
         let (handle, actor) = self.prepare_status(status, log, verified);
-        let log_health = report_log_health(
-            id.clone(),
-            handle.log.records().health(),
-            handle.status.clone(),
-            self.inner.ctx.events.clone(),
-        );
-        if !self.insert(&id, handle) {
-            tracing::error!(plugin = %id, "internal error: the plugin was handed over twice; keeping the first");
-            return;
-        }
-        tokio::spawn(log_health);
-        self.inner.tracker.spawn(actor.adopting(run).run());
+        self.install(&id, handle, actor.adopting(run), "handed over");
     }
 
     /// Lets go of every plugin for the daemon's next image, stopping none: each actor
@@ -973,23 +962,31 @@ impl Supervisor {
         // The probe that found it checked its id: the first start need not probe again.
         let verified = identity.map(|identity| (spec.binary_path.clone(), identity));
         let (handle, actor) = self.prepare(spec, enabled, log, verified);
-        let log_health = report_log_health(
-            id.clone(),
-            handle.log.records().health(),
-            handle.status.clone(),
-            ctx.events.clone(),
-        );
         // The event first, as before the table had its own step: whoever lists the plugin
         // can already find its PluginAdded event.
         self.append_event(added);
-        if !self.insert(&id, handle) {
-            // Rescans are serialised and only they insert: a bug, not a race.
-            tracing::error!(plugin = %id, "internal error: the plugin was added twice; keeping the first");
-            return;
+        if self.install(&id, handle, actor, "added") {
+            tally.report.added.push(id);
+        }
+    }
+
+    /// Puts a prepared plugin in the table and starts its actor and the watch on its log's
+    /// health; false (nothing started) when the id is there already. Only rescans and a
+    /// resume insert, one after another: a second insert is a bug, not a race.
+    fn install(&self, id: &str, handle: PluginHandle, actor: Actor, how: &str) -> bool {
+        let log_health = report_log_health(
+            id.to_owned(),
+            handle.log.records().health(),
+            handle.status.clone(),
+            self.inner.ctx.events.clone(),
+        );
+        if !self.insert(id, handle) {
+            tracing::error!(plugin = %id, "internal error: the plugin was {how} twice; keeping the first");
+            return false;
         }
         tokio::spawn(log_health);
         self.inner.tracker.spawn(actor.run());
-        tally.report.added.push(id);
+        true
     }
 
     /// Opens (or creates) a plugin's log: reads, and may repair, its files. Never called
