@@ -544,55 +544,96 @@ const REPLAY_START: Duration = Duration::from_secs(5);
 
 /// `events [IDS] [-f] [--after SEQ]`.
 pub async fn events(conn: &Conn, out: Output, args: EventsArgs) -> Result {
-    let mut after = args.after;
-    let mut resume = Resume::new(args.follow);
+    // With -f, resumed after the last event seen (an upgrade ends the stream).
+    let mut feed = EventFeed::new(conn, args.after, args.ids, Resume::new(args.follow));
     let mut seen = 0u64;
     loop {
-        let req = conn.stream(pb::WatchEventsRequest {
-            after_seq: Some(after),
-            plugin_ids: args.ids.clone(),
-        });
-        let mut stream = match plugins(conn).watch_events(req).await {
-            Ok(stream) => stream.into_inner(),
-            Err(status) => {
-                resume.after(status).await?;
-                continue;
+        let next = if args.follow {
+            feed.next().await?
+        } else {
+            let wait = if seen == 0 { REPLAY_START } else { REPLAY_IDLE };
+            seen += 1;
+            match tokio::time::timeout(wait, feed.next()).await {
+                Ok(next) => next?,
+                Err(_) => return Ok(ExitCode::SUCCESS),
             }
         };
-        resume.reset();
-        loop {
-            let next = if args.follow {
-                stream.message().await
-            } else {
-                let wait = if seen == 0 { REPLAY_START } else { REPLAY_IDLE };
-                seen += 1;
-                match tokio::time::timeout(wait, stream.message()).await {
-                    Ok(next) => next,
-                    Err(_) => return Ok(ExitCode::SUCCESS),
-                }
-            };
-            let resp = match next {
-                Ok(Some(resp)) => resp,
-                Ok(None) => return Ok(ExitCode::SUCCESS),
-                Err(status) => {
-                    // With -f, resumed after the last event seen (an upgrade ends the stream).
-                    resume.after(status).await?;
-                    break;
-                }
-            };
-            let Some(e) = resp.event else {
-                if let Some(gap) = resp.gap {
-                    after = after.max(gap.last_seq);
-                    print_gap(out, &gap);
-                }
-                continue;
-            };
-            after = after.max(e.seq);
+        let Some(resp) = next else {
+            return Ok(ExitCode::SUCCESS);
+        };
+        if let Some(e) = resp.event {
             match out {
                 Output::Json => print_json(&render::event_json(&e), false),
                 Output::Table => outln!("{}", render::event_line(&e)),
             }
+        } else if let Some(gap) = resp.gap {
+            print_gap(out, &gap);
         }
+    }
+}
+
+/// `WatchEvents` from a seq, opened again right after the last event (or gap) received when
+/// the stream ends with an error `resume` resumes after.
+struct EventFeed<'a> {
+    conn: &'a Conn,
+    after: u64,
+    ids: Vec<String>,
+    resume: Resume,
+    stream: Option<tonic::Streaming<pb::WatchEventsResponse>>,
+}
+
+impl<'a> EventFeed<'a> {
+    fn new(conn: &'a Conn, after: u64, ids: Vec<String>, resume: Resume) -> Self {
+        EventFeed {
+            conn,
+            after,
+            ids,
+            resume,
+            stream: None,
+        }
+    }
+
+    /// The next message; `None` when the stream ended cleanly (`reopen` to go on).
+    async fn next(&mut self) -> std::result::Result<Option<pb::WatchEventsResponse>, String> {
+        loop {
+            let stream = match &mut self.stream {
+                Some(stream) => stream,
+                None => {
+                    let req = self.conn.stream(pb::WatchEventsRequest {
+                        after_seq: Some(self.after),
+                        plugin_ids: self.ids.clone(),
+                    });
+                    match plugins(self.conn).watch_events(req).await {
+                        Ok(stream) => {
+                            self.resume.reset();
+                            self.stream.insert(stream.into_inner())
+                        }
+                        Err(status) => {
+                            self.resume.after(status).await?;
+                            continue;
+                        }
+                    }
+                }
+            };
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    let last = resp.event.as_ref().map(|e| e.seq);
+                    let last = last.or(resp.gap.as_ref().map(|g| g.last_seq));
+                    self.after = self.after.max(last.unwrap_or_default());
+                    return Ok(Some(resp));
+                }
+                Ok(None) => return Ok(None),
+                Err(status) => {
+                    self.stream = None;
+                    self.resume.after(status).await?;
+                }
+            }
+        }
+    }
+
+    /// Opens the stream again at the next [`EventFeed::next`].
+    fn reopen(&mut self) {
+        self.stream = None;
     }
 }
 
@@ -647,40 +688,20 @@ pub async fn daemon_upgrade(
 /// The first `DAEMON_UPGRADED` or `DAEMON_UPGRADE_FAILED` event after `after`, following
 /// the events across the handover.
 async fn upgrade_outcome(conn: &Conn, after: u64) -> std::result::Result<pb::Event, String> {
-    let mut after = after;
     // The stream ending for the handover is expected here: no note of it.
     let mut resume = Resume::new(true);
     resume.quiet = true;
+    let mut feed = EventFeed::new(conn, after, Vec::new(), resume);
     loop {
-        let req = conn.stream(pb::WatchEventsRequest {
-            after_seq: Some(after),
-            plugin_ids: Vec::new(),
-        });
-        let mut stream = match plugins(conn).watch_events(req).await {
-            Ok(stream) => stream.into_inner(),
-            Err(status) => {
-                resume.after(status).await?;
-                continue;
-            }
+        let Some(resp) = feed.next().await? else {
+            feed.reopen();
+            continue;
         };
-        resume.reset();
-        loop {
-            match stream.message().await {
-                Ok(Some(resp)) => {
-                    let Some(e) = resp.event else { continue };
-                    after = after.max(e.seq);
-                    if e.kind == pb::EventKind::DaemonUpgraded as i32
-                        || e.kind == pb::EventKind::DaemonUpgradeFailed as i32
-                    {
-                        return Ok(e);
-                    }
-                }
-                Ok(None) => break,
-                Err(status) => {
-                    resume.after(status).await?;
-                    break;
-                }
-            }
+        let Some(e) = resp.event else { continue };
+        if e.kind == pb::EventKind::DaemonUpgraded as i32
+            || e.kind == pb::EventKind::DaemonUpgradeFailed as i32
+        {
+            return Ok(e);
         }
     }
 }
