@@ -245,6 +245,33 @@ pub(crate) fn sibling(name: &str) -> BenchResult<PathBuf> {
     Ok(path)
 }
 
+/// Starts `torud serve --log warn <args>` with the benchmarks' admin token and waits for it
+/// to listen: the process (killed when dropped) and the address it listens on.
+pub(crate) async fn spawn_torud(
+    torud: &Path,
+    args: &[std::ffi::OsString],
+) -> BenchResult<(Child, String)> {
+    let mut child = Command::new(torud)
+        .args(["serve", "--log", "warn"])
+        .args(args)
+        .env("TORUD_ADMIN_TOKEN", BENCH_TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    let line = lines
+        .next_line()
+        .await?
+        .ok_or("torud exited before listening")?;
+    let addr = line
+        .strip_prefix("torud listening on ")
+        .ok_or_else(|| format!("unexpected first line {line:?}"))?
+        .to_owned();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, addr))
+}
+
 /// The daemon under measurement, as a separate process.
 pub(crate) struct Daemon {
     _child: Child,
@@ -287,28 +314,15 @@ impl Daemon {
         let plugins = dir.path().join("plugins");
         std::fs::create_dir_all(&plugins)?;
         install(&plugins)?;
-        let mut child = Command::new(torud)
-            .args(["serve", "--listen", "127.0.0.1:0", "--log", "warn"])
-            .arg("--plugins-dir")
-            .arg(&plugins)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(extra)
-            .env("TORUD_ADMIN_TOKEN", BENCH_TOKEN)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-        let line = lines
-            .next_line()
-            .await?
-            .ok_or("torud exited before listening")?;
-        let addr = line
-            .strip_prefix("torud listening on ")
-            .ok_or("unexpected first line")?
-            .to_owned();
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let mut args: Vec<std::ffi::OsString> =
+            ["--listen", "127.0.0.1:0"].iter().map(Into::into).collect();
+        args.extend(["--plugins-dir".into(), plugins.into_os_string()]);
+        args.extend([
+            "--data-dir".into(),
+            dir.path().join("data").into_os_string(),
+        ]);
+        args.extend(extra.iter().map(Into::into));
+        let (child, addr) = spawn_torud(torud, &args).await?;
         Ok(Daemon {
             _child: child,
             addr,

@@ -10,20 +10,18 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use torud_api::pb;
 use torud_api::pb::config_service_client::ConfigServiceClient;
 use torud_api::pb::kv_service_client::KvServiceClient;
 use torud_api::pb::plugin_service_client::PluginServiceClient;
 
-use crate::{authed, connect, sibling, summarize, summary_json, Authed, BenchResult, BENCH_TOKEN};
+use crate::{authed, connect, sibling, spawn_torud, summarize, summary_json, Authed, BenchResult};
 
 /// Callers issuing forwarded calls all along.
 const CALLERS: usize = 16;
@@ -34,27 +32,16 @@ struct Process {
 }
 
 async fn start(torud: &Path, dir: &Path, addr: &str) -> BenchResult<Process> {
-    let mut child = Command::new(torud)
-        .args(["serve", "--log", "warn", "--enable-new-plugins"])
-        .args(["--listen", addr])
-        .arg("--plugins-dir")
-        .arg(dir.join("plugins"))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .env("TORUD_ADMIN_TOKEN", BENCH_TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-    let line = lines
-        .next_line()
-        .await?
-        .ok_or("torud exited before listening")?;
-    if !line.starts_with("torud listening on ") {
-        return Err(format!("unexpected first line {line:?}").into());
-    }
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let args: Vec<std::ffi::OsString> = vec![
+        "--enable-new-plugins".into(),
+        "--listen".into(),
+        addr.into(),
+        "--plugins-dir".into(),
+        dir.join("plugins").into_os_string(),
+        "--data-dir".into(),
+        dir.join("data").into_os_string(),
+    ];
+    let (child, _) = spawn_torud(torud, &args).await?;
     Ok(Process { child })
 }
 
