@@ -259,12 +259,31 @@ pub async fn serve(
         tokio::spawn(report_takeover(supervisor.clone(), received.outcome()));
     }
     let stop = CancellationToken::new();
-    let reloads = tokio::spawn(reload_on_hangup(hangups, reloader.clone(), stop.clone()));
-    let signalled = tokio::spawn(upgrade_on_signal(
-        upgrade_signals,
-        upgrades.clone(),
-        stop.clone(),
-    ));
+    // Each SIGHUP reloads the configuration, restarting no plugin (the log names those that
+    // need it). A reload under way is finished before this ends, and shutdown waits for it
+    // before it stops the supervisor, so a reload never overlaps it.
+    let reload = reloader.clone();
+    let reloads = tokio::spawn(on_each_signal(hangups, stop.clone(), move || {
+        tracing::info!("SIGHUP received: reloading the configuration");
+        let reloader = reload.clone();
+        async move {
+            // The outcome, or the error, is logged by the reload.
+            let _ = reloader.reload(StaleProcesses::Report).await;
+        }
+    }));
+    // Each SIGUSR2 (systemd's ExecReload, if so configured) upgrades to the binary the
+    // daemon was started from.
+    let upgrade = upgrades.clone();
+    let signalled = tokio::spawn(on_each_signal(upgrade_signals, stop.clone(), move || {
+        tracing::info!("SIGUSR2 received: upgrading to the binary the daemon was started from");
+        let upgrades = upgrade.clone();
+        async move {
+            match upgrades.request(None).await {
+                Ok(began) => tracing::info!(to_version = %began.to_version, "upgrade began"),
+                Err(e) => tracing::error!(error = %e, "upgrade refused"),
+            }
+        }
+    }));
     let routes = routes(
         &supervisor,
         &reloader,
@@ -418,13 +437,16 @@ async fn report_takeover(supervisor: Supervisor, outcome: upgrade::Outcome) {
     supervisor.events().append(draft);
 }
 
-/// Asks for an upgrade to the binary the daemon was started from at each SIGUSR2 (for
-/// systemd's `ExecReload`), until `stop`.
-async fn upgrade_on_signal(
+/// Runs `act` at each signal `signals` receives, one after another, until `stop` (an `act`
+/// under way is finished first).
+async fn on_each_signal<F, A>(
     mut signals: tokio::signal::unix::Signal,
-    upgrades: Upgrades,
     stop: CancellationToken,
-) {
+    mut act: A,
+) where
+    A: FnMut() -> F,
+    F: Future<Output = ()>,
+{
     loop {
         tokio::select! {
             biased;
@@ -433,35 +455,7 @@ async fn upgrade_on_signal(
                 if received.is_none() {
                     return;
                 }
-                tracing::info!("SIGUSR2 received: upgrading to the binary the daemon was started from");
-                match upgrades.request(None).await {
-                    Ok(began) => tracing::info!(to_version = %began.to_version, "upgrade began"),
-                    Err(e) => tracing::error!(error = %e, "upgrade refused"),
-                }
-            }
-        }
-    }
-}
-
-/// Reloads the configuration at each SIGHUP (restarting no plugin: the log names those that
-/// need it), until `stop`. A reload under way is finished before this ends, and shutdown
-/// waits for this to end before it stops the supervisor, so a reload never overlaps it.
-async fn reload_on_hangup(
-    mut hangups: tokio::signal::unix::Signal,
-    reloader: Arc<Reloader>,
-    stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            received = hangups.recv() => {
-                if received.is_none() {
-                    return;
-                }
-                tracing::info!("SIGHUP received: reloading the configuration");
-                // The outcome, or the error, is logged by the reload.
-                let _ = reloader.reload(StaleProcesses::Report).await;
+                act().await;
             }
         }
     }
