@@ -1126,20 +1126,17 @@ fn open_dev_null() -> io::Result<OwnedFd> {
 /// A pidfd of one thread (`PIDFD_THREAD`, which is `O_EXCL`): `pidfd_getfd` then takes from
 /// that thread's descriptor table.
 fn pidfd_open_thread(tid: libc::pid_t) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open returns a descriptor we then own.
-    unsafe {
-        let fd = libc::syscall(libc::SYS_pidfd_open, tid, libc::O_EXCL);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from_raw_fd(fd as RawFd))
-    }
+    pidfd_open_flags(tid, libc::O_EXCL as libc::c_uint)
 }
 
 fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    pidfd_open_flags(pid, 0)
+}
+
+fn pidfd_open_flags(pid: libc::pid_t, flags: libc::c_uint) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open returns a descriptor we then own.
     unsafe {
-        let fd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        let fd = libc::syscall(libc::SYS_pidfd_open, pid, flags);
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
