@@ -127,7 +127,7 @@ async fn plugins_never_inherit_the_service_managers_socket() {
 #[test]
 fn a_daemon_that_outlives_stop_is_reported_with_what_it_is_blocked_in() {
     // What `Daemon::stop` prints when a daemon does not exit: shown on a process that
-    // sleeps, and on its child.
+    // sleeps, and on its child (read once the child sleeps: just after its fork it runs).
     let mut parent = std::process::Command::new("sh")
         .args(["-c", "sleep 30 & wait"])
         .spawn()
@@ -138,7 +138,7 @@ fn a_daemon_that_outlives_stop_is_reported_with_what_it_is_blocked_in() {
             std::thread::sleep(Duration::from_millis(10));
             blocked_in(pid)
         })
-        .find(|r| r.contains("\"sleep\""))
+        .find(|r| r.contains("\"sleep\" state S"))
         .unwrap_or_else(|| blocked_in(pid));
     parent.kill().unwrap();
     parent.wait().unwrap();
