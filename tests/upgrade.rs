@@ -827,3 +827,45 @@ async fn a_plugin_left_crashed_stays_crashed_across_an_upgrade() {
     assert_eq!(state_of(&p), pb::PluginState::Crashed, "{p:?}");
     assert!(p.enabled, "{p:?}");
 }
+
+#[tokio::test]
+async fn sigusr2_upgrades_to_the_daemons_own_path() {
+    let (d, mut client) = start_enabled(
+        &[],
+        |d| {
+            d.install_fixture("echo", "v2-echo", &[]);
+        },
+        &["echo"],
+    )
+    .await;
+    let before = pids(&mut client, &["echo"]).await;
+    let channel = d.channel().await;
+    let last = Events::watch(&mut client, Some(0))
+        .await
+        .wait_state("echo", pb::PluginState::Running, SECS10)
+        .await
+        .seq;
+    signal(d.pid(), libc::SIGUSR2);
+    let seen = events_until(
+        &channel,
+        last,
+        pb::EventKind::DaemonUpgraded,
+        Duration::from_secs(30),
+    )
+    .await;
+    let upgrading = seen
+        .iter()
+        .find(|e| e.kind == pb::EventKind::DaemonUpgrading as i32)
+        .expect("DAEMON_UPGRADING before DAEMON_UPGRADED");
+    let own = std::fs::canonicalize(env!("CARGO_BIN_EXE_torud")).unwrap();
+    assert_eq!(
+        upgrading
+            .details
+            .get("binary")
+            .map(std::path::PathBuf::from),
+        Some(own),
+        "{upgrading:?}"
+    );
+    assert_eq!(pids(&mut client, &["echo"]).await, before);
+    echo(&mut client, "echo", b"after SIGUSR2").await;
+}
